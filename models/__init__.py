@@ -1,0 +1,1 @@
+"""Triage: ECG measurements and critical-value rules, image priority rules; learned models later."""

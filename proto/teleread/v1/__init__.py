@@ -1,0 +1,1 @@
+"""Generated gRPC contract ``teleread.v1`` (regenerate with ``teleread proto gen``)."""

@@ -1,0 +1,168 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Level(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEVEL_UNSPECIFIED: _ClassVar[Level]
+    LEVEL_CRITICAL: _ClassVar[Level]
+    LEVEL_URGENT: _ClassVar[Level]
+    LEVEL_ROUTINE: _ClassVar[Level]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_STAT: _ClassVar[Priority]
+    PRIORITY_URGENT: _ClassVar[Priority]
+    PRIORITY_ROUTINE: _ClassVar[Priority]
+
+class ExamKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXAM_KIND_UNSPECIFIED: _ClassVar[ExamKind]
+    EXAM_KIND_ECG: _ClassVar[ExamKind]
+    EXAM_KIND_IMAGING: _ClassVar[ExamKind]
+LEVEL_UNSPECIFIED: Level
+LEVEL_CRITICAL: Level
+LEVEL_URGENT: Level
+LEVEL_ROUTINE: Level
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_STAT: Priority
+PRIORITY_URGENT: Priority
+PRIORITY_ROUTINE: Priority
+EXAM_KIND_UNSPECIFIED: ExamKind
+EXAM_KIND_ECG: ExamKind
+EXAM_KIND_IMAGING: ExamKind
+
+class Evidence(_message.Message):
+    __slots__ = ("name", "value", "unit", "lead", "threshold")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LEAD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    unit: str
+    lead: str
+    threshold: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., unit: _Optional[str] = ..., lead: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class Finding(_message.Message):
+    __slots__ = ("code", "title", "level", "evidence")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    title: str
+    level: Level
+    evidence: _containers.RepeatedCompositeFieldContainer[Evidence]
+    def __init__(self, code: _Optional[str] = ..., title: _Optional[str] = ..., level: _Optional[_Union[Level, str]] = ..., evidence: _Optional[_Iterable[_Union[Evidence, _Mapping]]] = ...) -> None: ...
+
+class Triage(_message.Message):
+    __slots__ = ("level", "score", "findings", "rules_version", "triaged_at", "summary")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRIAGED_AT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    level: Level
+    score: float
+    findings: _containers.RepeatedCompositeFieldContainer[Finding]
+    rules_version: str
+    triaged_at: _timestamp_pb2.Timestamp
+    summary: str
+    def __init__(self, level: _Optional[_Union[Level, str]] = ..., score: _Optional[float] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., rules_version: _Optional[str] = ..., triaged_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class StoredObject(_message.Message):
+    __slots__ = ("object_id", "role", "sha256", "size", "sop_instance_uid", "series_instance_uid", "modality", "media_type")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    role: str
+    sha256: str
+    size: int
+    sop_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    media_type: str
+    def __init__(self, object_id: _Optional[str] = ..., role: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., sop_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., modality: _Optional[str] = ..., media_type: _Optional[str] = ...) -> None: ...
+
+class Exam(_message.Message):
+    __slots__ = ("exam_id", "site", "kind", "modality", "state", "priority", "indication", "specialty", "study_instance_uid", "triage", "received_at", "deadline", "object_count", "total_bytes", "claimed_by", "lease_expires_at", "reject_reason")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    INDICATION_FIELD_NUMBER: _ClassVar[int]
+    SPECIALTY_FIELD_NUMBER: _ClassVar[int]
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    TRIAGE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_BY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REJECT_REASON_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    site: str
+    kind: ExamKind
+    modality: str
+    state: str
+    priority: Priority
+    indication: str
+    specialty: str
+    study_instance_uid: str
+    triage: Triage
+    received_at: _timestamp_pb2.Timestamp
+    deadline: _timestamp_pb2.Timestamp
+    object_count: int
+    total_bytes: int
+    claimed_by: str
+    lease_expires_at: _timestamp_pb2.Timestamp
+    reject_reason: str
+    def __init__(self, exam_id: _Optional[str] = ..., site: _Optional[str] = ..., kind: _Optional[_Union[ExamKind, str]] = ..., modality: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., indication: _Optional[str] = ..., specialty: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., triage: _Optional[_Union[Triage, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., object_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., claimed_by: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reject_reason: _Optional[str] = ...) -> None: ...
+
+class Report(_message.Message):
+    __slots__ = ("exam_id", "version", "status", "text", "impression", "critical", "author", "signed_by", "signed_at", "amends_reason", "sha256")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_BY_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
+    AMENDS_REASON_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    version: int
+    status: str
+    text: str
+    impression: str
+    critical: bool
+    author: str
+    signed_by: str
+    signed_at: _timestamp_pb2.Timestamp
+    amends_reason: str
+    sha256: str
+    def __init__(self, exam_id: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ..., author: _Optional[str] = ..., signed_by: _Optional[str] = ..., signed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., amends_reason: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...

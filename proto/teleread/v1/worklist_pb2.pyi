@@ -1,0 +1,178 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from teleread.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ListWorklistRequest(_message.Message):
+    __slots__ = ("limit", "include_claimed")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    include_claimed: bool
+    def __init__(self, limit: _Optional[int] = ..., include_claimed: _Optional[bool] = ...) -> None: ...
+
+class ListWorklistResponse(_message.Message):
+    __slots__ = ("exams",)
+    EXAMS_FIELD_NUMBER: _ClassVar[int]
+    exams: _containers.RepeatedCompositeFieldContainer[_common_pb2.Exam]
+    def __init__(self, exams: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ...) -> None: ...
+
+class WatchWorklistRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorklistEvent(_message.Message):
+    __slots__ = ("type", "exam", "event_id", "at")
+    class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TYPE_UNSPECIFIED: _ClassVar[WorklistEvent.Type]
+        TYPE_SNAPSHOT: _ClassVar[WorklistEvent.Type]
+        TYPE_QUEUED: _ClassVar[WorklistEvent.Type]
+        TYPE_CLAIMED: _ClassVar[WorklistEvent.Type]
+        TYPE_RELEASED: _ClassVar[WorklistEvent.Type]
+        TYPE_REPORTED: _ClassVar[WorklistEvent.Type]
+        TYPE_CRITICAL: _ClassVar[WorklistEvent.Type]
+        TYPE_SNAPSHOT_END: _ClassVar[WorklistEvent.Type]
+    TYPE_UNSPECIFIED: WorklistEvent.Type
+    TYPE_SNAPSHOT: WorklistEvent.Type
+    TYPE_QUEUED: WorklistEvent.Type
+    TYPE_CLAIMED: WorklistEvent.Type
+    TYPE_RELEASED: WorklistEvent.Type
+    TYPE_REPORTED: WorklistEvent.Type
+    TYPE_CRITICAL: WorklistEvent.Type
+    TYPE_SNAPSHOT_END: WorklistEvent.Type
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    EXAM_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    type: WorklistEvent.Type
+    exam: _common_pb2.Exam
+    event_id: int
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, type: _Optional[_Union[WorklistEvent.Type, str]] = ..., exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., event_id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Claim(_message.Message):
+    __slots__ = ("exam", "fence", "lease_expires_at")
+    EXAM_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    exam: _common_pb2.Exam
+    fence: int
+    lease_expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., fence: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ClaimNextRequest(_message.Message):
+    __slots__ = ("lease_seconds",)
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_seconds: int
+    def __init__(self, lease_seconds: _Optional[int] = ...) -> None: ...
+
+class ClaimExamRequest(_message.Message):
+    __slots__ = ("exam_id", "lease_seconds")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    lease_seconds: int
+    def __init__(self, exam_id: _Optional[str] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
+
+class RenewClaimRequest(_message.Message):
+    __slots__ = ("exam_id", "fence", "lease_seconds")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    fence: int
+    lease_seconds: int
+    def __init__(self, exam_id: _Optional[str] = ..., fence: _Optional[int] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
+
+class ReleaseClaimRequest(_message.Message):
+    __slots__ = ("exam_id", "fence")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    fence: int
+    def __init__(self, exam_id: _Optional[str] = ..., fence: _Optional[int] = ...) -> None: ...
+
+class ReleaseClaimResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetExamDetailsRequest(_message.Message):
+    __slots__ = ("exam_id",)
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    def __init__(self, exam_id: _Optional[str] = ...) -> None: ...
+
+class ExamDetails(_message.Message):
+    __slots__ = ("exam", "objects", "reports")
+    EXAM_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    exam: _common_pb2.Exam
+    objects: _containers.RepeatedCompositeFieldContainer[_common_pb2.StoredObject]
+    reports: _containers.RepeatedCompositeFieldContainer[_common_pb2.Report]
+    def __init__(self, exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.StoredObject, _Mapping]]] = ..., reports: _Optional[_Iterable[_Union[_common_pb2.Report, _Mapping]]] = ...) -> None: ...
+
+class StreamObjectRequest(_message.Message):
+    __slots__ = ("exam_id", "object_id")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    object_id: str
+    def __init__(self, exam_id: _Optional[str] = ..., object_id: _Optional[str] = ...) -> None: ...
+
+class ObjectChunk(_message.Message):
+    __slots__ = ("data", "offset", "sha256", "size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    sha256: str
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class SaveReportRequest(_message.Message):
+    __slots__ = ("exam_id", "fence", "text", "impression", "critical")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    fence: int
+    text: str
+    impression: str
+    critical: bool
+    def __init__(self, exam_id: _Optional[str] = ..., fence: _Optional[int] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ...) -> None: ...
+
+class SignReportRequest(_message.Message):
+    __slots__ = ("exam_id", "fence")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    fence: int
+    def __init__(self, exam_id: _Optional[str] = ..., fence: _Optional[int] = ...) -> None: ...
+
+class AmendReportRequest(_message.Message):
+    __slots__ = ("exam_id", "reason", "text", "impression", "critical")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    reason: str
+    text: str
+    impression: str
+    critical: bool
+    def __init__(self, exam_id: _Optional[str] = ..., reason: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""Reading side: routing and the reading queue (claims as leases), reports, results."""

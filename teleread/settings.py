@@ -1,0 +1,65 @@
+"""The one settings object, read once by the CLI from ``TELEREAD_*`` variables (nested with ``__``).
+
+Embedded defaults need no servers: SQLite and a local object-store directory under ``data_dir``.
+Secrets (S3 keys) have no defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StorageSettings(BaseModel):
+    backend: Literal["local", "s3"] = "local"
+    # local
+    root: Path | None = None  # default: <data_dir>/objects
+    # s3
+    endpoint: str = ""  # host:port
+    bucket: str = "teleread"
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    secure: bool = False
+    region: str = "us-east-1"
+    part_size: int = 16 * 1024 * 1024
+
+
+class GrpcSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_workers: int = 32
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # client CA: set to require client certificates
+    chunk_size: int = 1024 * 1024
+
+
+class QueueSettings(BaseModel):
+    routing_file: Path | None = None  # default: the packaged defaults/routing.toml
+    lease_seconds: int = 600
+    max_lease_seconds: int = 3600
+    triage_workers: int = 2
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TELEREAD_", env_nested_delimiter="__")
+
+    data_dir: Path = Path("./teleread-data")
+    database_url: str = ""  # default: sqlite:///<data_dir>/teleread.db
+    log_level: str = "INFO"
+    max_object_bytes: int = 2 * 1024**3
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'teleread.db').resolve()}"
+
+    def staging_dir(self) -> Path:
+        return self.data_dir / "staging"
+
+    def object_root(self) -> Path:
+        return self.storage.root or (self.data_dir / "objects")

@@ -1,0 +1,52 @@
+"""Object storage port: one interface, two adapters (local directory, S3 via the minio SDK).
+
+Keys are built only by :func:`object_key` from server-side identifiers (tenant id and content
+hash), never from user strings. Every write and every read checks the object's SHA-256.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def object_key(*, tenant_id: int, sha256: str) -> str:
+    """The storage key of an object: tenant prefix + content hash (content addressed)."""
+    if not isinstance(tenant_id, int) or tenant_id <= 0:
+        raise ValueError("tenant id must be a positive integer")
+    if not _HEX64.match(sha256):
+        raise ValueError("sha256 must be 64 lowercase hex digits")
+    return f"t{tenant_id}/objects/{sha256[:2]}/{sha256}"
+
+
+class ObjectStore(Protocol):
+    """What the hub needs from object storage."""
+
+    def put_file(self, key: str, path: Path, *, sha256: str, size: int) -> None:
+        """Store the file at ``path`` under ``key``, atomically: either the whole verified object
+        is visible afterwards, or nothing. Raises IntegrityError if the file's SHA-256 or size do
+        not match, StorageError if the store fails. Idempotent for the same key and content."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int:
+        """Stored size in bytes; ObjectNotFound if absent."""
+        ...
+
+    def open_verified(self, key: str, *, sha256: str, size: int) -> AbstractContextManager[BinaryIO]:
+        """A readable binary file with the object's bytes, whose SHA-256 and size were checked
+        against the expected values before it is handed out (IntegrityError otherwise)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove an object (used only by reconciliation of orphans); absent is fine."""
+        ...
+
+    def check(self) -> None:
+        """Raise StorageError if the store is unreachable (readiness check)."""
+        ...
