@@ -1,0 +1,448 @@
+"""The hub's ingest service: exams opened, objects received in resumable chunks, verified,
+validated, stored, and exams committed for triage.
+
+Order of durability: bytes are staged on local disk under a server-generated upload id; when the
+last byte arrives the SHA-256 is checked and the content validated; the object is written to the
+object store (content-addressed key) and only then is its metadata row inserted. Nothing a reader
+or a site can see refers to an object before both are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+
+from sqlalchemy import Connection, Engine, Row, func, insert, select, update
+from sqlalchemy.exc import IntegrityError as DbIntegrityError
+
+from teleread.auth import Principal, require_uploader
+from teleread.db.engine import utcnow
+from teleread.db.schema import conflicts, exams, objects, sites, uploads
+from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted
+from teleread.events import EventBus, record_event
+from teleread.gateway import validate
+from teleread.storage import ObjectStore, object_key
+from teleread.reader.routing import Routing
+
+log = logging.getLogger("teleread.ingest")
+
+ROLES = ("dicom", "wfdb_header", "wfdb_signal")
+KINDS = ("ecg", "imaging")
+PRIORITIES = ("stat", "urgent", "routine")
+MAX_CHUNK = 1024 * 1024
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class UploadState:
+    upload_id: str
+    committed_offset: int
+    size: int
+    state: str  # partial, stored, duplicate
+    object_row: dict[str, object] | None = None
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class IngestService:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        store: ObjectStore,
+        staging_dir: Path,
+        routing: Routing,
+        bus: EventBus,
+        on_committed: Callable[[str], None],
+        max_object_bytes: int,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._staging = staging_dir
+        self._staging.mkdir(parents=True, exist_ok=True)
+        self._routing = routing
+        self._bus = bus
+        self._on_committed = on_committed
+        self._max_bytes = max_object_bytes
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # ---- exams -------------------------------------------------------------------------------
+    def open_exam(
+        self,
+        p: Principal,
+        *,
+        client_exam_key: str,
+        kind: str,
+        priority: str,
+        indication: str,
+        study_instance_uid: str,
+    ) -> dict[str, object]:
+        site_id = require_uploader(p)
+        if not _KEY.match(client_exam_key):
+            raise InvalidInput("client_exam_key must be 1-128 of [A-Za-z0-9._:-]", reason="BAD_KEY")
+        if kind not in KINDS:
+            raise InvalidInput("kind must be ECG or IMAGING", reason="BAD_KIND")
+        if priority not in PRIORITIES:
+            raise InvalidInput("priority must be stat, urgent or routine", reason="BAD_PRIORITY")
+        if study_instance_uid:
+            validate.check_uid(study_instance_uid, field="StudyInstanceUID")
+        if len(indication) > 2000:
+            raise InvalidInput("indication is longer than 2000 characters", reason="BAD_INDICATION")
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                select(exams).where(
+                    exams.c.site_id == site_id, exams.c.client_exam_key == client_exam_key
+                )
+            ).first()
+            if row is not None:
+                return dict(row._mapping)
+            now = utcnow()
+            exam_id = new_id()
+            conn.execute(
+                insert(exams).values(
+                    id=exam_id, site_id=site_id, client_exam_key=client_exam_key, kind=kind,
+                    modality="ECG" if kind == "ecg" else "", study_instance_uid=study_instance_uid,
+                    state="receiving", priority=priority, indication=indication, created_at=now,
+                    updated_at=now,
+                )
+            )
+            record_event(conn, type="opened", exam_id=exam_id, site_id=site_id, actor_id=p.id)
+            return dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
+
+    def get_exam(self, p: Principal, exam_id: str) -> dict[str, object]:
+        site_id = require_uploader(p)
+        with self._engine.connect() as conn:
+            return self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+
+    @staticmethod
+    def _site_exam(conn: Connection, *, site_id: int, exam_id: str) -> dict[str, object]:
+        row = conn.execute(
+            select(exams).where(exams.c.id == exam_id, exams.c.site_id == site_id)
+        ).first()
+        if row is None:  # another site's exam looks exactly like a missing one
+            raise NotFound("no such exam for this site", reason="EXAM_NOT_FOUND")
+        return dict(row._mapping)
+
+    # ---- uploads ------------------------------------------------------------------------------
+    def begin_upload(
+        self, p: Principal, *, exam_id: str, size: int, sha256: str, role: str
+    ) -> UploadState:
+        site_id = require_uploader(p)
+        if role not in ROLES:
+            raise InvalidInput("role must be dicom, wfdb_header or wfdb_signal", reason="BAD_ROLE")
+        if not _HEX64.match(sha256):
+            raise InvalidInput("sha256 must be 64 lowercase hex digits", reason="BAD_SHA256")
+        if size <= 0:
+            raise InvalidInput("an object must have at least one byte", reason="EMPTY_OBJECT")
+        if size > self._max_bytes:
+            raise ResourceExhausted("object is larger than the per-file limit", reason="TOO_LARGE")
+        with self._engine.begin() as conn:
+            exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+            if exam["state"] != "receiving":
+                raise Conflict("exam is already committed", reason="EXAM_COMMITTED")
+            row = conn.execute(
+                select(uploads).where(
+                    uploads.c.exam_id == exam_id, uploads.c.sha256 == sha256, uploads.c.role == role
+                )
+            ).first()
+            if row is None:
+                upload_id = new_id()
+                now = utcnow()
+                conn.execute(
+                    insert(uploads).values(
+                        id=upload_id, exam_id=exam_id, site_id=site_id, sha256=sha256, size=size,
+                        role=role, state="partial", created_at=now, updated_at=now,
+                    )
+                )
+                return UploadState(upload_id, 0, size, "partial")
+        return self.upload_status(p, upload_id=row.id)
+
+    def upload_status(self, p: Principal, *, upload_id: str) -> UploadState:
+        site_id = require_uploader(p)
+        with self._engine.connect() as conn:
+            row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
+            obj = None
+            if row.object_id:
+                obj = dict(conn.execute(select(objects).where(objects.c.id == row.object_id)).one()._mapping)
+        if row.state in ("stored", "duplicate"):
+            return UploadState(row.id, row.size, row.size, row.state, obj)
+        part = self._part_path(row.id)
+        return UploadState(row.id, part.stat().st_size if part.exists() else 0, row.size, "partial")
+
+    @staticmethod
+    def _site_upload(conn: Connection, *, site_id: int, upload_id: str) -> Row[Any]:
+        if not re.fullmatch(r"[0-9a-f]{32}", upload_id or ""):
+            raise InvalidInput("malformed upload id", reason="BAD_UPLOAD_ID")
+        row = conn.execute(
+            select(uploads).where(uploads.c.id == upload_id, uploads.c.site_id == site_id)
+        ).first()
+        if row is None:
+            raise NotFound("no such upload for this site", reason="UPLOAD_NOT_FOUND")
+        return row
+
+    def _part_path(self, upload_id: str) -> Path:
+        return self._staging / f"{upload_id}.part"
+
+    def _lock_for(self, upload_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(upload_id, threading.Lock())
+
+    def receive(
+        self, p: Principal, *, upload_id: str, offset: int, chunks: Iterator[bytes]
+    ) -> UploadState:
+        """Append a stream of chunks at ``offset`` (which must be the confirmed offset)."""
+        site_id = require_uploader(p)
+        lock = self._lock_for(upload_id)
+        if not lock.acquire(timeout=30):
+            raise Conflict("another stream is writing this upload", reason="UPLOAD_BUSY")
+        try:
+            with self._engine.connect() as conn:
+                row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
+            if row.state != "partial":
+                return self.upload_status(p, upload_id=upload_id)
+            part = self._part_path(upload_id)
+            current = part.stat().st_size if part.exists() else 0
+            if offset != current:
+                raise Conflict(
+                    f"stream starts at byte {offset} but the server has {current}",
+                    reason="OFFSET_MISMATCH",
+                    metadata={"committed_offset": str(current)},
+                )
+            written = self._append(part, chunks, start=current, size=row.size)
+            if written < row.size:
+                return UploadState(upload_id, written, row.size, "partial")
+            return self._finalise(p, site_id=site_id, upload=row)
+        finally:
+            lock.release()
+
+    def _append(self, part: Path, chunks: Iterable[bytes], *, start: int, size: int) -> int:
+        position = start
+        try:
+            with open(part, "ab") as fh:
+                for data in chunks:
+                    if len(data) > MAX_CHUNK:
+                        raise InvalidInput("chunk larger than 1 MiB", reason="CHUNK_TOO_LARGE")
+                    if position + len(data) > size:
+                        raise InvalidInput("more bytes than the announced size", reason="SIZE_EXCEEDED")
+                    fh.write(data)
+                    position += len(data)
+                fh.flush()
+                if position == size:
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            raise ResourceExhausted("hub staging disk cannot take the upload", reason="STAGING_FULL") from exc
+        return position
+
+    def _finalise(self, p: Principal, *, site_id: int, upload: Row[Any]) -> UploadState:
+        u = upload
+        part = self._part_path(u.id)
+        try:
+            digest = _sha256_file(part)
+            if digest != u.sha256:
+                part.unlink(missing_ok=True)  # the client re-sends from zero
+                raise InvalidInput("object bytes do not match the announced SHA-256", reason="SHA256_MISMATCH")
+            meta = self._validate(u.role, part, exam_id=u.exam_id, site_id=site_id)
+            return self._store_object(p, site_id=site_id, upload=u, part=part, meta=meta)
+        except InvalidInput as exc:
+            self._reject_upload(site_id=site_id, upload=u, reason=exc.reason)
+            raise
+
+    def _validate(self, role: str, part: Path, *, exam_id: str, site_id: int) -> dict[str, object]:
+        if role == "dicom":
+            info = validate.inspect_dicom(part)
+            if info.preamble_flag:
+                raise InvalidInput("DICOM preamble holds an executable header", reason="DICOM_EXECUTABLE_PREAMBLE")
+            with self._engine.connect() as conn:
+                exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+            if exam["study_instance_uid"] and exam["study_instance_uid"] != info.study_instance_uid:
+                raise InvalidInput("instance belongs to another study than the exam", reason="STUDY_MISMATCH")
+            return {
+                "sop_instance_uid": info.sop_instance_uid, "sop_class_uid": info.sop_class_uid,
+                "series_instance_uid": info.series_instance_uid, "modality": info.modality or "OT",
+                "study_instance_uid": info.study_instance_uid,
+            }
+        if role == "wfdb_header":
+            validate.inspect_wfdb_header(part)
+            return {"modality": "ECG"}
+        return {"modality": "ECG"}
+
+    def _store_object(
+        self, p: Principal, *, site_id: int, upload: Row[Any], part: Path, meta: dict[str, object]
+    ) -> UploadState:
+        u = upload
+        uid = meta.get("sop_instance_uid")
+        if uid:
+            dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u)
+            if dup is not None:
+                part.unlink(missing_ok=True)
+                return dup
+        key = object_key(tenant_id=site_id, sha256=u.sha256)
+        self._store.put_file(key, part, sha256=u.sha256, size=u.size)
+        object_id = new_id()
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(objects).values(
+                        id=object_id, exam_id=u.exam_id, site_id=site_id, role=u.role,
+                        sha256=u.sha256, size=u.size, storage_key=key, sop_instance_uid=uid,
+                        sop_class_uid=meta.get("sop_class_uid", ""),
+                        series_instance_uid=meta.get("series_instance_uid", ""),
+                        modality=meta.get("modality", ""), created_at=utcnow(),
+                    )
+                )
+                self._mark_upload(conn, upload_id=u.id, state="stored", object_id=object_id)
+                self._touch_exam(conn, exam_id=u.exam_id, meta=meta)
+        except DbIntegrityError:
+            # A concurrent upload of the same instance won the race: treat as duplicate/conflict.
+            dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u)
+            part.unlink(missing_ok=True)
+            if dup is None:
+                raise
+            return dup
+        part.unlink(missing_ok=True)
+        log.info("object stored", extra={"upload_id": u.id, "bytes": u.size})
+        return self.upload_status(p, upload_id=u.id)
+
+    def _existing_instance(self, *, site_id: int, uid: str, upload: Row[Any]) -> UploadState | None:
+        u = upload
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                select(objects).where(objects.c.site_id == site_id, objects.c.sop_instance_uid == uid)
+            ).first()
+            if row is None:
+                return None
+            if row.sha256 == u.sha256:
+                self._mark_upload(conn, upload_id=u.id, state="duplicate", object_id=row.id)
+                return UploadState(u.id, u.size, u.size, "duplicate", dict(row._mapping))
+            conn.execute(
+                insert(conflicts).values(
+                    site_id=site_id, exam_id=u.exam_id, sop_instance_uid=uid,
+                    existing_sha256=row.sha256, offered_sha256=u.sha256, created_at=utcnow(),
+                )
+            )
+            self._mark_upload(conn, upload_id=u.id, state="refused", object_id=None)
+            record_event(conn, type="instance_conflict", exam_id=u.exam_id, site_id=site_id)
+        log.warning("instance UID conflict refused", extra={"upload_id": u.id, "reason": "INSTANCE_UID_CONFLICT"})
+        raise AlreadyExists(
+            "an instance with this SOPInstanceUID and different bytes is already stored; "
+            "the stored original is kept",
+            reason="INSTANCE_UID_CONFLICT",
+        )
+
+    @staticmethod
+    def _mark_upload(conn: Connection, *, upload_id: str, state: str, object_id: str | None) -> None:
+        conn.execute(
+            update(uploads).where(uploads.c.id == upload_id)
+            .values(state=state, object_id=object_id, updated_at=utcnow())
+        )
+
+    @staticmethod
+    def _touch_exam(conn: Connection, *, exam_id: str, meta: dict[str, object]) -> None:
+        values: dict[str, object] = {"updated_at": utcnow()}
+        if meta.get("study_instance_uid"):
+            values["study_instance_uid"] = meta["study_instance_uid"]
+        conn.execute(update(exams).where(exams.c.id == exam_id, exams.c.study_instance_uid == "").values(**values))
+
+    def _reject_upload(self, *, site_id: int, upload: Row[Any], reason: str) -> None:
+        self._part_path(upload.id).unlink(missing_ok=True)
+        with self._engine.begin() as conn:
+            self._mark_upload(conn, upload_id=upload.id, state="rejected", object_id=None)
+            record_event(conn, type="object_rejected", exam_id=upload.exam_id, site_id=site_id, detail={"reason": reason})
+        log.warning("object rejected", extra={"upload_id": upload.id, "reason": reason})
+
+    # ---- commit -------------------------------------------------------------------------------
+    def commit_exam(self, p: Principal, *, exam_id: str, expected_objects: int) -> dict[str, object]:
+        site_id = require_uploader(p)
+        with self._engine.begin() as conn:
+            exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+            if exam["state"] != "receiving":
+                return exam  # idempotent: already committed
+            done = conn.execute(
+                select(uploads.c.role, objects.c.modality, objects.c.size, objects.c.storage_key,
+                       objects.c.sha256)
+                .select_from(uploads.join(objects, uploads.c.object_id == objects.c.id))
+                .where(uploads.c.exam_id == exam_id, uploads.c.state.in_(("stored", "duplicate")))
+            ).all()
+            if expected_objects <= 0 or len(done) != expected_objects:
+                raise Conflict(
+                    f"exam has {len(done)} stored objects, the client announced {expected_objects}",
+                    reason="OBJECTS_MISSING",
+                )
+            modality, kind = self._exam_modality(exam, [r.role for r in done], [r.modality for r in done])
+            if kind == "ecg" and any(r.role != "dicom" for r in done):
+                self._check_wfdb_exam(done)
+            site = conn.execute(select(sites).where(sites.c.id == site_id)).one()
+            now = utcnow()
+            hospital = self._routing.hospital_for(site_code=site.code, site_lead_hospital=site.lead_hospital)
+            specialty = self._routing.specialty_for(modality)
+            conn.execute(
+                update(exams).where(exams.c.id == exam_id).values(
+                    state="received", modality=modality, kind=kind, received_at=now, updated_at=now,
+                    specialty=specialty, hospital=hospital, object_count=len(done),
+                    total_bytes=sum(int(r.size) for r in done),
+                )
+            )
+            record_event(conn, type="received", exam_id=exam_id, site_id=site_id, hospital=hospital,
+                         specialty=specialty, actor_id=p.id)
+            exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+        self._bus.publish()
+        self._on_committed(exam_id)
+        return exam
+
+    @staticmethod
+    def _exam_modality(exam: dict[str, object], roles: list[str], modalities: list[str]) -> tuple[str, str]:
+        if any(r.startswith("wfdb") for r in roles):
+            if any(r == "dicom" for r in roles):
+                raise InvalidInput("an exam mixes WFDB and DICOM objects", reason="MIXED_EXAM")
+            return "ECG", "ecg"
+        mods = [m for m in modalities if m]
+        modality = max(set(mods), key=mods.count) if mods else "OT"
+        return modality, "ecg" if modality in ("ECG", "HD") else str(exam["kind"])
+
+    def _check_wfdb_exam(self, done: Sequence[Row[Any]]) -> None:
+        roles = sorted(r.role for r in done)
+        if roles != ["wfdb_header", "wfdb_signal"]:
+            raise InvalidInput("a WFDB exam needs exactly one .hea and one .dat", reason="WFDB_INCOMPLETE")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=self._staging) as tmp:
+            paths = {}
+            for r in done:
+                dest = Path(tmp) / r.role
+                with self._store.open_verified(r.storage_key, sha256=r.sha256, size=r.size) as src, open(dest, "wb") as out:
+                    _copy(src, out)
+                paths[r.role] = dest
+            header = validate.inspect_wfdb_header(paths["wfdb_header"])
+            validate.check_wfdb_pair(header, paths["wfdb_signal"])
+
+
+def _copy(src: BinaryIO, dst: BinaryIO) -> None:
+    while True:
+        block = src.read(MAX_CHUNK)
+        if not block:
+            return
+        dst.write(block)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(MAX_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def count_objects(engine: Engine, exam_id: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(objects).where(objects.c.exam_id == exam_id)).scalar_one())

@@ -1,0 +1,202 @@
+"""The reading queue: worklists, claims as leases with a fencing token, exam details, object bytes.
+
+An exam is claimable when it is queued, or in reading with a lapsed lease. Each claim increments the
+exam's fence; every later act on the claim (renew, release, save, sign) presents the fence and is
+refused when it is stale or the lease has lapsed. On PostgreSQL claim-next locks the chosen row with
+``FOR UPDATE SKIP LOCKED`` so concurrent readers never wait on each other; on SQLite the write
+transaction is serialised by ``BEGIN IMMEDIATE``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any, BinaryIO, Iterator
+
+from sqlalchemy import Connection, Engine, Row, and_, or_, select, update
+
+from teleread.auth import Principal, require_reader
+from teleread.db.engine import as_utc, is_postgres, utcnow
+from teleread.db.schema import exams, objects, principals, reports
+from teleread.errors import InvalidInput, LeaseLost, NotFound, PermissionDenied
+from teleread.events import EventBus, record_event
+
+log = logging.getLogger("teleread.queue")
+
+READABLE_STATES = ("queued", "in_reading", "reported")
+
+
+def queue_order() -> list[Any]:
+    return [exams.c.level_rank, exams.c.deadline, exams.c.received_at, exams.c.id]
+
+
+class QueueService:
+    def __init__(
+        self, *, engine: Engine, store: Any, bus: EventBus, lease_seconds: int, max_lease_seconds: int
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._bus = bus
+        self._lease = lease_seconds
+        self._max_lease = max_lease_seconds
+        self._pg = is_postgres(engine)
+
+    def _lease_for(self, requested: int) -> timedelta:
+        if requested < 0:
+            raise InvalidInput("lease seconds cannot be negative", reason="BAD_LEASE")
+        return timedelta(seconds=min(requested or self._lease, self._max_lease))
+
+    @staticmethod
+    def _mine(hospital: str, specialty: str) -> Any:
+        return and_(exams.c.hospital == hospital, exams.c.specialty == specialty)
+
+    @staticmethod
+    def _claimable(now: datetime) -> Any:
+        return or_(
+            exams.c.state == "queued",
+            and_(exams.c.state == "in_reading", exams.c.lease_expires_at < now),
+        )
+
+    # ---- worklist ----------------------------------------------------------------------------
+    def worklist(self, p: Principal, *, limit: int = 200, include_claimed: bool = True) -> list[dict[str, Any]]:
+        hospital, specialty = require_reader(p)
+        states = ("queued", "in_reading") if include_claimed else ("queued",)
+        query = (
+            select(exams, principals.c.name.label("claimed_by_name"))
+            .select_from(exams.outerjoin(principals, exams.c.claimed_by == principals.c.id))
+            .where(self._mine(hospital, specialty), exams.c.state.in_(states))
+            .order_by(*queue_order())
+            .limit(max(1, min(limit or 200, 1000)))
+        )
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    # ---- claims ------------------------------------------------------------------------------
+    def claim_next(self, p: Principal, *, lease_seconds: int = 0) -> dict[str, Any] | None:
+        hospital, specialty = require_reader(p)
+        lease = self._lease_for(lease_seconds)
+        with self._engine.begin() as conn:
+            now = utcnow()
+            pick = (
+                select(exams.c.id)
+                .where(self._mine(hospital, specialty), self._claimable(now))
+                .order_by(*queue_order())
+                .limit(1)
+            )
+            if self._pg:
+                pick = pick.with_for_update(skip_locked=True)
+            row = conn.execute(pick).first()
+            if row is None:
+                return None
+            exam = self._take(conn, p, exam_id=row.id, now=now, lease=lease)
+        self._bus.publish()
+        return exam
+
+    def claim(self, p: Principal, *, exam_id: str, lease_seconds: int = 0) -> dict[str, Any]:
+        hospital, specialty = require_reader(p)
+        lease = self._lease_for(lease_seconds)
+        with self._engine.begin() as conn:
+            now = utcnow()
+            row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
+            claimable = row.state == "queued" or (
+                row.state == "in_reading" and (as_utc(row.lease_expires_at) or now) < now
+            )
+            if not claimable:
+                raise LeaseLost("exam is claimed by another reader or not in the queue", reason="NOT_CLAIMABLE")
+            exam = self._take(conn, p, exam_id=exam_id, now=now, lease=lease)
+        self._bus.publish()
+        return exam
+
+    def _take(self, conn: Connection, p: Principal, *, exam_id: str, now: datetime, lease: timedelta) -> dict[str, Any]:
+        conn.execute(
+            update(exams).where(exams.c.id == exam_id).values(
+                state="in_reading", claimed_by=p.id, lease_expires_at=now + lease,
+                fence=exams.c.fence + 1, updated_at=now,
+            )
+        )
+        exam = dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
+        record_event(conn, type="claimed", exam_id=exam_id, site_id=exam["site_id"],
+                     hospital=exam["hospital"], specialty=exam["specialty"], actor_id=p.id,
+                     detail={"fence": exam["fence"]})
+        exam["claimed_by_name"] = p.name
+        log.info("claimed", extra={"exam_id": exam_id})
+        return exam
+
+    def check_lease(self, conn: Connection, p: Principal, *, exam_id: str, fence: int) -> Row[Any]:
+        """The exam row if ``p`` holds a live claim with ``fence``; LeaseLost otherwise."""
+        hospital, specialty = require_reader(p)
+        row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
+        expires = as_utc(row.lease_expires_at)
+        if (
+            row.state != "in_reading" or row.claimed_by != p.id or int(row.fence) != int(fence)
+            or expires is None or expires <= utcnow()
+        ):
+            raise LeaseLost("the claim lapsed or was taken over; claim the exam again", reason="LEASE_LOST")
+        return row
+
+    def renew(self, p: Principal, *, exam_id: str, fence: int, lease_seconds: int = 0) -> dict[str, Any]:
+        lease = self._lease_for(lease_seconds)
+        with self._engine.begin() as conn:
+            self.check_lease(conn, p, exam_id=exam_id, fence=fence)
+            now = utcnow()
+            conn.execute(update(exams).where(exams.c.id == exam_id).values(lease_expires_at=now + lease, updated_at=now))
+            exam = dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
+        exam["claimed_by_name"] = p.name
+        return exam
+
+    def release(self, p: Principal, *, exam_id: str, fence: int) -> None:
+        with self._engine.begin() as conn:
+            row = self.check_lease(conn, p, exam_id=exam_id, fence=fence)
+            conn.execute(
+                update(exams).where(exams.c.id == exam_id).values(
+                    state="queued", claimed_by=None, lease_expires_at=None, updated_at=utcnow()
+                )
+            )
+            record_event(conn, type="released", exam_id=exam_id, site_id=row.site_id,
+                         hospital=row.hospital, specialty=row.specialty, actor_id=p.id)
+        self._bus.publish()
+
+    # ---- details and bytes -------------------------------------------------------------------
+    def _reader_exam(
+        self, conn: Connection, *, hospital: str, specialty: str, exam_id: str, lock: bool = False
+    ) -> Row[Any]:
+        query = select(exams).where(exams.c.id == exam_id)
+        if lock and self._pg:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None or row.hospital != hospital or row.state not in READABLE_STATES:
+            raise NotFound("no such exam in this reader's queue", reason="EXAM_NOT_FOUND")
+        if row.specialty != specialty:
+            raise PermissionDenied("this exam belongs to another specialty", reason="WRONG_SPECIALTY")
+        return row
+
+    def details(self, p: Principal, *, exam_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+        hospital, specialty = require_reader(p)
+        with self._engine.connect() as conn:
+            exam = dict(self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)._mapping)
+            objs = [dict(r._mapping) for r in conn.execute(
+                select(objects).where(objects.c.exam_id == exam_id).order_by(objects.c.series_instance_uid, objects.c.created_at)
+            )]
+            reps = [dict(r._mapping) for r in conn.execute(
+                select(reports).where(reports.c.exam_id == exam_id).order_by(reports.c.version)
+            )]
+            if exam["claimed_by"]:
+                exam["claimed_by_name"] = conn.execute(
+                    select(principals.c.name).where(principals.c.id == exam["claimed_by"])).scalar()
+            record_event(conn, type="viewed", exam_id=exam_id, site_id=exam["site_id"], actor_id=p.id)
+            conn.commit()
+        return exam, objs, reps
+
+    @contextmanager
+    def open_object(self, p: Principal, *, exam_id: str, object_id: str) -> Iterator[tuple[dict[str, Any], BinaryIO]]:
+        hospital, specialty = require_reader(p)
+        with self._engine.connect() as conn:
+            self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
+            row = conn.execute(
+                select(objects).where(objects.c.id == object_id, objects.c.exam_id == exam_id)
+            ).first()
+        if row is None:
+            raise NotFound("no such object in this exam", reason="OBJECT_NOT_FOUND")
+        with self._store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as fh:
+            yield dict(row._mapping), fh

@@ -1,0 +1,137 @@
+"""Reports: draft -> final (signed) -> amended versions, and publication of results to the site.
+
+A signed report is never changed: an amendment is a new version with a reason. Signing needs a live
+claim with the current fencing token, so a reader whose lease lapsed cannot sign. Publishing takes
+the next number of the site's result sequence under a row lock, so a site's result cursor has no
+gaps and commits in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from teleread.auth import Principal, require_reader
+from teleread.db.engine import utcnow
+from teleread.db.schema import exams, reports, results, sites
+from teleread.errors import Conflict, InvalidInput, NotFound
+from teleread.events import EventBus, record_event
+from teleread.reader.queue import QueueService
+
+log = logging.getLogger("teleread.reports")
+MAX_TEXT = 20000
+
+
+def _check_text(text: str, impression: str) -> None:
+    if not text.strip():
+        raise InvalidInput("report text is empty", reason="EMPTY_REPORT")
+    if len(text) > MAX_TEXT or len(impression) > MAX_TEXT:
+        raise InvalidInput("report text is too long", reason="REPORT_TOO_LONG")
+
+
+def content_hash(*, exam_id: str, version: int, text: str, impression: str, critical: bool, signer: str) -> str:
+    doc = json.dumps(
+        {"exam_id": exam_id, "version": version, "text": text, "impression": impression,
+         "critical": critical, "signed_by": signer},
+        sort_keys=True, ensure_ascii=False,
+    )
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+class ReportService:
+    def __init__(self, *, engine: Engine, queue: QueueService, bus: EventBus) -> None:
+        self._engine = engine
+        self._queue = queue
+        self._bus = bus
+
+    @staticmethod
+    def _latest(conn: Connection, exam_id: str) -> Any:
+        return conn.execute(
+            select(reports).where(reports.c.exam_id == exam_id).order_by(reports.c.version.desc()).limit(1)
+        ).first()
+
+    def save(
+        self, p: Principal, *, exam_id: str, fence: int, text: str, impression: str = "", critical: bool = False
+    ) -> dict[str, Any]:
+        _check_text(text, impression)
+        with self._engine.begin() as conn:
+            self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence)
+            latest = self._latest(conn, exam_id)
+            now = utcnow()
+            if latest is not None and latest.status == "draft":
+                conn.execute(update(reports).where(reports.c.id == latest.id).values(
+                    text=text, impression=impression, critical=critical, author_id=p.id))
+                report_id = latest.id
+            elif latest is not None:
+                raise Conflict("the exam has a signed report; amend it instead", reason="ALREADY_SIGNED")
+            else:
+                report_id = conn.execute(insert(reports).values(
+                    exam_id=exam_id, version=1, status="draft", text=text, impression=impression,
+                    critical=critical, author_id=p.id, created_at=now,
+                )).inserted_primary_key[0]
+            return dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
+
+    def sign(self, p: Principal, *, exam_id: str, fence: int) -> dict[str, Any]:
+        with self._engine.begin() as conn:
+            exam = self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence)
+            latest = self._latest(conn, exam_id)
+            if latest is None or latest.status != "draft":
+                raise Conflict("there is no draft report to sign", reason="NO_DRAFT")
+            now = utcnow()
+            digest = content_hash(exam_id=exam_id, version=latest.version, text=latest.text,
+                                  impression=latest.impression, critical=latest.critical, signer=p.name)
+            conn.execute(update(reports).where(reports.c.id == latest.id, reports.c.status == "draft").values(
+                status="final", signed_by=p.id, signed_at=now, sha256=digest))
+            conn.execute(update(exams).where(exams.c.id == exam_id).values(
+                state="reported", claimed_by=None, lease_expires_at=None, updated_at=now))
+            self._publish(conn, exam=exam, report_id=latest.id, critical=bool(latest.critical), actor=p)
+            report = dict(conn.execute(select(reports).where(reports.c.id == latest.id)).one()._mapping)
+        self._bus.publish()
+        log.info("report signed", extra={"exam_id": exam_id})
+        return report
+
+    def amend(
+        self, p: Principal, *, exam_id: str, reason: str, text: str, impression: str = "", critical: bool = False
+    ) -> dict[str, Any]:
+        hospital, specialty = require_reader(p)
+        _check_text(text, impression)
+        if not reason.strip():
+            raise InvalidInput("an amendment needs a reason", reason="NO_REASON")
+        with self._engine.begin() as conn:
+            exam = conn.execute(select(exams).where(exams.c.id == exam_id)).first()
+            if exam is None or exam.hospital != hospital or exam.specialty != specialty:
+                raise NotFound("no such exam in this reader's queue", reason="EXAM_NOT_FOUND")
+            latest = self._latest(conn, exam_id)
+            if latest is None or latest.status != "final":
+                raise Conflict("only a signed report can be amended", reason="NOT_SIGNED")
+            now = utcnow()
+            version = int(latest.version) + 1
+            digest = content_hash(exam_id=exam_id, version=version, text=text, impression=impression,
+                                  critical=critical, signer=p.name)
+            report_id = conn.execute(insert(reports).values(
+                exam_id=exam_id, version=version, status="final", text=text, impression=impression,
+                critical=critical, author_id=p.id, signed_by=p.id, signed_at=now, amends_reason=reason,
+                sha256=digest, created_at=now,
+            )).inserted_primary_key[0]
+            self._publish(conn, exam=exam, report_id=report_id, critical=critical, actor=p)
+            report = dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
+        self._bus.publish()
+        return report
+
+    @staticmethod
+    def _publish(conn: Connection, *, exam: Any, report_id: int, critical: bool, actor: Principal) -> None:
+        seq = conn.execute(
+            update(sites).where(sites.c.id == exam.site_id)
+            .values(result_seq=sites.c.result_seq + 1).returning(sites.c.result_seq)
+        ).scalar_one()
+        conn.execute(insert(results).values(
+            site_id=exam.site_id, seq=seq, exam_id=exam.id, report_id=report_id, critical=critical,
+            published_at=utcnow(),
+        ))
+        record_event(conn, type="critical_result" if critical else "reported", exam_id=exam.id,
+                     site_id=exam.site_id, hospital=exam.hospital, specialty=exam.specialty,
+                     actor_id=actor.id, detail={"cursor": seq})

@@ -1,0 +1,188 @@
+"""Table definitions (SQLAlchemy Core) of the metadata database.
+
+Every row that belongs to a tenant carries ``site_id``. The ``events`` table is the audit trail and
+the feed that streams updates to queue clients; ``results`` gives each site a gapless cursor.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+UtcDateTime = DateTime(timezone=True)
+# SQLite has no BIGINT autoincrement; INTEGER PRIMARY KEY is its 64-bit rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+sites = Table(
+    "sites",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("code", String(32), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("lead_hospital", String(32), nullable=False),
+    Column("result_seq", BigInteger, nullable=False, default=0),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+principals = Table(
+    "principals",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(32), nullable=False),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=True),
+    Column("hospital", String(32), nullable=True),
+    Column("specialty", String(32), nullable=True),
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+exams = Table(
+    "exams",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False),
+    Column("client_exam_key", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("study_instance_uid", String(64), nullable=False, default=""),
+    Column("state", String(24), nullable=False),
+    Column("priority", String(16), nullable=False),
+    Column("indication", Text, nullable=False, default=""),
+    Column("specialty", String(32), nullable=False, default=""),
+    Column("hospital", String(32), nullable=False, default=""),
+    Column("level", String(16), nullable=False, default=""),
+    Column("level_rank", Integer, nullable=False, default=9),
+    Column("score", Float, nullable=False, default=0.0),
+    Column("triage_json", Text, nullable=False, default=""),
+    Column("deadline", UtcDateTime, nullable=True),
+    Column("received_at", UtcDateTime, nullable=True),
+    Column("object_count", Integer, nullable=False, default=0),
+    Column("total_bytes", BigInteger, nullable=False, default=0),
+    Column("reject_reason", String(64), nullable=False, default=""),
+    Column("claimed_by", Integer, ForeignKey("principals.id"), nullable=True),
+    Column("lease_expires_at", UtcDateTime, nullable=True),
+    Column("fence", BigInteger, nullable=False, default=0),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    UniqueConstraint("site_id", "client_exam_key", name="uq_exams_site_key"),
+    Index("ix_exams_queue", "hospital", "specialty", "state", "level_rank", "deadline", "received_at"),
+    Index("ix_exams_site_state", "site_id", "state"),
+)
+
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("exam_id", String(32), ForeignKey("exams.id"), nullable=False),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("object_id", String(32), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    UniqueConstraint("exam_id", "sha256", "role", name="uq_uploads_exam_content"),
+)
+
+objects = Table(
+    "objects",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("exam_id", String(32), ForeignKey("exams.id"), nullable=False),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("storage_key", String(128), nullable=False),
+    Column("sop_instance_uid", String(64), nullable=True),
+    Column("sop_class_uid", String(64), nullable=False, default=""),
+    Column("series_instance_uid", String(64), nullable=False, default=""),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("site_id", "sop_instance_uid", name="uq_objects_site_instance"),
+    Index("ix_objects_exam", "exam_id"),
+)
+
+conflicts = Table(
+    "conflicts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False),
+    Column("exam_id", String(32), nullable=False),
+    Column("sop_instance_uid", String(64), nullable=False),
+    Column("existing_sha256", String(64), nullable=False),
+    Column("offered_sha256", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+reports = Table(
+    "reports",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("exam_id", String(32), ForeignKey("exams.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("impression", Text, nullable=False, default=""),
+    Column("critical", Boolean, nullable=False, default=False),
+    Column("author_id", Integer, ForeignKey("principals.id"), nullable=False),
+    Column("signed_by", Integer, ForeignKey("principals.id"), nullable=True),
+    Column("signed_at", UtcDateTime, nullable=True),
+    Column("amends_reason", Text, nullable=False, default=""),
+    Column("sha256", String(64), nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("exam_id", "version", name="uq_reports_exam_version"),
+)
+
+results = Table(
+    "results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("exam_id", String(32), ForeignKey("exams.id"), nullable=False),
+    Column("report_id", Integer, ForeignKey("reports.id"), nullable=False),
+    Column("critical", Boolean, nullable=False, default=False),
+    Column("published_at", UtcDateTime, nullable=False),
+    UniqueConstraint("site_id", "seq", name="uq_results_site_seq"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("exam_id", String(32), nullable=True),
+    Column("site_id", Integer, nullable=True),
+    Column("hospital", String(32), nullable=False, default=""),
+    Column("specialty", String(32), nullable=False, default=""),
+    Column("type", String(32), nullable=False),
+    Column("actor_id", Integer, nullable=True),
+    Column("detail", Text, nullable=False, default=""),
+    Column("at", UtcDateTime, nullable=False),
+    Index("ix_events_feed", "hospital", "specialty", "id"),
+)

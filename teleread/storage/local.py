@@ -1,0 +1,324 @@
+"""Local-directory object store (the embedded default) and the key and hashing helpers both
+object-store adapters share.
+
+Owns: the on-disk layout under one root (``<root>/<key>`` plus ``<root>/.tmp`` for writes in
+progress), atomic verified writes (copy while hashing, fsync, ``os.replace``, fsync the directory),
+verified reads (hash before the file is handed out), and the mapping of OS errors to
+:class:`~teleread.errors.StorageError` / :class:`~teleread.errors.ResourceExhausted`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import BinaryIO, Iterator, NoReturn
+
+from teleread.errors import (
+    IntegrityError,
+    InvalidInput,
+    ObjectNotFound,
+    ResourceExhausted,
+    StorageError,
+)
+
+logger = logging.getLogger("teleread.storage.local")
+
+CHUNK_SIZE = 1024 * 1024
+_TEMP_DIR_NAME = ".tmp"
+_MAX_KEY_LENGTH = 1024
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+# --- helpers shared with the S3 adapter -------------------------------------------------------
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key, else raise InvalidInput.
+
+    Allowed: segments of ``[A-Za-z0-9._-]`` separated by ``/``; no empty segment, no segment
+    starting with ``.`` (so no ``.``/``..`` and no clash with the store's own ``.tmp`` area),
+    no leading ``/``. The key itself is never put in the message.
+    """
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH:
+        raise InvalidInput("object key is empty or too long", reason="INVALID_OBJECT_KEY")
+    if not all(_KEY_SEGMENT.match(segment) for segment in key.split("/")):
+        raise InvalidInput(
+            "object key must be '/'-separated segments of [A-Za-z0-9._-], "
+            "none empty or starting with '.'",
+            reason="INVALID_OBJECT_KEY",
+        )
+    return key
+
+
+def validate_expected(*, sha256: str, size: int) -> None:
+    """Reject a malformed expected digest or size before any I/O."""
+    if not isinstance(sha256, str) or not _HEX64.match(sha256):
+        raise InvalidInput(
+            "expected sha256 must be 64 lowercase hex digits", reason="INVALID_SHA256"
+        )
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidInput("expected size must be a non-negative integer", reason="INVALID_SIZE")
+
+
+def hash_stream(stream: BinaryIO, *, limit: int | None = None) -> tuple[str, int]:
+    """SHA-256 hex digest and byte count of ``stream`` read to EOF in 1 MiB chunks.
+
+    With ``limit``, reading stops once more than ``limit`` bytes were seen (the count then exceeds
+    the limit, which callers treat as a size mismatch) so an oversized object is not read whole.
+    """
+    digest = hashlib.sha256()
+    count = 0
+    while chunk := stream.read(CHUNK_SIZE):
+        digest.update(chunk)
+        count += len(chunk)
+        if limit is not None and count > limit:
+            break
+    return digest.hexdigest(), count
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """SHA-256 hex digest and size of the file at ``path`` (streamed, 1 MiB chunks)."""
+    with open(path, "rb") as stream:
+        return hash_stream(stream)
+
+
+def check_content(
+    *, actual_sha256: str, actual_size: int, sha256: str, size: int, what: str
+) -> None:
+    """Raise IntegrityError naming which of size or SHA-256 of ``what`` does not match."""
+    if actual_size != size:
+        raise IntegrityError(
+            f"{what} size does not match the expected size", reason="SIZE_MISMATCH"
+        )
+    if actual_sha256 != sha256:
+        raise IntegrityError(f"{what} SHA-256 does not match the expected digest")
+
+
+def storage_error_from_os(exc: OSError, *, action: str) -> StorageError | ResourceExhausted:
+    """Our error for an OSError during ``action``: ResourceExhausted when the disk is full."""
+    name = errno.errorcode.get(exc.errno or 0, "unknown error")
+    if exc.errno in _FULL_ERRNOS:
+        return ResourceExhausted(
+            f"object store is out of space while trying to {action} ({name})", reason="STORAGE_FULL"
+        )
+    return StorageError(f"object store failed to {action} ({name})", reason="STORAGE_IO_ERROR")
+
+
+# --- the local store --------------------------------------------------------------------------
+
+
+class LocalObjectStore:
+    """Objects as files under ``root``; implements :class:`teleread.storage.ObjectStore`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self._temp_dir = self.root / _TEMP_DIR_NAME
+        try:
+            self._temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="create its root directory") from None
+
+    def __repr__(self) -> str:
+        return f"LocalObjectStore(root={str(self.root)!r})"
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def put_file(self, key: str, path: Path, *, sha256: str, size: int) -> None:
+        """Copy ``path`` in under ``key`` atomically, verified against ``sha256`` and ``size``."""
+        validate_expected(sha256=sha256, size=size)
+        target = self._path_for(key)
+        if self._holds_verified(target, sha256=sha256, size=size):
+            logger.debug("object already stored", extra={"object_id": key})
+            return
+        temp_path: Path | None = None
+        try:
+            fd, temp_name = tempfile.mkstemp(dir=self._temp_dir, prefix="put-")
+            temp_path = Path(temp_name)
+            with os.fdopen(fd, "wb") as out:
+                self._copy_verified(path, out, sha256=sha256, size=size)
+            self._make_dirs(target.parent)
+            os.replace(temp_path, target)
+            temp_path = None
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="store an object") from None
+        finally:
+            if temp_path is not None:
+                with suppress(OSError):
+                    temp_path.unlink()
+        logger.info("object stored", extra={"object_id": key, "bytes": size})
+
+    def delete(self, key: str) -> None:
+        """Remove the object under ``key``; an absent object is fine."""
+        target = self._path_for(key)
+        try:
+            target.unlink()
+            _fsync_dir(target.parent)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="delete an object") from None
+        logger.info("object deleted", extra={"object_id": key})
+
+    def sweep_temp_files(self, *, older_than_seconds: float = 3600.0) -> int:
+        """Remove writes left behind by a crashed process; returns how many were removed."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        try:
+            for entry in os.scandir(self._temp_dir):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="sweep temporary files") from None
+        if removed:
+            logger.info("stale temporary files removed", extra={"count": removed})
+        return removed
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self._path_for(key).is_file()
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="look up an object") from None
+
+    def size(self, key: str) -> int:
+        """Stored size in bytes; ObjectNotFound if absent."""
+        try:
+            return self._path_for(key).stat().st_size
+        except FileNotFoundError:
+            raise ObjectNotFound("object not found in the object store") from None
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="look up an object") from None
+
+    @contextmanager
+    def open_verified(self, key: str, *, sha256: str, size: int) -> Iterator[BinaryIO]:
+        """Yield the stored file, opened and positioned at 0, only after its bytes were hashed
+        through the same handle and matched ``sha256`` and ``size`` (IntegrityError otherwise)."""
+        validate_expected(sha256=sha256, size=size)
+        handle = self._open_and_verify(key, sha256=sha256, size=size)
+        with handle:
+            yield handle
+
+    def check(self) -> None:
+        """Raise StorageError (or ResourceExhausted) unless a file can be created under root."""
+        try:
+            with tempfile.TemporaryFile(dir=self._temp_dir, prefix="check-"):
+                pass
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="write its root directory") from None
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _path_for(self, key: str) -> Path:
+        """The file for ``key``; refuses anything that would resolve outside root (symlinks)."""
+        candidate = self.root / validate_key(key)
+        resolved = Path(os.path.realpath(candidate))
+        if not resolved.is_relative_to(self.root) or resolved == self.root:
+            raise InvalidInput(
+                "object key resolves outside the object store root", reason="INVALID_OBJECT_KEY"
+            )
+        return candidate
+
+    def _open_and_verify(self, key: str, *, sha256: str, size: int) -> BinaryIO:
+        target = self._path_for(key)
+        try:
+            handle = open(target, "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound("object not found in the object store") from None
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="open an object") from None
+        try:
+            actual_sha256, actual_size = hash_stream(handle, limit=size)
+            check_content(
+                actual_sha256=actual_sha256, actual_size=actual_size, sha256=sha256, size=size,
+                what="stored object",
+            )
+            handle.seek(0)
+        except IntegrityError as exc:
+            handle.close()
+            logger.error(
+                "stored object failed verification",
+                extra={"object_id": key, "reason": exc.reason},
+            )
+            raise
+        except OSError as exc:
+            handle.close()
+            raise storage_error_from_os(exc, action="read an object") from None
+        return handle
+
+    def _holds_verified(self, target: Path, *, sha256: str, size: int) -> bool:
+        """True when ``target`` already holds exactly the expected bytes. A stored file that fails
+        verification is reported and then replaced by the caller (re-put heals corruption)."""
+        try:
+            with open(target, "rb") as stored:
+                actual = hash_stream(stored, limit=size)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="read an object") from None
+        if actual == (sha256, size):
+            return True
+        logger.warning(
+            "stored object failed verification; replacing it",
+            extra={"reason": "CHECKSUM_MISMATCH"},
+        )
+        return False
+
+    @staticmethod
+    def _copy_verified(source: Path, out: BinaryIO, *, sha256: str, size: int) -> None:
+        """Copy ``source`` into ``out`` while hashing, check, and fsync ``out``."""
+        digest = hashlib.sha256()
+        count = 0
+        with open(source, "rb") as src:
+            if os.fstat(src.fileno()).st_size != size:
+                _raise_size_mismatch()
+            while chunk := src.read(CHUNK_SIZE):
+                digest.update(chunk)
+                out.write(chunk)
+                count += len(chunk)
+                if count > size:
+                    _raise_size_mismatch()
+        check_content(
+            actual_sha256=digest.hexdigest(), actual_size=count, sha256=sha256, size=size,
+            what="file to store",
+        )
+        out.flush()
+        os.fsync(out.fileno())
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` (inside root) and fsync each parent that gained an entry."""
+        missing: list[Path] = []
+        current = directory
+        while current != self.root and not current.is_dir():
+            missing.append(current)
+            current = current.parent
+        for new_dir in reversed(missing):
+            with suppress(FileExistsError):
+                new_dir.mkdir(mode=0o700)
+            _fsync_dir(new_dir.parent)
+
+
+def _raise_size_mismatch() -> NoReturn:
+    raise IntegrityError(
+        "file to store size does not match the expected size", reason="SIZE_MISMATCH"
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
