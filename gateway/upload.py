@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -169,7 +170,9 @@ def _is_dicom(path: Path) -> bool:
 def _dicom_exam_fields(path: Path) -> tuple[str, ExamKind, str]:
     """(StudyInstanceUID, kind, modality) from the header; the pixel data is never read."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
+        with warnings.catch_warnings():  # pydicom's warnings can quote element values
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
     except Exception as err:  # pydicom raises many types; its text can quote the data
         raise _Skip(f"unreadable DICOM header ({type(err).__name__})") from None
     sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")

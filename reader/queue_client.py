@@ -291,7 +291,10 @@ def fetch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
 def _event_line(console: Console, event: worklist_pb2.WorklistEvent) -> None:
     exam = event.exam
-    kind = _Event.Type.Name(event.type).removeprefix("TYPE_")
+    try:
+        kind = _Event.Type.Name(event.type).removeprefix("TYPE_")
+    except ValueError:  # an event type newer than this client
+        kind = str(event.type)
     console.print(
         f"{format_time(event.at)} {kind:<9} {styled_level(exam.triage.level)} {exam.exam_id} "
         f"{exam.modality or '-'} {escape(exam.site)} {exam.state} {escape(exam.triage.summary)}"

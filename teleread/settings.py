@@ -45,7 +45,7 @@ class QueueSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TELEREAD_", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(env_prefix="TELEREAD_", env_nested_delimiter="__", extra="ignore")
 
     data_dir: Path = Path("./teleread-data")
     database_url: str = ""  # default: sqlite:///<data_dir>/teleread.db

@@ -136,7 +136,7 @@ class LocalObjectStore:
         """Copy ``path`` in under ``key`` atomically, verified against ``sha256`` and ``size``."""
         validate_expected(sha256=sha256, size=size)
         target = self._path_for(key)
-        if self._holds_verified(target, sha256=sha256, size=size):
+        if self._holds_verified(target, key=key, sha256=sha256, size=size):
             logger.debug("object already stored", extra={"object_id": key})
             return
         temp_path: Path | None = None
@@ -257,7 +257,7 @@ class LocalObjectStore:
             raise storage_error_from_os(exc, action="read an object") from None
         return handle
 
-    def _holds_verified(self, target: Path, *, sha256: str, size: int) -> bool:
+    def _holds_verified(self, target: Path, *, key: str, sha256: str, size: int) -> bool:
         """True when ``target`` already holds exactly the expected bytes. A stored file that fails
         verification is reported and then replaced by the caller (re-put heals corruption)."""
         try:
@@ -271,7 +271,7 @@ class LocalObjectStore:
             return True
         logger.warning(
             "stored object failed verification; replacing it",
-            extra={"reason": "CHECKSUM_MISMATCH"},
+            extra={"object_id": key, "reason": "CHECKSUM_MISMATCH"},
         )
         return False
 

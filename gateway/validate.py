@@ -1,0 +1,440 @@
+"""Validation of objects arriving at the hub: DICOM instances and WFDB records, before they are stored.
+
+The hub calls these on a fully received file on disk. This module owns the checks that keep hostile
+or broken input out of storage (RELIABILITY R26-R29, F12-F18): DICOM UID syntax, required file meta
+and identifying UIDs, bounded parsing (huge or truncated lengths, deflate and pixel bombs decided
+before any decode; pixel data is never read), executable preambles, and WFDB header bounds and the
+header/signal size pairing. Every rejection is an :class:`~teleread.errors.InvalidInput` with a
+stable reason and a message that names the problem, never the offending value or a parser's text.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from teleread import ecgio
+from teleread.errors import InvalidInput
+
+log = logging.getLogger("teleread.gateway.validate")
+
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*", re.ASCII)
+_WAVEFORM_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.9."
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_PIXEL_TAGS = {(0x7FE0, 0x0008), (0x7FE0, 0x0009), (0x7FE0, 0x0010)}
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                    b"UT", b"UV"}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_DEFER_BYTES = 64 * 1024  # values above this stay on disk until their extent is checked
+_MAX_LOADED_VALUE_BYTES = 64 * 1024**2  # larger deferred values are checked, never loaded
+_MAX_ELEMENTS = 200_000
+_MAX_DEPTH = 32
+_INFLATE_CHUNK = 1024**2
+
+# pydicom's validation mode is process-global: parses under RAISE are serialised by this lock.
+_STRICT_READING_LOCK = threading.Lock()
+
+MAX_WFDB_SIGNALS = 64
+MAX_WFDB_SAMPLES = 2**31
+MAX_WFDB_FS = 20_000.0
+MAX_WFDB_GAIN = 1e7
+
+
+def check_uid(value: str, *, field: str) -> str:
+    """Return ``value`` (one trailing NUL/space pad removed) if it is a valid DICOM UID (PS3.5 9.1)."""
+    text = value[:-1] if isinstance(value, str) and value.endswith(("\x00", " ")) else value
+    if not isinstance(text, str) or len(text) > 64 or not _UID.fullmatch(text):
+        raise InvalidInput(f"{field} is not a valid DICOM UID", reason="BAD_UID")
+    return text
+
+
+# --- DICOM ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """What the hub needs to know about an arriving DICOM instance; pixel data is never read."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    transfer_syntax_uid: str
+    is_waveform: bool
+    number_of_frames: int
+    rows: int | None
+    columns: int | None
+    pixel_bytes: int
+    preamble_flag: str | None = None
+
+
+class _ClampedReader(io.BufferedReader):
+    """A file reader that never asks the OS for more bytes than remain in the file.
+
+    A declared length of 0xFFFFFFF0 in a 1 KB file would otherwise make ``read`` allocate 4 GiB.
+    """
+
+    def __init__(self, raw: io.FileIO, *, size: int) -> None:
+        super().__init__(raw)
+        self._size = size
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if size is None or size < 0:
+            return super().read()
+        return super().read(min(size, max(0, self._size - self.tell())))
+
+
+@contextmanager
+def _strict_reading() -> Iterator[None]:
+    """pydicom raises on invalid values inside the block; the previous mode is restored after."""
+    with _STRICT_READING_LOCK:
+        previous = pydicom_config.settings.reading_validation_mode
+        pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+        try:
+            yield
+        finally:
+            pydicom_config.settings.reading_validation_mode = previous
+
+
+def _unreadable(message: str = "DICOM file could not be parsed") -> InvalidInput:
+    return InvalidInput(message, reason="DICOM_UNREADABLE")
+
+
+def _read_head(path: Path) -> tuple[bytes, int]:
+    """The 128-byte preamble and the file size; the DICM magic must follow the preamble."""
+    with path.open("rb") as handle:
+        head = handle.read(132)
+        size = handle.seek(0, io.SEEK_END)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise InvalidInput(
+            "file is not DICOM Part 10 (no preamble and DICM prefix)", reason="DICOM_NO_META"
+        )
+    return head[:128], size
+
+
+def _preamble_flag(preamble: bytes) -> str | None:
+    if preamble.startswith(b"MZ"):
+        return "pe"
+    if preamble.startswith(b"\x7fELF"):
+        return "elf"
+    return None
+
+
+def inspect_dicom(
+    path: Path, *, max_pixel_bytes: int = 4 * 1024**3, max_inflated_bytes: int = 128 * 1024**2
+) -> DicomInfo:
+    """Check an arriving DICOM file and return its identity; raises InvalidInput when unfit."""
+    preamble, file_size = _read_head(path)
+    with _strict_reading():
+        try:
+            info = _parse_dicom(
+                path,
+                file_size=file_size,
+                max_pixel_bytes=max_pixel_bytes,
+                max_inflated_bytes=max_inflated_bytes,
+            )
+        except (InvalidInput, OSError):
+            raise
+        except Exception as exc:  # untrusted input: pydicom, struct, zlib, Memory/RecursionError
+            log.info("DICOM parse failed (%s)", type(exc).__name__, extra={"reason": "DICOM_UNREADABLE"})
+            raise _unreadable() from None
+    flag = _preamble_flag(preamble)
+    if flag is not None:
+        log.warning(
+            "DICOM preamble starts with executable magic (%s)", flag,
+            extra={"reason": "DICOM_PREAMBLE_EXECUTABLE", "event": "preamble_flagged"},
+        )
+    return replace(info, preamble_flag=flag)
+
+
+def _parse_dicom(
+    path: Path, *, file_size: int, max_pixel_bytes: int, max_inflated_bytes: int
+) -> DicomInfo:
+    with _ClampedReader(io.FileIO(path, "r"), size=file_size) as fp:
+        deflated = _check_inflated_size(fp, limit=max_inflated_bytes)
+        fp.seek(0)
+        ds = pydicom.dcmread(
+            fp, force=False, stop_before_pixels=True, defer_size=None if deflated else _DEFER_BYTES
+        )
+        uids = _identifying_uids(ds)
+        _walk(ds, file_size=file_size, budget=[_MAX_ELEMENTS], depth=0)
+        if not deflated:
+            _check_pixel_extent(fp, ds, file_size=file_size)
+    rows, columns = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
+    frames = _optional_int(ds, "NumberOfFrames")
+    if frames is not None and frames < 1:
+        raise InvalidInput("NumberOfFrames is not a positive integer", reason="DICOM_BAD_ATTRIBUTE")
+    frames = frames or 1
+    pixel_bytes = 0
+    if rows is not None and columns is not None:
+        samples = _optional_int(ds, "SamplesPerPixel") or 1
+        bits = _optional_int(ds, "BitsAllocated") or 16
+        pixel_bytes = math.ceil(rows * columns * frames * samples * bits / 8)
+    if pixel_bytes > max_pixel_bytes:
+        raise InvalidInput(
+            f"declared pixel data of {pixel_bytes} bytes exceeds the limit of {max_pixel_bytes}",
+            reason="DICOM_TOO_LARGE",
+        )
+    modality = ds.get("Modality")
+    modality = modality.strip() if isinstance(modality, str) else None
+    return DicomInfo(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        modality=modality or None,
+        transfer_syntax_uid=uids["TransferSyntaxUID"],
+        is_waveform=uids["SOPClassUID"].startswith(_WAVEFORM_SOP_CLASS_PREFIX)
+        or "WaveformSequence" in ds,
+        number_of_frames=frames,
+        rows=rows,
+        columns=columns,
+        pixel_bytes=pixel_bytes,
+    )
+
+
+def _check_inflated_size(fp: _ClampedReader, *, limit: int) -> bool:
+    """True if the dataset is deflated; its inflated size is bounded before pydicom inflates it."""
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)  # pydicom's own reader, so the result matches dcmread's
+    raw = meta.get_item(0x00020010, keep_deferred=True)
+    value = raw.value if raw is not None else None
+    syntax = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+    if syntax.rstrip("\x00 ") != DeflatedExplicitVRLittleEndian:
+        return False
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    while chunk := fp.read(_INFLATE_CHUNK):
+        while chunk and total <= limit:
+            total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+            chunk = inflater.unconsumed_tail
+        if total > limit:
+            raise InvalidInput(
+                f"deflated dataset inflates beyond {limit} bytes", reason="DICOM_TOO_LARGE"
+            )
+    return True
+
+
+def _uid_value(ds: Dataset, keyword: str, *, required: bool) -> str | None:
+    """A UID read from the raw bytes (so a bad UID is BAD_UID, not a pydicom validation error)."""
+    raw = ds.get_item(keyword, keep_deferred=True)
+    value = raw.value if raw is not None else None
+    if raw is not None and value is None and raw.length:
+        raise InvalidInput(f"{keyword} is not a valid DICOM UID", reason="BAD_UID")  # deferred
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if value is None or value == "":
+        if required:
+            raise InvalidInput(f"{keyword} is missing", reason="DICOM_MISSING_ATTRIBUTE")
+        return None
+    return check_uid(value, field=keyword)
+
+
+def _identifying_uids(ds: Dataset) -> dict[str, str]:
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or len(meta) == 0:
+        raise InvalidInput("DICOM file has no file meta information", reason="DICOM_NO_META")
+    uids = {"TransferSyntaxUID": _uid_value(meta, "TransferSyntaxUID", required=True) or ""}
+    for keyword in _REQUIRED_UIDS:
+        uids[keyword] = _uid_value(ds, keyword, required=True) or ""
+    media_instance = _uid_value(meta, "MediaStorageSOPInstanceUID", required=False)
+    if media_instance is not None and media_instance != uids["SOPInstanceUID"]:
+        raise InvalidInput(
+            "MediaStorageSOPInstanceUID differs from SOPInstanceUID", reason="DICOM_UID_MISMATCH"
+        )
+    return uids
+
+
+def _is_sequence(raw: RawDataElement) -> bool:
+    if raw.VR is not None:
+        return bool(raw.VR == "SQ")
+    try:
+        return bool(dictionary_VR(raw.tag) == "SQ")
+    except KeyError:
+        return False
+
+
+def _walk(ds: Dataset, *, file_size: int, budget: list[int], depth: int) -> None:
+    """Convert every element under RAISE, checking extents before any deferred value is read."""
+    if depth > _MAX_DEPTH:
+        raise _unreadable("DICOM sequences are nested too deeply")
+    for tag in list(ds.keys()):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise InvalidInput("DICOM file has too many elements", reason="DICOM_TOO_LARGE")
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH:
+            if raw.value is None and raw.length:  # deferred: still on disk
+                if raw.value_tell + raw.length > file_size:
+                    raise _unreadable("a DICOM element runs past the end of the file")
+                if raw.length > _MAX_LOADED_VALUE_BYTES:
+                    if _is_sequence(raw):
+                        raise InvalidInput("a DICOM sequence is too large", reason="DICOM_TOO_LARGE")
+                    continue
+            elif isinstance(raw.value, bytes) and len(raw.value) < raw.length:
+                raise _unreadable("a DICOM element runs past the end of the file")
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _walk(item, file_size=file_size, budget=budget, depth=depth + 1)
+
+
+def _check_pixel_extent(fp: _ClampedReader, ds: Dataset, *, file_size: int) -> None:
+    """Read only the pixel data element's header (where dcmread stopped) and check its extent."""
+    start = fp.tell()
+    header = fp.read(12)
+    if len(header) < 8:
+        return
+    implicit, little = ds.original_encoding
+    endian = "<" if little else ">"
+    if struct.unpack(f"{endian}HH", header[:4]) not in _PIXEL_TAGS:
+        return
+    if implicit:
+        (length,), value_start = struct.unpack(f"{endian}L", header[4:8]), start + 8
+    elif header[4:6] in _LONG_LENGTH_VRS and len(header) == 12:
+        (length,), value_start = struct.unpack(f"{endian}L", header[8:12]), start + 12
+    else:
+        (length,), value_start = struct.unpack(f"{endian}H", header[6:8]), start + 8
+    if length != _UNDEFINED_LENGTH and value_start + length > file_size:
+        raise _unreadable("DICOM pixel data runs past the end of the file")
+
+
+def _optional_int(ds: Dataset, keyword: str) -> int | None:
+    value: Any = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return int(value)
+
+
+def zero_preamble_in_place(path: Path) -> bool:
+    """Zero a non-zero 128-byte preamble of a DICOM file (R26); True when bytes were changed."""
+    with path.open("r+b") as handle:
+        head = handle.read(132)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            raise InvalidInput("file is not DICOM Part 10", reason="DICOM_NO_META")
+        if not any(head[:128]):
+            return False
+        handle.seek(0)
+        handle.write(bytes(128))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True
+
+
+# --- WFDB ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WfdbHeaderInfo:
+    """A checked WFDB header: one signal file of ``expected_signal_bytes`` bytes."""
+
+    record_name: str
+    fs: float
+    n_sig: int
+    sig_len: int
+    lead_names: tuple[str, ...]
+    signal_file_names: tuple[str, ...]
+    fmt: tuple[str, ...]
+    gains: tuple[float, ...]
+    expected_signal_bytes: int
+
+
+def _bad_header(message: str) -> InvalidInput:
+    return InvalidInput(message, reason="WFDB_BAD_HEADER")
+
+
+def inspect_wfdb_header(path: Path) -> WfdbHeaderInfo:
+    """Parse and bound-check a WFDB header (stored under any name)."""
+    record = ecgio.read_wfdb_header(path)
+    n_sig = int(record.n_sig or 0)
+    if n_sig < 1:
+        raise _bad_header("WFDB record declares no signals")
+    if n_sig > MAX_WFDB_SIGNALS:
+        raise InvalidInput(
+            f"WFDB record declares {n_sig} signals; at most {MAX_WFDB_SIGNALS} are accepted",
+            reason="WFDB_TOO_LARGE",
+        )
+    n_lines = len(record.file_name or [])
+    if n_lines != n_sig:
+        raise _bad_header(f"WFDB header declares {n_sig} signals but has {n_lines} signal lines")
+    fs = float(record.fs)
+    if not (math.isfinite(fs) and 0 < fs <= MAX_WFDB_FS):
+        raise _bad_header("WFDB sampling frequency is out of range")
+    sig_len = int(record.sig_len or 0)
+    if sig_len < 1:
+        raise _bad_header("WFDB record declares no samples")
+    frame = sum(int(spf or 1) for spf in record.samps_per_frame or [1] * n_sig)
+    if sig_len * frame >= MAX_WFDB_SAMPLES:
+        raise InvalidInput("WFDB record declares too many samples", reason="WFDB_TOO_LARGE")
+    gains = tuple(float(gain) for gain in record.adc_gain or [])
+    if len(gains) != n_sig or not all(math.isfinite(g) and 0 < g < MAX_WFDB_GAIN for g in gains):
+        raise _bad_header("WFDB ADC gain is out of range")
+    fmts = tuple(str(fmt) for fmt in record.fmt)
+    for fmt in fmts:
+        if fmt not in ecgio.SIGNAL_FORMAT_BITS:
+            raise InvalidInput(
+                f"WFDB signal format {fmt[:8]!r} is not supported", reason="WFDB_UNSUPPORTED_FORMAT"
+            )
+    return WfdbHeaderInfo(
+        record_name=str(record.record_name),
+        fs=fs,
+        n_sig=n_sig,
+        sig_len=sig_len,
+        lead_names=tuple(ecgio.normalise_lead_name(str(n or "")) for n in record.sig_name or []),
+        signal_file_names=(ecgio.signal_file_name(record),),
+        fmt=fmts,
+        gains=gains,
+        expected_signal_bytes=ecgio.record_signal_bytes(record),
+    )
+
+
+def check_wfdb_pair(header: WfdbHeaderInfo, signal_path: Path) -> None:
+    """The signal file must have exactly the size the header implies."""
+    actual = signal_path.stat().st_size
+    if actual != header.expected_signal_bytes:
+        raise InvalidInput(
+            f"signal file has {actual} bytes, header implies {header.expected_signal_bytes}",
+            reason="WFDB_SIGNAL_SIZE_MISMATCH",
+        )
+
+
+# --- Sniffing ------------------------------------------------------------------------------------
+
+_WFDB_RECORD_LINE = re.compile(
+    r"[A-Za-z0-9_-]+(?:/\d+)?[ \t]+\d+"
+    r"(?:[ \t]+[0-9.]+(?:/[0-9.]+)?(?:\(-?[0-9.]+\))?"
+    r"(?:[ \t]+\d+(?:[ \t]+[0-9:.]+(?:[ \t]+[0-9/.-]+)?)?)?)?",
+    re.ASCII,
+)
+
+
+def sniff_kind(path: Path) -> str:
+    """"dicom" (DICM magic at 128), "wfdb_header" (text with a WFDB record line) or "unknown"."""
+    with path.open("rb") as handle:
+        head = handle.read(ecgio.MAX_HEADER_BYTES)
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head and b"\x00" not in head:
+        line = ecgio.header_record_line(head.decode("ascii", errors="ignore"))
+        if line is not None and _WFDB_RECORD_LINE.fullmatch(line):
+            return "wfdb_header"
+    return "unknown"

@@ -1,0 +1,111 @@
+"""Shared fixtures: real servers for the hub's stores and a running hub on loopback.
+
+``hub_stack`` is parametrised over the two deployments the issue names: the embedded default
+(SQLite + local object directory) and PostgreSQL + the S3 server (nanio). Each gives a hub
+serving gRPC on 127.0.0.1 with a free port, a clinic site with its token, a second site, and
+readers of both specialties.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import pytest
+
+pytest_plugins = ["fixtures_s3", "fixtures_pg"]
+
+
+@dataclass
+class HubStack:
+    name: str
+    hub: Any
+    server: grpc.Server
+    port: int
+    tokens: dict[str, str] = field(default_factory=dict)
+    channels: list[grpc.Channel] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self, who: str) -> grpc.Channel:
+        from teleread.client import open_channel
+
+        ch = open_channel(self.address, token=self.tokens[who])
+        self.channels.append(ch)
+        return ch
+
+
+def make_settings(tmp: Path, *, database_url: str = "", s3: Any = None, bucket: str = "teleread") -> Any:
+    from teleread.settings import Settings, StorageSettings
+
+    storage = StorageSettings()
+    if s3 is not None:
+        storage = StorageSettings(backend="s3", endpoint=s3.endpoint, bucket=bucket,
+                                  access_key=s3.access_key, secret_key=s3.secret_key, part_size=5 * 1024 * 1024)
+    return Settings(data_dir=tmp, database_url=database_url, storage=storage)
+
+
+def start_stack(name: str, settings: Any) -> HubStack:
+    from teleread.auth import Role, add_principal, add_site
+    from teleread.hub import build_hub, create_server
+
+    hub = build_hub(settings)
+    add_site(hub.engine, code="clinic-a", name="Township clinic A", lead_hospital="county-hosp")
+    add_site(hub.engine, code="clinic-b", name="Township clinic B", lead_hospital="county-hosp")
+    add_site(hub.engine, code="clinic-x", name="Clinic of another alliance", lead_hospital="city-hosp")
+    tokens = {
+        "site_a": add_principal(hub.engine, name="site-clinic-a", role=Role.SITE, site_code="clinic-a"),
+        "site_b": add_principal(hub.engine, name="site-clinic-b", role=Role.SITE, site_code="clinic-b"),
+        "site_x": add_principal(hub.engine, name="site-clinic-x", role=Role.SITE, site_code="clinic-x"),
+        "tech_a": add_principal(hub.engine, name="tech-a", role=Role.TECHNICIAN, site_code="clinic-a"),
+        "cardio": add_principal(hub.engine, name="dr-heart", role=Role.CARDIOLOGIST, hospital="county-hosp"),
+        "cardio2": add_principal(hub.engine, name="dr-rhythm", role=Role.CARDIOLOGIST, hospital="county-hosp"),
+        "radio": add_principal(hub.engine, name="dr-lung", role=Role.RADIOLOGIST, hospital="county-hosp"),
+        "cardio_city": add_principal(hub.engine, name="dr-city", role=Role.CARDIOLOGIST, hospital="city-hosp"),
+        "admin": add_principal(hub.engine, name="admin-1", role=Role.ADMIN),
+    }
+    server, port = create_server(hub, host="127.0.0.1", port=0)
+    server.start()
+    return HubStack(name=name, hub=hub, server=server, port=port, tokens=tokens)
+
+
+@pytest.fixture(params=["embedded", "postgres_s3"])
+def hub_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubStack]:
+    if request.param == "embedded":
+        settings = make_settings(tmp_path)
+    else:
+        pg_url = request.getfixturevalue("pg_url")
+        s3 = request.getfixturevalue("s3_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        settings = make_settings(tmp_path, database_url=pg_url, s3=s3, bucket=bucket)
+    stack = start_stack(request.param, settings)
+    try:
+        yield stack
+    finally:
+        for ch in stack.channels:
+            ch.close()
+        stack.server.stop(grace=None)
+        stack.hub.close()
+
+
+@pytest.fixture
+def embedded_stack(tmp_path: Path) -> Iterator[HubStack]:
+    stack = start_stack("embedded", make_settings(tmp_path))
+    try:
+        yield stack
+    finally:
+        for ch in stack.channels:
+            ch.close()
+        stack.server.stop(grace=None)
+        stack.hub.close()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs() -> Iterator[None]:
+    yield
+    logging.getLogger().handlers.clear()
