@@ -229,7 +229,7 @@ class IngestService:
     def _append(self, part: Path, chunks: Iterable[bytes], *, start: int, size: int) -> int:
         position = start
         try:
-            with open(part, "ab") as fh:
+            with open(part, "ab", buffering=0) as fh:  # unbuffered: the size on disk is the confirmed offset
                 for data in chunks:
                     if len(data) > MAX_CHUNK:
                         raise InvalidInput("chunk larger than 1 MiB", reason="CHUNK_TOO_LARGE")
@@ -237,7 +237,6 @@ class IngestService:
                         raise InvalidInput("more bytes than the announced size", reason="SIZE_EXCEEDED")
                     fh.write(data)
                     position += len(data)
-                fh.flush()
                 if position == size:
                     os.fsync(fh.fileno())
         except OSError as exc:

@@ -1,7 +1,7 @@
 """Clinic-side upload: find exams in files and folders, and upload them resumably to the hub.
 
 Owns: scanning paths into exams (DICOM files found by the "DICM" magic and grouped by
-StudyInstanceUID; WFDB records as a .hea plus the signal files it names), streaming SHA-256, the
+StudyInstanceUID; WFDB records as a .hea plus the one signal file it names), streaming SHA-256, the
 resumable chunked upload of the Ingest contract (OpenExam, BeginUpload, Upload, GetUploadStatus,
 CommitExam) and the ``teleread upload`` command. Files are read in chunks, never whole.
 """
@@ -75,7 +75,10 @@ class Role(StrEnum):
     WFDB_SIGNAL = "wfdb_signal"
 
 
-_KIND_TO_PROTO = {ExamKind.ECG: common_pb2.EXAM_KIND_ECG, ExamKind.IMAGING: common_pb2.EXAM_KIND_IMAGING}
+_KIND_TO_PROTO = {
+    ExamKind.ECG: common_pb2.EXAM_KIND_ECG,
+    ExamKind.IMAGING: common_pb2.EXAM_KIND_IMAGING,
+}
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,8 @@ def _wfdb_exams(
         try:
             signals = [header.parent / name for name in wfdb_signal_files(header)]
             claimed.update(p.resolve() for p in signals)
+            if len(signals) > 1:  # the hub takes exactly one .hea and one signal file
+                raise _Skip("WFDB record with more than one signal file is not supported")
             missing = [p.name for p in signals if not p.is_file()]
             if missing:
                 raise _Skip(f"WFDB signal file missing: {', '.join(missing)}")
@@ -325,8 +330,13 @@ class _Uploader:
     sleep: Callable[[float], None]
     fatal: str = ""
 
-    def _retry(self, call: Callable[[], Any], what: str) -> Any:
-        return call_with_retry(call, policy=self.retry, sleep=self.sleep, what=what)
+    def _call(self, rpc: str, request: Any) -> Any:
+        """An idempotent unary Ingest call with a deadline, repeated after retryable failures."""
+        method = getattr(self.ingest, rpc)
+        return call_with_retry(
+            lambda: method(request, timeout=self.timeout), policy=self.retry, sleep=self.sleep,
+            what=rpc,
+        )
 
     def upload_exam(self, exam: ScanExam) -> ExamOutcome:
         outcome = ExamOutcome(key=exam.client_exam_key)
@@ -338,7 +348,7 @@ class _Uploader:
             study_instance_uid=exam.study_instance_uid,
         )
         try:
-            opened = self._retry(lambda: self.ingest.OpenExam(request, timeout=self.timeout), "open")
+            opened = self._call("OpenExam", request)
         except grpc.RpcError as err:
             return self._failed(outcome, "open exam", err)
         outcome.exam_id, outcome.state = opened.exam_id, opened.state
@@ -352,7 +362,7 @@ class _Uploader:
             exam_id=opened.exam_id, expected_objects=len(exam.objects)
         )
         try:
-            done = self._retry(lambda: self.ingest.CommitExam(commit, timeout=self.timeout), "commit")
+            done = self._call("CommitExam", commit)
         except grpc.RpcError as err:
             return self._failed(outcome, "commit exam", err)
         outcome.state = done.state
@@ -385,14 +395,14 @@ class _Uploader:
         begin = ingest_pb2.BeginUploadRequest(
             exam_id=exam_id, size=obj.size, sha256=obj.sha256, role=obj.role.value, name=obj.name
         )
-        status = self._retry(lambda: self.ingest.BeginUpload(begin, timeout=self.timeout), "begin")
+        status = self._call("BeginUpload", begin)
         mark = _Mark(self.progress)
         backoff = Backoff(self.retry)
         while status.state not in _DONE:
             start = status.committed_offset
             failure: grpc.RpcError | None = None
             try:
-                status = self._stream(obj, status.upload_id, start, mark)
+                status = self._stream(obj, status.upload_id, offset=start, mark=mark)
             except grpc.RpcError as err:
                 if not _resumable(err):
                     raise
@@ -419,19 +429,22 @@ class _Uploader:
 
     def _status(self, upload_id: str) -> ingest_pb2.UploadStatus:
         request = ingest_pb2.GetUploadStatusRequest(upload_id=upload_id)
-        return self._retry(
-            lambda: self.ingest.GetUploadStatus(request, timeout=self.timeout), "status"
-        )
+        return self._call("GetUploadStatus", request)
 
     def _stream(
-        self, obj: ScanObject, upload_id: str, offset: int, mark: _Mark
+        self, obj: ScanObject, upload_id: str, *, offset: int, mark: _Mark
     ) -> ingest_pb2.UploadStatus:
         reader = _ChunkReader(obj, upload_id=upload_id, offset=offset, size=self.chunk_size)
         deadline = self.timeout + (obj.size - offset) / MIN_UPLOAD_RATE
-        status = self.ingest.Upload(reader.chunks(mark), timeout=deadline)
+        try:
+            status = self.ingest.Upload(reader.chunks(mark), timeout=deadline)
+        except grpc.RpcError:
+            if reader.error is not None:  # our read failed and cut the stream short
+                raise reader.error from None
+            raise
         if reader.error is not None:
             raise reader.error
-        return status  # type: ignore[no-any-return]
+        return status
 
 
 class _Mark:
@@ -454,11 +467,12 @@ class _ChunkReader:
     upload_id: str
     offset: int
     size: int
-    error: OSError | None = None
+    error: OSError | TelereadError | None = None
 
     def chunks(self, mark: _Mark) -> Iterator[ingest_pb2.UploadChunk]:
         """The stream's messages: the first names the upload and offset; at most ``size``
-        bytes each; reading stops at the scanned size. A read error ends the stream early."""
+        bytes each; reading stops at the scanned size. A read error or a file shorter than
+        when it was scanned ends the stream early and is kept in ``error``."""
         try:
             with self.obj.path.open("rb") as stream:
                 stream.seek(self.offset)
@@ -471,6 +485,8 @@ class _ChunkReader:
                     data = stream.read(min(self.size, self.obj.size - position))
                     if data:
                         yield ingest_pb2.UploadChunk(data=data)
+            if position < self.obj.size:
+                self.error = TelereadError("file changed since it was scanned", reason="CHANGED")
         except OSError as err:
             self.error = err
 
@@ -525,13 +541,14 @@ def _outcome_table(exams: Sequence[ScanExam], outcomes: list[ExamOutcome]) -> Ta
         table.add_row(
             outcome.exam_id or "-", exam.kind.value, exam.modality or "-",
             str(len(exam.objects)), str(outcome.objects_stored),
-            str(outcome.objects_duplicate), state if outcome.ok else f"[red]{state} (not committed)",
+            str(outcome.objects_duplicate),
+            state if outcome.ok else f"[red]{state} (not committed)",
         )
     return table
 
 
 def _upload_with_bar(
-    console: Console, channel: grpc.Channel, scan: ScanResult, args: argparse.Namespace
+    console: Console, scan: ScanResult, *, channel: grpc.Channel, args: argparse.Namespace
 ) -> list[ExamOutcome]:
     columns = (
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -568,12 +585,12 @@ def run_upload_cli(args: argparse.Namespace) -> int:
         print_error(f"cannot read a TLS file ({type(err).__name__})")
         return 2
     with channel:
-        outcomes = _upload_with_bar(console, channel, scan, args)
+        outcomes = _upload_with_bar(console, scan, channel=channel, args=args)
     console.print(_outcome_table(scan.exams, outcomes))
     for exam, outcome in zip(scan.exams, outcomes):
         for error in outcome.errors:
-            console.print(f"[red]error[/] exam {escape(outcome.exam_id or exam.client_exam_key[:16])}: "
-                          f"{escape(error)}")
+            label = outcome.exam_id or exam.client_exam_key[:16]
+            console.print(f"[red]error[/] exam {escape(label)}: {escape(error)}")
     return 0 if all(outcome.ok for outcome in outcomes) else 1
 
 

@@ -1,4 +1,4 @@
-"""Validation of objects arriving at the hub: DICOM instances and WFDB records, before they are stored.
+"""Validation of objects arriving at the hub (DICOM instances, WFDB records) before they are stored.
 
 The hub calls these on a fully received file on disk. This module owns the checks that keep hostile
 or broken input out of storage (RELIABILITY R26-R29, F12-F18): DICOM UID syntax, required file meta
@@ -41,8 +41,8 @@ _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*", re.ASCII)
 _WAVEFORM_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.9."
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _PIXEL_TAGS = {(0x7FE0, 0x0008), (0x7FE0, 0x0009), (0x7FE0, 0x0010)}
-_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-                    b"UT", b"UV"}
+_LONG_LENGTH_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_EXECUTABLE_MAGIC = ((b"MZ", "pe"), (b"\x7fELF", "elf"))
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 64 * 1024  # values above this stay on disk until their extent is checked
 _MAX_LOADED_VALUE_BYTES = 64 * 1024**2  # larger deferred values are checked, never loaded
@@ -60,7 +60,7 @@ MAX_WFDB_GAIN = 1e7
 
 
 def check_uid(value: str, *, field: str) -> str:
-    """Return ``value`` (one trailing NUL/space pad removed) if it is a valid DICOM UID (PS3.5 9.1)."""
+    """``value`` without one trailing NUL/space pad, if it is a valid DICOM UID (PS3.5 9.1)."""
     text = value[:-1] if isinstance(value, str) and value.endswith(("\x00", " ")) else value
     if not isinstance(text, str) or len(text) > 64 or not _UID.fullmatch(text):
         raise InvalidInput(f"{field} is not a valid DICOM UID", reason="BAD_UID")
@@ -133,11 +133,7 @@ def _read_head(path: Path) -> tuple[bytes, int]:
 
 
 def _preamble_flag(preamble: bytes) -> str | None:
-    if preamble.startswith(b"MZ"):
-        return "pe"
-    if preamble.startswith(b"\x7fELF"):
-        return "elf"
-    return None
+    return next((flag for magic, flag in _EXECUTABLE_MAGIC if preamble.startswith(magic)), None)
 
 
 def inspect_dicom(
@@ -147,17 +143,18 @@ def inspect_dicom(
     preamble, file_size = _read_head(path)
     with _strict_reading():
         try:
-            info = _parse_dicom(
-                path,
-                file_size=file_size,
-                max_pixel_bytes=max_pixel_bytes,
-                max_inflated_bytes=max_inflated_bytes,
-            )
-        except (InvalidInput, OSError):
+            info = _parse_dicom(path, file_size=file_size, max_inflated_bytes=max_inflated_bytes)
+        except InvalidInput:
             raise
         except Exception as exc:  # untrusted input: pydicom, struct, zlib, Memory/RecursionError
-            log.info("DICOM parse failed (%s)", type(exc).__name__, extra={"reason": "DICOM_UNREADABLE"})
+            log.info("DICOM parse failed (%s)", type(exc).__name__,
+                     extra={"reason": "DICOM_UNREADABLE"})
             raise _unreadable() from None
+    if info.pixel_bytes > max_pixel_bytes:
+        raise InvalidInput(
+            f"declared pixel data of {info.pixel_bytes} bytes exceeds {max_pixel_bytes}",
+            reason="DICOM_TOO_LARGE",
+        )
     flag = _preamble_flag(preamble)
     if flag is not None:
         log.warning(
@@ -167,9 +164,7 @@ def inspect_dicom(
     return replace(info, preamble_flag=flag)
 
 
-def _parse_dicom(
-    path: Path, *, file_size: int, max_pixel_bytes: int, max_inflated_bytes: int
-) -> DicomInfo:
+def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> DicomInfo:
     with _ClampedReader(io.FileIO(path, "r"), size=file_size) as fp:
         deflated = _check_inflated_size(fp, limit=max_inflated_bytes)
         fp.seek(0)
@@ -177,7 +172,9 @@ def _parse_dicom(
             fp, force=False, stop_before_pixels=True, defer_size=None if deflated else _DEFER_BYTES
         )
         uids = _identifying_uids(ds)
-        _walk(ds, file_size=file_size, budget=[_MAX_ELEMENTS], depth=0)
+        budget = [_MAX_ELEMENTS]
+        _walk(ds.file_meta, file_size=file_size, budget=budget, depth=0)
+        _walk(ds, file_size=file_size, budget=budget, depth=0)
         if not deflated:
             _check_pixel_extent(fp, ds, file_size=file_size)
     rows, columns = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
@@ -186,15 +183,10 @@ def _parse_dicom(
         raise InvalidInput("NumberOfFrames is not a positive integer", reason="DICOM_BAD_ATTRIBUTE")
     frames = frames or 1
     pixel_bytes = 0
-    if rows is not None and columns is not None:
+    if rows is not None and columns is not None:  # declared size: decided before any decode
         samples = _optional_int(ds, "SamplesPerPixel") or 1
         bits = _optional_int(ds, "BitsAllocated") or 16
         pixel_bytes = math.ceil(rows * columns * frames * samples * bits / 8)
-    if pixel_bytes > max_pixel_bytes:
-        raise InvalidInput(
-            f"declared pixel data of {pixel_bytes} bytes exceeds the limit of {max_pixel_bytes}",
-            reason="DICOM_TOO_LARGE",
-        )
     modality = ds.get("Modality")
     modality = modality.strip() if isinstance(modality, str) else None
     return DicomInfo(
@@ -217,7 +209,7 @@ def _check_inflated_size(fp: _ClampedReader, *, limit: int) -> bool:
     """True if the dataset is deflated; its inflated size is bounded before pydicom inflates it."""
     read_preamble(fp, False)
     meta = _read_file_meta_info(fp)  # pydicom's own reader, so the result matches dcmread's
-    raw = meta.get_item(0x00020010, keep_deferred=True)
+    raw: Any = meta.get_item(0x00020010, keep_deferred=True)
     value = raw.value if raw is not None else None
     syntax = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
     if syntax.rstrip("\x00 ") != DeflatedExplicitVRLittleEndian:
@@ -236,7 +228,7 @@ def _check_inflated_size(fp: _ClampedReader, *, limit: int) -> bool:
 
 def _uid_value(ds: Dataset, keyword: str, *, required: bool) -> str | None:
     """A UID read from the raw bytes (so a bad UID is BAD_UID, not a pydicom validation error)."""
-    raw = ds.get_item(keyword, keep_deferred=True)
+    raw: Any = ds.get_item(keyword, keep_deferred=True)
     value = raw.value if raw is not None else None
     if raw is not None and value is None and raw.length:
         raise InvalidInput(f"{keyword} is not a valid DICOM UID", reason="BAD_UID")  # deferred
@@ -288,7 +280,7 @@ def _walk(ds: Dataset, *, file_size: int, budget: list[int], depth: int) -> None
                     raise _unreadable("a DICOM element runs past the end of the file")
                 if raw.length > _MAX_LOADED_VALUE_BYTES:
                     if _is_sequence(raw):
-                        raise InvalidInput("a DICOM sequence is too large", reason="DICOM_TOO_LARGE")
+                        raise InvalidInput("a sequence is too large", reason="DICOM_TOO_LARGE")
                     continue
             elif isinstance(raw.value, bytes) and len(raw.value) < raw.length:
                 raise _unreadable("a DICOM element runs past the end of the file")
@@ -388,22 +380,18 @@ def inspect_wfdb_header(path: Path) -> WfdbHeaderInfo:
     gains = tuple(float(gain) for gain in record.adc_gain or [])
     if len(gains) != n_sig or not all(math.isfinite(g) and 0 < g < MAX_WFDB_GAIN for g in gains):
         raise _bad_header("WFDB ADC gain is out of range")
-    fmts = tuple(str(fmt) for fmt in record.fmt)
-    for fmt in fmts:
-        if fmt not in ecgio.SIGNAL_FORMAT_BITS:
-            raise InvalidInput(
-                f"WFDB signal format {fmt[:8]!r} is not supported", reason="WFDB_UNSUPPORTED_FORMAT"
-            )
+    signal_file = ecgio.signal_file_name(record)
+    expected_bytes = ecgio.record_signal_bytes(record)  # also refuses unsupported formats
     return WfdbHeaderInfo(
         record_name=str(record.record_name),
         fs=fs,
         n_sig=n_sig,
         sig_len=sig_len,
         lead_names=tuple(ecgio.normalise_lead_name(str(n or "")) for n in record.sig_name or []),
-        signal_file_names=(ecgio.signal_file_name(record),),
-        fmt=fmts,
+        signal_file_names=(signal_file,),
+        fmt=tuple(str(fmt) for fmt in record.fmt),
         gains=gains,
-        expected_signal_bytes=ecgio.record_signal_bytes(record),
+        expected_signal_bytes=expected_bytes,
     )
 
 
@@ -419,22 +407,13 @@ def check_wfdb_pair(header: WfdbHeaderInfo, signal_path: Path) -> None:
 
 # --- Sniffing ------------------------------------------------------------------------------------
 
-_WFDB_RECORD_LINE = re.compile(
-    r"[A-Za-z0-9_-]+(?:/\d+)?[ \t]+\d+"
-    r"(?:[ \t]+[0-9.]+(?:/[0-9.]+)?(?:\(-?[0-9.]+\))?"
-    r"(?:[ \t]+\d+(?:[ \t]+[0-9:.]+(?:[ \t]+[0-9/.-]+)?)?)?)?",
-    re.ASCII,
-)
-
-
 def sniff_kind(path: Path) -> str:
-    """"dicom" (DICM magic at 128), "wfdb_header" (text with a WFDB record line) or "unknown"."""
+    """"dicom" (DICM magic at 128), "wfdb_header" (text with a WFDB record line), or "unknown"."""
     with path.open("rb") as handle:
         head = handle.read(ecgio.MAX_HEADER_BYTES)
     if head[128:132] == b"DICM":
         return "dicom"
     if head and b"\x00" not in head:
-        line = ecgio.header_record_line(head.decode("ascii", errors="ignore"))
-        if line is not None and _WFDB_RECORD_LINE.fullmatch(line):
+        if ecgio.looks_like_wfdb_header(head.decode("ascii", errors="ignore")):
             return "wfdb_header"
     return "unknown"

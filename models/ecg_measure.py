@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,6 +42,7 @@ _ST_OFFSET_S = 0.060
 _PR_WINDOW_S = (0.040, 0.010)  # baseline: from onset - 40 ms to onset - 10 ms
 _MIN_QRS_P2P_MV = 0.08
 _QRS_SLOPE_FRACTION = 0.05
+_LEAD_II_MARGIN = 1.0  # log10 of QRS-band peak/median energy: II unless 10x less clear
 _QRS_MAX_DIP_S = 0.012
 _MIN_BEAT_CORRELATION = 0.5
 
@@ -50,7 +53,7 @@ _CANONICAL = {
 
 
 def canonical_lead_name(name: str) -> str:
-    """Standard spelling of a lead name (``AVF`` -> ``aVF``, ``MLII`` -> ``II``); others as given."""
+    """Standard lead spelling (``AVF`` -> ``aVF``, ``MLII`` -> ``II``); other names as given."""
     return _CANONICAL.get(name.strip().upper(), name.strip())
 
 
@@ -82,7 +85,8 @@ class EcgMeasurements:
             "rr_cv": round(self.rr_cv, 4),
             "rr_irregularity": round(self.rr_irregularity, 4),
             "regular": self.regular,
-            "qrs_duration_ms": None if self.qrs_duration_ms is None else round(self.qrs_duration_ms),
+            "qrs_duration_ms": None if self.qrs_duration_ms is None
+            else round(self.qrs_duration_ms),
             "st_deviation_mv": {k: round(v, 3) for k, v in self.st_deviation_mv.items()},
             "n_beats": self.n_beats,
             "lead_used": self.lead_used,
@@ -114,11 +118,13 @@ def measure_ecg(
     """Measure an ECG given as (n_samples, n_leads) millivolts sampled at ``fs`` Hz."""
     raw = _validated(signal_mv, fs=fs, lead_names=lead_names)
     names = [canonical_lead_name(n) for n in lead_names]
-    work = _resample(raw, fs)
+    work = _resample(raw - np.median(raw, axis=0), fs)
     filtered = _bandpass(work, low_hz=0.5, high_hz=40.0)
     lead_idx = _choose_lead(filtered, names)
     peaks = _detect_beats(filtered[:, lead_idx])
-    if not _organised(filtered, peaks):
+    if _organised(filtered, peaks):
+        peaks = _search_back(_clip_artifacts(filtered[:, lead_idx]), peaks)
+    else:
         peaks = np.zeros(0, dtype=int)
     duration = raw.shape[0] / fs
     rhythm = _rhythm(peaks, duration_s=duration)
@@ -142,8 +148,9 @@ def measure_ecg(
 
 
 def _validated(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) -> np.ndarray:
-    if not isinstance(fs, (int, float)) or not math.isfinite(fs) or fs <= 0:
-        raise InvalidInput("sampling rate must be a positive number", reason="ECG_BAD_SAMPLING_RATE")
+    if not isinstance(fs, numbers.Real) or not math.isfinite(fs) or fs <= 0:
+        raise InvalidInput("sampling rate must be a positive number",
+                           reason="ECG_BAD_SAMPLING_RATE")
     if not MIN_FS_HZ <= fs <= MAX_FS_HZ:
         raise InvalidInput("sampling rate must be 100-1000 Hz", reason="ECG_BAD_SAMPLING_RATE")
     arr = np.asarray(signal_mv)
@@ -163,18 +170,14 @@ def _validated(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) -
 
 
 def _resample(raw: np.ndarray, fs: float) -> np.ndarray:
+    """To the working rate: polyphase for simple ratios (360 -> 250), FFT for awkward ones."""
     if float(fs) == WORK_FS_HZ:
         return raw
-    up, down = _ratio(fs)
-    return np.asarray(sps.resample_poly(raw, up, down, axis=0))
-
-
-def _ratio(fs: float) -> tuple[int, int]:
-    """Integer up/down factors taking fs to the working rate (fs rounded to 0.01 Hz)."""
-    centi = int(round(fs * 100))
-    up, down = WORK_FS_HZ * 100, centi
-    g = math.gcd(up, down)
-    return up // g, down // g
+    ratio = Fraction(WORK_FS_HZ) / Fraction(fs).limit_denominator(1000)
+    if max(ratio.numerator, ratio.denominator) <= 1000:
+        return np.asarray(sps.resample_poly(raw, ratio.numerator, ratio.denominator, axis=0))
+    n_out = int(round(raw.shape[0] * WORK_FS_HZ / fs))
+    return np.asarray(sps.resample(raw, n_out, axis=0))
 
 
 def _bandpass(x: np.ndarray, *, low_hz: float, high_hz: float) -> np.ndarray:
@@ -198,7 +201,7 @@ def _choose_lead(x: np.ndarray, names: Sequence[str]) -> int:
     best = int(np.argmax(quality))
     if "II" in names:
         lead_ii = names.index("II")
-        if quality[lead_ii] >= quality[best] - 0.3:
+        if quality[lead_ii] >= quality[best] - _LEAD_II_MARGIN:
             return lead_ii
     return best
 
@@ -207,17 +210,73 @@ def _detect_beats(lead: np.ndarray) -> np.ndarray:
     """R peaks (working-rate sample indices) by XQRS, refined to the local extremum."""
     if np.ptp(lead) < _MIN_QRS_P2P_MV:
         return np.zeros(0, dtype=int)
-    conf = wfdb_processing.XQRS.Conf(hr_max=300, hr_min=20, ref_period=0.2)
-    peaks = wfdb_processing.xqrs_detect(lead, WORK_FS_HZ, conf=conf, verbose=False)
-    peaks = np.asarray(peaks, dtype=int)
+    # XQRS learns its threshold from the first seconds: a large artifact there would hide
+    # every later beat, so detection sees the signal clipped at twice the typical beat size.
+    lead = _clip_artifacts(lead)
+    conf = wfdb_processing.XQRS.Conf(
+        hr_max=300, hr_min=20, ref_period=0.2, t_inspect_period=0.36
+    )
+    try:
+        peaks = np.asarray(
+            wfdb_processing.xqrs_detect(lead, WORK_FS_HZ, conf=conf, verbose=False), dtype=int
+        )
+    except Exception:  # wfdb raises bare exceptions; their text is not ours to pass on
+        log.warning("QRS detector failed", extra={"reason": "ECG_DETECTOR_FAILED"})
+        raise InvalidInput("QRS detection failed on this signal",
+                           reason="ECG_DETECTOR_FAILED") from None
     if peaks.size == 0:
         return peaks
+    return _refine(lead, peaks)
+
+
+def _refine(lead: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    """Move peaks to the local extremum (wfdb ``correct_peaks``); drop any closer than 200 ms."""
     corrected = wfdb_processing.correct_peaks(
         lead, peaks, search_radius=int(0.05 * WORK_FS_HZ),
         smooth_window_size=int(0.15 * WORK_FS_HZ), peak_dir="compare",
     )
     corrected = np.unique(np.asarray(corrected, dtype=int))
     return _drop_close(corrected, min_gap=int(0.2 * WORK_FS_HZ))
+
+
+def _search_back(lead: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    """Add beats XQRS missed inside long gaps (e.g. after an artifact raised its threshold).
+
+    In each gap longer than 1.6 median RR (and before the first / after the last beat),
+    QRS-band (5-25 Hz) envelope peaks reaching 35 % of the detected beats' median level count
+    as beats. P and T waves carry little energy in that band, so a true pause stays empty; a
+    gap full of artifact is not reported as a pause.
+    """
+    if peaks.size < 2:
+        return peaks
+    sos = sps.butter(2, [5.0, 25.0], btype="bandpass", fs=WORK_FS_HZ, output="sos")
+    envelope = ndimage.uniform_filter1d(
+        np.abs(sps.sosfiltfilt(sos, lead)), size=int(0.04 * WORK_FS_HZ)
+    )
+    level = float(np.median(envelope[peaks]))
+    min_gap = max(1.6 * float(np.median(np.diff(peaks))), 0.8 * WORK_FS_HZ)
+    margin = int(0.2 * WORK_FS_HZ)
+    bounds = np.concatenate([[-margin], peaks, [lead.size + margin - 1]])
+    found: list[int] = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop - start <= min_gap:
+            continue
+        gap = envelope[start + margin:stop - margin]
+        extra, _ = sps.find_peaks(gap, height=0.35 * level, distance=int(0.25 * WORK_FS_HZ))
+        found.extend(int(start + margin + e) for e in extra)
+    if not found:
+        return peaks
+    return _refine(lead, np.unique(np.concatenate([peaks, np.asarray(found, dtype=int)])))
+
+
+def _clip_artifacts(lead: np.ndarray) -> np.ndarray:
+    """Clip to twice the median of the per-second absolute maxima (a typical QRS size)."""
+    n_sec = lead.size // WORK_FS_HZ
+    if n_sec < 2:
+        return lead
+    per_second = np.abs(lead[:n_sec * WORK_FS_HZ]).reshape(n_sec, WORK_FS_HZ).max(axis=1)
+    limit = 2.0 * float(np.median(per_second))
+    return np.clip(lead, -limit, limit)
 
 
 def _drop_close(peaks: np.ndarray, *, min_gap: int) -> np.ndarray:
@@ -308,12 +367,13 @@ def _qrs_bounds(median_beat: np.ndarray, r_idx: int) -> tuple[float, float] | No
 
     The spatial slope (sum over leads of |d/dt|, smoothed 12 ms) is followed outwards from its
     peak near R while it stays above 5 % of the peak-to-floor range; dips shorter than 12 ms
-    (notched or bundle-branch-block QRS) do not end the complex.
+    (notched or bundle-branch-block QRS) do not end the complex. No bounds when the slope
+    does not settle within 150 ms before / 250 ms after R.
     """
     slope = np.sum(np.abs(np.gradient(median_beat, axis=0)), axis=1)
     slope = ndimage.uniform_filter1d(slope, size=int(0.012 * WORK_FS_HZ))
     lo = max(0, r_idx - int(0.15 * WORK_FS_HZ))
-    hi = min(slope.size - 1, r_idx + int(0.2 * WORK_FS_HZ))
+    hi = min(slope.size - 1, r_idx + int(0.25 * WORK_FS_HZ))
     core_lo = r_idx - int(0.04 * WORK_FS_HZ)
     core = slope[core_lo:r_idx + int(0.04 * WORK_FS_HZ) + 1]
     floor = float(np.percentile(slope[lo:hi + 1], 5))
@@ -325,6 +385,8 @@ def _qrs_bounds(median_beat: np.ndarray, r_idx: int) -> tuple[float, float] | No
     gap = int(_QRS_MAX_DIP_S * WORK_FS_HZ)
     onset = _walk(slope, start=centre, stop=lo, threshold=threshold, max_gap=gap)
     offset = _walk(slope, start=centre, stop=hi, threshold=threshold, max_gap=gap)
+    if onset <= lo or offset >= hi:  # never returned to baseline: noise, not a measurable QRS
+        return None
     return float(onset), float(offset)
 
 

@@ -3,7 +3,7 @@
 Each beat is a sum of Gaussians (P, Q, R, S, T) with per-lead amplitudes for leads I, II and
 V1-V6; III, aVR, aVL and aVF are derived from I and II (Einthoven/Goldberger), so the limb leads
 are consistent. The rhythm decides the beat times: ``normal`` (~70/min), ``pause`` (sinus arrest
-with a 3.8 s pause), ``stemi`` (ST elevation ~0.3 mV in V1-V4), ``af_rvr`` (irregular ~190/min,
+with a 3.8 s pause), ``stemi`` (ST elevation 0.35 mV in V1-V4), ``af_rvr`` (irregular ~190/min,
 no P waves, fibrillatory baseline) and ``brady`` (30/min). Small noise and baseline wander are
 added; the same arguments always give the same samples. No downloads, no patient data.
 """
@@ -27,7 +27,7 @@ RHYTHMS: tuple[str, ...] = ("normal", "pause", "stemi", "af_rvr", "brady")
 #: Length of the sinus arrest of the "pause" rhythm (R to R), in seconds.
 PAUSE_SECONDS = 3.8
 #: ST elevation of the "stemi" rhythm in V1-V4, in mV.
-STEMI_ELEVATION_MV = 0.3
+STEMI_ELEVATION_MV = 0.35
 
 # Wave timing relative to the R peak at RR = 1 s: (centre s, width s). T scales with RR^(1/3).
 _P = (-0.17, 0.022)
@@ -63,7 +63,8 @@ def synthetic_ecg(
     if rhythm not in RHYTHMS:
         raise InvalidInput("unknown synthetic rhythm", reason="SYNTHETIC_UNKNOWN_RHYTHM")
     if fs < 50 or seconds < 2.0:
-        raise InvalidInput("synthetic ECG needs fs >= 50 Hz and >= 2 s", reason="SYNTHETIC_BAD_SIZE")
+        raise InvalidInput("synthetic ECG needs fs >= 50 Hz and >= 2 s",
+                           reason="SYNTHETIC_BAD_SIZE")
     rng = np.random.default_rng(seed)
     n = int(round(seconds * fs))
     t = np.arange(n) / fs
@@ -81,6 +82,14 @@ def synthetic_ecg(
     signal = np.stack([leads[name] for name in LEAD_NAMES], axis=1)
     signal += _noise_and_wander(t, n_leads=len(LEAD_NAMES), rng=rng)
     return signal, list(LEAD_NAMES)
+
+
+def synthetic_r_peaks(*, rhythm: str, seconds: float = 10.0, seed: int = 0) -> np.ndarray:
+    """The R-peak times (s) that ``synthetic_ecg`` with the same arguments places: ground truth."""
+    if rhythm not in RHYTHMS:
+        raise InvalidInput("unknown synthetic rhythm", reason="SYNTHETIC_UNKNOWN_RHYTHM")
+    beats = _beat_times(rhythm, seconds=seconds, rng=np.random.default_rng(seed))
+    return np.array([b.r_time_s for b in beats])
 
 
 def _beat_times(rhythm: str, *, seconds: float, rng: np.random.Generator) -> list[_Beat]:

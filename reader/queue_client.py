@@ -41,21 +41,24 @@ from teleread.v1 import common_pb2, worklist_pb2, worklist_pb2_grpc
 
 log = logging.getLogger("teleread.reader.queue_client")
 
-DEFAULT_CLAIMS_FILE = Path.home() / ".config" / "teleread" / "claims.json"
+CLAIMS_FILE = Path(".config") / "teleread" / "claims.json"  # under the user's home
 FETCH_TIMEOUT = 3600.0
 WATCH_DEADLINE = 3600.0
 _LEVEL_STYLE = {"CRITICAL": "bold red", "URGENT": "yellow", "ROUTINE": "green"}
 _Event = worklist_pb2.WorklistEvent
 
 
+def enum_label(enum: Any, value: int, prefix: str) -> str:
+    """An enum value's name without its prefix; the number for a value newer than this client."""
+    try:
+        return str(enum.Name(value)).removeprefix(prefix)
+    except ValueError:
+        return str(value)
+
+
 def level_name(level: int) -> str:
     """``CRITICAL`` / ``URGENT`` / ``ROUTINE``; ``-`` when not triaged."""
-    if not level:
-        return "-"
-    try:
-        return common_pb2.Level.Name(level).removeprefix("LEVEL_")
-    except ValueError:  # a level newer than this client
-        return str(level)
+    return enum_label(common_pb2.Level, level, "LEVEL_") if level else "-"
 
 
 def styled_level(level: int) -> str:
@@ -124,7 +127,7 @@ class ClaimStore:
 
 
 def _claims(args: argparse.Namespace) -> ClaimStore:
-    return ClaimStore(args.claims_file or DEFAULT_CLAIMS_FILE)
+    return ClaimStore(args.claims_file or Path.home() / CLAIMS_FILE)
 
 
 def _fence(args: argparse.Namespace) -> int:
@@ -186,7 +189,8 @@ def _print_details(console: Console, details: worklist_pb2.ExamDetails) -> None:
     exam = details.exam
     console.print(f"[bold]exam {exam.exam_id}[/] site {escape(exam.site)} {exam.modality} "
                   f"state {exam.state} specialty {exam.specialty or '-'}")
-    console.print(f"priority {common_pb2.Priority.Name(exam.priority)}, received "
+    priority = enum_label(common_pb2.Priority, exam.priority, "PRIORITY_").lower()
+    console.print(f"priority {priority}, received "
                   f"{format_time(exam.received_at)}, deadline {format_time(exam.deadline)} "
                   f"({time_left(exam.deadline)}), claimed by {escape(exam.claimed_by or '-')}")
     if exam.indication:
@@ -278,7 +282,8 @@ def fetch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     part = out.with_name(out.name + ".part")
     request = worklist_pb2.StreamObjectRequest(exam_id=args.exam_id, object_id=args.object_id)
     try:
-        announced, actual, size = _stream_to(stub.StreamObject(request, timeout=FETCH_TIMEOUT), part)
+        chunks = stub.StreamObject(request, timeout=FETCH_TIMEOUT)
+        announced, actual, size = _stream_to(chunks, part)
         expected = announced or _expected_sha256(stub, args)
         if actual != expected.lower():
             raise IntegrityError("fetched bytes do not match the object's SHA-256")
@@ -291,10 +296,7 @@ def fetch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
 def _event_line(console: Console, event: worklist_pb2.WorklistEvent) -> None:
     exam = event.exam
-    try:
-        kind = _Event.Type.Name(event.type).removeprefix("TYPE_")
-    except ValueError:  # an event type newer than this client
-        kind = str(event.type)
+    kind = enum_label(_Event.Type, event.type, "TYPE_")
     console.print(
         f"{format_time(event.at)} {kind:<9} {styled_level(exam.triage.level)} {exam.exam_id} "
         f"{exam.modality or '-'} {escape(exam.site)} {exam.state} {escape(exam.triage.summary)}"
@@ -304,7 +306,7 @@ def _event_line(console: Console, event: worklist_pb2.WorklistEvent) -> None:
                             f"{exam.triage.summary or 'see triage'}")
 
 
-def _follow(stream: Any, console: Console, args: argparse.Namespace, seen: list[int]) -> bool:
+def _follow(stream: Any, console: Console, *, args: argparse.Namespace, seen: list[int]) -> bool:
     """Print one Watch stream; True once the requested output is complete."""
     snapshot: list[common_pb2.Exam] = []
     for event in stream:
@@ -329,7 +331,7 @@ def watch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     while True:
         stream = _stub(channel).Watch(worklist_pb2.WatchWorklistRequest(), timeout=args.deadline)
         try:
-            if _follow(stream, console, args, seen):
+            if _follow(stream, console, args=args, seen=seen):
                 return 0
             backoff.reset()
             failure = "stream ended"
@@ -346,10 +348,11 @@ def watch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
         time.sleep(delay)
 
 
-def _add(sub: Any, name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+def _add(sub: Any, name: str, handler: Any, *, help_text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
     add_connection_args(parser)
-    parser.add_argument("--claims-file", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--claims-file", type=Path, default=None, metavar="FILE",
+                        help="claim fences file (default ~/.config/teleread/claims.json)")
     parser.set_defaults(func=handler)
     return parser
 
@@ -359,7 +362,7 @@ def _add_claim_commands(sub: Any) -> None:
         ("next", next_command, "claim the most urgent exam of your specialty"),
         ("claim", claim_command, "claim one exam"),
     ):
-        parser = _add(sub, name, handler, help_text)
+        parser = _add(sub, name, handler, help_text=help_text)
         if name == "claim":
             parser.add_argument("exam_id", metavar="EXAM_ID")
         parser.add_argument("--lease", type=int, default=0, help="lease seconds (server default)")
@@ -368,7 +371,7 @@ def _add_claim_commands(sub: Any) -> None:
         ("sign", sign_command, "sign the current draft"),
         ("release", release_command, "give the exam back to the queue"),
     ):
-        parser = _add(sub, name, handler, help_text)
+        parser = _add(sub, name, handler, help_text=help_text)
         parser.add_argument("exam_id", metavar="EXAM_ID")
         parser.add_argument("--fence", type=int, default=None, help="default: the remembered one")
         if name == "report":
@@ -381,18 +384,17 @@ def add_read_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``teleread read <worklist|next|claim|show|report|sign|release|fetch|watch>``."""
     parser: argparse.ArgumentParser = subparsers.add_parser("read", help="the reading queue")
     sub = parser.add_subparsers(dest="read_command", required=True, metavar="COMMAND")
-    worklist = _add(sub, "worklist", worklist_command, "your queue, most urgent first")
+    worklist = _add(sub, "worklist", worklist_command, help_text="your queue, most urgent first")
     worklist.add_argument("--limit", type=int, default=50)
     worklist.add_argument("--all", action="store_true", help="include claimed exams")
     _add_claim_commands(sub)
-    _add(sub, "show", show_command, "exam details, triage evidence, reports").add_argument(
-        "exam_id", metavar="EXAM_ID"
-    )
-    fetch = _add(sub, "fetch", fetch_command, "download an object, SHA-256 verified")
+    show = _add(sub, "show", show_command, help_text="exam details, triage evidence, reports")
+    show.add_argument("exam_id", metavar="EXAM_ID")
+    fetch = _add(sub, "fetch", fetch_command, help_text="download an object, SHA-256 verified")
     fetch.add_argument("exam_id", metavar="EXAM_ID")
     fetch.add_argument("object_id", metavar="OBJECT_ID")
     fetch.add_argument("--out", type=Path, required=True, metavar="FILE")
-    watch = _add(sub, "watch", watch_command, "live queue with critical alerts")
+    watch = _add(sub, "watch", watch_command, help_text="live queue with critical alerts")
     watch.add_argument("--once-snapshot", action="store_true", help="stop after the snapshot")
     watch.add_argument("--max-events", type=int, default=None, metavar="N")
     watch.add_argument("--deadline", type=float, default=WATCH_DEADLINE, help=argparse.SUPPRESS)

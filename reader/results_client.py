@@ -125,7 +125,7 @@ def pull_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     return 0
 
 
-def _follow(stream: Any, console: Console, state: dict[str, int], limit: int | None) -> bool:
+def _follow(stream: Any, console: Console, state: dict[str, int], *, limit: int | None) -> bool:
     """Print one WatchResults stream; True once ``limit`` results were printed."""
     for result in stream:
         if result.cursor <= state["cursor"]:
@@ -148,7 +148,7 @@ def watch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
         stream = stub.WatchResults(request, timeout=args.deadline)
         seen_before = state["seen"]
         try:
-            if _follow(stream, console, state, args.max):
+            if _follow(stream, console, state, limit=args.max):
                 return 0
             failure = "stream ended"
         except grpc.RpcError as err:

@@ -61,7 +61,7 @@ Metadata = Sequence[tuple[str, str]]
 
 
 @dataclass(frozen=True)
-class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+class _CallDetails(grpc.ClientCallDetails):
     method: str
     timeout: float | None
     metadata: Metadata | None
@@ -71,10 +71,10 @@ class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
 
 
 class _MetadataInterceptor(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
 ):
     """Adds fixed metadata (the bearer token, the site) to every call of every shape."""
 

@@ -40,6 +40,14 @@ MAX_WAVEFORM_SAMPLES = 2**28
 
 _RECORD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}", re.ASCII)
 _SIGNAL_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", re.ASCII)
+# The record line as sniffing accepts it: name[/segments] n_sig [fs[/counter[(base)]] [length
+# [time [date]]]]; dates in any spelling, so a bad date gets a typed error later, not "unknown".
+_RECORD_LINE = re.compile(
+    r"[A-Za-z0-9_-]+(?:/\d+)?[ \t]+\d+"
+    r"(?:[ \t]+[0-9.]+(?:/[0-9.]+)?(?:\(-?[0-9.]+\))?"
+    r"(?:[ \t]+\d+(?:[ \t]+[0-9:.]+(?:[ \t]+[0-9/.-]+)?)?)?)?",
+    re.ASCII,
+)
 _STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 _LEAD_BY_KEY = {name.upper(): name for name in _STANDARD_LEADS}
 _LEAD_PREFIX = re.compile(r"^(?:lead|ecg)[\s_-]*", re.IGNORECASE)
@@ -100,6 +108,10 @@ def expected_signal_bytes(*, fmt: str, n_samples: int, byte_offset: int = 0) -> 
 # --- WFDB ---------------------------------------------------------------------------------------
 
 
+def _bad_header(message: str) -> InvalidInput:
+    return InvalidInput(message, reason="WFDB_BAD_HEADER")
+
+
 def _wfdb_call(fn: Callable[[], T], *, message: str, reason: str) -> T:
     """Run one wfdb call; any exception becomes InvalidInput without the exception's text."""
     try:
@@ -135,11 +147,17 @@ def header_record_line(text: str) -> str | None:
     return None
 
 
+def looks_like_wfdb_header(text: str) -> bool:
+    """True when the first non-comment line of ``text`` is a WFDB record line."""
+    line = header_record_line(text)
+    return line is not None and _RECORD_LINE.fullmatch(line) is not None
+
+
 def _record_name(text: str) -> str:
     line = header_record_line(text)
     name = line.split(None, 1)[0].split("/", 1)[0] if line else ""
     if not _RECORD_NAME.fullmatch(name):
-        raise InvalidInput("WFDB record line is malformed", reason="WFDB_BAD_HEADER")
+        raise _bad_header("WFDB record line is malformed")
     return name
 
 
@@ -178,9 +196,9 @@ def signal_file_name(record: Any) -> str:
         )
     name = names[0]
     if not isinstance(name, str) or not _SIGNAL_FILE_NAME.fullmatch(name):
-        raise InvalidInput("WFDB signal file name is not a plain file name", reason="WFDB_BAD_HEADER")
+        raise _bad_header("WFDB signal file name is not a plain file name")
     if name == f"{record.record_name}.hea":
-        raise InvalidInput("WFDB signal file name clashes with the header", reason="WFDB_BAD_HEADER")
+        raise _bad_header("WFDB signal file name clashes with the header")
     return name
 
 
@@ -189,14 +207,11 @@ def record_signal_bytes(record: Any) -> int:
     formats = set(record.fmt or [])
     offsets = {offset or 0 for offset in (record.byte_offset or [0])}
     if len(formats) != 1 or len(offsets) != 1:
-        raise InvalidInput(
-            "WFDB signals sharing a file must share one format and byte offset",
-            reason="WFDB_BAD_HEADER",
-        )
+        raise _bad_header("WFDB signals sharing a file must share one format and byte offset")
     frame = sum(int(spf or 1) for spf in (record.samps_per_frame or [1] * int(record.n_sig)))
-    return expected_signal_bytes(
-        fmt=str(formats.pop()), n_samples=int(record.sig_len or 0) * frame, byte_offset=offsets.pop()
-    )
+    n_samples = int(record.sig_len or 0) * frame
+    fmt, offset = str(formats.pop()), int(offsets.pop())
+    return expected_signal_bytes(fmt=fmt, n_samples=n_samples, byte_offset=offset)
 
 
 def _place(source: Path, target: Path) -> None:
@@ -215,7 +230,7 @@ def load_ecg_wfdb(header_path: Path, signal_path: Path) -> EcgSignal:
         try:
             actual = signal_path.stat().st_size
         except OSError:
-            raise InvalidInput("WFDB signal file could not be read", reason="ECG_UNREADABLE") from None
+            raise InvalidInput("WFDB signal file is missing", reason="ECG_UNREADABLE") from None
         if actual != expected:
             raise InvalidInput(
                 f"signal file has {actual} bytes, header implies {expected}",
@@ -227,11 +242,14 @@ def load_ecg_wfdb(header_path: Path, signal_path: Path) -> EcgSignal:
             message="WFDB record could not be read",
             reason="ECG_UNREADABLE",
         )
+    columns = record.p_signal
+    if not isinstance(columns, np.ndarray) or columns.ndim != 2:
+        raise InvalidInput("WFDB record has no signal", reason="ECG_UNREADABLE")
     return _signal_from_columns(
-        np.asarray(record.p_signal, dtype=np.float32),
-        fs=float(record.fs),
+        columns,
+        fs=float(record.fs or 0),
         labels=[str(label) for label in (record.sig_name or [])],
-        units=list(record.units or [None] * record.p_signal.shape[1]),
+        units=list(record.units or [None] * columns.shape[1]),
     )
 
 
@@ -261,7 +279,7 @@ def _signal_from_columns(
 
 def _read_waveform_dataset(path: Path) -> pydicom.Dataset:
     try:
-        ds = pydicom.dcmread(path, force=False)
+        ds = pydicom.dcmread(path, force=False, stop_before_pixels=True)
         present = "WaveformSequence" in ds
     except Exception as exc:  # pydicom raises many types on malformed input
         log.info("DICOM waveform unreadable (%s)", type(exc).__name__)

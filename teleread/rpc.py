@@ -21,7 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from teleread.auth import Authenticator, Principal
-from teleread.errors import TelereadError
+from teleread.errors import PermissionDenied, TelereadError
 from teleread.logs import log_context
 
 log = logging.getLogger("teleread.rpc")
@@ -94,6 +94,9 @@ class _Wrapper:
     def _enter(self) -> tuple[str, Principal]:
         request_id = str(self._metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
         principal = self._auth.authenticate(self._metadata.get("authorization"))
+        claimed_site = self._metadata.get("x-teleread-site")
+        if claimed_site and principal.site_code and claimed_site != principal.site_code:
+            raise PermissionDenied("the token belongs to another site than --site", reason="SITE_MISMATCH")
         return request_id, principal
 
     def _finish(self, context: grpc.ServicerContext, started: float, request_id: str,

@@ -20,13 +20,8 @@ import pytest
 from pydantic import SecretStr
 
 import teleread.storage.s3 as s3_module
-from teleread.errors import (
-    IntegrityError,
-    InvalidInput,
-    ObjectNotFound,
-    ResourceExhausted,
-    StorageError,
-)
+from teleread.errors import IntegrityError, InvalidInput, ObjectNotFound, ResourceExhausted
+from teleread.errors import StorageError
 from teleread.settings import Settings, StorageSettings
 from teleread.storage import ObjectStore, object_key
 from teleread.storage.factory import StorageConfigError, build_object_store
@@ -48,7 +43,6 @@ OUTAGE_BOUND_S = 15.0
 class StoreCase:
     """One adapter under test plus a window onto where its backend keeps the bytes."""
 
-    kind: str
     store: ObjectStore
     stored_file: Callable[[str], Path]  # the backend's file holding a key's bytes
     leftovers: Callable[[], list[Path]]  # partial writes the backend still holds
@@ -84,10 +78,19 @@ def _local_case(tmp_path: Path) -> StoreCase:
     root = tmp_path / "objects"
     store = LocalObjectStore(root)
     return StoreCase(
-        kind="local",
         store=store,
         stored_file=lambda key: root / key,
         leftovers=lambda: sorted((root / ".tmp").iterdir()),
+    )
+
+
+def _s3_store(server: NanioServer, bucket: str, *, secret_key: str | None = None) -> S3ObjectStore:
+    return S3ObjectStore(
+        endpoint=server.endpoint,
+        access_key=server.access_key,
+        secret_key=server.secret_key if secret_key is None else secret_key,
+        bucket=bucket,
+        part_size=PART_SIZE,
     )
 
 
@@ -95,12 +98,8 @@ def _local_case(tmp_path: Path) -> StoreCase:
 def case(request: pytest.FixtureRequest, tmp_path: Path) -> StoreCase:
     if request.param == "local":
         return _local_case(tmp_path)
-    server = request.getfixturevalue("s3_server")
+    server: NanioServer = request.getfixturevalue("s3_server")
     bucket: str = request.getfixturevalue("s3_bucket")
-    store = S3ObjectStore(
-        endpoint=server.endpoint, access_key=server.access_key, secret_key=server.secret_key,
-        bucket=bucket, part_size=PART_SIZE,
-    )
 
     def leftovers() -> list[Path]:
         bucket_dir = server.bucket_dir(bucket)
@@ -108,7 +107,8 @@ def case(request: pytest.FixtureRequest, tmp_path: Path) -> StoreCase:
         return sorted(server.pending_uploads(bucket) + temp_files)
 
     return StoreCase(
-        kind="s3", store=store, stored_file=lambda key: server.bucket_dir(bucket) / key,
+        store=_s3_store(server, bucket),
+        stored_file=lambda key: server.bucket_dir(bucket) / key,
         leftovers=leftovers,
     )
 
@@ -174,6 +174,21 @@ def test_reput_of_identical_content_is_a_no_op(case: StoreCase, tmp_path: Path) 
 
     again = case.stored_file(key).stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    with case.store.open_verified(key, sha256=_sha(data), size=len(data)) as handle:
+        assert handle.read() == data
+
+
+def test_reput_from_a_wrong_source_fails_and_keeps_the_stored_object(
+    case: StoreCase, tmp_path: Path
+) -> None:
+    data = _random_bytes(MIB + 1)
+    key = _key(data)
+    case.store.put_file(key, _source(tmp_path, data), sha256=_sha(data), size=len(data))
+    impostor = _source(tmp_path, _random_bytes(len(data), seed=8), name="impostor.bin")
+
+    with pytest.raises(IntegrityError):
+        case.store.put_file(key, impostor, sha256=_sha(data), size=len(data))
+
     with case.store.open_verified(key, sha256=_sha(data), size=len(data)) as handle:
         assert handle.read() == data
 
@@ -352,16 +367,6 @@ def test_local_sweep_removes_only_stale_temp_files(tmp_path: Path) -> None:
 # --- S3 adapter specifics ---------------------------------------------------------------------
 
 
-def _s3_store(server: NanioServer, bucket: str, *, secret_key: str | None = None) -> S3ObjectStore:
-    return S3ObjectStore(
-        endpoint=server.endpoint,
-        access_key=server.access_key,
-        secret_key=server.secret_key if secret_key is None else secret_key,
-        bucket=bucket,
-        part_size=PART_SIZE,
-    )
-
-
 @pytest.mark.s3
 def test_s3_large_object_is_uploaded_in_parts_with_its_sha256(
     s3_server: NanioServer, s3_bucket: str, tmp_path: Path
@@ -467,24 +472,27 @@ def test_factory_defaults_to_a_local_store_under_data_dir(tmp_path: Path) -> Non
     assert store.root == (tmp_path / "objects").resolve()
 
 
-def test_factory_s3_without_credentials_is_a_config_error(tmp_path: Path) -> None:
-    settings = Settings(
-        data_dir=tmp_path, storage=StorageSettings(backend="s3", endpoint="127.0.0.1:9")
-    )
-    with pytest.raises(StorageConfigError) as raised:
-        build_object_store(settings)
-    assert raised.value.code == "FAILED_PRECONDITION"
-    assert "TELEREAD_STORAGE__ACCESS_KEY" in raised.value.message
-    assert "TELEREAD_STORAGE__SECRET_KEY" in raised.value.message
-
-
-def test_factory_s3_with_bad_endpoint_is_a_config_error(tmp_path: Path) -> None:
-    storage = StorageSettings(
-        backend="s3", endpoint="http://127.0.0.1:9/path", access_key=SecretStr("ak"),
-        secret_key=SecretStr("sk-secret-value"),
-    )
+@pytest.mark.parametrize(
+    ("storage", "named"),
+    [
+        (StorageSettings(backend="s3", endpoint="127.0.0.1:9"), "TELEREAD_STORAGE__SECRET_KEY"),
+        (StorageSettings(backend="s3", access_key=SecretStr("ak")), "TELEREAD_STORAGE__ENDPOINT"),
+        (
+            StorageSettings(
+                backend="s3", endpoint="http://127.0.0.1:9/path", access_key=SecretStr("ak"),
+                secret_key=SecretStr("sk-secret-value"),
+            ),
+            "endpoint",
+        ),
+    ],
+)
+def test_factory_s3_misconfiguration_is_a_config_error(
+    tmp_path: Path, storage: StorageSettings, named: str
+) -> None:
     with pytest.raises(StorageConfigError) as raised:
         build_object_store(Settings(data_dir=tmp_path, storage=storage))
+    assert raised.value.code == "FAILED_PRECONDITION"
+    assert named in raised.value.message
     assert "sk-secret-value" not in str(raised.value)
 
 

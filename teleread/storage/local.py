@@ -137,6 +137,7 @@ class LocalObjectStore:
         validate_expected(sha256=sha256, size=size)
         target = self._path_for(key)
         if self._holds_verified(target, key=key, sha256=sha256, size=size):
+            _verify_source(path, sha256=sha256, size=size)  # a bad re-put still fails loudly
             logger.debug("object already stored", extra={"object_id": key})
             return
         temp_path: Path | None = None
@@ -307,6 +308,17 @@ class LocalObjectStore:
             with suppress(FileExistsError):
                 new_dir.mkdir(mode=0o700)
             _fsync_dir(new_dir.parent)
+
+
+def _verify_source(path: Path, *, sha256: str, size: int) -> None:
+    try:
+        actual_sha256, actual_size = hash_file(path)
+    except OSError as exc:
+        raise storage_error_from_os(exc, action="read the file to store") from None
+    check_content(
+        actual_sha256=actual_sha256, actual_size=actual_size, sha256=sha256, size=size,
+        what="file to store",
+    )
 
 
 def _raise_size_mismatch() -> NoReturn:

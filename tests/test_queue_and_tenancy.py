@@ -1,0 +1,125 @@
+"""Reading queue rules over real gRPC on both deployments: leases and fencing (a reader whose
+lease lapsed cannot sign), signed reports never change, and tenancy (a site sees only its exams
+and results, a radiologist cannot claim an ECG, another alliance's readers see nothing)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from helpers import copy_testdata, error_reason, wait_for
+from teleread.gateway.upload import scan_paths, upload_exams
+from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _queued_ecg(stack, tmp_path: Path, who: str = "site_a") -> str:
+    copy_testdata(tmp_path / who, "waveform_ecg.dcm")
+    ingest = ingest_pb2_grpc.IngestStub(stack.channel(who))
+    [outcome] = upload_exams(ingest, scan_paths([tmp_path / who]).exams)
+    assert outcome.exam_id, outcome.errors
+    wait_for(lambda: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=outcome.exam_id), timeout=10).state == "queued")
+    return outcome.exam_id
+
+
+def test_lapsed_lease_cannot_sign_and_fence_moves_on(hub_stack, tmp_path: Path) -> None:
+    exam_id = _queued_ecg(hub_stack, tmp_path)
+    a = worklist_pb2_grpc.WorklistStub(hub_stack.channel("cardio"))
+    b = worklist_pb2_grpc.WorklistStub(hub_stack.channel("cardio2"))
+    claim = a.ClaimExam(worklist_pb2.ClaimExamRequest(exam_id=exam_id, lease_seconds=1), timeout=10)
+    a.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=claim.fence, text="draft"), timeout=10)
+    with pytest.raises(grpc.RpcError) as busy:
+        b.ClaimExam(worklist_pb2.ClaimExamRequest(exam_id=exam_id), timeout=10)
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    time.sleep(1.3)  # the lease lapses
+    with pytest.raises(grpc.RpcError) as lapsed:
+        a.SignReport(worklist_pb2.SignReportRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
+    assert lapsed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(lapsed.value) == "LEASE_LOST"
+    taken = b.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=60), timeout=10)
+    assert taken.exam.exam_id == exam_id and taken.fence == claim.fence + 1
+    with pytest.raises(grpc.RpcError) as zombie:  # the first reader comes back with a stale fence
+        a.RenewClaim(worklist_pb2.RenewClaimRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
+    assert error_reason(zombie.value) == "LEASE_LOST"
+    b.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=taken.fence, text="Sinus rhythm."), timeout=10)
+    signed = b.SignReport(worklist_pb2.SignReportRequest(exam_id=exam_id, fence=taken.fence), timeout=10)
+    assert signed.signed_by == "dr-rhythm" and signed.version == 1
+    # A signed report never changes: saving again is refused, an amendment is a new version.
+    with pytest.raises(grpc.RpcError):
+        b.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=taken.fence, text="edit"), timeout=10)
+    amended = b.AmendReport(worklist_pb2.AmendReportRequest(exam_id=exam_id, reason="typo", text="Sinus rhythm, normal."), timeout=10)
+    assert amended.version == 2 and amended.amends_reason == "typo"
+    details = b.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), timeout=10)
+    assert [r.text for r in details.reports] == ["Sinus rhythm.", "Sinus rhythm, normal."]
+    results = results_pb2_grpc.ResultsStub(hub_stack.channel("site_a"))
+    assert [r.report.version for r in results.ListResults(results_pb2.ListResultsRequest(), timeout=10).results] == [1, 2]
+
+
+def test_tenancy(hub_stack, tmp_path: Path) -> None:
+    exam_id = _queued_ecg(hub_stack, tmp_path)
+    other_site = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_b"))
+    with pytest.raises(grpc.RpcError) as seen:
+        other_site.GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10)
+    assert seen.value.code() == grpc.StatusCode.NOT_FOUND
+
+    radio = worklist_pb2_grpc.WorklistStub(hub_stack.channel("radio"))
+    with pytest.raises(grpc.RpcError) as wrong_specialty:
+        radio.ClaimExam(worklist_pb2.ClaimExamRequest(exam_id=exam_id), timeout=10)
+    assert wrong_specialty.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as empty:
+        radio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
+    assert empty.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not radio.ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10).exams
+
+    city = worklist_pb2_grpc.WorklistStub(hub_stack.channel("cardio_city"))
+    assert not city.ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10).exams
+    with pytest.raises(grpc.RpcError) as foreign:
+        city.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), timeout=10)
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # A site identity cannot read the queue; a reader cannot upload.
+    with pytest.raises(grpc.RpcError) as site_reads:
+        worklist_pb2_grpc.WorklistStub(hub_stack.channel("site_a")).ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10)
+    assert site_reads.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as reader_uploads:
+        ingest_pb2_grpc.IngestStub(hub_stack.channel("cardio")).GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10)
+    assert reader_uploads.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    cardio = worklist_pb2_grpc.WorklistStub(hub_stack.channel("cardio"))
+    claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
+    cardio.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=claim.fence, text="ok"), timeout=10)
+    cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
+    mine = results_pb2_grpc.ResultsStub(hub_stack.channel("site_a")).ListResults(results_pb2.ListResultsRequest(), timeout=10)
+    theirs = results_pb2_grpc.ResultsStub(hub_stack.channel("site_b")).ListResults(results_pb2.ListResultsRequest(), timeout=10)
+    assert len(mine.results) == 1 and not theirs.results
+    with pytest.raises(grpc.RpcError) as other_result:
+        results_pb2_grpc.ResultsStub(hub_stack.channel("site_b")).GetResult(results_pb2.GetResultRequest(exam_id=exam_id), timeout=10)
+    assert other_result.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_no_endpoint_is_open(embedded_stack) -> None:
+    from teleread.client import open_channel
+
+    for token in ("", "tr_not-a-real-token"):
+        channel = grpc.insecure_channel(embedded_stack.address) if not token else open_channel(embedded_stack.address, token=token)
+        with pytest.raises(grpc.RpcError) as err:
+            ingest_pb2_grpc.IngestStub(channel).GetExam(ingest_pb2.GetExamRequest(exam_id="0" * 32), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        channel.close()
+
+
+def test_health_and_reflection_answer_without_token(embedded_stack) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(embedded_stack.address)
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="teleread.v1.Ingest"), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"teleread.v1.Ingest", "teleread.v1.Worklist", "teleread.v1.Results"} <= names
+    channel.close()
