@@ -101,9 +101,7 @@ class IngestService:
             raise InvalidInput("indication is longer than 2000 characters", reason="BAD_INDICATION")
         with self._engine.begin() as conn:
             row = conn.execute(
-                select(exams).where(
-                    exams.c.site_id == site_id, exams.c.client_exam_key == client_exam_key
-                )
+                select(exams).where(exams.c.site_id == site_id, exams.c.client_exam_key == client_exam_key)
             ).first()
             if row is not None:
                 return dict(row._mapping)
@@ -111,9 +109,16 @@ class IngestService:
             exam_id = new_id()
             conn.execute(
                 insert(exams).values(
-                    id=exam_id, site_id=site_id, client_exam_key=client_exam_key, kind=kind,
-                    modality="ECG" if kind == "ecg" else "", study_instance_uid=study_instance_uid,
-                    state="receiving", priority=priority, indication=indication, created_at=now,
+                    id=exam_id,
+                    site_id=site_id,
+                    client_exam_key=client_exam_key,
+                    kind=kind,
+                    modality="ECG" if kind == "ecg" else "",
+                    study_instance_uid=study_instance_uid,
+                    state="receiving",
+                    priority=priority,
+                    indication=indication,
+                    created_at=now,
                     updated_at=now,
                 )
             )
@@ -127,17 +132,13 @@ class IngestService:
 
     @staticmethod
     def _site_exam(conn: Connection, *, site_id: int, exam_id: str) -> dict[str, object]:
-        row = conn.execute(
-            select(exams).where(exams.c.id == exam_id, exams.c.site_id == site_id)
-        ).first()
+        row = conn.execute(select(exams).where(exams.c.id == exam_id, exams.c.site_id == site_id)).first()
         if row is None:  # another site's exam looks exactly like a missing one
             raise NotFound("no such exam for this site", reason="EXAM_NOT_FOUND")
         return dict(row._mapping)
 
     # ---- uploads ------------------------------------------------------------------------------
-    def begin_upload(
-        self, p: Principal, *, exam_id: str, size: int, sha256: str, role: str
-    ) -> UploadState:
+    def begin_upload(self, p: Principal, *, exam_id: str, size: int, sha256: str, role: str) -> UploadState:
         site_id = require_uploader(p)
         if role not in ROLES:
             raise InvalidInput("role must be dicom, wfdb_header or wfdb_signal", reason="BAD_ROLE")
@@ -152,17 +153,22 @@ class IngestService:
             if exam["state"] != "receiving":
                 raise Conflict("exam is already committed", reason="EXAM_COMMITTED")
             row = conn.execute(
-                select(uploads).where(
-                    uploads.c.exam_id == exam_id, uploads.c.sha256 == sha256, uploads.c.role == role
-                )
+                select(uploads).where(uploads.c.exam_id == exam_id, uploads.c.sha256 == sha256, uploads.c.role == role)
             ).first()
             if row is None:
                 upload_id = new_id()
                 now = utcnow()
                 conn.execute(
                     insert(uploads).values(
-                        id=upload_id, exam_id=exam_id, site_id=site_id, sha256=sha256, size=size,
-                        role=role, state="partial", created_at=now, updated_at=now,
+                        id=upload_id,
+                        exam_id=exam_id,
+                        site_id=site_id,
+                        sha256=sha256,
+                        size=size,
+                        role=role,
+                        state="partial",
+                        created_at=now,
+                        updated_at=now,
                     )
                 )
                 return UploadState(upload_id, 0, size, "partial")
@@ -184,9 +190,7 @@ class IngestService:
     def _site_upload(conn: Connection, *, site_id: int, upload_id: str) -> Row[Any]:
         if not re.fullmatch(r"[0-9a-f]{32}", upload_id or ""):
             raise InvalidInput("malformed upload id", reason="BAD_UPLOAD_ID")
-        row = conn.execute(
-            select(uploads).where(uploads.c.id == upload_id, uploads.c.site_id == site_id)
-        ).first()
+        row = conn.execute(select(uploads).where(uploads.c.id == upload_id, uploads.c.site_id == site_id)).first()
         if row is None:
             raise NotFound("no such upload for this site", reason="UPLOAD_NOT_FOUND")
         return row
@@ -198,9 +202,7 @@ class IngestService:
         with self._locks_guard:
             return self._locks.setdefault(upload_id, threading.Lock())
 
-    def receive(
-        self, p: Principal, *, upload_id: str, offset: int, chunks: Iterator[bytes]
-    ) -> UploadState:
+    def receive(self, p: Principal, *, upload_id: str, offset: int, chunks: Iterator[bytes]) -> UploadState:
         """Append a stream of chunks at ``offset`` (which must be the confirmed offset)."""
         site_id = require_uploader(p)
         lock = self._lock_for(upload_id)
@@ -267,8 +269,10 @@ class IngestService:
             if exam["study_instance_uid"] and exam["study_instance_uid"] != info.study_instance_uid:
                 raise InvalidInput("instance belongs to another study than the exam", reason="STUDY_MISMATCH")
             return {
-                "sop_instance_uid": info.sop_instance_uid, "sop_class_uid": info.sop_class_uid,
-                "series_instance_uid": info.series_instance_uid, "modality": info.modality or "OT",
+                "sop_instance_uid": info.sop_instance_uid,
+                "sop_class_uid": info.sop_class_uid,
+                "series_instance_uid": info.series_instance_uid,
+                "modality": info.modality or "OT",
                 "study_instance_uid": info.study_instance_uid,
             }
         if role == "wfdb_header":
@@ -293,11 +297,18 @@ class IngestService:
             with self._engine.begin() as conn:
                 conn.execute(
                     insert(objects).values(
-                        id=object_id, exam_id=u.exam_id, site_id=site_id, role=u.role,
-                        sha256=u.sha256, size=u.size, storage_key=key, sop_instance_uid=uid,
+                        id=object_id,
+                        exam_id=u.exam_id,
+                        site_id=site_id,
+                        role=u.role,
+                        sha256=u.sha256,
+                        size=u.size,
+                        storage_key=key,
+                        sop_instance_uid=uid,
                         sop_class_uid=meta.get("sop_class_uid", ""),
                         series_instance_uid=meta.get("series_instance_uid", ""),
-                        modality=meta.get("modality", ""), created_at=utcnow(),
+                        modality=meta.get("modality", ""),
+                        created_at=utcnow(),
                     )
                 )
                 self._mark_upload(conn, upload_id=u.id, state="stored", object_id=object_id)
@@ -326,23 +337,27 @@ class IngestService:
                 return UploadState(u.id, u.size, u.size, "duplicate", dict(row._mapping))
             conn.execute(
                 insert(conflicts).values(
-                    site_id=site_id, exam_id=u.exam_id, sop_instance_uid=uid,
-                    existing_sha256=row.sha256, offered_sha256=u.sha256, created_at=utcnow(),
+                    site_id=site_id,
+                    exam_id=u.exam_id,
+                    sop_instance_uid=uid,
+                    existing_sha256=row.sha256,
+                    offered_sha256=u.sha256,
+                    created_at=utcnow(),
                 )
             )
             self._mark_upload(conn, upload_id=u.id, state="refused", object_id=None)
             record_event(conn, type="instance_conflict", exam_id=u.exam_id, site_id=site_id)
         log.warning("instance UID conflict refused", extra={"upload_id": u.id, "reason": "INSTANCE_UID_CONFLICT"})
         raise AlreadyExists(
-            "an instance with this SOPInstanceUID and different bytes is already stored; "
-            "the stored original is kept",
+            "an instance with this SOPInstanceUID and different bytes is already stored; the stored original is kept",
             reason="INSTANCE_UID_CONFLICT",
         )
 
     @staticmethod
     def _mark_upload(conn: Connection, *, upload_id: str, state: str, object_id: str | None) -> None:
         conn.execute(
-            update(uploads).where(uploads.c.id == upload_id)
+            update(uploads)
+            .where(uploads.c.id == upload_id)
             .values(state=state, object_id=object_id, updated_at=utcnow())
         )
 
@@ -357,7 +372,9 @@ class IngestService:
         self._part_path(upload.id).unlink(missing_ok=True)
         with self._engine.begin() as conn:
             self._mark_upload(conn, upload_id=upload.id, state="rejected", object_id=None)
-            record_event(conn, type="object_rejected", exam_id=upload.exam_id, site_id=site_id, detail={"reason": reason})
+            record_event(
+                conn, type="object_rejected", exam_id=upload.exam_id, site_id=site_id, detail={"reason": reason}
+            )
         log.warning("object rejected", extra={"upload_id": upload.id, "reason": reason})
 
     # ---- commit -------------------------------------------------------------------------------
@@ -368,8 +385,7 @@ class IngestService:
             if exam["state"] != "receiving":
                 return exam  # idempotent: already committed
             done = conn.execute(
-                select(uploads.c.role, objects.c.modality, objects.c.size, objects.c.storage_key,
-                       objects.c.sha256)
+                select(uploads.c.role, objects.c.modality, objects.c.size, objects.c.storage_key, objects.c.sha256)
                 .select_from(uploads.join(objects, uploads.c.object_id == objects.c.id))
                 .where(uploads.c.exam_id == exam_id, uploads.c.state.in_(("stored", "duplicate")))
             ).all()
@@ -386,14 +402,29 @@ class IngestService:
             hospital = self._routing.hospital_for(site_code=site.code, site_lead_hospital=site.lead_hospital)
             specialty = self._routing.specialty_for(modality)
             conn.execute(
-                update(exams).where(exams.c.id == exam_id).values(
-                    state="received", modality=modality, kind=kind, received_at=now, updated_at=now,
-                    specialty=specialty, hospital=hospital, object_count=len(done),
+                update(exams)
+                .where(exams.c.id == exam_id)
+                .values(
+                    state="received",
+                    modality=modality,
+                    kind=kind,
+                    received_at=now,
+                    updated_at=now,
+                    specialty=specialty,
+                    hospital=hospital,
+                    object_count=len(done),
                     total_bytes=sum(int(r.size) for r in done),
                 )
             )
-            record_event(conn, type="received", exam_id=exam_id, site_id=site_id, hospital=hospital,
-                         specialty=specialty, actor_id=p.id)
+            record_event(
+                conn,
+                type="received",
+                exam_id=exam_id,
+                site_id=site_id,
+                hospital=hospital,
+                specialty=specialty,
+                actor_id=p.id,
+            )
             exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
         self._bus.publish()
         self._on_committed(exam_id)
@@ -419,7 +450,10 @@ class IngestService:
             paths = {}
             for r in done:
                 dest = Path(tmp) / r.role
-                with self._store.open_verified(r.storage_key, sha256=r.sha256, size=r.size) as src, open(dest, "wb") as out:
+                with (
+                    self._store.open_verified(r.storage_key, sha256=r.sha256, size=r.size) as src,
+                    open(dest, "wb") as out,
+                ):
                     _copy(src, out)
                 paths[r.role] = dest
             header = validate.inspect_wfdb_header(paths["wfdb_header"])
@@ -444,4 +478,6 @@ def _sha256_file(path: Path) -> str:
 
 def count_objects(engine: Engine, exam_id: str) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(objects).where(objects.c.exam_id == exam_id)).scalar_one())
+        return int(
+            conn.execute(select(func.count()).select_from(objects).where(objects.c.exam_id == exam_id)).scalar_one()
+        )

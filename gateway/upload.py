@@ -25,7 +25,12 @@ import pydicom
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
-    BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 
@@ -47,6 +52,7 @@ from teleread.errors import TelereadError
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("teleread.gateway.upload")
+DEFAULT_RETRY = RetryPolicy()
 
 CHUNK_SIZE = 1024 * 1024
 HASH_READ_SIZE = 1024 * 1024
@@ -246,9 +252,7 @@ def wfdb_signal_files(header: Path) -> list[str]:
     return names
 
 
-def _wfdb_exams(
-    headers: list[Path], skipped: list[SkippedFile]
-) -> tuple[list[ScanExam], set[Path]]:
+def _wfdb_exams(headers: list[Path], skipped: list[SkippedFile]) -> tuple[list[ScanExam], set[Path]]:
     """One exam per readable record, and the signal files claimed by the headers."""
     exams: list[ScanExam] = []
     claimed: set[Path] = set()
@@ -334,7 +338,9 @@ class _Uploader:
         """An idempotent unary Ingest call with a deadline, repeated after retryable failures."""
         method = getattr(self.ingest, rpc)
         return call_with_retry(
-            lambda: method(request, timeout=self.timeout), policy=self.retry, sleep=self.sleep,
+            lambda: method(request, timeout=self.timeout),
+            policy=self.retry,
+            sleep=self.sleep,
             what=rpc,
         )
 
@@ -358,9 +364,7 @@ class _Uploader:
                 return outcome
         if outcome.errors:
             return outcome
-        commit = ingest_pb2.CommitExamRequest(
-            exam_id=opened.exam_id, expected_objects=len(exam.objects)
-        )
+        commit = ingest_pb2.CommitExamRequest(exam_id=opened.exam_id, expected_objects=len(exam.objects))
         try:
             done = self._call("CommitExam", commit)
         except grpc.RpcError as err:
@@ -431,9 +435,7 @@ class _Uploader:
         request = ingest_pb2.GetUploadStatusRequest(upload_id=upload_id)
         return self._call("GetUploadStatus", request)
 
-    def _stream(
-        self, obj: ScanObject, upload_id: str, *, offset: int, mark: _Mark
-    ) -> ingest_pb2.UploadStatus:
+    def _stream(self, obj: ScanObject, upload_id: str, *, offset: int, mark: _Mark) -> ingest_pb2.UploadStatus:
         reader = _ChunkReader(obj, upload_id=upload_id, offset=offset, size=self.chunk_size)
         deadline = self.timeout + (obj.size - offset) / MIN_UPLOAD_RATE
         try:
@@ -507,15 +509,21 @@ def upload_exams(
     chunk_size: int = CHUNK_SIZE,
     progress: Callable[[int], None] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: RetryPolicy = DEFAULT_RETRY,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[ExamOutcome]:
     """Upload every exam (resuming cut streams), committing those whose objects all stored.
     ``progress`` receives the number of newly sent bytes (bytes re-sent after a cut count once).
     A rejected object is reported in its exam's errors and that exam is left uncommitted."""
     uploader = _Uploader(
-        ingest, PRIORITIES[priority], indication, min(chunk_size, CHUNK_SIZE), progress,
-        timeout, retry, sleep,
+        ingest,
+        PRIORITIES[priority],
+        indication,
+        min(chunk_size, CHUNK_SIZE),
+        progress,
+        timeout,
+        retry,
+        sleep,
     )
     outcomes: list[ExamOutcome] = []
     for exam in exams:
@@ -539,8 +547,11 @@ def _outcome_table(exams: Sequence[ScanExam], outcomes: list[ExamOutcome]) -> Ta
     for exam, outcome in zip(exams, outcomes):
         state = outcome.state or "-"
         table.add_row(
-            outcome.exam_id or "-", exam.kind.value, exam.modality or "-",
-            str(len(exam.objects)), str(outcome.objects_stored),
+            outcome.exam_id or "-",
+            exam.kind.value,
+            exam.modality or "-",
+            str(len(exam.objects)),
+            str(outcome.objects_stored),
             str(outcome.objects_duplicate),
             state if outcome.ok else f"[red]{state} (not committed)",
         )
@@ -551,8 +562,11 @@ def _upload_with_bar(
     console: Console, scan: ScanResult, *, channel: grpc.Channel, args: argparse.Namespace
 ) -> list[ExamOutcome]:
     columns = (
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("uploading", total=scan.total_bytes)

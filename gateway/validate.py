@@ -126,9 +126,7 @@ def _read_head(path: Path) -> tuple[bytes, int]:
         head = handle.read(132)
         size = handle.seek(0, io.SEEK_END)
     if len(head) < 132 or head[128:132] != b"DICM":
-        raise InvalidInput(
-            "file is not DICOM Part 10 (no preamble and DICM prefix)", reason="DICOM_NO_META"
-        )
+        raise InvalidInput("file is not DICOM Part 10 (no preamble and DICM prefix)", reason="DICOM_NO_META")
     return head[:128], size
 
 
@@ -147,8 +145,7 @@ def inspect_dicom(
         except InvalidInput:
             raise
         except Exception as exc:  # untrusted input: pydicom, struct, zlib, Memory/RecursionError
-            log.info("DICOM parse failed (%s)", type(exc).__name__,
-                     extra={"reason": "DICOM_UNREADABLE"})
+            log.info("DICOM parse failed (%s)", type(exc).__name__, extra={"reason": "DICOM_UNREADABLE"})
             raise _unreadable() from None
     if info.pixel_bytes > max_pixel_bytes:
         raise InvalidInput(
@@ -158,7 +155,8 @@ def inspect_dicom(
     flag = _preamble_flag(preamble)
     if flag is not None:
         log.warning(
-            "DICOM preamble starts with executable magic (%s)", flag,
+            "DICOM preamble starts with executable magic (%s)",
+            flag,
             extra={"reason": "DICOM_PREAMBLE_EXECUTABLE", "event": "preamble_flagged"},
         )
     return replace(info, preamble_flag=flag)
@@ -168,9 +166,7 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> Dico
     with _ClampedReader(io.FileIO(path, "r"), size=file_size) as fp:
         deflated = _check_inflated_size(fp, limit=max_inflated_bytes)
         fp.seek(0)
-        ds = pydicom.dcmread(
-            fp, force=False, stop_before_pixels=True, defer_size=None if deflated else _DEFER_BYTES
-        )
+        ds = pydicom.dcmread(fp, force=False, stop_before_pixels=True, defer_size=None if deflated else _DEFER_BYTES)
         uids = _identifying_uids(ds)
         budget = [_MAX_ELEMENTS]
         _walk(ds.file_meta, file_size=file_size, budget=budget, depth=0)
@@ -196,8 +192,7 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> Dico
         series_instance_uid=uids["SeriesInstanceUID"],
         modality=modality or None,
         transfer_syntax_uid=uids["TransferSyntaxUID"],
-        is_waveform=uids["SOPClassUID"].startswith(_WAVEFORM_SOP_CLASS_PREFIX)
-        or "WaveformSequence" in ds,
+        is_waveform=uids["SOPClassUID"].startswith(_WAVEFORM_SOP_CLASS_PREFIX) or "WaveformSequence" in ds,
         number_of_frames=frames,
         rows=rows,
         columns=columns,
@@ -220,9 +215,7 @@ def _check_inflated_size(fp: _ClampedReader, *, limit: int) -> bool:
             total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
             chunk = inflater.unconsumed_tail
         if total > limit:
-            raise InvalidInput(
-                f"deflated dataset inflates beyond {limit} bytes", reason="DICOM_TOO_LARGE"
-            )
+            raise InvalidInput(f"deflated dataset inflates beyond {limit} bytes", reason="DICOM_TOO_LARGE")
     return True
 
 
@@ -250,9 +243,7 @@ def _identifying_uids(ds: Dataset) -> dict[str, str]:
         uids[keyword] = _uid_value(ds, keyword, required=True) or ""
     media_instance = _uid_value(meta, "MediaStorageSOPInstanceUID", required=False)
     if media_instance is not None and media_instance != uids["SOPInstanceUID"]:
-        raise InvalidInput(
-            "MediaStorageSOPInstanceUID differs from SOPInstanceUID", reason="DICOM_UID_MISMATCH"
-        )
+        raise InvalidInput("MediaStorageSOPInstanceUID differs from SOPInstanceUID", reason="DICOM_UID_MISMATCH")
     return uids
 
 
@@ -407,8 +398,9 @@ def check_wfdb_pair(header: WfdbHeaderInfo, signal_path: Path) -> None:
 
 # --- Sniffing ------------------------------------------------------------------------------------
 
+
 def sniff_kind(path: Path) -> str:
-    """"dicom" (DICM magic at 128), "wfdb_header" (text with a WFDB record line), or "unknown"."""
+    """ "dicom" (DICM magic at 128), "wfdb_header" (text with a WFDB record line), or "unknown"."""
     with path.open("rb") as handle:
         head = handle.read(ecgio.MAX_HEADER_BYTES)
     if head[128:132] == b"DICM":

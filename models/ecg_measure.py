@@ -47,8 +47,14 @@ _QRS_MAX_DIP_S = 0.012
 _MIN_BEAT_CORRELATION = 0.5
 
 _CANONICAL = {
-    "I": "I", "II": "II", "III": "III", "AVR": "aVR", "AVL": "aVL", "AVF": "aVF",
-    "MLII": "II", **{f"V{i}": f"V{i}" for i in range(1, 7)},
+    "I": "I",
+    "II": "II",
+    "III": "III",
+    "AVR": "aVR",
+    "AVL": "aVL",
+    "AVF": "aVF",
+    "MLII": "II",
+    **{f"V{i}": f"V{i}" for i in range(1, 7)},
 }
 
 
@@ -85,8 +91,7 @@ class EcgMeasurements:
             "rr_cv": round(self.rr_cv, 4),
             "rr_irregularity": round(self.rr_irregularity, 4),
             "regular": self.regular,
-            "qrs_duration_ms": None if self.qrs_duration_ms is None
-            else round(self.qrs_duration_ms),
+            "qrs_duration_ms": None if self.qrs_duration_ms is None else round(self.qrs_duration_ms),
             "st_deviation_mv": {k: round(v, 3) for k, v in self.st_deviation_mv.items()},
             "n_beats": self.n_beats,
             "lead_used": self.lead_used,
@@ -112,9 +117,7 @@ class _Morphology:
     st_deviation_mv: dict[str, float]
 
 
-def measure_ecg(
-    signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]
-) -> EcgMeasurements:
+def measure_ecg(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) -> EcgMeasurements:
     """Measure an ECG given as (n_samples, n_leads) millivolts sampled at ``fs`` Hz."""
     raw = _validated(signal_mv, fs=fs, lead_names=lead_names)
     names = [canonical_lead_name(n) for n in lead_names]
@@ -149,14 +152,12 @@ def measure_ecg(
 
 def _validated(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) -> np.ndarray:
     if not isinstance(fs, numbers.Real) or not math.isfinite(fs) or fs <= 0:
-        raise InvalidInput("sampling rate must be a positive number",
-                           reason="ECG_BAD_SAMPLING_RATE")
+        raise InvalidInput("sampling rate must be a positive number", reason="ECG_BAD_SAMPLING_RATE")
     if not MIN_FS_HZ <= fs <= MAX_FS_HZ:
         raise InvalidInput("sampling rate must be 100-1000 Hz", reason="ECG_BAD_SAMPLING_RATE")
     arr = np.asarray(signal_mv)
     if arr.ndim != 2 or arr.shape[1] < 1 or not np.issubdtype(arr.dtype, np.number):
-        raise InvalidInput("ECG signal must be a numeric (samples, leads) array",
-                           reason="ECG_BAD_SHAPE")
+        raise InvalidInput("ECG signal must be a numeric (samples, leads) array", reason="ECG_BAD_SHAPE")
     if arr.shape[1] != len(lead_names):
         raise InvalidInput("lead names do not match the signal's leads", reason="ECG_LEAD_MISMATCH")
     if len({canonical_lead_name(n) for n in lead_names}) != len(lead_names):
@@ -213,17 +214,12 @@ def _detect_beats(lead: np.ndarray) -> np.ndarray:
     # XQRS learns its threshold from the first seconds: a large artifact there would hide
     # every later beat, so detection sees the signal clipped at twice the typical beat size.
     lead = _clip_artifacts(lead)
-    conf = wfdb_processing.XQRS.Conf(
-        hr_max=300, hr_min=20, ref_period=0.2, t_inspect_period=0.36
-    )
+    conf = wfdb_processing.XQRS.Conf(hr_max=300, hr_min=20, ref_period=0.2, t_inspect_period=0.36)
     try:
-        peaks = np.asarray(
-            wfdb_processing.xqrs_detect(lead, WORK_FS_HZ, conf=conf, verbose=False), dtype=int
-        )
+        peaks = np.asarray(wfdb_processing.xqrs_detect(lead, WORK_FS_HZ, conf=conf, verbose=False), dtype=int)
     except Exception:  # wfdb raises bare exceptions; their text is not ours to pass on
         log.warning("QRS detector failed", extra={"reason": "ECG_DETECTOR_FAILED"})
-        raise InvalidInput("QRS detection failed on this signal",
-                           reason="ECG_DETECTOR_FAILED") from None
+        raise InvalidInput("QRS detection failed on this signal", reason="ECG_DETECTOR_FAILED") from None
     if peaks.size == 0:
         return peaks
     return _refine(lead, peaks)
@@ -232,8 +228,11 @@ def _detect_beats(lead: np.ndarray) -> np.ndarray:
 def _refine(lead: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     """Move peaks to the local extremum (wfdb ``correct_peaks``); drop any closer than 200 ms."""
     corrected = wfdb_processing.correct_peaks(
-        lead, peaks, search_radius=int(0.05 * WORK_FS_HZ),
-        smooth_window_size=int(0.15 * WORK_FS_HZ), peak_dir="compare",
+        lead,
+        peaks,
+        search_radius=int(0.05 * WORK_FS_HZ),
+        smooth_window_size=int(0.15 * WORK_FS_HZ),
+        peak_dir="compare",
     )
     corrected = np.unique(np.asarray(corrected, dtype=int))
     return _drop_close(corrected, min_gap=int(0.2 * WORK_FS_HZ))
@@ -250,9 +249,7 @@ def _search_back(lead: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     if peaks.size < 2:
         return peaks
     sos = sps.butter(2, [5.0, 25.0], btype="bandpass", fs=WORK_FS_HZ, output="sos")
-    envelope = ndimage.uniform_filter1d(
-        np.abs(sps.sosfiltfilt(sos, lead)), size=int(0.04 * WORK_FS_HZ)
-    )
+    envelope = ndimage.uniform_filter1d(np.abs(sps.sosfiltfilt(sos, lead)), size=int(0.04 * WORK_FS_HZ))
     level = float(np.median(envelope[peaks]))
     min_gap = max(1.6 * float(np.median(np.diff(peaks))), 0.8 * WORK_FS_HZ)
     margin = int(0.2 * WORK_FS_HZ)
@@ -261,7 +258,7 @@ def _search_back(lead: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     for start, stop in zip(bounds[:-1], bounds[1:]):
         if stop - start <= min_gap:
             continue
-        gap = envelope[start + margin:stop - margin]
+        gap = envelope[start + margin : stop - margin]
         extra, _ = sps.find_peaks(gap, height=0.35 * level, distance=int(0.25 * WORK_FS_HZ))
         found.extend(int(start + margin + e) for e in extra)
     if not found:
@@ -274,7 +271,7 @@ def _clip_artifacts(lead: np.ndarray) -> np.ndarray:
     n_sec = lead.size // WORK_FS_HZ
     if n_sec < 2:
         return lead
-    per_second = np.abs(lead[:n_sec * WORK_FS_HZ]).reshape(n_sec, WORK_FS_HZ).max(axis=1)
+    per_second = np.abs(lead[: n_sec * WORK_FS_HZ]).reshape(n_sec, WORK_FS_HZ).max(axis=1)
     limit = 2.0 * float(np.median(per_second))
     return np.clip(lead, -limit, limit)
 
@@ -293,7 +290,7 @@ def _beat_windows(x: np.ndarray, peaks: np.ndarray) -> tuple[np.ndarray, int]:
     usable = [p for p in peaks if p - pre >= 0 and p + post <= x.shape[0]]
     if not usable:
         return np.zeros((0, pre + post, x.shape[1])), pre
-    return np.stack([x[p - pre:p + post] for p in usable]), pre
+    return np.stack([x[p - pre : p + post] for p in usable]), pre
 
 
 def _organised(x: np.ndarray, peaks: np.ndarray) -> bool:
@@ -308,7 +305,7 @@ def _organised(x: np.ndarray, peaks: np.ndarray) -> bool:
     usable = [p for p in peaks if p - half >= 0 and p + half <= x.shape[0]]
     if len(usable) < 2:
         return True
-    windows = np.stack([x[p - half:p + half].ravel() for p in usable])
+    windows = np.stack([x[p - half : p + half].ravel() for p in usable])
     template = np.median(windows, axis=0)
     if float(np.ptp(template)) < _MIN_QRS_P2P_MV:
         return False
@@ -375,8 +372,8 @@ def _qrs_bounds(median_beat: np.ndarray, r_idx: int) -> tuple[float, float] | No
     lo = max(0, r_idx - int(0.15 * WORK_FS_HZ))
     hi = min(slope.size - 1, r_idx + int(0.25 * WORK_FS_HZ))
     core_lo = r_idx - int(0.04 * WORK_FS_HZ)
-    core = slope[core_lo:r_idx + int(0.04 * WORK_FS_HZ) + 1]
-    floor = float(np.percentile(slope[lo:hi + 1], 5))
+    core = slope[core_lo : r_idx + int(0.04 * WORK_FS_HZ) + 1]
+    floor = float(np.percentile(slope[lo : hi + 1], 5))
     peak = float(np.max(core))
     if peak - floor <= 1e-6:
         return None

@@ -23,10 +23,18 @@ log = logging.getLogger("teleread.models.ecg_rules")
 DEFAULT_RULES_PATH = Path(__file__).parent / "rules" / "default.toml"
 
 #: Measurements a threshold rule may test (attributes of ``EcgMeasurements``).
-ECG_METRICS = frozenset({
-    "heart_rate_bpm", "longest_pause_s", "shortest_rr_s", "rr_cv", "rr_irregularity",
-    "qrs_duration_ms", "n_beats", "duration_s",
-})
+ECG_METRICS = frozenset(
+    {
+        "heart_rate_bpm",
+        "longest_pause_s",
+        "shortest_rr_s",
+        "rr_cv",
+        "rr_irregularity",
+        "qrs_duration_ms",
+        "n_beats",
+        "duration_s",
+    }
+)
 OPERATORS = frozenset({">=", ">", "<", "<="})
 
 
@@ -117,7 +125,8 @@ class FixedRule:
 
 
 _DEFAULT_UNMEASURABLE = FixedRule(
-    code="ecg.unmeasurable", title="ECG could not be measured automatically: read it manually",
+    code="ecg.unmeasurable",
+    title="ECG could not be measured automatically: read it manually",
     level=Level.URGENT,
 )
 
@@ -157,8 +166,9 @@ def parse_rules(raw: Mapping[str, Any]) -> RuleSet:
         return _parse(raw)
     except (KeyError, TypeError, ValueError) as exc:
         # Our own rule file: the key name is configuration, not patient data.
-        raise InvalidInput(f"rule file is incomplete or malformed ({type(exc).__name__}: {exc})",
-                           reason="RULES_INVALID") from None
+        raise InvalidInput(
+            f"rule file is incomplete or malformed ({type(exc).__name__}: {exc})", reason="RULES_INVALID"
+        ) from None
 
 
 def _parse(raw: Mapping[str, Any]) -> RuleSet:
@@ -171,21 +181,22 @@ def _parse(raw: Mapping[str, Any]) -> RuleSet:
     names = {str(v) for v in Level}
     if not (set(levels["sla_minutes"]) >= names and set(levels["score_bands"]) >= names):
         raise ValueError("sla_minutes and score_bands need critical, urgent and routine")
+    ecg_rules = tuple(_threshold_rule(r) for r in ecg.get("rules", []))
+    if len({r.code for r in ecg_rules}) != len(ecg_rules):
+        raise ValueError("ECG rule codes must be unique")
     return RuleSet(
         version=version,
         sla_minutes={_level(k): int(v) for k, v in levels["sla_minutes"].items()},
         score_bands={_level(k): _band(v) for k, v in levels["score_bands"].items()},
         priority_floor={str(k).lower(): _level(v) for k, v in raw["priority_floor"].items()},
-        ecg_rules=tuple(_threshold_rule(r) for r in ecg.get("rules", [])),
+        ecg_rules=ecg_rules,
         lead_groups=tuple(
-            LeadGroup(name=str(g["name"]), leads=tuple(str(x) for x in g["leads"]))
-            for g in ecg.get("lead_groups", [])
+            LeadGroup(name=str(g["name"]), leads=tuple(str(x) for x in g["leads"])) for g in ecg.get("lead_groups", [])
         ),
         st_rules=tuple(_st_rule(r) for r in ecg.get("st_rules", [])),
         ecg_keywords=tuple(_keyword_rule(r) for r in ecg.get("keywords", [])),
         image_keywords=tuple(_keyword_rule(r) for r in image.get("keywords", [])),
-        ecg_unmeasurable=_fixed_rule(ecg["unmeasurable"]) if "unmeasurable" in ecg
-        else _DEFAULT_UNMEASURABLE,
+        ecg_unmeasurable=_fixed_rule(ecg["unmeasurable"]) if "unmeasurable" in ecg else _DEFAULT_UNMEASURABLE,
     )
 
 
@@ -217,8 +228,11 @@ def _threshold_rule(raw: Mapping[str, Any]) -> ThresholdRule:
     if not when:
         raise ValueError(f"rule {raw['code']!r} has no conditions")
     return ThresholdRule(
-        code=str(raw["code"]), title=str(raw["title"]), level=_level(raw["level"]),
-        when=when, unless=tuple(str(u) for u in raw.get("unless", [])),
+        code=str(raw["code"]),
+        title=str(raw["title"]),
+        level=_level(raw["level"]),
+        when=when,
+        unless=tuple(str(u) for u in raw.get("unless", [])),
     )
 
 
@@ -226,9 +240,14 @@ def _st_rule(raw: Mapping[str, Any]) -> StRule:
     direction = str(raw["direction"])
     if direction not in ("elevation", "depression"):
         raise ValueError(f"unknown ST direction {direction!r}")
+    if int(raw.get("min_leads", 2)) < 1:
+        raise ValueError("min_leads must be >= 1")
     return StRule(
-        code=str(raw["code"]), title=str(raw["title"]), level=_level(raw["level"]),
-        direction=direction, min_leads=int(raw.get("min_leads", 2)),
+        code=str(raw["code"]),
+        title=str(raw["title"]),
+        level=_level(raw["level"]),
+        direction=direction,
+        min_leads=int(raw.get("min_leads", 2)),
         default_threshold_mv=float(raw["default_threshold_mv"]),
         thresholds_mv={str(k).upper(): float(v) for k, v in raw.get("thresholds_mv", {}).items()},
         max_qrs_ms=float(raw.get("max_qrs_ms", 0.0)),
@@ -240,7 +259,10 @@ def _keyword_rule(raw: Mapping[str, Any]) -> KeywordRule:
     if not words:
         raise ValueError(f"keyword rule {raw['code']!r} has no words")
     return KeywordRule(
-        code=str(raw["code"]), title=str(raw["title"]), level=_level(raw["level"]), words=words,
+        code=str(raw["code"]),
+        title=str(raw["title"]),
+        level=_level(raw["level"]),
+        words=words,
         modalities=tuple(str(m).upper() for m in raw.get("modalities", [])),
     )
 

@@ -20,7 +20,18 @@ import wfdb
 from teleread.errors import InvalidInput
 
 LEAD_NAMES: tuple[str, ...] = (
-    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
+    "I",
+    "II",
+    "III",
+    "aVR",
+    "aVL",
+    "aVF",
+    "V1",
+    "V2",
+    "V3",
+    "V4",
+    "V5",
+    "V6",
 )
 RHYTHMS: tuple[str, ...] = ("normal", "pause", "stemi", "af_rvr", "brady")
 
@@ -56,15 +67,12 @@ class _Beat:
     rr_s: float
 
 
-def synthetic_ecg(
-    *, rhythm: str, fs: int = 500, seconds: float = 10.0, seed: int = 0
-) -> tuple[np.ndarray, list[str]]:
+def synthetic_ecg(*, rhythm: str, fs: int = 500, seconds: float = 10.0, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """A synthetic 12-lead ECG in mV, shape (n_samples, 12), and its lead names."""
     if rhythm not in RHYTHMS:
         raise InvalidInput("unknown synthetic rhythm", reason="SYNTHETIC_UNKNOWN_RHYTHM")
     if fs < 50 or seconds < 2.0:
-        raise InvalidInput("synthetic ECG needs fs >= 50 Hz and >= 2 s",
-                           reason="SYNTHETIC_BAD_SIZE")
+        raise InvalidInput("synthetic ECG needs fs >= 50 Hz and >= 2 s", reason="SYNTHETIC_BAD_SIZE")
     rng = np.random.default_rng(seed)
     n = int(round(seconds * fs))
     t = np.arange(n) / fs
@@ -72,8 +80,7 @@ def synthetic_ecg(
     with_p = rhythm != "af_rvr"
     st_mv = STEMI_ELEVATION_MV if rhythm == "stemi" else 0.0
     independent = {
-        lead: _lead_signal(t, beats, amplitudes=amps, with_p=with_p,
-                           st_mv=st_mv if lead in _STEMI_LEADS else 0.0)
+        lead: _lead_signal(t, beats, amplitudes=amps, with_p=with_p, st_mv=st_mv if lead in _STEMI_LEADS else 0.0)
         for lead, amps in _AMPLITUDES.items()
     }
     if rhythm == "af_rvr":
@@ -151,9 +158,7 @@ def _lead_signal(
     return out
 
 
-def _add_fibrillatory_waves(
-    leads: dict[str, np.ndarray], t: np.ndarray, rng: np.random.Generator
-) -> None:
+def _add_fibrillatory_waves(leads: dict[str, np.ndarray], t: np.ndarray, rng: np.random.Generator) -> None:
     """Irregular 5-7 Hz atrial activity, largest in V1 and II."""
     f_wave = np.zeros_like(t)
     for freq in rng.uniform(5.0, 7.0, size=3):

@@ -28,7 +28,13 @@ if TYPE_CHECKING:  # the measurement module imports wfdb; triage only reads its 
     from teleread.models.ecg_measure import EcgMeasurements
 
 __all__ = [
-    "Evidence", "Finding", "Level", "TriageResult", "load_rules", "triage_ecg", "triage_image",
+    "Evidence",
+    "Finding",
+    "Level",
+    "TriageResult",
+    "load_rules",
+    "triage_ecg",
+    "triage_image",
     "unmeasurable_ecg",
 ]
 
@@ -65,10 +71,11 @@ class TriageResult:
             "score": self.score,
             "findings": [
                 {
-                    "code": f.code, "title": f.title, "level": str(f.level),
+                    "code": f.code,
+                    "title": f.title,
+                    "level": str(f.level),
                     "evidence": [
-                        {"name": e.name, "value": e.value, "unit": e.unit, "lead": e.lead,
-                         "threshold": e.threshold}
+                        {"name": e.name, "value": e.value, "unit": e.unit, "lead": e.lead, "threshold": e.threshold}
                         for e in f.evidence
                     ],
                 }
@@ -83,10 +90,14 @@ class TriageResult:
     def from_dict(cls, data: Mapping[str, Any]) -> TriageResult:
         findings = [
             Finding(
-                code=str(f["code"]), title=str(f["title"]), level=Level(f["level"]),
+                code=str(f["code"]),
+                title=str(f["title"]),
+                level=Level(f["level"]),
                 evidence=[
                     Evidence(
-                        name=str(e["name"]), value=float(e["value"]), unit=str(e.get("unit", "")),
+                        name=str(e["name"]),
+                        value=float(e["value"]),
+                        unit=str(e.get("unit", "")),
                         lead=str(e.get("lead", "")),
                         threshold=None if e.get("threshold") is None else float(e["threshold"]),
                     )
@@ -96,8 +107,11 @@ class TriageResult:
             for f in data.get("findings", [])
         ]
         return cls(
-            level=Level(data["level"]), score=float(data["score"]), findings=findings,
-            rules_version=str(data["rules_version"]), summary=str(data.get("summary", "")),
+            level=Level(data["level"]),
+            score=float(data["score"]),
+            findings=findings,
+            rules_version=str(data["rules_version"]),
+            summary=str(data.get("summary", "")),
             sla_minutes=int(data.get("sla_minutes", 0)),
         )
 
@@ -108,9 +122,7 @@ class _Scored:
     severity: float  # 0..1: how far past the threshold
 
 
-def triage_ecg(
-    m: EcgMeasurements, *, rules: RuleSet, priority: str = "routine", indication: str = ""
-) -> TriageResult:
+def triage_ecg(m: EcgMeasurements, *, rules: RuleSet, priority: str = "routine", indication: str = "") -> TriageResult:
     """Level, score and findings of one ECG under ``rules``."""
     scored = _threshold_findings(m, rules.ecg_rules)
     scored += [s for rule in rules.st_rules if (s := _st_finding(m, rule, rules)) is not None]
@@ -160,13 +172,13 @@ def _threshold_findings(m: EcgMeasurements, rules: Sequence[ThresholdRule]) -> l
             continue
         evidence = [
             Evidence(name=c.metric, value=round(float(v), 3), unit=c.unit, threshold=c.value)
-            for v, c in zip(values, rule.when) if v is not None
+            for v, c in zip(values, rule.when)
+            if v is not None
         ]
         primary = rule.when[0]
         severity = _severity(evidence[0].value, primary.value)
         fired[rule.code] = _Scored(Finding(rule.code, rule.title, rule.level, evidence), severity)
-    return [s for code, s in fired.items()
-            if not any(u in fired for u in _rule(rules, code).unless)]
+    return [s for code, s in fired.items() if not any(u in fired for u in _rule(rules, code).unless)]
 
 
 def _rule(rules: Sequence[ThresholdRule], code: str) -> ThresholdRule:
@@ -182,27 +194,21 @@ def _st_finding(m: EcgMeasurements, rule: StRule, rules: RuleSet) -> _Scored | N
     sign = 1.0 if rule.direction == "elevation" else -1.0
     hits: dict[str, tuple[str, float, float]] = {}
     for group in rules.lead_groups:
-        in_group = [
-            (st[g.upper()][0], st[g.upper()][1], rule.threshold_for(g))
-            for g in group.leads if g.upper() in st
-        ]
+        in_group = [(st[g.upper()][0], st[g.upper()][1], rule.threshold_for(g)) for g in group.leads if g.upper() in st]
         past = [h for h in in_group if sign * h[1] >= h[2]]
         if len(past) >= rule.min_leads:
             hits.update({lead: (lead, value, thr) for lead, value, thr in past})
     if not hits:
         return None
     evidence = [
-        Evidence(name="st_deviation_mv", value=round(value, 3), unit="mV", lead=lead,
-                 threshold=round(sign * thr, 3))
+        Evidence(name="st_deviation_mv", value=round(value, 3), unit="mV", lead=lead, threshold=round(sign * thr, 3))
         for lead, value, thr in hits.values()
     ]
     severity = max(_severity(abs(e.value), abs(e.threshold or 0.0)) for e in evidence)
     return _Scored(Finding(rule.code, rule.title, rule.level, evidence), severity)
 
 
-def _keyword_findings(
-    indication: str, rules: Iterable[KeywordRule], *, modality: str
-) -> list[_Scored]:
+def _keyword_findings(indication: str, rules: Iterable[KeywordRule], *, modality: str) -> list[_Scored]:
     text = indication.casefold()
     found: list[_Scored] = []
     for rule in rules:
@@ -241,8 +247,12 @@ def _result(scored: list[_Scored], *, rules: RuleSet, context: str) -> TriageRes
     score = round(low + (high - low) * (0.3 + 0.7 * severity), 4)
     findings = [s.finding for s in scored]
     return TriageResult(
-        level=level, score=score, findings=findings, rules_version=rules.version,
-        summary=_summary(level, findings, context), sla_minutes=rules.sla_minutes[level],
+        level=level,
+        score=score,
+        findings=findings,
+        rules_version=rules.version,
+        summary=_summary(level, findings, context),
+        sla_minutes=rules.sla_minutes[level],
     )
 
 
@@ -251,8 +261,10 @@ def _ecg_context(m: EcgMeasurements) -> str:
         return f"{m.n_beats} QRS detected in {m.duration_s:.1f} s."
     rhythm = "regular" if m.regular else "irregular"
     qrs = "QRS n/a" if m.qrs_duration_ms is None else f"QRS {m.qrs_duration_ms:.0f} ms"
-    return (f"HR {m.heart_rate_bpm:.0f} bpm, {rhythm}, {qrs}, longest RR "
-            f"{m.longest_pause_s:.2f} s, {m.n_beats} beats in {m.duration_s:.1f} s.")
+    return (
+        f"HR {m.heart_rate_bpm:.0f} bpm, {rhythm}, {qrs}, longest RR "
+        f"{m.longest_pause_s:.2f} s, {m.n_beats} beats in {m.duration_s:.1f} s."
+    )
 
 
 def _format_evidence(evidence: Sequence[Evidence]) -> str:

@@ -28,7 +28,13 @@ log = logging.getLogger("teleread.triage")
 
 class TriageWorker:
     def __init__(
-        self, *, engine: Engine, store: Any, routing: Routing, bus: EventBus, workers: int = 2,
+        self,
+        *,
+        engine: Engine,
+        store: Any,
+        routing: Routing,
+        bus: EventBus,
+        workers: int = 2,
         rules_path: Path | None = None,
     ) -> None:
         self._engine = engine
@@ -89,7 +95,10 @@ class TriageWorker:
                 if o.role in paths:
                     continue
                 dest = Path(tmp) / f"{o.id}.{o.role}"
-                with self._store.open_verified(o.storage_key, sha256=o.sha256, size=o.size) as src, open(dest, "wb") as out:
+                with (
+                    self._store.open_verified(o.storage_key, sha256=o.sha256, size=o.size) as src,
+                    open(dest, "wb") as out,
+                ):
                     while block := src.read(1024 * 1024):
                         out.write(block)
                 paths[o.role] = dest
@@ -103,17 +112,29 @@ class TriageWorker:
         deadline = self._routing.deadline(level=level, arrived=arrived)
         with self._engine.begin() as conn:
             changed = conn.execute(
-                update(exams).where(exams.c.id == exam.id, exams.c.state == "received").values(
-                    state="queued", level=level, level_rank=LEVEL_RANK[level], score=float(result.score),
-                    triage_json=json.dumps(result.to_dict(), ensure_ascii=False), deadline=deadline,
+                update(exams)
+                .where(exams.c.id == exam.id, exams.c.state == "received")
+                .values(
+                    state="queued",
+                    level=level,
+                    level_rank=LEVEL_RANK[level],
+                    score=float(result.score),
+                    triage_json=json.dumps(result.to_dict(), ensure_ascii=False),
+                    deadline=deadline,
                     updated_at=utcnow(),
                 )
             ).rowcount
             if changed:
                 for kind in ("triaged", "queued") + (("critical",) if level == "critical" else ()):
-                    record_event(conn, type=kind, exam_id=exam.id, site_id=exam.site_id,
-                                 hospital=exam.hospital, specialty=exam.specialty,
-                                 detail={"level": level} if kind != "triaged" else {"rules": result.rules_version})
+                    record_event(
+                        conn,
+                        type=kind,
+                        exam_id=exam.id,
+                        site_id=exam.site_id,
+                        hospital=exam.hospital,
+                        specialty=exam.specialty,
+                        detail={"level": level} if kind != "triaged" else {"rules": result.rules_version},
+                    )
         self._bus.publish()
         log.info("exam queued", extra={"exam_id": exam.id, "level": level})
         return {"level": level, "deadline": deadline}

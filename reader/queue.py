@@ -110,15 +110,27 @@ class QueueService:
 
     def _take(self, conn: Connection, p: Principal, *, exam_id: str, now: datetime, lease: timedelta) -> dict[str, Any]:
         conn.execute(
-            update(exams).where(exams.c.id == exam_id).values(
-                state="in_reading", claimed_by=p.id, lease_expires_at=now + lease,
-                fence=exams.c.fence + 1, updated_at=now,
+            update(exams)
+            .where(exams.c.id == exam_id)
+            .values(
+                state="in_reading",
+                claimed_by=p.id,
+                lease_expires_at=now + lease,
+                fence=exams.c.fence + 1,
+                updated_at=now,
             )
         )
         exam = dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
-        record_event(conn, type="claimed", exam_id=exam_id, site_id=exam["site_id"],
-                     hospital=exam["hospital"], specialty=exam["specialty"], actor_id=p.id,
-                     detail={"fence": exam["fence"]})
+        record_event(
+            conn,
+            type="claimed",
+            exam_id=exam_id,
+            site_id=exam["site_id"],
+            hospital=exam["hospital"],
+            specialty=exam["specialty"],
+            actor_id=p.id,
+            detail={"fence": exam["fence"]},
+        )
         exam["claimed_by_name"] = p.name
         log.info("claimed", extra={"exam_id": exam_id})
         return exam
@@ -129,8 +141,11 @@ class QueueService:
         row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
         expires = as_utc(row.lease_expires_at)
         if (
-            row.state != "in_reading" or row.claimed_by != p.id or int(row.fence) != int(fence)
-            or expires is None or expires <= utcnow()
+            row.state != "in_reading"
+            or row.claimed_by != p.id
+            or int(row.fence) != int(fence)
+            or expires is None
+            or expires <= utcnow()
         ):
             raise LeaseLost("the claim lapsed or was taken over; claim the exam again", reason="LEASE_LOST")
         return row
@@ -140,7 +155,9 @@ class QueueService:
         with self._engine.begin() as conn:
             self.check_lease(conn, p, exam_id=exam_id, fence=fence)
             now = utcnow()
-            conn.execute(update(exams).where(exams.c.id == exam_id).values(lease_expires_at=now + lease, updated_at=now))
+            conn.execute(
+                update(exams).where(exams.c.id == exam_id).values(lease_expires_at=now + lease, updated_at=now)
+            )
             exam = dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
         exam["claimed_by_name"] = p.name
         return exam
@@ -149,12 +166,19 @@ class QueueService:
         with self._engine.begin() as conn:
             row = self.check_lease(conn, p, exam_id=exam_id, fence=fence)
             conn.execute(
-                update(exams).where(exams.c.id == exam_id).values(
-                    state="queued", claimed_by=None, lease_expires_at=None, updated_at=utcnow()
-                )
+                update(exams)
+                .where(exams.c.id == exam_id)
+                .values(state="queued", claimed_by=None, lease_expires_at=None, updated_at=utcnow())
             )
-            record_event(conn, type="released", exam_id=exam_id, site_id=row.site_id,
-                         hospital=row.hospital, specialty=row.specialty, actor_id=p.id)
+            record_event(
+                conn,
+                type="released",
+                exam_id=exam_id,
+                site_id=row.site_id,
+                hospital=row.hospital,
+                specialty=row.specialty,
+                actor_id=p.id,
+            )
         self._bus.publish()
 
     # ---- details and bytes -------------------------------------------------------------------
@@ -171,19 +195,28 @@ class QueueService:
             raise PermissionDenied("this exam belongs to another specialty", reason="WRONG_SPECIALTY")
         return row
 
-    def details(self, p: Principal, *, exam_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    def details(
+        self, p: Principal, *, exam_id: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
         hospital, specialty = require_reader(p)
         with self._engine.connect() as conn:
             exam = dict(self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)._mapping)
-            objs = [dict(r._mapping) for r in conn.execute(
-                select(objects).where(objects.c.exam_id == exam_id).order_by(objects.c.series_instance_uid, objects.c.created_at)
-            )]
-            reps = [dict(r._mapping) for r in conn.execute(
-                select(reports).where(reports.c.exam_id == exam_id).order_by(reports.c.version)
-            )]
+            objs = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(objects)
+                    .where(objects.c.exam_id == exam_id)
+                    .order_by(objects.c.series_instance_uid, objects.c.created_at)
+                )
+            ]
+            reps = [
+                dict(r._mapping)
+                for r in conn.execute(select(reports).where(reports.c.exam_id == exam_id).order_by(reports.c.version))
+            ]
             if exam["claimed_by"]:
                 exam["claimed_by_name"] = conn.execute(
-                    select(principals.c.name).where(principals.c.id == exam["claimed_by"])).scalar()
+                    select(principals.c.name).where(principals.c.id == exam["claimed_by"])
+                ).scalar()
             record_event(conn, type="viewed", exam_id=exam_id, site_id=exam["site_id"], actor_id=p.id)
             conn.commit()
         return exam, objs, reps
@@ -193,9 +226,7 @@ class QueueService:
         hospital, specialty = require_reader(p)
         with self._engine.connect() as conn:
             self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
-            row = conn.execute(
-                select(objects).where(objects.c.id == object_id, objects.c.exam_id == exam_id)
-            ).first()
+            row = conn.execute(select(objects).where(objects.c.id == object_id, objects.c.exam_id == exam_id)).first()
         if row is None:
             raise NotFound("no such object in this exam", reason="OBJECT_NOT_FOUND")
         with self._store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as fh:

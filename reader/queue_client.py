@@ -92,8 +92,13 @@ def exam_table(exams: Iterable[common_pb2.Exam], *, title: str) -> Table:
         table.add_column(column, overflow="fold")
     for exam in exams:
         table.add_row(
-            styled_level(exam.triage.level), time_left(exam.deadline), exam.modality or "-",
-            escape(exam.site), exam.state, f"{exam.triage.score:.2f}", exam.exam_id,
+            styled_level(exam.triage.level),
+            time_left(exam.deadline),
+            exam.modality or "-",
+            escape(exam.site),
+            exam.state,
+            f"{exam.triage.score:.2f}",
+            exam.exam_id,
             escape(exam.triage.summary),
         )
     return table
@@ -180,19 +185,21 @@ def _print_triage(console: Console, triage: common_pb2.Triage) -> None:
         console.print(f"  {styled_level(finding.level)} {finding.code}: {escape(finding.title)}")
         for ev in finding.evidence:
             lead = f" lead {ev.lead}" if ev.lead else ""
-            console.print(
-                f"      {ev.name} = {ev.value:g} {ev.unit}{lead} (threshold {ev.threshold:g})"
-            )
+            console.print(f"      {ev.name} = {ev.value:g} {ev.unit}{lead} (threshold {ev.threshold:g})")
 
 
 def _print_details(console: Console, details: worklist_pb2.ExamDetails) -> None:
     exam = details.exam
-    console.print(f"[bold]exam {exam.exam_id}[/] site {escape(exam.site)} {exam.modality} "
-                  f"state {exam.state} specialty {exam.specialty or '-'}")
+    console.print(
+        f"[bold]exam {exam.exam_id}[/] site {escape(exam.site)} {exam.modality} "
+        f"state {exam.state} specialty {exam.specialty or '-'}"
+    )
     priority = enum_label(common_pb2.Priority, exam.priority, "PRIORITY_").lower()
-    console.print(f"priority {priority}, received "
-                  f"{format_time(exam.received_at)}, deadline {format_time(exam.deadline)} "
-                  f"({time_left(exam.deadline)}), claimed by {escape(exam.claimed_by or '-')}")
+    console.print(
+        f"priority {priority}, received "
+        f"{format_time(exam.received_at)}, deadline {format_time(exam.deadline)} "
+        f"({time_left(exam.deadline)}), claimed by {escape(exam.claimed_by or '-')}"
+    )
     if exam.indication:
         console.print(f"indication: {escape(exam.indication)}")
     _print_triage(console, exam.triage)
@@ -200,14 +207,15 @@ def _print_details(console: Console, details: worklist_pb2.ExamDetails) -> None:
     for column in ("object id", "role", "modality", "size", "sha256"):
         objects.add_column(column)
     for obj in details.objects:
-        objects.add_row(obj.object_id, obj.role, obj.modality or "-", str(obj.size),
-                        obj.sha256[:16])
+        objects.add_row(obj.object_id, obj.role, obj.modality or "-", str(obj.size), obj.sha256[:16])
     console.print(objects)
     for report in details.reports:
         flag = " [bold red]CRITICAL[/]" if report.critical else ""
-        console.print(f"[bold]report v{report.version} {report.status}[/]{flag} by "
-                      f"{escape(report.author)} signed by {escape(report.signed_by or '-')} "
-                      f"{format_time(report.signed_at)}")
+        console.print(
+            f"[bold]report v{report.version} {report.status}[/]{flag} by "
+            f"{escape(report.author)} signed by {escape(report.signed_by or '-')} "
+            f"{format_time(report.signed_at)}"
+        )
         console.print(escape(report.text))
         if report.impression:
             console.print(f"impression: {escape(report.impression)}")
@@ -223,8 +231,11 @@ def show_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
 @rpc_command
 def report_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     request = worklist_pb2.SaveReportRequest(
-        exam_id=args.exam_id, fence=_fence(args), text=args.text,
-        impression=args.impression, critical=args.critical,
+        exam_id=args.exam_id,
+        fence=_fence(args),
+        text=args.text,
+        impression=args.impression,
+        critical=args.critical,
     )
     report = _stub(channel).SaveReport(request, timeout=args.timeout)
     Console().print(f"draft v{report.version} saved ({report.status})")
@@ -236,8 +247,9 @@ def sign_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     request = worklist_pb2.SignReportRequest(exam_id=args.exam_id, fence=_fence(args))
     report = _stub(channel).SignReport(request, timeout=args.timeout)
     _claims(args).forget(args.exam_id)
-    Console().print(f"report v{report.version} {report.status}, signed by "
-                    f"{escape(report.signed_by)}, sha256 {report.sha256}")
+    Console().print(
+        f"report v{report.version} {report.status}, signed by {escape(report.signed_by)}, sha256 {report.sha256}"
+    )
     return 0
 
 
@@ -302,8 +314,10 @@ def _event_line(console: Console, event: worklist_pb2.WorklistEvent) -> None:
         f"{exam.modality or '-'} {escape(exam.site)} {exam.state} {escape(exam.triage.summary)}"
     )
     if event.type == _Event.TYPE_CRITICAL:
-        ring_alert(console, f"Critical exam {exam.exam_id} ({exam.modality}, site {exam.site}): "
-                            f"{exam.triage.summary or 'see triage'}")
+        ring_alert(
+            console,
+            f"Critical exam {exam.exam_id} ({exam.modality}, site {exam.site}): {exam.triage.summary or 'see triage'}",
+        )
 
 
 def _follow(stream: Any, console: Console, *, args: argparse.Namespace, seen: list[int]) -> bool:
@@ -351,8 +365,13 @@ def watch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
 def _add(sub: Any, name: str, handler: Any, *, help_text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
     add_connection_args(parser)
-    parser.add_argument("--claims-file", type=Path, default=None, metavar="FILE",
-                        help="claim fences file (default ~/.config/teleread/claims.json)")
+    parser.add_argument(
+        "--claims-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="claim fences file (default ~/.config/teleread/claims.json)",
+    )
     parser.set_defaults(func=handler)
     return parser
 

@@ -35,9 +35,16 @@ def _check_text(text: str, impression: str) -> None:
 
 def content_hash(*, exam_id: str, version: int, text: str, impression: str, critical: bool, signer: str) -> str:
     doc = json.dumps(
-        {"exam_id": exam_id, "version": version, "text": text, "impression": impression,
-         "critical": critical, "signed_by": signer},
-        sort_keys=True, ensure_ascii=False,
+        {
+            "exam_id": exam_id,
+            "version": version,
+            "text": text,
+            "impression": impression,
+            "critical": critical,
+            "signed_by": signer,
+        },
+        sort_keys=True,
+        ensure_ascii=False,
     )
     return hashlib.sha256(doc.encode()).hexdigest()
 
@@ -63,16 +70,27 @@ class ReportService:
             latest = self._latest(conn, exam_id)
             now = utcnow()
             if latest is not None and latest.status == "draft":
-                conn.execute(update(reports).where(reports.c.id == latest.id).values(
-                    text=text, impression=impression, critical=critical, author_id=p.id))
+                conn.execute(
+                    update(reports)
+                    .where(reports.c.id == latest.id)
+                    .values(text=text, impression=impression, critical=critical, author_id=p.id)
+                )
                 report_id = latest.id
             elif latest is not None:
                 raise Conflict("the exam has a signed report; amend it instead", reason="ALREADY_SIGNED")
             else:
-                report_id = conn.execute(insert(reports).values(
-                    exam_id=exam_id, version=1, status="draft", text=text, impression=impression,
-                    critical=critical, author_id=p.id, created_at=now,
-                )).inserted_primary_key[0]
+                report_id = conn.execute(
+                    insert(reports).values(
+                        exam_id=exam_id,
+                        version=1,
+                        status="draft",
+                        text=text,
+                        impression=impression,
+                        critical=critical,
+                        author_id=p.id,
+                        created_at=now,
+                    )
+                ).inserted_primary_key[0]
             return dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
 
     def sign(self, p: Principal, *, exam_id: str, fence: int) -> dict[str, Any]:
@@ -82,12 +100,24 @@ class ReportService:
             if latest is None or latest.status != "draft":
                 raise Conflict("there is no draft report to sign", reason="NO_DRAFT")
             now = utcnow()
-            digest = content_hash(exam_id=exam_id, version=latest.version, text=latest.text,
-                                  impression=latest.impression, critical=latest.critical, signer=p.name)
-            conn.execute(update(reports).where(reports.c.id == latest.id, reports.c.status == "draft").values(
-                status="final", signed_by=p.id, signed_at=now, sha256=digest))
-            conn.execute(update(exams).where(exams.c.id == exam_id).values(
-                state="reported", claimed_by=None, lease_expires_at=None, updated_at=now))
+            digest = content_hash(
+                exam_id=exam_id,
+                version=latest.version,
+                text=latest.text,
+                impression=latest.impression,
+                critical=latest.critical,
+                signer=p.name,
+            )
+            conn.execute(
+                update(reports)
+                .where(reports.c.id == latest.id, reports.c.status == "draft")
+                .values(status="final", signed_by=p.id, signed_at=now, sha256=digest)
+            )
+            conn.execute(
+                update(exams)
+                .where(exams.c.id == exam_id)
+                .values(state="reported", claimed_by=None, lease_expires_at=None, updated_at=now)
+            )
             self._publish(conn, exam=exam, report_id=latest.id, critical=bool(latest.critical), actor=p)
             report = dict(conn.execute(select(reports).where(reports.c.id == latest.id)).one()._mapping)
         self._bus.publish()
@@ -110,13 +140,25 @@ class ReportService:
                 raise Conflict("only a signed report can be amended", reason="NOT_SIGNED")
             now = utcnow()
             version = int(latest.version) + 1
-            digest = content_hash(exam_id=exam_id, version=version, text=text, impression=impression,
-                                  critical=critical, signer=p.name)
-            report_id = conn.execute(insert(reports).values(
-                exam_id=exam_id, version=version, status="final", text=text, impression=impression,
-                critical=critical, author_id=p.id, signed_by=p.id, signed_at=now, amends_reason=reason,
-                sha256=digest, created_at=now,
-            )).inserted_primary_key[0]
+            digest = content_hash(
+                exam_id=exam_id, version=version, text=text, impression=impression, critical=critical, signer=p.name
+            )
+            report_id = conn.execute(
+                insert(reports).values(
+                    exam_id=exam_id,
+                    version=version,
+                    status="final",
+                    text=text,
+                    impression=impression,
+                    critical=critical,
+                    author_id=p.id,
+                    signed_by=p.id,
+                    signed_at=now,
+                    amends_reason=reason,
+                    sha256=digest,
+                    created_at=now,
+                )
+            ).inserted_primary_key[0]
             self._publish(conn, exam=exam, report_id=report_id, critical=critical, actor=p)
             report = dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
         self._bus.publish()
@@ -125,13 +167,28 @@ class ReportService:
     @staticmethod
     def _publish(conn: Connection, *, exam: Any, report_id: int, critical: bool, actor: Principal) -> None:
         seq = conn.execute(
-            update(sites).where(sites.c.id == exam.site_id)
-            .values(result_seq=sites.c.result_seq + 1).returning(sites.c.result_seq)
+            update(sites)
+            .where(sites.c.id == exam.site_id)
+            .values(result_seq=sites.c.result_seq + 1)
+            .returning(sites.c.result_seq)
         ).scalar_one()
-        conn.execute(insert(results).values(
-            site_id=exam.site_id, seq=seq, exam_id=exam.id, report_id=report_id, critical=critical,
-            published_at=utcnow(),
-        ))
-        record_event(conn, type="critical_result" if critical else "reported", exam_id=exam.id,
-                     site_id=exam.site_id, hospital=exam.hospital, specialty=exam.specialty,
-                     actor_id=actor.id, detail={"cursor": seq})
+        conn.execute(
+            insert(results).values(
+                site_id=exam.site_id,
+                seq=seq,
+                exam_id=exam.id,
+                report_id=report_id,
+                critical=critical,
+                published_at=utcnow(),
+            )
+        )
+        record_event(
+            conn,
+            type="critical_result" if critical else "reported",
+            exam_id=exam.id,
+            site_id=exam.site_id,
+            hospital=exam.hospital,
+            specialty=exam.specialty,
+            actor_id=actor.id,
+            detail={"cursor": seq},
+        )

@@ -27,10 +27,18 @@ class ResultsService:
         signer = principals.alias("signer")
         return (
             select(
-                results.c.seq, results.c.critical.label("result_critical"), results.c.published_at,
-                exams, reports.c.version, reports.c.status.label("report_status"), reports.c.text,
-                reports.c.impression, reports.c.critical.label("report_critical"),
-                reports.c.signed_at, reports.c.amends_reason, reports.c.sha256.label("report_sha256"),
+                results.c.seq,
+                results.c.critical.label("result_critical"),
+                results.c.published_at,
+                exams,
+                reports.c.version,
+                reports.c.status.label("report_status"),
+                reports.c.text,
+                reports.c.impression,
+                reports.c.critical.label("report_critical"),
+                reports.c.signed_at,
+                reports.c.amends_reason,
+                reports.c.sha256.label("report_sha256"),
                 signer.c.name.label("signed_by_name"),
             )
             .select_from(

@@ -72,8 +72,9 @@ def print_result(console: Console, result: results_pb2.Result) -> None:
         f"{report.status}: {escape(report.impression or report.text[:80])}"
     )
     if result.critical:
-        ring_alert(console, f"Critical result for exam {exam.exam_id} ({exam.modality}): "
-                            f"{report.impression or 'see report'}")
+        ring_alert(
+            console, f"Critical result for exam {exam.exam_id} ({exam.modality}): {report.impression or 'see report'}"
+        )
 
 
 def pull_results(
@@ -101,8 +102,7 @@ def pull_results(
                 print_result(console, result)
         last = max(result.cursor for result in page.results)
         if last <= cursor:
-            raise TelereadError("the hub returned results at or before the cursor",
-                                reason="CURSOR_NOT_ADVANCING")
+            raise TelereadError("the hub returned results at or before the cursor", reason="CURSOR_NOT_ADVANCING")
         cursor, written = last, written + len(page.results)
         if cursor_file is not None:
             atomic_write_text(cursor_file, f"{cursor}\n")
@@ -173,8 +173,13 @@ def add_results_parser(subparsers: Any) -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="pull results after a cursor into JSON files")
     where = pull.add_mutually_exclusive_group()
     where.add_argument("--cursor", type=int, default=None, help="start after this cursor")
-    where.add_argument("--cursor-file", type=Path, default=None, metavar="FILE",
-                       help="read the start cursor from FILE and save progress there")
+    where.add_argument(
+        "--cursor-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read the start cursor from FILE and save progress there",
+    )
     pull.add_argument("--limit", type=int, default=DEFAULT_PAGE, help="page size")
     pull.add_argument("--out", type=Path, default=Path("."), metavar="DIR")
     add_connection_args(pull)

@@ -36,7 +36,10 @@ def _names(engine: Engine, ids: set[int]) -> dict[int, str]:
     if not ids:
         return {}
     with engine.connect() as conn:
-        return {r.id: r.name for r in conn.execute(select(principals.c.id, principals.c.name).where(principals.c.id.in_(ids)))}
+        return {
+            r.id: r.name
+            for r in conn.execute(select(principals.c.id, principals.c.name).where(principals.c.id.in_(ids)))
+        }
 
 
 class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
@@ -63,11 +66,15 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
             msg.lease_expires_at.CopyFrom(stamp)
         return msg
 
-    def ListWorklist(self, request: worklist_pb2.ListWorklistRequest, context: grpc.ServicerContext) -> worklist_pb2.ListWorklistResponse:
+    def ListWorklist(
+        self, request: worklist_pb2.ListWorklistRequest, context: grpc.ServicerContext
+    ) -> worklist_pb2.ListWorklistResponse:
         rows = self._queue.worklist(current_principal(), limit=request.limit, include_claimed=True)
         return worklist_pb2.ListWorklistResponse(exams=[self._exam(r) for r in rows])
 
-    def Watch(self, request: worklist_pb2.WatchWorklistRequest, context: grpc.ServicerContext) -> Iterator[worklist_pb2.WorklistEvent]:
+    def Watch(
+        self, request: worklist_pb2.WatchWorklistRequest, context: grpc.ServicerContext
+    ) -> Iterator[worklist_pb2.WorklistEvent]:
         p = current_principal()
         hospital, specialty = require_reader(p)
         seen = self._bus.generation()
@@ -80,12 +87,21 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
             seen = self._bus.wait(seen, WAKE_SECONDS)
             with self._engine.connect() as conn:
                 rows = conn.execute(
-                    select(events.c.id.label("event_id"), events.c.type.label("event_type"),
-                           events.c.at.label("event_at"), exams)
+                    select(
+                        events.c.id.label("event_id"),
+                        events.c.type.label("event_type"),
+                        events.c.at.label("event_at"),
+                        exams,
+                    )
                     .select_from(events.join(exams, events.c.exam_id == exams.c.id))
-                    .where(events.c.id > last, events.c.hospital == hospital, events.c.specialty == specialty,
-                           events.c.type.in_(EVENT_TYPES))
-                    .order_by(events.c.id).limit(500)
+                    .where(
+                        events.c.id > last,
+                        events.c.hospital == hospital,
+                        events.c.specialty == specialty,
+                        events.c.type.in_(EVENT_TYPES),
+                    )
+                    .order_by(events.c.id)
+                    .limit(500)
                 ).all()
             names = _names(self._engine, {r.claimed_by for r in rows if r.claimed_by})
             for r in rows:
@@ -93,7 +109,8 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                 exam = dict(r._mapping)
                 exam["claimed_by_name"] = names.get(r.claimed_by, "")
                 yield worklist_pb2.WorklistEvent(
-                    type=EVENT_TYPES[r.event_type], exam=self._exam(exam), event_id=r.event_id, at=ts(r.event_at))
+                    type=EVENT_TYPES[r.event_type], exam=self._exam(exam), event_id=r.event_id, at=ts(r.event_at)
+                )
 
     def ClaimNext(self, request: worklist_pb2.ClaimNextRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
         row = self._queue.claim_next(current_principal(), lease_seconds=request.lease_seconds)
@@ -102,27 +119,44 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         return self._claim(row)
 
     def ClaimExam(self, request: worklist_pb2.ClaimExamRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
-        return self._claim(self._queue.claim(current_principal(), exam_id=request.exam_id, lease_seconds=request.lease_seconds))
+        return self._claim(
+            self._queue.claim(current_principal(), exam_id=request.exam_id, lease_seconds=request.lease_seconds)
+        )
 
     def RenewClaim(self, request: worklist_pb2.RenewClaimRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
-        return self._claim(self._queue.renew(current_principal(), exam_id=request.exam_id, fence=request.fence,
-                                             lease_seconds=request.lease_seconds))
+        return self._claim(
+            self._queue.renew(
+                current_principal(), exam_id=request.exam_id, fence=request.fence, lease_seconds=request.lease_seconds
+            )
+        )
 
-    def ReleaseClaim(self, request: worklist_pb2.ReleaseClaimRequest, context: grpc.ServicerContext) -> worklist_pb2.ReleaseClaimResponse:
+    def ReleaseClaim(
+        self, request: worklist_pb2.ReleaseClaimRequest, context: grpc.ServicerContext
+    ) -> worklist_pb2.ReleaseClaimResponse:
         self._queue.release(current_principal(), exam_id=request.exam_id, fence=request.fence)
         return worklist_pb2.ReleaseClaimResponse()
 
-    def GetExamDetails(self, request: worklist_pb2.GetExamDetailsRequest, context: grpc.ServicerContext) -> worklist_pb2.ExamDetails:
+    def GetExamDetails(
+        self, request: worklist_pb2.GetExamDetailsRequest, context: grpc.ServicerContext
+    ) -> worklist_pb2.ExamDetails:
         exam, objs, reps = self._queue.details(current_principal(), exam_id=request.exam_id)
         names = _names(self._engine, {r["author_id"] for r in reps} | {r["signed_by"] for r in reps if r["signed_by"]})
         return worklist_pb2.ExamDetails(
-            exam=self._exam(exam), objects=[object_message(o) for o in objs],
-            reports=[report_message(r, author=names.get(r["author_id"], ""), signer=names.get(r["signed_by"], ""))
-                     for r in reps],
+            exam=self._exam(exam),
+            objects=[object_message(o) for o in objs],
+            reports=[
+                report_message(r, author=names.get(r["author_id"], ""), signer=names.get(r["signed_by"], ""))
+                for r in reps
+            ],
         )
 
-    def StreamObject(self, request: worklist_pb2.StreamObjectRequest, context: grpc.ServicerContext) -> Iterator[worklist_pb2.ObjectChunk]:
-        with self._queue.open_object(current_principal(), exam_id=request.exam_id, object_id=request.object_id) as (row, fh):
+    def StreamObject(
+        self, request: worklist_pb2.StreamObjectRequest, context: grpc.ServicerContext
+    ) -> Iterator[worklist_pb2.ObjectChunk]:
+        with self._queue.open_object(current_principal(), exam_id=request.exam_id, object_id=request.object_id) as (
+            row,
+            fh,
+        ):
             offset = 0
             first = True
             while block := fh.read(CHUNK):
@@ -137,25 +171,51 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         return report_message(row, author=names.get(row["author_id"], ""), signer=names.get(row["signed_by"], ""))
 
     def SaveReport(self, request: worklist_pb2.SaveReportRequest, context: grpc.ServicerContext) -> common_pb2.Report:
-        return self._report(self._reports.save(current_principal(), exam_id=request.exam_id, fence=request.fence,
-                                               text=request.text, impression=request.impression, critical=request.critical))
+        return self._report(
+            self._reports.save(
+                current_principal(),
+                exam_id=request.exam_id,
+                fence=request.fence,
+                text=request.text,
+                impression=request.impression,
+                critical=request.critical,
+            )
+        )
 
     def SignReport(self, request: worklist_pb2.SignReportRequest, context: grpc.ServicerContext) -> common_pb2.Report:
         return self._report(self._reports.sign(current_principal(), exam_id=request.exam_id, fence=request.fence))
 
     def AmendReport(self, request: worklist_pb2.AmendReportRequest, context: grpc.ServicerContext) -> common_pb2.Report:
-        return self._report(self._reports.amend(current_principal(), exam_id=request.exam_id, reason=request.reason,
-                                                text=request.text, impression=request.impression, critical=request.critical))
+        return self._report(
+            self._reports.amend(
+                current_principal(),
+                exam_id=request.exam_id,
+                reason=request.reason,
+                text=request.text,
+                impression=request.impression,
+                critical=request.critical,
+            )
+        )
 
 
 def result_message(row: dict[str, Any], *, site_code: str) -> results_pb2.Result:
     exam = dict(row)
-    report = {"exam_id": row["id"], "version": row["version"], "status": row["report_status"], "text": row["text"],
-              "impression": row["impression"], "critical": row["report_critical"], "signed_at": row["signed_at"],
-              "amends_reason": row["amends_reason"], "sha256": row["report_sha256"]}
+    report = {
+        "exam_id": row["id"],
+        "version": row["version"],
+        "status": row["report_status"],
+        "text": row["text"],
+        "impression": row["impression"],
+        "critical": row["report_critical"],
+        "signed_at": row["signed_at"],
+        "amends_reason": row["amends_reason"],
+        "sha256": row["report_sha256"],
+    }
     msg = results_pb2.Result(
-        cursor=int(row["seq"]), exam=exam_message(exam, site_code=site_code),
-        report=report_message(report, signer=row.get("signed_by_name") or ""), critical=bool(row["result_critical"]),
+        cursor=int(row["seq"]),
+        exam=exam_message(exam, site_code=site_code),
+        report=report_message(report, signer=row.get("signed_by_name") or ""),
+        critical=bool(row["result_critical"]),
     )
     stamp = ts(as_utc(row["published_at"]))
     if stamp is not None:
@@ -167,14 +227,19 @@ class ResultsServicer(results_pb2_grpc.ResultsServicer):
     def __init__(self, service: ResultsService) -> None:
         self._svc = service
 
-    def ListResults(self, request: results_pb2.ListResultsRequest, context: grpc.ServicerContext) -> results_pb2.ListResultsResponse:
+    def ListResults(
+        self, request: results_pb2.ListResultsRequest, context: grpc.ServicerContext
+    ) -> results_pb2.ListResultsResponse:
         p = current_principal()
         rows = self._svc.list_after(p, after=request.after_cursor, limit=request.limit)
         next_cursor = int(rows[-1]["seq"]) if rows else request.after_cursor
         return results_pb2.ListResultsResponse(
-            results=[result_message(r, site_code=p.site_code or "") for r in rows], next_cursor=next_cursor)
+            results=[result_message(r, site_code=p.site_code or "") for r in rows], next_cursor=next_cursor
+        )
 
-    def WatchResults(self, request: results_pb2.WatchResultsRequest, context: grpc.ServicerContext) -> Iterator[results_pb2.Result]:
+    def WatchResults(
+        self, request: results_pb2.WatchResultsRequest, context: grpc.ServicerContext
+    ) -> Iterator[results_pb2.Result]:
         p = current_principal()
         cursor = request.after_cursor
         bus = self._svc.bus

@@ -59,9 +59,7 @@ def hash_token(token: str) -> str:
 
 def check_code(value: str, *, field: str) -> str:
     if not _CODE.match(value):
-        raise InvalidInput(
-            f"{field} must be 1-32 characters of a-z, 0-9 and '-'", reason="BAD_IDENTIFIER"
-        )
+        raise InvalidInput(f"{field} must be 1-32 characters of a-z, 0-9 and '-'", reason="BAD_IDENTIFIER")
     return value
 
 
@@ -72,9 +70,7 @@ def add_site(engine: Engine, *, code: str, name: str, lead_hospital: str) -> int
         if conn.execute(select(sites.c.id).where(sites.c.code == code)).first():
             raise AlreadyExists("site already exists", reason="SITE_EXISTS")
         result = conn.execute(
-            insert(sites).values(
-                code=code, name=name, lead_hospital=lead_hospital, result_seq=0, created_at=utcnow()
-            )
+            insert(sites).values(code=code, name=name, lead_hospital=lead_hospital, result_seq=0, created_at=utcnow())
         )
         return int(result.inserted_primary_key[0])
 
@@ -133,7 +129,7 @@ class Authenticator:
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthenticated("missing bearer token", reason="NO_TOKEN")
-        digest = hash_token(authorization[len("Bearer "):].strip())
+        digest = hash_token(authorization[len("Bearer ") :].strip())
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(digest)

@@ -67,8 +67,9 @@ def cmd_sites_add(args: argparse.Namespace) -> int:
 def cmd_users_add(args: argparse.Namespace) -> int:
     from teleread.auth import Role, add_principal
 
-    token = add_principal(_engine(args), name=args.name, role=Role(args.role), site_code=args.site,
-                          hospital=args.hospital)
+    token = add_principal(
+        _engine(args), name=args.name, role=Role(args.role), site_code=args.site, hospital=args.hospital
+    )
     print(f"{args.role} {args.name} added")
     print(f"token (shown once, keep it secret): {token}")
     return 0
@@ -131,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_subparsers(dest="action", required=True)
     a = s.add_parser("add", help="add a user and print their token")
     a.add_argument("name")
-    a.add_argument("--role", required=True,
-                   choices=["technician", "result_puller", "cardiologist", "radiologist", "admin"])
+    a.add_argument(
+        "--role", required=True, choices=["technician", "result_puller", "cardiologist", "radiologist", "admin"]
+    )
     a.add_argument("--site", help="site code (technicians and result pullers)")
     a.add_argument("--hospital", help="lead hospital code (cardiologists and radiologists)")
     a.add_argument("--data-dir")

@@ -268,17 +268,13 @@ def call_with_retry(
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
     """The options every client subcommand shares."""
     group = parser.add_argument_group("connection")
-    group.add_argument(
-        "--hub", default=None, help=f"hub address (default: $TELEREAD_HUB or {DEFAULT_HUB})"
-    )
+    group.add_argument("--hub", default=None, help=f"hub address (default: $TELEREAD_HUB or {DEFAULT_HUB})")
     group.add_argument("--token", default=None, help="bearer token (default: $TELEREAD_TOKEN)")
     group.add_argument("--ca", type=Path, default=None, help="CA certificate (PEM): use TLS")
     group.add_argument("--cert", type=Path, default=None, help="client certificate (mutual TLS)")
     group.add_argument("--key", type=Path, default=None, help="client private key (mutual TLS)")
     group.add_argument("--server-name", default=None, help="TLS server name override")
-    group.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of each call, seconds"
-    )
+    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of each call, seconds")
 
 
 def connect(args: argparse.Namespace, *, metadata: Metadata = ()) -> grpc.Channel:

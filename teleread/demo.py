@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from teleread.auth import Role, add_principal, add_site
@@ -66,9 +67,11 @@ def _show_findings(console: Console, exam: Any) -> None:
     t = exam.triage
     console.print(f"  triage: [bold]{LEVEL[t.level]}[/] score {t.score:.2f} ({t.rules_version}) — {t.summary}")
     for f in t.findings:
-        ev = ", ".join(f"{e.name}={e.value:.3g}{e.unit}{' ' + e.lead if e.lead else ''} (threshold {e.threshold:g})"
-                       for e in f.evidence)
-        console.print(f"   • [{LEVEL[f.level]}] {f.title}: {ev}")
+        ev = ", ".join(
+            f"{e.name}={e.value:.3g}{e.unit}{' ' + e.lead if e.lead else ''} (threshold {e.threshold:g})"
+            for e in f.evidence
+        )
+        console.print(f"   • {escape('[' + LEVEL[f.level] + ']')} {escape(f.title)}: {escape(ev)}")
 
 
 def run_demo(data_dir: Path | None = None) -> int:
@@ -109,8 +112,10 @@ def _run(console: Console, hub: Any, address: str, root: Path) -> int:
     watcher.start()
 
     scan = scan_paths(_inputs(root / "inputs"))
-    console.print(f"3. technician uploads {sum(len(e.objects) for e in scan.exams)} files "
-                  f"({scan.total_bytes / 1e6:.2f} MB) as {len(scan.exams)} exams: CT, MR, DICOM 12-lead ECG, WFDB ECG")
+    console.print(
+        f"3. technician uploads {sum(len(e.objects) for e in scan.exams)} files "
+        f"({scan.total_bytes / 1e6:.2f} MB) as {len(scan.exams)} exams: CT, MR, DICOM 12-lead ECG, WFDB ECG"
+    )
     started = time.perf_counter()
     outcomes = upload_exams(ingest, scan.exams, priority="routine", indication="demo")
     ids = [o.exam_id for o in outcomes if o.exam_id]
@@ -118,31 +123,47 @@ def _run(console: Console, hub: Any, address: str, root: Path) -> int:
     console.print(f"4. uploaded, committed, triaged and queued in {time.perf_counter() - started:.2f} s")
     table = Table("exam", "modality", "state", "level", "score", "summary")
     for x in exams:
-        table.add_row(x.exam_id[:8], x.modality, x.state, LEVEL[x.triage.level], f"{x.triage.score:.2f}", x.triage.summary)
+        table.add_row(
+            x.exam_id[:8], x.modality, x.state, LEVEL[x.triage.level], f"{x.triage.score:.2f}", x.triage.summary
+        )
     console.print(table)
     time.sleep(0.3)
     for alert in alerts:
         console.print(f"[bold white on red] CRITICAL EXAM QUEUED [/] {alert}")
 
     rc = 0
-    for who, stub, text in (("cardiologist", worklist, "Sinus rhythm with a long sinus pause; see strip."),
-                            ("radiologist", worklist_pb2_grpc.WorklistStub(radio_ch), "No acute abnormality.")):
+    for who, stub, text in (
+        ("cardiologist", worklist, "Sinus rhythm with a long sinus pause; see strip."),
+        ("radiologist", worklist_pb2_grpc.WorklistStub(radio_ch), "No acute abnormality."),
+    ):
         claim = stub.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=300), timeout=10)
-        console.print(f"5. {who} claims the most urgent exam: {claim.exam.exam_id[:8]} "
-                      f"({claim.exam.modality}, fence {claim.fence})")
+        console.print(
+            f"5. {who} claims the most urgent exam: {claim.exam.exam_id[:8]} "
+            f"({claim.exam.modality}, fence {claim.fence})"
+        )
         details = stub.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=claim.exam.exam_id), timeout=10)
         _show_findings(console, details.exam)
-        stub.SaveReport(worklist_pb2.SaveReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence, text=text,
-                                                       critical=details.exam.triage.level == 1), timeout=10)
-        report = stub.SignReport(worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10)
+        stub.SaveReport(
+            worklist_pb2.SaveReportRequest(
+                exam_id=claim.exam.exam_id, fence=claim.fence, text=text, critical=details.exam.triage.level == 1
+            ),
+            timeout=10,
+        )
+        report = stub.SignReport(
+            worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10
+        )
         console.print(f"   signed report v{report.version} by {report.signed_by} (sha256 {report.sha256[:12]}…)")
 
     results = results_pb2_grpc.ResultsStub(site_ch)
     page = results.ListResults(results_pb2.ListResultsRequest(after_cursor=0, limit=50), timeout=10)
-    console.print(f"6. the clinic pulls results after cursor 0: {len(page.results)} result(s), next cursor {page.next_cursor}")
+    console.print(
+        f"6. the clinic pulls results after cursor 0: {len(page.results)} result(s), next cursor {page.next_cursor}"
+    )
     for r in page.results:
         flag = "[bold red]CRITICAL[/] " if r.critical else ""
-        console.print(f"   #{r.cursor} {flag}{r.exam.modality} {r.exam.exam_id[:8]}: {r.report.text} — {r.report.signed_by}")
+        console.print(
+            f"   #{r.cursor} {flag}{r.exam.modality} {r.exam.exam_id[:8]}: {r.report.text} — {r.report.signed_by}"
+        )
     if len(page.results) != 2:
         rc = 1
     stop.set()

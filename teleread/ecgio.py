@@ -53,8 +53,14 @@ _LEAD_BY_KEY = {name.upper(): name for name in _STANDARD_LEADS}
 _LEAD_PREFIX = re.compile(r"^(?:lead|ecg)[\s_-]*", re.IGNORECASE)
 _PARENTHESISED = re.compile(r"\([^)]*\)")
 _MILLIVOLTS_PER_UNIT = {
-    "mv": 1.0, "millivolt": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "microvolt": 1e-3,
-    "v": 1000.0, "volt": 1000.0,
+    "mv": 1.0,
+    "millivolt": 1.0,
+    "uv": 1e-3,
+    "µv": 1e-3,
+    "μv": 1e-3,
+    "microvolt": 1e-3,
+    "v": 1000.0,
+    "volt": 1000.0,
 }
 
 
@@ -99,9 +105,7 @@ def expected_signal_bytes(*, fmt: str, n_samples: int, byte_offset: int = 0) -> 
     """Size of a WFDB signal file holding ``n_samples`` samples (all signals) in format ``fmt``."""
     bits = SIGNAL_FORMAT_BITS.get(fmt)
     if bits is None:
-        raise InvalidInput(
-            f"WFDB signal format {fmt[:8]!r} is not supported", reason="WFDB_UNSUPPORTED_FORMAT"
-        )
+        raise InvalidInput(f"WFDB signal format {fmt[:8]!r} is not supported", reason="WFDB_UNSUPPORTED_FORMAT")
     return byte_offset + math.ceil(n_samples * bits / 8)
 
 
@@ -129,9 +133,7 @@ def read_header_text(path: Path, *, max_bytes: int = MAX_HEADER_BYTES) -> str:
     except OSError:
         raise InvalidInput("WFDB header could not be read", reason="WFDB_BAD_HEADER") from None
     if len(data) > max_bytes:
-        raise InvalidInput(
-            f"WFDB header is larger than {max_bytes} bytes", reason="WFDB_TOO_LARGE"
-        )
+        raise InvalidInput(f"WFDB header is larger than {max_bytes} bytes", reason="WFDB_TOO_LARGE")
     if b"\x00" in data:
         raise InvalidInput("WFDB header is not a text file", reason="WFDB_BAD_HEADER")
     # wfdb itself reads headers as ASCII and drops other bytes (comments may be UTF-8).
@@ -174,9 +176,7 @@ def _staged_header(text: str) -> Iterator[tuple[Path, Any]]:
             reason="WFDB_BAD_HEADER",
         )
         if isinstance(record, wfdb.MultiRecord) or not isinstance(record, wfdb.Record):
-            raise InvalidInput(
-                "multi-segment WFDB records are not supported", reason="WFDB_UNSUPPORTED_FORMAT"
-            )
+            raise InvalidInput("multi-segment WFDB records are not supported", reason="WFDB_UNSUPPORTED_FORMAT")
         yield base, record
 
 

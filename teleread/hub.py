@@ -74,15 +74,35 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     bus = EventBus()
     triage = TriageWorker(engine=engine, store=store, routing=routing, bus=bus, workers=settings.queue.triage_workers)
     ingest = IngestService(
-        engine=engine, store=store, staging_dir=settings.staging_dir(), routing=routing, bus=bus,
-        on_committed=triage.submit, max_object_bytes=settings.max_object_bytes,
+        engine=engine,
+        store=store,
+        staging_dir=settings.staging_dir(),
+        routing=routing,
+        bus=bus,
+        on_committed=triage.submit,
+        max_object_bytes=settings.max_object_bytes,
     )
-    queue = QueueService(engine=engine, store=store, bus=bus, lease_seconds=settings.queue.lease_seconds,
-                         max_lease_seconds=settings.queue.max_lease_seconds)
+    queue = QueueService(
+        engine=engine,
+        store=store,
+        bus=bus,
+        lease_seconds=settings.queue.lease_seconds,
+        max_lease_seconds=settings.queue.max_lease_seconds,
+    )
     reports = ReportService(engine=engine, queue=queue, bus=bus)
     results = ResultsService(engine=engine, bus=bus)
-    hub = Hub(settings=settings, engine=engine, store=store, bus=bus, ingest=ingest, queue=queue,
-              reports=reports, results=results, triage=triage, authenticator=Authenticator(engine))
+    hub = Hub(
+        settings=settings,
+        engine=engine,
+        store=store,
+        bus=bus,
+        ingest=ingest,
+        queue=queue,
+        reports=reports,
+        results=results,
+        triage=triage,
+        authenticator=Authenticator(engine),
+    )
     recovered = triage.recover()
     if recovered:
         log.info("re-queued committed exams for triage", extra={"count": recovered})
@@ -104,7 +124,8 @@ def create_server(hub: Hub, *, host: str | None = None, port: int | None = None)
     )
     ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(hub.ingest), server)
     worklist_pb2_grpc.add_WorklistServicer_to_server(
-        WorklistServicer(engine=hub.engine, queue=hub.queue, reports=hub.reports, bus=hub.bus), server)
+        WorklistServicer(engine=hub.engine, queue=hub.queue, reports=hub.reports, bus=hub.bus), server
+    )
     results_pb2_grpc.add_ResultsServicer_to_server(ResultsServicer(hub.results), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

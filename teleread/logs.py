@@ -18,8 +18,22 @@ from contextlib import contextmanager
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("teleread_log_ctx")
 
 _ALLOWED_EXTRA = (
-    "request_id", "site", "user", "rpc", "status", "duration_ms", "exam_id", "object_id",
-    "upload_id", "reason", "level", "count", "bytes", "state", "event", "specialty",
+    "request_id",
+    "site",
+    "user",
+    "rpc",
+    "status",
+    "duration_ms",
+    "exam_id",
+    "object_id",
+    "upload_id",
+    "reason",
+    "level",
+    "count",
+    "bytes",
+    "state",
+    "event",
+    "specialty",
 )
 
 
@@ -44,14 +58,11 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             # Third-party messages can quote parsed data: only our own text is written.
-            "msg": record.getMessage()
-            if record.name.startswith("teleread")
-            else "(message withheld)",
+            "msg": record.getMessage() if record.name.startswith("teleread") else "(message withheld)",
         }
         out.update(context_fields())
         for key in _ALLOWED_EXTRA:

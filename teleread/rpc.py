@@ -26,8 +26,11 @@ from teleread.logs import log_context
 
 log = logging.getLogger("teleread.rpc")
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("teleread_principal")
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                 "/grpc.reflection.v1.ServerReflection/")
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 DOMAIN = "teleread.v1"
 
 
@@ -46,16 +49,12 @@ def _status_for(err: TelereadError, request_id: str) -> grpc.Status:
         retry = any_pb2.Any()
         retry.Pack(error_details_pb2.RetryInfo())
         details.append(retry)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, err.code), message=err.message, details=details
-    )
+    status = status_pb2.Status(code=getattr(code_pb2, err.code), message=err.message, details=details)
     return rpc_status.to_status(status)
 
 
 def _internal(request_id: str) -> grpc.Status:
-    return _status_for(
-        TelereadError(f"internal error (request {request_id})", reason="INTERNAL"), request_id
-    )
+    return _status_for(TelereadError(f"internal error (request {request_id})", reason="INTERNAL"), request_id)
 
 
 class ServerInterceptor(grpc.ServerInterceptor):
@@ -73,15 +72,19 @@ class ServerInterceptor(grpc.ServerInterceptor):
         wrap = _Wrapper(self._auth, method=method, metadata=metadata)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap.unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+                wrap.unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap.stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+                wrap.stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap.unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+                wrap.unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
         return grpc.stream_stream_rpc_method_handler(
-            wrap.stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+            wrap.stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
 
 
 class _Wrapper:
@@ -99,22 +102,34 @@ class _Wrapper:
             raise PermissionDenied("the token belongs to another site than --site", reason="SITE_MISMATCH")
         return request_id, principal
 
-    def _finish(self, context: grpc.ServicerContext, started: float, request_id: str,
-                exc: BaseException | None) -> None:
+    def _finish(
+        self, context: grpc.ServicerContext, started: float, request_id: str, exc: BaseException | None
+    ) -> None:
         code = "OK"
         if isinstance(exc, TelereadError):
             code = exc.code
-            log.info("rpc", extra={"status": code, "reason": exc.reason,
-                                   "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            log.info(
+                "rpc",
+                extra={
+                    "status": code,
+                    "reason": exc.reason,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
             context.abort_with_status(_status_for(exc, request_id))
         elif exc is not None:
-            log.error("rpc failed", exc_info=exc,
-                      extra={"status": "INTERNAL", "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            log.error(
+                "rpc failed",
+                exc_info=exc,
+                extra={"status": "INTERNAL", "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+            )
             context.abort_with_status(_internal(request_id))
         else:
             log.info("rpc", extra={"status": code, "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
 
-    def unary(self, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def unary(
+        self, behaviour: Callable[[Any, grpc.ServicerContext], Any]
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             request_id = uuid.uuid4().hex
@@ -133,9 +148,12 @@ class _Wrapper:
                     if _is_abort(exc):
                         raise
                     self._finish(context, started, request_id, exc)
+
         return handle
 
-    def stream(self, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def stream(
+        self, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
             request_id = uuid.uuid4().hex
@@ -155,6 +173,7 @@ class _Wrapper:
                     if _is_abort(exc):
                         raise
                     self._finish(context, started, request_id, exc)
+
         return handle
 
 

@@ -45,8 +45,14 @@ def make_settings(tmp: Path, *, database_url: str = "", s3: Any = None, bucket: 
 
     storage = StorageSettings()
     if s3 is not None:
-        storage = StorageSettings(backend="s3", endpoint=s3.endpoint, bucket=bucket,
-                                  access_key=s3.access_key, secret_key=s3.secret_key, part_size=5 * 1024 * 1024)
+        storage = StorageSettings(
+            backend="s3",
+            endpoint=s3.endpoint,
+            bucket=bucket,
+            access_key=s3.access_key,
+            secret_key=s3.secret_key,
+            part_size=5 * 1024 * 1024,
+        )
     return Settings(data_dir=tmp, database_url=database_url, storage=storage)
 
 

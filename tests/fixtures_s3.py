@@ -68,8 +68,17 @@ class NanioServer:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
-                *_nanio_command(), "serve", "--data-dir", str(self.data_dir), "--host", HOST,
-                "--port", str(self.port), "--no-access-log", "--log-level", "warning",
+                *_nanio_command(),
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--host",
+                HOST,
+                "--port",
+                str(self.port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
             ],
             env=env,
             stdin=subprocess.DEVNULL,

@@ -22,9 +22,7 @@ from teleread.models.synthetic import (
 )
 
 DATASETS = Path("/work/shared/datasets")
-needs_cinc = pytest.mark.skipif(
-    not (DATASETS / "cinc2017-eval.npz").exists(), reason="shared CinC 2017 file not here"
-)
+needs_cinc = pytest.mark.skipif(not (DATASETS / "cinc2017-eval.npz").exists(), reason="shared CinC 2017 file not here")
 needs_ptbxl = pytest.mark.skipif(
     not (DATASETS / "ptbxl-fold9-val.npz").exists(), reason="shared PTB-XL file not on this machine"
 )
@@ -39,6 +37,7 @@ def _measure_synthetic(rhythm: str, *, fs: int = 500, seed: int = 0) -> EcgMeasu
 
 
 # --- synthetic ground truth -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rhythm", ["normal", "pause", "stemi", "af_rvr", "brady"])
 @pytest.mark.parametrize("seed", [0, 3])
@@ -104,6 +103,7 @@ def test_a_ten_second_twelve_lead_ecg_is_fast() -> None:
 
 # --- no beats, noise, invalid input ------------------------------------------------------------
 
+
 def _assert_no_beats(m: EcgMeasurements, duration: float) -> None:
     assert m.n_beats == 0 and m.heart_rate_bpm == 0.0
     assert m.longest_pause_s == pytest.approx(duration)
@@ -126,8 +126,7 @@ def test_pure_noise_gives_no_beats(seed: int) -> None:
 
 def test_asystole_with_wander_and_noise_gives_no_beats() -> None:
     t = np.arange(4000) / 400
-    flat = 0.1 * np.sin(2 * np.pi * 0.3 * t)[:, None] + np.random.default_rng(1).normal(
-        0, 0.01, (4000, 3))
+    flat = 0.1 * np.sin(2 * np.pi * 0.3 * t)[:, None] + np.random.default_rng(1).normal(0, 0.01, (4000, 3))
     _assert_no_beats(measure_ecg(flat, fs=400, lead_names=["I", "II", "III"]), 10.0)
 
 
@@ -147,9 +146,7 @@ def test_asystole_with_wander_and_noise_gives_no_beats() -> None:
         (np.array([["a", "b"]] * 1000), 250, ["I", "II"], "ECG_BAD_SHAPE"),
     ],
 )
-def test_invalid_input_is_rejected_with_a_reason(
-    signal: np.ndarray, fs: float, leads: list[str], reason: str
-) -> None:
+def test_invalid_input_is_rejected_with_a_reason(signal: np.ndarray, fs: float, leads: list[str], reason: str) -> None:
     with pytest.raises(InvalidInput) as err:
         measure_ecg(signal, fs=fs, lead_names=leads)
     assert err.value.reason == reason
@@ -163,14 +160,14 @@ def test_one_inf_sample_is_rejected() -> None:
 
 
 def test_lead_names_are_canonical() -> None:
-    assert [canonical_lead_name(n) for n in ("avf", "AVR", "MLII", "v6", "vx")] == [
-        "aVF", "aVR", "II", "V6", "vx"]
+    assert [canonical_lead_name(n) for n in ("avf", "AVR", "MLII", "v6", "vx")] == ["aVF", "aVR", "II", "V6", "vx"]
     signal, _ = synthetic_ecg(rhythm="normal")
     m = measure_ecg(signal, fs=500, lead_names=[n.upper() for n in LEAD_NAMES])
     assert "aVF" in m.st_deviation_mv and m.lead_used == "II"
 
 
 # --- WFDB writer -------------------------------------------------------------------------------
+
 
 def test_synthetic_record_is_a_real_16_bit_wfdb_record(tmp_path: Path) -> None:
     signal, leads = synthetic_ecg(rhythm="brady", fs=250, seconds=6.0, seed=2)
@@ -197,6 +194,7 @@ def test_synthetic_generator_is_deterministic_and_validates() -> None:
 
 # --- real recordings ---------------------------------------------------------------------------
 
+
 @needs_mitdb
 def test_mitdb_record_100_beats_match_the_reference_annotations() -> None:
     base = str(DATASETS / "wfdb/mitdb-100-60s/100")
@@ -217,7 +215,7 @@ def test_cinc2017_all_records_measure_with_plausible_rates() -> None:
     rates, irregular, agree = [], [], []
     start = time.perf_counter()
     for i in range(labels.size):
-        lead = data["signal"][offsets[i]:offsets[i + 1]].astype(np.float64) / 1000.0
+        lead = data["signal"][offsets[i] : offsets[i + 1]].astype(np.float64) / 1000.0
         m = measure_ecg(lead[:, None], fs=fs, lead_names=["I"])
         rates.append(m.heart_rate_bpm)
         irregular.append(not m.regular)
@@ -239,8 +237,7 @@ def test_ptbxl_fold9_measures_with_plausible_qrs_and_rates() -> None:
     leads = [str(n) for n in data["lead_names"]]
     qrs, rate_ok, wide_labelled = [], [], []
     for i in range(data["X"].shape[0]):
-        m = measure_ecg(data["X"][i].astype(np.float64) / 1000.0, fs=float(data["fs"]),
-                        lead_names=leads)
+        m = measure_ecg(data["X"][i].astype(np.float64) / 1000.0, fs=float(data["fs"]), lead_names=leads)
         assert m.n_beats >= 5 and m.qrs_duration_ms is not None
         qrs.append(m.qrs_duration_ms)
         if data["hr_xqrs_agrees"][i]:

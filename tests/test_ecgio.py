@@ -40,16 +40,37 @@ def stored_pair(tmp_path: Path, header: Path, signal: Path) -> tuple[Path, Path]
 
 def write_record(folder: Path, *, units: list[str], name: str = "rec01") -> tuple[Path, Path]:
     digital = np.array([[1000, -500], [2000, 250], [0, 0], [-1000, 125]], dtype=np.int32)
-    wfdb.wrsamp(name, fs=250, units=units, sig_name=["lead ii", "AVF"], d_signal=digital,
-                fmt=["16", "16"], adc_gain=[1.0, 1.0], baseline=[0, 0], write_dir=str(folder))
+    wfdb.wrsamp(
+        name,
+        fs=250,
+        units=units,
+        sig_name=["lead ii", "AVF"],
+        d_signal=digital,
+        fmt=["16", "16"],
+        adc_gain=[1.0, 1.0],
+        baseline=[0, 0],
+        write_dir=str(folder),
+    )
     return folder / f"{name}.hea", folder / f"{name}.dat"
 
 
 @pytest.mark.parametrize(
     "raw, expected",
-    [("AVR", "aVR"), ("avl", "aVL"), ("Lead I", "I"), ("Lead I (Einthoven)", "I"),
-     ("Lead aVF", "aVF"), ("lead_v1", "V1"), ("v6", "V6"), ("II", "II"), ("iii", "III"),
-     ("MLII", "MLII"), ("ECG", "ECG"), ("vx", "vx"), ("  V5 ", "V5")],
+    [
+        ("AVR", "aVR"),
+        ("avl", "aVL"),
+        ("Lead I", "I"),
+        ("Lead I (Einthoven)", "I"),
+        ("Lead aVF", "aVF"),
+        ("lead_v1", "V1"),
+        ("v6", "V6"),
+        ("II", "II"),
+        ("iii", "III"),
+        ("MLII", "MLII"),
+        ("ECG", "ECG"),
+        ("vx", "vx"),
+        ("  V5 ", "V5"),
+    ],
 )
 def test_lead_names_are_normalised(raw: str, expected: str) -> None:
     assert normalise_lead_name(raw) == expected
@@ -103,12 +124,15 @@ def test_two_signal_file_record_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "units, scale, assumed",
-    [(["uV", "uV"], 1e-3, False), (["mV", "mV"], 1.0, False), (["V", "V"], 1000.0, False),
-     (["mmHg", "mV"], 1.0, True), (["NU", "NU"], 1.0, True)],
+    [
+        (["uV", "uV"], 1e-3, False),
+        (["mV", "mV"], 1.0, False),
+        (["V", "V"], 1000.0, False),
+        (["mmHg", "mV"], 1.0, True),
+        (["NU", "NU"], 1.0, True),
+    ],
 )
-def test_units_are_converted_to_millivolts(
-    tmp_path: Path, units: list[str], scale: float, assumed: bool
-) -> None:
+def test_units_are_converted_to_millivolts(tmp_path: Path, units: list[str], scale: float, assumed: bool) -> None:
     ecg = load_ecg_wfdb(*write_record(tmp_path, units=units))
     assert ecg.units_assumed is assumed
     assert ecg.lead_names == ["II", "aVF"]
@@ -126,8 +150,12 @@ def test_signal_size_is_checked_before_reading(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "signal_line",
-    ["../x.dat 16 200 16 0 0 0 0 I", "/etc/x.dat 16 200 16 0 0 0 0 I",
-     "rec.hea 16 200 16 0 0 0 0 I", ".hidden 16 200 16 0 0 0 0 I"],
+    [
+        "../x.dat 16 200 16 0 0 0 0 I",
+        "/etc/x.dat 16 200 16 0 0 0 0 I",
+        "rec.hea 16 200 16 0 0 0 0 I",
+        ".hidden 16 200 16 0 0 0 0 I",
+    ],
 )
 def test_signal_file_names_with_path_parts_are_refused(tmp_path: Path, signal_line: str) -> None:
     header = tmp_path / "h"

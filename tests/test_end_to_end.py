@@ -41,9 +41,13 @@ def test_exam_travels_from_clinic_to_signed_result(hub_stack, tmp_path: Path) ->
     outcomes = upload_exams(ingest, scan.exams, priority="routine", indication="pre-operative check")
     assert all(o.exam_id and not o.errors for o in outcomes), [o.errors for o in outcomes]
     by_modality = {}
+
+    def queued(exam_id: str) -> ingest_pb2.GetExamRequest | None:
+        exam = ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10)
+        return exam if exam.state == "queued" else None
+
     for o in outcomes:
-        exam = wait_for(lambda: (x := ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=o.exam_id), timeout=10))
-                        .state == "queued" and x)
+        exam = wait_for(lambda exam_id=o.exam_id: queued(exam_id))
         by_modality.setdefault(exam.modality, []).append(exam)
     assert sorted(by_modality) == ["CT", "ECG"] and len(by_modality["ECG"]) == 2
     wfdb_exam = next(x for x in by_modality["ECG"] if x.object_count == 2)
@@ -51,8 +55,11 @@ def test_exam_travels_from_clinic_to_signed_result(hub_stack, tmp_path: Path) ->
     assert any(f.code == "ecg.pause" and f.evidence for f in wfdb_exam.triage.findings)
 
     # The live watch announced the critical exam.
-    wait_for(lambda: any(e.type == worklist_pb2.WorklistEvent.TYPE_CRITICAL and e.exam.exam_id == wfdb_exam.exam_id
-                         for e in events))
+    wait_for(
+        lambda: any(
+            e.type == worklist_pb2.WorklistEvent.TYPE_CRITICAL and e.exam.exam_id == wfdb_exam.exam_id for e in events
+        )
+    )
 
     # Most urgent first: the critical WFDB ECG comes before the routine DICOM ECG.
     claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=120), timeout=10)
@@ -60,30 +67,49 @@ def test_exam_travels_from_clinic_to_signed_result(hub_stack, tmp_path: Path) ->
     details = cardio.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=claim.exam.exam_id), timeout=10)
     assert {o.role for o in details.objects} == {"wfdb_header", "wfdb_signal"}
     header = next(o for o in details.objects if o.role == "wfdb_header")
-    fetched = b"".join(c.data for c in cardio.StreamObject(
-        worklist_pb2.StreamObjectRequest(exam_id=claim.exam.exam_id, object_id=header.object_id), timeout=10))
+    fetched = b"".join(
+        c.data
+        for c in cardio.StreamObject(
+            worklist_pb2.StreamObjectRequest(exam_id=claim.exam.exam_id, object_id=header.object_id), timeout=10
+        )
+    )
     assert fetched == hea.read_bytes()
-    cardio.SaveReport(worklist_pb2.SaveReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence,
-                                                     text="Sinus arrest, 3.5 s pause.", critical=True), timeout=10)
-    signed = cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10)
+    cardio.SaveReport(
+        worklist_pb2.SaveReportRequest(
+            exam_id=claim.exam.exam_id, fence=claim.fence, text="Sinus arrest, 3.5 s pause.", critical=True
+        ),
+        timeout=10,
+    )
+    signed = cardio.SignReport(
+        worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10
+    )
     assert signed.status == "final" and signed.signed_by == "dr-heart" and len(signed.sha256) == 64
 
     second = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=120), timeout=10)
     dicom_ecg = next(x for x in by_modality["ECG"] if x.object_count == 1)
     assert second.exam.exam_id == dicom_ecg.exam_id
-    cardio.SaveReport(worklist_pb2.SaveReportRequest(exam_id=second.exam.exam_id, fence=second.fence,
-                                                     text="Sinus rhythm."), timeout=10)
+    cardio.SaveReport(
+        worklist_pb2.SaveReportRequest(exam_id=second.exam.exam_id, fence=second.fence, text="Sinus rhythm."),
+        timeout=10,
+    )
     cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=second.exam.exam_id, fence=second.fence), timeout=10)
 
     radio = worklist_pb2_grpc.WorklistStub(hub_stack.channel("radio"))
     rclaim = radio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
     assert rclaim.exam.modality == "CT"
     rdetails = radio.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=rclaim.exam.exam_id), timeout=10)
-    stored = b"".join(c.data for c in radio.StreamObject(
-        worklist_pb2.StreamObjectRequest(exam_id=rclaim.exam.exam_id, object_id=rdetails.objects[0].object_id), timeout=10))
+    stored = b"".join(
+        c.data
+        for c in radio.StreamObject(
+            worklist_pb2.StreamObjectRequest(exam_id=rclaim.exam.exam_id, object_id=rdetails.objects[0].object_id),
+            timeout=10,
+        )
+    )
     assert hashlib.sha256(stored).hexdigest() == _sha(ct)  # byte-identical
-    radio.SaveReport(worklist_pb2.SaveReportRequest(exam_id=rclaim.exam.exam_id, fence=rclaim.fence,
-                                                    text="No acute finding."), timeout=10)
+    radio.SaveReport(
+        worklist_pb2.SaveReportRequest(exam_id=rclaim.exam.exam_id, fence=rclaim.fence, text="No acute finding."),
+        timeout=10,
+    )
     radio.SignReport(worklist_pb2.SignReportRequest(exam_id=rclaim.exam.exam_id, fence=rclaim.fence), timeout=10)
     with pytest.raises(grpc.RpcError) as empty:
         radio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)

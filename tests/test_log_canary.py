@@ -37,12 +37,25 @@ def _dicom_with_canary(path: Path, *, corrupt: bool) -> bytes:
 
 
 def _upload(ingest, key: str, data: bytes) -> grpc.RpcError | ingest_pb2.UploadStatus:
-    exam = ingest.OpenExam(ingest_pb2.OpenExamRequest(client_exam_key=key, kind=common_pb2.EXAM_KIND_IMAGING,
-                                                      priority=common_pb2.PRIORITY_ROUTINE, indication="fever"), timeout=10)
-    status = ingest.BeginUpload(ingest_pb2.BeginUploadRequest(exam_id=exam.exam_id, size=len(data),
-                                                              sha256=hashlib.sha256(data).hexdigest(), role="dicom"), timeout=10)
+    exam = ingest.OpenExam(
+        ingest_pb2.OpenExamRequest(
+            client_exam_key=key,
+            kind=common_pb2.EXAM_KIND_IMAGING,
+            priority=common_pb2.PRIORITY_ROUTINE,
+            indication="fever",
+        ),
+        timeout=10,
+    )
+    status = ingest.BeginUpload(
+        ingest_pb2.BeginUploadRequest(
+            exam_id=exam.exam_id, size=len(data), sha256=hashlib.sha256(data).hexdigest(), role="dicom"
+        ),
+        timeout=10,
+    )
     try:
-        result = ingest.Upload(iter([ingest_pb2.UploadChunk(upload_id=status.upload_id, offset=0, data=data)]), timeout=30)
+        result = ingest.Upload(
+            iter([ingest_pb2.UploadChunk(upload_id=status.upload_id, offset=0, data=data)]), timeout=30
+        )
         ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=exam.exam_id, expected_objects=1), timeout=10)
         wait_for(lambda: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=exam.exam_id), timeout=10).state == "queued")
         return result

@@ -146,9 +146,7 @@ def test_empty_object_round_trips(case: StoreCase, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("lie", ["sha256", "size_plus_one", "size_minus_one"])
-def test_put_refuses_content_not_matching_expectation(
-    case: StoreCase, tmp_path: Path, lie: str
-) -> None:
+def test_put_refuses_content_not_matching_expectation(case: StoreCase, tmp_path: Path, lie: str) -> None:
     data = _random_bytes(3 * MIB + 17)
     claimed_sha = _sha(data + b"x") if lie == "sha256" else _sha(data)
     claimed_size = {"sha256": len(data), "size_plus_one": len(data) + 1}.get(lie, len(data) - 1)
@@ -178,9 +176,7 @@ def test_reput_of_identical_content_is_a_no_op(case: StoreCase, tmp_path: Path) 
         assert handle.read() == data
 
 
-def test_reput_from_a_wrong_source_fails_and_keeps_the_stored_object(
-    case: StoreCase, tmp_path: Path
-) -> None:
+def test_reput_from_a_wrong_source_fails_and_keeps_the_stored_object(case: StoreCase, tmp_path: Path) -> None:
     data = _random_bytes(MIB + 1)
     key = _key(data)
     case.store.put_file(key, _source(tmp_path, data), sha256=_sha(data), size=len(data))
@@ -205,9 +201,7 @@ def test_missing_key_is_object_not_found(case: StoreCase) -> None:
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_bit_flip_in_stored_bytes_is_never_served(
-    case: StoreCase, tmp_path: Path, where: str
-) -> None:
+def test_bit_flip_in_stored_bytes_is_never_served(case: StoreCase, tmp_path: Path, where: str) -> None:
     data = _random_bytes(3 * MIB + 5)
     key = _key(data)
     case.store.put_file(key, _source(tmp_path, data), sha256=_sha(data), size=len(data))
@@ -253,8 +247,20 @@ def test_check_passes_on_a_healthy_store(case: StoreCase) -> None:
 
 
 UNSAFE_KEYS = [
-    "../outside", "t1/../../outside", "t1/objects/..", "/etc/passwd", "", "t1//x", "t1/./x",
-    "t1\\x", "t1/a b", "t1/é", ".tmp/x", "t1/.hidden", "t1/x\x00y", "x" * 1025,
+    "../outside",
+    "t1/../../outside",
+    "t1/objects/..",
+    "/etc/passwd",
+    "",
+    "t1//x",
+    "t1/./x",
+    "t1\\x",
+    "t1/a b",
+    "t1/é",
+    ".tmp/x",
+    "t1/.hidden",
+    "t1/x\x00y",
+    "x" * 1025,
 ]
 
 
@@ -277,8 +283,15 @@ def test_unsafe_keys_are_rejected(case: StoreCase, tmp_path: Path, key: str) -> 
 @pytest.mark.parametrize(
     ("tenant_id", "sha256"),
     [
-        (0, "a" * 64), (-3, "a" * 64), ("1", "a" * 64), (1.0, "a" * 64),
-        (1, "A" * 64), (1, "a" * 63), (1, "a" * 65), (1, "g" * 64), (1, "../" + "a" * 61),
+        (0, "a" * 64),
+        (-3, "a" * 64),
+        ("1", "a" * 64),
+        (1.0, "a" * 64),
+        (1, "A" * 64),
+        (1, "a" * 63),
+        (1, "a" * 65),
+        (1, "g" * 64),
+        (1, "../" + "a" * 61),
     ],
 )
 def test_object_key_rejects_bad_input(tenant_id: object, sha256: str) -> None:
@@ -407,9 +420,7 @@ def test_s3_source_changing_during_upload_never_lands(
 
 @pytest.mark.s3
 @pytest.mark.timeout(120)
-def test_s3_outage_is_a_quick_retryable_storage_error(
-    s3_server: NanioServer, s3_bucket: str, tmp_path: Path
-) -> None:
+def test_s3_outage_is_a_quick_retryable_storage_error(s3_server: NanioServer, s3_bucket: str, tmp_path: Path) -> None:
     store = _s3_store(s3_server, s3_bucket)
     data = _random_bytes(1000)
     key = _key(data)
@@ -434,9 +445,7 @@ def test_s3_outage_is_a_quick_retryable_storage_error(
         assert handle.read() == data
 
 
-def _s3_operations(
-    store: S3ObjectStore, key: str, source: Path, data: bytes
-) -> Iterator[Callable[[], object]]:
+def _s3_operations(store: S3ObjectStore, key: str, source: Path, data: bytes) -> Iterator[Callable[[], object]]:
     other = _random_bytes(10, seed=99)
     other_source = source.with_name("other.bin")
     other_source.write_bytes(other)
@@ -452,9 +461,7 @@ def _s3_operations(
 
 
 @pytest.mark.s3
-def test_s3_wrong_credentials_are_refused_without_leaking_them(
-    s3_server: NanioServer, s3_bucket: str
-) -> None:
+def test_s3_wrong_credentials_are_refused_without_leaking_them(s3_server: NanioServer, s3_bucket: str) -> None:
     wrong_secret = "wrong-" + "s" * 30
     store = _s3_store(s3_server, s3_bucket, secret_key=wrong_secret)
     with pytest.raises(StorageError) as raised:
@@ -479,16 +486,16 @@ def test_factory_defaults_to_a_local_store_under_data_dir(tmp_path: Path) -> Non
         (StorageSettings(backend="s3", access_key=SecretStr("ak")), "TELEREAD_STORAGE__ENDPOINT"),
         (
             StorageSettings(
-                backend="s3", endpoint="http://127.0.0.1:9/path", access_key=SecretStr("ak"),
+                backend="s3",
+                endpoint="http://127.0.0.1:9/path",
+                access_key=SecretStr("ak"),
                 secret_key=SecretStr("sk-secret-value"),
             ),
             "endpoint",
         ),
     ],
 )
-def test_factory_s3_misconfiguration_is_a_config_error(
-    tmp_path: Path, storage: StorageSettings, named: str
-) -> None:
+def test_factory_s3_misconfiguration_is_a_config_error(tmp_path: Path, storage: StorageSettings, named: str) -> None:
     with pytest.raises(StorageConfigError) as raised:
         build_object_store(Settings(data_dir=tmp_path, storage=storage))
     assert raised.value.code == "FAILED_PRECONDITION"
@@ -497,9 +504,7 @@ def test_factory_s3_misconfiguration_is_a_config_error(
 
 
 @pytest.mark.s3
-def test_factory_builds_a_working_s3_store(
-    s3_server: NanioServer, s3_bucket: str, tmp_path: Path
-) -> None:
+def test_factory_builds_a_working_s3_store(s3_server: NanioServer, s3_bucket: str, tmp_path: Path) -> None:
     storage = StorageSettings(
         backend="s3",
         endpoint=s3_server.endpoint,

@@ -50,12 +50,17 @@ def test_lapsed_lease_cannot_sign_and_fence_moves_on(hub_stack, tmp_path: Path) 
     # A signed report never changes: saving again is refused, an amendment is a new version.
     with pytest.raises(grpc.RpcError):
         b.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=taken.fence, text="edit"), timeout=10)
-    amended = b.AmendReport(worklist_pb2.AmendReportRequest(exam_id=exam_id, reason="typo", text="Sinus rhythm, normal."), timeout=10)
+    amended = b.AmendReport(
+        worklist_pb2.AmendReportRequest(exam_id=exam_id, reason="typo", text="Sinus rhythm, normal."), timeout=10
+    )
     assert amended.version == 2 and amended.amends_reason == "typo"
     details = b.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), timeout=10)
     assert [r.text for r in details.reports] == ["Sinus rhythm.", "Sinus rhythm, normal."]
     results = results_pb2_grpc.ResultsStub(hub_stack.channel("site_a"))
-    assert [r.report.version for r in results.ListResults(results_pb2.ListResultsRequest(), timeout=10).results] == [1, 2]
+    assert [r.report.version for r in results.ListResults(results_pb2.ListResultsRequest(), timeout=10).results] == [
+        1,
+        2,
+    ]
 
 
 def test_tenancy(hub_stack, tmp_path: Path) -> None:
@@ -82,21 +87,31 @@ def test_tenancy(hub_stack, tmp_path: Path) -> None:
 
     # A site identity cannot read the queue; a reader cannot upload.
     with pytest.raises(grpc.RpcError) as site_reads:
-        worklist_pb2_grpc.WorklistStub(hub_stack.channel("site_a")).ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10)
+        worklist_pb2_grpc.WorklistStub(hub_stack.channel("site_a")).ListWorklist(
+            worklist_pb2.ListWorklistRequest(), timeout=10
+        )
     assert site_reads.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as reader_uploads:
-        ingest_pb2_grpc.IngestStub(hub_stack.channel("cardio")).GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10)
+        ingest_pb2_grpc.IngestStub(hub_stack.channel("cardio")).GetExam(
+            ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10
+        )
     assert reader_uploads.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     cardio = worklist_pb2_grpc.WorklistStub(hub_stack.channel("cardio"))
     claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
     cardio.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=claim.fence, text="ok"), timeout=10)
     cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
-    mine = results_pb2_grpc.ResultsStub(hub_stack.channel("site_a")).ListResults(results_pb2.ListResultsRequest(), timeout=10)
-    theirs = results_pb2_grpc.ResultsStub(hub_stack.channel("site_b")).ListResults(results_pb2.ListResultsRequest(), timeout=10)
+    mine = results_pb2_grpc.ResultsStub(hub_stack.channel("site_a")).ListResults(
+        results_pb2.ListResultsRequest(), timeout=10
+    )
+    theirs = results_pb2_grpc.ResultsStub(hub_stack.channel("site_b")).ListResults(
+        results_pb2.ListResultsRequest(), timeout=10
+    )
     assert len(mine.results) == 1 and not theirs.results
     with pytest.raises(grpc.RpcError) as other_result:
-        results_pb2_grpc.ResultsStub(hub_stack.channel("site_b")).GetResult(results_pb2.GetResultRequest(exam_id=exam_id), timeout=10)
+        results_pb2_grpc.ResultsStub(hub_stack.channel("site_b")).GetResult(
+            results_pb2.GetResultRequest(exam_id=exam_id), timeout=10
+        )
     assert other_result.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -104,7 +119,11 @@ def test_no_endpoint_is_open(embedded_stack) -> None:
     from teleread.client import open_channel
 
     for token in ("", "tr_not-a-real-token"):
-        channel = grpc.insecure_channel(embedded_stack.address) if not token else open_channel(embedded_stack.address, token=token)
+        channel = (
+            grpc.insecure_channel(embedded_stack.address)
+            if not token
+            else open_channel(embedded_stack.address, token=token)
+        )
         with pytest.raises(grpc.RpcError) as err:
             ingest_pb2_grpc.IngestStub(channel).GetExam(ingest_pb2.GetExamRequest(exam_id="0" * 32), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -116,10 +135,13 @@ def test_health_and_reflection_answer_without_token(embedded_stack) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     channel = grpc.insecure_channel(embedded_stack.address)
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="teleread.v1.Ingest"), timeout=10)
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="teleread.v1.Ingest"), timeout=10
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"teleread.v1.Ingest", "teleread.v1.Worklist", "teleread.v1.Results"} <= names
     channel.close()

@@ -33,10 +33,19 @@ def rules() -> RuleSet:
 def _measurements(**changes: Any) -> EcgMeasurements:
     """A normal sinus ECG's measurements, with ``changes`` applied."""
     base = EcgMeasurements(
-        heart_rate_bpm=70.0, rr_intervals_s=np.full(10, 0.857), longest_pause_s=0.86,
-        shortest_rr_s=0.85, rr_cv=0.01, rr_irregularity=0.01, regular=True, qrs_duration_ms=90.0,
-        st_deviation_mv={lead: 0.0 for lead in LEAD_NAMES}, n_beats=11, lead_used="II",
-        duration_s=10.0, beat_times_s=np.arange(11) * 0.857,
+        heart_rate_bpm=70.0,
+        rr_intervals_s=np.full(10, 0.857),
+        longest_pause_s=0.86,
+        shortest_rr_s=0.85,
+        rr_cv=0.01,
+        rr_irregularity=0.01,
+        regular=True,
+        qrs_duration_ms=90.0,
+        st_deviation_mv={lead: 0.0 for lead in LEAD_NAMES},
+        n_beats=11,
+        lead_used="II",
+        duration_s=10.0,
+        beat_times_s=np.arange(11) * 0.857,
     )
     return dataclasses.replace(base, **changes)
 
@@ -48,6 +57,7 @@ def _finding(result: TriageResult, code: str) -> Finding:
 
 
 # --- the packaged rule file --------------------------------------------------------------------
+
 
 def test_default_rule_file_holds_the_clinical_defaults(rules: RuleSet) -> None:
     assert DEFAULT_RULES_PATH.name == "default.toml" and DEFAULT_RULES_PATH.parent.name == "rules"
@@ -69,10 +79,14 @@ def test_default_rule_file_holds_the_clinical_defaults(rules: RuleSet) -> None:
 
 
 def test_a_hospital_rule_file_changes_thresholds(tmp_path: Path) -> None:
-    text = DEFAULT_RULES_PATH.read_text(encoding="utf-8").replace(
-        'when = [{ metric = "longest_pause_s", op = ">=", value = 3.0, unit = "s" }]',
-        'when = [{ metric = "longest_pause_s", op = ">=", value = 2.0, unit = "s" }]',
-    ).replace('version = "ecg-rules-2026.11-1"', 'version = "site-7"')
+    text = (
+        DEFAULT_RULES_PATH.read_text(encoding="utf-8")
+        .replace(
+            'when = [{ metric = "longest_pause_s", op = ">=", value = 3.0, unit = "s" }]',
+            'when = [{ metric = "longest_pause_s", op = ">=", value = 2.0, unit = "s" }]',
+        )
+        .replace('version = "ecg-rules-2026.11-1"', 'version = "site-7"')
+    )
     path = tmp_path / "site.toml"
     path.write_text(text, encoding="utf-8")
     custom = load_rules(path)
@@ -89,7 +103,7 @@ def test_a_hospital_rule_file_changes_thresholds(tmp_path: Path) -> None:
         ('op = ">="', 'op = "=>"', "RULES_INVALID"),
         ('level = "critical"', 'level = "panic"', "RULES_INVALID"),
         ("critical = 10,", "", "RULES_INVALID"),
-        ('version = "ecg-rules-2026.11-1"', 'version = ', "RULES_INVALID"),
+        ('version = "ecg-rules-2026.11-1"', "version = ", "RULES_INVALID"),
     ],
 )
 def test_broken_rule_files_are_rejected(tmp_path: Path, old: str, new: str, reason: str) -> None:
@@ -109,6 +123,7 @@ def test_missing_rule_file_is_reported(tmp_path: Path) -> None:
 
 
 # --- synthetic ECGs end to end ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("rhythm", "code", "evidence_name", "threshold"),
@@ -162,14 +177,22 @@ def test_synthetic_normal_ecg_is_routine(rules: RuleSet, seed: int) -> None:
 
 # --- rule semantics on hand-made measurements -------------------------------------------------
 
+
 def test_pause_threshold_is_inclusive(rules: RuleSet) -> None:
     assert triage_ecg(_measurements(longest_pause_s=3.0), rules=rules).level is Level.CRITICAL
     assert triage_ecg(_measurements(longest_pause_s=2.99), rules=rules).level is Level.ROUTINE
 
 
 def test_no_beats_is_one_critical_finding(rules: RuleSet) -> None:
-    m = _measurements(heart_rate_bpm=0.0, n_beats=0, longest_pause_s=10.0, shortest_rr_s=None,
-                      qrs_duration_ms=None, st_deviation_mv={}, rr_intervals_s=np.zeros(0))
+    m = _measurements(
+        heart_rate_bpm=0.0,
+        n_beats=0,
+        longest_pause_s=10.0,
+        shortest_rr_s=None,
+        qrs_duration_ms=None,
+        st_deviation_mv={},
+        rr_intervals_s=np.zeros(0),
+    )
     result = triage_ecg(m, rules=rules)
     assert [f.code for f in result.findings] == ["ecg.no_qrs"]
     assert result.level is Level.CRITICAL
@@ -219,8 +242,7 @@ def _st(**leads: float) -> dict[str, float]:
 def test_st_elevation_needs_two_contiguous_leads(rules: RuleSet) -> None:
     inferior = triage_ecg(_measurements(st_deviation_mv=_st(II=0.15, aVF=0.2)), rules=rules)
     finding = _finding(inferior, "ecg.stemi")
-    assert {(e.lead, e.value, e.threshold) for e in finding.evidence} == {
-        ("II", 0.15, 0.1), ("aVF", 0.2, 0.1)}
+    assert {(e.lead, e.value, e.threshold) for e in finding.evidence} == {("II", 0.15, 0.1), ("aVF", 0.2, 0.1)}
     scattered = _measurements(st_deviation_mv=_st(II=0.3, V5=0.3))
     assert triage_ecg(scattered, rules=rules).level is Level.ROUTINE
     below_v2 = _measurements(st_deviation_mv=_st(V2=0.25, V3=0.25))
@@ -241,11 +263,11 @@ def test_st_rules_do_not_apply_to_wide_qrs(rules: RuleSet) -> None:
 
 def test_lead_names_match_case_insensitively(rules: RuleSet) -> None:
     m = _measurements(st_deviation_mv={"II": 0.2, "III": 0.2, "AVF": 0.2})
-    assert {e.lead for e in _finding(triage_ecg(m, rules=rules), "ecg.stemi").evidence} == {
-        "II", "III", "AVF"}
+    assert {e.lead for e in _finding(triage_ecg(m, rules=rules), "ecg.stemi").evidence} == {"II", "III", "AVF"}
 
 
 # --- priority, indication, score, serialisation ------------------------------------------------
+
 
 def test_stat_priority_is_at_least_urgent(rules: RuleSet) -> None:
     result = triage_ecg(_measurements(), rules=rules, priority="stat")
@@ -272,8 +294,7 @@ def test_score_is_monotone_in_level_and_severity(rules: RuleSet) -> None:
 
 
 def test_result_round_trips_through_json(rules: RuleSet) -> None:
-    m = _measurements(heart_rate_bpm=190.0, rr_irregularity=0.2, regular=False,
-                      st_deviation_mv=_st(V5=-0.2, V6=-0.2))
+    m = _measurements(heart_rate_bpm=190.0, rr_irregularity=0.2, regular=False, st_deviation_mv=_st(V5=-0.2, V6=-0.2))
     result = triage_ecg(m, rules=rules, priority="stat", indication="palpitations")
     data = json.loads(json.dumps(result.to_dict(), ensure_ascii=False))
     assert data["level"] == "critical" and data["rules_version"] == rules.version
@@ -299,29 +320,25 @@ def test_unmeasurable_ecg_is_queued_for_a_human(rules: RuleSet) -> None:
 
 # --- images -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("indication", "priority", "level", "code"),
     [
         ("cough for 3 days", "routine", Level.ROUTINE, None),
         ("cough for 3 days", "stat", Level.URGENT, "request.priority.stat"),
         ("Code stroke, left hemiparesis", "routine", Level.CRITICAL, "image.indication.stroke"),
-        ("突发右侧肢体无力，疑似脑卒中", "routine", Level.CRITICAL,
-         "image.indication.stroke"),
+        ("突发右侧肢体无力，疑似脑卒中", "routine", Level.CRITICAL, "image.indication.stroke"),
         ("fall, trauma to chest", "routine", Level.URGENT, "image.indication.trauma"),
         ("pneumothorax?", "routine", Level.URGENT, "image.indication.pneumothorax"),
         ("右侧气胸复查", "routine", Level.URGENT, "image.indication.pneumothorax"),
-        ("left tension pneumothorax?", "routine", Level.CRITICAL,
-         "image.indication.tension_pneumothorax"),
-        ("headache, r/o subarachnoid HEMORRHAGE", "urgent", Level.CRITICAL,
-         "image.indication.hemorrhage"),
+        ("left tension pneumothorax?", "routine", Level.CRITICAL, "image.indication.tension_pneumothorax"),
+        ("headache, r/o subarachnoid HEMORRHAGE", "urgent", Level.CRITICAL, "image.indication.hemorrhage"),
         ("脑出血术后", "routine", Level.CRITICAL, "image.indication.hemorrhage"),
         ("GI bleeding", "routine", Level.CRITICAL, "image.indication.hemorrhage"),
         ("nonbleeding polyp follow-up", "routine", Level.ROUTINE, None),
     ],
 )
-def test_image_triage(
-    rules: RuleSet, indication: str, priority: str, level: Level, code: str | None
-) -> None:
+def test_image_triage(rules: RuleSet, indication: str, priority: str, level: Level, code: str | None) -> None:
     result = triage_image(modality="CT", priority=priority, indication=indication, rules=rules)
     assert result.level is level
     assert result.sla_minutes == rules.sla_minutes[level]
@@ -362,8 +379,8 @@ def test_a_minimal_rule_file_limits_keywords_to_modalities(tmp_path: Path) -> No
 
 # --- real data sanity check ---------------------------------------------------------------------
 
-@pytest.mark.skipif(not (DATASETS / "ptbxl-fold9-val.npz").exists(),
-                    reason="shared PTB-XL file not on this machine")
+
+@pytest.mark.skipif(not (DATASETS / "ptbxl-fold9-val.npz").exists(), reason="shared PTB-XL file not on this machine")
 def test_ptbxl_fold9_normals_are_rarely_critical(rules: RuleSet) -> None:
     data = np.load(DATASETS / "ptbxl-fold9-val.npz")
     leads = [str(n) for n in data["lead_names"]]

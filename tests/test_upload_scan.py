@@ -91,9 +91,7 @@ def test_unusable_dicom_is_skipped_with_a_reason(tmp_path: Path) -> None:
     }
 
 
-def test_parser_error_text_never_reaches_the_reason(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_parser_error_text_never_reaches_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.copy(CT, tmp_path / "ct.dcm")
 
     def broken(*_: Any, **__: Any) -> None:
@@ -126,9 +124,7 @@ def test_wfdb_records_are_exams_keyed_by_content(tmp_path: Path) -> None:
         expected = hashlib.sha256((_sha(header.path) + _sha(signal.path)).encode()).hexdigest()
         assert exam.client_exam_key == expected
     assert [(s.path.name, "WFDB" in s.reason) for s in result.skipped] == [("100.atr", True)]
-    assert {e.client_exam_key for e in scan_paths([tmp_path]).exams} == {
-        e.client_exam_key for e in result.exams
-    }
+    assert {e.client_exam_key for e in scan_paths([tmp_path]).exams} == {e.client_exam_key for e in result.exams}
 
 
 def test_header_path_alone_finds_its_signal_file() -> None:
@@ -241,8 +237,9 @@ class FakeIngest:
         if request.name in self.reject_names:
             bad = error_details_pb2.BadRequest()
             bad.field_violations.add(field="name", description="not a DICOM instance")
-            raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "object rejected",
-                               _error_info("DICOM_NO_SOP_INSTANCE_UID"), bad)
+            raise FakeRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, "object rejected", _error_info("DICOM_NO_SOP_INSTANCE_UID"), bad
+            )
         upload_id = f"up-{request.sha256[:12]}"
         self.uploads.setdefault(upload_id, {"data": bytearray(), "request": request})
         return self.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=upload_id), 1)
@@ -261,8 +258,7 @@ class FakeIngest:
         data = self.uploads[first.upload_id]["data"]
         cut = self.cuts.pop(0) if self.cuts else None
         if first.offset != len(data):
-            raise FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION, "offset",
-                               _error_info("OFFSET_MISMATCH"))
+            raise FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION, "offset", _error_info("OFFSET_MISMATCH"))
         received = 0
         for chunk in itertools.chain([first], chunks):
             self.chunk_sizes.append(len(chunk.data))
@@ -293,8 +289,9 @@ def test_cut_stream_resumes_from_the_confirmed_offset(tmp_path: Path) -> None:
     ingest = FakeIngest(cuts=[(128 * 1024, unavailable)])
     sent: list[int] = []
     sleeps: list[float] = []
-    [outcome] = upload_exams(ingest, [exam], chunk_size=64 * 1024, progress=sent.append,
-                             retry=FAST, sleep=sleeps.append)
+    [outcome] = upload_exams(
+        ingest, [exam], chunk_size=64 * 1024, progress=sent.append, retry=FAST, sleep=sleeps.append
+    )
     assert outcome.ok and outcome.state == "queued" and outcome.objects_stored == 1
     [entry] = ingest.uploads.values()
     assert bytes(entry["data"]) == exam.objects[0].path.read_bytes()

@@ -28,10 +28,19 @@ ASCII_CANARY = "PHICANARY19"
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 # Names from RELIABILITY.md "Corpora" (pydicom 3.0.2 wheel); ExplVR_*NoMeta expanded.
 CORPUS_NAMES = [
-    "MR_truncated.dcm", "rtplan_truncated.dcm", "badVR.dcm", "no_meta.dcm",
-    "no_meta_group_length.dcm", "meta_missing_tsyntax.dcm", "ExplVR_BigEndNoMeta.dcm",
-    "ExplVR_LitEndNoMeta.dcm", "JPEG2000-embedded-sequence-delimiter.dcm",
-    "J2K_pixelrep_mismatch.dcm", "UN_sequence.dcm", "empty_charset_LEI.dcm", "waveform_ecg.dcm",
+    "MR_truncated.dcm",
+    "rtplan_truncated.dcm",
+    "badVR.dcm",
+    "no_meta.dcm",
+    "no_meta_group_length.dcm",
+    "meta_missing_tsyntax.dcm",
+    "ExplVR_BigEndNoMeta.dcm",
+    "ExplVR_LitEndNoMeta.dcm",
+    "JPEG2000-embedded-sequence-delimiter.dcm",
+    "J2K_pixelrep_mismatch.dcm",
+    "UN_sequence.dcm",
+    "empty_charset_LEI.dcm",
+    "waveform_ecg.dcm",
 ]
 
 
@@ -57,8 +66,14 @@ def inspect_or_reject(path: Path) -> tuple[str, float]:
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("1.2.840.10008.1.2", "1.2.840.10008.1.2"), ("1.2.3\x00", "1.2.3"), ("1.2.3 ", "1.2.3"),
-     ("0.0", "0.0"), ("1.20.3", "1.20.3"), ("1." + "2" * 62, "1." + "2" * 62)],
+    [
+        ("1.2.840.10008.1.2", "1.2.840.10008.1.2"),
+        ("1.2.3\x00", "1.2.3"),
+        ("1.2.3 ", "1.2.3"),
+        ("0.0", "0.0"),
+        ("1.20.3", "1.20.3"),
+        ("1." + "2" * 62, "1." + "2" * 62),
+    ],
 )
 def test_check_uid_accepts_valid_uids(value: str, expected: str) -> None:
     assert check_uid(value, field="SOPInstanceUID") == expected
@@ -66,8 +81,23 @@ def test_check_uid_accepts_valid_uids(value: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", "../x", "/abs", "1" * 65, "1.2.abc", "1..2", ".1", "1.", "01.2", "1.02", "1.2\n",
-     "1.2.3\x00\x00", "１.２", "1.2 .3", "1.2\\1.3"],
+    [
+        "",
+        "../x",
+        "/abs",
+        "1" * 65,
+        "1.2.abc",
+        "1..2",
+        ".1",
+        "1.",
+        "01.2",
+        "1.02",
+        "1.2\n",
+        "1.2.3\x00\x00",
+        "１.２",
+        "1.2 .3",
+        "1.2\\1.3",
+    ],
 )
 def test_check_uid_rejects_bad_uids_without_echoing_them(value: str) -> None:
     with pytest.raises(InvalidInput) as caught:
@@ -102,10 +132,17 @@ def test_every_bundled_pydicom_file_is_accepted_or_rejected_within_two_seconds()
 
 @pytest.mark.parametrize(
     "name, frames, waveform",
-    [("CT_small.dcm", 1, False), ("MR_small.dcm", 1, False), ("waveform_ecg.dcm", 1, True),
-     ("JPEG2000.dcm", 1, False), ("MR_small_jp2klossless.dcm", 1, False),
-     ("examples_ybr_color.dcm", 30, False), ("SC_rgb_rle_2frame.dcm", 2, False),
-     ("MR_small_bigendian.dcm", 1, False), ("image_dfl.dcm", 1, False)],
+    [
+        ("CT_small.dcm", 1, False),
+        ("MR_small.dcm", 1, False),
+        ("waveform_ecg.dcm", 1, True),
+        ("JPEG2000.dcm", 1, False),
+        ("MR_small_jp2klossless.dcm", 1, False),
+        ("examples_ybr_color.dcm", 30, False),
+        ("SC_rgb_rle_2frame.dcm", 2, False),
+        ("MR_small_bigendian.dcm", 1, False),
+        ("image_dfl.dcm", 1, False),
+    ],
 )
 def test_valid_files_are_accepted_with_their_uids(name: str, frames: int, waveform: bool) -> None:
     path = bundled(name)
@@ -127,8 +164,16 @@ def test_valid_files_are_accepted_with_their_uids(name: str, frames: int, wavefo
 
 
 def test_validation_mode_is_restored_and_parallel_inspections_agree() -> None:
-    names = ["CT_small.dcm", "MR_truncated.dcm", "badVR.dcm", "waveform_ecg.dcm", "JPEG2000.dcm",
-             "rtdose_rle.dcm", "no_meta_group_length.dcm", "image_dfl.dcm"] * 4
+    names = [
+        "CT_small.dcm",
+        "MR_truncated.dcm",
+        "badVR.dcm",
+        "waveform_ecg.dcm",
+        "JPEG2000.dcm",
+        "rtdose_rle.dcm",
+        "no_meta_group_length.dcm",
+        "image_dfl.dcm",
+    ] * 4
     before = pydicom_config.settings.reading_validation_mode
     serial = [inspect_or_reject(bundled(n))[0] for n in names]
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -188,8 +233,7 @@ def test_crafted_valid_file_is_accepted(tmp_path: Path) -> None:
     assert (info.rows, info.columns, info.pixel_bytes, info.modality) == (None, None, 0, "CT")
 
 
-@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID",
-                                     "SeriesInstanceUID"])
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"])
 def test_missing_identifying_uid_is_named(tmp_path: Path, keyword: str) -> None:
     err = reason_of(write(make_dataset(**{keyword: None}), tmp_path / "x.dcm"))
     assert err.reason == "DICOM_MISSING_ATTRIBUTE"
@@ -198,9 +242,7 @@ def test_missing_identifying_uid_is_named(tmp_path: Path, keyword: str) -> None:
 
 @pytest.mark.parametrize("bad", ["../x", "/abs", "1" * 65, "1.2.abc"])
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
-def test_bad_uids_are_rejected_without_echo(
-    tmp_path: Path, lenient_writing: None, keyword: str, bad: str
-) -> None:
+def test_bad_uids_are_rejected_without_echo(tmp_path: Path, lenient_writing: None, keyword: str, bad: str) -> None:
     ds = make_dataset(**{keyword: bad})
     if keyword == "SOPInstanceUID":
         ds.file_meta.MediaStorageSOPInstanceUID = bad
@@ -309,9 +351,17 @@ def test_truncated_small_element_is_rejected(tmp_path: Path) -> None:
 
 
 def test_truncated_pixel_data_is_rejected_without_decoding(tmp_path: Path) -> None:
-    ds = make_dataset(Rows=4, Columns=4, BitsAllocated=8, BitsStored=8, HighBit=7,
-                      SamplesPerPixel=1, PixelRepresentation=0,
-                      PhotometricInterpretation="MONOCHROME2", PixelData=bytes(16))
+    ds = make_dataset(
+        Rows=4,
+        Columns=4,
+        BitsAllocated=8,
+        BitsStored=8,
+        HighBit=7,
+        SamplesPerPixel=1,
+        PixelRepresentation=0,
+        PhotometricInterpretation="MONOCHROME2",
+        PixelData=bytes(16),
+    )
     data = write(ds, tmp_path / "full.dcm").read_bytes()
     path = tmp_path / "cut.dcm"
     path.write_bytes(data[:-6])
@@ -327,11 +377,22 @@ def test_declared_65535_square_image_is_rejected_before_any_decode(
     monkeypatch.setattr(pydicom.pixels.decoders.base.DecodeRunner, "__init__", no_decode)
     monkeypatch.setattr(Dataset, "pixel_array", property(no_decode))
     # A J2K codestream header (SOC + SIZ) claiming 65535 x 65535 as the only frame.
-    siz = b"\xff\x4f\xff\x51" + struct.pack(">HHIIIIIIIIH", 41, 0, 65535, 65535, 0, 0,
-                                            65535, 65535, 0, 0, 1) + b"\x0f\x01\x01"
-    ds = make_dataset(Rows=65535, Columns=65535, BitsAllocated=16, BitsStored=16, HighBit=15,
-                      SamplesPerPixel=1, PixelRepresentation=0,
-                      PhotometricInterpretation="MONOCHROME2", PixelData=encapsulate([siz]))
+    siz = (
+        b"\xff\x4f\xff\x51"
+        + struct.pack(">HHIIIIIIIIH", 41, 0, 65535, 65535, 0, 0, 65535, 65535, 0, 0, 1)
+        + b"\x0f\x01\x01"
+    )
+    ds = make_dataset(
+        Rows=65535,
+        Columns=65535,
+        BitsAllocated=16,
+        BitsStored=16,
+        HighBit=15,
+        SamplesPerPixel=1,
+        PixelRepresentation=0,
+        PhotometricInterpretation="MONOCHROME2",
+        PixelData=encapsulate([siz]),
+    )
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     ds["PixelData"].VR = "OB"
     path = write(ds, tmp_path / "bomb.dcm")
@@ -346,8 +407,7 @@ def test_declared_65535_square_image_is_rejected_before_any_decode(
 
 
 def test_frame_count_bomb_and_custom_pixel_bound(tmp_path: Path) -> None:
-    many = make_dataset(Rows=512, Columns=512, BitsAllocated=16, SamplesPerPixel=1,
-                        NumberOfFrames=100_000)
+    many = make_dataset(Rows=512, Columns=512, BitsAllocated=16, SamplesPerPixel=1, NumberOfFrames=100_000)
     assert reason_of(write(many, tmp_path / "frames.dcm")).reason == "DICOM_TOO_LARGE"
     assert reason_of(bundled("CT_small.dcm"), max_pixel_bytes=1000).reason == "DICOM_TOO_LARGE"
     zero = make_dataset(Rows=8, Columns=8, BitsAllocated=8, SamplesPerPixel=1, NumberOfFrames=0)
@@ -388,8 +448,7 @@ def test_pathologically_nested_undefined_length_sequences_do_not_crash(tmp_path:
 def test_rejections_and_logs_carry_no_patient_data(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, lenient_writing: None
 ) -> None:
-    bad_uid = write(make_dataset(StudyInstanceUID="1.2.x9", StudyDescription=CANARY),
-                    tmp_path / "uid.dcm")
+    bad_uid = write(make_dataset(StudyInstanceUID="1.2.x9", StudyDescription=CANARY), tmp_path / "uid.dcm")
     # A too-long patient ID holding the canary: pydicom's own exception text quotes it.
     bad_id = write(make_dataset(PatientID=ASCII_CANARY + "X" * 60), tmp_path / "id.dcm")
     with caplog.at_level(logging.DEBUG):
@@ -406,8 +465,7 @@ def test_rejections_and_logs_carry_no_patient_data(
 
 def test_random_mutations_of_seed_files_only_raise_typed_errors(tmp_path: Path) -> None:
     """A small, seeded F13 run (20,000 mutations ran clean when this was written)."""
-    names = ("CT_small.dcm", "MR_small_implicit.dcm", "waveform_ecg.dcm", "JPEG2000.dcm",
-             "image_dfl.dcm")
+    names = ("CT_small.dcm", "MR_small_implicit.dcm", "waveform_ecg.dcm", "JPEG2000.dcm", "image_dfl.dcm")
     seeds = [bundled(name).read_bytes() for name in names]
     rng = random.Random(20240611)
     path = tmp_path / "mutant.dcm"
@@ -418,14 +476,13 @@ def test_random_mutations_of_seed_files_only_raise_typed_errors(tmp_path: Path) 
             pos = rng.randrange(132, min(len(data), rng.choice([400, 2000, len(data)])))
             action = rng.random()
             if action < 0.35:
-                data[pos:pos + 4] = rng.choice([b"\xff\xff\xff\xff", b"\xf0\xff\xff\xff",
-                                                 rng.randbytes(4)])
+                data[pos : pos + 4] = rng.choice([b"\xff\xff\xff\xff", b"\xf0\xff\xff\xff", rng.randbytes(4)])
             elif action < 0.55:
                 del data[pos:]
             elif action < 0.8:
                 data[pos:pos] = rng.randbytes(rng.randint(1, 16))
             else:
-                del data[pos:pos + rng.randint(1, 16)]
+                del data[pos : pos + rng.randint(1, 16)]
             if len(data) <= 140:
                 break
         path.write_bytes(bytes(data))
@@ -443,12 +500,9 @@ def test_sniff_kind(tmp_path: Path) -> None:
     assert sniff_kind(bundled("no_meta.dcm")) == "unknown"
     assert sniff_kind(bundled("README.txt")) == "unknown"
     header = tmp_path / "blob"
-    header.write_text(
-        "# comment\n\nrec01 2 500 5000 10:00:00 01/02/2020\nrec01.dat 16 200 16 0 0 0 0 I\n"
-    )
+    header.write_text("# comment\n\nrec01 2 500 5000 10:00:00 01/02/2020\nrec01.dat 16 200 16 0 0 0 0 I\n")
     assert sniff_kind(header) == "wfdb_header"
     (tmp_path / "empty").write_bytes(b"")
     assert sniff_kind(tmp_path / "empty") == "unknown"
     (tmp_path / "bin").write_bytes(bytes(range(256)) * 4)
     assert sniff_kind(tmp_path / "bin") == "unknown"
-

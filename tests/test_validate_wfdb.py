@@ -27,17 +27,29 @@ needs_datasets = pytest.mark.skipif(
 
 
 def write_record(
-    folder: Path, *, name: str = "rec01", fmt: str = "16", n_sig: int = 3, n_samples: int = 500,
+    folder: Path,
+    *,
+    name: str = "rec01",
+    fmt: str = "16",
+    n_sig: int = 3,
+    n_samples: int = 500,
     units: str = "mV",
 ) -> tuple[Path, Path]:
     """A WFDB record written by wfdb.wrsamp (format 61, which wfdb cannot write, is converted)."""
     t = np.arange(n_samples) / 500.0
     digital = np.stack([100 * np.sin(2 * np.pi * (k + 1) * t) for k in range(n_sig)], axis=1)
-    wfdb.wrsamp(name, fs=500, units=[units] * n_sig, sig_name=[f"V{k + 1}" for k in range(n_sig)],
-                d_signal=digital.round().astype(np.int32),
-                fmt=["16" if fmt == "61" else fmt] * n_sig,
-                adc_gain=[200.0] * n_sig, baseline=[0] * n_sig,
-                comments=[f"patient: {CANARY}"], write_dir=str(folder))
+    wfdb.wrsamp(
+        name,
+        fs=500,
+        units=[units] * n_sig,
+        sig_name=[f"V{k + 1}" for k in range(n_sig)],
+        d_signal=digital.round().astype(np.int32),
+        fmt=["16" if fmt == "61" else fmt] * n_sig,
+        adc_gain=[200.0] * n_sig,
+        baseline=[0] * n_sig,
+        comments=[f"patient: {CANARY}"],
+        write_dir=str(folder),
+    )
     header, signal = folder / f"{name}.hea", folder / f"{name}.dat"
     if fmt == "61":  # same samples, big-endian
         signal.write_bytes(np.fromfile(signal, dtype="<i2").astype(">i2").tobytes())
@@ -64,10 +76,12 @@ SIGNAL_LINE = "rec.dat 16 200/mV 16 0 0 0 0 I\n"
 @needs_datasets
 @pytest.mark.parametrize(
     "header, signal, n_sig, fs, sig_len",
-    [("mitdb-100-60s/100.hea", "mitdb-100-60s/100.dat", 2, 360, 21600),
-     ("ptbxl-records100/00009_lr.hea", "ptbxl-records100/00009_lr.dat", 12, 100, 1000),
-     ("ptbxl-records100/00336_lr.hea", "ptbxl-records100/00336_lr.dat", 12, 100, 1000),
-     ("cinc2017/A06100.hea", "cinc2017/A06100.mat", 1, 300, 9000)],
+    [
+        ("mitdb-100-60s/100.hea", "mitdb-100-60s/100.dat", 2, 360, 21600),
+        ("ptbxl-records100/00009_lr.hea", "ptbxl-records100/00009_lr.dat", 12, 100, 1000),
+        ("ptbxl-records100/00336_lr.hea", "ptbxl-records100/00336_lr.dat", 12, 100, 1000),
+        ("cinc2017/A06100.hea", "cinc2017/A06100.mat", 1, 300, 9000),
+    ],
 )
 def test_shared_records_pass(header: str, signal: str, n_sig: int, fs: int, sig_len: int) -> None:
     info = inspect_wfdb_header(DATASETS / header)
@@ -82,8 +96,7 @@ def test_shared_records_pass(header: str, signal: str, n_sig: int, fs: int, sig_
 @needs_datasets
 def test_shared_ptbxl_lead_names_are_normalised() -> None:
     info = inspect_wfdb_header(DATASETS / "ptbxl-records100/00009_lr.hea")
-    assert info.lead_names == ("I", "II", "III", "aVR", "aVL", "aVF",
-                               "V1", "V2", "V3", "V4", "V5", "V6")
+    assert info.lead_names == ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
     assert info.fmt == ("16",) * 12 and info.gains == (1000.0,) * 12
 
 
@@ -95,9 +108,7 @@ def test_record_with_two_signal_files_is_unsupported() -> None:
 
 @pytest.mark.parametrize("fmt", ["16", "212", "80", "61", "24", "32"])
 @pytest.mark.parametrize("n_samples", [500, 333])
-def test_generated_records_of_every_supported_format(
-    tmp_path: Path, fmt: str, n_samples: int
-) -> None:
+def test_generated_records_of_every_supported_format(tmp_path: Path, fmt: str, n_samples: int) -> None:
     header, signal = write_record(tmp_path, fmt=fmt, n_samples=n_samples)
     stored = tmp_path / "by-hash"
     shutil.copy(header, stored)  # the hub keeps headers under hash names
@@ -117,9 +128,7 @@ def test_short_and_long_signal_files_are_size_mismatches(tmp_path: Path) -> None
         with pytest.raises(InvalidInput) as caught:
             check_wfdb_pair(info, signal)
         assert caught.value.reason == "WFDB_SIGNAL_SIZE_MISMATCH"
-        assert caught.value.message == (
-            f"signal file has {len(altered)} bytes, header implies {len(data)}"
-        )
+        assert caught.value.message == (f"signal file has {len(altered)} bytes, header implies {len(data)}")
 
 
 @pytest.mark.parametrize(
@@ -141,16 +150,14 @@ def test_short_and_long_signal_files_are_size_mismatches(tmp_path: Path) -> None
         ("rec 65 500 1000\n" + SIGNAL_LINE * 65, "WFDB_TOO_LARGE"),
         (f"rec 2 500 {2**30}\n" + SIGNAL_LINE * 2, "WFDB_TOO_LARGE"),
         ("rec 1 500 1000\nrec.dat 310 200/mV 12 0 0 0 0 I\n", "WFDB_UNSUPPORTED_FORMAT"),
-        ("rec 2 500 1000\nrec.dat 16 200 16 0 0 0 0 I\nrec.xyz 16 200 16 0 0 0 0 II\n",
-         "WFDB_UNSUPPORTED_FORMAT"),
+        ("rec 2 500 1000\nrec.dat 16 200 16 0 0 0 0 I\nrec.xyz 16 200 16 0 0 0 0 II\n", "WFDB_UNSUPPORTED_FORMAT"),
         ("rec/2 0 500 2000\nseg1 1000\nseg2 1000\n", "WFDB_UNSUPPORTED_FORMAT"),
         ("rec 1 500 1000\n../evil.dat 16 200 16 0 0 0 0 I\n", "WFDB_BAD_HEADER"),
         ("rec 1 500 1000\nrec.hea 16 200 16 0 0 0 0 I\n", "WFDB_BAD_HEADER"),
         ("../rec 1 500 1000\n" + SIGNAL_LINE, "WFDB_BAD_HEADER"),
         ("# only a comment\n", "WFDB_BAD_HEADER"),
         ("", "WFDB_BAD_HEADER"),
-        ("rec 1 500 1000\nrec.dat 16 200 16 0 0 0 0 I\nrec.dat 16 200 16 0 0 0 0 II\n",
-         "WFDB_BAD_HEADER"),
+        ("rec 1 500 1000\nrec.dat 16 200 16 0 0 0 0 I\nrec.dat 16 200 16 0 0 0 0 II\n", "WFDB_BAD_HEADER"),
     ],
 )
 def test_malformed_headers_give_typed_errors(tmp_path: Path, text: str, reason: str) -> None:

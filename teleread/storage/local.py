@@ -52,8 +52,7 @@ def validate_key(key: str) -> str:
         raise InvalidInput("object key is empty or too long", reason="INVALID_OBJECT_KEY")
     if not all(_KEY_SEGMENT.match(segment) for segment in key.split("/")):
         raise InvalidInput(
-            "object key must be '/'-separated segments of [A-Za-z0-9._-], "
-            "none empty or starting with '.'",
+            "object key must be '/'-separated segments of [A-Za-z0-9._-], none empty or starting with '.'",
             reason="INVALID_OBJECT_KEY",
         )
     return key
@@ -62,9 +61,7 @@ def validate_key(key: str) -> str:
 def validate_expected(*, sha256: str, size: int) -> None:
     """Reject a malformed expected digest or size before any I/O."""
     if not isinstance(sha256, str) or not _HEX64.match(sha256):
-        raise InvalidInput(
-            "expected sha256 must be 64 lowercase hex digits", reason="INVALID_SHA256"
-        )
+        raise InvalidInput("expected sha256 must be 64 lowercase hex digits", reason="INVALID_SHA256")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise InvalidInput("expected size must be a non-negative integer", reason="INVALID_SIZE")
 
@@ -91,14 +88,10 @@ def hash_file(path: Path) -> tuple[str, int]:
         return hash_stream(stream)
 
 
-def check_content(
-    *, actual_sha256: str, actual_size: int, sha256: str, size: int, what: str
-) -> None:
+def check_content(*, actual_sha256: str, actual_size: int, sha256: str, size: int, what: str) -> None:
     """Raise IntegrityError naming which of size or SHA-256 of ``what`` does not match."""
     if actual_size != size:
-        raise IntegrityError(
-            f"{what} size does not match the expected size", reason="SIZE_MISMATCH"
-        )
+        raise IntegrityError(f"{what} size does not match the expected size", reason="SIZE_MISMATCH")
     if actual_sha256 != sha256:
         raise IntegrityError(f"{what} SHA-256 does not match the expected digest")
 
@@ -226,9 +219,7 @@ class LocalObjectStore:
         candidate = self.root / validate_key(key)
         resolved = Path(os.path.realpath(candidate))
         if not resolved.is_relative_to(self.root) or resolved == self.root:
-            raise InvalidInput(
-                "object key resolves outside the object store root", reason="INVALID_OBJECT_KEY"
-            )
+            raise InvalidInput("object key resolves outside the object store root", reason="INVALID_OBJECT_KEY")
         return candidate
 
     def _open_and_verify(self, key: str, *, sha256: str, size: int) -> BinaryIO:
@@ -242,7 +233,10 @@ class LocalObjectStore:
         try:
             actual_sha256, actual_size = hash_stream(handle, limit=size)
             check_content(
-                actual_sha256=actual_sha256, actual_size=actual_size, sha256=sha256, size=size,
+                actual_sha256=actual_sha256,
+                actual_size=actual_size,
+                sha256=sha256,
+                size=size,
                 what="stored object",
             )
             handle.seek(0)
@@ -291,7 +285,10 @@ class LocalObjectStore:
                 if count > size:
                     _raise_size_mismatch()
         check_content(
-            actual_sha256=digest.hexdigest(), actual_size=count, sha256=sha256, size=size,
+            actual_sha256=digest.hexdigest(),
+            actual_size=count,
+            sha256=sha256,
+            size=size,
             what="file to store",
         )
         out.flush()
@@ -316,15 +313,16 @@ def _verify_source(path: Path, *, sha256: str, size: int) -> None:
     except OSError as exc:
         raise storage_error_from_os(exc, action="read the file to store") from None
     check_content(
-        actual_sha256=actual_sha256, actual_size=actual_size, sha256=sha256, size=size,
+        actual_sha256=actual_sha256,
+        actual_size=actual_size,
+        sha256=sha256,
+        size=size,
         what="file to store",
     )
 
 
 def _raise_size_mismatch() -> NoReturn:
-    raise IntegrityError(
-        "file to store size does not match the expected size", reason="SIZE_MISMATCH"
-    )
+    raise IntegrityError("file to store size does not match the expected size", reason="SIZE_MISMATCH")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -45,9 +45,7 @@ READ_TIMEOUT_S = 60.0
 RETRIES = 3
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"})
-_DENIED_CODES = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed"}
-)
+_DENIED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed"})
 _BUCKET_EXISTS_CODES = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
 
 _T = TypeVar("_T")
@@ -93,8 +91,11 @@ class _VerifyingReader:
         self._count += len(data)
         if self._count >= self._size or not data:
             check_content(
-                actual_sha256=self._digest.hexdigest(), actual_size=self._count,
-                sha256=self._sha256, size=self._size, what="file being uploaded",
+                actual_sha256=self._digest.hexdigest(),
+                actual_size=self._count,
+                sha256=self._sha256,
+                size=self._size,
+                what="file being uploaded",
             )
         return data
 
@@ -156,11 +157,12 @@ class S3ObjectStore:
         try:
             actual_sha256, actual_size = hash_file(path)
         except OSError:
-            raise StorageError(
-                "file to store could not be read", reason="SOURCE_UNREADABLE"
-            ) from None
+            raise StorageError("file to store could not be read", reason="SOURCE_UNREADABLE") from None
         check_content(
-            actual_sha256=actual_sha256, actual_size=actual_size, sha256=sha256, size=size,
+            actual_sha256=actual_sha256,
+            actual_size=actual_size,
+            sha256=sha256,
+            size=size,
             what="file to store",
         )
         if self._holds(key, sha256=sha256, size=size):
@@ -241,9 +243,7 @@ class S3ObjectStore:
         try:
             source = open(path, "rb")
         except OSError:
-            raise StorageError(
-                "file to store could not be read", reason="SOURCE_UNREADABLE"
-            ) from None
+            raise StorageError("file to store could not be read", reason="SOURCE_UNREADABLE") from None
         with source:
             reader = _VerifyingReader(source, sha256=sha256, size=size)
             _call(
@@ -264,14 +264,10 @@ class S3ObjectStore:
         try:
             announced = response.headers.get("content-length")
             if announced is not None and int(announced) != size:
-                raise IntegrityError(
-                    "stored object size does not match the expected size", reason="SIZE_MISMATCH"
-                )
+                raise IntegrityError("stored object size does not match the expected size", reason="SIZE_MISMATCH")
             recorded = response.headers.get(SHA256_META)
             if recorded is not None and recorded != sha256:
-                raise IntegrityError(
-                    "stored object's recorded SHA-256 differs from the expected one"
-                )
+                raise IntegrityError("stored object's recorded SHA-256 differs from the expected one")
             digest = hashlib.sha256()
             count = 0
             for chunk in response.stream(CHUNK_SIZE):
@@ -281,7 +277,10 @@ class S3ObjectStore:
                     break
                 spool.write(chunk)
             check_content(
-                actual_sha256=digest.hexdigest(), actual_size=count, sha256=sha256, size=size,
+                actual_sha256=digest.hexdigest(),
+                actual_size=count,
+                sha256=sha256,
+                size=size,
                 what="stored object",
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -311,13 +310,12 @@ def _s3_error(exc: S3Error) -> TelereadError:
     if code in _DENIED_CODES:
         logger.error("object store refused our credentials or signature", extra={"reason": code})
         return StorageError(
-            f"object store refused the request ({code})", reason="STORAGE_ACCESS_DENIED",
+            f"object store refused the request ({code})",
+            reason="STORAGE_ACCESS_DENIED",
             metadata=meta,
         )
     logger.warning("object store request failed", extra={"reason": code})
-    return StorageError(
-        f"object store request failed ({code})", reason="STORAGE_REFUSED", metadata=meta
-    )
+    return StorageError(f"object store request failed ({code})", reason="STORAGE_REFUSED", metadata=meta)
 
 
 def _storage_error(exc: BaseException) -> StorageError:

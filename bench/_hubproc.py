@@ -1,0 +1,402 @@
+"""Server processes of the spine benchmark: the hub, the raw gRPC sink, PostgreSQL and nanio.
+
+Run as ``python -m bench._hubproc hub --settings-json FILE`` it builds the hub from the settings in
+FILE (a private file: it may hold S3 keys), registers the site "bench-clinic" (lead hospital
+"bench-hosp"), its upload identity and reader identities, prints one JSON line (port, tokens, site
+id) and serves until SIGTERM. ``python -m bench._hubproc sink`` serves the raw ceiling instead: the
+Ingest ``Upload`` method with the hub's server options, discarding the bytes. The benchmark side
+uses :func:`start_hub` / :func:`start_sink` (one separate process each, so the hub's RSS is its
+own) and :class:`PgCluster` / :class:`NanioServer` for the PostgreSQL + S3 deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+SITE = "bench-clinic"
+HOSPITAL = "bench-hosp"
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+# --- inside the server process -------------------------------------------------------------------
+
+
+def _install_thread_profiler() -> list[cProfile.Profile]:
+    """A CPU-time (``thread_time``) cProfile in every thread started from now on."""
+    profiles: list[cProfile.Profile] = []
+
+    def start(_frame: Any, _event: str, _arg: Any) -> None:
+        profile = cProfile.Profile(time.thread_time)
+        profiles.append(profile)
+        profile.enable()
+
+    threading.setprofile(start)
+    return profiles
+
+
+def _dump_profiles(profiles: list[cProfile.Profile], path: Path) -> None:
+    import pstats
+
+    if profiles:
+        stats = pstats.Stats(profiles[0])
+        for profile in profiles[1:]:
+            stats.add(profile)
+        stats.dump_stats(str(path))
+
+
+def _register(engine: Any, *, readers: int) -> tuple[int, dict[str, str]]:
+    from teleread.auth import Role, add_principal, add_site
+
+    site_id = add_site(engine, code=SITE, name="Benchmark clinic", lead_hospital=HOSPITAL)
+    tokens = {
+        "site": add_principal(engine, name="bench-site", role=Role.SITE, site_code=SITE),
+        "radio": add_principal(engine, name="bench-radio", role=Role.RADIOLOGIST, hospital=HOSPITAL),
+    }
+    for number in range(readers):
+        tokens[f"cardio-{number}"] = add_principal(
+            engine, name=f"bench-cardio-{number}", role=Role.CARDIOLOGIST, hospital=HOSPITAL
+        )
+    return site_id, tokens
+
+
+def _wait_for_sigterm() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def serve_hub(args: argparse.Namespace) -> None:
+    from teleread.hub import build_hub, create_server
+    from teleread.logs import configure_logging
+    from teleread.settings import Settings
+
+    settings = Settings.model_validate(json.loads(Path(args.settings_json).read_text()))
+    configure_logging(settings.log_level)
+    profiles = _install_thread_profiler() if args.profile else []
+    hub = build_hub(settings)
+    site_id, tokens = _register(hub.engine, readers=args.readers)
+    server, port = create_server(hub, host=HOST, port=0)
+    server.start()
+    print(json.dumps({"port": port, "site_id": site_id, "tokens": tokens}), flush=True)
+    _wait_for_sigterm()
+    server.stop(grace=2).wait()
+    hub.close()
+    if args.profile:
+        threading.setprofile(None)  # type: ignore[arg-type]
+        _dump_profiles(profiles, Path(args.profile))
+
+
+def serve_sink(_args: argparse.Namespace) -> None:
+    """The raw client-streaming ceiling: the hub's server options, Upload discards its bytes."""
+    import grpc
+
+    from teleread.hub import MAX_MESSAGE
+    from teleread.settings import GrpcSettings
+    from teleread.v1 import ingest_pb2, ingest_pb2_grpc
+
+    class Sink(ingest_pb2_grpc.IngestServicer):
+        def Upload(
+            self, request_iterator: Iterator[ingest_pb2.UploadChunk], context: grpc.ServicerContext
+        ) -> ingest_pb2.UploadStatus:
+            received = sum(len(chunk.data) for chunk in request_iterator)
+            return ingest_pb2.UploadStatus(
+                committed_offset=received, size=received, state=ingest_pb2.UPLOAD_STATE_STORED
+            )
+
+    workers = GrpcSettings().max_workers
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=workers * 4,
+    )
+    ingest_pb2_grpc.add_IngestServicer_to_server(Sink(), server)
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    print(json.dumps({"port": port, "tokens": {}}), flush=True)
+    _wait_for_sigterm()
+    server.stop(grace=1).wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench._hubproc")
+    sub = parser.add_subparsers(dest="what", required=True)
+    hub = sub.add_parser("hub", help="serve the hub")
+    hub.add_argument("--settings-json", required=True, help="file holding the Settings as JSON")
+    hub.add_argument("--readers", type=int, default=8, help="cardiologist identities to create")
+    hub.add_argument("--profile", default="", help="write merged per-thread CPU profiles here")
+    hub.set_defaults(func=serve_hub)
+    sub.add_parser("sink", help="serve the raw gRPC ceiling").set_defaults(func=serve_sink)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+# --- on the benchmark side -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _read_line(stream: IO[bytes], process: subprocess.Popen[bytes], log_path: Path) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server process exited early; see {log_path}")
+        ready, _, _ = select.select([stream], [], [], 0.2)
+        if ready:
+            return stream.readline().decode()
+    raise RuntimeError(f"server process did not start in {START_TIMEOUT_S} s; see {log_path}")
+
+
+@dataclass
+class ServerProcess:
+    """A running hub or sink process and what it printed when ready."""
+
+    process: subprocess.Popen[bytes]
+    info: dict[str, Any]
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.info['port']}"
+
+    @property
+    def tokens(self) -> dict[str, str]:
+        return dict(self.info["tokens"])
+
+    def status_kib(self, name: str) -> int:
+        """A ``/proc/<pid>/status`` memory field (VmRSS, VmHWM) in KiB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        """SIGTERM by PID (kill if it lingers) and wait for the process."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def _spawn(args: list[str], *, log_path: Path) -> ServerProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEREAD_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench._hubproc", *args],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+    assert process.stdout is not None
+    try:
+        info = json.loads(_read_line(process.stdout, process, log_path))
+    except BaseException:
+        ServerProcess(process, {}, log_path).stop()
+        raise
+    return ServerProcess(process, info, log_path)
+
+
+def start_hub(
+    settings: dict[str, Any], *, run_dir: Path, readers: int = 8, profile: Path | None = None
+) -> ServerProcess:
+    """A hub process serving ``settings`` (its data dir and logs under ``run_dir``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = run_dir / "settings.json"
+    settings_file.touch(mode=0o600)
+    settings_file.write_text(json.dumps(settings))
+    args = ["hub", "--settings-json", str(settings_file), "--readers", str(readers)]
+    if profile is not None:
+        args += ["--profile", str(profile)]
+    return _spawn(args, log_path=run_dir / "hub.log")
+
+
+def start_sink(run_dir: Path) -> ServerProcess:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _spawn(["sink"], log_path=run_dir / "sink.log")
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@dataclass
+class PgCluster:
+    """A private PostgreSQL cluster (initdb, default durability settings) on a free port."""
+
+    base: Path
+    port: int = field(default_factory=free_port)
+    bindir: Path | None = None
+
+    def start(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not found:
+            raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+        self.bindir = found[-1].parent
+        self.base.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base, 0o777)
+        data = self.base / "data"
+        subprocess.run(
+            _as_postgres([str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]),
+            check=True,
+            capture_output=True,
+        )
+        options = f"-p {self.port} -k {self.base} -h {HOST} -c max_connections=200"
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(self.base / "pg.log"),
+                    "-w",
+                    "-o",
+                    options,
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+
+    @property
+    def server_url(self) -> str:
+        return f"postgresql://postgres@{HOST}:{self.port}"
+
+    def version(self) -> str:
+        return self.bindir.parent.name if self.bindir else "?"
+
+    def new_database(self) -> str:
+        import psycopg
+
+        name = "bench_" + secrets.token_hex(6)
+        with psycopg.connect(self.server_url + "/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@{HOST}:{self.port}/{name}"
+
+    def stop(self) -> None:
+        if self.bindir is not None:
+            subprocess.run(
+                _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.base / "data"), "-m", "fast", "stop"]),
+                capture_output=True,
+            )
+            self.bindir = None
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@dataclass
+class NanioServer:
+    """The nanio S3 server on a free loopback port with random credentials."""
+
+    base: Path
+    port: int = field(default_factory=free_port)
+    access_key: str = field(default_factory=lambda: "ak" + secrets.token_hex(10))
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        script = Path(sys.executable).parent / "nanio"
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "nanio"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NANIO_")}
+        env.update(NANIO_ACCESS_KEY=self.access_key, NANIO_SECRET_KEY=self.secret_key)
+        with open(self.base / "nanio.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    *command,
+                    "serve",
+                    "--data-dir",
+                    str(self.base / "data"),
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(self.port),
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_until_answering()
+
+    def _wait_until_answering(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"nanio exited early; see {self.base / 'nanio.log'}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nanio did not answer in time")
+
+    def settings(self, bucket: str) -> dict[str, Any]:
+        """Hub storage settings for ``bucket`` (the production default part size)."""
+        return {
+            "backend": "s3",
+            "endpoint": self.endpoint,
+            "bucket": bucket,
+            "access_key": self.access_key,
+            "secret_key": self.secret_key,
+        }
+
+    def remove_bucket(self, bucket: str) -> None:
+        shutil.rmtree(self.base / "data" / bucket, ignore_errors=True)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=STOP_TIMEOUT_S)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
