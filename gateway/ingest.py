@@ -440,7 +440,7 @@ class IngestService:
         modality = max(set(mods), key=mods.count) if mods else "OT"
         return modality, "ecg" if modality in ("ECG", "HD") else str(exam["kind"])
 
-    def _check_wfdb_exam(self, done: Sequence[Row[Any]]) -> None:
+    def _check_wfdb_exam(self, done: Sequence[Any]) -> None:
         roles = sorted(r.role for r in done)
         if roles != ["wfdb_header", "wfdb_signal"]:
             raise InvalidInput("a WFDB exam needs exactly one .hea and one .dat", reason="WFDB_INCOMPLETE")

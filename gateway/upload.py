@@ -209,11 +209,11 @@ def _dicom_exams(files: list[Path], skipped: list[SkippedFile]) -> list[ScanExam
     exams = []
     for (study_uid, kind), members in groups.items():
         mixed = kinds_per_study[study_uid] > 1
-        modality = Counter(m for _, m in members if m).most_common(1)
+        common = Counter(m for _, m in members if m).most_common(1)
         exam = ScanExam(
             client_exam_key=f"{study_uid}#{kind.value}" if mixed else study_uid,
             kind=kind,
-            modality=modality[0][0] if modality else "",
+            modality=common[0][0] if common else "",
             study_instance_uid=study_uid,
         )
         _add_unique(exam, [obj for obj, _ in members], skipped)

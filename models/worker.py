@@ -12,7 +12,7 @@ import logging
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from sqlalchemy import Engine, select, update
 
@@ -73,7 +73,7 @@ class TriageWorker:
         result = self._triage(exam, objs)
         return self._queue(exam, result)
 
-    def _triage(self, exam: Any, objs: list[Any]) -> Any:
+    def _triage(self, exam: Any, objs: Sequence[Any]) -> Any:
         if exam.kind != "ecg":
             return triage.triage_image(
                 modality=exam.modality, priority=exam.priority, indication=exam.indication, rules=self._rules
@@ -86,7 +86,7 @@ class TriageWorker:
             return triage.unmeasurable_ecg(priority=exam.priority, reason=exc.reason, rules=self._rules)
         return triage.triage_ecg(m, rules=self._rules, priority=exam.priority, indication=exam.indication)
 
-    def _load_ecg(self, objs: list[Any]) -> Any:
+    def _load_ecg(self, objs: Sequence[Any]) -> Any:
         from teleread import ecgio
 
         with tempfile.TemporaryDirectory(prefix="teleread-triage-") as tmp:

@@ -80,7 +80,8 @@ class ReportService:
                 raise Conflict("the exam has a signed report; amend it instead", reason="ALREADY_SIGNED")
             else:
                 report_id = conn.execute(
-                    insert(reports).values(
+                    insert(reports)
+                    .values(
                         exam_id=exam_id,
                         version=1,
                         status="draft",
@@ -90,7 +91,8 @@ class ReportService:
                         author_id=p.id,
                         created_at=now,
                     )
-                ).inserted_primary_key[0]
+                    .returning(reports.c.id)
+                ).scalar_one()
             return dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
 
     def sign(self, p: Principal, *, exam_id: str, fence: int) -> dict[str, Any]:
@@ -144,7 +146,8 @@ class ReportService:
                 exam_id=exam_id, version=version, text=text, impression=impression, critical=critical, signer=p.name
             )
             report_id = conn.execute(
-                insert(reports).values(
+                insert(reports)
+                .values(
                     exam_id=exam_id,
                     version=version,
                     status="final",
@@ -158,7 +161,8 @@ class ReportService:
                     sha256=digest,
                     created_at=now,
                 )
-            ).inserted_primary_key[0]
+                .returning(reports.c.id)
+            ).scalar_one()
             self._publish(conn, exam=exam, report_id=report_id, critical=critical, actor=p)
             report = dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
         self._bus.publish()

@@ -69,10 +69,12 @@ def add_site(engine: Engine, *, code: str, name: str, lead_hospital: str) -> int
     with engine.begin() as conn:
         if conn.execute(select(sites.c.id).where(sites.c.code == code)).first():
             raise AlreadyExists("site already exists", reason="SITE_EXISTS")
-        result = conn.execute(
-            insert(sites).values(code=code, name=name, lead_hospital=lead_hospital, result_seq=0, created_at=utcnow())
-        )
-        return int(result.inserted_primary_key[0])
+        site_id = conn.execute(
+            insert(sites)
+            .values(code=code, name=name, lead_hospital=lead_hospital, result_seq=0, created_at=utcnow())
+            .returning(sites.c.id)
+        ).scalar_one()
+        return int(site_id)
 
 
 def add_principal(

@@ -1,0 +1,86 @@
+"""Static checks: lint, formatting, typing, and the dependency rule of the architecture
+(each third-party adapter library is imported in one place; domain services never import the
+generated gRPC code)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE = ["teleread", "gateway", "reader", "models"]
+
+# library -> the only modules allowed to import it
+ADAPTERS = {
+    "minio": {"teleread/storage/s3.py"},
+    "wfdb": {"teleread/ecgio.py", "models/ecg_measure.py", "models/synthetic.py"},
+    "pynetdicom": {"teleread/logs.py"},
+    "torch": set(),
+}
+# domain and service modules: no gRPC, no generated contract
+SERVICE_LAYER = [
+    "gateway/ingest.py",
+    "gateway/validate.py",
+    "reader/queue.py",
+    "reader/reports.py",
+    "reader/results.py",
+    "reader/routing.py",
+    "models/triage.py",
+    "models/ecg_measure.py",
+    "models/ecg_rules.py",
+    "models/worker.py",
+    "teleread/auth.py",
+    "teleread/events.py",
+]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _sources() -> list[Path]:
+    return [p for d in CODE for p in (ROOT / d).rglob("*.py") if "_pb2" not in p.name and "versions" not in p.parts]
+
+
+@pytest.mark.parametrize("library", sorted(ADAPTERS))
+def test_adapter_libraries_are_imported_in_one_place(library: str) -> None:
+    users = {
+        str(p.relative_to(ROOT))
+        for p in _sources()
+        if any(name == library or name.startswith(library + ".") for name in _imports(p))
+    }
+    assert users <= ADAPTERS[library], users - ADAPTERS[library]
+
+
+def test_service_layer_does_not_import_grpc() -> None:
+    for rel in SERVICE_LAYER:
+        names = _imports(ROOT / rel)
+        assert not [n for n in names if n == "grpc" or n.startswith(("grpc.", "teleread.v1"))], rel
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_ruff_lint_and_format() -> None:
+    lint = _run("ruff", "check", ".")
+    assert lint.returncode == 0, lint.stdout[-3000:]
+    fmt = _run("ruff", "format", "--check", ".")
+    assert fmt.returncode == 0, fmt.stdout[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_mypy_strict_defs() -> None:
+    result = _run("mypy", *CODE)
+    assert result.returncode == 0, result.stdout[-3000:]
