@@ -1,0 +1,111 @@
+"""The ``teleread`` command against a real hub on loopback: a technician uploads with --site, a
+cardiologist works the queue (worklist, next, show, report, sign), the site pulls results with a
+resumable cursor file; the admin commands issue working tokens; TLS with a local CA."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import make_settings, start_stack
+from helpers import copy_testdata, wait_for, write_synthetic_wfdb
+from teleread.cli import main
+from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _conn(stack, who: str) -> list[str]:
+    return ["--hub", stack.address, "--token", stack.tokens[who]]
+
+
+def test_technician_reader_and_site_through_the_cli(embedded_stack, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # rich tables: keep exam ids on one line
+    inputs = tmp_path / "inputs"
+    write_synthetic_wfdb(inputs, rhythm="af_rvr")
+    copy_testdata(inputs, "CT_small.dcm")
+    wrong = main(["upload", str(inputs), "--site", "clinic-b", *_conn(embedded_stack, "site_a")])
+    assert wrong != 0  # the token belongs to clinic-a
+    capsys.readouterr()
+    rc = main(["upload", str(inputs), "--site", "clinic-a", "--priority", "urgent", "--indication", "palpitations",
+               *_conn(embedded_stack, "tech_a")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    exam_ids = re.findall(r"\b[0-9a-f]{32}\b", out)
+    assert len(set(exam_ids)) == 2
+
+    ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
+    for exam_id in set(exam_ids):
+        wait_for(lambda e=exam_id: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=e), timeout=10).state == "queued")
+
+    reader = [*_conn(embedded_stack, "cardio"), "--claims-file", str(tmp_path / "claims.json")]
+    assert main(["read", "worklist", *_conn(embedded_stack, "cardio")]) == 0
+    assert "ECG" in capsys.readouterr().out
+    assert main(["read", "next", *reader]) == 0
+    claimed = re.findall(r"\b[0-9a-f]{32}\b", capsys.readouterr().out)[0]
+    assert main(["read", "show", claimed, *_conn(embedded_stack, "cardio")]) == 0
+    shown = capsys.readouterr().out
+    assert "CRITICAL" in shown.upper() and "heart_rate" in shown  # the evidence is shown
+    assert main(["read", "report", claimed, "--text", "AF with rapid ventricular response.", "--critical", *reader]) == 0
+    assert main(["read", "sign", claimed, *reader]) == 0
+    capsys.readouterr()
+
+    out_dir, cursor_file = tmp_path / "results", tmp_path / "cursor"
+    pull = ["results", "pull", "--cursor-file", str(cursor_file), "--out", str(out_dir), *_conn(embedded_stack, "site_a")]
+    assert main(pull) == 0
+    files = sorted(out_dir.glob("*.json"))
+    assert len(files) == 1
+    result = json.loads(files[0].read_text())
+    assert result["critical"] is True and result["report"]["text"].startswith("AF")
+    assert cursor_file.read_text().strip() == "1"
+    assert main(pull) == 0  # resumable: nothing new, nothing duplicated
+    assert sorted(out_dir.glob("*.json")) == files and cursor_file.read_text().strip() == "1"
+
+
+def test_admin_commands_issue_working_tokens(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("TELEREAD_DATA_DIR", str(tmp_path))
+    assert main(["sites", "add", "clinic-z", "--lead", "county-hosp", "--name", "Clinic Z"]) == 0
+    site_token = re.search(r"(tr_\S+)", capsys.readouterr().out).group(1)
+    assert main(["users", "add", "dr-z", "--role", "radiologist", "--hospital", "county-hosp"]) == 0
+    reader_token = re.search(r"(tr_\S+)", capsys.readouterr().out).group(1)
+    assert main(["users", "add", "tech-z", "--role", "technician"]) == 2  # a technician needs --site
+    stack = start_stack("embedded", make_settings(tmp_path))
+    try:
+        stack.tokens.update(site=site_token, reader=reader_token)
+        ingest = ingest_pb2_grpc.IngestStub(stack.channel("site"))
+        exam = ingest.OpenExam(ingest_pb2.OpenExamRequest(client_exam_key="k1", kind=1, priority=3), timeout=10)
+        assert exam.site == "clinic-z"
+        worklist = worklist_pb2_grpc.WorklistStub(stack.channel("reader"))
+        assert list(worklist.ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10).exams) == []
+    finally:
+        for ch in stack.channels:
+            ch.close()
+        stack.server.stop(grace=None)
+        stack.hub.close()
+
+
+def test_tls_with_a_local_ca(tmp_path: Path, capsys) -> None:
+    pki = tmp_path / "pki"
+    assert main(["tls", "init", "--out", str(pki), "--host", "localhost", "--host", "127.0.0.1"]) == 0
+    assert oct((pki / "hub.key").stat().st_mode & 0o777) == "0o600"
+    settings = make_settings(tmp_path / "hub")
+    settings.grpc.tls_cert, settings.grpc.tls_key = pki / "hub.pem", pki / "hub.key"
+    stack = start_stack("embedded", settings)
+    try:
+        from teleread.client import open_channel
+
+        secure = open_channel(stack.address, token=stack.tokens["cardio"], ca_file=pki / "ca.pem")
+        assert not worklist_pb2_grpc.WorklistStub(secure).ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10).exams
+        plain = grpc.insecure_channel(stack.address)
+        with pytest.raises(grpc.RpcError) as err:
+            worklist_pb2_grpc.WorklistStub(plain).ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # no plaintext on a TLS port
+        secure.close()
+        plain.close()
+    finally:
+        stack.server.stop(grace=None)
+        stack.hub.close()
