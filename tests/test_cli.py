@@ -31,8 +31,19 @@ def test_technician_reader_and_site_through_the_cli(embedded_stack, tmp_path: Pa
     wrong = main(["upload", str(inputs), "--site", "clinic-b", *_conn(embedded_stack, "site_a")])
     assert wrong != 0  # the token belongs to clinic-a
     capsys.readouterr()
-    rc = main(["upload", str(inputs), "--site", "clinic-a", "--priority", "urgent", "--indication", "palpitations",
-               *_conn(embedded_stack, "tech_a")])
+    rc = main(
+        [
+            "upload",
+            str(inputs),
+            "--site",
+            "clinic-a",
+            "--priority",
+            "urgent",
+            "--indication",
+            "palpitations",
+            *_conn(embedded_stack, "tech_a"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     exam_ids = re.findall(r"\b[0-9a-f]{32}\b", out)
@@ -50,12 +61,22 @@ def test_technician_reader_and_site_through_the_cli(embedded_stack, tmp_path: Pa
     assert main(["read", "show", claimed, *_conn(embedded_stack, "cardio")]) == 0
     shown = capsys.readouterr().out
     assert "CRITICAL" in shown.upper() and "heart_rate" in shown  # the evidence is shown
-    assert main(["read", "report", claimed, "--text", "AF with rapid ventricular response.", "--critical", *reader]) == 0
+    assert (
+        main(["read", "report", claimed, "--text", "AF with rapid ventricular response.", "--critical", *reader]) == 0
+    )
     assert main(["read", "sign", claimed, *reader]) == 0
     capsys.readouterr()
 
     out_dir, cursor_file = tmp_path / "results", tmp_path / "cursor"
-    pull = ["results", "pull", "--cursor-file", str(cursor_file), "--out", str(out_dir), *_conn(embedded_stack, "site_a")]
+    pull = [
+        "results",
+        "pull",
+        "--cursor-file",
+        str(cursor_file),
+        "--out",
+        str(out_dir),
+        *_conn(embedded_stack, "site_a"),
+    ]
     assert main(pull) == 0
     files = sorted(out_dir.glob("*.json"))
     assert len(files) == 1
@@ -99,7 +120,11 @@ def test_tls_with_a_local_ca(tmp_path: Path, capsys) -> None:
         from teleread.client import open_channel
 
         secure = open_channel(stack.address, token=stack.tokens["cardio"], ca_file=pki / "ca.pem")
-        assert not worklist_pb2_grpc.WorklistStub(secure).ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10).exams
+        assert (
+            not worklist_pb2_grpc.WorklistStub(secure)
+            .ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10)
+            .exams
+        )
         plain = grpc.insecure_channel(stack.address)
         with pytest.raises(grpc.RpcError) as err:
             worklist_pb2_grpc.WorklistStub(plain).ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=5)
