@@ -16,9 +16,9 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+DX_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
 CT_SIDE = 512
 SLICE_MM = 0.625
 
@@ -49,6 +49,13 @@ class Datasets:
     big_study: Path
 
 
+def _testdata(name: str) -> str:
+    path = get_testdata_file(name)
+    if not isinstance(path, str):
+        raise RuntimeError(f"pydicom test file {name} is missing")
+    return path
+
+
 def _anonymous(ds: Dataset, *, patient: str) -> None:
     """Synthetic identifiers only; private tags and other IDs of the template dropped."""
     ds.remove_private_tags()
@@ -75,7 +82,7 @@ def _save(ds: Dataset, path: Path) -> None:
 
 
 def _ct_template() -> Dataset:
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(_testdata("CT_small.dcm"))
     _anonymous(ds, patient="BENCH-CT")
     ds.Rows = ds.Columns = CT_SIDE
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
@@ -125,7 +132,7 @@ def write_dx_image(folder: Path, *, rows: int, columns: int, rng: np.random.Gene
 def write_ecgs(folder: Path, *, count: int) -> list[Path]:
     """``count`` copies of waveform_ecg.dcm, each with its own Study/Series/SOP UIDs."""
     folder.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
+    ds = pydicom.dcmread(_testdata("waveform_ecg.dcm"))
     _anonymous(ds, patient="BENCH-ECG")
     paths = []
     for number in range(count):

@@ -250,6 +250,14 @@ def start_sink(run_dir: Path) -> ServerProcess:
     return _spawn(["sink"], log_path=run_dir / "sink.log")
 
 
+def _run(command: list[str]) -> None:
+    """Run a PostgreSQL tool; a failure names the tool and the last lines it printed."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = " / ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"PostgreSQL command failed: {tail}")
+
+
 def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
@@ -270,29 +278,12 @@ class PgCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base, 0o777)
         data = self.base / "data"
-        subprocess.run(
-            _as_postgres([str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]),
-            check=True,
-            capture_output=True,
+        _run(
+            _as_postgres([str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"])
         )
         options = f"-p {self.port} -k {self.base} -h {HOST} -c max_connections=200"
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(data),
-                    "-l",
-                    str(self.base / "pg.log"),
-                    "-w",
-                    "-o",
-                    options,
-                    "start",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
+        pg_ctl = str(self.bindir / "pg_ctl")
+        _run(_as_postgres([pg_ctl, "-D", str(data), "-l", str(self.base / "pg.log"), "-w", "-o", options, "start"]))
 
     @property
     def server_url(self) -> str:

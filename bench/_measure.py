@@ -94,11 +94,11 @@ def ingest(address: str, token: str, parts: list[list[ScanExam]]) -> IngestRun:
 
     def job(channel: grpc.Channel, exams: list[ScanExam]) -> Callable[[], None]:
         def upload() -> None:
-            stub = cast(ingest_pb2_grpc.IngestStub,
-                        _TimedIngest(ingest_pb2_grpc.IngestStub(channel), commits))
+            stub = cast(ingest_pb2_grpc.IngestStub, _TimedIngest(ingest_pb2_grpc.IngestStub(channel), commits))
             for outcome in upload_exams(stub, exams):
                 if not outcome.ok or outcome.state not in ("received", "queued"):
                     raise RuntimeError(f"exam not committed: {outcome.state} {outcome.errors[:1]}")
+
         return upload
 
     try:
@@ -107,8 +107,12 @@ def ingest(address: str, token: str, parts: list[list[ScanExam]]) -> IngestRun:
         for channel in channels:
             channel.close()
     exams = [exam for part in parts for exam in part]
-    return IngestRun(instances=sum(len(e.objects) for e in exams),
-                     bytes=sum(e.total_bytes for e in exams), seconds=seconds, commits=commits)
+    return IngestRun(
+        instances=sum(len(e.objects) for e in exams),
+        bytes=sum(e.total_bytes for e in exams),
+        seconds=seconds,
+        commits=commits,
+    )
 
 
 def _sink_stream(stub: ingest_pb2_grpc.IngestStub, size: int, payload: bytes) -> None:
@@ -116,8 +120,11 @@ def _sink_stream(stub: ingest_pb2_grpc.IngestStub, size: int, payload: bytes) ->
         sent = 0
         while sent < size:
             data = payload if size - sent >= CHUNK else payload[: size - sent]
-            yield ingest_pb2.UploadChunk(upload_id="0" * 32, data=data) if sent == 0 else \
-                ingest_pb2.UploadChunk(data=data)
+            yield (
+                ingest_pb2.UploadChunk(upload_id="0" * 32, data=data)
+                if sent == 0
+                else ingest_pb2.UploadChunk(data=data)
+            )
             sent += len(data)
 
     status = stub.Upload(chunks(), timeout=600)
@@ -136,6 +143,7 @@ def raw_ceiling(address: str, sizes: list[int], *, clients: int) -> float:
         def send() -> None:
             for size in streams:
                 _sink_stream(stub, size, payload)
+
         return send
 
     try:
@@ -183,8 +191,7 @@ class QueueWatcher:
             time.sleep(0.05)
         return [max(0.0, self.queued[exam_id] - done) for exam_id, done in commits.items()]
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._call is not None:
             self._call.cancel()
         self._thread.join(timeout=10)
@@ -196,16 +203,39 @@ def _queued_row(number: int, *, site_id: int, now: Any) -> dict[str, Any]:
     rank = {"critical": 1, "urgent": 2, "routine": 3}[level]
     received = now - timedelta(minutes=random.uniform(0, 480))
     deadline = received + timedelta(minutes={"critical": 10, "urgent": 60, "routine": 1440}[level])
-    triage = {"level": level, "score": 4 - rank, "findings": [], "rules_version": "bench",
-              "summary": "bulk-inserted by the benchmark"}
+    triage = {
+        "level": level,
+        "score": 4 - rank,
+        "findings": [],
+        "rules_version": "bench",
+        "summary": "bulk-inserted by the benchmark",
+    }
     return {
-        "id": uuid.uuid4().hex, "site_id": site_id, "client_exam_key": f"bench-bulk-{number:06d}",
-        "kind": "ecg", "modality": "ECG", "study_instance_uid": "", "state": "queued",
-        "priority": "stat" if rank == 1 else "routine", "indication": "", "specialty": "cardiology",
-        "hospital": "bench-hosp", "level": level, "level_rank": rank, "score": float(4 - rank),
-        "triage_json": json.dumps(triage), "deadline": deadline, "received_at": received,
-        "object_count": 1, "total_bytes": 291_088, "reject_reason": "", "claimed_by": None,
-        "lease_expires_at": None, "fence": 0, "created_at": received, "updated_at": received,
+        "id": uuid.uuid4().hex,
+        "site_id": site_id,
+        "client_exam_key": f"bench-bulk-{number:06d}",
+        "kind": "ecg",
+        "modality": "ECG",
+        "study_instance_uid": "",
+        "state": "queued",
+        "priority": "stat" if rank == 1 else "routine",
+        "indication": "",
+        "specialty": "cardiology",
+        "hospital": "bench-hosp",
+        "level": level,
+        "level_rank": rank,
+        "score": float(4 - rank),
+        "triage_json": json.dumps(triage),
+        "deadline": deadline,
+        "received_at": received,
+        "object_count": 1,
+        "total_bytes": 291_088,
+        "reject_reason": "",
+        "claimed_by": None,
+        "lease_expires_at": None,
+        "fence": 0,
+        "created_at": received,
+        "updated_at": received,
     }
 
 
@@ -245,6 +275,7 @@ def claim_next_latencies(address: str, tokens: list[str], *, total: int) -> tupl
                 started = time.perf_counter()
                 stub.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=30)
                 out.append(time.perf_counter() - started)
+
         return claim
 
     try:

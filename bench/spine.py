@@ -19,12 +19,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import grpc
 import numpy as np
@@ -33,7 +32,12 @@ from rich.table import Table
 
 from bench import _data, _hubproc
 from bench._measure import (
-    QueueWatcher, bulk_insert_queued, claim_next_latencies, ingest, raw_ceiling, rss_sampler,
+    QueueWatcher,
+    bulk_insert_queued,
+    claim_next_latencies,
+    ingest,
+    raw_ceiling,
+    rss_sampler,
 )
 from teleread.gateway.upload import ScanExam, scan_paths
 
@@ -124,7 +128,8 @@ class Bench:
     # ---- servers ---------------------------------------------------------------------------
     def start_backends(self) -> None:
         if "postgres_s3" in self.plan.deployments:
-            self.pg = _hubproc.PgCluster(self.work / "pg")
+            # Its own top-level temporary folder: the postgres user cannot enter ours (0700).
+            self.pg = _hubproc.PgCluster(Path(tempfile.mkdtemp(prefix="teleread-bench-pg-")))
             self.pg.start()
             self.nanio = _hubproc.NanioServer(self.work / "nanio")
             self.nanio.start()
@@ -169,16 +174,23 @@ class Bench:
             for clients in (1, 4):
                 seconds = raw_ceiling(sink.address, sizes, clients=clients)
                 self.ceiling[clients] = sum(sizes) / seconds / MB
-                self.add(Figure("raw gRPC ceiling (DX bytes)", "raw gRPC", clients,
-                                self.ceiling[clients], "MB/s", f"{self.ceiling[clients]:.1f} MB/s"))
+                self.add(
+                    Figure(
+                        "raw gRPC ceiling (DX bytes)",
+                        "raw gRPC",
+                        clients,
+                        self.ceiling[clients],
+                        "MB/s",
+                        f"{self.ceiling[clients]:.1f} MB/s",
+                    )
+                )
         finally:
             sink.stop()
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
         verdict = "" if figure.passed is None else ("pass" if figure.passed else "MISS")
-        console.log(f"{figure.deployment:<11} {figure.figure:<34} {figure.clients}c  "
-                    f"{figure.detail}  {verdict}")
+        console.log(f"{figure.deployment:<11} {figure.figure:<34} {figure.clients}c  {figure.detail}  {verdict}")
 
     def ingest_runs(self, deployment: str, scanned: Scanned) -> None:
         for clients in (1, 4):
@@ -191,28 +203,53 @@ class Bench:
                 with QueueWatcher(hub.address, hub.tokens["cardio-0"]) as watcher:
                     ecg = ingest(hub.address, token, split(scanned.ecg, clients))
                     latencies = watcher.latencies(ecg.commits, timeout=300)
-                self._rate("ECG ingest", deployment, clients, ecg,
-                           target=ECG_TARGET if clients == 1 else None)
+                self._rate("ECG ingest", deployment, clients, ecg, target=ECG_TARGET if clients == 1 else None)
                 self._queued(deployment, clients, latencies)
 
     def _rate(self, name: str, deployment: str, clients: int, run: Any, *, target: float | None) -> None:
         rate = run.instances / run.seconds
-        self.add(Figure(name, deployment, clients, rate, "inst/s",
-                        f"{rate:.0f} inst/s, {run.bytes / run.seconds / MB:.1f} MB/s "
-                        f"({run.instances} in {run.seconds:.1f} s)", target=target))
+        self.add(
+            Figure(
+                name,
+                deployment,
+                clients,
+                rate,
+                "inst/s",
+                f"{rate:.0f} inst/s, {run.bytes / run.seconds / MB:.1f} MB/s ({run.instances} in {run.seconds:.1f} s)",
+                target=target,
+            )
+        )
 
     def _dx(self, deployment: str, clients: int, run: Any) -> None:
         rate = run.bytes / run.seconds / MB
         share = rate / self.ceiling[clients] * 100
-        self.add(Figure("DX ingest, % of raw ceiling", deployment, clients, share, "%",
-                        f"{rate:.1f} MB/s = {share:.0f} % of {self.ceiling[clients]:.0f} MB/s "
-                        f"({run.instances / run.seconds:.1f} inst/s)", target=CEILING_SHARE))
+        self.add(
+            Figure(
+                "DX ingest, % of raw ceiling",
+                deployment,
+                clients,
+                share,
+                "%",
+                f"{rate:.1f} MB/s = {share:.0f} % of {self.ceiling[clients]:.0f} MB/s "
+                f"({run.instances / run.seconds:.1f} inst/s)",
+                target=CEILING_SHARE,
+            )
+        )
 
     def _queued(self, deployment: str, clients: int, latencies: list[float]) -> None:
         p50, p95 = percentile_ms(latencies, 50), percentile_ms(latencies, 95)
-        self.add(Figure("ECG commit -> queued p95", deployment, clients, p95, "ms",
-                        f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, max {max(latencies) * 1000:.0f} ms "
-                        f"(n={len(latencies)})", target=QUEUED_P95_TARGET_MS, higher_is_better=False))
+        self.add(
+            Figure(
+                "ECG commit -> queued p95",
+                deployment,
+                clients,
+                p95,
+                "ms",
+                f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, max {max(latencies) * 1000:.0f} ms (n={len(latencies)})",
+                target=QUEUED_P95_TARGET_MS,
+                higher_is_better=False,
+            )
+        )
 
     def claim_run(self, deployment: str) -> None:
         with self.hub(deployment, "claim") as (hub, url):
@@ -220,11 +257,20 @@ class Bench:
             tokens = [hub.tokens[f"cardio-{i}"] for i in range(self.plan.readers)]
             latencies, seconds = claim_next_latencies(hub.address, tokens, total=self.plan.claims)
         p50, p99 = percentile_ms(latencies, 50), percentile_ms(latencies, 99)
-        self.add(Figure("claim-next p99", deployment, self.plan.readers, p99, "ms",
-                        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {len(latencies) / seconds:.0f} claims/s "
-                        f"({len(latencies)} claims, {self.plan.queued_exams} queued)",
-                        target=CLAIM_P99_TARGET_MS, higher_is_better=False,
-                        note="" if deployment == "postgres_s3" else "comparison (target is for PostgreSQL)"))
+        self.add(
+            Figure(
+                "claim-next p99",
+                deployment,
+                self.plan.readers,
+                p99,
+                "ms",
+                f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {len(latencies) / seconds:.0f} claims/s "
+                f"({len(latencies)} claims, {self.plan.queued_exams} queued)",
+                target=CLAIM_P99_TARGET_MS,
+                higher_is_better=False,
+                note="" if deployment == "postgres_s3" else "comparison (target is for PostgreSQL)",
+            )
+        )
 
     def rss_run(self, deployment: str, big: ScanExam) -> None:
         with self.hub(deployment, "rss") as (hub, _url):
@@ -233,21 +279,38 @@ class Bench:
                 run = ingest(hub.address, hub.tokens["site"], [[big]])
                 time.sleep(1.0)  # the exam's triage runs after the commit
             peak = hub.status_kib("VmHWM") * 1024 / MB
-        self.add(Figure("hub peak RSS, 1 GiB study", deployment, 1, peak, "MB",
-                        f"VmHWM {peak:.0f} MB (idle after start {idle:.0f} MB, sampled max "
-                        f"{max(samples, default=0) * 1024 / MB:.0f} MB); {run.instances} objects "
-                        f"{run.bytes / MB:.0f} MB at {run.bytes / run.seconds / MB:.1f} MB/s",
-                        target=RSS_TARGET_MB, higher_is_better=False))
+        self.add(
+            Figure(
+                "hub peak RSS, 1 GiB study",
+                deployment,
+                1,
+                peak,
+                "MB",
+                f"VmHWM {peak:.0f} MB (idle after start {idle:.0f} MB, sampled max "
+                f"{max(samples, default=0) * 1024 / MB:.0f} MB); {run.instances} objects "
+                f"{run.bytes / MB:.0f} MB at {run.bytes / run.seconds / MB:.1f} MB/s",
+                target=RSS_TARGET_MB,
+                higher_is_better=False,
+            )
+        )
 
 
 def machine() -> dict[str, Any]:
     import psutil
 
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                  if ln.startswith("Model name")), platform.processor() or "?")
-    return {"cpu": model, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-            "python": platform.python_version(), "grpc": grpc.__version__, "kernel": platform.release()}
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
+        platform.processor() or "?",
+    )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "python": platform.python_version(),
+        "grpc": grpc.__version__,
+        "kernel": platform.release(),
+    }
 
 
 def _result(figure: Figure) -> str:
@@ -271,8 +334,10 @@ def print_table(figures: list[Figure], info: dict[str, Any]) -> None:
     for f in figures:
         table.add_row(f.figure, f.deployment, str(f.clients), f.detail, _target(f), _result(f), f.note)
     console.print(table)
-    console.print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, "
-                  f"Python {info['python']}, grpcio {info['grpc']}, Linux {info['kernel']}")
+    console.print(
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, "
+        f"Python {info['python']}, grpcio {info['grpc']}, Linux {info['kernel']}"
+    )
 
 
 def run(plan: Plan, *, work: Path, profile_dir: Path | None) -> tuple[list[Figure], dict[str, float]]:
@@ -300,10 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.spine", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run (well under a minute)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="save the results here")
-    parser.add_argument("--deployments", default=",".join(DEPLOYMENTS),
-                        help="comma-separated subset of: " + ", ".join(DEPLOYMENTS))
-    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                        help="write each hub's per-thread CPU profile (pstats) into DIR")
+    parser.add_argument(
+        "--deployments", default=",".join(DEPLOYMENTS), help="comma-separated subset of: " + ", ".join(DEPLOYMENTS)
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write each hub's per-thread CPU profile (pstats) into DIR",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
     args = parser.parse_args(argv)
     chosen = tuple(d for d in args.deployments.split(",") if d)
@@ -319,8 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     print_table(figures, info)
     console.print("phases: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
     if args.json:
-        payload = {"machine": info, "quick": args.quick, "plan": asdict(plan), "phases_s": phases,
-                   "figures": [{**asdict(f), "passed": f.passed, "delta_pct": f.delta_pct} for f in figures]}
+        payload = {
+            "machine": info,
+            "quick": args.quick,
+            "plan": asdict(plan),
+            "phases_s": phases,
+            "figures": [{**asdict(f), "passed": f.passed, "delta_pct": f.delta_pct} for f in figures],
+        }
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 

@@ -213,3 +213,33 @@ def test_wfdb_record_with_short_signal_is_refused_at_commit(embedded_stack, tmp_
     exam = ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10)
     assert exam.state == "receiving"  # never queued for reading
     assert _count(embedded_stack, uploads) == 2
+
+
+COMPRESSED_AND_MULTIFRAME = [
+    "JPEG2000.dcm",  # JPEG 2000, NM
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless, MR
+    "examples_ybr_color.dcm",  # JPEG baseline, 30-frame US
+    "SC_rgb_rle_2frame.dcm",  # RLE lossless, 2 frames
+    "examples_jpeg2k.dcm",  # JPEG 2000 lossless, US
+]
+
+
+def test_compressed_and_multiframe_dicom_are_stored_byte_identical(hub_stack, tmp_path: Path) -> None:
+    from teleread.gateway.upload import scan_paths, upload_exams
+
+    files = copy_testdata(tmp_path / "in", *COMPRESSED_AND_MULTIFRAME)
+    ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
+    scan = scan_paths([tmp_path / "in"])
+    outcomes = upload_exams(ingest, scan.exams, priority="routine")
+    assert all(o.exam_id and not o.errors for o in outcomes), [o.errors for o in outcomes]
+    assert sum(o.objects_stored for o in outcomes) == len(files)
+    with hub_stack.hub.engine.connect() as conn:
+        rows = conn.execute(select(objects)).all()
+    stored = {}
+    for row in rows:
+        with hub_stack.hub.store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as fh:
+            stored[row.sha256] = fh.read()
+    for path in files:
+        data = path.read_bytes()
+        assert stored[hashlib.sha256(data).hexdigest()] == data
+    assert {r.modality for r in rows} >= {"US", "MR", "NM", "OT"}

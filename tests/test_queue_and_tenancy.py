@@ -145,3 +145,48 @@ def test_health_and_reflection_answer_without_token(embedded_stack) -> None:
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"teleread.v1.Ingest", "teleread.v1.Worklist", "teleread.v1.Results"} <= names
     channel.close()
+
+
+def _many_queued_ecgs(stack, tmp_path: Path, n: int) -> set[str]:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from helpers import copy_testdata
+
+    [template] = copy_testdata(tmp_path / "t", "waveform_ecg.dcm")
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(n):
+        ds = pydicom.dcmread(template)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / f"ecg{i}.dcm", enforce_file_format=True)
+    ingest = ingest_pb2_grpc.IngestStub(stack.channel("site_a"))
+    outcomes = upload_exams(ingest, scan_paths([folder]).exams)
+    ids = {o.exam_id for o in outcomes}
+    assert len(ids) == n
+    for exam_id in ids:
+        wait_for(lambda e=exam_id: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=e), timeout=10).state == "queued")
+    return ids
+
+
+def test_concurrent_readers_never_claim_the_same_exam(hub_stack, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = _many_queued_ecgs(hub_stack, tmp_path, 24)
+    stubs = [worklist_pb2_grpc.WorklistStub(hub_stack.channel(w)) for w in ("cardio", "cardio2")] * 2
+
+    def drain(stub) -> list[tuple[str, int]]:
+        got = []
+        while True:
+            try:
+                claim = stub.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=300), timeout=10)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND
+                return got
+            got.append((claim.exam.exam_id, claim.fence))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        claims = [c for part in pool.map(drain, stubs) for c in part]
+    assert sorted(e for e, _ in claims) == sorted(ids)  # each exam claimed exactly once
+    assert all(fence == 1 for _, fence in claims)
