@@ -134,3 +134,27 @@ def test_tls_with_a_local_ca(tmp_path: Path, capsys) -> None:
     finally:
         stack.server.stop(grace=None)
         stack.hub.close()
+
+
+def test_read_watch_announces_a_critical_exam(embedded_stack, tmp_path: Path, capsys, monkeypatch) -> None:
+    import threading
+
+    from teleread.gateway.upload import scan_paths, upload_exams
+
+    monkeypatch.setenv("COLUMNS", "250")
+    codes: list[int] = []
+    # queued + critical events of one exam are enough to stop after
+    watch = threading.Thread(
+        target=lambda: codes.append(main(["read", "watch", "--max-events", "2", *_conn(embedded_stack, "cardio")])),
+        daemon=True,
+    )
+    watch.start()
+    seen: list[str] = []
+    wait_for(lambda: seen.append(capsys.readouterr().out) or "".join(seen).strip(), timeout=10)  # subscribed
+    write_synthetic_wfdb(tmp_path / "in", rhythm="brady")
+    ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
+    [outcome] = upload_exams(ingest, scan_paths([tmp_path / "in"]).exams)
+    watch.join(timeout=30)
+    assert not watch.is_alive() and codes == [0]
+    out = "".join(seen) + capsys.readouterr().out
+    assert "CRITICAL" in out and outcome.exam_id[:8] in out
