@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import threading
 import uuid
@@ -75,6 +74,7 @@ class IngestService:
         self._on_committed = on_committed
         self._max_bytes = max_object_bytes
         self._locks: dict[str, threading.Lock] = {}
+        self._hashes: dict[str, tuple[int, Any]] = {}
         self._locks_guard = threading.Lock()
 
     # ---- exams -------------------------------------------------------------------------------
@@ -221,17 +221,23 @@ class IngestService:
                     reason="OFFSET_MISMATCH",
                     metadata={"committed_offset": str(current)},
                 )
-            written = self._append(part, chunks, start=current, size=row.size)
+            written = self._append(part, chunks, upload_id=upload_id, start=current, size=row.size)
             if written < row.size:
                 return UploadState(upload_id, written, row.size, "partial")
             return self._finalise(p, site_id=site_id, upload=row)
         finally:
             lock.release()
 
-    def _append(self, part: Path, chunks: Iterable[bytes], *, start: int, size: int) -> int:
+    def _open_part(self, part: Path) -> BinaryIO:
+        """The staging file, opened for appending without buffering: its size on disk is the offset
+        the hub confirms. (A seam: tests replace it to simulate a full disk.)"""
+        return open(part, "ab", buffering=0)
+
+    def _append(self, part: Path, chunks: Iterable[bytes], *, upload_id: str, start: int, size: int) -> int:
         position = start
+        hasher = self._running_hash(upload_id, start)
         try:
-            with open(part, "ab", buffering=0) as fh:  # unbuffered: the size on disk is the confirmed offset
+            with self._open_part(part) as fh:
                 for data in chunks:
                     if len(data) > MAX_CHUNK:
                         raise InvalidInput("chunk larger than 1 MiB", reason="CHUNK_TOO_LARGE")
@@ -239,22 +245,43 @@ class IngestService:
                         raise InvalidInput("more bytes than the announced size", reason="SIZE_EXCEEDED")
                     fh.write(data)
                     position += len(data)
-                if position == size:
-                    os.fsync(fh.fileno())
+                    if hasher is not None:
+                        hasher.update(data)
         except OSError as exc:
+            self._hashes.pop(upload_id, None)  # what reached the disk is unknown: rehash at the end
             raise ResourceExhausted("hub staging disk cannot take the upload", reason="STAGING_FULL") from exc
+        finally:
+            if hasher is not None and upload_id in self._hashes:
+                self._hashes[upload_id] = (position, hasher)
         return position
+
+    def _running_hash(self, upload_id: str, start: int) -> Any:
+        """SHA-256 of the bytes received so far, kept while streams continue where they stopped;
+        None when it must be recomputed from the staged file (e.g. after a hub restart)."""
+        with self._locks_guard:
+            held = self._hashes.get(upload_id)
+            if start == 0:
+                held = (0, hashlib.sha256())
+            elif held is None or held[0] != start:
+                self._hashes.pop(upload_id, None)
+                return None
+            self._hashes[upload_id] = held
+            return held[1]
 
     def _finalise(self, p: Principal, *, site_id: int, upload: Row[Any]) -> UploadState:
         u = upload
         part = self._part_path(u.id)
+        held = self._hashes.pop(u.id, None)
         try:
-            digest = _sha256_file(part)
+            digest = held[1].hexdigest() if held is not None and held[0] == u.size else _sha256_file(part)
             if digest != u.sha256:
                 part.unlink(missing_ok=True)  # the client re-sends from zero
                 raise InvalidInput("object bytes do not match the announced SHA-256", reason="SHA256_MISMATCH")
             meta = self._validate(u.role, part, exam_id=u.exam_id, site_id=site_id)
-            return self._store_object(p, site_id=site_id, upload=u, part=part, meta=meta)
+            stored = self._store_object(p, site_id=site_id, upload=u, part=part, meta=meta)
+            with self._locks_guard:
+                self._locks.pop(u.id, None)  # the upload is done; later streams see its state
+            return stored
         except InvalidInput as exc:
             self._reject_upload(site_id=site_id, upload=u, reason=exc.reason)
             raise

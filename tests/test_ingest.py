@@ -243,3 +243,48 @@ def test_compressed_and_multiframe_dicom_are_stored_byte_identical(hub_stack, tm
         data = path.read_bytes()
         assert stored[hashlib.sha256(data).hexdigest()] == data
     assert {r.modality for r in rows} >= {"US", "MR", "NM", "OT"}
+
+
+class _FullDisk:
+    """A staging file whose disk fills up after ``room`` bytes (ENOSPC), as a small tmpfs would."""
+
+    def __init__(self, real, room: int) -> None:
+        self._real, self._room = real, room
+
+    def write(self, data: bytes) -> int:
+        import errno
+
+        if self._room < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return self._real.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._real.close()
+
+
+def test_full_staging_disk_is_reported_and_the_upload_resumes(embedded_stack, tmp_path: Path, monkeypatch) -> None:
+    service = embedded_stack.hub.ingest
+    real_open = service._open_part
+    monkeypatch.setattr(service, "_open_part", lambda part: _FullDisk(real_open(part), room=2 * CHUNK))
+    ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    ds.Rows, ds.Columns = 512, 512
+    ds.PixelData = random.Random(5).randbytes(512 * 512 * 2)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    exam_id = _open(ingest, "full-disk")
+    status = _begin(ingest, exam_id, data)
+    with pytest.raises(grpc.RpcError) as err:
+        ingest.Upload(_chunks(status.upload_id, data, 0), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(err.value) == "STAGING_FULL"
+    assert _count(embedded_stack, objects) == 0
+    monkeypatch.setattr(service, "_open_part", real_open)  # space is freed
+    resumed = ingest.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=status.upload_id), timeout=10)
+    assert resumed.committed_offset == 2 * CHUNK  # what fitted is kept, intact
+    done = ingest.Upload(_chunks(status.upload_id, data, resumed.committed_offset), timeout=30)
+    assert done.state == ingest_pb2.UPLOAD_STATE_STORED and done.object.sha256 == hashlib.sha256(data).hexdigest()
