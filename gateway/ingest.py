@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 
 from teleread.auth import Principal, require_uploader
+from teleread.cpu import CpuPool
 from teleread.db.engine import utcnow
 from teleread.db.schema import conflicts, exams, objects, sites, uploads
 from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted
@@ -64,6 +65,7 @@ class IngestService:
         bus: EventBus,
         on_committed: Callable[[str], None],
         max_object_bytes: int,
+        cpu: CpuPool | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -73,6 +75,7 @@ class IngestService:
         self._bus = bus
         self._on_committed = on_committed
         self._max_bytes = max_object_bytes
+        self._cpu = cpu or CpuPool(0)
         self._locks: dict[str, threading.Lock] = {}
         self._hashes: dict[str, tuple[int, Any]] = {}
         self._locks_guard = threading.Lock()
@@ -288,7 +291,7 @@ class IngestService:
 
     def _validate(self, role: str, part: Path, *, exam_id: str, site_id: int) -> dict[str, object]:
         if role == "dicom":
-            info = validate.inspect_dicom(part)
+            info = self._cpu.run(validate.inspect_dicom, part)
             if info.preamble_flag:
                 raise InvalidInput("DICOM preamble holds an executable header", reason="DICOM_EXECUTABLE_PREAMBLE")
             with self._engine.connect() as conn:
@@ -303,7 +306,7 @@ class IngestService:
                 "study_instance_uid": info.study_instance_uid,
             }
         if role == "wfdb_header":
-            validate.inspect_wfdb_header(part)
+            self._cpu.run(validate.inspect_wfdb_header, part)
             return {"modality": "ECG"}
         return {"modality": "ECG"}
 

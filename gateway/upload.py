@@ -12,7 +12,9 @@ import argparse
 import hashlib
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ from teleread.errors import TelereadError
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("teleread.gateway.upload")
+DEFAULT_PARALLEL = 4  # concurrent streams per client
 DEFAULT_RETRY = RetryPolicy()
 
 CHUNK_SIZE = 1024 * 1024
@@ -332,7 +335,9 @@ class _Uploader:
     timeout: float
     retry: RetryPolicy
     sleep: Callable[[float], None]
+    parallel: int = 1
     fatal: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _call(self, rpc: str, request: Any) -> Any:
         """An idempotent unary Ingest call with a deadline, repeated after retryable failures."""
@@ -358,11 +363,14 @@ class _Uploader:
         except grpc.RpcError as err:
             return self._failed(outcome, "open exam", err)
         outcome.exam_id, outcome.state = opened.exam_id, opened.state
-        for obj in exam.objects:
-            self._upload_object_into(outcome, obj)
-            if self.fatal:
-                return outcome
-        if outcome.errors:
+        workers = max(1, min(self.parallel, len(exam.objects)))
+        if workers == 1:
+            for obj in exam.objects:
+                self._upload_object_into(outcome, obj)
+        else:  # several streams at once: the hub validates and stores one while another arrives
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload") as pool:
+                list(pool.map(lambda obj: self._upload_object_into(outcome, obj), exam.objects))
+        if self.fatal or outcome.errors:
             return outcome
         commit = ingest_pb2.CommitExamRequest(exam_id=opened.exam_id, expected_objects=len(exam.objects))
         try:
@@ -374,12 +382,15 @@ class _Uploader:
         return outcome
 
     def _failed(self, outcome: ExamOutcome, what: str, err: grpc.RpcError) -> ExamOutcome:
-        outcome.errors.append(f"{what}: {describe_rpc_error(err)}")
-        if rpc_code(err) in _FATAL_CODES:
-            self.fatal = rpc_code(err).name
+        with self._lock:
+            outcome.errors.append(f"{what}: {describe_rpc_error(err)}")
+            if rpc_code(err) in _FATAL_CODES:
+                self.fatal = rpc_code(err).name
         return outcome
 
     def _upload_object_into(self, outcome: ExamOutcome, obj: ScanObject) -> None:
+        if self.fatal:
+            return
         try:
             status = self.upload_object(outcome.exam_id, obj)
         except grpc.RpcError as err:
@@ -387,12 +398,14 @@ class _Uploader:
             return
         except (OSError, TelereadError) as err:
             reason = str(err) if isinstance(err, TelereadError) else type(err).__name__
-            outcome.errors.append(f"{obj.name}: {reason}")
+            with self._lock:
+                outcome.errors.append(f"{obj.name}: {reason}")
             return
-        if status.state == ingest_pb2.UPLOAD_STATE_DUPLICATE:
-            outcome.objects_duplicate += 1
-        else:
-            outcome.objects_stored += 1
+        with self._lock:
+            if status.state == ingest_pb2.UPLOAD_STATE_DUPLICATE:
+                outcome.objects_duplicate += 1
+            else:
+                outcome.objects_stored += 1
 
     def upload_object(self, exam_id: str, obj: ScanObject) -> ingest_pb2.UploadStatus:
         """Announce, stream and resume one object until the hub reports it stored."""
@@ -511,10 +524,12 @@ def upload_exams(
     timeout: float = DEFAULT_TIMEOUT,
     retry: RetryPolicy = DEFAULT_RETRY,
     sleep: Callable[[float], None] = time.sleep,
+    parallel: int = DEFAULT_PARALLEL,
 ) -> list[ExamOutcome]:
     """Upload every exam (resuming cut streams), committing those whose objects all stored.
     ``progress`` receives the number of newly sent bytes (bytes re-sent after a cut count once).
-    A rejected object is reported in its exam's errors and that exam is left uncommitted."""
+    A rejected object is reported in its exam's errors and that exam is left uncommitted.
+    ``parallel`` streams run at once (across the objects of an exam, and across exams)."""
     uploader = _Uploader(
         ingest,
         PRIORITIES[priority],
@@ -524,15 +539,18 @@ def upload_exams(
         timeout,
         retry,
         sleep,
+        parallel=max(1, parallel),
     )
-    outcomes: list[ExamOutcome] = []
-    for exam in exams:
+
+    def one(exam: ScanExam) -> ExamOutcome:
         if uploader.fatal:
-            reason = f"not attempted after {uploader.fatal}"
-            outcomes.append(ExamOutcome(key=exam.client_exam_key, errors=[reason]))
-            continue
-        outcomes.append(uploader.upload_exam(exam))
-    return outcomes
+            return ExamOutcome(key=exam.client_exam_key, errors=[f"not attempted after {uploader.fatal}"])
+        return uploader.upload_exam(exam)
+
+    if uploader.parallel == 1 or len(exams) < 2:
+        return [one(exam) for exam in exams]
+    with ThreadPoolExecutor(max_workers=uploader.parallel, thread_name_prefix="exam") as pool:
+        return list(pool.map(one, exams))
 
 
 def _print_skipped(console: Console, skipped: list[SkippedFile]) -> None:

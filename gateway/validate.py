@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom import config as pydicom_config
@@ -45,6 +45,7 @@ _LONG_LENGTH_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _EXECUTABLE_MAGIC = ((b"MZ", "pe"), (b"\x7fELF", "elf"))
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DEFER_BYTES = 64 * 1024  # values above this stay on disk until their extent is checked
+_IN_MEMORY_BYTES = 16 * 1024**2  # files up to this size are parsed from memory
 _MAX_LOADED_VALUE_BYTES = 64 * 1024**2  # larger deferred values are checked, never loaded
 _MAX_ELEMENTS = 200_000
 _MAX_DEPTH = 32
@@ -162,8 +163,16 @@ def inspect_dicom(
     return replace(info, preamble_flag=flag)
 
 
+def _open_for_parse(path: Path, *, file_size: int) -> BinaryIO:
+    """Small files are parsed from memory (bounded by their size; pydicom's many small reads are
+    much cheaper there); larger ones through a reader that never over-allocates."""
+    if file_size <= _IN_MEMORY_BYTES:
+        return io.BytesIO(path.read_bytes())
+    return _ClampedReader(io.FileIO(path, "r"), size=file_size)
+
+
 def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> DicomInfo:
-    with _ClampedReader(io.FileIO(path, "r"), size=file_size) as fp:
+    with _open_for_parse(path, file_size=file_size) as fp:
         deflated = _check_inflated_size(fp, limit=max_inflated_bytes)
         fp.seek(0)
         ds = pydicom.dcmread(fp, force=False, stop_before_pixels=True, defer_size=None if deflated else _DEFER_BYTES)
@@ -200,7 +209,7 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> Dico
     )
 
 
-def _check_inflated_size(fp: _ClampedReader, *, limit: int) -> bool:
+def _check_inflated_size(fp: BinaryIO, *, limit: int) -> bool:
     """True if the dataset is deflated; its inflated size is bounded before pydicom inflates it."""
     read_preamble(fp, False)
     meta = _read_file_meta_info(fp)  # pydicom's own reader, so the result matches dcmread's
@@ -281,7 +290,7 @@ def _walk(ds: Dataset, *, file_size: int, budget: list[int], depth: int) -> None
                 _walk(item, file_size=file_size, budget=budget, depth=depth + 1)
 
 
-def _check_pixel_extent(fp: _ClampedReader, ds: Dataset, *, file_size: int) -> None:
+def _check_pixel_extent(fp: BinaryIO, ds: Dataset, *, file_size: int) -> None:
     """Read only the pixel data element's header (where dcmread stopped) and check its extent."""
     start = fp.tell()
     header = fp.read(12)

@@ -7,6 +7,7 @@ the urgency the clinic requested.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -18,6 +19,7 @@ from sqlalchemy import Engine, select, update
 
 from teleread.db.engine import as_utc, utcnow
 from teleread.db.schema import exams, objects
+from teleread.cpu import CpuPool
 from teleread.errors import TelereadError
 from teleread.events import EventBus, record_event
 from teleread.models import ecg_measure, triage
@@ -36,12 +38,15 @@ class TriageWorker:
         bus: EventBus,
         workers: int = 2,
         rules_path: Path | None = None,
+        cpu: CpuPool | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
         self._routing = routing
         self._bus = bus
+        self._rules_path = rules_path
         self._rules = triage.load_rules(rules_path)
+        self._cpu = cpu or CpuPool(0)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="triage")
 
     def submit(self, exam_id: str) -> None:
@@ -74,37 +79,33 @@ class TriageWorker:
         return self._queue(exam, result)
 
     def _triage(self, exam: Any, objs: Sequence[Any]) -> Any:
-        if exam.kind != "ecg":
+        if exam.kind != "ecg":  # request rules only: cheap, no files
             return triage.triage_image(
                 modality=exam.modality, priority=exam.priority, indication=exam.indication, rules=self._rules
             )
-        try:
-            signal = self._load_ecg(objs)
-            m = ecg_measure.measure_ecg(signal.signal_mv, fs=signal.fs, lead_names=signal.lead_names)
-        except TelereadError as exc:
-            log.warning("ECG not measurable", extra={"exam_id": exam.id, "reason": exc.reason})
-            return triage.unmeasurable_ecg(priority=exam.priority, reason=exc.reason, rules=self._rules)
-        return triage.triage_ecg(m, rules=self._rules, priority=exam.priority, indication=exam.indication)
-
-    def _load_ecg(self, objs: Sequence[Any]) -> Any:
-        from teleread import ecgio
-
         with tempfile.TemporaryDirectory(prefix="teleread-triage-") as tmp:
-            paths: dict[str, Path] = {}
-            for o in objs:
-                if o.role in paths:
-                    continue
-                dest = Path(tmp) / f"{o.id}.{o.role}"
-                with (
-                    self._store.open_verified(o.storage_key, sha256=o.sha256, size=o.size) as src,
-                    open(dest, "wb") as out,
-                ):
-                    while block := src.read(1024 * 1024):
-                        out.write(block)
-                paths[o.role] = dest
-            if "wfdb_header" in paths and "wfdb_signal" in paths:
-                return ecgio.load_ecg_wfdb(paths["wfdb_header"], paths["wfdb_signal"])
-            return ecgio.load_ecg_dicom(paths["dicom"])
+            files = self._fetch(objs, Path(tmp))
+            result = self._cpu.run(
+                triage_ecg_files,
+                files=files,
+                priority=exam.priority,
+                indication=exam.indication,
+                rules_path=str(self._rules_path) if self._rules_path else None,
+            )
+        return triage.TriageResult.from_dict(result)
+
+    def _fetch(self, objs: Sequence[Any], folder: Path) -> dict[str, str]:
+        """Copy the exam's ECG objects out of the store (hash-verified) for the CPU worker."""
+        paths: dict[str, str] = {}
+        for o in objs:
+            if o.role in paths:
+                continue
+            dest = folder / f"{o.id}.{o.role}"
+            with self._store.open_verified(o.storage_key, sha256=o.sha256, size=o.size) as src, open(dest, "wb") as out:
+                while block := src.read(1024 * 1024):
+                    out.write(block)
+            paths[o.role] = str(dest)
+        return paths
 
     def _queue(self, exam: Any, result: Any) -> dict[str, Any]:
         level = result.level
@@ -138,3 +139,27 @@ class TriageWorker:
         self._bus.publish()
         log.info("exam queued", extra={"exam_id": exam.id, "level": level})
         return {"level": level, "deadline": deadline}
+
+
+@functools.lru_cache(maxsize=4)
+def _rules(path: str | None) -> Any:
+    return triage.load_rules(Path(path) if path else None)
+
+
+def triage_ecg_files(
+    *, files: dict[str, str], priority: str, indication: str, rules_path: str | None
+) -> dict[str, Any]:
+    """Load, measure and classify one ECG from files (runs in a CPU worker process)."""
+    from teleread import ecgio
+
+    rules = _rules(rules_path)
+    try:
+        if "wfdb_header" in files and "wfdb_signal" in files:
+            signal = ecgio.load_ecg_wfdb(Path(files["wfdb_header"]), Path(files["wfdb_signal"]))
+        else:
+            signal = ecgio.load_ecg_dicom(Path(files["dicom"]))
+        m = ecg_measure.measure_ecg(signal.signal_mv, fs=signal.fs, lead_names=signal.lead_names)
+    except TelereadError as exc:
+        log.warning("ECG not measurable", extra={"reason": exc.reason})
+        return triage.unmeasurable_ecg(priority=priority, reason=exc.reason, rules=rules).to_dict()
+    return triage.triage_ecg(m, rules=rules, priority=priority, indication=indication).to_dict()

@@ -7,7 +7,7 @@ include patient data or a parser's exception text; the gRPC layer maps them to r
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 
 class TelereadError(Exception):
@@ -25,6 +25,14 @@ class TelereadError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep reason and metadata when the error crosses a process boundary (CPU workers).
+        return (_rebuild, (type(self), self.message, self.reason, self.metadata))
+
+
+def _rebuild(cls: type[TelereadError], message: str, reason: str, metadata: dict[str, str]) -> TelereadError:
+    return cls(message, reason=reason, metadata=metadata)
 
 
 class InvalidInput(TelereadError):

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
 from teleread.auth import Authenticator
+from teleread.cpu import CpuPool, default_workers
 from teleread.db.engine import make_engine, upgrade
 from teleread.events import EventBus
 from teleread.gateway.ingest import IngestService
@@ -57,10 +58,12 @@ class Hub:
     results: ResultsService
     triage: TriageWorker
     authenticator: Authenticator
+    cpu: CpuPool
 
     def close(self) -> None:
         self.bus.close()
         self.triage.shutdown()
+        self.cpu.close()
         self.engine.dispose()
 
 
@@ -72,7 +75,12 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     store = store or build_object_store(settings)
     routing = load_routing(settings.queue.routing_file)
     bus = EventBus()
-    triage = TriageWorker(engine=engine, store=store, routing=routing, bus=bus, workers=settings.queue.triage_workers)
+    cpu = CpuPool(
+        settings.cpu_workers if settings.cpu_workers >= 0 else default_workers(), log_level=settings.log_level
+    )
+    triage = TriageWorker(
+        engine=engine, store=store, routing=routing, bus=bus, workers=settings.queue.triage_workers, cpu=cpu
+    )
     ingest = IngestService(
         engine=engine,
         store=store,
@@ -81,6 +89,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         bus=bus,
         on_committed=triage.submit,
         max_object_bytes=settings.max_object_bytes,
+        cpu=cpu,
     )
     queue = QueueService(
         engine=engine,
@@ -102,6 +111,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         results=results,
         triage=triage,
         authenticator=Authenticator(engine),
+        cpu=cpu,
     )
     recovered = triage.recover()
     if recovered:

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     database_url: str = ""  # default: sqlite:///<data_dir>/teleread.db
     log_level: str = "INFO"
     max_object_bytes: int = 2 * 1024**3
+    cpu_workers: int = -1  # processes for parsing and triage; -1: one per core (max 4); 0: in-thread
     storage: StorageSettings = Field(default_factory=StorageSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)

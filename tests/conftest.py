@@ -40,7 +40,9 @@ class HubStack:
         return ch
 
 
-def make_settings(tmp: Path, *, database_url: str = "", s3: Any = None, bucket: str = "teleread") -> Any:
+def make_settings(
+    tmp: Path, *, database_url: str = "", s3: Any = None, bucket: str = "teleread", cpu_workers: int = 0
+) -> Any:
     from teleread.settings import Settings, StorageSettings
 
     storage = StorageSettings()
@@ -53,7 +55,9 @@ def make_settings(tmp: Path, *, database_url: str = "", s3: Any = None, bucket: 
             secret_key=s3.secret_key,
             part_size=5 * 1024 * 1024,
         )
-    return Settings(data_dir=tmp, database_url=database_url, storage=storage)
+    # cpu_workers=0 parses in the hub's threads (fast hub start-up); the PostgreSQL + S3 stack uses
+    # the worker processes, as production does.
+    return Settings(data_dir=tmp, database_url=database_url, storage=storage, cpu_workers=cpu_workers)
 
 
 def start_stack(name: str, settings: Any) -> HubStack:
@@ -88,7 +92,7 @@ def hub_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubSta
         pg_url = request.getfixturevalue("pg_url")
         s3 = request.getfixturevalue("s3_server")
         bucket = request.getfixturevalue("s3_bucket")
-        settings = make_settings(tmp_path, database_url=pg_url, s3=s3, bucket=bucket)
+        settings = make_settings(tmp_path, database_url=pg_url, s3=s3, bucket=bucket, cpu_workers=1)
     stack = start_stack(request.param, settings)
     try:
         yield stack

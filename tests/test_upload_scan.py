@@ -345,9 +345,12 @@ def test_authentication_failure_stops_the_run(tmp_path: Path) -> None:
     exams = [_big_exam(tmp_path, "a.dcm", 100), _big_exam(tmp_path, "b.dcm", 100)]
     ingest = FakeIngest()
     ingest.open_error = FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "bad token")
-    first, second = upload_exams(ingest, exams, retry=FAST, sleep=lambda _: None)
+    first, second = upload_exams(ingest, exams, retry=FAST, sleep=lambda _: None, parallel=1)
     assert "UNAUTHENTICATED" in first.errors[0]
     assert second.errors == ["not attempted after UNAUTHENTICATED"]
+    # With parallel streams, exams already started fail on their own; none is committed.
+    outcomes = upload_exams(ingest, exams * 3, retry=FAST, sleep=lambda _: None, parallel=2)
+    assert all("UNAUTHENTICATED" in o.errors[0] for o in outcomes) and ingest.committed == {}
 
 
 def test_describe_rpc_error_decodes_rich_status() -> None:
