@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError as DbIntegrityError
 
 from teleread.auth import Principal, require_uploader
 from teleread.cpu import CpuPool
-from teleread.db.engine import utcnow
+from teleread.db.engine import reading, utcnow
 from teleread.db.schema import conflicts, exams, objects, sites, uploads
 from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted
 from teleread.events import EventBus, record_event
@@ -130,7 +130,7 @@ class IngestService:
 
     def get_exam(self, p: Principal, exam_id: str) -> dict[str, object]:
         site_id = require_uploader(p)
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             return self._site_exam(conn, site_id=site_id, exam_id=exam_id)
 
     @staticmethod
@@ -179,7 +179,7 @@ class IngestService:
 
     def upload_status(self, p: Principal, *, upload_id: str) -> UploadState:
         site_id = require_uploader(p)
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
             obj = None
             if row.object_id:
@@ -212,7 +212,7 @@ class IngestService:
         if not lock.acquire(timeout=30):
             raise Conflict("another stream is writing this upload", reason="UPLOAD_BUSY")
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
             if row.state != "partial":
                 return self.upload_status(p, upload_id=upload_id)
@@ -294,7 +294,7 @@ class IngestService:
             info = self._cpu.run(validate.inspect_dicom, part)
             if info.preamble_flag:
                 raise InvalidInput("DICOM preamble holds an executable header", reason="DICOM_EXECUTABLE_PREAMBLE")
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
             if exam["study_instance_uid"] and exam["study_instance_uid"] != info.study_instance_uid:
                 raise InvalidInput("instance belongs to another study than the exam", reason="STUDY_MISMATCH")
@@ -321,7 +321,7 @@ class IngestService:
                 part.unlink(missing_ok=True)
                 return dup
         key = object_key(tenant_id=site_id, sha256=u.sha256)
-        self._store.put_file(key, part, sha256=u.sha256, size=u.size)
+        self._store.put_file(key, part, sha256=u.sha256, size=u.size, consume=True)
         object_id = new_id()
         try:
             with self._engine.begin() as conn:
@@ -356,6 +356,10 @@ class IngestService:
 
     def _existing_instance(self, *, site_id: int, uid: str, upload: Row[Any]) -> UploadState | None:
         u = upload
+        query = select(objects.c.id).where(objects.c.site_id == site_id, objects.c.sop_instance_uid == uid)
+        with reading(self._engine) as conn:
+            if conn.execute(query).first() is None:
+                return None  # the common case, answered without the write lock
         with self._engine.begin() as conn:
             row = conn.execute(
                 select(objects).where(objects.c.site_id == site_id, objects.c.sop_instance_uid == uid)
@@ -507,7 +511,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def count_objects(engine: Engine, exam_id: str) -> int:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return int(
             conn.execute(select(func.count()).select_from(objects).where(objects.c.exam_id == exam_id)).scalar_one()
         )

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from sqlalchemy import Engine, select, update
 
-from teleread.db.engine import as_utc, utcnow
+from teleread.db.engine import as_utc, reading, utcnow
 from teleread.db.schema import exams, objects
 from teleread.cpu import CpuPool
 from teleread.errors import TelereadError
@@ -54,7 +54,7 @@ class TriageWorker:
 
     def recover(self) -> int:
         """Re-submit exams committed but not yet triaged (after a restart)."""
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             ids = [r.id for r in conn.execute(select(exams.c.id).where(exams.c.state == "received"))]
         for exam_id in ids:
             self.submit(exam_id)
@@ -70,7 +70,7 @@ class TriageWorker:
             log.error("triage failed", extra={"exam_id": exam_id, "reason": type(exc).__name__})
 
     def process(self, exam_id: str) -> dict[str, Any]:
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             exam = conn.execute(select(exams).where(exams.c.id == exam_id)).one()
             objs = conn.execute(select(objects).where(objects.c.exam_id == exam_id)).all()
         if exam.state != "received":

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Iterator
 from sqlalchemy import Connection, Engine, Row, and_, or_, select, update
 
 from teleread.auth import Principal, require_reader
-from teleread.db.engine import as_utc, is_postgres, utcnow
+from teleread.db.engine import as_utc, is_postgres, reading, utcnow
 from teleread.db.schema import exams, objects, principals, reports
 from teleread.errors import InvalidInput, LeaseLost, NotFound, PermissionDenied
 from teleread.events import EventBus, record_event
@@ -69,7 +69,7 @@ class QueueService:
             .order_by(*queue_order())
             .limit(max(1, min(limit or 200, 1000)))
         )
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     # ---- claims ------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class QueueService:
         self, p: Principal, *, exam_id: str
     ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
         hospital, specialty = require_reader(p)
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             exam = dict(self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)._mapping)
             objs = [
                 dict(r._mapping)
@@ -217,14 +217,14 @@ class QueueService:
                 exam["claimed_by_name"] = conn.execute(
                     select(principals.c.name).where(principals.c.id == exam["claimed_by"])
                 ).scalar()
+        with self._engine.begin() as conn:  # the access is part of the audit trail
             record_event(conn, type="viewed", exam_id=exam_id, site_id=exam["site_id"], actor_id=p.id)
-            conn.commit()
         return exam, objs, reps
 
     @contextmanager
     def open_object(self, p: Principal, *, exam_id: str, object_id: str) -> Iterator[tuple[dict[str, Any], BinaryIO]]:
         hospital, specialty = require_reader(p)
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
             row = conn.execute(select(objects).where(objects.c.id == object_id, objects.c.exam_id == exam_id)).first()
         if row is None:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from teleread.auth import Principal, require_result_reader
+from teleread.db.engine import reading
 from teleread.db.schema import exams, principals, reports, results
 from teleread.errors import InvalidInput, NotFound
 from teleread.events import EventBus
@@ -55,13 +56,13 @@ class ResultsService:
             raise InvalidInput("cursor cannot be negative", reason="BAD_CURSOR")
         limit = max(1, min(limit or 100, 500))
         query = self._query(site_id).where(results.c.seq > after).order_by(results.c.seq).limit(limit)
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def get(self, p: Principal, *, exam_id: str) -> dict[str, Any]:
         site_id = require_result_reader(p)
         query = self._query(site_id).where(results.c.exam_id == exam_id).order_by(results.c.seq.desc()).limit(1)
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             row = conn.execute(query).first()
         if row is None:
             raise NotFound("no result for that exam at this site", reason="RESULT_NOT_FOUND")

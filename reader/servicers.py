@@ -9,7 +9,7 @@ import grpc
 from sqlalchemy import Engine, select
 
 from teleread.auth import require_reader
-from teleread.db.engine import as_utc
+from teleread.db.engine import as_utc, reading
 from teleread.db.schema import events, exams, principals, sites
 from teleread.errors import NotFound
 from teleread.events import EventBus
@@ -35,7 +35,7 @@ EVENT_TYPES = {
 def _names(engine: Engine, ids: set[int]) -> dict[int, str]:
     if not ids:
         return {}
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return {
             r.id: r.name
             for r in conn.execute(select(principals.c.id, principals.c.name).where(principals.c.id.in_(ids)))
@@ -52,7 +52,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
 
     def _site(self, site_id: int) -> str:
         if site_id not in self._site_codes:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 self._site_codes[site_id] = conn.execute(select(sites.c.code).where(sites.c.id == site_id)).scalar_one()
         return self._site_codes[site_id]
 
@@ -78,14 +78,14 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         p = current_principal()
         hospital, specialty = require_reader(p)
         seen = self._bus.generation()
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             last = conn.execute(select(events.c.id).order_by(events.c.id.desc()).limit(1)).scalar() or 0
         for row in self._queue.worklist(p, include_claimed=True):
             yield worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT, exam=self._exam(row))
         yield worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_END, event_id=last)
         while context.is_active() and not self._bus.closed:
             seen = self._bus.wait(seen, WAKE_SECONDS)
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 rows = conn.execute(
                     select(
                         events.c.id.label("event_id"),

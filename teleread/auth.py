@@ -18,7 +18,7 @@ from enum import Enum
 
 from sqlalchemy import Engine, insert, select
 
-from teleread.db.engine import utcnow
+from teleread.db.engine import reading, utcnow
 from teleread.db.schema import principals, sites
 from teleread.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 
@@ -91,7 +91,7 @@ def add_principal(
     if role in (Role.SITE, Role.TECHNICIAN, Role.RESULT_PULLER):
         if not site_code:
             raise InvalidInput(f"a {role.value} needs --site", reason="SITE_REQUIRED")
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             row = conn.execute(select(sites.c.id).where(sites.c.code == site_code)).first()
         if row is None:
             raise NotFound("no such site", reason="SITE_NOT_FOUND")
@@ -148,7 +148,7 @@ class Authenticator:
             .select_from(principals.outerjoin(sites, principals.c.site_id == sites.c.id))
             .where(principals.c.token_sha256 == digest)
         )
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             row = conn.execute(query).first()
         if row is None or row.disabled:
             raise Unauthenticated("unknown or disabled token", reason="BAD_TOKEN")

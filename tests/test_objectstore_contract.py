@@ -138,6 +138,23 @@ def test_multipart_sized_object_round_trips(case: StoreCase, tmp_path: Path) -> 
     assert case.leftovers() == []
 
 
+@pytest.mark.parametrize("lie", [None, "sha256", "size_minus_one"])
+def test_consuming_put_stores_verified_bytes_or_nothing(case: StoreCase, tmp_path: Path, lie: str | None) -> None:
+    data = _random_bytes(2 * MIB + 5)
+    claimed_sha = _sha(data + b"x") if lie == "sha256" else _sha(data)
+    claimed_size = len(data) - 1 if lie == "size_minus_one" else len(data)
+    key = object_key(tenant_id=1, sha256=claimed_sha)
+    if lie is None:
+        case.store.put_file(key, _source(tmp_path, data), sha256=claimed_sha, size=claimed_size, consume=True)
+        with case.store.open_verified(key, sha256=claimed_sha, size=claimed_size) as handle:
+            assert handle.read() == data
+        assert case.leftovers() == []
+        return
+    with pytest.raises(IntegrityError):
+        case.store.put_file(key, _source(tmp_path, data), sha256=claimed_sha, size=claimed_size, consume=True)
+    _assert_absent(case, key)
+
+
 def test_empty_object_round_trips(case: StoreCase, tmp_path: Path) -> None:
     key = _key(b"")
     case.store.put_file(key, _source(tmp_path, b""), sha256=_sha(b""), size=0)

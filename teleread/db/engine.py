@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -57,7 +57,15 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front (no lock upgrade failures); readers never wait
+        # for writers in WAL mode, so their transactions stay deferred.
+        read_only = conn.get_execution_options().get("teleread_read_only", False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads only (on SQLite its transaction does not take the write lock)."""
+    return engine.connect().execution_options(teleread_read_only=True)
 
 
 def is_postgres(engine: Engine) -> bool:

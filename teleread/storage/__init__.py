@@ -26,10 +26,11 @@ def object_key(*, tenant_id: int, sha256: str) -> str:
 class ObjectStore(Protocol):
     """What the hub needs from object storage."""
 
-    def put_file(self, key: str, path: Path, *, sha256: str, size: int) -> None:
+    def put_file(self, key: str, path: Path, *, sha256: str, size: int, consume: bool = False) -> None:
         """Store the file at ``path`` under ``key``, atomically: either the whole verified object
         is visible afterwards, or nothing. Raises IntegrityError if the file's SHA-256 or size do
-        not match, StorageError if the store fails. Idempotent for the same key and content."""
+        not match, StorageError if the store fails. Idempotent for the same key and content.
+        ``consume=True``: the caller gives the file up (a store may move it instead of copying)."""
         ...
 
     def exists(self, key: str) -> bool: ...

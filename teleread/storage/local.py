@@ -125,13 +125,19 @@ class LocalObjectStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def put_file(self, key: str, path: Path, *, sha256: str, size: int) -> None:
-        """Copy ``path`` in under ``key`` atomically, verified against ``sha256`` and ``size``."""
+    def put_file(self, key: str, path: Path, *, sha256: str, size: int, consume: bool = False) -> None:
+        """Copy ``path`` in under ``key`` atomically, verified against ``sha256`` and ``size``.
+
+        With ``consume`` the caller gives the file up: on the same filesystem it is verified in
+        place, fsynced and renamed into the store instead of copied."""
         validate_expected(sha256=sha256, size=size)
         target = self._path_for(key)
         if self._holds_verified(target, key=key, sha256=sha256, size=size):
             _verify_source(path, sha256=sha256, size=size)  # a bad re-put still fails loudly
             logger.debug("object already stored", extra={"object_id": key})
+            return
+        if consume and self._move_verified(path, target, sha256=sha256, size=size):
+            logger.info("object stored", extra={"object_id": key, "bytes": size})
             return
         temp_path: Path | None = None
         try:
@@ -150,6 +156,25 @@ class LocalObjectStore:
                 with suppress(OSError):
                     temp_path.unlink()
         logger.info("object stored", extra={"object_id": key, "bytes": size})
+
+    def _move_verified(self, source: Path, target: Path, *, sha256: str, size: int) -> bool:
+        """Verify ``source`` in place and rename it to ``target``; False when a rename cannot work
+        (another filesystem), in which case the caller copies."""
+        try:
+            if os.stat(source).st_dev != os.stat(self._temp_dir).st_dev:
+                return False
+            with open(source, "rb") as fh:
+                actual_sha256, actual_size = hash_stream(fh, limit=size)
+                check_content(
+                    actual_sha256=actual_sha256, actual_size=actual_size, sha256=sha256, size=size, what="file to store"
+                )
+                os.fsync(fh.fileno())
+            self._make_dirs(target.parent)
+            os.replace(source, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="store an object") from None
+        return True
 
     def delete(self, key: str) -> None:
         """Remove the object under ``key``; an absent object is fine."""

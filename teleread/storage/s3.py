@@ -149,7 +149,7 @@ class S3ObjectStore:
             logger.info("object store bucket created")
         self._bucket_ready = True
 
-    def put_file(self, key: str, path: Path, *, sha256: str, size: int) -> None:
+    def put_file(self, key: str, path: Path, *, sha256: str, size: int, consume: bool = False) -> None:
         """Upload ``path`` under ``key`` after checking its SHA-256 and size; the upload itself is
         verified again as it streams, so a source changing underneath never lands in the bucket."""
         validate_key(key)
