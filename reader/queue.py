@@ -53,9 +53,9 @@ class QueueService:
 
     @staticmethod
     def _claimable(now: datetime) -> Any:
-        return or_(
-            exams.c.state == "queued",
-            and_(exams.c.state == "in_reading", exams.c.lease_expires_at < now),
+        return and_(
+            exams.c.state.in_(("queued", "in_reading")),  # lets the planner use ix_exams_claimable
+            or_(exams.c.state == "queued", exams.c.lease_expires_at < now),
         )
 
     # ---- worklist ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData(
@@ -89,7 +90,18 @@ exams = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     UniqueConstraint("site_id", "client_exam_key", name="uq_exams_site_key"),
-    Index("ix_exams_queue", "hospital", "specialty", "state", "level_rank", "deadline", "received_at"),
+    # Claim-next walks this index in queue order; only exams in the queue are in it.
+    Index(
+        "ix_exams_claimable",
+        "hospital",
+        "specialty",
+        "level_rank",
+        "deadline",
+        "received_at",
+        "id",
+        postgresql_where=text("state IN ('queued', 'in_reading')"),
+        sqlite_where=text("state IN ('queued', 'in_reading')"),
+    ),
     Index("ix_exams_site_state", "site_id", "state"),
 )
 
