@@ -7,13 +7,17 @@ SQLite (embedded default) runs in WAL mode with a busy timeout, and every transa
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 
+from teleread.errors import Unavailable
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+WRITE_WAIT_SECONDS = 30.0
 
 
 def utcnow() -> datetime:
@@ -55,12 +59,62 @@ def _configure_sqlite(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 
+    writers = _WriterQueue(engine)
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # Writers take the write lock up front (no lock upgrade failures); readers never wait
-        # for writers in WAL mode, so their transactions stay deferred.
-        read_only = conn.get_execution_options().get("teleread_read_only", False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        # Writers take the write lock up front (no lock upgrade failures) after queueing on an
+        # in-process mutex (SQLite's own busy handler sleeps 1-100 ms between retries); readers
+        # never wait for writers in WAL mode, so their transactions stay deferred.
+        if conn.get_execution_options().get("teleread_read_only", False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        writers.acquire(conn.connection.dbapi_connection)
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            writers.release(conn.connection.dbapi_connection)
+            raise
+
+
+class _WriterQueue:
+    """One in-process mutex for SQLite write transactions, released after COMMIT or ROLLBACK."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+        dialect = engine.dialect
+        base_commit, base_rollback = dialect.do_commit, dialect.do_rollback
+
+        def do_commit(dbapi_conn: Any) -> None:
+            try:
+                base_commit(dbapi_conn)
+            finally:
+                self.release(dbapi_conn)
+
+        def do_rollback(dbapi_conn: Any) -> None:
+            try:
+                base_rollback(dbapi_conn)
+            finally:
+                self.release(dbapi_conn)
+
+        dialect.do_commit = do_commit  # type: ignore[method-assign,assignment]
+        dialect.do_rollback = do_rollback  # type: ignore[method-assign,assignment]
+
+    def acquire(self, conn: Any) -> None:
+        if not self._lock.acquire(timeout=WRITE_WAIT_SECONDS):
+            raise Unavailable("the database is busy; try again", reason="DATABASE_BUSY")
+        self._holder = id(_raw(conn))
+
+    def release(self, conn: Any) -> None:
+        if self._holder is not None and self._holder == id(_raw(conn)):
+            self._holder = None
+            self._lock.release()
+
+
+def _raw(conn: Any) -> Any:
+    """The driver's connection behind a pool proxy (SQLAlchemy passes either)."""
+    return getattr(conn, "dbapi_connection", None) or conn
 
 
 def reading(engine: Engine) -> Connection:
