@@ -294,12 +294,18 @@ class IngestService:
             info = self._cpu.run(validate.inspect_dicom, part)
             if info.preamble_flag:
                 raise InvalidInput("DICOM preamble holds an executable header", reason="DICOM_EXECUTABLE_PREAMBLE")
-            with reading(self._engine) as conn:
+            with reading(self._engine) as conn:  # one read: the exam's study, and an earlier copy
                 exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+                existing = conn.execute(
+                    select(objects.c.id).where(
+                        objects.c.site_id == site_id, objects.c.sop_instance_uid == info.sop_instance_uid
+                    )
+                ).first()
             if exam["study_instance_uid"] and exam["study_instance_uid"] != info.study_instance_uid:
                 raise InvalidInput("instance belongs to another study than the exam", reason="STUDY_MISMATCH")
             return {
                 "sop_instance_uid": info.sop_instance_uid,
+                "existing": existing is not None,
                 "sop_class_uid": info.sop_class_uid,
                 "series_instance_uid": info.series_instance_uid,
                 "modality": info.modality or "OT",
@@ -315,32 +321,31 @@ class IngestService:
     ) -> UploadState:
         u = upload
         uid = meta.get("sop_instance_uid")
-        if uid:
+        if uid and meta.get("existing"):
             dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u)
             if dup is not None:
                 part.unlink(missing_ok=True)
                 return dup
         key = object_key(tenant_id=site_id, sha256=u.sha256)
         self._store.put_file(key, part, sha256=u.sha256, size=u.size, consume=True)
-        object_id = new_id()
+        row: dict[str, object] = {
+            "id": new_id(),
+            "exam_id": u.exam_id,
+            "site_id": site_id,
+            "role": u.role,
+            "sha256": u.sha256,
+            "size": u.size,
+            "storage_key": key,
+            "sop_instance_uid": uid,
+            "sop_class_uid": meta.get("sop_class_uid", ""),
+            "series_instance_uid": meta.get("series_instance_uid", ""),
+            "modality": meta.get("modality", ""),
+            "created_at": utcnow(),
+        }
+        object_id = str(row["id"])
         try:
             with self._engine.begin() as conn:
-                conn.execute(
-                    insert(objects).values(
-                        id=object_id,
-                        exam_id=u.exam_id,
-                        site_id=site_id,
-                        role=u.role,
-                        sha256=u.sha256,
-                        size=u.size,
-                        storage_key=key,
-                        sop_instance_uid=uid,
-                        sop_class_uid=meta.get("sop_class_uid", ""),
-                        series_instance_uid=meta.get("series_instance_uid", ""),
-                        modality=meta.get("modality", ""),
-                        created_at=utcnow(),
-                    )
-                )
+                conn.execute(insert(objects).values(**row))
                 self._mark_upload(conn, upload_id=u.id, state="stored", object_id=object_id)
                 self._touch_exam(conn, exam_id=u.exam_id, meta=meta)
         except DbIntegrityError:
@@ -352,7 +357,7 @@ class IngestService:
             return dup
         part.unlink(missing_ok=True)
         log.info("object stored", extra={"upload_id": u.id, "bytes": u.size})
-        return self.upload_status(p, upload_id=u.id)
+        return UploadState(u.id, u.size, u.size, "stored", row)
 
     def _existing_instance(self, *, site_id: int, uid: str, upload: Row[Any]) -> UploadState | None:
         u = upload
