@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, TypeVar
@@ -31,6 +32,14 @@ def _init_worker(log_level: str) -> None:
     from teleread.logs import configure_logging
 
     configure_logging(log_level)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # a killed hub must not leave its workers behind
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
 
 
 def _warm() -> int:

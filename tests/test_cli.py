@@ -158,3 +158,27 @@ def test_read_watch_announces_a_critical_exam(embedded_stack, tmp_path: Path, ca
     assert not watch.is_alive() and codes == [0]
     out = "".join(seen) + capsys.readouterr().out
     assert "CRITICAL" in out and outcome.exam_id[:8] in out
+
+
+def test_killed_hub_leaves_no_worker_processes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = dict(os.environ, TELEREAD_DATA_DIR=str(tmp_path), TELEREAD_GRPC__PORT="0", TELEREAD_CPU_WORKERS="2")
+    hub = subprocess.Popen([sys.executable, "-m", "teleread.cli", "serve"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in hub.stdout.readline()
+        workers = psutil.Process(hub.pid).children()
+        assert len(workers) >= 2
+    finally:
+        hub.send_signal(signal.SIGKILL)
+        hub.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
+        assert time.monotonic() < deadline, "worker processes outlived the hub"
+        time.sleep(0.2)
