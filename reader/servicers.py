@@ -3,13 +3,14 @@ queue, report and results services, and run the watch streams off the event feed
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from datetime import datetime, timedelta
+from typing import Any, Iterator, Sequence
 
 import grpc
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 
 from teleread.auth import require_reader
-from teleread.db.engine import as_utc, reading
+from teleread.db.engine import as_utc, reading, utcnow
 from teleread.db.schema import events, exams, principals, sites
 from teleread.errors import NotFound
 from teleread.events import EventBus
@@ -40,6 +41,31 @@ def _names(engine: Engine, ids: set[int]) -> dict[int, str]:
             r.id: r.name
             for r in conn.execute(select(principals.c.id, principals.c.name).where(principals.c.id.in_(ids)))
         }
+
+
+class _Feed:
+    """Which events a watcher has sent. Event ids are assigned at insert but transactions commit in
+    any order (PostgreSQL), so an id below the highest one seen can still appear: the watcher
+    re-reads a trailing window of recent events and skips those it already sent."""
+
+    WINDOW = timedelta(seconds=60)
+
+    def __init__(self, start: int) -> None:
+        self._floor = start  # events up to the snapshot are not sent
+        self._last = start
+        self._sent: dict[int, datetime] = {}
+
+    def condition(self) -> Any:
+        return or_(events.c.id > self._last, events.c.at > utcnow() - self.WINDOW)
+
+    def new(self, rows: Sequence[Any]) -> list[Any]:
+        fresh = [r for r in rows if r.event_id > self._floor and r.event_id not in self._sent]
+        for r in fresh:
+            self._sent[r.event_id] = as_utc(r.event_at) or utcnow()
+            self._last = max(self._last, r.event_id)
+        horizon = utcnow() - 2 * self.WINDOW
+        self._sent = {k: v for k, v in self._sent.items() if v > horizon}
+        return fresh
 
 
 class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
@@ -83,6 +109,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         for row in self._queue.worklist(p, include_claimed=True):
             yield worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT, exam=self._exam(row))
         yield worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_END, event_id=last)
+        feed = _Feed(last)
         while context.is_active() and not self._bus.closed:
             seen = self._bus.wait(seen, WAKE_SECONDS)
             with reading(self._engine) as conn:
@@ -95,17 +122,17 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                     )
                     .select_from(events.join(exams, events.c.exam_id == exams.c.id))
                     .where(
-                        events.c.id > last,
+                        feed.condition(),
                         events.c.hospital == hospital,
                         events.c.specialty == specialty,
                         events.c.type.in_(EVENT_TYPES),
                     )
                     .order_by(events.c.id)
-                    .limit(500)
+                    .limit(2000)
                 ).all()
+            rows = feed.new(rows)
             names = _names(self._engine, {r.claimed_by for r in rows if r.claimed_by})
             for r in rows:
-                last = r.event_id
                 exam = dict(r._mapping)
                 exam["claimed_by_name"] = names.get(r.claimed_by, "")
                 yield worklist_pb2.WorklistEvent(

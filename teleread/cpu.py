@@ -28,10 +28,12 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def _init_worker(log_level: str) -> None:
+def _init_worker(log_level: str, nice: int) -> None:
     from teleread.logs import configure_logging
 
     configure_logging(log_level)
+    if nice:
+        os.nice(nice)
     parent = os.getppid()
 
     def exit_with_parent() -> None:  # a killed hub must not leave its workers behind
@@ -51,9 +53,10 @@ def _warm() -> int:
 
 
 class CpuPool:
-    def __init__(self, workers: int, *, log_level: str = "INFO") -> None:
+    def __init__(self, workers: int, *, log_level: str = "INFO", nice: int = 0) -> None:
         self._workers = workers
         self._log_level = log_level
+        self._nice = nice
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = self._start() if workers > 0 else None
 
@@ -62,7 +65,7 @@ class CpuPool:
             max_workers=self._workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self._log_level,),
+            initargs=(self._log_level, self._nice),
         )
         for future in [pool.submit(_warm) for _ in range(self._workers)]:
             future.result()

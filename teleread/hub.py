@@ -39,6 +39,7 @@ from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_gr
 
 log = logging.getLogger("teleread.hub")
 MAX_MESSAGE = 4 * 1024 * 1024
+INGEST_NICE = 5
 SERVICES = (
     ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name,
     worklist_pb2.DESCRIPTOR.services_by_name["Worklist"].full_name,
@@ -59,11 +60,13 @@ class Hub:
     triage: TriageWorker
     authenticator: Authenticator
     cpu: CpuPool
+    triage_cpu: CpuPool
 
     def close(self) -> None:
         self.bus.close()
         self.triage.shutdown()
         self.cpu.close()
+        self.triage_cpu.close()
         self.engine.dispose()
 
 
@@ -75,11 +78,13 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     store = store or build_object_store(settings)
     routing = load_routing(settings.queue.routing_file)
     bus = EventBus()
-    cpu = CpuPool(
-        settings.cpu_workers if settings.cpu_workers >= 0 else default_workers(), log_level=settings.log_level
-    )
+    # Two pools: triage (commit -> queued latency is the clinical clock) runs at normal priority,
+    # ingest parsing at a lower one, so a flood of uploads cannot delay a STEMI alert.
+    workers = settings.cpu_workers if settings.cpu_workers >= 0 else default_workers()
+    cpu = CpuPool(workers, log_level=settings.log_level, nice=INGEST_NICE)
+    triage_cpu = CpuPool(workers, log_level=settings.log_level)
     triage = TriageWorker(
-        engine=engine, store=store, routing=routing, bus=bus, workers=settings.queue.triage_workers, cpu=cpu
+        engine=engine, store=store, routing=routing, bus=bus, workers=settings.queue.triage_workers, cpu=triage_cpu
     )
     ingest = IngestService(
         engine=engine,
@@ -112,6 +117,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         triage=triage,
         authenticator=Authenticator(engine),
         cpu=cpu,
+        triage_cpu=triage_cpu,
     )
     recovered = triage.recover()
     if recovered:
