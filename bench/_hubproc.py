@@ -1,12 +1,12 @@
-"""Server processes of the spine benchmark: the hub, the raw gRPC sink, PostgreSQL and nanio.
+"""Server processes of the spine benchmark: the hub and the raw gRPC sink.
 
 Run as ``python -m bench._hubproc hub --settings-json FILE`` it builds the hub from the settings in
 FILE (a private file: it may hold S3 keys), registers the site "bench-clinic" (lead hospital
 "bench-hosp"), its upload identity and reader identities, prints one JSON line (port, tokens, site
 id) and serves until SIGTERM. ``python -m bench._hubproc sink`` serves the raw ceiling instead: the
 Ingest ``Upload`` method with the hub's server options, discarding the bytes. The benchmark side
-uses :func:`start_hub` / :func:`start_sink` (one separate process each, so the hub's RSS is its
-own) and :class:`PgCluster` / :class:`NanioServer` for the PostgreSQL + S3 deployment.
+uses :func:`start_hub` / :func:`start_sink` (one separate process each, so the hub's memory and
+CPU are its own and measurable).
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import argparse
 import cProfile
 import json
 import os
-import secrets
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +23,7 @@ import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -33,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 SITE = "bench-clinic"
 HOSPITAL = "bench-hosp"
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 
 
@@ -167,11 +165,20 @@ def _read_line(stream: IO[bytes], process: subprocess.Popen[bytes], log_path: Pa
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server process exited early; see {log_path}")
+            raise RuntimeError(f"server process exited early: {_log_tail(log_path)}")
         ready, _, _ = select.select([stream], [], [], 0.2)
         if ready:
             return stream.readline().decode()
-    raise RuntimeError(f"server process did not start in {START_TIMEOUT_S} s; see {log_path}")
+    raise RuntimeError(f"server process did not start in {START_TIMEOUT_S:.0f} s: {_log_tail(log_path)}")
+
+
+def _log_tail(log_path: Path, lines: int = 4) -> str:
+    """The last lines the server wrote (its own JSON logs or a traceback), for the failure row."""
+    try:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        tail = []
+    return " / ".join(tail) or "(its log is empty)"
 
 
 @dataclass
@@ -190,12 +197,18 @@ class ServerProcess:
     def tokens(self) -> dict[str, str]:
         return dict(self.info["tokens"])
 
-    def status_kib(self, name: str) -> int:
-        """A ``/proc/<pid>/status`` memory field (VmRSS, VmHWM) in KiB."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-        raise KeyError(name)
+    def tree(self) -> list[int]:
+        """The process and its children (the hub's CPU worker processes)."""
+        return process_tree(self.process.pid)
+
+    @staticmethod
+    def status_kib(pid: int, name: str) -> int:
+        """A ``/proc/<pid>/status`` memory field (VmRSS, VmHWM) in KiB; 0 if the process is gone."""
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            return 0
+        return next((int(line.split()[1]) for line in lines if line.startswith(name + ":")), 0)
 
     def stop(self) -> None:
         """SIGTERM by PID (kill if it lingers) and wait for the process."""
@@ -250,143 +263,13 @@ def start_sink(run_dir: Path) -> ServerProcess:
     return _spawn(["sink"], log_path=run_dir / "sink.log")
 
 
-def _run(command: list[str]) -> None:
-    """Run a PostgreSQL tool; a failure names the tool and the last lines it printed."""
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = " / ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"PostgreSQL command failed: {tail}")
+def process_tree(pid: int) -> list[int]:
+    import psutil
 
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-@dataclass
-class PgCluster:
-    """A private PostgreSQL cluster (initdb, default durability settings) on a free port."""
-
-    base: Path
-    port: int = field(default_factory=free_port)
-    bindir: Path | None = None
-
-    def start(self) -> None:
-        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-        if not found:
-            raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
-        self.bindir = found[-1].parent
-        self.base.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.base, 0o777)
-        data = self.base / "data"
-        _run(
-            _as_postgres([str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"])
-        )
-        options = f"-p {self.port} -k {self.base} -h {HOST} -c max_connections=200"
-        pg_ctl = str(self.bindir / "pg_ctl")
-        _run(_as_postgres([pg_ctl, "-D", str(data), "-l", str(self.base / "pg.log"), "-w", "-o", options, "start"]))
-
-    @property
-    def server_url(self) -> str:
-        return f"postgresql://postgres@{HOST}:{self.port}"
-
-    def version(self) -> str:
-        return self.bindir.parent.name if self.bindir else "?"
-
-    def new_database(self) -> str:
-        import psycopg
-
-        name = "bench_" + secrets.token_hex(6)
-        with psycopg.connect(self.server_url + "/postgres", autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@{HOST}:{self.port}/{name}"
-
-    def stop(self) -> None:
-        if self.bindir is not None:
-            subprocess.run(
-                _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.base / "data"), "-m", "fast", "stop"]),
-                capture_output=True,
-            )
-            self.bindir = None
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-@dataclass
-class NanioServer:
-    """The nanio S3 server on a free loopback port with random credentials."""
-
-    base: Path
-    port: int = field(default_factory=free_port)
-    access_key: str = field(default_factory=lambda: "ak" + secrets.token_hex(10))
-    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def start(self) -> None:
-        self.base.mkdir(parents=True, exist_ok=True)
-        script = Path(sys.executable).parent / "nanio"
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "nanio"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NANIO_")}
-        env.update(NANIO_ACCESS_KEY=self.access_key, NANIO_SECRET_KEY=self.secret_key)
-        with open(self.base / "nanio.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    *command,
-                    "serve",
-                    "--data-dir",
-                    str(self.base / "data"),
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(self.port),
-                    "--no-access-log",
-                    "--log-level",
-                    "warning",
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self._wait_until_answering()
-
-    def _wait_until_answering(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                raise RuntimeError(f"nanio exited early; see {self.base / 'nanio.log'}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=1.0):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nanio did not answer in time")
-
-    def settings(self, bucket: str) -> dict[str, Any]:
-        """Hub storage settings for ``bucket`` (the production default part size)."""
-        return {
-            "backend": "s3",
-            "endpoint": self.endpoint,
-            "bucket": bucket,
-            "access_key": self.access_key,
-            "secret_key": self.secret_key,
-        }
-
-    def remove_bucket(self, bucket: str) -> None:
-        shutil.rmtree(self.base / "data" / bucket, ignore_errors=True)
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_TIMEOUT_S)
-        shutil.rmtree(self.base, ignore_errors=True)
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
+        return []
 
 
 if __name__ == "__main__":

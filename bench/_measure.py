@@ -4,7 +4,9 @@ Owns: running N clients in threads from a common start (:func:`run_parallel`), t
 the real upload client (:func:`ingest`, commit times recorded per exam), the raw client-streaming
 ceiling against the sink (:func:`raw_ceiling`), the cardiologist's Watch stream timestamping
 TYPE_QUEUED events (:class:`QueueWatcher`), the bulk insert of queued exams and the concurrent
-claim-next readers (:func:`claim_next_latencies`), and RSS sampling (:func:`rss_sampler`).
+claim-next readers (:func:`claim_next_latencies`), memory sampling of a process tree
+(:func:`memory_sampler`) and the CPU each group of processes used during a measurement
+(:func:`cpu_meter`).
 """
 
 from __future__ import annotations
@@ -162,18 +164,21 @@ class QueueWatcher:
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._live = threading.Event()
         self.queued: dict[str, float] = {}
+        self.last_event = time.perf_counter()
 
     def __enter__(self) -> QueueWatcher:
         stub = worklist_pb2_grpc.WorklistStub(self._channel)
         self._call = stub.Watch(worklist_pb2.WatchWorklistRequest(), timeout=3600)
         self._thread.start()
         if not self._live.wait(READY_TIMEOUT_S):
+            self.__exit__(None, None, None)
             raise RuntimeError("the worklist watch did not start")
         return self
 
     def _follow(self) -> None:
         try:
             for event in self._call:
+                self.last_event = time.perf_counter()
                 if event.type == _SNAPSHOT_END:
                     self._live.set()
                 elif event.type == _QUEUED:
@@ -181,15 +186,17 @@ class QueueWatcher:
         except grpc.RpcError:
             pass  # cancelled at the end
 
-    def latencies(self, commits: dict[str, float], *, timeout: float) -> list[float]:
-        """Seconds from each commit returning to its exam's TYPE_QUEUED event (waits for all)."""
+    def latencies(
+        self, commits: dict[str, float], *, timeout: float, settle: float = 10.0
+    ) -> tuple[list[float], set[str]]:
+        """Seconds from each commit returning to its exam's TYPE_QUEUED event, and the exams whose
+        event had not come once the stream was quiet for ``settle`` s (or ``timeout`` passed)."""
         deadline = time.monotonic() + timeout
-        while set(commits) - set(self.queued):
-            if time.monotonic() > deadline:
-                missing = len(set(commits) - set(self.queued))
-                raise RuntimeError(f"{missing} committed ECG exams were never queued")
+        while (missing := set(commits) - set(self.queued)) and time.monotonic() < deadline:
+            if time.perf_counter() - self.last_event > settle:
+                break
             time.sleep(0.05)
-        return [max(0.0, self.queued[exam_id] - done) for exam_id, done in commits.items()]
+        return [max(0.0, self.queued[i] - done) for i, done in commits.items() if i in self.queued], missing
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._call is not None:
@@ -198,10 +205,17 @@ class QueueWatcher:
         self._channel.close()
 
 
-def _queued_row(number: int, *, site_id: int, now: Any) -> dict[str, Any]:
-    level = random.choices(("critical", "urgent", "routine"), weights=(5, 25, 70))[0]
+def exam_states(address: str, token: str, exam_ids: set[str]) -> dict[str, str]:
+    """The hub's state of each exam, asked with the site's GetExam."""
+    with open_channel(address, token=token, metadata=SITE_HEADER) as channel:
+        stub = ingest_pb2_grpc.IngestStub(channel)
+        return {i: stub.GetExam(ingest_pb2.GetExamRequest(exam_id=i), timeout=30).state for i in exam_ids}
+
+
+def _queued_row(number: int, *, site_id: int, now: Any, rng: random.Random) -> dict[str, Any]:
+    level = rng.choices(("critical", "urgent", "routine"), weights=(5, 25, 70))[0]
     rank = {"critical": 1, "urgent": 2, "routine": 3}[level]
-    received = now - timedelta(minutes=random.uniform(0, 480))
+    received = now - timedelta(minutes=rng.uniform(0, 480))
     deadline = received + timedelta(minutes={"critical": 10, "urgent": 60, "routine": 1440}[level])
     triage = {
         "level": level,
@@ -247,12 +261,12 @@ def bulk_insert_queued(url: str, *, site_id: int, count: int) -> None:
     from teleread.db.engine import is_postgres, make_engine, utcnow
     from teleread.db.schema import exams
 
-    random.seed(count)
-    now = utcnow()
+    rng, now = random.Random(count), utcnow()
+    rows = [_queued_row(n, site_id=site_id, now=now, rng=rng) for n in range(count)]
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(insert(exams), [_queued_row(n, site_id=site_id, now=now) for n in range(count)])
+            conn.execute(insert(exams), rows)
         if is_postgres(engine):
             with engine.begin() as conn:
                 conn.execute(text("ANALYZE exams"))
@@ -286,20 +300,71 @@ def claim_next_latencies(address: str, tokens: list[str], *, total: int) -> tupl
     return [value for per_reader in latencies for value in per_reader], seconds
 
 
+@dataclass
+class MemoryPeaks:
+    """Peaks over a process tree (the hub and its CPU worker processes), in bytes."""
+
+    rss_sum: int = 0  # highest sampled sum of RSS over the tree (shared pages counted per process)
+    pss_sum: int = 0  # highest sampled sum of PSS (shared pages split between the processes)
+    samples: int = 0
+
+    def add(self, pids: list[int]) -> None:
+        import psutil
+
+        rss = pss = 0
+        for pid in pids:
+            try:
+                info = psutil.Process(pid).memory_full_info()
+            except psutil.Error:  # exited meanwhile
+                continue
+            rss, pss = rss + info.rss, pss + info.pss
+        self.rss_sum, self.pss_sum, self.samples = max(self.rss_sum, rss), max(self.pss_sum, pss), self.samples + 1
+
+
 @contextmanager
-def rss_sampler(read_kib: Callable[[], int], *, interval: float = 0.1) -> Iterator[list[int]]:
-    """Samples ``read_kib()`` every ``interval`` seconds into the yielded list while the block runs."""
-    samples: list[int] = []
+def memory_sampler(tree: Callable[[], list[int]], *, interval: float = 0.25) -> Iterator[MemoryPeaks]:
+    """Samples the memory of the process tree every ``interval`` seconds while the block runs."""
+    peaks = MemoryPeaks()
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(interval):
-            samples.append(read_kib())
+            peaks.add(tree())
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        yield samples
+        yield peaks
     finally:
         stop.set()
         thread.join()
+        peaks.add(tree())
+
+
+def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    import psutil
+
+    seconds: dict[int, float] = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        seconds[pid] = times.user + times.system
+    return seconds
+
+
+@contextmanager
+def cpu_meter(groups: dict[str, Callable[[], list[int]]]) -> Iterator[dict[str, float]]:
+    """Cores each group of processes kept busy while the block ran (CPU seconds / wall seconds),
+    filled into the yielded dict at the end; processes started meanwhile count whole."""
+    cores: dict[str, float] = {}
+    before = {name: _cpu_by_pid(pids()) for name, pids in groups.items()}
+    started = time.perf_counter()
+    try:
+        yield cores
+    finally:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        for name, pids in groups.items():
+            after = _cpu_by_pid(pids())
+            cores[name] = sum(used - before[name].get(pid, 0.0) for pid, used in after.items()) / elapsed

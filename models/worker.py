@@ -22,7 +22,7 @@ from teleread.db.schema import exams, objects
 from teleread.cpu import CpuPool
 from teleread.errors import TelereadError
 from teleread.events import EventBus, record_event
-from teleread.models import ecg_measure, triage
+from teleread.models import triage
 from teleread.reader.routing import LEVEL_RANK, Routing
 
 log = logging.getLogger("teleread.triage")
@@ -151,6 +151,7 @@ def triage_ecg_files(
 ) -> dict[str, Any]:
     """Load, measure and classify one ECG from files (runs in a CPU worker process)."""
     from teleread import ecgio
+    from teleread.models import ecg_measure
 
     rules = _rules(rules_path)
     try:

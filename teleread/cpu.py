@@ -25,7 +25,8 @@ T = TypeVar("T")
 
 
 def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 4))
+    """Processes per pool (the hub has two: ingest parsing and triage): half the cores, 1 to 2."""
+    return max(1, min((os.cpu_count() or 1) // 2, 2))
 
 
 def _init_worker(log_level: str, nice: int) -> None:
@@ -44,17 +45,19 @@ def _init_worker(log_level: str, nice: int) -> None:
     threading.Thread(target=exit_with_parent, name="parent-watch", daemon=True).start()
 
 
-def _warm() -> int:
-    # Import the heavy modules once per worker, before the first real call needs them.
-    import teleread.gateway.validate  # noqa: F401
-    import teleread.models.worker  # noqa: F401
+def _warm(modules: tuple[str, ...]) -> int:
+    # Import the modules this pool's work needs once per worker, before the first real call.
+    import importlib
 
+    for name in modules:
+        importlib.import_module(name)
     return os.getpid()
 
 
 class CpuPool:
-    def __init__(self, workers: int, *, log_level: str = "INFO", nice: int = 0) -> None:
+    def __init__(self, workers: int, *, log_level: str = "INFO", nice: int = 0, warm: tuple[str, ...] = ()) -> None:
         self._workers = workers
+        self._warm = warm
         self._log_level = log_level
         self._nice = nice
         self._lock = threading.Lock()
@@ -67,7 +70,7 @@ class CpuPool:
             initializer=_init_worker,
             initargs=(self._log_level, self._nice),
         )
-        for future in [pool.submit(_warm) for _ in range(self._workers)]:
+        for future in [pool.submit(_warm, self._warm) for _ in range(self._workers)]:
             future.result()
         return pool
 

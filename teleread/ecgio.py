@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 import pydicom
-import wfdb
 
 from teleread.errors import InvalidInput
 
@@ -116,6 +115,14 @@ def _bad_header(message: str) -> InvalidInput:
     return InvalidInput(message, reason="WFDB_BAD_HEADER")
 
 
+def _wfdb() -> Any:
+    """wfdb, imported on first use (it pulls in pandas and matplotlib; processes that never read a
+    WFDB record do not pay for it)."""
+    import wfdb
+
+    return wfdb
+
+
 def _wfdb_call(fn: Callable[[], T], *, message: str, reason: str) -> T:
     """Run one wfdb call; any exception becomes InvalidInput without the exception's text."""
     try:
@@ -171,17 +178,17 @@ def _staged_header(text: str) -> Iterator[tuple[Path, Any]]:
         base = Path(tmp) / record_name
         Path(tmp, f"{record_name}.hea").write_text(text, encoding="ascii")
         record = _wfdb_call(
-            lambda: wfdb.rdheader(str(base)),
+            lambda: _wfdb().rdheader(str(base)),
             message="WFDB header could not be parsed",
             reason="WFDB_BAD_HEADER",
         )
-        if isinstance(record, wfdb.MultiRecord) or not isinstance(record, wfdb.Record):
+        if isinstance(record, _wfdb().MultiRecord) or not isinstance(record, _wfdb().Record):
             raise InvalidInput("multi-segment WFDB records are not supported", reason="WFDB_UNSUPPORTED_FORMAT")
         yield base, record
 
 
 def read_wfdb_header(path: Path, *, max_bytes: int = MAX_HEADER_BYTES) -> Any:
-    """Parse a WFDB header file stored under any name; returns the ``wfdb.Record`` (no signals)."""
+    """Parse a WFDB header file stored under any name; returns the ``_wfdb().Record`` (no signals)."""
     with _staged_header(read_header_text(path, max_bytes=max_bytes)) as (_, record):
         return record
 
@@ -238,7 +245,7 @@ def load_ecg_wfdb(header_path: Path, signal_path: Path) -> EcgSignal:
             )
         _place(signal_path, base.parent / name)
         record = _wfdb_call(
-            lambda: wfdb.rdrecord(str(base), physical=True, return_res=32),
+            lambda: _wfdb().rdrecord(str(base), physical=True, return_res=32),
             message="WFDB record could not be read",
             reason="ECG_UNREADABLE",
         )

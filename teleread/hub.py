@@ -81,8 +81,10 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     # Two pools: triage (commit -> queued latency is the clinical clock) runs at normal priority,
     # ingest parsing at a lower one, so a flood of uploads cannot delay a STEMI alert.
     workers = settings.cpu_workers if settings.cpu_workers >= 0 else default_workers()
-    cpu = CpuPool(workers, log_level=settings.log_level, nice=INGEST_NICE)
-    triage_cpu = CpuPool(workers, log_level=settings.log_level)
+    cpu = CpuPool(workers, log_level=settings.log_level, nice=INGEST_NICE, warm=("teleread.gateway.validate",))
+    triage_cpu = CpuPool(
+        workers, log_level=settings.log_level, warm=("teleread.models.worker", "teleread.models.ecg_measure")
+    )
     triage = TriageWorker(
         engine=engine, store=store, routing=routing, bus=bus, workers=settings.queue.triage_workers, cpu=triage_cpu
     )

@@ -17,7 +17,7 @@ CODE = ["teleread", "gateway", "reader", "models"]
 # library -> the only modules allowed to import it
 ADAPTERS = {
     "minio": {"teleread/storage/s3.py"},
-    "wfdb": {"teleread/ecgio.py", "models/ecg_measure.py", "models/synthetic.py"},
+    "wfdb": {"teleread/ecgio.py", "models/ecg_measure.py", "models/synthetic.py"},  # ecgio: lazily
     "pynetdicom": {"teleread/logs.py"},
     "torch": set(),
 }
