@@ -44,6 +44,7 @@ class PgCluster:
     def __init__(self, base_url: str, proc_dir: Path | None = None) -> None:
         self.base_url = base_url
         self.proc_dir = proc_dir
+        self.created: list[str] = []
 
     def new_database(self) -> str:
         import psycopg
@@ -51,14 +52,25 @@ class PgCluster:
         name = "t_" + uuid.uuid4().hex[:12]
         with psycopg.connect(self.base_url + "/postgres", autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
         return f"{self.base_url}/{name}".replace("postgresql://", "postgresql+psycopg://")
+
+    def drop_created(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.base_url + "/postgres", autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.created.clear()
 
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
     url = os.environ.get("TELEREAD_TEST_PG_URL")
     if url:
-        yield PgCluster(url.rstrip("/"))  # server URL without a database name
+        cluster = PgCluster(url.rstrip("/"))  # server URL without a database name
+        yield cluster
+        cluster.drop_created()
         return
     bindir = _pg_bin()
     if bindir is None:
