@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from teleread.client import RetryPolicy, describe_rpc_error, error_reason
-from teleread.gateway import upload
+from teleread.gateway import scan, upload
 from teleread.gateway.upload import ExamKind, Role, ScanExam, file_sha256, scan_paths, upload_exams
 from teleread.v1 import common_pb2, ingest_pb2
 
@@ -97,7 +97,7 @@ def test_parser_error_text_never_reaches_the_reason(tmp_path: Path, monkeypatch:
     def broken(*_: Any, **__: Any) -> None:
         raise ValueError("PatientName PHI_CANARY_张三 is malformed")
 
-    monkeypatch.setattr(upload.pydicom, "dcmread", broken)
+    monkeypatch.setattr(scan.pydicom, "dcmread", broken)
     [skipped] = scan_paths([tmp_path]).skipped
     assert skipped.reason == "unreadable DICOM header (ValueError)"
 
