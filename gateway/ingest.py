@@ -9,16 +9,16 @@ or a site can see refers to an object before both are done.
 
 from __future__ import annotations
 
-import hashlib
+import shutil
+import tempfile
 import logging
 import re
-import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from sqlalchemy import Connection, Engine, Row, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, insert, select, update
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 
 from teleread.auth import Principal, require_uploader
@@ -28,6 +28,7 @@ from teleread.db.schema import conflicts, exams, objects, sites, uploads
 from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted
 from teleread.events import EventBus, record_event
 from teleread.gateway import validate
+from teleread.gateway.staging import MAX_CHUNK, Staging
 from teleread.storage import ObjectStore, object_key
 from teleread.reader.routing import Routing
 
@@ -36,7 +37,6 @@ log = logging.getLogger("teleread.ingest")
 ROLES = ("dicom", "wfdb_header", "wfdb_signal")
 KINDS = ("ecg", "imaging")
 PRIORITIES = ("stat", "urgent", "routine")
-MAX_CHUNK = 1024 * 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -69,16 +69,12 @@ class IngestService:
     ) -> None:
         self._engine = engine
         self._store = store
-        self._staging = staging_dir
-        self._staging.mkdir(parents=True, exist_ok=True)
+        self._staging = Staging(staging_dir)
         self._routing = routing
         self._bus = bus
         self._on_committed = on_committed
         self._max_bytes = max_object_bytes
         self._cpu = cpu or CpuPool(0)
-        self._locks: dict[str, threading.Lock] = {}
-        self._hashes: dict[str, tuple[int, Any]] = {}
-        self._locks_guard = threading.Lock()
 
     # ---- exams -------------------------------------------------------------------------------
     def open_exam(
@@ -186,8 +182,7 @@ class IngestService:
                 obj = dict(conn.execute(select(objects).where(objects.c.id == row.object_id)).one()._mapping)
         if row.state in ("stored", "duplicate"):
             return UploadState(row.id, row.size, row.size, row.state, obj)
-        part = self._part_path(row.id)
-        return UploadState(row.id, part.stat().st_size if part.exists() else 0, row.size, "partial")
+        return UploadState(row.id, self._staging.confirmed(row.id), row.size, "partial")
 
     @staticmethod
     def _site_upload(conn: Connection, *, site_id: int, upload_id: str) -> Row[Any]:
@@ -198,92 +193,36 @@ class IngestService:
             raise NotFound("no such upload for this site", reason="UPLOAD_NOT_FOUND")
         return row
 
-    def _part_path(self, upload_id: str) -> Path:
-        return self._staging / f"{upload_id}.part"
-
-    def _lock_for(self, upload_id: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(upload_id, threading.Lock())
-
     def receive(self, p: Principal, *, upload_id: str, offset: int, chunks: Iterator[bytes]) -> UploadState:
         """Append a stream of chunks at ``offset`` (which must be the confirmed offset)."""
         site_id = require_uploader(p)
-        lock = self._lock_for(upload_id)
-        if not lock.acquire(timeout=30):
-            raise Conflict("another stream is writing this upload", reason="UPLOAD_BUSY")
-        try:
+        with self._staging.exclusive(upload_id):
             with reading(self._engine) as conn:
                 row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
             if row.state != "partial":
                 return self.upload_status(p, upload_id=upload_id)
-            part = self._part_path(upload_id)
-            current = part.stat().st_size if part.exists() else 0
+            current = self._staging.confirmed(upload_id)
             if offset != current:
                 raise Conflict(
                     f"stream starts at byte {offset} but the server has {current}",
                     reason="OFFSET_MISMATCH",
                     metadata={"committed_offset": str(current)},
                 )
-            written = self._append(part, chunks, upload_id=upload_id, start=current, size=row.size)
+            written = self._staging.append(upload_id, chunks, start=current, size=row.size)
             if written < row.size:
                 return UploadState(upload_id, written, row.size, "partial")
             return self._finalise(p, site_id=site_id, upload=row)
-        finally:
-            lock.release()
-
-    def _open_part(self, part: Path) -> BinaryIO:
-        """The staging file, opened for appending without buffering: its size on disk is the offset
-        the hub confirms. (A seam: tests replace it to simulate a full disk.)"""
-        return open(part, "ab", buffering=0)
-
-    def _append(self, part: Path, chunks: Iterable[bytes], *, upload_id: str, start: int, size: int) -> int:
-        position = start
-        hasher = self._running_hash(upload_id, start)
-        try:
-            with self._open_part(part) as fh:
-                for data in chunks:
-                    if len(data) > MAX_CHUNK:
-                        raise InvalidInput("chunk larger than 1 MiB", reason="CHUNK_TOO_LARGE")
-                    if position + len(data) > size:
-                        raise InvalidInput("more bytes than the announced size", reason="SIZE_EXCEEDED")
-                    fh.write(data)
-                    position += len(data)
-                    if hasher is not None:
-                        hasher.update(data)
-        except OSError as exc:
-            self._hashes.pop(upload_id, None)  # what reached the disk is unknown: rehash at the end
-            raise ResourceExhausted("hub staging disk cannot take the upload", reason="STAGING_FULL") from exc
-        finally:
-            if hasher is not None and upload_id in self._hashes:
-                self._hashes[upload_id] = (position, hasher)
-        return position
-
-    def _running_hash(self, upload_id: str, start: int) -> Any:
-        """SHA-256 of the bytes received so far, kept while streams continue where they stopped;
-        None when it must be recomputed from the staged file (e.g. after a hub restart)."""
-        with self._locks_guard:
-            held = self._hashes.get(upload_id)
-            if start == 0:
-                held = (0, hashlib.sha256())
-            elif held is None or held[0] != start:
-                self._hashes.pop(upload_id, None)
-                return None
-            self._hashes[upload_id] = held
-            return held[1]
 
     def _finalise(self, p: Principal, *, site_id: int, upload: Row[Any]) -> UploadState:
         u = upload
-        part = self._part_path(u.id)
-        held = self._hashes.pop(u.id, None)
+        part = self._staging.path(u.id)
         try:
-            digest = held[1].hexdigest() if held is not None and held[0] == u.size else _sha256_file(part)
-            if digest != u.sha256:
-                part.unlink(missing_ok=True)  # the client re-sends from zero
+            if self._staging.digest(u.id, size=u.size) != u.sha256:
+                self._staging.discard(u.id)  # the client re-sends from zero
                 raise InvalidInput("object bytes do not match the announced SHA-256", reason="SHA256_MISMATCH")
             meta = self._validate(u.role, part, exam_id=u.exam_id, site_id=site_id)
             stored = self._store_object(p, site_id=site_id, upload=u, part=part, meta=meta)
-            with self._locks_guard:
-                self._locks.pop(u.id, None)  # the upload is done; later streams see its state
+            self._staging.finished(u.id)
             return stored
         except InvalidInput as exc:
             self._reject_upload(site_id=site_id, upload=u, reason=exc.reason)
@@ -408,7 +347,7 @@ class IngestService:
         conn.execute(update(exams).where(exams.c.id == exam_id, exams.c.study_instance_uid == "").values(**values))
 
     def _reject_upload(self, *, site_id: int, upload: Row[Any], reason: str) -> None:
-        self._part_path(upload.id).unlink(missing_ok=True)
+        self._staging.discard(upload.id)
         with self._engine.begin() as conn:
             self._mark_upload(conn, upload_id=upload.id, state="rejected", object_id=None)
             record_event(
@@ -483,9 +422,7 @@ class IngestService:
         roles = sorted(r.role for r in done)
         if roles != ["wfdb_header", "wfdb_signal"]:
             raise InvalidInput("a WFDB exam needs exactly one .hea and one .dat", reason="WFDB_INCOMPLETE")
-        import tempfile
-
-        with tempfile.TemporaryDirectory(dir=self._staging) as tmp:
+        with tempfile.TemporaryDirectory(dir=self._staging.root) as tmp:
             paths = {}
             for r in done:
                 dest = Path(tmp) / r.role
@@ -493,30 +430,7 @@ class IngestService:
                     self._store.open_verified(r.storage_key, sha256=r.sha256, size=r.size) as src,
                     open(dest, "wb") as out,
                 ):
-                    _copy(src, out)
+                    shutil.copyfileobj(src, out, MAX_CHUNK)
                 paths[r.role] = dest
             header = validate.inspect_wfdb_header(paths["wfdb_header"])
             validate.check_wfdb_pair(header, paths["wfdb_signal"])
-
-
-def _copy(src: BinaryIO, dst: BinaryIO) -> None:
-    while True:
-        block = src.read(MAX_CHUNK)
-        if not block:
-            return
-        dst.write(block)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(MAX_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def count_objects(engine: Engine, exam_id: str) -> int:
-    with reading(engine) as conn:
-        return int(
-            conn.execute(select(func.count()).select_from(objects).where(objects.c.exam_id == exam_id)).scalar_one()
-        )

@@ -267,9 +267,9 @@ class _FullDisk:
 
 
 def test_full_staging_disk_is_reported_and_the_upload_resumes(embedded_stack, tmp_path: Path, monkeypatch) -> None:
-    service = embedded_stack.hub.ingest
-    real_open = service._open_part
-    monkeypatch.setattr(service, "_open_part", lambda part: _FullDisk(real_open(part), room=2 * CHUNK))
+    staging = embedded_stack.hub.ingest._staging
+    real_open = staging.open_part
+    monkeypatch.setattr(staging, "open_part", lambda part: _FullDisk(real_open(part), room=2 * CHUNK))
     ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
     ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
     ds.Rows, ds.Columns = 512, 512
@@ -283,7 +283,7 @@ def test_full_staging_disk_is_reported_and_the_upload_resumes(embedded_stack, tm
         ingest.Upload(_chunks(status.upload_id, data, 0), timeout=30)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(err.value) == "STAGING_FULL"
     assert _count(embedded_stack, objects) == 0
-    monkeypatch.setattr(service, "_open_part", real_open)  # space is freed
+    monkeypatch.setattr(staging, "open_part", real_open)  # space is freed
     resumed = ingest.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=status.upload_id), timeout=10)
     assert resumed.committed_offset == 2 * CHUNK  # what fitted is kept, intact
     done = ingest.Upload(_chunks(status.upload_id, data, resumed.committed_offset), timeout=30)

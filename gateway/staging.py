@@ -1,0 +1,114 @@
+"""The hub's staging area: one append-only file per upload while its bytes arrive.
+
+The file's size on disk is the offset the hub confirms, so a cut stream resumes exactly where the
+hub wrote. A per-upload lock keeps a resumed stream from racing the handler of the cut one, and the
+SHA-256 is kept running while streams continue where they stopped (recomputed from the file only
+when that chain broke, e.g. after a hub restart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from teleread.errors import Conflict, InvalidInput, ResourceExhausted
+
+MAX_CHUNK = 1024 * 1024
+LOCK_WAIT_SECONDS = 30
+
+
+class Staging:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._hashes: dict[str, tuple[int, Any]] = {}
+
+    def path(self, upload_id: str) -> Path:
+        return self.root / f"{upload_id}.part"
+
+    def confirmed(self, upload_id: str) -> int:
+        part = self.path(upload_id)
+        return part.stat().st_size if part.exists() else 0
+
+    @contextmanager
+    def exclusive(self, upload_id: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(upload_id, threading.Lock())
+        if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
+            raise Conflict("another stream is writing this upload", reason="UPLOAD_BUSY")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def open_part(self, part: Path) -> BinaryIO:
+        """The staging file, opened for appending without buffering. (A seam: tests replace it to
+        simulate a full disk.)"""
+        return open(part, "ab", buffering=0)
+
+    def append(self, upload_id: str, chunks: Iterable[bytes], *, start: int, size: int) -> int:
+        """Write ``chunks`` from ``start``; returns the new confirmed offset."""
+        position = start
+        hasher = self._running_hash(upload_id, start)
+        try:
+            with self.open_part(self.path(upload_id)) as fh:
+                for data in chunks:
+                    if len(data) > MAX_CHUNK:
+                        raise InvalidInput("chunk larger than 1 MiB", reason="CHUNK_TOO_LARGE")
+                    if position + len(data) > size:
+                        raise InvalidInput("more bytes than the announced size", reason="SIZE_EXCEEDED")
+                    fh.write(data)
+                    position += len(data)
+                    if hasher is not None:
+                        hasher.update(data)
+        except OSError as exc:
+            with self._guard:
+                self._hashes.pop(upload_id, None)  # what reached the disk is unknown: rehash at the end
+            raise ResourceExhausted("hub staging disk cannot take the upload", reason="STAGING_FULL") from exc
+        finally:
+            with self._guard:
+                if hasher is not None and upload_id in self._hashes:
+                    self._hashes[upload_id] = (position, hasher)
+        return position
+
+    def _running_hash(self, upload_id: str, start: int) -> Any:
+        with self._guard:
+            held = self._hashes.get(upload_id)
+            if start == 0:
+                held = (0, hashlib.sha256())
+            elif held is None or held[0] != start:
+                self._hashes.pop(upload_id, None)
+                return None
+            self._hashes[upload_id] = held
+            return held[1]
+
+    def digest(self, upload_id: str, *, size: int) -> str:
+        """SHA-256 of the complete staged file."""
+        with self._guard:
+            held = self._hashes.pop(upload_id, None)
+        if held is not None and held[0] == size:
+            return str(held[1].hexdigest())
+        h = hashlib.sha256()
+        with open(self.path(upload_id), "rb") as fh:
+            while block := fh.read(MAX_CHUNK):
+                h.update(block)
+        return h.hexdigest()
+
+    def discard(self, upload_id: str) -> None:
+        """Drop the staged bytes (refused content; the client starts again from zero)."""
+        self.path(upload_id).unlink(missing_ok=True)
+        with self._guard:
+            self._hashes.pop(upload_id, None)
+
+    def finished(self, upload_id: str) -> None:
+        """The upload is stored: forget its lock and file (later streams see its state)."""
+        self.path(upload_id).unlink(missing_ok=True)
+        with self._guard:
+            self._locks.pop(upload_id, None)
+            self._hashes.pop(upload_id, None)
