@@ -24,9 +24,9 @@ log = logging.getLogger("teleread.cpu")
 T = TypeVar("T")
 
 
-def default_workers() -> int:
-    """Processes per pool (the hub has two: ingest parsing and triage): half the cores, 1 to 2."""
-    return max(1, min((os.cpu_count() or 1) // 2, 2))
+def default_workers(*, share: float = 0.5) -> int:
+    """Processes for a pool that gets ``share`` of the cores: at least 1, at most 4."""
+    return max(1, min(int((os.cpu_count() or 1) * share), 4))
 
 
 def _init_worker(log_level: str, nice: int) -> None:

@@ -80,13 +80,21 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     bus = EventBus()
     # Two pools: triage (commit -> queued latency is the clinical clock) runs at normal priority,
     # ingest parsing at a lower one, so a flood of uploads cannot delay a STEMI alert.
-    workers = settings.cpu_workers if settings.cpu_workers >= 0 else default_workers()
-    cpu = CpuPool(workers, log_level=settings.log_level, nice=INGEST_NICE, warm=("teleread.gateway.validate",))
+    # Triage may use every core (it is the clinical clock); ingest parsing half of them, niced.
+    auto = settings.cpu_workers < 0
+    ingest_workers = default_workers(share=0.5) if auto else settings.cpu_workers
+    triage_workers = default_workers(share=1.0) if auto else settings.cpu_workers
+    cpu = CpuPool(ingest_workers, log_level=settings.log_level, nice=INGEST_NICE, warm=("teleread.gateway.validate",))
     triage_cpu = CpuPool(
-        workers, log_level=settings.log_level, warm=("teleread.models.worker", "teleread.models.ecg_measure")
+        triage_workers, log_level=settings.log_level, warm=("teleread.models.worker", "teleread.models.ecg_measure")
     )
     triage = TriageWorker(
-        engine=engine, store=store, routing=routing, bus=bus, workers=settings.queue.triage_workers, cpu=triage_cpu
+        engine=engine,
+        store=store,
+        routing=routing,
+        bus=bus,
+        workers=max(settings.queue.triage_workers, triage_workers),
+        cpu=triage_cpu,
     )
     ingest = IngestService(
         engine=engine,
