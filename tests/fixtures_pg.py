@@ -1,49 +1,29 @@
 """pytest plugin: a real PostgreSQL server (Debian's packages) for the database tests.
 
 If ``TELEREAD_TEST_PG_URL`` is set (``postgresql://user:password@host:port``, no database; .ci/run
-sets it to the Debian cluster it starts), that server is used.
-Otherwise a private cluster is created with initdb in a temporary directory, on a free loopback
-port, and stopped at the end. Each test gets a fresh database. Without PostgreSQL binaries the
-PostgreSQL variants are skipped with that reason, except under CI, where that is a failure.
+sets it to the Debian cluster it starts), that server is used. Otherwise a private cluster
+(``local_servers.PgCluster``, fsync off) is started on a free loopback port and stopped at the
+end. Each test gets a fresh database; the databases are dropped at the end of the session.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from local_servers import PgCluster, pg_bindir
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
+class PgDatabases:
+    """Fresh databases on one server, dropped again at the end."""
 
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        return ["runuser", "-u", "postgres", "--", *cmd]
-    return cmd
-
-
-class PgCluster:
-    def __init__(self, base_url: str, proc_dir: Path | None = None) -> None:
+    def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self.proc_dir = proc_dir
         self.created: list[str] = []
 
     def new_database(self) -> str:
@@ -65,66 +45,24 @@ class PgCluster:
 
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
+def pg_cluster() -> Iterator[PgDatabases]:
     url = os.environ.get("TELEREAD_TEST_PG_URL")
     if url:
-        cluster = PgCluster(url.rstrip("/"))  # server URL without a database name
-        yield cluster
-        cluster.drop_created()
+        databases = PgDatabases(url.rstrip("/"))  # server URL without a database name
+        yield databases
+        databases.drop_created()
         return
-    bindir = _pg_bin()
-    if bindir is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL binaries are missing in CI (.ci/run installs postgresql)")
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    tmp = Path(tempfile.mkdtemp(prefix="teleread-pg-"))
-    data = tmp / "data"
-    os.chmod(tmp, 0o777)
-    port = _free_port()
-    subprocess.run(
-        _as_postgres(
-            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    log = tmp / "pg.log"
-    subprocess.run(
-        _as_postgres(
-            [
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(log),
-                "-w",
-                "-o",
-                f"-p {port} -k {tmp} -h 127.0.0.1 -c fsync=off -c max_connections=200",
-                "start",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
+    if pg_bindir() is None:
+        # No skip: the PostgreSQL half of the suite is part of what must pass.
+        pytest.fail("PostgreSQL server binaries are missing: run scripts/test.sh, which installs them")
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="teleread-pg-")), durable=False)
+    cluster.start()
     try:
-        yield PgCluster(f"postgresql://postgres@127.0.0.1:{port}", proc_dir=tmp)
+        yield PgDatabases(cluster.server_url)
     finally:
-        subprocess.run(
-            _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
+        cluster.stop()
 
 
 @pytest.fixture
-def pg_url(pg_cluster: PgCluster) -> str:
+def pg_url(pg_cluster: PgDatabases) -> str:
     return pg_cluster.new_database()
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open")

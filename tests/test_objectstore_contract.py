@@ -29,7 +29,7 @@ from teleread.storage.local import LocalObjectStore
 from teleread.storage.s3 import S3ObjectStore
 
 if TYPE_CHECKING:  # imported by pytest as a plugin; importing it here would skip its rewrite
-    from fixtures_s3 import NanioServer
+    from local_servers import NanioServer
 
 # The lead registers this in tests/conftest.py; kept here so this module also runs on its own.
 pytest_plugins = ["fixtures_s3"]
