@@ -26,7 +26,12 @@ class Metric:
     n: int  # resamples that counted
 
     def to_dict(self) -> dict[str, float | int | str]:
-        return {"name": self.name, "value": round(self.value, 4), "low": round(self.low, 4), "high": round(self.high, 4)}
+        return {
+            "name": self.name,
+            "value": round(self.value, 4),
+            "low": round(self.low, 4),
+            "high": round(self.high, 4),
+        }
 
     def __str__(self) -> str:
         if math.isnan(self.value):

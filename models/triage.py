@@ -31,7 +31,10 @@ __all__ = [
     "Evidence",
     "Finding",
     "Level",
+    "Scored",
     "TriageResult",
+    "compose",
+    "ecg_findings",
     "load_rules",
     "triage_ecg",
     "triage_image",
@@ -64,6 +67,7 @@ class TriageResult:
     rules_version: str
     summary: str
     sla_minutes: int
+    models: tuple[str, ...] = ()  # name@version of every learned model that contributed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +88,7 @@ class TriageResult:
             "rules_version": self.rules_version,
             "summary": self.summary,
             "sla_minutes": self.sla_minutes,
+            "models": list(self.models),
         }
 
     @classmethod
@@ -113,28 +118,53 @@ class TriageResult:
             rules_version=str(data["rules_version"]),
             summary=str(data.get("summary", "")),
             sla_minutes=int(data.get("sla_minutes", 0)),
+            models=tuple(str(m) for m in data.get("models", ())),
         )
 
 
 @dataclass(frozen=True)
-class _Scored:
+class Scored:
+    """A finding with its severity, 0..1: how far past its threshold (sets the score in its level band)."""
+
     finding: Finding
-    severity: float  # 0..1: how far past the threshold
+    severity: float
 
 
-def triage_ecg(m: EcgMeasurements, *, rules: RuleSet, priority: str = "routine", indication: str = "") -> TriageResult:
-    """Level, score and findings of one ECG under ``rules``."""
+_Scored = Scored
+
+
+def ecg_findings(
+    m: EcgMeasurements, *, rules: RuleSet, priority: str = "routine", indication: str = ""
+) -> list[Scored]:
+    """Every rule finding of one ECG (measurements, ST, indication, priority), unsorted."""
     scored = _threshold_findings(m, rules.ecg_rules)
     scored += [s for rule in rules.st_rules if (s := _st_finding(m, rule, rules)) is not None]
     scored += _keyword_findings(indication, rules.ecg_keywords, modality="ECG")
     scored += _priority_findings(priority, rules)
-    return _result(scored, rules=rules, context=_ecg_context(m))
+    return scored
+
+
+def triage_ecg(m: EcgMeasurements, *, rules: RuleSet, priority: str = "routine", indication: str = "") -> TriageResult:
+    """Level, score and findings of one ECG under ``rules`` (measurements only, no learned model)."""
+    scored = ecg_findings(m, rules=rules, priority=priority, indication=indication)
+    return _result(scored, rules=rules, context=ecg_context(m))
+
+
+def image_findings(*, modality: str, priority: str, indication: str, rules: RuleSet) -> list[Scored]:
+    scored = _keyword_findings(indication, rules.image_keywords, modality=modality)
+    return scored + _priority_findings(priority, rules)
+
+
+def compose(
+    scored: list[Scored], *, rules: RuleSet, context: str, models: Sequence[str] = (), version: str = ""
+) -> TriageResult:
+    """One result from findings: the highest level wins; its strongest finding sets the score."""
+    return _result(list(scored), rules=rules, context=context, models=tuple(models), version=version)
 
 
 def triage_image(*, modality: str, priority: str, indication: str, rules: RuleSet) -> TriageResult:
     """Level, score and findings of one imaging exam from its request (priority, indication)."""
-    scored = _keyword_findings(indication, rules.image_keywords, modality=modality)
-    scored += _priority_findings(priority, rules)
+    scored = image_findings(modality=modality, priority=priority, indication=indication, rules=rules)
     return _result(scored, rules=rules, context=f"{modality.upper() or 'imaging'} request.")
 
 
@@ -238,7 +268,9 @@ def _priority_findings(priority: str, rules: RuleSet) -> list[_Scored]:
     return [_Scored(Finding(f"request.priority.{key}", title, floor, []), 0.0)]
 
 
-def _result(scored: list[_Scored], *, rules: RuleSet, context: str) -> TriageResult:
+def _result(
+    scored: list[_Scored], *, rules: RuleSet, context: str, models: tuple[str, ...] = (), version: str = ""
+) -> TriageResult:
     scored.sort(key=lambda s: (-s.finding.level.rank, -s.severity))
     level = scored[0].finding.level if scored else Level.ROUTINE
     top = [s.severity for s in scored if s.finding.level is level]
@@ -250,13 +282,14 @@ def _result(scored: list[_Scored], *, rules: RuleSet, context: str) -> TriageRes
         level=level,
         score=score,
         findings=findings,
-        rules_version=rules.version,
+        rules_version=version or rules.version,
         summary=_summary(level, findings, context),
         sla_minutes=rules.sla_minutes[level],
+        models=models,
     )
 
 
-def _ecg_context(m: EcgMeasurements) -> str:
+def ecg_context(m: EcgMeasurements) -> str:
     if m.n_beats < 2:
         return f"{m.n_beats} QRS detected in {m.duration_s:.1f} s."
     rhythm = "regular" if m.regular else "irregular"

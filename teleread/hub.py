@@ -85,9 +85,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     ingest_workers = default_workers(share=0.5) if auto else settings.cpu_workers
     triage_workers = default_workers(share=1.0) if auto else settings.cpu_workers
     cpu = CpuPool(ingest_workers, log_level=settings.log_level, nice=INGEST_NICE, warm=("teleread.gateway.validate",))
-    triage_cpu = CpuPool(
-        triage_workers, log_level=settings.log_level, warm=("teleread.models.worker", "teleread.models.ecg_measure")
-    )
+    warm = ("teleread.models.pipeline", "teleread.models.ecg_measure", "torch")
+    triage_cpu = CpuPool(triage_workers, log_level=settings.log_level, warm=warm)
     triage = TriageWorker(
         engine=engine,
         store=store,
