@@ -179,6 +179,8 @@ def _print_triage(console: Console, triage: common_pb2.Triage) -> None:
         f"triage: {styled_level(triage.level)} score {triage.score:.2f} "
         f"(rules {escape(triage.rules_version or '-')}, at {format_time(triage.triaged_at)})"
     )
+    if triage.models:
+        console.print(f"models: {escape(', '.join(triage.models))}")
     if triage.summary:
         console.print(f"summary: {escape(triage.summary)}")
     for finding in triage.findings:

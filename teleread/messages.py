@@ -59,6 +59,7 @@ def triage_message(raw: str) -> common_pb2.Triage | None:
         findings=findings,
         rules_version=data.get("rules_version", ""),
         summary=data.get("summary", ""),
+        models=[str(x) for x in data.get("models", [])],
     )
 
 

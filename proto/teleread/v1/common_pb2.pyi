@@ -68,20 +68,22 @@ class Finding(_message.Message):
     def __init__(self, code: _Optional[str] = ..., title: _Optional[str] = ..., level: _Optional[_Union[Level, str]] = ..., evidence: _Optional[_Iterable[_Union[Evidence, _Mapping]]] = ...) -> None: ...
 
 class Triage(_message.Message):
-    __slots__ = ("level", "score", "findings", "rules_version", "triaged_at", "summary")
+    __slots__ = ("level", "score", "findings", "rules_version", "triaged_at", "summary", "models")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRIAGED_AT_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     level: Level
     score: float
     findings: _containers.RepeatedCompositeFieldContainer[Finding]
     rules_version: str
     triaged_at: _timestamp_pb2.Timestamp
     summary: str
-    def __init__(self, level: _Optional[_Union[Level, str]] = ..., score: _Optional[float] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., rules_version: _Optional[str] = ..., triaged_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., summary: _Optional[str] = ...) -> None: ...
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, level: _Optional[_Union[Level, str]] = ..., score: _Optional[float] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., rules_version: _Optional[str] = ..., triaged_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., summary: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StoredObject(_message.Message):
     __slots__ = ("object_id", "role", "sha256", "size", "sop_instance_uid", "series_instance_uid", "modality", "media_type")

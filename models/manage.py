@@ -1,0 +1,142 @@
+"""``teleread models ...``: list, show, train, evaluate and explain the learned triage models."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from teleread.errors import InvalidInput
+
+# What the issue asks for, by the metric names the evaluators print (value must be >= / <= target).
+TARGETS: dict[str, tuple[str, float]] = {
+    "CinC AF F1": (">=", 0.88),
+    "CinC mean F1 (N, AF, O)": (">=", 0.85),
+    "PneumoniaMNIST AUC": (">=", 0.96),
+    "CinC sensitivity (urgent flagged urgent/critical)": (">=", 1.0),
+    "PTB-XL sensitivity (urgent flagged urgent/critical)": (">=", 1.0),
+    "CinC flag rate, non-urgent (urgent or critical)": ("<=", 0.25),
+    "PTB-XL flag rate, non-urgent (urgent or critical)": ("<=", 0.25),
+    "both flag rate, non-urgent (urgent or critical)": ("<=", 0.25),
+}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from teleread.models import registry
+
+    for name in registry.available():
+        card = registry.card(name)
+        print(f"{card.label:32s} sha256 {card.sha256[:12]}  seed {card.seed}  {card.task}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from teleread.models import registry
+
+    print(json.dumps(registry.card(args.name).to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from teleread.models.evaluate import TRAINERS
+
+    if args.name == "fusion":
+        from teleread.models.calibrate import calibrate
+
+        calibrate(Path(args.data), training=Path(args.training) if args.training else None, log=print)
+        return 0
+    if args.name not in TRAINERS:
+        raise InvalidInput(f"no model named {args.name!r}; known: {', '.join([*TRAINERS, 'fusion'])}")
+    module = importlib.import_module(f"teleread.models.{TRAINERS[args.name]}")
+    kwargs: dict[str, Any] = {"seed": args.seed}
+    if args.out:
+        kwargs["weights_dir"] = Path(args.out)
+    started = time.perf_counter()
+    card = module.train(Path(args.data), **kwargs)
+    print(f"trained {card.label} in {time.perf_counter() - started:.0f} s; weights sha256 {card.sha256}")
+    return 0
+
+
+def _target(name: str, value: float) -> str:
+    if name not in TARGETS:
+        return ""
+    op, goal = TARGETS[name]
+    met = value >= goal if op == ">=" else value <= goal
+    return f"{op} {goal:g} {'met' if met else 'MISSED'}"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from teleread.models.evaluate import default_datasets, evaluate_all
+
+    datasets = Path(args.data) if args.data else default_datasets()
+    if not (datasets / "cinc2017-eval.npz").is_file():
+        raise InvalidInput("the evaluation files are not in that folder (expected cinc2017-eval.npz ...)")
+    console = Console()
+    sections = evaluate_all(
+        datasets, args.model or None, progress=lambda n: console.print(f"[dim]evaluating {n}...[/]")
+    )
+    for s in sections:
+        table = Table(title=f"{s.name} ({s.seconds:.0f} s)", title_justify="left")
+        for col in ("metric", "value", "95 % CI", "target"):
+            table.add_column(col)
+        for m in s.metrics:
+            table.add_row(m.name, f"{m.value:.3f}", f"[{m.low:.3f}, {m.high:.3f}]", _target(m.name, m.value))
+        for name, value, source in s.published:
+            table.add_row(f"[italic]published: {name}[/]", f"{value:.3f}", "", source)
+        console.print(table)
+        if s.note:
+            console.print(f"  {s.note}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([s.to_dict() for s in sections], indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from teleread.models import chest_xray, registry
+
+    model = registry.get("chest_pneumonia")
+    ds = pydicom.dcmread(args.file)
+    pred = model.predict_dicom(ds)
+    if isinstance(pred, str):
+        print(f"no model for this exam: {pred}")
+        return 0
+    regions = ", ".join(f"{name} {weight:.2f}" for name, weight in pred.regions)
+    print(f"p(pneumonia) {pred.probability:.3f} ({pred.label}); regions weighed most: {regions}")
+    if args.png:
+        Path(args.png).write_bytes(chest_xray.saliency_png(pred, chest_xray.pixels_to_input(ds)))
+        print(f"saliency overlay written to {args.png}")
+    return 0
+
+
+def add_models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("models", help="learned triage models: list, show, train, evaluate, explain")
+    s = p.add_subparsers(dest="action", required=True)
+    a = s.add_parser("list", help="the registered models, versions and weight hashes")
+    a.set_defaults(func=cmd_list)
+    a = s.add_parser("show", help="a model's card (data, seed, thresholds, metrics)")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_show)
+    a = s.add_parser("train", help="train a model (or calibrate the fusion policy) and write weights + card")
+    a.add_argument("name", help="ecg_rhythm | ecg_12lead | chest_pneumonia | fusion")
+    a.add_argument("--data", required=True, help="the public training data (see the model card)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", help="weights folder (default: the packaged one)")
+    a.add_argument("--training", help="fusion only: the CinC 2017 training folder, for its validation split")
+    a.set_defaults(func=cmd_train)
+    a = s.add_parser("evaluate", help="metrics with 95 %% CIs on the evaluation files, beside published results")
+    a.add_argument("--data", help="the evaluation files folder (default ../shared/datasets)")
+    a.add_argument("--model", action="append", help="only this model (repeat); fused_ecg_triage for the fusion")
+    a.add_argument("--json", help="also write the figures to this JSON file")
+    a.set_defaults(func=cmd_evaluate)
+    a = s.add_parser("explain", help="run the chest model on a DICOM file; optionally write a saliency overlay")
+    a.add_argument("file")
+    a.add_argument("--png", help="write the saliency overlay PNG here")
+    a.set_defaults(func=cmd_explain)
