@@ -79,38 +79,66 @@ def _signal(x_mv: np.ndarray, fs: float, leads: Sequence[str]) -> Any:
     return EcgSignal(signal_mv=np.asarray(x_mv, dtype=np.float64), fs=float(fs), lead_names=tuple(leads))
 
 
-def fused_levels(
+@dataclass(frozen=True)
+class FusedInput:
+    """One ECG's rule findings and model outputs: fusing them under a policy is cheap."""
+
+    scored: tuple[triage.Scored, ...]
+    outputs: fusion.ModelOutputs | None  # None: the ECG could not be measured
+    fixed: Level | None = None  # the level of an unmeasurable ECG
+
+
+def fused_inputs(
     records: Sequence[tuple[np.ndarray, float, Sequence[str]]],
     *,
     policy: fusion.FusionPolicy | None = None,
     rules: Any = None,
     batch: int = 16,
-) -> list[Level]:
-    """The fused level of each ECG given as (signal mV (n, L), fs, lead names), routine priority, no indication."""
+) -> list[FusedInput]:
+    """Measure each ECG (signal mV (n, L), fs, lead names) and run the models, routine priority."""
     from teleread.errors import TelereadError
     from teleread.models import ecg_measure
 
     policy = policy or fusion.load_policy()
     rules = rules or triage.load_rules()
-    levels: list[Level] = []
+    done: list[FusedInput] = []
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
         measured: list[tuple[int, Any, Any]] = []
-        out: list[Level | None] = [None] * len(chunk)
+        out: list[FusedInput | None] = [None] * len(chunk)
         for i, (x, fs, leads) in enumerate(chunk):
             s = _signal(x, fs, leads)
             try:
                 m = ecg_measure.measure_ecg(s.signal_mv, fs=s.fs, lead_names=s.lead_names)
             except TelereadError as exc:
-                out[i] = triage.unmeasurable_ecg(priority="routine", reason=exc.reason, rules=rules).level
+                level = triage.unmeasurable_ecg(priority="routine", reason=exc.reason, rules=rules).level
+                out[i] = FusedInput((), None, level)
                 continue
             measured.append((i, s, m))
         outputs = pipeline.ecg_model_outputs([s for _, s, _ in measured], policy=policy)
         for (i, _s, m), o in zip(measured, outputs):
-            scored = triage.ecg_findings(m, rules=rules)
-            out[i] = fusion.fuse_ecg(scored, o, rules=rules, policy=policy, context="").level
-        levels.extend(lv for lv in out if lv is not None)
+            out[i] = FusedInput(tuple(triage.ecg_findings(m, rules=rules)), o)
+        done.extend(x for x in out if x is not None)
+    return done
+
+
+def fused_levels_from(inputs: Sequence[FusedInput], *, policy: fusion.FusionPolicy, rules: Any = None) -> list[Level]:
+    rules = rules or triage.load_rules()
+    levels = []
+    for x in inputs:
+        if x.outputs is None:
+            levels.append(x.fixed or Level.URGENT)
+        else:
+            levels.append(fusion.fuse_ecg(list(x.scored), x.outputs, rules=rules, policy=policy, context="").level)
     return levels
+
+
+def fused_levels(
+    records: Sequence[tuple[np.ndarray, float, Sequence[str]]], *, policy: fusion.FusionPolicy | None = None
+) -> list[Level]:
+    """The fused level of each ECG under ``policy`` (default: the packaged one)."""
+    policy = policy or fusion.load_policy()
+    return fused_levels_from(fused_inputs(records, policy=policy), policy=policy)
 
 
 def cinc_records(path: Path) -> tuple[list[tuple[np.ndarray, float, Sequence[str]]], np.ndarray]:
