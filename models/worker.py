@@ -22,7 +22,7 @@ from teleread.db.engine import as_utc, reading, utcnow
 from teleread.db.schema import exams, objects
 from teleread.cpu import CpuPool
 from teleread.events import EventBus, record_event
-from teleread.models import pipeline, triage
+from teleread.models import fusion, pipeline, triage
 from teleread.reader.routing import LEVEL_RANK, Routing
 
 log = logging.getLogger("teleread.triage")
@@ -62,6 +62,7 @@ class TriageWorker:
         self._rules_path = str(rules_path) if rules_path else None
         self._policy_path = str(policy_path) if policy_path else None
         self._rules = triage.load_rules(rules_path)
+        self._policy = fusion.load_policy(policy_path)
         self._cpu = cpu or CpuPool(0)
         self._max_batch = max(1, max_batch)
         self._waiting: queue.Queue[str | None] = queue.Queue()
@@ -122,9 +123,17 @@ class TriageWorker:
         chest = [r for r in rows if r.kind != "ecg" and (r.modality or "").upper() in CHEST_MODALITIES]
         other = [r for r in rows if r.kind != "ecg" and r not in chest]
         results: dict[str, Any] = {}
-        for exam in other:  # request rules only: cheap, no files
-            results[exam.id] = triage.triage_image(
+        for exam in other:  # request rules only: cheap, no files; no model applies, and triage says so
+            scored = triage.image_findings(
                 modality=exam.modality, priority=exam.priority, indication=exam.indication, rules=self._rules
+            )
+            results[exam.id] = fusion.fuse_chest(
+                scored,
+                f"modality {(exam.modality or '?').upper()}",
+                None,
+                rules=self._rules,
+                policy=self._policy,
+                context=f"{(exam.modality or 'imaging').upper()} request.",
             )
         for group, fn in ((ecg, pipeline.triage_ecg_batch), (chest, pipeline.triage_chest_batch)):
             if group:
