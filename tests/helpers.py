@@ -31,6 +31,46 @@ def write_synthetic_wfdb(folder: Path, *, rhythm: str, name: str = "ecg-0001", s
     return write_wfdb_record(folder, name, signal, 500, leads)
 
 
+def write_chest_dx(
+    path: Path,
+    image28: Any,
+    *,
+    size: int = 512,
+    body_part: str = "CHEST",
+    modality: str = "DX",
+    photometric: str = "MONOCHROME2",
+) -> Path:
+    """A synthetic DX/CR DICOM file from a 28-px PneumoniaMNIST image (upsampled, 12-bit, windowed)."""
+    import numpy as np
+    from PIL import Image
+    from pydicom import Dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    big = np.asarray(Image.fromarray(np.asarray(image28, np.uint8)).resize((size, size), Image.BICUBIC), np.uint16) * 16
+    if photometric == "MONOCHROME1":
+        big = 4095 - big
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    sop = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = sop, generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.StudyDescription = modality, body_part, "CHEST PA"
+    ds.PatientID, ds.PatientName = "SYNTH-0001", "Synthetic^Chest"
+    ds.StudyDate, ds.StudyTime = "20261123", "101500"
+    ds.Rows, ds.Columns = size, size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = big.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:
