@@ -1,7 +1,7 @@
 """Chest radiograph triage: pneumonia vs normal from a 28×28 grey image (PneumoniaMNIST scale).
 
 The network is an ensemble of small VGG-style CNNs (:class:`ChestNet`, members in one
-``state_dict``) with a flip/shift test-time average. :func:`pixels_to_input` turns a CR/DX DICOM
+``state_dict``) with a left-right flip test-time average. :func:`pixels_to_input` turns a CR/DX DICOM
 dataset into the 28×28 image on the MedMNIST 0–255 scale (modality LUT, VOI LUT or first window,
 MONOCHROME1 inverted, RGB to grey, first frame, centre square crop, area resize); the model's
 normalisation is applied inside :meth:`ChestModel.predict`, so eval images and DICOM images go
@@ -59,7 +59,7 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 class ChestNet(nn.Module):
     """Three stages of two 3×3 conv-BN-ReLU blocks, max-pool between, global average pool, one logit."""
 
-    def __init__(self, widths: Sequence[int] = (24, 48, 96), dropout: float = 0.3) -> None:
+    def __init__(self, widths: Sequence[int] = (16, 32, 64), dropout: float = 0.3) -> None:
         super().__init__()
         w1, w2, w3 = widths
         self.features = nn.Sequential(
@@ -78,7 +78,7 @@ class ChestNet(nn.Module):
 class Ensemble(nn.Module):
     """Mean logit of ``n`` :class:`ChestNet` members (keys ``members.<i>.…`` in the state_dict)."""
 
-    def __init__(self, n: int, widths: Sequence[int] = (24, 48, 96), dropout: float = 0.3) -> None:
+    def __init__(self, n: int, widths: Sequence[int] = (16, 32, 64), dropout: float = 0.3) -> None:
         super().__init__()
         self.members = nn.ModuleList(ChestNet(widths, dropout) for _ in range(n))
 
@@ -91,20 +91,29 @@ def normalise(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> tor
     return ((images.float() / 255.0 - mean) / std).unsqueeze(1)
 
 
-def tta_views(x: torch.Tensor) -> torch.Tensor:
-    """(N,1,H,W) → (10N,1,H,W): identity and one-pixel shifts, each also flipped left-right."""
-    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    h, w = x.shape[-2:]
-    shifts = [(1, 1), (0, 1), (2, 1), (1, 0), (1, 2)]
-    views = [padded[..., r : r + h, c : c + w] for r, c in shifts]
+TTA_MODES = ("none", "flip", "flip+shift")
+
+
+def tta_views(x: torch.Tensor, mode: str = "flip") -> torch.Tensor:
+    """(N,1,H,W) → (kN,1,H,W): ``none`` identity; ``flip`` also flipped left-right (k=2);
+    ``flip+shift`` identity and four one-pixel shifts (replicate pad), each also flipped (k=10)."""
+    if mode == "none":
+        return x
+    views = [x]
+    if mode == "flip+shift":
+        padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        h, w = x.shape[-2:]
+        views += [padded[..., r : r + h, c : c + w] for r, c in [(0, 1), (2, 1), (1, 0), (1, 2)]]
+    elif mode != "flip":
+        raise ValueError(f"unknown TTA mode {mode!r}")
     views += [v.flip(-1) for v in views]
     return torch.cat(views)
 
 
-def tta_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def tta_logits(net: nn.Module, x: torch.Tensor, mode: str = "flip") -> torch.Tensor:
     """Mean logit over :func:`tta_views` for a normalised batch (N,1,H,W)."""
     n = x.shape[0]
-    return net(tta_views(x)).view(-1, n).mean(0)
+    return net(tta_views(x, mode)).view(-1, n).mean(0)
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ class ChestModel:
         hyper = dict(getattr(card, "hyper", {}) or {})
         self.mean = float(hyper.get("mean", MEAN))
         self.std = float(hyper.get("std", STD))
-        self.tta = bool(hyper.get("tta", True))
+        self.tta = str(hyper.get("tta", "flip"))
         thresholds = dict(getattr(card, "thresholds", {}) or {})
         self.decision = float(thresholds.get("decision", 0.5))
         self.urgent = float(thresholds.get("urgent", self.decision))
@@ -136,12 +145,12 @@ class ChestModel:
         return normalise(torch.from_numpy(arr), self.mean, self.std)
 
     @torch.no_grad()
-    def probabilities(self, images: Sequence[np.ndarray] | np.ndarray, batch: int = 256) -> np.ndarray:
+    def probabilities(self, images: Sequence[np.ndarray] | np.ndarray, batch: int = 64) -> np.ndarray:
         """Pneumonia probability of each 0–255 28×28 image (no saliency; for evaluation)."""
         out = []
         for i in range(0, len(images), batch):
             x = self._input(list(images[i : i + batch]))
-            logits = tta_logits(self.net, x) if self.tta else self.net(x)
+            logits = tta_logits(self.net, x, self.tta)
             out.append(torch.sigmoid(logits).numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -156,7 +165,8 @@ class ChestModel:
         x = self._input(images).requires_grad_(True)
         # gradient × input of the (non-TTA) mean logit; cheap and good enough to show where it looks
         self.net(x).sum().backward()
-        maps = (x.grad * x).detach()[:, 0].abs().numpy()
+        grad = x.grad if x.grad is not None else torch.zeros_like(x)
+        maps = (grad * x).detach()[:, 0].abs().numpy()
         return [self._prediction(float(p), m) for p, m in zip(probs, maps)]
 
     def _prediction(self, p: float, grad_x_input: np.ndarray) -> ChestPrediction:
@@ -202,7 +212,9 @@ def zone_weights(saliency: np.ndarray) -> list[tuple[str, float]]:
 def from_checkpoint(card: Any, state: Mapping[str, torch.Tensor]) -> ChestModel:
     """Registry hook: build the ensemble described by ``card.hyper`` and load ``state``."""
     hyper = dict(card.hyper)
-    net = Ensemble(int(hyper.get("members", 3)), tuple(hyper.get("widths", (24, 48, 96))), float(hyper.get("dropout", 0.3)))
+    net = Ensemble(
+        int(hyper.get("members", 3)), tuple(hyper.get("widths", (16, 32, 64))), float(hyper.get("dropout", 0.3))
+    )
     net.load_state_dict(dict(state))
     return ChestModel(card, net)
 
@@ -253,39 +265,53 @@ def _decode(ds: pydicom.Dataset) -> np.ndarray:
     return np.asarray(arr)
 
 
+def _grey(values: np.ndarray, ds: pydicom.Dataset, monochrome1: bool) -> np.ndarray:
+    """Stored values → 0–255 display grey: modality LUT, VOI LUT or first window, MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        out = apply_modality_lut(values, ds).astype(np.float64)
+        lo, hi = float(out.min()), float(out.max())
+        if "VOILUTSequence" in ds or "WindowCenter" in ds:
+            out = apply_voi_lut(out, ds, index=0).astype(np.float64)
+            # the output range of this VOI transform: what it maps -inf/+inf to
+            lo, hi = (float(v) for v in apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0))
+            lo, hi = min(lo, hi), max(lo, hi)
+            if hi <= lo:
+                lo, hi = float(out.min()), float(out.max())
+    except Exception:  # noqa: BLE001 - malformed LUT/window attributes
+        raise InvalidInput("the grey-scale transforms could not be applied", reason="BAD_VOI") from None
+    img = (np.clip(out, lo, hi) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(out)
+    return (255.0 - img if monochrome1 else img).astype(np.float32)
+
+
 def pixels_to_input(ds: pydicom.Dataset) -> np.ndarray:
     """The (28, 28) float32 image on the MedMNIST 0–255 scale, bone bright, from a DICOM dataset."""
     from PIL import Image
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     arr = _decode(ds)
-    photometric = _text(ds, "PhotometricInterpretation").upper()
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour (pydicom gives RGB for YBR by default)
-        grey = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
-        img = grey * (255.0 / top)
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        arr = arr * np.float32(255.0 / (2 ** int(ds.get("BitsStored", 8)) - 1))
+        colour = True
     elif arr.ndim == 2:
-        try:
-            values = apply_modality_lut(arr, ds).astype(np.float64)
-            lo, hi = float(values.min()), float(values.max())
-            if "VOILUTSequence" in ds or "WindowCenter" in ds:
-                values = apply_voi_lut(values, ds, index=0).astype(np.float64)
-                # the output range of this VOI transform: what it maps -inf/+inf to
-                lo, hi = (float(v) for v in apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0))
-                if hi <= lo:
-                    lo, hi = float(values.min()), float(values.max())
-        except Exception:  # noqa: BLE001 - malformed LUT/window attributes
-            raise InvalidInput("the grey-scale transforms could not be applied", reason="BAD_VOI") from None
-        lo, hi = min(lo, hi), max(lo, hi)
-        img = (np.clip(values, lo, hi) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        if photometric == "MONOCHROME1":
-            img = 255.0 - img
+        colour = False
     else:
         raise InvalidInput("unsupported pixel layout", reason="UNSUPPORTED_PIXELS")
-    h, w = img.shape
+    h, w = arr.shape
     side = min(h, w)
-    top_, left = (h - side) // 2, (w - side) // 2
-    square = np.ascontiguousarray(img[top_ : top_ + side, left : left + side], dtype=np.float32)
+    top, left = (h - side) // 2, (w - side) // 2
+    arr = arr[top : top + side, left : left + side]
+    if not colour:
+        monochrome1 = _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1"
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.dtype.kind in "ui" else (0, -1)
+        if lo <= hi and hi - lo <= (1 << 20):
+            # integer pixels: transform each stored value once, then look the image up (same result, faster)
+            table = _grey(np.arange(lo, hi + 1, dtype=np.int64), ds, monochrome1)
+            arr = table[arr.astype(np.int32, copy=False) - lo]
+        else:
+            arr = _grey(arr, ds, monochrome1)
+    square = np.ascontiguousarray(arr, dtype=np.float32)
     small = Image.fromarray(square, mode="F").resize((SIZE, SIZE), Image.Resampling.BOX)
     return np.clip(np.round(np.asarray(small, dtype=np.float32)), 0.0, 255.0).astype(np.float32)
 

@@ -117,7 +117,7 @@ class EcgNet(nn.Module):
 
     def __init__(
         self,
-        channels: Sequence[int] = (24, 32, 48),
+        channels: Sequence[int] = (16, 24, 32),
         kernel: int = 7,
         stem_kernel: int = 7,
         dropout: float = 0.1,
@@ -147,7 +147,7 @@ class EcgNet(nn.Module):
 def build_net(hyper: Mapping[str, Any]) -> EcgNet:
     """The network described by a card's ``hyper`` dictionary."""
     return EcgNet(
-        channels=tuple(int(c) for c in hyper.get("channels", (24, 32, 48))),
+        channels=tuple(int(c) for c in hyper.get("channels", (16, 24, 32))),
         kernel=int(hyper.get("kernel", 7)),
         stem_kernel=int(hyper.get("stem_kernel", 7)),
         dropout=float(hyper.get("dropout", 0.1)),

@@ -39,7 +39,7 @@ DEFAULT_HYPER: dict[str, Any] = {
     "fs": 100,
     "window_s": 30.0,
     "hop_s": 15.0,
-    "channels": [16, 32, 32, 64, 64, 96],
+    "channels": [16, 32, 48, 64, 96, 96],
     "kernel": 7,
     "stem_kernel": 15,
     "rr_hidden": 32,
@@ -114,7 +114,7 @@ def rr_features(peaks: np.ndarray, fs: int, start: int = 0, stop: int | None = N
     drr = np.diff(rr)
     rel = drr / rr[:-1]
     sd1 = float(np.std(drr) / np.sqrt(2.0))
-    sd2 = float(np.sqrt(max(2 * np.var(rr) - sd1**2, 1e-8)))
+    sd2 = float(np.sqrt(max(float(2 * np.var(rr) - sd1**2), 1e-8)))
     tp = np.sum((drr[:-1] * drr[1:]) < 0) / max(drr.size - 1, 1)  # turning-point ratio
     out[:] = [
         1.0,
@@ -187,7 +187,7 @@ class RhythmNet(nn.Module):
 
     def __init__(
         self,
-        channels: Sequence[int] = (16, 32, 32, 64, 64, 96),
+        channels: Sequence[int] = (16, 32, 48, 64, 96, 96),
         kernel: int = 7,
         stem_kernel: int = 15,
         rr_hidden: int = 32,

@@ -19,7 +19,18 @@ ADAPTERS = {
     "minio": {"teleread/storage/s3.py"},
     "wfdb": {"teleread/ecgio.py", "models/ecg_measure.py", "models/synthetic.py"},  # ecgio: lazily
     "pynetdicom": {"teleread/logs.py"},
-    "torch": set(),
+    # the learned models: the registry loads weights, each model module and its trainer use torch
+    "torch": {
+        "models/registry.py",
+        "models/pipeline.py",
+        "models/ecg_rhythm.py",
+        "models/ecg_12lead.py",
+        "models/chest_xray.py",
+        "models/train_ecg_rhythm.py",
+        "models/train_ecg_12lead.py",
+        "models/train_chest_xray.py",
+    },
+    "sklearn": {"models/metrics.py"},
 }
 # domain and service modules: no gRPC, no generated contract
 SERVICE_LAYER = [
