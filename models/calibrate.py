@@ -9,9 +9,10 @@ Choices, sensitivity first:
 1. Which heuristic rules the models supersede: each candidate set is kept only if validation
    sensitivity (urgent records flagged urgent or critical) does not fall; among those, the lowest
    validation flag rate of non-urgent records wins.
-2. The AF and MI thresholds: start from the cards (each chosen on its model's validation data);
-   if a validation urgent record is still missed and the model scored it, lower that threshold to
-   just below its score, so no validation urgent record is missed.
+2. The AF and MI thresholds: first each just below the lowest score the model gave an urgent
+   validation record (the most sensitive setting); then each raised as far as it can go (at most
+   0.5) while the fused validation sensitivity stays where that setting put it: a record the
+   critical-value or rate rules already flag does not need the model to flag it too.
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ import numpy as np
 
 from teleread.models import fusion, registry
 from teleread.models.ecg_rules import Level
-from teleread.models.evaluate import FusedInput, fused_inputs, fused_levels_from, ptbxl_records
+from teleread.models.evaluate import EcgRecord, FusedInput, fused_inputs, fused_levels_from, ptbxl_records
 
-CANDIDATES: tuple[tuple[str, ...], ...] = ((), ("ecg.irregular_rhythm",))
-MARGIN = 0.9  # a lowered threshold sits at 90 % of the missed record's score
+CANDIDATES: tuple[tuple[str, ...], ...] = (
+    (),
+    ("ecg.irregular_rhythm",),  # the rules' AF proxy
+    ("ecg.irregular_rhythm", "ecg.wide_qrs"),  # and an isolated wide QRS (VT stays a critical rule)
+)
+MARGIN = 0.9  # a threshold sits at 90 % of the score of the validation record that needs it
+CAP = 0.5  # a model flags at least what it calls more likely than not
+MODELS = (("rhythm", "A", "af_urgent", "ecg_rhythm"), ("twelve", "MI", "mi_urgent", "ecg_12lead"))
 
 
 def _rates(urgent: np.ndarray, levels: Sequence[Level]) -> tuple[float, float]:
@@ -37,30 +44,43 @@ def _rates(urgent: np.ndarray, levels: Sequence[Level]) -> tuple[float, float]:
     return sens, rate
 
 
-def cinc_validation(training: Path) -> tuple[list[tuple[np.ndarray, float, Sequence[str]]], np.ndarray]:
+def cinc_validation(training: Path) -> tuple[list[EcgRecord], np.ndarray]:
     from teleread.models.evaluate import CINC_LEAD
     from teleread.models.train_ecg_rhythm import load_training, stratified_split
 
     card = registry.card("ecg_rhythm")
     signals, y, fs = load_training(training)
     _, va = stratified_split(y, card.seed)
-    recs = [(signals[i][:, None], fs, (CINC_LEAD,)) for i in va]
+    recs: list[EcgRecord] = [(signals[i][:, None], fs, (CINC_LEAD,)) for i in va]
     return recs, np.asarray(y[va] == "A")
 
 
-def _lower(
-    inputs: Sequence[FusedInput], urgent: np.ndarray, levels: Sequence[Level], attr: str, key: str, current: float
-) -> float:
-    """The threshold just below the lowest score a missed urgent record got from this model."""
-    missed = [x for x, u, lv in zip(inputs, urgent, levels) if u and lv.rank < Level.URGENT.rank]
-    scores = []
-    for x in missed:
-        pred = getattr(x.outputs, attr) if x.outputs is not None else None
+def _scores(inputs: Sequence[FusedInput], urgent: np.ndarray, attr: str, key: str) -> list[float]:
+    """The model's scores of the urgent validation records."""
+    out = []
+    for x, u in zip(inputs, urgent):
+        pred = getattr(x.outputs, attr) if (u and x.outputs is not None) else None
         if pred is not None:
-            scores.append(float(pred.probs.get(key, 0.0)))
-    if not scores:
-        return current
-    return min(current, round(MARGIN * min(scores), 4))
+            out.append(float(pred.probs.get(key, 0.0)))
+    return out
+
+
+def _highest(
+    inputs: Sequence[FusedInput],
+    urgent: np.ndarray,
+    policy: fusion.FusionPolicy,
+    attr: str,
+    key: str,
+    name: str,
+    goal: float,
+) -> float:
+    """The highest threshold (at most CAP) that keeps the fused validation sensitivity at ``goal``."""
+    candidates = sorted({round(MARGIN * p, 4) for p in _scores(inputs, urgent, attr, key)} | {CAP}, reverse=True)
+    for t in (c for c in candidates if c <= CAP):
+        trial = replace(policy, thresholds={**policy.thresholds, name: t})
+        if _rates(urgent, fused_levels_from(inputs, policy=trial))[0] + 1e-9 >= goal:
+            return t
+    return min(candidates)
 
 
 def calibrate(
@@ -73,6 +93,17 @@ def calibrate(
     if training is not None:
         recs, urgent = cinc_validation(training)
         sets.append(("CinC validation split", fused_inputs(recs, policy=base), urgent))
+    return choose(sets, base, log=log)
+
+
+def choose(
+    sets: Sequence[tuple[str, list[FusedInput], np.ndarray]],
+    base: fusion.FusionPolicy,
+    *,
+    log: Callable[[str], None] = print,
+    write: bool = True,
+) -> fusion.FusionPolicy:
+    """Pick the policy from measured validation inputs (see the module docstring) and save it."""
     inputs = [x for _, xs, _ in sets for x in xs]
     urgent_all = np.concatenate([u for _, _, u in sets])
 
@@ -83,20 +114,23 @@ def calibrate(
     floor_sens, _ = score(rules_only)
     best: tuple[float, fusion.FusionPolicy] | None = None
     for codes in CANDIDATES:
-        policy = replace(base, superseded_by_rhythm=codes, thresholds={})
-        for attr, key, name, card_key in (
-            ("rhythm", "A", "af_urgent", "ecg_rhythm"),
-            ("twelve", "MI", "mi_urgent", "ecg_12lead"),
-        ):
-            current = policy.threshold(name, registry.card(card_key), name, 0.3)
-            lowered = _lower(inputs, urgent_all, fused_levels_from(inputs, policy=policy), attr, key, current)
-            policy = replace(policy, thresholds={**policy.thresholds, name: lowered})
+        # most sensitive: every model threshold just below its lowest-scored urgent validation record
+        lowest = {
+            name: min([MARGIN * p for p in _scores(inputs, urgent_all, attr, key)] + [CAP])
+            for attr, key, name, _ in MODELS
+        }
+        policy = replace(base, superseded_by_rhythm=codes, thresholds=lowest)
+        goal, _ = score(policy)
+        for _round in range(2):  # then raise each threshold as far as that sensitivity allows
+            for attr, key, name, _ in MODELS:
+                t = _highest(inputs, urgent_all, policy, attr, key, name, goal)
+                policy = replace(policy, thresholds={**policy.thresholds, name: t})
         sens, rate = score(policy)
         log(
             f"superseded {list(codes) or 'none'}: validation sensitivity {sens:.3f}, "
             f"flag rate {rate:.3f}, {dict(policy.thresholds)}"
         )
-        if sens + 1e-9 >= floor_sens and (best is None or rate < best[0]):
+        if sens + 1e-9 >= max(goal, floor_sens) and (best is None or rate < best[0]):
             best = (rate, policy)
     if best is None:  # no candidate keeps the rules' sensitivity: keep the rules as they are
         best = (float("nan"), replace(base, superseded_by_rhythm=(), thresholds={}))
@@ -114,6 +148,7 @@ def calibrate(
     chosen = replace(
         chosen, version=version, validation={"sets": per_set, "rules_only_sensitivity": round(floor_sens, 4)}
     )
-    path = fusion.save_policy(chosen)
-    log(f"fusion policy written to {path}: {chosen.to_dict()}")
+    if write:
+        path = fusion.save_policy(chosen)
+        log(f"fusion policy written to {path}: {chosen.to_dict()}")
     return chosen

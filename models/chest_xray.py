@@ -43,7 +43,6 @@ STD = 0.1646
 MODALITIES = ("CR", "DX", "DR")  # "DR" is not a DICOM modality but some digital rooms write it
 _CHEST_WORDS = re.compile(r"chest|thora[xc]|lung|\bcxr\b|胸", re.IGNORECASE)
 _LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD")
-ZONE_ROWS = ("upper", "mid", "lower")
 # image columns left → right: the patient's right, the mediastinum, the patient's left (PA/AP view)
 ZONE_NAMES = (
     ("right upper zone", "central upper", "left upper zone"),
@@ -163,9 +162,9 @@ class ChestModel:
             return []
         probs = self.probabilities(images)
         x = self._input(images).requires_grad_(True)
-        # gradient × input of the (non-TTA) mean logit; cheap and good enough to show where it looks
-        self.net(x).sum().backward()
-        grad = x.grad if x.grad is not None else torch.zeros_like(x)
+        # gradient × input of the (non-TTA) mean logit; autograd.grad leaves the shared parameters' .grad
+        # untouched, so concurrent predictions from a thread pool do not interfere
+        (grad,) = torch.autograd.grad(self.net(x).sum(), x)
         maps = (grad * x).detach()[:, 0].abs().numpy()
         return [self._prediction(float(p), m) for p, m in zip(probs, maps)]
 
@@ -330,7 +329,7 @@ def saliency_png(prediction: ChestPrediction, image28: np.ndarray, size: int = 2
     base = np.asarray(grey, np.float32)
     red = np.zeros_like(base)
     red[..., 0] = 255.0
-    a = (0.6 * alpha)[..., None]
+    a = (0.6 * np.clip((alpha - 0.2) / 0.8, 0.0, 1.0))[..., None]  # faint saliency stays uncoloured
     out = Image.fromarray((base * (1 - a) + red * a).clip(0, 255).astype(np.uint8), mode="RGB")
     buf = io.BytesIO()
     out.save(buf, format="PNG")

@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "CLASSES",
     "RhythmNet",
+    "RhythmEnsemble",
     "RhythmModel",
     "RhythmPrediction",
     "LeadsPrediction",
@@ -31,6 +32,8 @@ __all__ = [
     "window_starts",
     "make_windows",
     "build_net",
+    "build_ensemble",
+    "ensemble_state",
 ]
 
 CLASSES: tuple[str, ...] = ("N", "A", "O", "~")
@@ -239,6 +242,37 @@ def build_net(hyper: Mapping[str, Any]) -> RhythmNet:
     )
 
 
+class RhythmEnsemble(nn.Module):
+    """K ``RhythmNet`` members (same architecture, different seeds); ``forward`` returns the mean softmax.
+
+    The state_dict keys are ``members.<i>.<RhythmNet key>``; every member sees the same input batch.
+    """
+
+    def __init__(self, members: Sequence[RhythmNet]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        """Mean member probabilities (B, n_classes) of the windows ``x`` (B, 1, T)."""
+        probs = torch.softmax(self.members[0](x, lengths, rr), dim=1)
+        for net in self.members[1:]:
+            probs = probs + torch.softmax(net(x, lengths, rr), dim=1)
+        return probs / len(self.members)
+
+
+def build_ensemble(hyper: Mapping[str, Any], members: int | None = None) -> RhythmEnsemble:
+    """An ensemble of ``members`` (default ``hyper["members"]``, else 1) networks described by ``hyper``."""
+    k = int(members if members is not None else hyper.get("members", 1))
+    return RhythmEnsemble([build_net(hyper) for _ in range(max(k, 1))])
+
+
+def ensemble_state(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One state_dict (``members.<i>.`` prefixed keys) from the members' state_dicts."""
+    return {f"members.{i}.{k}": v for i, st in enumerate(states) for k, v in st.items()}
+
+
 # ----------------------------------------------------------------------------- predictor
 
 
@@ -262,9 +296,10 @@ class RhythmModel:
 
     classes: tuple[str, ...] = CLASSES
 
-    def __init__(self, card: Any, net: RhythmNet, hyper: Mapping[str, Any]) -> None:
+    def __init__(self, card: Any, net: RhythmNet | RhythmEnsemble, hyper: Mapping[str, Any]) -> None:
         self.card = card
-        self.net = net.eval()
+        self.net = (net if isinstance(net, RhythmEnsemble) else RhythmEnsemble([net])).eval()
+        self.members = len(self.net.members)
         self.hyper = dict(hyper)
         self.fs = int(hyper["fs"])
         self.window = int(round(float(hyper["window_s"]) * self.fs))
@@ -280,8 +315,8 @@ class RhythmModel:
 
     def _forward(self, wins: np.ndarray, lengths: np.ndarray, feats: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = self.net(torch.from_numpy(wins)[:, None, :], torch.from_numpy(lengths), torch.from_numpy(feats))
-            return torch.softmax(logits, dim=1).numpy().astype(np.float64)
+            probs = self.net(torch.from_numpy(wins)[:, None, :], torch.from_numpy(lengths), torch.from_numpy(feats))
+            return probs.numpy().astype(np.float64)
 
     def _make(self, p: np.ndarray, windows: int) -> RhythmPrediction:
         probs = {c: float(v) for c, v in zip(self.classes, p)}
@@ -345,8 +380,20 @@ class RhythmModel:
 
 
 def from_checkpoint(card: Any, state: Mapping[str, Any]) -> RhythmModel:
-    """Rebuild the predictor from a registry card and its verified state_dict."""
+    """Rebuild the predictor from a registry card and its verified state_dict.
+
+    Ensemble states carry ``members.<i>.`` keys (K from ``hyper["members"]``, else from the keys); a plain
+    single-network state (no ``members.`` keys, version 1.0.0) loads as an ensemble of one.
+    """
     hyper = {**DEFAULT_HYPER, **dict(card.hyper)}
-    net = build_net(hyper)
-    net.load_state_dict(dict(state))
+    state = dict(state)
+    if any(k.startswith("members.") for k in state):
+        found = len({k.split(".", 2)[1] for k in state if k.startswith("members.")})
+        k = int(hyper.get("members", found))
+        if k != found:
+            raise ValueError(f"card says {k} ensemble members, the state_dict holds {found}")
+    else:
+        k, state = 1, ensemble_state([state])
+    net = build_ensemble(hyper, members=k)
+    net.load_state_dict(state)
     return RhythmModel(card, net, hyper)

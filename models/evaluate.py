@@ -26,7 +26,10 @@ TRAINERS = {
     "chest_pneumonia": "train_chest_xray",
 }
 
-CINC_LEAD = "I"  # the CinC 2017 device records a lead-I-like single lead
+CINC_LEAD = "I"
+EcgRecord = tuple[
+    np.ndarray, float, Sequence[str]
+]  # signal in mV (n, leads), fs, lead names  # the CinC 2017 device records a lead-I-like single lead
 
 
 @dataclass
@@ -76,7 +79,7 @@ class FusedRecord:
 def _signal(x_mv: np.ndarray, fs: float, leads: Sequence[str]) -> Any:
     from teleread.ecgio import EcgSignal
 
-    return EcgSignal(signal_mv=np.asarray(x_mv, dtype=np.float64), fs=float(fs), lead_names=tuple(leads))
+    return EcgSignal(signal_mv=np.asarray(x_mv, dtype=np.float64), fs=float(fs), lead_names=list(leads))
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class FusedInput:
 
 
 def fused_inputs(
-    records: Sequence[tuple[np.ndarray, float, Sequence[str]]],
+    records: Sequence[EcgRecord],
     *,
     policy: fusion.FusionPolicy | None = None,
     rules: Any = None,
@@ -133,28 +136,26 @@ def fused_levels_from(inputs: Sequence[FusedInput], *, policy: fusion.FusionPoli
     return levels
 
 
-def fused_levels(
-    records: Sequence[tuple[np.ndarray, float, Sequence[str]]], *, policy: fusion.FusionPolicy | None = None
-) -> list[Level]:
+def fused_levels(records: Sequence[EcgRecord], *, policy: fusion.FusionPolicy | None = None) -> list[Level]:
     """The fused level of each ECG under ``policy`` (default: the packaged one)."""
     policy = policy or fusion.load_policy()
     return fused_levels_from(fused_inputs(records, policy=policy), policy=policy)
 
 
-def cinc_records(path: Path) -> tuple[list[tuple[np.ndarray, float, Sequence[str]]], np.ndarray]:
+def cinc_records(path: Path) -> tuple[list[EcgRecord], np.ndarray]:
     d = np.load(path)
     offsets, signal, fs = d["offsets"], d["signal"], float(d["fs"])
-    recs = [
+    recs: list[EcgRecord] = [
         (signal[offsets[i] : offsets[i + 1]].astype(np.float64)[:, None] / 1000.0, fs, (CINC_LEAD,))
         for i in range(len(offsets) - 1)
     ]
     return recs, np.asarray(d["af"], bool)
 
 
-def ptbxl_records(path: Path) -> tuple[list[tuple[np.ndarray, float, Sequence[str]]], np.ndarray]:
+def ptbxl_records(path: Path) -> tuple[list[EcgRecord], np.ndarray]:
     d = np.load(path)
     leads = tuple(str(n) for n in d["lead_names"])
-    recs = [(x.astype(np.float64) / 1000.0, float(d["fs"]), leads) for x in d["X"]]
+    recs: list[EcgRecord] = [(x.astype(np.float64) / 1000.0, float(d["fs"]), leads) for x in d["X"]]
     return recs, np.asarray(d["urgent"], bool)
 
 
@@ -165,6 +166,7 @@ def flag_metrics(prefix: str, urgent: np.ndarray, levels: Sequence[Level]) -> li
         metrics.bootstrap(
             f"{prefix} sensitivity (urgent flagged urgent/critical)", metrics.sensitivity, urgent, flagged
         ),
+        metrics.bootstrap(f"{prefix} specificity (non-urgent left routine)", metrics.specificity, urgent, flagged),
         metrics.bootstrap(f"{prefix} flag rate, non-urgent (urgent or critical)", _flag_rate, urgent, flagged),
         metrics.bootstrap(f"{prefix} critical rate, non-urgent", _flag_rate, urgent, critical),
     ]

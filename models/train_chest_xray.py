@@ -186,13 +186,15 @@ def train(
         "specificity_urgent": round(specificity(yva, pva >= thresholds["urgent"]), 4),
         "n": len(yva),
         "with_ci": [
-            bootstrap("AUC", auc, yva, pva).to_dict(),
-            bootstrap("accuracy (decision)", lambda y, p: accuracy(y, p >= thresholds["decision"]), yva, pva).to_dict(),
+            bootstrap("pneumonia AUC", auc, yva, pva).to_dict(),
             bootstrap(
-                "sensitivity (urgent)", lambda y, p: sensitivity(y, p >= thresholds["urgent"]), yva, pva
+                "pneumonia accuracy @ decision", lambda y, p: accuracy(y, p >= thresholds["decision"]), yva, pva
             ).to_dict(),
             bootstrap(
-                "specificity (urgent)", lambda y, p: specificity(y, p >= thresholds["urgent"]), yva, pva
+                "pneumonia sensitivity @ urgent", lambda y, p: sensitivity(y, p >= thresholds["urgent"]), yva, pva
+            ).to_dict(),
+            bootstrap(
+                "pneumonia specificity @ urgent", lambda y, p: specificity(y, p >= thresholds["urgent"]), yva, pva
             ).to_dict(),
         ],
     }
@@ -222,12 +224,12 @@ def evaluate(datasets: Path, model: Any = None) -> dict[str, Any]:
     prob = model.probabilities(images)
     dec, urg = model.decision, model.urgent
     metrics: list[Metric] = [
-        bootstrap("AUC", auc, labels, prob),
-        bootstrap("accuracy (decision)", lambda y, p: accuracy(y, p >= dec), labels, prob),
-        bootstrap("sensitivity (urgent)", lambda y, p: sensitivity(y, p >= urg), labels, prob),
-        bootstrap("specificity (urgent)", lambda y, p: specificity(y, p >= urg), labels, prob),
-        bootstrap("sensitivity (decision)", lambda y, p: sensitivity(y, p >= dec), labels, prob),
-        bootstrap("specificity (decision)", lambda y, p: specificity(y, p >= dec), labels, prob),
+        bootstrap("pneumonia AUC", auc, labels, prob),
+        bootstrap("pneumonia accuracy @ decision", lambda y, p: accuracy(y, p >= dec), labels, prob),
+        bootstrap("pneumonia sensitivity @ urgent", lambda y, p: sensitivity(y, p >= urg), labels, prob),
+        bootstrap("pneumonia specificity @ urgent", lambda y, p: specificity(y, p >= urg), labels, prob),
+        bootstrap("pneumonia sensitivity @ decision", lambda y, p: sensitivity(y, p >= dec), labels, prob),
+        bootstrap("pneumonia specificity @ decision", lambda y, p: specificity(y, p >= dec), labels, prob),
     ]
     return {
         "metrics": metrics,
@@ -240,7 +242,7 @@ def evaluate(datasets: Path, model: Any = None) -> dict[str, Any]:
 def measure_latency(model: Any, sizes: tuple[int, ...] = (512, 2048), repeats: int = 20) -> dict[str, float]:
     """Median ms per ``predict_dicom`` (decode + preprocessing + forward + saliency) on synthetic DX datasets."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
     rng = np.random.default_rng(0)
     out = {}
@@ -253,15 +255,23 @@ def measure_latency(model: Any, sizes: tuple[int, ...] = (512, 2048), repeats: i
         ds.Rows, ds.Columns, ds.SamplesPerPixel = size, size, 1
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, 0, 2048, 4096
-        ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
-        for _ in range(3):
-            model.predict_dicom(ds)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.predict_dicom(ds)
-            times.append((time.perf_counter() - t) * 1000)
-        out[f"dicom_{size}px_ms"] = round(float(np.median(times)), 1)
+        # a smooth random field rather than noise, so that compression behaves as on a radiograph
+        field = rng.normal(size=(size // 32 + 2, size // 32 + 2))
+        smooth = np.kron(field, np.ones((32, 32)))[:size, :size]
+        ds.PixelData = np.clip(2048 + 600 * smooth, 0, 4095).astype(np.uint16).tobytes()
+        for syntax in (None, RLELossless, JPEG2000Lossless):
+            variant = copy.deepcopy(ds)
+            if syntax is not None:
+                variant.compress(syntax)
+            for _ in range(3):
+                model.predict_dicom(variant)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                model.predict_dicom(variant)
+                times.append((time.perf_counter() - t) * 1000)
+            kind = {None: "uncompressed", RLELossless: "RLE", JPEG2000Lossless: "JPEG2000"}[syntax]
+            out[f"dicom_{size}px_{kind}_ms"] = round(float(np.median(times)), 1)
     return out
 
 
@@ -275,7 +285,21 @@ def write_model_card(card: registry.ModelCard, path: Path = CARD_MD, weights_dir
     h, t, val = card.hyper, card.thresholds, card.metrics.get("validation", {})
     ev = card.metrics.get("evaluation", {})
     lat = card.metrics.get("latency", {})
-    latency = ", ".join(f"{k[6:-3]} DX: {v} ms" for k, v in lat.items()) or "not measured"
+    latency = ", ".join(f"{k[6:-3].replace('_', ' ')}: {v} ms" for k, v in sorted(lat.items())) or "not measured"
+    ev_auc = next((m for m in ev.get("metrics", []) if m["name"].endswith("AUC")), None)
+    comparison = (
+        f"The evaluation AUC interval ({ev_auc['low']:.3f}–{ev_auc['high']:.3f}) "
+        + ("lies above" if ev_auc["low"] > 0.948 else "overlaps")
+        + " the published 28 px points (0.944, 0.948)."
+        if ev_auc
+        else ""
+    )
+    same = (
+        " Here both thresholds coincide: on val the Youden point already keeps pneumonia sensitivity ≥ "
+        f"{t['urgent_min_val_sensitivity']}, so the sensitivity-first rule lands on the same value."
+        if t["urgent"] == t["decision"]
+        else ""
+    )
     ev_rows = "\n".join(_row(m) for m in ev.get("metrics", [])) or "| (not evaluated) | | |"
     val_rows = "\n".join(_row(m) for m in val.get("with_ci", [])) or f"| AUC | {val.get('auc', float('nan')):.3f} | |"
     published = "\n".join(f"| {name} | {value:.3f} | {src} |" for name, value, src in PUBLISHED)
@@ -324,7 +348,7 @@ reading queue, not a diagnosis**: every image is still read by a radiologist.
 - `decision` = {t["decision"]:.4f} (Youden's J on val): the label "pneumonia"/"normal".
 - `urgent` = {t["urgent"]:.4f}: the highest threshold keeping val pneumonia sensitivity
   ≥ {t["urgent_min_val_sensitivity"]} (val sensitivity {val.get("sensitivity_urgent", float("nan")):.3f}, specificity
-  {val.get("specificity_urgent", float("nan")):.3f}).
+  {val.get("specificity_urgent", float("nan")):.3f}).{same}
 
 ## Metrics (95 % bootstrap CI, 1,000 resamples)
 
@@ -346,12 +370,16 @@ Published, PneumoniaMNIST 28 px, full official test split (624 images), official
 |---|---|---|
 {published}
 
-Our evaluation set is 425 of those 624 images, and our training split lacks 826 normal images, so the figures are
-comparable only roughly; the intervals overlap the published points.
+Our evaluation set is 425 of those 624 images, our training split lacks 826 normal images, and this model is a
+3-member ensemble with a flip average (the published figures are single networks), so the comparison is rough.
+{comparison}
 
 Inference, median of 20 after warm-up, 1 torch thread, on this shared 2-core machine (decode, grey-scale
-transforms, resize, 2-view × {h["members"]}-member forward and the gradient saliency):
+transforms, resize, 2-view × {h["members"]}-member forward and the gradient saliency), synthetic 12-bit DX:
 {latency}.
+Compressed 2048×2048 images are dominated by the decoder (pylibjpeg): with radiograph-like content under load, RLE took
+about 100 ms and JPEG 2000 lossless about 170 ms end to end (decoding about 150 ms). So the 100 ms budget holds for
+uncompressed images and 512-px images of any syntax, is borderline for large RLE, and is missed for large JPEG 2000.
 
 ## Development history (for honesty)
 
@@ -359,7 +387,8 @@ A first run with identical code, seed and weights used a 10-view test-time avera
 was evaluated once: eval AUC 0.974 [0.957, 0.987], accuracy 0.922 [0.894, 0.946] at its val threshold. The 10-view
 average made the 425-image evaluation too slow for a unit test, and on val it was no better than the flip average
 (AUC 0.9984 vs 0.9983 vs 0.9982 without), so the flip average was chosen on val and the thresholds re-chosen on val;
-the figures above are from that final run. No other configuration was evaluated on the evaluation file.
+the figures above are from that final run (same weights: SHA-256 identical across the two runs). That first run took
+380 s of training under heavier load from other jobs. No other configuration was evaluated on the evaluation file.
 
 ## Limits
 

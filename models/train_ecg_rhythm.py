@@ -29,8 +29,8 @@ NAME = "ecg_rhythm"
 VERSION = "1.0.0"
 LAST_TRAIN_RECORD = 6000
 VAL_FRACTION = 0.15
-DEFAULT_EPOCHS = 36
-PATIENCE = 12
+DEFAULT_EPOCHS = 30
+PATIENCE = 8
 BATCH = 64
 PUBLISHED = [
     ("CinC 2017 mean F1 N/A/O, hidden test, winners", 0.83, "Clifford et al., CinC 2017"),

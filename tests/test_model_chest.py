@@ -17,7 +17,7 @@ from teleread.models import chest_xray, registry
 from teleread.models.metrics import auc
 
 EVAL = Path("/work/shared/datasets/pneumoniamnist-test-eval.npz")
-MIN_EVAL_AUC = 0.94  # measured 0.000 on the 425 eval images (see models/cards/chest_pneumonia.md)
+MIN_EVAL_AUC = 0.96  # measured 0.975 [0.958, 0.988] on the 425 eval images (see models/cards/chest_pneumonia.md)
 PROB_TOLERANCE = 0.02  # the same pixels, so only window rounding may move it
 SMOOTH_TOLERANCE = 0.15  # bilinear up then area down blurs a 28-px image: measured up to 0.11
 

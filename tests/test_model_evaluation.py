@@ -25,7 +25,7 @@ def sections() -> list[Section]:
 
 @pytest.fixture(scope="module")
 def figures(sections: list[Section]) -> dict[str, metrics.Metric]:
-    return {m.name: m for s in sections for m in s.metrics}
+    return {f"{s.name}: {m.name}": m for s in sections for m in s.metrics}
 
 
 @pytest.mark.parametrize("name", sorted(FLOORS["at_least"]))

@@ -30,7 +30,7 @@ ADAPTERS = {
         "models/train_ecg_12lead.py",
         "models/train_chest_xray.py",
     },
-    "sklearn": {"models/metrics.py"},
+    "sklearn": {"models/metrics.py", "models/train_chest_xray.py"},  # metrics; ROC thresholds
 }
 # domain and service modules: no gRPC, no generated contract
 SERVICE_LAYER = [
