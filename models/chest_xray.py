@@ -254,9 +254,52 @@ def applies(ds: pydicom.Dataset) -> tuple[bool, str]:
     return False, "no model for this exam: body part not stated"
 
 
+_J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+_J2K_MIN_SIDE = 8 * SIZE  # a reduced-resolution decode keeps at least this many pixels per side
+
+
+def _decode_j2k_reduced(ds: pydicom.Dataset) -> np.ndarray | None:
+    """A JPEG 2000 grey frame decoded at a lower wavelet resolution level (the model needs 28 px).
+
+    A 2048-px radiograph decodes in about 2 ms at 1/16 scale instead of about 200 ms at full size.
+    Returns None (the caller decodes in full) for anything but unsigned single-frame grey images.
+    """
+    from PIL import Image
+
+    ts = str(getattr(ds.get("file_meta", None), "TransferSyntaxUID", "") or "")
+    if ts not in _J2K_SYNTAXES or int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    if int(ds.get("PixelRepresentation", 0)) != 0 or "ModalityLUTSequence" in ds:
+        return None
+    bits = int(ds.get("BitsStored", 16))
+    side = min(int(ds.Rows), int(ds.Columns))
+    reduce = 0
+    while side >> (reduce + 1) >= _J2K_MIN_SIDE and reduce < 5:
+        reduce += 1
+    if reduce == 0:
+        return None
+    try:
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        with Image.open(io.BytesIO(frame)) as im:
+            im.reduce = reduce  # type: ignore[method-assign,assignment]  # Jpeg2KImageFile: resolution levels to drop
+            im.load()
+            arr = np.asarray(im)
+            mode = im.mode
+    except Exception:  # noqa: BLE001 - fall back to the full decoder, which reports its own error
+        return None
+    if mode.startswith("I;16") and bits < 16:
+        arr = arr >> (16 - bits)  # Pillow scales precision < 16 bits up to 16
+    elif mode != "L" and not mode.startswith("I;16"):
+        return None
+    return np.asarray(arr)
+
+
 def _decode(ds: pydicom.Dataset) -> np.ndarray:
     if "PixelData" not in ds:
         raise InvalidInput("the dataset has no pixel data", reason="NO_PIXEL_DATA")
+    fast = _decode_j2k_reduced(ds)
+    if fast is not None:
+        return fast
     try:
         arr = pydicom.pixels.pixel_array(ds, index=0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)
     except Exception:  # noqa: BLE001 - decoder errors may quote data; we report our own message

@@ -19,6 +19,7 @@ chosen on validation data only (``teleread models train fusion``), never on the 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -182,9 +183,9 @@ def fuse_chest(
     out = list(scored)
     used: list[str] = []
     if isinstance(prediction, str):
-        out.append(
-            Scored(Finding("image.model.none", f"No model for this exam ({prediction})", Level.ROUTINE, []), 0.0)
-        )
+        reason = re.sub(r"^no model for this exam:\s*", "", prediction, flags=re.IGNORECASE)
+        title = f"No model for this exam ({reason})"
+        out.append(Scored(Finding("image.model.none", title, Level.ROUTINE, []), 0.0))
     elif prediction is not None:
         used.append(card.label if card is not None else "chest_pneumonia")
         p = float(prediction.probability)

@@ -106,7 +106,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     ds = pydicom.dcmread(args.file)
     pred = model.predict_dicom(ds)
     if isinstance(pred, str):
-        print(f"no model for this exam: {pred}")
+        print(pred if pred.lower().startswith("no model") else f"no model for this exam: {pred}")
         return 0
     regions = ", ".join(f"{name} {weight:.2f}" for name, weight in pred.regions)
     print(f"p(pneumonia) {pred.probability:.3f} ({pred.label}); regions weighed most: {regions}")

@@ -377,9 +377,10 @@ Our evaluation set is 425 of those 624 images, our training split lacks 826 norm
 Inference, median of 20 after warm-up, 1 torch thread, on this shared 2-core machine (decode, grey-scale
 transforms, resize, 2-view × {h["members"]}-member forward and the gradient saliency), synthetic 12-bit DX:
 {latency}.
-Compressed 2048×2048 images are dominated by the decoder (pylibjpeg): with radiograph-like content under load, RLE took
-about 100 ms and JPEG 2000 lossless about 170 ms end to end (decoding about 150 ms). So the 100 ms budget holds for
-uncompressed images and 512-px images of any syntax, is borderline for large RLE, and is missed for large JPEG 2000.
+Compressed 2048×2048 images are dominated by the decoder (pylibjpeg): with an upsampled radiograph as content, RLE
+took 68–103 ms and JPEG 2000 lossless 124–167 ms end to end depending on the load from other jobs (decoding
+110–155 ms). So the 100 ms budget holds for uncompressed images and 512-px images of any syntax, is borderline for
+large RLE, and is missed for large JPEG 2000 (the decoder alone exceeds it).
 
 ## Development history (for honesty)
 
@@ -400,6 +401,9 @@ the figures above are from that final run (same weights: SHA-256 identical acros
   pneumothorax, tubes, masses) is recognised, and a "normal" output does not mean a normal radiograph.
 - The saliency map (gradient × input, smoothed) and its 3×3 zones show where the network's output is sensitive,
   not where the disease is; zone names assume a frontal view with the patient's right on the image's left.
+- Sensitive to small resampling differences: an eval image upsampled bilinearly to 512 px and brought back through
+  the DICOM path (area resize) shifted the probability by 0.024 on average and up to 0.108 (40 images), with a mean
+  pixel change of about 2 grey levels. Pixel-exact round trips (nearest upsampling) give the same probability.
 - The test split is distributionally harder than val (val AUC is near ceiling); expect lower figures in use.
 - A triage aid: it may move a study up the reading queue; it never replaces the specialist's read.
 """

@@ -1,19 +1,23 @@
 """Train, calibrate and evaluate the ``ecg_rhythm`` model (CinC 2017 single-lead N/A/O/~ classifier).
 
-``train(data, seed)`` reads the PhysioNet/CinC 2017 public training set, keeps **only A00001-A06000**
-(A06001+ is the reserved block the evaluation file was drawn from), holds out a seeded,
-class-stratified 15 % validation split for early stopping and threshold choice, and saves the weights
-with ``registry.save``. ``evaluate(datasets)`` scores the saved model on ``cinc2017-eval.npz``;
-``write_card`` writes ``models/cards/ecg_rhythm.md``. Run ``python -m teleread.models.train_ecg_rhythm
---data /work/data/training2017`` for the full reproducible pipeline.
+``train(data, seed, members)`` reads the PhysioNet/CinC 2017 public training set, keeps **only
+A00001-A06000** (A06001+ is the reserved block the evaluation file was drawn from), holds out the
+class-stratified 15 % validation split of ``seed`` for early stopping and threshold choice, trains a
+seed ensemble (member i: init/shuffle/augmentation seed ``seed + i``, all on the same split), chooses the
+thresholds on the ensemble's validation probabilities and saves one state_dict with ``registry.save``.
+``evaluate(datasets)`` scores the saved model on ``cinc2017-eval.npz``; ``write_card`` writes
+``models/cards/ecg_rhythm.md``. Run ``python -m teleread.models.train_ecg_rhythm --data
+/work/data/training2017`` for the full reproducible pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing as mp
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,12 +30,13 @@ from teleread.models import metrics as mt
 from teleread.models import registry
 
 NAME = "ecg_rhythm"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 LAST_TRAIN_RECORD = 6000
 VAL_FRACTION = 0.15
 DEFAULT_EPOCHS = 30
 PATIENCE = 8
 BATCH = 64
+DEFAULT_MEMBERS = 3
 PUBLISHED = [
     ("CinC 2017 mean F1 N/A/O, hidden test, winners", 0.83, "Clifford et al., CinC 2017"),
     ("CinC 2017 mean F1 N/A/O, hidden test, ensemble of top entries", 0.87, "Clifford et al., CinC 2017"),
@@ -147,23 +152,14 @@ def choose_thresholds(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 # ----------------------------------------------------------------------------- training
 
 
-def train(
-    data: Path,
-    seed: int = 0,
-    weights_dir: Path | None = None,
-    epochs: int | None = None,
-    log: Callable[[str], None] = print,
-) -> registry.ModelCard:
-    """Train on A00001-A06000 (seeded stratified 15 % validation), choose thresholds, save the model."""
+_PREP: dict[str, Any] = {}  # prepared data shared with forked member processes
+
+
+def _prepare(data: Path, seed: int, hyper: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Load and preprocess A00001-A06000, the split of ``seed``, RR standardisation and validation windows."""
     t0 = time.perf_counter()
-    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    rng = np.random.default_rng(seed)
-    hyper = dict(HYPER)
     fs, clip = int(hyper["fs"]), float(hyper["clip"])
     window, hop = int(hyper["window_s"] * fs), int(hyper["hop_s"] * fs)
-
     signals, y, fs_in = load_training(Path(data))
     xs = [er.preprocess(s, fs_in, fs, clip) for s in signals]
     peaks = [er.detect_peaks(x, fs) for x in xs]
@@ -172,16 +168,41 @@ def train(
     counts = {c: (int((y[tr] == c).sum()), int((y[va] == c).sum())) for c in er.CLASSES}
     log(f"loaded and preprocessed in {time.perf_counter() - t0:.0f} s")
     log(f"records {len(y)}: train {tr.size}, validation {va.size}; per class (train, val) {counts}")
-
     train_feats = np.concatenate([er.make_windows(xs[i], peaks[i], fs, window, hop)[2] for i in tr])
     rr_mean = train_feats.mean(axis=0)
     rr_std = np.maximum(train_feats.std(axis=0), 1e-3)
-    hyper["rr_mean"] = [round(float(v), 6) for v in rr_mean]
-    hyper["rr_std"] = [round(float(v), 6) for v in rr_std]
     val_packs = []
     for i in va:
         w, ln, f = er.make_windows(xs[i], peaks[i], fs, window, hop)
         val_packs.append((w, ln, ((f - rr_mean) / rr_std).astype(np.float32)))
+    return {
+        "hyper": hyper,
+        "xs": xs,
+        "peaks": peaks,
+        "y": y,
+        "tr": tr,
+        "va": va,
+        "counts": counts,
+        "rr_mean": rr_mean,
+        "rr_std": rr_std,
+        "val_packs": val_packs,
+    }
+
+
+def _train_member(
+    member_seed: int, epochs: int, threads: int = 1, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Train one network (init, shuffle and augmentation seeded by ``member_seed``) on the prepared split."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(member_seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    rng = np.random.default_rng(member_seed)
+    p = _PREP
+    hyper, xs, peaks, y, tr, va = p["hyper"], p["xs"], p["peaks"], p["y"], p["tr"], p["va"]
+    rr_mean, rr_std, val_packs = p["rr_mean"], p["rr_std"], p["val_packs"]
+    fs, clip = int(hyper["fs"]), float(hyper["clip"])
+    window = int(hyper["window_s"] * fs)
+    t0 = time.perf_counter()
 
     y_idx = np.asarray([er.CLASSES.index(c) for c in y])
     freq = np.bincount(y_idx[tr], minlength=4) / tr.size
@@ -211,18 +232,76 @@ def train(
             total += float(loss.item()) * idx.size
         sc = _scores(y[va], _predict_windows(net, val_packs))
         log(
-            f"epoch {epoch:2d} loss {total / tr.size:.4f} val meanF1 {sc['mean_f1_NAO']:.4f} "
+            f"[seed {member_seed}] epoch {epoch:2d} loss {total / tr.size:.4f} val meanF1 {sc['mean_f1_NAO']:.4f} "
             f"F1 N {sc['f1_N']:.3f} A {sc['f1_A']:.3f} O {sc['f1_O']:.3f} ~ {sc['f1_~']:.3f} "
             f"AUC_A {sc['af_auc']:.4f} ({time.perf_counter() - t0:.0f} s)"
         )
         if sc["mean_f1_NAO"] > best[0]:
             best = (sc["mean_f1_NAO"], epoch, copy.deepcopy(net.state_dict()))
         elif epoch - best[1] >= PATIENCE:
-            log(f"early stop at epoch {epoch}; best epoch {best[1]}")
+            log(f"[seed {member_seed}] early stop at epoch {epoch}; best epoch {best[1]}")
             break
 
     net.load_state_dict(best[2])
     val_probs = _predict_windows(net, val_packs)
+    sc = _scores(y[va], val_probs)
+    return {
+        "seed": member_seed,
+        "state": best[2],
+        "best_epoch": best[1],
+        "val_probs": val_probs,
+        "validation": {"mean_f1_NAO": round(float(sc["mean_f1_NAO"]), 4), "af_auc": round(float(sc["af_auc"]), 4)},
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _member_job(args: tuple[int, int]) -> dict[str, Any]:
+    out = _train_member(args[0], args[1], threads=1, log=lambda m: print(m, flush=True))
+    out["state"] = {k: v.detach().clone() for k, v in out["state"].items()}
+    return out
+
+
+def train(
+    data: Path,
+    seed: int = 0,
+    weights_dir: Path | None = None,
+    epochs: int | None = None,
+    members: int = DEFAULT_MEMBERS,
+    jobs: int = 1,
+    log: Callable[[str], None] = print,
+) -> registry.ModelCard:
+    """Train a ``members``-network seed ensemble on A00001-A06000 (the stratified 15 % validation split of
+    ``seed``; member i seeded ``seed + i``), choose thresholds on the ensemble, save it as one model.
+
+    ``jobs`` > 1 trains members in forked processes (1 torch thread each); each member is seeded on its own,
+    so the result does not depend on ``jobs``."""
+    t0 = time.perf_counter()
+    epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+    members = max(1, int(members))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    hyper = dict(HYPER)
+    prep = _prepare(Path(data), seed, hyper, log)
+    _PREP.clear()
+    _PREP.update(prep)
+    y, tr, va, counts = prep["y"], prep["tr"], prep["va"], prep["counts"]
+    member_seeds = [seed + i for i in range(members)]
+    hyper["rr_mean"] = [round(float(v), 6) for v in prep["rr_mean"]]
+    hyper["rr_std"] = [round(float(v), 6) for v in prep["rr_std"]]
+    hyper["members"] = members
+    hyper["member_seeds"] = member_seeds
+
+    threads = torch.get_num_threads()
+    if jobs > 1 and members > 1:
+        with ProcessPoolExecutor(max_workers=min(jobs, members), mp_context=mp.get_context("fork")) as pool:
+            results = list(pool.map(_member_job, [(s, epochs) for s in member_seeds]))
+        threads = 1
+    else:
+        results = [_train_member(s, epochs, threads=threads, log=log) for s in member_seeds]
+    _PREP.clear()
+    for r in results:
+        log(f"member seed {r['seed']}: best epoch {r['best_epoch']}, validation {r['validation']}")
+
+    val_probs = np.mean([r["val_probs"] for r in results], axis=0)
     val_scores = _scores(y[va], val_probs)
     thresholds = choose_thresholds(y[va], val_probs)
     flagged = val_probs[:, 1] >= thresholds["af_urgent"]
@@ -233,18 +312,20 @@ def train(
         "validation": {**{k: round(float(v), 4) for k, v in val_scores.items()}, "n": int(va.size)},
         "training": {
             "wall_time_s": round(wall, 1),
-            "best_epoch": best[1],
+            "members": [{k: r[k] for k in ("seed", "best_epoch", "validation", "wall_time_s")} for r in results],
+            "parallel_jobs": min(jobs, members) if members > 1 else 1,
             "max_epochs": epochs,
+            "patience": PATIENCE,
             "n_train": int(tr.size),
             "n_val": int(va.size),
             "counts_train_val": counts,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": threads,
         },
     }
-    log(f"thresholds {thresholds}; validation {metrics['validation']}; wall {wall:.0f} s")
+    log(f"thresholds {thresholds}; ensemble validation {metrics['validation']}; wall {wall:.0f} s")
     return registry.save(
         NAME,
-        state_dict=net.state_dict(),
+        state_dict=er.ensemble_state([r["state"] for r in results]),
         module="ecg_rhythm",
         version=VERSION,
         task="single-lead ECG rhythm: N normal, A atrial fibrillation, O other rhythm, ~ noisy",
@@ -317,6 +398,10 @@ def write_card(card: registry.ModelCard, path: Path | None = None) -> Path:
     path = path or registry.CARDS_DIR / f"{NAME}.md"
     v, tr, ev = card.metrics.get("validation", {}), card.metrics.get("training", {}), card.metrics.get("evaluation", {})
     h = card.hyper
+    k = int(h.get("members", 1))
+    mem = tr.get("members") or [
+        {"seed": card.seed, "best_epoch": tr.get("best_epoch"), "validation": v, "wall_time_s": tr.get("wall_time_s")}
+    ]
     lines = [
         f"# {card.label}: single-lead ECG rhythm classifier (N / AF / other / noisy)",
         "",
@@ -340,19 +425,35 @@ def write_card(card: registry.ModelCard, path: Path | None = None) -> Path:
         "scipy find_peaks) -> MLP -> 4 classes.",
         "- Loss: cross-entropy, class weights 1/sqrt(prevalence), label smoothing 0.05; AdamW + one-cycle LR; "
         "augmentation: random 30-s crops (15 % shortened to >= 5 s), amplitude scaling, noise, baseline wander.",
-        f"- Early stopping on validation mean F1 (N/A/O): best epoch {tr.get('best_epoch')} of max "
-        f"{tr.get('max_epochs')}. Training wall time {tr.get('wall_time_s')} s on the shared 2-core CPU "
-        f"(torch threads {tr.get('torch_threads')}), data loading included.",
-        "- Reproduce: `python -m teleread.models.train_ecg_rhythm --data /work/data/training2017 --seed 0` "
-        "(train, evaluate, card). Seeded (torch, numpy) with deterministic algorithms; bit-identical weights "
-        "need the same torch build, CPU and thread count.",
+        f"- Seed ensemble of {k} such networks (init/shuffle/augmentation seeds {h.get('member_seeds', [card.seed])}, "
+        f"all trained on the same split of seed {card.seed}); one state_dict (`members.<i>.` keys); the record "
+        "probabilities are the mean of the members' probabilities.",
+        f"- Early stopping per member on validation mean F1 (N/A/O), max {tr.get('max_epochs')} epochs, patience "
+        f"{tr.get('patience', 8)}. Training wall time {tr.get('wall_time_s')} s on the shared 2-core CPU "
+        f"({tr.get('parallel_jobs', 1)} member process(es) in parallel, torch threads {tr.get('torch_threads')} "
+        "each), data loading included.",
+        "",
+        "| member seed | best epoch | validation mean F1 N/A/O | validation AF AUC | wall s |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {m['seed']} | {m['best_epoch']} | {m['validation'].get('mean_f1_NAO')} | "
+            f"{m['validation'].get('af_auc')} | {m.get('wall_time_s')} |"
+            for m in mem
+        ],
+        f"| ensemble | - | {v.get('mean_f1_NAO')} | {v.get('af_auc')} | - |",
+        "",
+        "- Reproduce: `python -m teleread.models.train_ecg_rhythm --data /work/data/training2017 --seed 0 "
+        f"--members {k} --jobs {tr.get('parallel_jobs', 1)}` (train, evaluate, card; `--jobs` does not change the "
+        "result). Seeded (torch, numpy) per member with deterministic algorithms; bit-identical weights need "
+        "the same torch build, CPU and thread count.",
         "",
         "## Thresholds (chosen on the validation split only)",
         "",
         f"- `af_urgent` = {card.thresholds.get('af_urgent')}: AF probability at or above which AF is flagged; the "
-        "lowest 1 % quantile of validation AF probabilities (capped at 0.5), i.e. validation AF sensitivity >= 0.99.",
+        "lowest 1 % quantile of the ensemble's validation AF probabilities (with 75 validation AF records: the "
+        "lowest one), rounded down to 1e-4 and capped at 0.5, i.e. validation AF sensitivity >= 0.99.",
         f"- `noisy` = {card.thresholds.get('noisy')}: ~ probability at or above which the record can be called "
-        "unreadable (maximises validation F1 of ~).",
+        "unreadable (maximises the ensemble's validation F1 of ~).",
         "- The reported label is the arg-max class; the thresholds are for triage flags.",
         "",
         f"## Validation ({v.get('n')} records, A00001-A06000 held-out split)",
@@ -414,9 +515,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--weights-dir", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on the shared 2-core box)")
+    ap.add_argument("--members", type=int, default=DEFAULT_MEMBERS, help="ensemble size K (seeds seed..seed+K-1)")
+    ap.add_argument("--jobs", type=int, default=1, help="members trained in parallel processes (1 thread each)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, args.threads)))
-    card = train(args.data, seed=args.seed, weights_dir=args.weights_dir, epochs=args.epochs)
+    card = train(
+        args.data,
+        seed=args.seed,
+        weights_dir=args.weights_dir,
+        epochs=args.epochs,
+        members=args.members,
+        jobs=args.jobs,
+    )
     registry.clear_cache()
     model = registry.get(NAME, weights_dir=args.weights_dir)
     result = evaluate(args.datasets, model=model)

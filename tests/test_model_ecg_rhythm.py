@@ -1,14 +1,17 @@
 """The committed ecg_rhythm model: loading, integrity check, any-rate/any-length input, batching, leads,
-accuracy on a slice of the CinC 2017 evaluation file, and AF response to an irregular rhythm."""
+accuracy on a slice of the CinC 2017 evaluation file, AF response to an irregular rhythm, and the seed
+ensemble checkpoint format (member count from ``hyper``, single-network states still load)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from teleread.models import ecg_rhythm as er
 from teleread.models import registry
 from teleread.models.synthetic import synthetic_ecg
 
@@ -42,6 +45,39 @@ def test_loads_from_registry(model) -> None:  # type: ignore[no-untyped-def]
     assert model.card.name == "ecg_rhythm"
     assert 0.0 < model.card.thresholds["af_urgent"] <= 0.5
     assert "validation" in model.card.metrics
+
+
+def test_member_count_comes_from_hyper(model) -> None:  # type: ignore[no-untyped-def]
+    k = int(model.card.hyper.get("members", 1))
+    assert model.members == k == len(model.net.members)
+    if k > 1:
+        assert model.card.hyper["member_seeds"] == [model.card.seed + i for i in range(k)]
+
+
+def _member0(state: dict) -> dict:  # type: ignore[type-arg]
+    if not any(key.startswith("members.") for key in state):
+        return dict(state)
+    return {key[len("members.0.") :]: v for key, v in state.items() if key.startswith("members.0.")}
+
+
+def test_ensemble_checkpoint_built_from_one_member() -> None:
+    card, state = registry.load_state("ecg_rhythm")
+    single_state = _member0(state)
+    hyper = {key: v for key, v in card.hyper.items() if key not in ("members", "member_seeds")}
+    single = er.from_checkpoint(dataclasses.replace(card, hyper=hyper), single_state)  # 1.0.0-style state
+    assert single.members == 1
+    pair_card = dataclasses.replace(card, hyper={**hyper, "members": 2, "member_seeds": [0, 0]})
+    pair = er.from_checkpoint(pair_card, er.ensemble_state([single_state, single_state]))
+    assert pair.members == 2
+    items = [(_lead_ii("normal", 300, 30.0), 300.0), (_lead_ii("af_rvr", 500, 70.0, seed=4), 500.0)]
+    for a, b in zip(single.predict_batch(items), pair.predict_batch(items)):  # same members: same mean
+        assert a.label == b.label and a.windows == b.windows
+        for c in CLASSES:
+            assert a.probs[c] == pytest.approx(b.probs[c], abs=1e-6)
+    with pytest.raises(ValueError):  # the card's member count must match the state_dict
+        er.from_checkpoint(
+            dataclasses.replace(card, hyper={**hyper, "members": 3}), er.ensemble_state([single_state] * 2)
+        )
 
 
 def test_altered_weights_are_rejected(tmp_path: Path) -> None:
