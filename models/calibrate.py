@@ -9,10 +9,14 @@ Choices, sensitivity first:
 1. Which heuristic rules the models supersede: each candidate set is kept only if validation
    sensitivity (urgent records flagged urgent or critical) does not fall; among those, the lowest
    validation flag rate of non-urgent records wins.
-2. The AF and MI thresholds: first each just below the lowest score the model gave an urgent
-   validation record (the most sensitive setting); then each raised as far as it can go (at most
-   0.5) while the fused validation sensitivity stays where that setting put it: a record the
-   critical-value or rate rules already flag does not need the model to flag it too.
+2. The AF and MI thresholds, by operating point:
+   - ``sensitive`` (the default): each model's own threshold from its card, where the model alone
+     catches every urgent record of its validation data; lowered just below any fused validation
+     urgent record still missed. Rules and models are redundant: a record does not depend on a
+     rule happening to fire.
+   - ``balanced``: each threshold raised as far as it can go (at most 0.5) while the fused
+     validation sensitivity stays complete, counting the records that the critical-value or rate
+     rules already flag. Fewer flags; no redundancy for those records.
 """
 
 from __future__ import annotations
@@ -83,8 +87,29 @@ def _highest(
     return min(candidates)
 
 
+def card_threshold(card_name: str, name: str) -> float:
+    """The model's own sensitivity-first threshold, chosen on its validation data (its card)."""
+    return float(registry.card(card_name).thresholds.get(name, CAP))
+
+
+def _missed_scores(
+    inputs: Sequence[FusedInput], urgent: np.ndarray, levels: Sequence[Level], attr: str, key: str
+) -> list[float]:
+    """The model's scores of urgent validation records the fused policy leaves routine."""
+    out = []
+    for x, u, lv in zip(inputs, urgent, levels):
+        pred = getattr(x.outputs, attr) if (u and x.outputs is not None and lv.rank < Level.URGENT.rank) else None
+        if pred is not None:
+            out.append(float(pred.probs.get(key, 0.0)))
+    return out
+
+
 def calibrate(
-    datasets: Path, *, training: Path | None = None, log: Callable[[str], None] = print
+    datasets: Path,
+    *,
+    training: Path | None = None,
+    operating_point: str = "sensitive",
+    log: Callable[[str], None] = print,
 ) -> fusion.FusionPolicy:
     base = fusion.load_policy()
     sets: list[tuple[str, list[FusedInput], np.ndarray]] = []
@@ -93,13 +118,14 @@ def calibrate(
     if training is not None:
         recs, urgent = cinc_validation(training)
         sets.append(("CinC validation split", fused_inputs(recs, policy=base), urgent))
-    return choose(sets, base, log=log)
+    return choose(sets, base, operating_point=operating_point, log=log)
 
 
 def choose(
     sets: Sequence[tuple[str, list[FusedInput], np.ndarray]],
     base: fusion.FusionPolicy,
     *,
+    operating_point: str = "sensitive",
     log: Callable[[str], None] = print,
     write: bool = True,
 ) -> fusion.FusionPolicy:
@@ -114,17 +140,27 @@ def choose(
     floor_sens, _ = score(rules_only)
     best: tuple[float, fusion.FusionPolicy] | None = None
     for codes in CANDIDATES:
-        # most sensitive: every model threshold just below its lowest-scored urgent validation record
-        lowest = {
-            name: min([MARGIN * p for p in _scores(inputs, urgent_all, attr, key)] + [CAP])
-            for attr, key, name, _ in MODELS
-        }
-        policy = replace(base, superseded_by_rhythm=codes, thresholds=lowest)
-        goal, _ = score(policy)
-        for _round in range(2):  # then raise each threshold as far as that sensitivity allows
-            for attr, key, name, _ in MODELS:
-                t = _highest(inputs, urgent_all, policy, attr, key, name, goal)
-                policy = replace(policy, thresholds={**policy.thresholds, name: t})
+        if operating_point == "balanced":
+            # every model threshold just below its lowest-scored urgent validation record ...
+            lowest = {
+                name: min([MARGIN * p for p in _scores(inputs, urgent_all, attr, key)] + [CAP])
+                for attr, key, name, _ in MODELS
+            }
+            policy = replace(base, superseded_by_rhythm=codes, thresholds=lowest)
+            goal, _ = score(policy)
+            for _round in range(2):  # ... then each raised as far as that fused sensitivity allows
+                for attr, key, name, _ in MODELS:
+                    t = _highest(inputs, urgent_all, policy, attr, key, name, goal)
+                    policy = replace(policy, thresholds={**policy.thresholds, name: t})
+        else:  # sensitive: each model alone catches its urgent validation records (the cards' thresholds)
+            cards = {name: card_threshold(card, name) for _, _, name, card in MODELS}
+            policy = replace(base, superseded_by_rhythm=codes, thresholds=cards)
+            for attr, key, name, _ in MODELS:  # and lower one if a fused validation record is still missed
+                missed = _missed_scores(inputs, urgent_all, fused_levels_from(inputs, policy=policy), attr, key)
+                if missed:
+                    t = min(policy.thresholds[name], round(MARGIN * min(missed), 4))
+                    policy = replace(policy, thresholds={**policy.thresholds, name: t})
+            goal, _ = score(policy)
         sens, rate = score(policy)
         log(
             f"superseded {list(codes) or 'none'}: validation sensitivity {sens:.3f}, "
@@ -146,7 +182,13 @@ def choose(
         }
     version = f"fusion-{registry.card('ecg_rhythm').version}-{registry.card('ecg_12lead').version}"
     chosen = replace(
-        chosen, version=version, validation={"sets": per_set, "rules_only_sensitivity": round(floor_sens, 4)}
+        chosen,
+        version=version,
+        validation={
+            "operating_point": operating_point,
+            "sets": per_set,
+            "rules_only_sensitivity": round(floor_sens, 4),
+        },
     )
     if write:
         path = fusion.save_policy(chosen)

@@ -188,7 +188,7 @@ def level_counts(urgent: np.ndarray, levels: Sequence[Level]) -> str:
     return "; ".join(parts)
 
 
-def evaluate_fused(datasets: Path) -> Section:
+def evaluate_fused(datasets: Path, policy: fusion.FusionPolicy | None = None) -> Section:
     started = time.perf_counter()
     sections: list[metrics.Metric] = []
     notes = []
@@ -199,7 +199,7 @@ def evaluate_fused(datasets: Path) -> Section:
         ("PTB-XL", ptbxl_records, "ptbxl-fold10-eval.npz"),
     ):
         recs, urgent = loader(datasets / file)
-        levels = fused_levels(recs)
+        levels = fused_levels(recs, policy=policy)
         sections += flag_metrics(label, urgent, levels)
         notes.append(f"{label}: {level_counts(urgent, levels)}")
         all_urgent.append(urgent)
@@ -211,12 +211,15 @@ def evaluate_fused(datasets: Path) -> Section:
 
 
 def evaluate_all(
-    datasets: Path, names: Sequence[str] | None = None, progress: Callable[[str], None] | None = None
+    datasets: Path,
+    names: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    policy: fusion.FusionPolicy | None = None,
 ) -> list[Section]:
     chosen = list(names) if names else [*TRAINERS, "fused_ecg_triage"]
     out = []
     for name in chosen:
         if progress:
             progress(name)
-        out.append(evaluate_fused(datasets) if name == "fused_ecg_triage" else evaluate_model(name, datasets))
+        out.append(evaluate_fused(datasets, policy) if name == "fused_ecg_triage" else evaluate_model(name, datasets))
     return out

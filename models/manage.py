@@ -46,7 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.name == "fusion":
         from teleread.models.calibrate import calibrate
 
-        calibrate(Path(args.data), training=Path(args.training) if args.training else None, log=print)
+        training = Path(args.training) if args.training else None
+        calibrate(Path(args.data), training=training, operating_point=args.operating_point, log=print)
         return 0
     if args.name not in TRAINERS:
         raise InvalidInput(f"no model named {args.name!r}; known: {', '.join([*TRAINERS, 'fusion'])}")
@@ -78,8 +79,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not (datasets / "cinc2017-eval.npz").is_file():
         raise InvalidInput("the evaluation files are not in that folder (expected cinc2017-eval.npz ...)")
     console = Console(width=max(Console().width, 130))
+    from teleread.models.fusion import load_policy
+
+    policy = load_policy(Path(args.policy)) if args.policy else None
     sections = evaluate_all(
-        datasets, args.model or None, progress=lambda n: console.print(f"[dim]evaluating {n}...[/]")
+        datasets,
+        args.model or None,
+        progress=lambda n: console.print(f"[dim]evaluating {n}...[/]"),
+        policy=policy,
     )
     for s in sections:
         table = Table(title=f"{s.name} ({s.seconds:.0f} s)", title_justify="left")
@@ -130,11 +137,19 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", help="weights folder (default: the packaged one)")
     a.add_argument("--training", help="fusion only: the CinC 2017 training folder, for its validation split")
+    a.add_argument(
+        "--operating-point",
+        choices=["sensitive", "balanced"],
+        default="sensitive",
+        help="fusion only: models alone catch every validation urgent record (sensitive), or rely on the rules "
+        "where they already flag it (balanced: fewer flags)",
+    )
     a.set_defaults(func=cmd_train)
     a = s.add_parser("evaluate", help="metrics with 95 %% CIs on the evaluation files, beside published results")
     a.add_argument("--data", help="the evaluation files folder (default ../shared/datasets)")
     a.add_argument("--model", action="append", help="only this model (repeat); fused_ecg_triage for the fusion")
     a.add_argument("--json", help="also write the figures to this JSON file")
+    a.add_argument("--policy", help="fusion policy file (default: the packaged rules/fusion.json)")
     a.set_defaults(func=cmd_evaluate)
     a = s.add_parser("explain", help="run the chest model on a DICOM file; optionally write a saliency overlay")
     a.add_argument("file")

@@ -94,6 +94,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         bus=bus,
         workers=max(settings.queue.triage_workers, triage_workers),
         cpu=triage_cpu,
+        rules_path=settings.queue.rules_file,
+        policy_path=settings.queue.fusion_policy,
     )
     ingest = IngestService(
         engine=engine,

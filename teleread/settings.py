@@ -42,6 +42,9 @@ class QueueSettings(BaseModel):
     lease_seconds: int = 600
     max_lease_seconds: int = 3600
     triage_workers: int = 2
+    rules_file: Path | None = None  # default: the packaged models/rules/default.toml
+    # default: the packaged models/rules/fusion.json (sensitive); fusion-balanced.json flags fewer
+    fusion_policy: Path | None = None
 
 
 class Settings(BaseSettings):
