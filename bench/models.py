@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bench._report import machine, machine_line
+from bench._report import machine
 
 
 def _timeit(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> dict[str, float]:
@@ -149,8 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         target = targets.get(name)
         verdict = "" if target is None else f"<= {target:g} ms {'met' if f['p95_ms'] <= target else 'MISSED'} (p95)"
         print(f"{name:40s} {f['p50_ms']:8.1f} {f['p95_ms']:8.1f} {f['mean_ms']:8.1f}  {verdict}")
-    info["load_after"] = __import__("os").getloadavg()[0]
-    print("machine: " + machine_line(info))
+    import os
+
+    import torch
+
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, Python {info['python']}, "
+        f"torch {torch.__version__} with 1 thread, Linux {info['kernel']}; load average (1 min) "
+        f"{info['load_before']:.2f} before, {os.getloadavg()[0]:.2f} after; code at {info['commit'] or '?'}"
+    )
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "figures": figures}, indent=2, default=str))
     return 0
