@@ -7,7 +7,6 @@ import importlib
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from teleread.errors import InvalidInput
 
@@ -51,12 +50,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.name not in TRAINERS:
         raise InvalidInput(f"no model named {args.name!r}; known: {', '.join([*TRAINERS, 'fusion'])}")
-    module = importlib.import_module(f"teleread.models.{TRAINERS[args.name]}")
-    kwargs: dict[str, Any] = {"seed": args.seed}
-    if args.out:
-        kwargs["weights_dir"] = Path(args.out)
+    from teleread.models.evaluate import default_datasets
+
+    datasets = str(Path(args.datasets) if args.datasets else default_datasets())
     started = time.perf_counter()
-    card = module.train(Path(args.data), **kwargs)
+    # each trainer: train on the public split, choose thresholds on validation, save weights + card JSON,
+    # evaluate on the evaluation files, and write the model card (markdown)
+    if args.name == "ecg_12lead":
+        from teleread.models import train_ecg_12lead as t12
+
+        out = Path(args.out) if args.out else None
+        t12.train(Path(args.data), seed=args.seed, weights_dir=out, val=Path(datasets))
+        card = t12.record_evaluation(Path(datasets), out)
+    else:
+        if args.out:
+            raise InvalidInput("--out is supported for ecg_12lead only; the others write the packaged weights")
+        module = importlib.import_module(f"teleread.models.{TRAINERS[args.name]}")
+        module.main(["--data", args.data, "--seed", str(args.seed), "--datasets", datasets])
+        from teleread.models import registry
+
+        card = registry.card(args.name)
     print(f"trained {card.label} in {time.perf_counter() - started:.0f} s; weights sha256 {card.sha256}")
     return 0
 
@@ -136,6 +149,7 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     a.add_argument("--data", required=True, help="the public training data (see the model card)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", help="weights folder (default: the packaged one)")
+    a.add_argument("--datasets", help="evaluation files for the card (default ../shared/datasets)")
     a.add_argument("--training", help="fusion only: the CinC 2017 training folder, for its validation split")
     a.add_argument(
         "--operating-point",

@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 from teleread.errors import TelereadError
 from teleread.models import fusion, registry, triage
-from teleread.models.ecg_measure import canonical_lead_name
 from teleread.models.ecg_rules import RuleSet
 
 log = logging.getLogger("teleread.triage")
@@ -55,6 +54,8 @@ def model(name: str) -> tuple[Any, str]:
 
 
 def _has_12(lead_names: Sequence[str], minimum: int) -> bool:
+    from teleread.models.ecg_measure import canonical_lead_name  # scipy/wfdb: only in the worker processes
+
     names = {canonical_lead_name(n).upper() for n in lead_names}
     return sum(1 for lead in TWELVE_LEADS if lead in names) >= minimum
 

@@ -411,12 +411,15 @@ the figures above are from that final run (same weights: SHA-256 identical acros
     path.write_text(text, encoding="utf-8")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    from teleread.models.evaluate import default_datasets
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/data/pmnist"))
-    parser.add_argument("--datasets", type=Path, default=Path("/work/shared/datasets"))
+    parser.add_argument("--data", type=Path, required=True, help="pneumoniamnist.npz or its folder")
+    parser.add_argument("--datasets", type=Path, default=None, help="evaluation files (default ../shared/datasets)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.datasets = args.datasets or default_datasets()
     card = train(args.data, seed=args.seed)
     result = evaluate(args.datasets)
     for m in result["metrics"]:

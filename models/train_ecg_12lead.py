@@ -25,7 +25,7 @@ from teleread.models.metrics import Metric, auc, bootstrap, macro_auc, sensitivi
 
 NAME = "ecg_12lead"
 VERSION = "1.0.0"
-DEFAULT_DATASETS = Path("/work/shared/datasets")
+DEFAULT_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"  # ../shared/datasets
 VAL_FILE = "ptbxl-fold9-val.npz"
 EVAL_FILE = "ptbxl-fold10-eval.npz"
 TRAIN_FOLDS = tuple(range(1, 9))

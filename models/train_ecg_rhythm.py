@@ -546,8 +546,8 @@ def write_card(card: registry.ModelCard, path: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """Full pipeline: train, evaluate on the eval file, record metrics in the card, write the .md card."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", type=Path, default=Path("/work/data/training2017"))
-    ap.add_argument("--datasets", type=Path, default=Path("/work/shared/datasets"))
+    ap.add_argument("--data", type=Path, required=True, help="the CinC 2017 training folder (REFERENCE.csv, A*.mat)")
+    ap.add_argument("--datasets", type=Path, default=None, help="evaluation files (default ../shared/datasets)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--weights-dir", type=Path, default=None)
@@ -555,6 +555,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--members", type=int, default=DEFAULT_MEMBERS, help="ensemble size K (seeds seed..seed+K-1)")
     ap.add_argument("--jobs", type=int, default=1, help="members trained in parallel processes (1 thread each)")
     args = ap.parse_args(argv)
+    if args.datasets is None:
+        from teleread.models.evaluate import default_datasets
+
+        args.datasets = default_datasets()
     torch.set_num_threads(max(1, min(2, args.threads)))
     card = train(
         args.data,

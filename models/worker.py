@@ -29,7 +29,7 @@ log = logging.getLogger("teleread.triage")
 
 
 CHEST_MODALITIES = frozenset({"CR", "DX"})
-MAX_BATCH = 8
+MAX_BATCH = 4
 CHEST_IMAGES = 2
 
 
