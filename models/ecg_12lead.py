@@ -161,6 +161,7 @@ class TwelveLeadPrediction:
 
     probs: dict[str, float]
     missing_leads: tuple[str, ...] = ()
+    # only for records with a flag (a class at its threshold, or MI at the triage threshold): which leads drove it
     lead_importance: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     flagged: tuple[str, ...] = ()  # classes at or above their validation-chosen threshold
     mi_urgent: bool = False  # MI probability at or above the sensitivity-first triage threshold
@@ -189,35 +190,47 @@ class TwelveLeadModel:
         return self.predict_batch([(signal_mv, fs, lead_names)])[0]
 
     def predict_batch(self, items: Sequence[tuple[np.ndarray, float, Sequence[str]]]) -> list[TwelveLeadPrediction]:
-        """Predictions for many records; all windows and their occluded copies go through one forward pass."""
+        """Predictions for many records: one forward pass over all windows; then one over the occluded copies
+        of the records that need an explanation (a class at its threshold, or MI at the triage threshold)."""
         prepared = [prepare(sig, fs, names) for sig, fs, names in items]
         if not prepared:
             return []
-        n_leads = len(LEADS)
-        stacks = []
+        probs = self.probabilities(np.concatenate([w for w, _ in prepared], axis=0))
+        bases, offset = [], 0
         for windows, _ in prepared:
-            occluded = np.repeat(windows[:, None], n_leads + 1, axis=1)  # (k, 13, 12, T)
-            for j in range(n_leads):
-                occluded[:, j + 1, j, :] = 0.0
-            stacks.append(occluded.reshape(-1, n_leads, WINDOW))
-        probs = self.probabilities(np.concatenate(stacks, axis=0))
-        out = []
-        offset = 0
-        for windows, missing in prepared:
-            k = windows.shape[0]
-            block = probs[offset : offset + k * (n_leads + 1)].reshape(k, n_leads + 1, len(CLASSES)).mean(axis=0)
-            offset += k * (n_leads + 1)
-            out.append(self._result(block, missing))
-        return out
+            bases.append(probs[offset : offset + windows.shape[0]].mean(axis=0))
+            offset += windows.shape[0]
+        explain = [i for i, b in enumerate(bases) if self._needs_explanation(b)]
+        drops: dict[int, np.ndarray] = {}
+        if explain:
+            n_leads = len(LEADS)
+            stacks = []
+            for i in explain:
+                windows = prepared[i][0]
+                occluded = np.repeat(windows[:, None], n_leads, axis=1)  # (k, 12, 12, T)
+                for j in range(n_leads):
+                    occluded[:, j, j, :] = 0.0
+                stacks.append(occluded.reshape(-1, n_leads, WINDOW))
+            occ = self.probabilities(np.concatenate(stacks, axis=0))
+            offset = 0
+            for i in explain:
+                k = prepared[i][0].shape[0]
+                block = occ[offset : offset + k * n_leads].reshape(k, n_leads, len(CLASSES)).mean(axis=0)
+                offset += k * n_leads
+                drops[i] = bases[i][None, :] - block  # (12, 5): probability lost when each lead is zeroed
+        return [self._result(bases[i], prepared[i][1], drops.get(i)) for i in range(len(prepared))]
 
-    def _result(self, block: np.ndarray, missing: tuple[str, ...]) -> TwelveLeadPrediction:
-        base = block[0]
-        drops = base[None, :] - block[1:]  # (12, 5): probability lost when each lead is zeroed
+    def _needs_explanation(self, base: np.ndarray) -> bool:
+        return bool(base[CLASSES.index("MI")] >= self.mi_urgent_threshold) or any(
+            base[i] >= self.thresholds[c] for i, c in enumerate(CLASSES) if c != "NORM"
+        )
+
+    def _result(self, base: np.ndarray, missing: tuple[str, ...], drops: np.ndarray | None) -> TwelveLeadPrediction:
         probs = {c: float(base[i]) for i, c in enumerate(CLASSES)}
         importance: dict[str, list[tuple[str, float]]] = {}
         usable = [j for j, name in enumerate(LEADS) if name not in missing]
         for i, c in enumerate(CLASSES):
-            if probs[c] >= 0.5 or c in ALWAYS_EXPLAIN:
+            if drops is not None and (probs[c] >= 0.5 or c in ALWAYS_EXPLAIN):
                 order = sorted(usable, key=lambda j: (-drops[j, i], j))[:TOP_LEADS]
                 importance[c] = [(LEADS[j], float(drops[j, i])) for j in order]
         flagged = tuple(c for c in CLASSES if probs[c] >= self.thresholds[c])
