@@ -66,6 +66,8 @@ def _watch(worklist: Any, alerts: list[str], stop: threading.Event) -> None:
 def _show_findings(console: Console, exam: Any) -> None:
     t = exam.triage
     console.print(f"  triage: [bold]{LEVEL[t.level]}[/] score {t.score:.2f} ({t.rules_version}) — {t.summary}")
+    if t.models:
+        console.print(f"  models: {', '.join(t.models)}")
     for f in t.findings:
         ev = ", ".join(
             f"{e.name}={e.value:.3g}{e.unit}{' ' + e.lead if e.lead else ''} (threshold {e.threshold:g})"
