@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from teleread.models.evaluate import default_datasets
 from teleread.models import ecg_rhythm as er
 from teleread.models import registry
 from teleread.models.synthetic import synthetic_ecg
 
-EVAL_FILE = Path("/work/shared/datasets/cinc2017-eval.npz")
+EVAL_FILE = default_datasets() / "cinc2017-eval.npz"
 CLASSES = ("N", "A", "O", "~")
 
 
@@ -26,8 +27,6 @@ def model():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def eval_slice() -> tuple[list[np.ndarray], np.ndarray]:
-    if not EVAL_FILE.is_file():
-        pytest.skip("cinc2017-eval.npz not present")
     with np.load(EVAL_FILE) as z:
         sig, off, labels = z["signal"], z["offsets"], z["label"].astype(str)
     rng = np.random.default_rng(7)
