@@ -1,0 +1,371 @@
+"""The clinic gateway's durable outbox: every received object is on disk and recorded before the
+sender hears success, and survives a crash, a reboot or a full disk without corruption.
+
+Layout under ``root``: ``outbox.db`` (SQLite, WAL, ``synchronous=FULL``), ``objects/<sha256>``
+(content-addressed, written to ``incoming/`` first, fsync'd, renamed, directory fsync'd). An object
+row is inserted only after its file is durable, in the same transaction that creates or touches its
+exam, so a crash leaves at most an unreferenced file in ``incoming/`` (removed at open) or an
+unreferenced object file (adopted again if the same bytes arrive, else removed by ``sweep``).
+
+Exams are assembled by a grouping key (the StudyInstanceUID for DICOM; the record for WFDB) and
+become ``ready`` when the sender says the study is complete or after a quiet period with no new
+object (study stability, as in PACS). The uploader takes ready exams most urgent first, oldest
+first; a failed attempt schedules the next one with capped exponential backoff and full jitter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import os
+import random
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from teleread.errors import Conflict, InvalidInput, ResourceExhausted
+
+PRIORITY_RANK = {"stat": 0, "urgent": 1, "routine": 2}
+STATES = ("collecting", "ready", "uploading", "committed", "rejected")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS exams (
+    id TEXT PRIMARY KEY,
+    group_key TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    priority_rank INTEGER NOT NULL,
+    indication TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    last_object_at TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT,
+    last_error TEXT NOT NULL DEFAULT '',
+    hub_exam_id TEXT NOT NULL DEFAULT '',
+    committed_at TEXT
+);
+CREATE TABLE IF NOT EXISTS objects (
+    id TEXT PRIMARY KEY,
+    exam_id TEXT NOT NULL REFERENCES exams(id),
+    instance_key TEXT NOT NULL,
+    role TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at TEXT NOT NULL,
+    UNIQUE (exam_id, instance_key)
+);
+CREATE INDEX IF NOT EXISTS ix_exams_queue ON exams (state, priority_rank, created_at);
+"""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).isoformat()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class OutboxExam:
+    id: str
+    group_key: str
+    kind: str
+    priority: str
+    indication: str
+    state: str
+    attempts: int
+    last_error: str
+    hub_exam_id: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class OutboxObject:
+    id: str
+    exam_id: str
+    instance_key: str
+    role: str
+    sha256: str
+    size: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    by_state: dict[str, int]
+    bytes_waiting: int
+    oldest_waiting_at: str | None
+    last_error: str
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with full jitter: delay = uniform(0, min(cap, base * 2**attempt))."""
+
+    base_s: float = 2.0
+    cap_s: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        ceiling = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
+        return (rng or random).uniform(0.0, ceiling)
+
+
+class Outbox:
+    def __init__(self, root: Path, *, backoff: Backoff = Backoff()) -> None:
+        self.root = Path(root)
+        self.objects_dir = self.root / "objects"
+        self.incoming_dir = self.root / "incoming"
+        for d in (self.root, self.objects_dir, self.incoming_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for leftover in self.incoming_dir.iterdir():  # half-received files of a crash: never acknowledged
+            leftover.unlink(missing_ok=True)
+        self.backoff = backoff
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "outbox.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        # an upload interrupted by a crash is simply ready again (the hub resumes by offset)
+        self._db.execute("UPDATE exams SET state='ready' WHERE state='uploading'")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive(
+        self,
+        source: BinaryIO,
+        *,
+        group_key: str,
+        instance_key: str,
+        role: str = "dicom",
+        kind: str = "image",
+        priority: str = "routine",
+        indication: str = "",
+        max_bytes: int = 4 * 1024**3,
+    ) -> OutboxObject:
+        """Stream ``source`` to disk, fsync it, then record it; return only when it is durable."""
+        _check_key(group_key, "group key")
+        _check_key(instance_key, "instance key")
+        if priority not in PRIORITY_RANK:
+            raise InvalidInput(f"unknown priority {priority!r}", reason="BAD_PRIORITY")
+        tmp = self.incoming_dir / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                while block := source.read(1024 * 1024):
+                    size += len(block)
+                    if size > max_bytes:
+                        raise InvalidInput("object larger than the gateway accepts", reason="OBJECT_TOO_LARGE")
+                    digest.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        sha = digest.hexdigest()
+        final = self.objects_dir / sha
+        if final.exists():
+            tmp.unlink()
+        else:
+            tmp.replace(final)
+            _fsync_dir(self.objects_dir)
+        return self._record(
+            sha=sha,
+            size=size,
+            group_key=group_key,
+            instance_key=instance_key,
+            role=role,
+            kind=kind,
+            priority=priority,
+            indication=indication,
+        )
+
+    def _record(
+        self,
+        *,
+        sha: str,
+        size: int,
+        group_key: str,
+        instance_key: str,
+        role: str,
+        kind: str,
+        priority: str,
+        indication: str,
+    ) -> OutboxObject:
+        now = _iso(_now())
+        with self._lock, self._tx() as db:
+            row = db.execute("SELECT id, state, priority_rank FROM exams WHERE group_key=?", (group_key,)).fetchone()
+            if row is None:
+                exam_id = uuid.uuid4().hex
+                db.execute(
+                    "INSERT INTO exams (id, group_key, kind, priority, priority_rank, indication, state, created_at,"
+                    " last_object_at) VALUES (?, ?, ?, ?, ?, ?, 'collecting', ?, ?)",
+                    (exam_id, group_key, kind, priority, PRIORITY_RANK[priority], indication, now, now),
+                )
+            else:
+                exam_id, state, rank = row
+                if state in ("uploading", "committed"):
+                    raise Conflict("this study was already sent; new objects need a new study", reason="STUDY_CLOSED")
+                db.execute(
+                    "UPDATE exams SET last_object_at=?, state='collecting', priority=CASE WHEN ? < priority_rank"
+                    " THEN ? ELSE priority END, priority_rank=MIN(priority_rank, ?) WHERE id=?",
+                    (now, PRIORITY_RANK[priority], priority, PRIORITY_RANK[priority], exam_id),
+                )
+            old = db.execute(
+                "SELECT id, sha256 FROM objects WHERE exam_id=? AND instance_key=?", (exam_id, instance_key)
+            ).fetchone()
+            if old is not None:
+                if old[1] != sha:
+                    raise Conflict("same instance UID with different content", reason="INSTANCE_CONFLICT")
+                object_id = old[0]  # the sender retried: already durable
+            else:
+                object_id = uuid.uuid4().hex
+                db.execute(
+                    "INSERT INTO objects (id, exam_id, instance_key, role, sha256, size, received_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (object_id, exam_id, instance_key, role, sha, size, now),
+                )
+        return OutboxObject(object_id, exam_id, instance_key, role, sha, size, self.objects_dir / sha)
+
+    # ------------------------------------------------------------------ assembling and draining
+
+    def complete(self, group_key: str) -> None:
+        """The sender says the study is complete: it may be uploaded now."""
+        with self._lock, self._tx() as db:
+            db.execute("UPDATE exams SET state='ready' WHERE group_key=? AND state='collecting'", (group_key,))
+
+    def settle(self, *, quiet_s: float, now: dt.datetime | None = None) -> int:
+        """Mark studies with no new object for ``quiet_s`` seconds ready; return how many."""
+        cutoff = _iso((now or _now()) - dt.timedelta(seconds=quiet_s))
+        with self._lock, self._tx() as db:
+            return db.execute(
+                "UPDATE exams SET state='ready' WHERE state='collecting' AND last_object_at <= ?", (cutoff,)
+            ).rowcount
+
+    def claim_next(self, now: dt.datetime | None = None) -> OutboxExam | None:
+        """The most urgent, oldest ready exam whose retry time has come, marked uploading."""
+        at = _iso(now or _now())
+        with self._lock, self._tx() as db:
+            row = db.execute(
+                "SELECT id FROM exams WHERE state='ready' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+                " ORDER BY priority_rank, created_at LIMIT 1",
+                (at,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE exams SET state='uploading' WHERE id=?", (row[0],))
+        return self.exam(row[0])
+
+    def objects_of(self, exam_id: str) -> list[OutboxObject]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, exam_id, instance_key, role, sha256, size FROM objects"
+                " WHERE exam_id=? ORDER BY received_at, id",
+                (exam_id,),
+            ).fetchall()
+        return [OutboxObject(r[0], r[1], r[2], r[3], r[4], int(r[5]), self.objects_dir / r[4]) for r in rows]
+
+    def failed(
+        self, exam_id: str, error: str, *, now: dt.datetime | None = None, rng: random.Random | None = None
+    ) -> float:
+        """An attempt failed (link down, hub busy): back to ready after a backoff; return the delay in s."""
+        with self._lock, self._tx() as db:
+            (attempts,) = db.execute("SELECT attempts FROM exams WHERE id=?", (exam_id,)).fetchone()
+            delay = self.backoff.delay(attempts + 1, rng)
+            when = _iso((now or _now()) + dt.timedelta(seconds=delay))
+            db.execute(
+                "UPDATE exams SET state='ready', attempts=attempts+1, next_attempt_at=?, last_error=? WHERE id=?",
+                (when, error[:300], exam_id),
+            )
+        return delay
+
+    def rejected(self, exam_id: str, error: str) -> None:
+        """The hub refused the exam for good (bad input): keep it for a person to look at."""
+        with self._lock, self._tx() as db:
+            db.execute("UPDATE exams SET state='rejected', last_error=? WHERE id=?", (error[:300], exam_id))
+
+    def committed(self, exam_id: str, hub_exam_id: str) -> None:
+        with self._lock, self._tx() as db:
+            db.execute(
+                "UPDATE exams SET state='committed', hub_exam_id=?, committed_at=?, last_error='' WHERE id=?",
+                (hub_exam_id, _iso(_now()), exam_id),
+            )
+
+    def exam(self, exam_id: str) -> OutboxExam:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, group_key, kind, priority, indication, state, attempts, last_error, hub_exam_id, created_at"
+                " FROM exams WHERE id=?",
+                (exam_id,),
+            ).fetchone()
+        if row is None:
+            raise InvalidInput("no such outbox exam", reason="NOT_IN_OUTBOX")
+        return OutboxExam(*row)
+
+    def status(self) -> OutboxStatus:
+        with self._lock:
+            by_state = dict(self._db.execute("SELECT state, count(*) FROM exams GROUP BY state").fetchall())
+            (waiting,) = self._db.execute(
+                "SELECT coalesce(sum(o.size), 0) FROM objects o JOIN exams e ON e.id = o.exam_id"
+                " WHERE e.state IN ('collecting', 'ready', 'uploading')"
+            ).fetchone()
+            (oldest,) = self._db.execute(
+                "SELECT min(created_at) FROM exams WHERE state IN ('collecting', 'ready', 'uploading')"
+            ).fetchone()
+            last = self._db.execute(
+                "SELECT last_error FROM exams WHERE last_error != '' ORDER BY next_attempt_at DESC LIMIT 1"
+            ).fetchone()
+        return OutboxStatus({s: int(by_state.get(s, 0)) for s in STATES}, int(waiting), oldest, last[0] if last else "")
+
+    def sweep(self) -> int:
+        """Delete object files no row references (a crash between the rename and the insert)."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM objects")}
+        removed = 0
+        for f in self.objects_dir.iterdir():
+            if f.name not in known:
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One immediate (write-locking) transaction; rolled back on any error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def _check_key(value: str, what: str) -> None:
+    if not value or len(value) > 256 or any(c in value for c in "\x00\n\r") or ".." in value.split("/"):
+        raise InvalidInput(f"unusable {what}", reason="BAD_KEY")

@@ -1,0 +1,147 @@
+"""The gateway's durable outbox: durable before acknowledged, duplicates and conflicts, study
+stability, priority order, backoff, crash leftovers and a full disk."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+from teleread.errors import Conflict, InvalidInput, ResourceExhausted
+from teleread.gateway.outbox import Backoff, Outbox, OutboxObject
+
+NOW = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.timezone.utc)
+
+
+def _put(box: Outbox, data: bytes, study: str, sop: str, **kw: str) -> OutboxObject:
+    return box.receive(io.BytesIO(data), group_key=study, instance_key=sop, **kw)
+
+
+def test_received_objects_survive_a_reopen_byte_identical(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    a = _put(box, b"A" * 3000, "1.2.3", "1.2.3.1")
+    _put(box, b"B" * 10, "1.2.3", "1.2.3.2")
+    box.close()
+    again = Outbox(tmp_path)
+    objs = again.objects_of(a.exam_id)
+    assert [o.instance_key for o in objs] == ["1.2.3.1", "1.2.3.2"]
+    for o, data in zip(objs, (b"A" * 3000, b"B" * 10)):
+        assert o.path.read_bytes() == data and o.sha256 == hashlib.sha256(data).hexdigest() and o.size == len(data)
+    assert again.status().by_state["collecting"] == 1
+
+
+def test_a_retried_instance_is_acknowledged_once_and_different_bytes_are_refused(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    first = _put(box, b"same", "1.2", "1.2.1")
+    second = _put(box, b"same", "1.2", "1.2.1")
+    assert first == second and len(box.objects_of(first.exam_id)) == 1
+    with pytest.raises(Conflict) as err:
+        _put(box, b"changed", "1.2", "1.2.1")
+    assert err.value.reason == "INSTANCE_CONFLICT"
+    assert box.objects_of(first.exam_id)[0].path.read_bytes() == b"same"
+
+
+@pytest.mark.parametrize("key", ["", "../x", "a/../b", "x\ny", "9" * 300])
+def test_unusable_keys_are_refused_and_nothing_is_written(tmp_path: Path, key: str) -> None:
+    box = Outbox(tmp_path)
+    with pytest.raises(InvalidInput):
+        _put(box, b"x", key, "1.1")
+    assert not any(box.objects_dir.iterdir()) and sum(box.status().by_state.values()) == 0
+
+
+def test_a_study_is_ready_after_the_quiet_period_or_when_the_sender_says_so(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    _put(box, b"1", "1.1", "1.1.1")
+    _put(box, b"2", "1.2", "1.2.1")
+    assert box.settle(quiet_s=30, now=dt.datetime.now(dt.timezone.utc)) == 0
+    box.complete("1.2")
+    assert box.status().by_state == {"collecting": 1, "ready": 1, "uploading": 0, "committed": 0, "rejected": 0}
+    assert box.settle(quiet_s=30, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=31)) == 1
+
+
+def test_drain_order_is_most_urgent_first_then_oldest(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    for study, priority in (("1.1", "routine"), ("1.2", "urgent"), ("1.3", "stat"), ("1.4", "routine")):
+        _put(box, study.encode(), study, study + ".1", priority=priority)
+        box.complete(study)
+    order = []
+    while (exam := box.claim_next()) is not None:
+        order.append(exam.group_key)
+        box.committed(exam.id, "hub-" + exam.group_key)
+    assert order == ["1.3", "1.2", "1.1", "1.4"]
+    assert box.status().by_state["committed"] == 4 and box.status().bytes_waiting == 0
+
+
+def test_a_later_urgent_object_raises_the_study_priority(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    obj = _put(box, b"1", "1.1", "1.1.1", priority="routine")
+    _put(box, b"2", "1.1", "1.1.2", priority="stat")
+    assert box.exam(obj.exam_id).priority == "stat"
+
+
+def test_failures_back_off_capped_with_jitter_and_the_exam_waits(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, backoff=Backoff(base_s=2.0, cap_s=60.0))
+    _put(box, b"x", "1.1", "1.1.1")
+    box.complete("1.1")
+    rng = random.Random(3)
+    delays = []
+    for _ in range(8):
+        exam = box.claim_next(now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1))
+        assert exam is not None
+        delays.append(box.failed(exam.id, "UNAVAILABLE: hub down", rng=rng))
+        assert box.claim_next() is None  # not before its retry time
+    assert all(0 <= d <= 60.0 for d in delays) and max(delays) > 8.0  # grows, never past the cap
+    status = box.status()
+    assert status.by_state["ready"] == 1 and status.last_error == "UNAVAILABLE: hub down"
+    assert box.exam(exam.id).attempts == 8
+
+
+def test_an_upload_cut_by_a_crash_is_ready_again_after_restart(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    _put(box, b"x", "1.1", "1.1.1")
+    box.complete("1.1")
+    assert box.claim_next() is not None
+    box.close()
+    (tmp_path / "incoming" / "leftover.part").write_bytes(b"half an object")
+    again = Outbox(tmp_path)
+    assert again.status().by_state["ready"] == 1
+    assert not any((tmp_path / "incoming").iterdir())  # a never-acknowledged half file is gone
+
+
+def test_a_closed_study_refuses_new_objects(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    _put(box, b"x", "1.1", "1.1.1")
+    box.complete("1.1")
+    exam = box.claim_next()
+    assert exam is not None
+    with pytest.raises(Conflict):
+        _put(box, b"y", "1.1", "1.1.2")
+
+
+def test_a_full_disk_is_a_typed_error_and_leaves_nothing_half_stored(tmp_path: Path, monkeypatch) -> None:
+    box = Outbox(tmp_path)
+    kept = _put(box, b"kept", "1.1", "1.1.1")
+
+    class FullDisk(io.BytesIO):
+        def read(self, n: int = -1) -> bytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ResourceExhausted) as err:
+        box.receive(FullDisk(), group_key="1.2", instance_key="1.2.1")
+    assert err.value.reason == "GATEWAY_DISK_FULL"
+    assert not any(box.incoming_dir.iterdir())
+    assert box.status().by_state["collecting"] == 1  # only the first study
+    assert kept.path.read_bytes() == b"kept"
+
+
+def test_sweep_removes_only_unreferenced_object_files(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    kept = _put(box, b"kept", "1.1", "1.1.1")
+    (box.objects_dir / ("0" * 64)).write_bytes(b"orphan of a crash before the insert")
+    assert box.sweep() == 1
+    assert kept.path.exists()
