@@ -1,0 +1,87 @@
+"""Store-and-forward from the gateway's outbox to a real hub over gRPC on loopback: delivered
+byte-identical, kept and retried while the hub is unreachable, refused content set aside."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from helpers import copy_testdata
+from teleread.client import open_channel
+from teleread.gateway.forward import Forwarder
+from teleread.gateway.outbox import Backoff, Outbox
+from teleread.v1 import common_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _receive_file(box: Outbox, path: Path, *, priority: str = "routine") -> str:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    with open(path, "rb") as f:
+        box.receive(f, group_key=ds.StudyInstanceUID, instance_key=ds.SOPInstanceUID, priority=priority)
+    box.complete(ds.StudyInstanceUID)
+    return str(ds.StudyInstanceUID)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_outbox_exam_reaches_the_hub_byte_identical(embedded_stack, tmp_path: Path) -> None:
+    (ct,) = copy_testdata(tmp_path / "in", "CT_small.dcm")
+    box = Outbox(tmp_path / "outbox")
+    _receive_file(box, ct, priority="urgent")
+    forwarder = Forwarder(box, ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a")))
+    (result,) = forwarder.drain()
+    assert result.outcome == "committed"
+    assert box.status().by_state["committed"] == 1 and box.status().bytes_waiting == 0
+    radio = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("radio"))
+    details = radio.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=result.detail), timeout=10)
+    (obj,) = details.objects
+    assert obj.sha256 == hashlib.sha256(ct.read_bytes()).hexdigest()
+    data = b"".join(
+        c.data
+        for c in radio.StreamObject(
+            worklist_pb2.StreamObjectRequest(exam_id=result.detail, object_id=obj.object_id), timeout=10
+        )
+    )
+    assert data == ct.read_bytes()
+    assert details.exam.priority == common_pb2.PRIORITY_URGENT  # the outbox kept the clinic's priority
+
+
+def test_unreachable_hub_keeps_the_exam_and_it_drains_when_the_hub_is_back(embedded_stack, tmp_path: Path) -> None:
+    (ct,) = copy_testdata(tmp_path / "in", "CT_small.dcm")
+    box = Outbox(tmp_path / "outbox", backoff=Backoff(base_s=0.05, cap_s=0.1))
+    _receive_file(box, ct)
+    dead = open_channel(f"127.0.0.1:{_closed_port()}", token=embedded_stack.tokens["site_a"])
+    try:
+        down = Forwarder(box, ingest_pb2_grpc.IngestStub(dead)).drain_once()
+    finally:
+        dead.close()
+    assert down is not None and down.outcome == "retry" and "UNAVAILABLE" in down.detail
+    status = box.status()
+    assert status.by_state["ready"] == 1 and "UNAVAILABLE" in status.last_error and status.bytes_waiting > 0
+    time.sleep(0.15)  # past the (tiny) backoff
+    up = Forwarder(box, ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))).drain()
+    assert [r.outcome for r in up] == ["committed"]
+    assert box.exam(down.exam_id).attempts == 1
+
+
+def test_content_the_hub_refuses_is_set_aside_not_retried(embedded_stack, tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox")
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 64)  # truncated after the preamble
+    with open(bad, "rb") as f:
+        box.receive(f, group_key="1.2.826.0.1.3680043.10.1.1", instance_key="1.2.826.0.1.3680043.10.1.1.1")
+    box.complete("1.2.826.0.1.3680043.10.1.1")
+    (result,) = Forwarder(box, ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))).drain()
+    assert result.outcome == "rejected" and "INVALID_ARGUMENT" in result.detail
+    status = box.status()
+    assert status.by_state["rejected"] == 1 and status.by_state["ready"] == 0
