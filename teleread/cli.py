@@ -161,12 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from teleread.gateway.service import add_gateway_parser
     from teleread.gateway.upload import add_upload_parser
     from teleread.models.manage import add_models_parser
     from teleread.reader.queue_client import add_read_parser
     from teleread.reader.results_client import add_results_parser
 
-    for register in (add_upload_parser, add_read_parser, add_results_parser, add_models_parser):
+    for register in (add_upload_parser, add_read_parser, add_results_parser, add_models_parser, add_gateway_parser):
         register(sub)
 
 

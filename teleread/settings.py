@@ -47,6 +47,20 @@ class QueueSettings(BaseModel):
     fusion_policy: Path | None = None
 
 
+class GatewaySettings(BaseModel):
+    """The clinic gateway (``teleread gateway run``)."""
+
+    outbox: Path | None = None  # default: <data_dir>/gateway
+    ae_title: str = "TELEREAD_GW"
+    dicom_host: str = "0.0.0.0"  # modalities on the clinic LAN connect here
+    dicom_port: int = 11112
+    hub: str = "127.0.0.1:50051"
+    token: str = ""  # the site's token from `teleread sites add`
+    quiet_seconds: float = 30.0  # a study with no new instance for this long is complete
+    priority: str = "routine"
+    poll_seconds: float = 0.5
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TELEREAD_", env_nested_delimiter="__", extra="ignore")
 
@@ -58,6 +72,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'teleread.db').resolve()}"

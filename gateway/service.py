@@ -1,0 +1,148 @@
+"""``teleread gateway run`` and ``teleread gateway status``: the clinic gateway as one process.
+
+``Gateway`` wires the durable outbox, the DICOM receiver and the forwarder: the receiver writes
+instances into the outbox; a loop marks studies complete after the quiet period and drains ready
+exams to the hub, most urgent first, backing off while the link or the hub is down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from teleread.gateway.forward import Forwarder
+from teleread.gateway.outbox import Outbox, OutboxStatus
+from teleread.gateway.scp import ScpConfig, StoreScp
+from teleread.settings import GatewaySettings, Settings
+
+log = logging.getLogger("teleread.gateway")
+
+STALE_AFTER = dt.timedelta(hours=1)  # a study waiting longer than this needs a person
+
+
+def outbox_dir(settings: Settings) -> Path:
+    return settings.gateway.outbox or (settings.data_dir / "gateway")
+
+
+class Gateway:
+    def __init__(self, settings: Settings, *, ingest: Any = None) -> None:
+        from teleread.client import open_channel
+        from teleread.v1 import ingest_pb2_grpc
+
+        self.config: GatewaySettings = settings.gateway
+        self.outbox = Outbox(outbox_dir(settings))
+        self._channel = None
+        if ingest is None:
+            self._channel = open_channel(self.config.hub, token=self.config.token)
+            ingest = ingest_pb2_grpc.IngestStub(self._channel)
+        self.forwarder = Forwarder(self.outbox, ingest)
+        self.scp = StoreScp(
+            self.outbox,
+            ScpConfig(
+                ae_title=self.config.ae_title,
+                host=self.config.dicom_host,
+                port=self.config.dicom_port,
+                priority=self.config.priority,
+            ),
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Gateway:
+        self.scp.start()
+        self._thread = threading.Thread(target=self._loop, name="gateway-forward", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.outbox.settle(quiet_s=self.config.quiet_seconds)
+                if self.forwarder.drain_once() is not None:
+                    continue  # more may be due: no pause between exams
+            except Exception as exc:  # never let the loop die; the outbox keeps everything
+                log.error("forwarding loop error", extra={"reason": type(exc).__name__})
+            self._stop.wait(self.config.poll_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scp.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._channel is not None:
+            self._channel.close()
+        self.outbox.close()
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            self._stop.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+
+def needs_a_person(status: OutboxStatus, now: dt.datetime | None = None) -> list[str]:
+    """Reasons for a non-zero exit of ``gateway status``."""
+    reasons = []
+    if status.by_state.get("rejected", 0):
+        reasons.append(f"{status.by_state['rejected']} exam(s) refused by the hub: see the last error")
+    if status.oldest_waiting_at is not None:
+        age = (now or dt.datetime.now(dt.timezone.utc)) - dt.datetime.fromisoformat(status.oldest_waiting_at)
+        if age > STALE_AFTER:
+            reasons.append(f"the oldest waiting study has waited {int(age.total_seconds() // 60)} min")
+    return reasons
+
+
+def cmd_gateway_status(args: argparse.Namespace) -> int:
+    settings = Settings()
+    if args.outbox:
+        settings.gateway.outbox = Path(args.outbox)
+    box = Outbox(outbox_dir(settings))
+    try:
+        status = box.status()
+    finally:
+        box.close()
+    print("outbox: " + ", ".join(f"{state} {n}" for state, n in status.by_state.items()))
+    print(f"bytes waiting: {status.bytes_waiting}")
+    print(f"oldest waiting study since: {status.oldest_waiting_at or '-'}")
+    print(f"last error: {status.last_error or '-'}")
+    reasons = needs_a_person(status)
+    for reason in reasons:
+        print(f"NEEDS ATTENTION: {reason}")
+    return 1 if reasons else 0
+
+
+def cmd_gateway_run(args: argparse.Namespace) -> int:
+    from teleread.logs import configure_logging
+
+    settings = Settings()
+    for key in ("outbox", "ae_title", "dicom_port", "hub", "token", "quiet_seconds", "priority"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(settings.gateway, key, Path(value) if key == "outbox" else value)
+    configure_logging(settings.log_level)
+    Gateway(settings).serve_forever()
+    return 0
+
+
+def add_gateway_parser(sub: Any) -> None:
+    p = sub.add_parser("gateway", help="the clinic gateway: DICOM receiver, durable outbox, store-and-forward")
+    s = p.add_subparsers(dest="action", required=True)
+    a = s.add_parser("run", help="receive DICOM from modalities and forward it to the hub")
+    a.add_argument("--outbox", help="outbox folder (default <data dir>/gateway)")
+    a.add_argument("--ae-title", dest="ae_title")
+    a.add_argument("--dicom-port", dest="dicom_port", type=int)
+    a.add_argument("--hub", help="hub address host:port")
+    a.add_argument("--token", help="the site's token (or TELEREAD_GATEWAY__TOKEN)")
+    a.add_argument("--quiet-seconds", dest="quiet_seconds", type=float, help="study stability period")
+    a.add_argument("--priority", choices=["stat", "urgent", "routine"])
+    a.set_defaults(func=cmd_gateway_run)
+    a = s.add_parser("status", help="outbox depth, bytes waiting, last error; exit 1 when a person is needed")
+    a.add_argument("--outbox", help="outbox folder (default <data dir>/gateway)")
+    a.set_defaults(func=cmd_gateway_status)

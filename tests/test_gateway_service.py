@@ -1,0 +1,60 @@
+"""The gateway as one process: a modality (dcmtk storescu) pushes a study; after the quiet period
+the gateway forwards it to the hub with no manual step; `teleread gateway status` reports and
+exits non-zero only when a person is needed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import copy_testdata, wait_for
+from teleread.cli import main
+from teleread.gateway.outbox import Outbox, OutboxStatus
+from teleread.gateway.service import Gateway, needs_a_person
+from teleread.settings import GatewaySettings, Settings
+from teleread.v1 import ingest_pb2_grpc
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_gateway_forwards_a_pushed_study_without_a_manual_step(embedded_stack, tmp_path: Path, capsys) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        gateway=GatewaySettings(dicom_host="127.0.0.1", dicom_port=0, quiet_seconds=0.3, poll_seconds=0.05),
+    )
+    gw = Gateway(settings, ingest=ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))).start()
+    try:
+        files = copy_testdata(tmp_path / "in", "CT_small.dcm", "waveform_ecg.dcm")
+        sent = subprocess.run(
+            ["storescu", "-aec", "TELEREAD_GW", "127.0.0.1", str(gw.scp.port), *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"TCP_NODELAY": "1", "PATH": "/usr/bin"},
+        )
+        assert sent.returncode == 0, sent.stderr[-400:]
+        wait_for(lambda: gw.outbox.status().by_state["committed"] == 2, timeout=60)
+    finally:
+        gw.stop()
+    assert main(["gateway", "status", "--outbox", str(tmp_path / "gateway")]) == 0
+    out = capsys.readouterr().out
+    assert "committed 2" in out and "bytes waiting: 0" in out
+
+
+def test_status_exit_code_names_what_needs_a_person(tmp_path: Path, capsys) -> None:
+    box = Outbox(tmp_path / "gw")
+
+    obj = box.receive(io.BytesIO(b"x"), group_key="1.2", instance_key="1.2.1")
+    box.rejected(obj.exam_id, "INVALID_ARGUMENT: not DICOM")
+    box.close()
+    assert main(["gateway", "status", "--outbox", str(tmp_path / "gw")]) == 1
+    out = capsys.readouterr().out
+    assert "rejected 1" in out and "NEEDS ATTENTION" in out and "not DICOM" in out
+    old = OutboxStatus({"ready": 1}, 10, "2026-11-23T08:00:00+00:00", "")
+    now = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.timezone.utc)
+    assert needs_a_person(old, now) == ["the oldest waiting study has waited 120 min"]
+    assert needs_a_person(OutboxStatus({"ready": 1}, 10, "2026-11-23T09:30:00+00:00", ""), now) == []
