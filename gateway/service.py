@@ -11,11 +11,16 @@ import argparse
 import datetime as dt
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from teleread.client import rpc_code
 from teleread.gateway.forward import Forwarder
 from teleread.gateway.outbox import Outbox, OutboxStatus
+from teleread.gateway.results import ResultsInbox
 from teleread.gateway.scp import ScpConfig, StoreScp
 from teleread.settings import GatewaySettings, Settings
 
@@ -29,9 +34,9 @@ def outbox_dir(settings: Settings) -> Path:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, *, ingest: Any = None) -> None:
+    def __init__(self, settings: Settings, *, ingest: Any = None, results: Any = None) -> None:
         from teleread.client import open_channel
-        from teleread.v1 import ingest_pb2_grpc
+        from teleread.v1 import ingest_pb2_grpc, results_pb2_grpc
 
         self.config: GatewaySettings = settings.gateway
         self.outbox = Outbox(outbox_dir(settings))
@@ -39,6 +44,12 @@ class Gateway:
         if ingest is None:
             self._channel = open_channel(self.config.hub, token=self.config.token)
             ingest = ingest_pb2_grpc.IngestStub(self._channel)
+            results = results_pb2_grpc.ResultsStub(self._channel)
+        self.results_stub = results
+        self.inbox = ResultsInbox(
+            self.config.results_dir or (settings.data_dir / "results"), hook=self.config.critical_hook
+        )
+        self._next_results = 0.0
         self.forwarder = Forwarder(self.outbox, ingest)
         self.scp = StoreScp(
             self.outbox,
@@ -61,12 +72,22 @@ class Gateway:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._poll_results()
                 self.outbox.settle(quiet_s=self.config.quiet_seconds)
                 if self.forwarder.drain_once() is not None:
                     continue  # more may be due: no pause between exams
             except Exception as exc:  # never let the loop die; the outbox keeps everything
                 log.error("forwarding loop error", extra={"reason": type(exc).__name__})
             self._stop.wait(self.config.poll_seconds)
+
+    def _poll_results(self) -> None:
+        if self.results_stub is None or time.monotonic() < self._next_results:
+            return
+        self._next_results = time.monotonic() + self.config.results_poll_seconds
+        try:
+            self.inbox.poll(self.results_stub)
+        except grpc.RpcError as err:  # the link is down: the cursor is kept, try again later
+            log.warning("results not fetched", extra={"reason": rpc_code(err).name})
 
     def stop(self) -> None:
         self._stop.set()

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from google.protobuf import json_format
@@ -86,8 +86,10 @@ def pull_results(
     limit: int = DEFAULT_PAGE,
     timeout: float = 30.0,
     console: Console | None = None,
+    on_result: Callable[[results_pb2.Result, Path], None] | None = None,
 ) -> tuple[int, int]:
     """Pull every result after ``after_cursor`` into ``out_dir``; (results written, last cursor).
+    ``on_result`` runs after each result's JSON file is written (e.g. a printable copy, an alert).
     The cursor file is saved after each page's files are on disk."""
     cursor, written = after_cursor, 0
     while True:
@@ -98,6 +100,8 @@ def pull_results(
         for result in page.results:
             document = json_format.MessageToDict(result)
             atomic_write_text(out_dir / result_file_name(result), json.dumps(document, indent=2))
+            if on_result is not None:
+                on_result(result, out_dir / result_file_name(result))
             if console is not None:
                 print_result(console, result)
         last = max(result.cursor for result in page.results)

@@ -59,6 +59,9 @@ class GatewaySettings(BaseModel):
     quiet_seconds: float = 30.0  # a study with no new instance for this long is complete
     priority: str = "routine"
     poll_seconds: float = 0.5
+    results_dir: Path | None = None  # signed reports for the clinic; default: <data_dir>/results
+    results_poll_seconds: float = 10.0
+    critical_hook: str = ""  # a command run with the printable report of each critical result
 
 
 class Settings(BaseSettings):

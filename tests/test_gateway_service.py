@@ -16,7 +16,7 @@ from teleread.cli import main
 from teleread.gateway.outbox import Outbox, OutboxStatus
 from teleread.gateway.service import Gateway, needs_a_person
 from teleread.settings import GatewaySettings, Settings
-from teleread.v1 import ingest_pb2_grpc
+from teleread.v1 import ingest_pb2_grpc, results_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,7 +26,8 @@ def test_gateway_forwards_a_pushed_study_without_a_manual_step(embedded_stack, t
         data_dir=tmp_path,
         gateway=GatewaySettings(dicom_host="127.0.0.1", dicom_port=0, quiet_seconds=0.3, poll_seconds=0.05),
     )
-    gw = Gateway(settings, ingest=ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))).start()
+    site = embedded_stack.channel("site_a")
+    gw = Gateway(settings, ingest=ingest_pb2_grpc.IngestStub(site), results=results_pb2_grpc.ResultsStub(site)).start()
     try:
         files = copy_testdata(tmp_path / "in", "CT_small.dcm", "waveform_ecg.dcm")
         sent = subprocess.run(
@@ -40,6 +41,7 @@ def test_gateway_forwards_a_pushed_study_without_a_manual_step(embedded_stack, t
         wait_for(lambda: gw.outbox.status().by_state["committed"] == 2, timeout=60)
     finally:
         gw.stop()
+    assert (tmp_path / "results").is_dir() and not any((tmp_path / "results").glob("*.json"))  # none signed yet
     assert main(["gateway", "status", "--outbox", str(tmp_path / "gateway")]) == 0
     out = capsys.readouterr().out
     assert "committed 2" in out and "bytes waiting: 0" in out

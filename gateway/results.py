@@ -1,0 +1,71 @@
+"""Results back to the clinic: the gateway pulls its site's signed reports after a saved cursor,
+writes each one where the clinic can read and print it, and raises critical results loudly.
+
+For every result, ``<results dir>/<cursor>-<exam>.json`` (the full result, as ``teleread results
+pull`` writes it) and ``<cursor>-<exam>.txt`` (a printable report) are written atomically before the
+cursor advances, so a crash repeats at most one page and never skips a result. A critical result is
+logged at ERROR and, when configured, passed to a hook command (e.g. a pager or a printer script)
+as the path of its printable report; the hook's failure is logged and never blocks the next result.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from teleread.client import atomic_write_text
+from teleread.reader.results_client import pull_results, read_cursor
+
+log = logging.getLogger("teleread.gateway.results")
+
+
+def printable(result: Any) -> str:
+    """The report as plain text for the clinic's printer."""
+    r = result.report
+    signed = r.signed_at.ToDatetime().strftime("%Y-%m-%d %H:%M UTC") if r.HasField("signed_at") else "-"
+    lines = []
+    if result.critical:
+        lines += ["*** CRITICAL RESULT: ACT NOW AND ACKNOWLEDGE ***", ""]
+    lines += [
+        f"Exam: {result.exam.exam_id}   Modality: {result.exam.modality or '-'}",
+        f"Report version {r.version} ({r.status}), signed by {r.signed_by or '-'} at {signed}",
+    ]
+    if r.amends_reason:
+        lines.append(f"Amended: {r.amends_reason}")
+    lines += ["", "Findings:", r.text or "-", "", "Impression:", r.impression or "-", ""]
+    lines.append(f"Report SHA-256: {r.sha256 or '-'}")
+    return "\n".join(lines) + "\n"
+
+
+class ResultsInbox:
+    def __init__(self, folder: Path, *, hook: str = "", hook_timeout: float = 30.0) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.cursor_file = self.folder / ".cursor"
+        self.hook = hook
+        self.hook_timeout = hook_timeout
+
+    def _on_result(self, result: Any, json_path: Path) -> None:
+        text_path = json_path.with_suffix(".txt")
+        atomic_write_text(text_path, printable(result))
+        if not result.critical:
+            return
+        log.error("CRITICAL RESULT received", extra={"exam_id": result.exam.exam_id})
+        if self.hook:
+            try:
+                subprocess.run([self.hook, str(text_path)], timeout=self.hook_timeout, check=True)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.error("critical-result hook failed", extra={"reason": type(exc).__name__})
+
+    def poll(self, stub: Any) -> int:
+        """Fetch every result after the saved cursor; return how many were written."""
+        written, _ = pull_results(
+            stub,
+            after_cursor=read_cursor(self.cursor_file),
+            out_dir=self.folder,
+            cursor_file=self.cursor_file,
+            on_result=self._on_result,
+        )
+        return written
