@@ -82,7 +82,7 @@ class Forwarder:
             log.info("exam forwarded", extra={"exam_id": exam.id, "hub_exam_id": outcome.exam_id})
             return DrainResult(exam.id, "committed", outcome.exam_id)
         detail = "; ".join(outcome.errors)[:300]
-        if any(e.split(": ", 2)[1].startswith(PERMANENT) for e in outcome.errors if e.count(": ") >= 1):
+        if any(code in PERMANENT for code in outcome.codes):
             self.outbox.rejected(exam.id, detail)
             log.error("exam refused by the hub", extra={"exam_id": exam.id})
             return DrainResult(exam.id, "rejected", detail)

@@ -87,6 +87,7 @@ class ExamOutcome:
     objects_stored: int = 0
     objects_duplicate: int = 0
     errors: list[str] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)  # gRPC status code names of the failures, one per error
 
     @property
     def ok(self) -> bool:
@@ -152,6 +153,7 @@ class _Uploader:
     def _failed(self, outcome: ExamOutcome, what: str, err: grpc.RpcError) -> ExamOutcome:
         with self._lock:
             outcome.errors.append(f"{what}: {describe_rpc_error(err)}")
+            outcome.codes.append(rpc_code(err).name)
             if rpc_code(err) in _FATAL_CODES:
                 self.fatal = rpc_code(err).name
         return outcome
@@ -168,6 +170,7 @@ class _Uploader:
             reason = str(err) if isinstance(err, TelereadError) else type(err).__name__
             with self._lock:
                 outcome.errors.append(f"{obj.name}: {reason}")
+                outcome.codes.append(err.code if isinstance(err, TelereadError) else "UNAVAILABLE")
             return
         with self._lock:
             if status.state == ingest_pb2.UPLOAD_STATE_DUPLICATE:

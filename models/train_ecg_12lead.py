@@ -21,11 +21,11 @@ from torch import nn
 
 from teleread.models import ecg_12lead as m
 from teleread.models import registry
+from teleread.models.evaluate import default_datasets
 from teleread.models.metrics import Metric, auc, bootstrap, macro_auc, sensitivity, specificity
 
 NAME = "ecg_12lead"
 VERSION = "1.0.0"
-DEFAULT_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"  # ../shared/datasets
 VAL_FILE = "ptbxl-fold9-val.npz"
 EVAL_FILE = "ptbxl-fold10-eval.npz"
 TRAIN_FOLDS = tuple(range(1, 9))
@@ -59,7 +59,7 @@ def _data_dir(data: Path) -> Path:
 
 
 def _val_file(val: Path | None, name: str = VAL_FILE) -> Path:
-    path = DEFAULT_DATASETS / name if val is None else Path(val)
+    path = default_datasets() / name if val is None else Path(val)
     return path / name if path.is_dir() else path
 
 
@@ -271,8 +271,9 @@ def evaluate(datasets: Path, model: Any = None) -> dict[str, Any]:
     }
 
 
-def record_evaluation(datasets: Path = DEFAULT_DATASETS, weights_dir: Path | None = None) -> registry.ModelCard:
+def record_evaluation(datasets: Path | None = None, weights_dir: Path | None = None) -> registry.ModelCard:
     """Run :func:`evaluate` and write its figures into the card JSON and the markdown card."""
+    datasets = datasets or default_datasets()
     model = registry.get(NAME, weights_dir)
     result = evaluate(datasets, model)
     figures = {mt.name: mt.to_dict() for mt in result["metrics"]}
