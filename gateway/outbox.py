@@ -11,6 +11,9 @@ Exams are assembled by a grouping key (the StudyInstanceUID for DICOM; the recor
 become ``ready`` when the sender says the study is complete or after a quiet period with no new
 object (study stability, as in PACS). The uploader takes ready exams most urgent first, oldest
 first; a failed attempt schedules the next one with capped exponential backoff and full jitter.
+Once an exam is being uploaded its set of objects is fixed: an instance of the same study that
+arrives later opens a follow-up exam of that study (``follow_up_of``), uploaded on its own, while an
+instance already received (a retry, or the whole study sent again) is acknowledged and not sent twice.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ STATES = ("collecting", "ready", "uploading", "committed", "rejected")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exams (
     id TEXT PRIMARY KEY,
-    group_key TEXT NOT NULL UNIQUE,
+    group_key TEXT NOT NULL,
     kind TEXT NOT NULL,
     priority TEXT NOT NULL,
     priority_rank INTEGER NOT NULL,
@@ -48,7 +51,8 @@ CREATE TABLE IF NOT EXISTS exams (
     next_attempt_at TEXT,
     last_error TEXT NOT NULL DEFAULT '',
     hub_exam_id TEXT NOT NULL DEFAULT '',
-    committed_at TEXT
+    committed_at TEXT,
+    follow_up_of TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS objects (
     id TEXT PRIMARY KEY,
@@ -61,7 +65,10 @@ CREATE TABLE IF NOT EXISTS objects (
     UNIQUE (exam_id, instance_key)
 );
 CREATE INDEX IF NOT EXISTS ix_exams_queue ON exams (state, priority_rank, created_at);
+CREATE INDEX IF NOT EXISTS ix_exams_group ON exams (group_key);
 """
+SCHEMA_VERSION = 2  # 2: several exams per study (follow-ups of a study already sent)
+OPEN_STATES = ("collecting", "ready")  # an exam that still takes new objects
 
 
 def _now() -> dt.datetime:
@@ -139,8 +146,10 @@ class Outbox:
         self._db = sqlite3.connect(self.root / "outbox.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        _migrate(self._db)
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # an upload interrupted by a crash is simply ready again (the hub resumes by offset)
         self._db.execute("UPDATE exams SET state='ready' WHERE state='uploading'")
 
@@ -220,37 +229,53 @@ class Outbox:
     ) -> OutboxObject:
         now = _iso(_now())
         with self._lock, self._tx() as db:
-            row = db.execute("SELECT id, state, priority_rank FROM exams WHERE group_key=?", (group_key,)).fetchone()
+            sent = db.execute(
+                "SELECT o.id, o.sha256, o.exam_id FROM objects o JOIN exams e ON e.id = o.exam_id"
+                " WHERE e.group_key=? AND o.instance_key=?",
+                (group_key, instance_key),
+            ).fetchone()
+            if sent is not None:  # the sender retried, or resent the study: already durable (and maybe sent)
+                if sent[1] != sha:
+                    raise Conflict("same instance UID with different content", reason="INSTANCE_CONFLICT")
+                return OutboxObject(sent[0], sent[2], instance_key, role, sha, size, self.objects_dir / sha)
+            row = db.execute(
+                f"SELECT id FROM exams WHERE group_key=? AND state IN {OPEN_STATES} ORDER BY rowid DESC LIMIT 1",
+                (group_key,),
+            ).fetchone()
             if row is None:
+                # a new study, or a late instance of a study already sent: a follow-up exam of the same study
+                last = db.execute(
+                    "SELECT id FROM exams WHERE group_key=? ORDER BY rowid DESC LIMIT 1", (group_key,)
+                ).fetchone()
                 exam_id = uuid.uuid4().hex
                 db.execute(
                     "INSERT INTO exams (id, group_key, kind, priority, priority_rank, indication, state, created_at,"
-                    " last_object_at) VALUES (?, ?, ?, ?, ?, ?, 'collecting', ?, ?)",
-                    (exam_id, group_key, kind, priority, PRIORITY_RANK[priority], indication, now, now),
+                    " last_object_at, follow_up_of) VALUES (?, ?, ?, ?, ?, ?, 'collecting', ?, ?, ?)",
+                    (
+                        exam_id,
+                        group_key,
+                        kind,
+                        priority,
+                        PRIORITY_RANK[priority],
+                        indication,
+                        now,
+                        now,
+                        last[0] if last else "",
+                    ),
                 )
             else:
-                exam_id, state, rank = row
-                if state in ("uploading", "committed"):
-                    raise Conflict("this study was already sent; new objects need a new study", reason="STUDY_CLOSED")
+                (exam_id,) = row
                 db.execute(
                     "UPDATE exams SET last_object_at=?, state='collecting', priority=CASE WHEN ? < priority_rank"
                     " THEN ? ELSE priority END, priority_rank=MIN(priority_rank, ?) WHERE id=?",
                     (now, PRIORITY_RANK[priority], priority, PRIORITY_RANK[priority], exam_id),
                 )
-            old = db.execute(
-                "SELECT id, sha256 FROM objects WHERE exam_id=? AND instance_key=?", (exam_id, instance_key)
-            ).fetchone()
-            if old is not None:
-                if old[1] != sha:
-                    raise Conflict("same instance UID with different content", reason="INSTANCE_CONFLICT")
-                object_id = old[0]  # the sender retried: already durable
-            else:
-                object_id = uuid.uuid4().hex
-                db.execute(
-                    "INSERT INTO objects (id, exam_id, instance_key, role, sha256, size, received_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (object_id, exam_id, instance_key, role, sha, size, now),
-                )
+            object_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO objects (id, exam_id, instance_key, role, sha256, size, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (object_id, exam_id, instance_key, role, sha, size, now),
+            )
         return OutboxObject(object_id, exam_id, instance_key, role, sha, size, self.objects_dir / sha)
 
     # ------------------------------------------------------------------ assembling and draining
@@ -328,6 +353,12 @@ class Outbox:
             raise InvalidInput("no such outbox exam", reason="NOT_IN_OUTBOX")
         return OutboxExam(*row)
 
+    def follow_up_of(self, exam_id: str) -> str:
+        """The earlier exam of the same study this one follows ('' for a first exam)."""
+        with self._lock:
+            row = self._db.execute("SELECT follow_up_of FROM exams WHERE id=?", (exam_id,)).fetchone()
+        return str(row[0]) if row else ""
+
     def status(self) -> OutboxStatus:
         with self._lock:
             by_state = dict(self._db.execute("SELECT state, count(*) FROM exams GROUP BY state").fetchall())
@@ -364,6 +395,30 @@ class Outbox:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an outbox written by an earlier gateway to the current schema, in place."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='exams'").fetchone()
+    if not exists or version >= SCHEMA_VERSION:
+        return
+    # version 1 had UNIQUE(group_key): rebuild the table without it (SQLite cannot drop a constraint)
+    db.execute("PRAGMA foreign_keys=OFF")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        table = _SCHEMA.split(";")[0].replace("IF NOT EXISTS exams", "exams_v2")
+        db.execute(table)
+        columns = "id, group_key, kind, priority, priority_rank, indication, state, created_at, last_object_at,"
+        columns += " attempts, next_attempt_at, last_error, hub_exam_id, committed_at"
+        db.execute(f"INSERT INTO exams_v2 ({columns}) SELECT {columns} FROM exams")
+        db.execute("DROP TABLE exams")
+        db.execute("ALTER TABLE exams_v2 RENAME TO exams")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _check_key(value: str, what: str) -> None:

@@ -113,14 +113,66 @@ def test_an_upload_cut_by_a_crash_is_ready_again_after_restart(tmp_path: Path) -
     assert not any((tmp_path / "incoming").iterdir())  # a never-acknowledged half file is gone
 
 
-def test_a_closed_study_refuses_new_objects(tmp_path: Path) -> None:
+def test_a_late_instance_of_a_sent_study_opens_a_follow_up_exam(tmp_path: Path) -> None:
     box = Outbox(tmp_path)
-    _put(box, b"x", "1.1", "1.1.1")
+    first = _put(box, b"x", "1.1", "1.1.1")
+    box.complete("1.1")
+    exam = box.claim_next()
+    assert exam is not None and exam.id == first.exam_id
+    late = _put(box, b"y", "1.1", "1.1.2")  # arrives while the study is being uploaded
+    assert late.exam_id != first.exam_id
+    assert [o.instance_key for o in box.objects_of(first.exam_id)] == ["1.1.1"]  # the upload's set is fixed
+    assert [o.instance_key for o in box.objects_of(late.exam_id)] == ["1.1.2"]
+    assert box.follow_up_of(late.exam_id) == first.exam_id
+    later = _put(box, b"z", "1.1", "1.1.3")  # the follow-up still collects
+    assert later.exam_id == late.exam_id
+    box.committed(first.exam_id, "hub-1")
+    by_state = box.status().by_state
+    assert (by_state["committed"], by_state["collecting"]) == (1, 1)
+
+
+def test_a_resent_study_is_acknowledged_without_a_second_exam(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    first = _put(box, b"x", "1.1", "1.1.1")
     box.complete("1.1")
     exam = box.claim_next()
     assert exam is not None
-    with pytest.raises(Conflict):
-        _put(box, b"y", "1.1", "1.1.2")
+    box.committed(exam.id, "hub-1")
+    again = _put(box, b"x", "1.1", "1.1.1")  # the technician sends the whole study again
+    assert again.exam_id == first.exam_id and again.id == first.id
+    assert box.status().by_state["collecting"] == 0 and box.claim_next() is None
+    with pytest.raises(Conflict) as err:
+        _put(box, b"other", "1.1", "1.1.1")
+    assert err.value.reason == "INSTANCE_CONFLICT"
+
+
+def test_an_outbox_of_schema_1_is_migrated_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "outbox.db")
+    v1 = (
+        "CREATE TABLE exams (id TEXT PRIMARY KEY, group_key TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,"
+        " priority TEXT NOT NULL, priority_rank INTEGER NOT NULL, indication TEXT NOT NULL DEFAULT '',"
+        " state TEXT NOT NULL, created_at TEXT NOT NULL, last_object_at TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at TEXT, last_error TEXT NOT NULL DEFAULT '',"
+        " hub_exam_id TEXT NOT NULL DEFAULT '', committed_at TEXT);"
+        "CREATE TABLE objects (id TEXT PRIMARY KEY, exam_id TEXT NOT NULL REFERENCES exams(id),"
+        " instance_key TEXT NOT NULL, role TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,"
+        " received_at TEXT NOT NULL, UNIQUE (exam_id, instance_key));"
+        "INSERT INTO exams (id, group_key, kind, priority, priority_rank, state, created_at, last_object_at,"
+        " hub_exam_id) VALUES ('e1', '1.1', 'image', 'routine', 2, 'committed', 't', 't', 'hub-1');"
+        "INSERT INTO objects VALUES ('o1', 'e1', '1.1.1', 'dicom', 'ab', 1, 't');"
+    )
+    db.executescript(v1)
+    db.close()
+    box = Outbox(tmp_path)
+    assert box.exam("e1").hub_exam_id == "hub-1" and box.status().by_state["committed"] == 1
+    late = _put(box, b"y", "1.1", "1.1.2")  # the old UNIQUE(group_key) would refuse this
+    assert late.exam_id != "e1" and box.follow_up_of(late.exam_id) == "e1"
+    box.close()
+    check = sqlite3.connect(tmp_path / "outbox.db")
+    assert check.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_a_full_disk_is_a_typed_error_and_leaves_nothing_half_stored(tmp_path: Path, monkeypatch) -> None:
