@@ -24,6 +24,8 @@ log = logging.getLogger("teleread.gateway.forward")
 
 # the hub refused the content itself: retrying the same bytes cannot help
 PERMANENT = ("INVALID_ARGUMENT", "ALREADY_EXISTS")
+# the link or the hub did not answer (anything else came from a hub that is up)
+LINK_DOWN = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
 # inside one attempt: a few quick retries; longer outages are the outbox's backoff
 ATTEMPT_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=1.0, max_total_seconds=30.0)
 
@@ -74,9 +76,11 @@ class Forwarder:
                 parallel=self.parallel,
             )
         except Exception as exc:  # anything unexpected: keep the exam, retry later, say what kind
+            self.outbox.link(False)
             delay = self.outbox.failed(exam.id, type(exc).__name__)
             log.warning("upload attempt failed", extra={"exam_id": exam.id, "reason": type(exc).__name__})
             return DrainResult(exam.id, "retry", type(exc).__name__, delay)
+        self.outbox.link(not outcome.codes or not all(code in LINK_DOWN for code in outcome.codes))
         if outcome.ok and outcome.exam_id:
             self.outbox.committed(exam.id, outcome.exam_id)
             log.info("exam forwarded", extra={"exam_id": exam.id, "hub_exam_id": outcome.exam_id})

@@ -66,6 +66,12 @@ CREATE TABLE IF NOT EXISTS objects (
 );
 CREATE INDEX IF NOT EXISTS ix_exams_queue ON exams (state, priority_rank, created_at);
 CREATE INDEX IF NOT EXISTS ix_exams_group ON exams (group_key);
+CREATE TABLE IF NOT EXISTS link (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state TEXT NOT NULL,
+    since TEXT NOT NULL,
+    last_contact_at TEXT
+);
 """
 SCHEMA_VERSION = 2  # 2: several exams per study (follow-ups of a study already sent)
 OPEN_STATES = ("collecting", "ready")  # an exam that still takes new objects
@@ -118,6 +124,9 @@ class OutboxStatus:
     bytes_waiting: int
     oldest_waiting_at: str | None
     last_error: str
+    link_state: str = "unknown"  # "up" | "down" | "unknown" (nothing sent yet)
+    link_since: str | None = None
+    last_contact_at: str | None = None  # the last time the hub answered
 
 
 @dataclass(frozen=True)
@@ -197,15 +206,9 @@ class Outbox:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        sha = digest.hexdigest()
-        final = self.objects_dir / sha
-        if final.exists():
-            tmp.unlink()
-        else:
-            tmp.replace(final)
-            _fsync_dir(self.objects_dir)
         return self._record(
-            sha=sha,
+            tmp,
+            sha=digest.hexdigest(),
             size=size,
             group_key=group_key,
             instance_key=instance_key,
@@ -217,6 +220,7 @@ class Outbox:
 
     def _record(
         self,
+        tmp: Path,
         *,
         sha: str,
         size: int,
@@ -228,7 +232,50 @@ class Outbox:
         indication: str,
     ) -> OutboxObject:
         now = _iso(_now())
-        with self._lock, self._tx() as db:
+        final = self.objects_dir / sha
+        with self._lock:  # placing the file and recording it under one lock: prune() cannot slip between
+            try:
+                if final.exists():
+                    tmp.unlink()
+                else:
+                    tmp.replace(final)
+                    _fsync_dir(self.objects_dir)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            try:
+                return self._insert(
+                    final,
+                    sha=sha,
+                    size=size,
+                    group_key=group_key,
+                    instance_key=instance_key,
+                    role=role,
+                    kind=kind,
+                    priority=priority,
+                    indication=indication,
+                    now=now,
+                )
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc):  # SQLITE_FULL: the disk filled between the object and its row
+                    raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
+                raise
+
+    def _insert(
+        self,
+        final: Path,
+        *,
+        sha: str,
+        size: int,
+        group_key: str,
+        instance_key: str,
+        role: str,
+        kind: str,
+        priority: str,
+        indication: str,
+        now: str,
+    ) -> OutboxObject:
+        with self._tx() as db:
             sent = db.execute(
                 "SELECT o.id, o.sha256, o.exam_id FROM objects o JOIN exams e ON e.id = o.exam_id"
                 " WHERE e.group_key=? AND o.instance_key=?",
@@ -237,7 +284,7 @@ class Outbox:
             if sent is not None:  # the sender retried, or resent the study: already durable (and maybe sent)
                 if sent[1] != sha:
                     raise Conflict("same instance UID with different content", reason="INSTANCE_CONFLICT")
-                return OutboxObject(sent[0], sent[2], instance_key, role, sha, size, self.objects_dir / sha)
+                return OutboxObject(sent[0], sent[2], instance_key, role, sha, size, final)
             row = db.execute(
                 f"SELECT id FROM exams WHERE group_key=? AND state IN {OPEN_STATES} ORDER BY rowid DESC LIMIT 1",
                 (group_key,),
@@ -276,7 +323,7 @@ class Outbox:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (object_id, exam_id, instance_key, role, sha, size, now),
             )
-        return OutboxObject(object_id, exam_id, instance_key, role, sha, size, self.objects_dir / sha)
+        return OutboxObject(object_id, exam_id, instance_key, role, sha, size, final)
 
     # ------------------------------------------------------------------ assembling and draining
 
@@ -372,7 +419,46 @@ class Outbox:
             last = self._db.execute(
                 "SELECT last_error FROM exams WHERE last_error != '' ORDER BY next_attempt_at DESC LIMIT 1"
             ).fetchone()
-        return OutboxStatus({s: int(by_state.get(s, 0)) for s in STATES}, int(waiting), oldest, last[0] if last else "")
+            link = self._db.execute("SELECT state, since, last_contact_at FROM link WHERE id=1").fetchone()
+        return OutboxStatus(
+            {s: int(by_state.get(s, 0)) for s in STATES},
+            int(waiting),
+            oldest,
+            last[0] if last else "",
+            *(link or ("unknown", None, None)),
+        )
+
+    def link(self, up: bool, *, now: dt.datetime | None = None) -> None:
+        """Record whether the hub answered the last attempt; ``since`` changes only when the state does."""
+        at, state = _iso(now or _now()), "up" if up else "down"
+        with self._lock, self._tx() as db:
+            db.execute(
+                "INSERT INTO link (id, state, since, last_contact_at) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
+                " SET since=CASE WHEN state=excluded.state THEN since ELSE excluded.since END, state=excluded.state,"
+                " last_contact_at=coalesce(excluded.last_contact_at, last_contact_at)",
+                (state, at, at if up else None),
+            )
+
+    def prune(self, *, keep_seconds: float, now: dt.datetime | None = None) -> int:
+        """Delete the files of exams the hub committed more than ``keep_seconds`` ago (their rows stay,
+        so a resent instance is still recognised); return how many files were removed. A file that an
+        exam still waiting to be sent also uses is kept."""
+        cutoff = _iso((now or _now()) - dt.timedelta(seconds=keep_seconds))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT o.sha256 FROM objects o JOIN exams e ON e.id = o.exam_id"
+                " WHERE e.state='committed' AND e.committed_at <= ? AND o.sha256 NOT IN"
+                " (SELECT o2.sha256 FROM objects o2 JOIN exams e2 ON e2.id = o2.exam_id"
+                " WHERE e2.state NOT IN ('committed'))",
+                (cutoff,),
+            ).fetchall()
+            removed = 0
+            for (sha,) in rows:
+                path = self.objects_dir / sha
+                if path.exists():
+                    path.unlink()
+                    removed += 1
+        return removed
 
     def sweep(self) -> int:
         """Delete object files no row references (a crash between the rename and the insert)."""

@@ -74,7 +74,10 @@ class Gateway:
             try:
                 self._poll_results()
                 self.outbox.settle(quiet_s=self.config.quiet_seconds)
-                if self.forwarder.drain_once() is not None:
+                result = self.forwarder.drain_once()
+                if result is not None and result.outcome == "committed":
+                    self.outbox.prune(keep_seconds=self.config.keep_sent_hours * 3600)
+                if result is not None:
                     continue  # more may be due: no pause between exams
             except Exception as exc:  # never let the loop die; the outbox keeps everything
                 log.error("forwarding loop error", extra={"reason": type(exc).__name__})
@@ -131,6 +134,8 @@ def cmd_gateway_status(args: argparse.Namespace) -> int:
         box.close()
     print("outbox: " + ", ".join(f"{state} {n}" for state, n in status.by_state.items()))
     print(f"bytes waiting: {status.bytes_waiting}")
+    contact = f", hub last answered {status.last_contact_at}" if status.last_contact_at else ""
+    print(f"link: {status.link_state}" + (f" since {status.link_since}" if status.link_since else "") + contact)
     print(f"oldest waiting study since: {status.oldest_waiting_at or '-'}")
     print(f"last error: {status.last_error or '-'}")
     reasons = needs_a_person(status)

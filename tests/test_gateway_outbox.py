@@ -197,3 +197,35 @@ def test_sweep_removes_only_unreferenced_object_files(tmp_path: Path) -> None:
     (box.objects_dir / ("0" * 64)).write_bytes(b"orphan of a crash before the insert")
     assert box.sweep() == 1
     assert kept.path.exists()
+
+
+def test_link_state_changes_its_since_only_when_it_flips(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    assert box.status().link_state == "unknown"
+    t0, t1, t2 = NOW, NOW + dt.timedelta(minutes=1), NOW + dt.timedelta(minutes=2)
+    box.link(False, now=t0)
+    box.link(False, now=t1)
+    status = box.status()
+    assert (status.link_state, status.link_since, status.last_contact_at) == ("down", t0.isoformat(), None)
+    box.link(True, now=t2)
+    status = box.status()
+    assert (status.link_state, status.link_since, status.last_contact_at) == ("up", t2.isoformat(), t2.isoformat())
+    box.link(False, now=t2 + dt.timedelta(minutes=1))
+    assert box.status().last_contact_at == t2.isoformat()  # the last answer is remembered while down
+
+
+def test_prune_frees_sent_files_but_keeps_what_still_waits_and_the_rows(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    sent = _put(box, b"sent", "1.1", "1.1.1")
+    shared = _put(box, b"shared", "1.1", "1.1.2")
+    box.complete("1.1")
+    exam = box.claim_next()
+    assert exam is not None
+    box.committed(exam.id, "hub-1")
+    waiting = _put(box, b"shared", "2.2", "2.2.1")  # same bytes in a study not yet sent
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    assert box.prune(keep_seconds=3 * 3600, now=later) == 0  # still inside the keep period
+    assert box.prune(keep_seconds=3600, now=later) == 1
+    assert not sent.path.exists() and shared.path.exists() and waiting.path.read_bytes() == b"shared"
+    again = _put(box, b"sent", "1.1", "1.1.1")  # a resend after pruning is still recognised
+    assert again.exam_id == sent.exam_id and box.claim_next() is None

@@ -44,7 +44,7 @@ def test_gateway_forwards_a_pushed_study_without_a_manual_step(embedded_stack, t
     assert (tmp_path / "results").is_dir() and not any((tmp_path / "results").glob("*.json"))  # none signed yet
     assert main(["gateway", "status", "--outbox", str(tmp_path / "gateway")]) == 0
     out = capsys.readouterr().out
-    assert "committed 2" in out and "bytes waiting: 0" in out
+    assert "committed 2" in out and "bytes waiting: 0" in out and "link: up since" in out
 
 
 def test_status_exit_code_names_what_needs_a_person(tmp_path: Path, capsys) -> None:
