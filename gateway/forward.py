@@ -3,7 +3,10 @@
 ``Forwarder.drain_once`` takes the most urgent ready exam, uploads it with
 :func:`teleread.gateway.upload.upload_exams` (which resumes each object from the hub's confirmed
 offset), and records the outcome: committed; rejected for good (the hub refused the content: a
-person must look); or failed for now (link or hub down), retried after a capped, jittered backoff.
+person must look); or failed for now. A failure of the link (or of a hub that does not answer) is
+the link's, not the exam's: the exam is ready again at once and the forwarder pauses with a capped,
+jittered backoff before it tries again, so when the link returns the outbox drains in priority order
+(stat first). A failure the hub reported for this exam backs off that exam alone.
 The client key of an exam is its outbox id, so an upload cut by a gateway restart re-opens the same
 hub exam and resumes where the hub stopped confirming.
 """
@@ -53,6 +56,8 @@ class Forwarder:
         self.parallel = parallel
         self.retry = retry
         self.sleep = sleep
+        self._link_failures = 0
+        self._link_wait_until = 0.0
 
     def _scan_exam(self, exam: OutboxExam) -> ScanExam:
         objects = [ScanObject(o.path, o.size, o.sha256, Role(o.role)) for o in self.outbox.objects_of(exam.id)]
@@ -60,8 +65,23 @@ class Forwarder:
         study = exam.group_key if kind is ExamKind.IMAGING else ""
         return ScanExam(client_exam_key=exam.id, kind=kind, modality="", study_instance_uid=study, objects=objects)
 
+    def link_wait(self) -> float:
+        """Seconds until the next attempt after the link went down (0 when it is up)."""
+        return max(0.0, self._link_wait_until - time.monotonic())
+
+    def _link_down(self, exam: OutboxExam, detail: str) -> DrainResult:
+        self.outbox.link(False)
+        self.outbox.release(exam.id, detail)
+        self._link_failures += 1
+        delay = self.outbox.backoff.delay(self._link_failures)
+        self._link_wait_until = time.monotonic() + delay
+        log.warning("hub not reachable", extra={"exam_id": exam.id, "delay_s": round(delay, 1)})
+        return DrainResult(exam.id, "retry", detail, delay)
+
     def drain_once(self) -> DrainResult | None:
-        """Upload one ready exam; None when nothing is due."""
+        """Upload one ready exam; None when nothing is due (or the link is in its backoff)."""
+        if self.link_wait() > 0:
+            return None
         exam = self.outbox.claim_next()
         if exam is None:
             return None
@@ -76,16 +96,18 @@ class Forwarder:
                 parallel=self.parallel,
             )
         except Exception as exc:  # anything unexpected: keep the exam, retry later, say what kind
-            self.outbox.link(False)
             delay = self.outbox.failed(exam.id, type(exc).__name__)
             log.warning("upload attempt failed", extra={"exam_id": exam.id, "reason": type(exc).__name__})
             return DrainResult(exam.id, "retry", type(exc).__name__, delay)
-        self.outbox.link(not outcome.codes or not all(code in LINK_DOWN for code in outcome.codes))
+        detail = "; ".join(outcome.errors)[:300]
+        if outcome.codes and all(code in LINK_DOWN for code in outcome.codes):
+            return self._link_down(exam, detail)
+        self.outbox.link(True)
+        self._link_failures = 0
         if outcome.ok and outcome.exam_id:
             self.outbox.committed(exam.id, outcome.exam_id)
             log.info("exam forwarded", extra={"exam_id": exam.id, "hub_exam_id": outcome.exam_id})
             return DrainResult(exam.id, "committed", outcome.exam_id)
-        detail = "; ".join(outcome.errors)[:300]
         if any(code in PERMANENT for code in outcome.codes):
             self.outbox.rejected(exam.id, detail)
             log.error("exam refused by the hub", extra={"exam_id": exam.id})

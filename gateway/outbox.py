@@ -377,6 +377,12 @@ class Outbox:
             )
         return delay
 
+    def release(self, exam_id: str, error: str) -> None:
+        """The link was down: the exam is ready again at once, with no backoff of its own (the
+        forwarder waits for the link, then takes exams in priority order again)."""
+        with self._lock, self._tx() as db:
+            db.execute("UPDATE exams SET state='ready', last_error=? WHERE id=?", (error[:300], exam_id))
+
     def rejected(self, exam_id: str, error: str) -> None:
         """The hub refused the exam for good (bad input): keep it for a person to look at."""
         with self._lock, self._tx() as db:

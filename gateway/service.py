@@ -19,7 +19,7 @@ import grpc
 
 from teleread.client import rpc_code
 from teleread.gateway.forward import Forwarder
-from teleread.gateway.outbox import Outbox, OutboxStatus
+from teleread.gateway.outbox import Backoff, Outbox, OutboxStatus
 from teleread.gateway.results import ResultsInbox
 from teleread.gateway.scp import ScpConfig, StoreScp
 from teleread.settings import GatewaySettings, Settings
@@ -39,7 +39,10 @@ class Gateway:
         from teleread.v1 import ingest_pb2_grpc, results_pb2_grpc
 
         self.config: GatewaySettings = settings.gateway
-        self.outbox = Outbox(outbox_dir(settings))
+        self.outbox = Outbox(
+            outbox_dir(settings),
+            backoff=Backoff(base_s=self.config.retry_base_seconds, cap_s=self.config.retry_cap_seconds),
+        )
         self._channel = None
         if ingest is None:
             self._channel = open_channel(self.config.hub, token=self.config.token)
@@ -102,6 +105,9 @@ class Gateway:
         self.outbox.close()
 
     def serve_forever(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())  # a service manager's stop: finish cleanly
         self.start()
         try:
             self._stop.wait()

@@ -56,22 +56,33 @@ def test_outbox_exam_reaches_the_hub_byte_identical(embedded_stack, tmp_path: Pa
     assert details.exam.priority == common_pb2.PRIORITY_URGENT  # the outbox kept the clinic's priority
 
 
-def test_unreachable_hub_keeps_the_exam_and_it_drains_when_the_hub_is_back(embedded_stack, tmp_path: Path) -> None:
-    (ct,) = copy_testdata(tmp_path / "in", "CT_small.dcm")
-    box = Outbox(tmp_path / "outbox", backoff=Backoff(base_s=0.05, cap_s=0.1))
+def test_unreachable_hub_keeps_the_exam_and_the_outbox_drains_stat_first_when_the_hub_is_back(
+    embedded_stack, tmp_path: Path
+) -> None:
+    ct, mr = copy_testdata(tmp_path / "in", "CT_small.dcm", "MR_small.dcm")
+    box = Outbox(tmp_path / "outbox", backoff=Backoff(base_s=0.2, cap_s=0.2))
     _receive_file(box, ct)
     dead = open_channel(f"127.0.0.1:{_closed_port()}", token=embedded_stack.tokens["site_a"])
     try:
-        down = Forwarder(box, ingest_pb2_grpc.IngestStub(dead)).drain_once()
+        forwarder = Forwarder(box, ingest_pb2_grpc.IngestStub(dead))
+        down = forwarder.drain_once()
+        assert down is not None and down.outcome == "retry" and "UNAVAILABLE" in down.detail
+        assert forwarder.link_wait() > 0 or down.delay_s < 0.01  # full jitter may draw ~0
+        if forwarder.link_wait() > 0:
+            assert forwarder.drain_once() is None  # the link is in its backoff: no attempt
     finally:
         dead.close()
-    assert down is not None and down.outcome == "retry" and "UNAVAILABLE" in down.detail
     status = box.status()
     assert status.by_state["ready"] == 1 and "UNAVAILABLE" in status.last_error and status.bytes_waiting > 0
-    time.sleep(0.15)  # past the (tiny) backoff
-    up = Forwarder(box, ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))).drain()
-    assert [r.outcome for r in up] == ["committed"]
-    assert box.exam(down.exam_id).attempts == 1
+    assert status.link_state == "down"
+    assert box.exam(down.exam_id).attempts == 0  # the link's failure, not the exam's
+    stat_study = _receive_file(box, mr, priority="stat")  # a newer but more urgent study
+    time.sleep(0.25)  # past the link's backoff
+    forwarder.ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
+    up = forwarder.drain()
+    assert [r.outcome for r in up] == ["committed", "committed"]
+    assert box.exam(up[0].exam_id).group_key == stat_study  # stat first once the link is back
+    assert up[1].exam_id == down.exam_id and box.status().link_state == "up"
 
 
 def test_content_the_hub_refuses_is_set_aside_not_retried(embedded_stack, tmp_path: Path) -> None:
