@@ -2,10 +2,15 @@
 writes each one where the clinic can read and print it, and raises critical results loudly.
 
 For every result, ``<results dir>/<cursor>-<exam>.json`` (the full result, as ``teleread results
-pull`` writes it) and ``<cursor>-<exam>.txt`` (a printable report) are written atomically before the
-cursor advances, so a crash repeats at most one page and never skips a result. A critical result is
-logged at ERROR and, when configured, passed to a hook command (e.g. a pager or a printer script)
-as the path of its printable report; the hook's failure is logged and never blocks the next result.
+pull`` writes it), ``<cursor>-<exam>.txt`` (a plain-text report) and ``<cursor>-<exam>.pdf`` (the
+printable A4 report, see ``gateway/report_pdf.py``) are written atomically before the cursor
+advances, so a crash repeats at most one page and never skips a result. The PDF is a convenience
+copy: when it cannot be rendered the failure is logged at ERROR (its type only) and the JSON and
+text copies, the critical alert and the cursor go on as before.
+
+A critical result is logged at ERROR and, when configured, passed to a hook command (e.g. a pager
+or a printer script): ``HOOK <report.txt> [<report.pdf>]``, the text report first, then the PDF
+when it was written. The hook's failure is logged and never blocks the next result.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from teleread.client import atomic_write_text
+from teleread.gateway.report_pdf import render_report_pdf
 from teleread.reader.results_client import pull_results, read_cursor
 
 log = logging.getLogger("teleread.gateway.results")
@@ -48,14 +54,26 @@ class ResultsInbox:
         self.hook_timeout = hook_timeout
 
     def _on_result(self, result: Any, json_path: Path) -> None:
+        """Write the text and PDF reports beside the JSON; raise a critical result."""
         text_path = json_path.with_suffix(".txt")
         atomic_write_text(text_path, printable(result))
+        pdf_path: Path | None = json_path.with_suffix(".pdf")
+        try:
+            render_report_pdf(result, pdf_path)
+        except Exception as exc:  # any rendering failure: the JSON and text copies stand
+            # the type only: a library's message can quote the report
+            log.error(
+                "PDF report not written; the JSON and text reports are kept",
+                extra={"exam_id": result.exam.exam_id, "reason": type(exc).__name__},
+            )
+            pdf_path = None
         if not result.critical:
             return
         log.error("CRITICAL RESULT received", extra={"exam_id": result.exam.exam_id})
         if self.hook:
+            command = [self.hook, str(text_path)] + ([str(pdf_path)] if pdf_path is not None else [])
             try:
-                subprocess.run([self.hook, str(text_path)], timeout=self.hook_timeout, check=True)
+                subprocess.run(command, timeout=self.hook_timeout, check=True)
             except (OSError, subprocess.SubprocessError) as exc:
                 log.error("critical-result hook failed", extra={"reason": type(exc).__name__})
 
