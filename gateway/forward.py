@@ -13,6 +13,7 @@ hub exam and resumes where the hub stopped confirming.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -86,6 +87,14 @@ class Forwarder:
         if exam is None:
             return None
         try:
+            return self._forward(exam)
+        except BaseException:  # e.g. the disk filled while recording the outcome: try again later
+            with contextlib.suppress(Exception):
+                self.outbox.release(exam.id, "interrupted")
+            raise
+
+    def _forward(self, exam: OutboxExam) -> DrainResult:
+        try:
             (outcome,) = upload_exams(
                 self.ingest,
                 [self._scan_exam(exam)],
@@ -113,7 +122,10 @@ class Forwarder:
             log.error("exam refused by the hub", extra={"exam_id": exam.id})
             return DrainResult(exam.id, "rejected", detail)
         delay = self.outbox.failed(exam.id, detail)
-        log.warning("upload attempt failed", extra={"exam_id": exam.id, "delay_s": round(delay, 1)})
+        log.warning(
+            "upload attempt failed",
+            extra={"exam_id": exam.id, "codes": sorted(set(outcome.codes)), "delay_s": round(delay, 1)},
+        )
         return DrainResult(exam.id, "retry", detail, delay)
 
     def drain(self) -> list[DrainResult]:

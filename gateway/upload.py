@@ -132,6 +132,9 @@ class _Uploader:
         except grpc.RpcError as err:
             return self._failed(outcome, "open exam", err)
         outcome.exam_id, outcome.state = opened.exam_id, opened.state
+        if opened.state != "receiving":  # committed by an earlier attempt whose answer was lost
+            log.info("exam already committed", extra={"exam_id": opened.exam_id, "state": opened.state})
+            return outcome
         workers = max(1, min(self.parallel, len(exam.objects)))
         if workers == 1:
             for obj in exam.objects:

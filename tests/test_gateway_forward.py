@@ -96,3 +96,19 @@ def test_content_the_hub_refuses_is_set_aside_not_retried(embedded_stack, tmp_pa
     assert result.outcome == "rejected" and "INVALID_ARGUMENT" in result.detail
     status = box.status()
     assert status.by_state["rejected"] == 1 and status.by_state["ready"] == 0
+
+
+def test_an_exam_whose_commit_answer_was_lost_is_recorded_committed_not_sent_twice(
+    embedded_stack, tmp_path: Path
+) -> None:
+    (ct,) = copy_testdata(tmp_path / "in", "CT_small.dcm")
+    box = Outbox(tmp_path / "outbox")
+    _receive_file(box, ct)
+    forwarder = Forwarder(box, ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a")))
+    (first,) = forwarder.drain()
+    assert first.outcome == "committed"
+    # the gateway died after the hub committed but before it recorded that: the exam is ready again
+    box._db.execute("UPDATE exams SET state='ready', hub_exam_id='' WHERE id=?", (first.exam_id,))
+    (again,) = forwarder.drain()
+    assert again.outcome == "committed" and again.detail == first.detail  # the same hub exam
+    assert box.exam(first.exam_id).hub_exam_id == first.detail
