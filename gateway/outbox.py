@@ -160,7 +160,7 @@ class Outbox:
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # an upload interrupted by a crash is simply ready again (the hub resumes by offset)
-        self._db.execute("UPDATE exams SET state='ready' WHERE state='uploading'")
+        self.recover()
 
     def close(self) -> None:
         with self._lock:
@@ -376,6 +376,12 @@ class Outbox:
                 (when, error[:300], exam_id),
             )
         return delay
+
+    def recover(self) -> int:
+        """Exams left 'uploading' by an attempt that could not record its outcome are ready again
+        (call only when no upload is under way); return how many."""
+        with self._lock, self._tx() as db:
+            return db.execute("UPDATE exams SET state='ready' WHERE state='uploading'").rowcount
 
     def release(self, exam_id: str, error: str) -> None:
         """The link was down: the exam is ready again at once, with no backoff of its own (the

@@ -73,8 +73,12 @@ class Gateway:
         return self
 
     def _loop(self) -> None:
+        interrupted = False
         while not self._stop.is_set():
             try:
+                if interrupted:  # an attempt died before recording its outcome (e.g. a full disk)
+                    self.outbox.recover()
+                    interrupted = False
                 self._poll_results()
                 self.outbox.settle(quiet_s=self.config.quiet_seconds)
                 result = self.forwarder.drain_once()
@@ -83,6 +87,7 @@ class Gateway:
                 if result is not None:
                     continue  # more may be due: no pause between exams
             except Exception as exc:  # never let the loop die; the outbox keeps everything
+                interrupted = True
                 log.error("forwarding loop error", extra={"reason": type(exc).__name__})
             self._stop.wait(self.config.poll_seconds)
 
