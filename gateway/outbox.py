@@ -337,7 +337,10 @@ class Outbox:
         cutoff = _iso((now or _now()) - dt.timedelta(seconds=quiet_s))
         with self._lock, self._tx() as db:
             return db.execute(
-                "UPDATE exams SET state='ready' WHERE state='collecting' AND last_object_at <= ?", (cutoff,)
+                # a WFDB record is completed by whoever took both its files, never by the clock
+                "UPDATE exams SET state='ready' WHERE state='collecting' AND last_object_at <= ?"
+                " AND group_key NOT LIKE 'wfdb:%'",
+                (cutoff,),
             ).rowcount
 
     def claim_next(self, now: dt.datetime | None = None) -> OutboxExam | None:

@@ -22,6 +22,7 @@ from teleread.gateway.forward import Forwarder
 from teleread.gateway.outbox import Backoff, Outbox, OutboxStatus
 from teleread.gateway.results import ResultsInbox
 from teleread.gateway.scp import ScpConfig, StoreScp
+from teleread.gateway.watch import REASON_SUFFIX, REJECTED_DIR, WatchFolder
 from teleread.settings import GatewaySettings, Settings
 
 log = logging.getLogger("teleread.gateway")
@@ -29,8 +30,23 @@ log = logging.getLogger("teleread.gateway")
 STALE_AFTER = dt.timedelta(hours=1)  # a study waiting longer than this needs a person
 
 
+WATCH_EVERY = 1.0  # seconds between scans of the watch folder
+
+
 def outbox_dir(settings: Settings) -> Path:
     return settings.gateway.outbox or (settings.data_dir / "gateway")
+
+
+def watch_dir(settings: Settings) -> Path:
+    return settings.gateway.watch_dir or (settings.data_dir / "watch")
+
+
+def refused_files(folder: Path) -> int:
+    """Files the watch folder set aside for a person (their reason files not counted)."""
+    rejected = folder / REJECTED_DIR
+    if not rejected.is_dir():
+        return 0
+    return sum(1 for p in rejected.rglob("*") if p.is_file() and not p.name.endswith(REASON_SUFFIX))
 
 
 class Gateway:
@@ -63,6 +79,13 @@ class Gateway:
                 priority=self.config.priority,
             ),
         )
+        self.watch = WatchFolder(
+            self.outbox,
+            watch_dir(settings),
+            settle_seconds=self.config.watch_settle_seconds,
+            priority=self.config.priority,
+        )
+        self._next_watch = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,6 +103,7 @@ class Gateway:
                     self.outbox.recover()
                     interrupted = False
                 self._poll_results()
+                self._scan_watch_folder()
                 self.outbox.settle(quiet_s=self.config.quiet_seconds)
                 result = self.forwarder.drain_once()
                 if result is not None and result.outcome == "committed":
@@ -90,6 +114,14 @@ class Gateway:
                 interrupted = True
                 log.error("forwarding loop error", extra={"reason": type(exc).__name__})
             self._stop.wait(self.config.poll_seconds)
+
+    def _scan_watch_folder(self) -> None:
+        if time.monotonic() < self._next_watch:
+            return
+        self._next_watch = time.monotonic() + WATCH_EVERY
+        report = self.watch.scan_once()
+        if report.taken or report.refused:
+            log.info("watch folder scanned", extra={"taken": len(report.taken), "refused": len(report.refused)})
 
     def _poll_results(self) -> None:
         if self.results_stub is None or time.monotonic() < self._next_results:
@@ -122,9 +154,11 @@ class Gateway:
             self.stop()
 
 
-def needs_a_person(status: OutboxStatus, now: dt.datetime | None = None) -> list[str]:
+def needs_a_person(status: OutboxStatus, now: dt.datetime | None = None, *, refused: int = 0) -> list[str]:
     """Reasons for a non-zero exit of ``gateway status``."""
     reasons = []
+    if refused:
+        reasons.append(f"{refused} dropped file(s) refused: see the watch folder's {REJECTED_DIR}/ and their reasons")
     if status.by_state.get("rejected", 0):
         reasons.append(f"{status.by_state['rejected']} exam(s) refused by the hub: see the last error")
     if status.oldest_waiting_at is not None:
@@ -138,18 +172,22 @@ def cmd_gateway_status(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.outbox:
         settings.gateway.outbox = Path(args.outbox)
+    if args.watch_dir:
+        settings.gateway.watch_dir = Path(args.watch_dir)
     box = Outbox(outbox_dir(settings))
     try:
         status = box.status()
     finally:
         box.close()
+    refused = refused_files(watch_dir(settings))
     print("outbox: " + ", ".join(f"{state} {n}" for state, n in status.by_state.items()))
     print(f"bytes waiting: {status.bytes_waiting}")
     contact = f", hub last answered {status.last_contact_at}" if status.last_contact_at else ""
     print(f"link: {status.link_state}" + (f" since {status.link_since}" if status.link_since else "") + contact)
     print(f"oldest waiting study since: {status.oldest_waiting_at or '-'}")
     print(f"last error: {status.last_error or '-'}")
-    reasons = needs_a_person(status)
+    print(f"watch folder: {watch_dir(settings)} ({refused} refused)")
+    reasons = needs_a_person(status, refused=refused)
     for reason in reasons:
         print(f"NEEDS ATTENTION: {reason}")
     return 1 if reasons else 0
@@ -159,10 +197,10 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
     from teleread.logs import configure_logging
 
     settings = Settings()
-    for key in ("outbox", "ae_title", "dicom_port", "hub", "token", "quiet_seconds", "priority"):
+    for key in ("outbox", "watch_dir", "ae_title", "dicom_port", "hub", "token", "quiet_seconds", "priority"):
         value = getattr(args, key, None)
         if value is not None:
-            setattr(settings.gateway, key, Path(value) if key == "outbox" else value)
+            setattr(settings.gateway, key, Path(value) if key in ("outbox", "watch_dir") else value)
     configure_logging(settings.log_level)
     Gateway(settings).serve_forever()
     return 0
@@ -173,6 +211,9 @@ def add_gateway_parser(sub: Any) -> None:
     s = p.add_subparsers(dest="action", required=True)
     a = s.add_parser("run", help="receive DICOM from modalities and forward it to the hub")
     a.add_argument("--outbox", help="outbox folder (default <data dir>/gateway)")
+    a.add_argument(
+        "--watch-dir", dest="watch_dir", help="folder for dropped WFDB/DICOM files (default <data dir>/watch)"
+    )
     a.add_argument("--ae-title", dest="ae_title")
     a.add_argument("--dicom-port", dest="dicom_port", type=int)
     a.add_argument("--hub", help="hub address host:port")
@@ -182,4 +223,5 @@ def add_gateway_parser(sub: Any) -> None:
     a.set_defaults(func=cmd_gateway_run)
     a = s.add_parser("status", help="outbox depth, bytes waiting, last error; exit 1 when a person is needed")
     a.add_argument("--outbox", help="outbox folder (default <data dir>/gateway)")
+    a.add_argument("--watch-dir", dest="watch_dir", help="watch folder (default <data dir>/watch)")
     a.set_defaults(func=cmd_gateway_status)

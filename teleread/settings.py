@@ -62,6 +62,8 @@ class GatewaySettings(BaseModel):
     results_dir: Path | None = None  # signed reports for the clinic; default: <data_dir>/results
     results_poll_seconds: float = 10.0
     critical_hook: str = ""  # a command run with the printable report of each critical result
+    watch_dir: Path | None = None  # files dropped here (WFDB pairs, DICOM); default: <data_dir>/watch
+    watch_settle_seconds: float = 2.0  # a dropped file unchanged for this long is complete
     retry_base_seconds: float = 2.0  # backoff after a failed upload: uniform(0, min(cap, base * 2**n))
     retry_cap_seconds: float = 120.0
     keep_sent_hours: float = 24.0  # local copies of exams the hub committed are deleted after this

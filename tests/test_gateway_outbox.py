@@ -229,3 +229,12 @@ def test_prune_frees_sent_files_but_keeps_what_still_waits_and_the_rows(tmp_path
     assert not sent.path.exists() and shared.path.exists() and waiting.path.read_bytes() == b"shared"
     again = _put(box, b"sent", "1.1", "1.1.1")  # a resend after pruning is still recognised
     assert again.exam_id == sent.exam_id and box.claim_next() is None
+
+
+def test_a_wfdb_record_is_never_made_ready_by_the_clock_alone(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    _put(box, b"signal", "wfdb:" + "ab" * 32, "rec.dat", role="wfdb_signal", kind="ecg")
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    assert box.settle(quiet_s=1, now=later) == 0  # its header has not been taken: not sendable
+    box.complete("wfdb:" + "ab" * 32)
+    assert box.claim_next() is not None

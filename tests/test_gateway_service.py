@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import copy_testdata, wait_for
+from helpers import copy_testdata, wait_for, write_synthetic_wfdb
 from teleread.cli import main
 from teleread.gateway.outbox import Outbox, OutboxStatus
 from teleread.gateway.service import Gateway, needs_a_person
@@ -60,3 +60,44 @@ def test_status_exit_code_names_what_needs_a_person(tmp_path: Path, capsys) -> N
     now = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.timezone.utc)
     assert needs_a_person(old, now) == ["the oldest waiting study has waited 120 min"]
     assert needs_a_person(OutboxStatus({"ready": 1}, 10, "2026-11-23T09:30:00+00:00", ""), now) == []
+
+
+def test_a_record_dropped_in_the_watch_folder_reaches_the_hub_and_a_bad_file_needs_a_person(
+    embedded_stack, tmp_path: Path, capsys
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        gateway=GatewaySettings(
+            dicom_host="127.0.0.1", dicom_port=0, quiet_seconds=0.3, poll_seconds=0.05, watch_settle_seconds=0.2
+        ),
+    )
+    site = embedded_stack.channel("site_a")
+    gw = Gateway(settings, ingest=ingest_pb2_grpc.IngestStub(site), results=results_pb2_grpc.ResultsStub(site)).start()
+    watch = tmp_path / "watch"
+    try:
+        hea, dat = write_synthetic_wfdb(tmp_path / "cart", rhythm="brady", name="ecg-0042")
+        (watch / dat.name).write_bytes(dat.read_bytes())  # the signal first, as a cart's copy may do
+        (watch / hea.name).write_bytes(hea.read_bytes())
+        (watch / "scan.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 40)  # not a whole DICOM file
+        wait_for(lambda: gw.outbox.status().by_state["committed"] == 1, timeout=60)
+        wait_for(lambda: (watch / "rejected" / "scan.dcm").exists(), timeout=30)
+    finally:
+        gw.stop()
+    assert not (watch / hea.name).exists() and not (watch / dat.name).exists()  # taken, durable in the outbox
+    box = Outbox(tmp_path / "gateway")
+    (exam,) = [box.exam(r) for r in _exam_ids(tmp_path / "gateway")]
+    box.close()
+    assert exam.kind == "ecg" and exam.hub_exam_id and exam.group_key.startswith("wfdb:")
+    code = main(["gateway", "status", "--outbox", str(tmp_path / "gateway"), "--watch-dir", str(watch)])
+    out = capsys.readouterr().out
+    assert code == 1 and "1 dropped file(s) refused" in out and "(1 refused)" in out
+
+
+def _exam_ids(outbox: Path) -> list[str]:
+    import sqlite3
+
+    db = sqlite3.connect(outbox / "outbox.db")
+    try:
+        return [r[0] for r in db.execute("SELECT id FROM exams")]
+    finally:
+        db.close()
