@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from teleread.gateway.outbox import Outbox, OutboxExam
+from teleread.gateway.schedule import TokenBucket, Window, in_windows
 from teleread.gateway.scan import ExamKind, Role, ScanExam, ScanObject
 from teleread.gateway.upload import upload_exams
 from teleread.client import RetryPolicy
@@ -51,8 +52,14 @@ class Forwarder:
         parallel: int = 4,
         retry: RetryPolicy = ATTEMPT_RETRY,
         sleep: Callable[[float], None] = time.sleep,
+        limiter: TokenBucket | None = None,
+        compression: str = "off",
+        routine_windows: list[Window] | None = None,
     ) -> None:
         self.outbox = outbox
+        self.limiter = limiter
+        self.compression = compression
+        self.routine_windows = routine_windows or []
         self.ingest = ingest
         self.parallel = parallel
         self.retry = retry
@@ -83,7 +90,7 @@ class Forwarder:
         """Upload one ready exam; None when nothing is due (or the link is in its backoff)."""
         if self.link_wait() > 0:
             return None
-        exam = self.outbox.claim_next()
+        exam = self.outbox.claim_next(routine=in_windows(self.routine_windows))
         if exam is None:
             return None
         try:
@@ -103,6 +110,8 @@ class Forwarder:
                 retry=self.retry,
                 sleep=self.sleep,
                 parallel=self.parallel,
+                limiter=self.limiter,
+                compression=self.compression,
             )
         except Exception as exc:  # anything unexpected: keep the exam, retry later, say what kind
             delay = self.outbox.failed(exam.id, type(exc).__name__)

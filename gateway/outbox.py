@@ -343,14 +343,16 @@ class Outbox:
                 (cutoff,),
             ).rowcount
 
-    def claim_next(self, now: dt.datetime | None = None) -> OutboxExam | None:
-        """The most urgent, oldest ready exam whose retry time has come, marked uploading."""
+    def claim_next(self, now: dt.datetime | None = None, *, routine: bool = True) -> OutboxExam | None:
+        """The most urgent, oldest ready exam whose retry time has come, marked uploading
+        (stat and urgent exams only when ``routine`` is False: outside the routine window)."""
         at = _iso(now or _now())
+        max_rank = PRIORITY_RANK["routine"] if routine else PRIORITY_RANK["urgent"]
         with self._lock, self._tx() as db:
             row = db.execute(
                 "SELECT id FROM exams WHERE state='ready' AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
-                " ORDER BY priority_rank, created_at LIMIT 1",
-                (at,),
+                " AND priority_rank <= ? ORDER BY priority_rank, created_at LIMIT 1",
+                (at, max_rank),
             ).fetchone()
             if row is None:
                 return None

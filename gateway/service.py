@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Any
 import grpc
 
 from teleread.client import rpc_code
+from teleread.errors import InvalidInput
 from teleread.gateway.forward import Forwarder
 from teleread.gateway.outbox import Backoff, Outbox, OutboxStatus
 from teleread.gateway.results import ResultsInbox
+from teleread.gateway.schedule import COMPRESSION_MODES, TokenBucket, limit_rate, parse_windows
 from teleread.gateway.scp import ScpConfig, StoreScp
 from teleread.gateway.watch import REASON_SUFFIX, REJECTED_DIR, WatchFolder
 from teleread.settings import GatewaySettings, Settings
@@ -55,6 +58,10 @@ class Gateway:
         from teleread.v1 import ingest_pb2_grpc, results_pb2_grpc
 
         self.config: GatewaySettings = settings.gateway
+        if self.config.compression not in COMPRESSION_MODES:  # settings are checked before anything opens
+            raise InvalidInput(f"compression must be one of {', '.join(COMPRESSION_MODES)}", reason="BAD_SETTING")
+        limit = limit_rate(self.config.max_kbps, parse_windows(self.config.limit_windows))
+        routine_windows = parse_windows(self.config.routine_windows)
         self.outbox = Outbox(
             outbox_dir(settings),
             backoff=Backoff(base_s=self.config.retry_base_seconds, cap_s=self.config.retry_cap_seconds),
@@ -69,7 +76,13 @@ class Gateway:
             self.config.results_dir or (settings.data_dir / "results"), hook=self.config.critical_hook
         )
         self._next_results = 0.0
-        self.forwarder = Forwarder(self.outbox, ingest)
+        self.forwarder = Forwarder(
+            self.outbox,
+            ingest,
+            limiter=TokenBucket(limit) if self.config.max_kbps > 0 else None,
+            compression=self.config.compression,
+            routine_windows=routine_windows,
+        )
         self.scp = StoreScp(
             self.outbox,
             ScpConfig(
@@ -202,7 +215,12 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(settings.gateway, key, Path(value) if key in ("outbox", "watch_dir") else value)
     configure_logging(settings.log_level)
-    Gateway(settings).serve_forever()
+    try:
+        gateway = Gateway(settings)
+    except InvalidInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    gateway.serve_forever()
     return 0
 
 

@@ -44,6 +44,7 @@ from teleread.client import (
     rpc_code,
 )
 from teleread.errors import TelereadError
+from teleread.gateway.schedule import TokenBucket, worth_compressing
 from teleread.gateway.scan import (  # re-exported: callers import the client API from here
     ExamKind,
     Role,
@@ -105,6 +106,8 @@ class _Uploader:
     retry: RetryPolicy
     sleep: Callable[[float], None]
     parallel: int = 1
+    limiter: TokenBucket | None = None
+    compression: str = "off"  # "off" | "gzip" | "auto" (gzip for objects that shrink)
     fatal: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -222,11 +225,19 @@ class _Uploader:
         request = ingest_pb2.GetUploadStatusRequest(upload_id=upload_id)
         return self._call("GetUploadStatus", request)
 
+    def _wire_compression(self, obj: ScanObject, offset: int) -> grpc.Compression:
+        if self.compression == "gzip" or (self.compression == "auto" and worth_compressing(obj.path, offset=offset)):
+            return grpc.Compression.Gzip
+        return grpc.Compression.NoCompression
+
     def _stream(self, obj: ScanObject, upload_id: str, *, offset: int, mark: _Mark) -> ingest_pb2.UploadStatus:
-        reader = _ChunkReader(obj, upload_id=upload_id, offset=offset, size=self.chunk_size)
+        size = self.limiter.message_size(self.chunk_size) if self.limiter else self.chunk_size
+        reader = _ChunkReader(obj, upload_id=upload_id, offset=offset, size=size, limiter=self.limiter)
         deadline = self.timeout + (obj.size - offset) / MIN_UPLOAD_RATE
         try:
-            status = self.ingest.Upload(reader.chunks(mark), timeout=deadline)
+            status = self.ingest.Upload(
+                reader.chunks(mark), timeout=deadline, compression=self._wire_compression(obj, offset)
+            )
         except grpc.RpcError:
             if reader.error is not None:  # our read failed and cut the stream short
                 raise reader.error from None
@@ -256,6 +267,7 @@ class _ChunkReader:
     upload_id: str
     offset: int
     size: int
+    limiter: TokenBucket | None = None
     error: OSError | TelereadError | None = None
 
     def chunks(self, mark: _Mark) -> Iterator[ingest_pb2.UploadChunk]:
@@ -267,17 +279,23 @@ class _ChunkReader:
                 stream.seek(self.offset)
                 position = self.offset
                 data = stream.read(min(self.size, self.obj.size - position))
+                self._pace(len(data))
                 yield ingest_pb2.UploadChunk(upload_id=self.upload_id, offset=position, data=data)
                 while data:
                     position += len(data)
                     mark.reach(position)
                     data = stream.read(min(self.size, self.obj.size - position))
                     if data:
+                        self._pace(len(data))
                         yield ingest_pb2.UploadChunk(data=data)
             if position < self.obj.size:
                 self.error = TelereadError("file changed since it was scanned", reason="CHANGED")
         except OSError as err:
             self.error = err
+
+    def _pace(self, n: int) -> None:
+        if self.limiter is not None:
+            self.limiter.take(n)
 
 
 def _resumable(err: grpc.RpcError) -> bool:
@@ -299,11 +317,14 @@ def upload_exams(
     retry: RetryPolicy = DEFAULT_RETRY,
     sleep: Callable[[float], None] = time.sleep,
     parallel: int = DEFAULT_PARALLEL,
+    limiter: TokenBucket | None = None,
+    compression: str = "off",
 ) -> list[ExamOutcome]:
     """Upload every exam (resuming cut streams), committing those whose objects all stored.
     ``progress`` receives the number of newly sent bytes (bytes re-sent after a cut count once).
     A rejected object is reported in its exam's errors and that exam is left uncommitted.
-    ``parallel`` streams run at once (across the objects of an exam, and across exams)."""
+    ``parallel`` streams run at once (across the objects of an exam, and across exams). ``limiter``
+    caps the bytes/s of all streams together; ``compression`` is "off", "gzip" or "auto"."""
     uploader = _Uploader(
         ingest,
         PRIORITIES[priority],
@@ -314,6 +335,8 @@ def upload_exams(
         retry,
         sleep,
         parallel=max(1, parallel),
+        limiter=limiter,
+        compression=compression,
     )
 
     def one(exam: ScanExam) -> ExamOutcome:

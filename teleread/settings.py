@@ -64,6 +64,10 @@ class GatewaySettings(BaseModel):
     critical_hook: str = ""  # a command run with the printable report of each critical result
     watch_dir: Path | None = None  # files dropped here (WFDB pairs, DICOM); default: <data_dir>/watch
     watch_settle_seconds: float = 2.0  # a dropped file unchanged for this long is complete
+    max_kbps: float = 0.0  # upload limit in kilobits/s for all streams together; 0: none
+    limit_windows: list[str] = Field(default_factory=list)  # local "HH:MM-HH:MM" when the limit applies; none: always
+    routine_windows: list[str] = Field(default_factory=list)  # when routine exams may go; stat/urgent: always
+    compression: str = "auto"  # gzip on the wire: "auto" (objects that shrink), "gzip" or "off"
     retry_base_seconds: float = 2.0  # backoff after a failed upload: uniform(0, min(cap, base * 2**n))
     retry_cap_seconds: float = 120.0
     keep_sent_hours: float = 24.0  # local copies of exams the hub committed are deleted after this
