@@ -417,6 +417,12 @@ class Outbox:
             raise InvalidInput("no such outbox exam", reason="NOT_IN_OUTBOX")
         return OutboxExam(*row)
 
+    def exams(self, *, state: str) -> list[OutboxExam]:
+        """The exams in one state, oldest first."""
+        with self._lock:
+            ids = [r[0] for r in self._db.execute("SELECT id FROM exams WHERE state=? ORDER BY rowid", (state,))]
+        return [self.exam(i) for i in ids]
+
     def follow_up_of(self, exam_id: str) -> str:
         """The earlier exam of the same study this one follows ('' for a first exam)."""
         with self._lock:

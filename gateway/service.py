@@ -239,6 +239,9 @@ def add_gateway_parser(sub: Any) -> None:
     a.add_argument("--quiet-seconds", dest="quiet_seconds", type=float, help="study stability period")
     a.add_argument("--priority", choices=["stat", "urgent", "routine"])
     a.set_defaults(func=cmd_gateway_run)
+    from teleread.gateway.dicom_send import add_sender_parsers
+
+    add_sender_parsers(s)
     a = s.add_parser("status", help="outbox depth, bytes waiting, last error; exit 1 when a person is needed")
     a.add_argument("--outbox", help="outbox folder (default <data dir>/gateway)")
     a.add_argument("--watch-dir", dest="watch_dir", help="watch folder (default <data dir>/watch)")

@@ -18,7 +18,11 @@ CODE = ["teleread", "gateway", "reader", "models"]
 ADAPTERS = {
     "minio": {"teleread/storage/s3.py"},
     "wfdb": {"teleread/ecgio.py", "models/ecg_measure.py", "models/synthetic.py"},  # ecgio: lazily
-    "pynetdicom": {"teleread/logs.py", "gateway/scp.py"},  # logs: identifier logging off; the DICOM receiver
+    "pynetdicom": {
+        "teleread/logs.py",
+        "gateway/scp.py",
+        "gateway/dicom_send.py",
+    },  # logs: identifier logging off; the DICOM receiver
     "reportlab": {"gateway/report_pdf.py"},  # the printable report at the clinic
     # the learned models: the registry loads weights, each model module and its trainer use torch
     "torch": {
