@@ -101,3 +101,25 @@ def _exam_ids(outbox: Path) -> list[str]:
         return [r[0] for r in db.execute("SELECT id FROM exams")]
     finally:
         db.close()
+
+
+def test_echo_and_send_check_a_clinics_set_up_against_the_receiver(tmp_path: Path, capsys) -> None:
+    from teleread.gateway.scp import ScpConfig, StoreScp
+
+    box = Outbox(tmp_path / "outbox")
+    scp = StoreScp(box, ScpConfig(port=0)).start()
+    try:
+        port = str(scp.port)
+        assert main(["gateway", "echo", "--port", port]) == 0
+        files = copy_testdata(tmp_path / "in", "CT_small.dcm", "waveform_ecg.dcm")
+        (tmp_path / "in" / "notes.txt").write_text("not an image")
+        assert main(["gateway", "send", "--port", port, str(tmp_path / "in" / "notes.txt")]) == 1
+        assert "notes.txt is not a readable DICOM file" in capsys.readouterr().out
+        assert main(["gateway", "send", "--port", port, *map(str, files)]) == 0
+        assert "2 of 2 stored" in capsys.readouterr().out
+        assert box.status().by_state["collecting"] == 2
+    finally:
+        scp.stop()
+        box.close()
+    assert main(["gateway", "echo", "--port", port]) == 1  # nobody answers now
+    assert "no association" in capsys.readouterr().out
