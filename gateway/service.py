@@ -215,6 +215,8 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(settings.gateway, key, Path(value) if key in ("outbox", "watch_dir") else value)
     configure_logging(settings.log_level)
+    if not settings.gateway.token:
+        print("warning: no site token (TELEREAD_GATEWAY__TOKEN): the hub will refuse uploads", file=sys.stderr)
     try:
         gateway = Gateway(settings)
     except InvalidInput as err:
