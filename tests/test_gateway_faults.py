@@ -379,19 +379,21 @@ def test_no_instance_is_lost_or_duplicated_under_random_faults(tmp_path: Path, s
     hub_dir = tmp_path / "hub"
     token = _register_hub(hub_dir)
     hub = HubProcess(hub_dir, _free_port())
-    hub.start()
     proxy = FaultProxy(hub.port)
     gateway = GatewayProcess(tmp_path / "gw", small_disk, hub=proxy.address, token=token, dicom_port=_free_port())
-    gateway.start()
     chaos = Chaos(rng, proxy, gateway, hub, small_disk)
     modality = Modality(gateway.dicom_port, studies, rng)
 
     def first_study_committed() -> None:  # the late instance arrives after its study was sent
         wait_for(lambda: _outbox_states(small_disk)["committed"] >= 1, timeout=300)
 
-    sender = threading.Thread(target=modality.run, kwargs={"late": late, "before_late": first_study_committed})
-    started = time.monotonic()
+    sender = threading.Thread(
+        target=modality.run, kwargs={"late": late, "before_late": first_study_committed}, daemon=True
+    )
     try:
+        hub.start()
+        gateway.start()
+        started = time.monotonic()
         sender.start()
         chaos.run(FAULTS)
         chaos_s = time.monotonic() - started
@@ -408,6 +410,7 @@ def test_no_instance_is_lost_or_duplicated_under_random_faults(tmp_path: Path, s
         except AssertionError:
             raise AssertionError(f"the outbox did not drain: {_stuck(small_disk)}") from None
     finally:
+        modality.enough.set()
         gateway.stop()
         proxy.close()
         hub.stop(signal.SIGTERM)
