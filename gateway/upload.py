@@ -225,19 +225,18 @@ class _Uploader:
         request = ingest_pb2.GetUploadStatusRequest(upload_id=upload_id)
         return self._call("GetUploadStatus", request)
 
-    def _wire_compression(self, obj: ScanObject, offset: int) -> grpc.Compression:
+    def _wire_options(self, obj: ScanObject, offset: int) -> dict[str, Any]:
+        """gzip for this stream when configured, or (auto) when a sample of what is left shrinks."""
         if self.compression == "gzip" or (self.compression == "auto" and worth_compressing(obj.path, offset=offset)):
-            return grpc.Compression.Gzip
-        return grpc.Compression.NoCompression
+            return {"compression": grpc.Compression.Gzip}
+        return {}
 
     def _stream(self, obj: ScanObject, upload_id: str, *, offset: int, mark: _Mark) -> ingest_pb2.UploadStatus:
         size = self.limiter.message_size(self.chunk_size) if self.limiter else self.chunk_size
         reader = _ChunkReader(obj, upload_id=upload_id, offset=offset, size=size, limiter=self.limiter)
         deadline = self.timeout + (obj.size - offset) / MIN_UPLOAD_RATE
         try:
-            status = self.ingest.Upload(
-                reader.chunks(mark), timeout=deadline, compression=self._wire_compression(obj, offset)
-            )
+            status = self.ingest.Upload(reader.chunks(mark), timeout=deadline, **self._wire_options(obj, offset))
         except grpc.RpcError:
             if reader.error is not None:  # our read failed and cut the stream short
                 raise reader.error from None
