@@ -34,6 +34,11 @@ ECG_SOP_CLASSES = frozenset(
         "1.2.840.10008.5.1.4.1.1.9.1.3",  # Ambulatory ECG
     }
 )
+# Larger PDUs mean far fewer Python-level PDU decodes per instance (16 KiB, pynetdicom's default,
+# gave 137 CT slices/s here; 1 MiB 182/s); a shorter poll of the DUL reactor cuts the per-message
+# latency of its 1 ms sleep (ECG 137 -> 184/s) at the cost of more wake-ups while an association is open.
+MAX_PDU = 1024 * 1024
+DUL_POLL_S = 0.0002
 SUCCESS, OUT_OF_RESOURCES, MISMATCH, CANNOT_UNDERSTAND, DUPLICATE_CONFLICT = 0x0000, 0xA700, 0xA900, 0xC000, 0xC001
 
 
@@ -63,6 +68,7 @@ class StoreScp:
         self.config = config
         self.ae = AE(ae_title=config.ae_title)
         self.ae.supported_contexts = StoragePresentationContexts
+        self.ae.maximum_pdu_size = MAX_PDU
         self.ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
         self.handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
@@ -93,6 +99,8 @@ class StoreScp:
             event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError):
             pass
+        if hasattr(event.assoc.dul, "_run_loop_delay"):
+            event.assoc.dul._run_loop_delay = DUL_POLL_S
 
     def _on_store(self, event: Any) -> int:
         import pydicom
