@@ -14,7 +14,9 @@ hub exam and resumes where the hub stopped confirming.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,6 +35,23 @@ PERMANENT = ("INVALID_ARGUMENT", "ALREADY_EXISTS")
 LINK_DOWN = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
 # inside one attempt: a few quick retries; longer outages are the outbox's backoff
 ATTEMPT_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=1.0, max_total_seconds=30.0)
+
+
+class SpreadStub:
+    """An Ingest stub over several channels (TCP connections): each upload thread keeps the channel
+    it first got. On a long, lossy link one TCP connection is held far below the link rate by its
+    congestion control; several connections share the loss and fill the link."""
+
+    def __init__(self, stubs: list[Any]) -> None:
+        self._stubs = stubs
+        self._local = threading.local()
+        self._next = itertools.count()
+
+    def __getattr__(self, name: str) -> Any:
+        local = self._local
+        if not hasattr(local, "stub"):
+            local.stub = self._stubs[next(self._next) % len(self._stubs)]
+        return getattr(local.stub, name)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import grpc
 
 from teleread.client import rpc_code
 from teleread.errors import InvalidInput
-from teleread.gateway.forward import Forwarder
+from teleread.gateway.forward import Forwarder, SpreadStub
 from teleread.gateway.outbox import Backoff, Outbox, OutboxStatus
 from teleread.gateway.results import ResultsInbox
 from teleread.gateway.schedule import COMPRESSION_MODES, TokenBucket, limit_rate, parse_windows
@@ -66,11 +66,15 @@ class Gateway:
             outbox_dir(settings),
             backoff=Backoff(base_s=self.config.retry_base_seconds, cap_s=self.config.retry_cap_seconds),
         )
-        self._channel = None
+        self._channels: list[Any] = []
         if ingest is None:
-            self._channel = open_channel(self.config.hub, token=self.config.token)
-            ingest = ingest_pb2_grpc.IngestStub(self._channel)
-            results = results_pb2_grpc.ResultsStub(self._channel)
+            count = max(1, self.config.connections)
+            self._channels = [
+                open_channel(self.config.hub, token=self.config.token, own_connection=count > 1) for _ in range(count)
+            ]
+            stubs = [ingest_pb2_grpc.IngestStub(channel) for channel in self._channels]
+            ingest = stubs[0] if count == 1 else SpreadStub(stubs)
+            results = results_pb2_grpc.ResultsStub(self._channels[0])
         self.results_stub = results
         self.inbox = ResultsInbox(
             self.config.results_dir or (settings.data_dir / "results"), hook=self.config.critical_hook
@@ -79,6 +83,7 @@ class Gateway:
         self.forwarder = Forwarder(
             self.outbox,
             ingest,
+            parallel=max(1, self.config.streams, self.config.connections),
             limiter=TokenBucket(limit) if self.config.max_kbps > 0 else None,
             compression=self.config.compression,
             routine_windows=routine_windows,
@@ -150,8 +155,8 @@ class Gateway:
         self.scp.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self._channel is not None:
-            self._channel.close()
+        for channel in self._channels:
+            channel.close()
         self.outbox.close()
 
     def serve_forever(self) -> None:

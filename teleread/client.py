@@ -113,10 +113,14 @@ def open_channel(
     client_cert: Path | None = None,
     client_key: Path | None = None,
     metadata: Metadata = (),
+    own_connection: bool = False,
 ) -> grpc.Channel:
     """A channel to ``hub`` sending ``authorization: Bearer <token>`` (and ``metadata``) on every
-    call; TLS when ``ca_file`` is given (mutual TLS when a client certificate and key are too)."""
+    call; TLS when ``ca_file`` is given (mutual TLS when a client certificate and key are too).
+    ``own_connection``: a TCP connection of its own, not shared with other channels to the same hub."""
     options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if ca_file is None:
         channel = grpc.insecure_channel(hub, options=options)
     else:

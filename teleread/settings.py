@@ -64,6 +64,8 @@ class GatewaySettings(BaseModel):
     critical_hook: str = ""  # a command run with the printable report of each critical result
     watch_dir: Path | None = None  # files dropped here (WFDB pairs, DICOM); default: <data_dir>/watch
     watch_settle_seconds: float = 2.0  # a dropped file unchanged for this long is complete
+    streams: int = 4  # objects uploaded at once
+    connections: int = 1  # TCP connections to the hub (more fill a long, lossy link under cubic; see README)
     max_kbps: float = 0.0  # upload limit in kilobits/s for all streams together; 0: none
     limit_windows: list[str] = Field(default_factory=list)  # local "HH:MM-HH:MM" when the limit applies; none: always
     routine_windows: list[str] = Field(default_factory=list)  # when routine exams may go; stat/urgent: always

@@ -183,3 +183,37 @@ def test_the_gateway_refuses_a_bad_schedule_setting_by_name(tmp_path: Path, sett
     with pytest.raises(InvalidInput) as err:
         Gateway(Settings(data_dir=tmp_path, gateway=config), ingest=object(), results=None)
     assert err.value.reason in ("BAD_SETTING", "BAD_WINDOW")
+
+
+def test_the_gateway_spreads_its_streams_over_several_connections(embedded_stack, tmp_path: Path) -> None:
+    from helpers import wait_for
+    from teleread.gateway.service import Gateway
+    from teleread.settings import GatewaySettings, Settings
+
+    proxy = FaultProxy(embedded_stack.port)
+    config = GatewaySettings(
+        hub=proxy.address,
+        token=embedded_stack.tokens["site_a"],
+        dicom_host="127.0.0.1",
+        dicom_port=0,
+        connections=3,
+        quiet_seconds=0.2,
+        poll_seconds=0.05,
+        compression="off",
+    )
+    gw = Gateway(Settings(data_dir=tmp_path, gateway=config))
+    study = generate_uid()
+    for n in range(6):
+        path = _smooth_ct(tmp_path / f"ct{n}.dcm", side=256)
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study
+        ds.save_as(path, enforce_file_format=True)
+        with open(path, "rb") as f:
+            gw.outbox.receive(f, group_key=study, instance_key=str(ds.SOPInstanceUID))
+    gw.start()
+    try:
+        wait_for(lambda: gw.outbox.status().by_state["committed"] == 1, timeout=60)
+    finally:
+        gw.stop()
+        proxy.close()
+    assert proxy.stats.connections >= 2  # one TCP connection per channel, not one shared subchannel
