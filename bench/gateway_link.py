@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from teleread.gateway.forward import MESSAGE_BYTES
+from teleread.gateway.forward import MESSAGE_BYTES, SpreadStub
 from teleread.gateway.upload import CHUNK_SIZE
 
 MB = 1e6
@@ -121,21 +121,6 @@ class _WireMeter:
             return {"yielded": self.yielded, "resent": self.resent, "streams": len(self.streams)}
 
 
-class _SpreadStub:
-    """An Ingest stub over several channels: each thread keeps using the channel it first got."""
-
-    def __init__(self, stubs: list[Any]) -> None:
-        self._stubs = stubs
-        self._local = threading.local()
-        self._next = itertools.count()
-
-    def __getattr__(self, name: str) -> Any:
-        local = self._local
-        if not hasattr(local, "stub"):
-            local.stub = self._stubs[next(self._next) % len(self._stubs)]
-        return getattr(local.stub, name)
-
-
 def _emit(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload) + "\n")
     sys.stdout.flush()
@@ -173,7 +158,7 @@ def gateway_process(argv: list[str]) -> int:
         channels.append(client.open_channel(args.hub, token=token))
         client.CHANNEL_OPTIONS = base_options
     stubs = [ingest_pb2_grpc.IngestStub(channel) for channel in channels]
-    ingest = stubs[0] if len(stubs) == 1 else _SpreadStub(stubs)
+    ingest = stubs[0] if len(stubs) == 1 else SpreadStub(stubs)
     if args.chunk_size:  # what-if: the Forwarder does not expose upload_exams' chunk_size
         from teleread.gateway import forward, upload
 

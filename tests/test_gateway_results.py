@@ -18,7 +18,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from helpers import wait_for, write_synthetic_wfdb
 from teleread.gateway import report_pdf
-from teleread.gateway.report_pdf import atomic_write_bytes, render_report_pdf
+from teleread.client import atomic_write_bytes
+from teleread.gateway.report_pdf import render_report_pdf
 from teleread.gateway.results import ResultsInbox
 from teleread.gateway.upload import scan_paths, upload_exams
 from teleread.v1 import (
