@@ -206,32 +206,7 @@ class Outbox:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return self._record(
-            tmp,
-            sha=digest.hexdigest(),
-            size=size,
-            group_key=group_key,
-            instance_key=instance_key,
-            role=role,
-            kind=kind,
-            priority=priority,
-            indication=indication,
-        )
-
-    def _record(
-        self,
-        tmp: Path,
-        *,
-        sha: str,
-        size: int,
-        group_key: str,
-        instance_key: str,
-        role: str,
-        kind: str,
-        priority: str,
-        indication: str,
-    ) -> OutboxObject:
-        now = _iso(_now())
+        sha = digest.hexdigest()
         final = self.objects_dir / sha
         with self._lock:  # placing the file and recording it under one lock: prune() cannot slip between
             try:
@@ -244,7 +219,7 @@ class Outbox:
                 tmp.unlink(missing_ok=True)
                 raise
             try:
-                return self._insert(
+                return self._record(
                     final,
                     sha=sha,
                     size=size,
@@ -254,14 +229,13 @@ class Outbox:
                     kind=kind,
                     priority=priority,
                     indication=indication,
-                    now=now,
                 )
             except sqlite3.OperationalError as exc:
                 if "full" in str(exc):  # SQLITE_FULL: the disk filled between the object and its row
                     raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
                 raise
 
-    def _insert(
+    def _record(
         self,
         final: Path,
         *,
@@ -273,8 +247,10 @@ class Outbox:
         kind: str,
         priority: str,
         indication: str,
-        now: str,
     ) -> OutboxObject:
+        """Record a durable object (the caller holds the lock): a new or follow-up exam, or the
+        existing row when the same instance was received before."""
+        now = _iso(_now())
         with self._tx() as db:
             sent = db.execute(
                 "SELECT o.id, o.sha256, o.exam_id FROM objects o JOIN exams e ON e.id = o.exam_id"
