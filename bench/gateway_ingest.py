@@ -56,6 +56,7 @@ class Plan:
     associations: tuple[int, ...] = (1, 4)
     datasets: tuple[str, ...] = ("CT", "ECG")
     targets: tuple[str, ...] = TARGETS
+    receivers: int = 1  # the gateway's receiver processes (settings: gateway.receivers)
 
 
 FULL_PLAN = Plan()
@@ -167,11 +168,12 @@ class GatewayTarget:
 
     name, ae = "gateway", GATEWAY_AE
 
-    def __init__(self, work: Path, *, profile: Path | None = None) -> None:
+    def __init__(self, work: Path, *, profile: Path | None = None, receivers: int = 1) -> None:
         self.root = work / "outbox"
         self.log = (work / "receiver.log").open("wb")
         port = free_port()
         cmd = [sys.executable, "-m", "bench.gateway_ingest", "_receiver", "--root", str(self.root), "--port", str(port)]
+        cmd += ["--receivers", str(receivers)]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -340,6 +342,7 @@ def measure(
     storescu: str,
     orthanc: str,
     profile_dir: Path | None,
+    receivers: int = 1,
 ) -> Run:
     folder = work / f"{target_name}-{dataset}-{associations}-{repeat}"
     folder.mkdir()
@@ -348,7 +351,7 @@ def measure(
     if profile_dir is not None and target_name == "gateway":
         profile = profile_dir / f"receiver-{dataset}-{associations}assoc-{repeat}.txt"
     target: GatewayTarget | OrthancTarget = (
-        GatewayTarget(folder, profile=profile) if target_name == "gateway" else OrthancTarget(folder, binary=orthanc)
+        GatewayTarget(folder, profile=profile, receivers=receivers) if target_name == "gateway" else OrthancTarget(folder, binary=orthanc)
     )
     size = sum(f.stat().st_size for f in files)
     try:
@@ -402,7 +405,7 @@ def run_all(plan: Plan, work: Path, *, storescu: str, orthanc: str, profile_dir:
                     try:
                         run = measure(
                             name, dataset, files, associations, repeat, work=work, storescu=storescu,
-                            orthanc=orthanc, profile_dir=profile_dir,
+                            orthanc=orthanc, profile_dir=profile_dir, receivers=plan.receivers,
                         )  # fmt: skip
                     except Exception as exc:  # noqa: BLE001 - one failed measurement is a FAILED row
                         run = Run(
@@ -487,14 +490,19 @@ def receiver(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway_ingest _receiver")
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--receivers", type=int, default=1)
     args = parser.parse_args(argv)
     from teleread.gateway.outbox import Outbox
     from teleread.gateway.scp import ScpConfig, StoreScp
+    from teleread.gateway.scp_pool import ReceiverPool
     from teleread.logs import configure_logging
 
     configure_logging("INFO")  # as `teleread gateway run` does (JSON to stderr)
     box = Outbox(args.root)
-    scp = StoreScp(box, ScpConfig(ae_title=GATEWAY_AE, host="127.0.0.1", port=args.port)).start()
+    config = ScpConfig(ae_title=GATEWAY_AE, host="127.0.0.1", port=args.port)
+    scp: StoreScp | ReceiverPool = (
+        ReceiverPool(args.root, config, args.receivers) if args.receivers > 1 else StoreScp(box, config)
+    ).start()
     print(f"READY {scp.port}", flush=True)
     try:
         sys.stdin.buffer.read()
@@ -521,6 +529,7 @@ def _parser() -> argparse.ArgumentParser:
         "--profile", type=Path, default=None, metavar="DIR", help="py-spy profiles of the receiver here"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
+    parser.add_argument("--receivers", type=int, default=1, help="the gateway's receiver processes (default 1)")
     return parser
 
 
@@ -542,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         associations=tuple(int(n) for n in args.associations.split(",")) if args.associations else base.associations,
         datasets=datasets,
         targets=targets,
+        receivers=args.receivers,
     )
     storescu, orthanc = preflight()
     enter_private_network()

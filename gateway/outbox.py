@@ -29,7 +29,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 
@@ -94,6 +94,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Where an object belongs, as read from the object itself (a DICOM instance's UIDs)."""
+
+    group_key: str
+    instance_key: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class OutboxExam:
     id: str
     group_key: str
@@ -142,13 +151,15 @@ class Backoff:
 
 
 class Outbox:
-    def __init__(self, root: Path, *, backoff: Backoff = Backoff()) -> None:
+    def __init__(self, root: Path, *, backoff: Backoff = Backoff(), maintenance: bool = True) -> None:
+        """``maintenance=False`` opens an outbox that another process of the same gateway owns (a
+        receiver process): no clean-up of ``incoming/`` and no recovery of interrupted uploads."""
         self.root = Path(root)
         self.objects_dir = self.root / "objects"
         self.incoming_dir = self.root / "incoming"
         for d in (self.root, self.objects_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
-        for leftover in self.incoming_dir.iterdir():  # half-received files of a crash: never acknowledged
+        for leftover in self.incoming_dir.iterdir() if maintenance else ():  # half-received files of a crash
             leftover.unlink(missing_ok=True)
         self.backoff = backoff
         self._lock = threading.Lock()
@@ -160,7 +171,8 @@ class Outbox:
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # an upload interrupted by a crash is simply ready again (the hub resumes by offset)
-        self.recover()
+        if maintenance:
+            self.recover()
 
     def close(self) -> None:
         with self._lock:
@@ -206,37 +218,122 @@ class Outbox:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        sha = digest.hexdigest()
+        return self._place(
+            tmp, digest.hexdigest(), size, group_key=group_key, instance_key=instance_key, role=role, kind=kind,
+            priority=priority, indication=indication,
+        )  # fmt: skip
+
+    def adopt(
+        self,
+        spooled: Path,
+        *,
+        group_key: str,
+        instance_key: str,
+        role: str = "dicom",
+        kind: str = "image",
+        priority: str = "routine",
+        indication: str = "",
+        max_bytes: int = 4 * 1024**3,
+        digest: tuple[str, int] | None = None,
+        rebuildable: bool = False,
+    ) -> OutboxObject:
+        """Like :meth:`receive` for a file already written under ``incoming/`` (the DICOM receiver
+        spools there): fsync it and link it into place instead of copying it. ``digest`` is its
+        SHA-256 and size when the writer hashed it on the way (else it is read to hash it).
+        ``rebuildable``: the file itself names its exam (a DICOM instance), so its row is committed
+        without waiting for the disk; after a power cut :meth:`adopt_orphans` records it again from
+        the file. The spooled file is the outbox's from then on: it is removed whatever the outcome."""
+        spooled = Path(spooled)
+        try:
+            if spooled.parent.resolve() != self.incoming_dir.resolve():
+                raise ValueError(f"adopt() takes files under {self.incoming_dir}, not {spooled.parent}")
+            _check_key(group_key, "group key")
+            _check_key(instance_key, "instance key")
+            if priority not in PRIORITY_RANK:
+                raise InvalidInput(f"unknown priority {priority!r}", reason="BAD_PRIORITY")
+            with open(spooled, "rb") as f:
+                if digest is None:
+                    hasher = hashlib.sha256()
+                    while block := f.read(1024 * 1024):
+                        hasher.update(block)
+                    digest = hasher.hexdigest(), f.tell()
+                if digest[1] > max_bytes:
+                    raise InvalidInput("object larger than the gateway accepts", reason="OBJECT_TOO_LARGE")
+                os.fsync(f.fileno())
+        except OSError as exc:
+            spooled.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
+            raise
+        except BaseException:
+            spooled.unlink(missing_ok=True)
+            raise
+        return self._place(
+            spooled, digest[0], digest[1], rebuildable=rebuildable, group_key=group_key, instance_key=instance_key,
+            role=role, kind=kind, priority=priority, indication=indication,
+        )  # fmt: skip
+
+    def _place(self, tmp: Path, sha: str, size: int, *, rebuildable: bool = False, **fields: str) -> OutboxObject:
+        """Link a durable file from ``incoming/`` to ``objects/<sha256>``, make the link durable,
+        and record it. Linking and its directory fsync happen outside the lock, so concurrent
+        associations overlap their disk waits; under the lock the file is linked again if
+        :meth:`prune` removed it in between (the same bytes of an exam already sent)."""
         final = self.objects_dir / sha
-        with self._lock:  # placing the file and recording it under one lock: prune() cannot slip between
+        try:
             try:
-                if final.exists():
-                    tmp.unlink()
-                else:
-                    tmp.replace(final)
-                    _fsync_dir(self.objects_dir)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, final)
+                _fsync_dir(self.objects_dir)  # also when the file existed: its writer may not have synced yet
+                # the check and the row in one SQLite write transaction: prune() (in this or another
+                # process, such as a second receiver) deletes files only inside one too
+                with self._lock, self._tx(durable=not rebuildable) as db:
+                    if not final.exists():
+                        os.link(tmp, final)
+                        _fsync_dir(self.objects_dir)
+                    return self._record(db, final, sha=sha, size=size, **fields)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
                 raise
-            try:
-                return self._record(
-                    final,
-                    sha=sha,
-                    size=size,
-                    group_key=group_key,
-                    instance_key=instance_key,
-                    role=role,
-                    kind=kind,
-                    priority=priority,
-                    indication=indication,
-                )
             except sqlite3.OperationalError as exc:
                 if "full" in str(exc):  # SQLITE_FULL: the disk filled between the object and its row
                     raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
                 raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def adopt_orphans(self, identify: Callable[[Path], Identity | None]) -> int:
+        """Record object files that no row references and that name their own exam (``identify``
+        reads that from the file; ``None`` for a file it cannot place): rows committed without
+        waiting for the disk (``rebuildable``) that a power cut took back. Files whose content does
+        not match their name are removed. Return how many were recorded."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM objects")}
+        recorded = 0
+        for path in sorted(self.objects_dir.iterdir()):
+            if path.name in known or not path.is_file():
+                continue
+            hasher = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1024 * 1024):
+                    hasher.update(block)
+            if hasher.hexdigest() != path.name:  # never acknowledged with these bytes
+                path.unlink(missing_ok=True)
+                continue
+            ident = identify(path)
+            if ident is None:
+                continue
+            with self._lock, self._tx() as db:
+                self._record(
+                    db, path, sha=path.name, size=path.stat().st_size, group_key=ident.group_key,
+                    instance_key=ident.instance_key, role="dicom", kind=ident.kind, priority="routine", indication="",
+                )  # fmt: skip
+            recorded += 1
+        return recorded
 
     def _record(
         self,
+        db: sqlite3.Connection,
         final: Path,
         *,
         sha: str,
@@ -248,57 +345,56 @@ class Outbox:
         priority: str,
         indication: str,
     ) -> OutboxObject:
-        """Record a durable object (the caller holds the lock): a new or follow-up exam, or the
-        existing row when the same instance was received before."""
+        """Record a durable object (the caller holds the lock and the write transaction ``db``): a
+        new or follow-up exam, or the existing row when the same instance was received before."""
         now = _iso(_now())
-        with self._tx() as db:
-            sent = db.execute(
-                "SELECT o.id, o.sha256, o.exam_id FROM objects o JOIN exams e ON e.id = o.exam_id"
-                " WHERE e.group_key=? AND o.instance_key=?",
-                (group_key, instance_key),
+        sent = db.execute(
+            "SELECT o.id, o.sha256, o.exam_id FROM objects o JOIN exams e ON e.id = o.exam_id"
+            " WHERE e.group_key=? AND o.instance_key=?",
+            (group_key, instance_key),
+        ).fetchone()
+        if sent is not None:  # the sender retried, or resent the study: already durable (and maybe sent)
+            if sent[1] != sha:
+                raise Conflict("same instance UID with different content", reason="INSTANCE_CONFLICT")
+            return OutboxObject(sent[0], sent[2], instance_key, role, sha, size, final)
+        row = db.execute(
+            f"SELECT id FROM exams WHERE group_key=? AND state IN {OPEN_STATES} ORDER BY rowid DESC LIMIT 1",
+            (group_key,),
+        ).fetchone()
+        if row is None:
+            # a new study, or a late instance of a study already sent: a follow-up exam of the same study
+            last = db.execute(
+                "SELECT id FROM exams WHERE group_key=? ORDER BY rowid DESC LIMIT 1", (group_key,)
             ).fetchone()
-            if sent is not None:  # the sender retried, or resent the study: already durable (and maybe sent)
-                if sent[1] != sha:
-                    raise Conflict("same instance UID with different content", reason="INSTANCE_CONFLICT")
-                return OutboxObject(sent[0], sent[2], instance_key, role, sha, size, final)
-            row = db.execute(
-                f"SELECT id FROM exams WHERE group_key=? AND state IN {OPEN_STATES} ORDER BY rowid DESC LIMIT 1",
-                (group_key,),
-            ).fetchone()
-            if row is None:
-                # a new study, or a late instance of a study already sent: a follow-up exam of the same study
-                last = db.execute(
-                    "SELECT id FROM exams WHERE group_key=? ORDER BY rowid DESC LIMIT 1", (group_key,)
-                ).fetchone()
-                exam_id = uuid.uuid4().hex
-                db.execute(
-                    "INSERT INTO exams (id, group_key, kind, priority, priority_rank, indication, state, created_at,"
-                    " last_object_at, follow_up_of) VALUES (?, ?, ?, ?, ?, ?, 'collecting', ?, ?, ?)",
-                    (
-                        exam_id,
-                        group_key,
-                        kind,
-                        priority,
-                        PRIORITY_RANK[priority],
-                        indication,
-                        now,
-                        now,
-                        last[0] if last else "",
-                    ),
-                )
-            else:
-                (exam_id,) = row
-                db.execute(
-                    "UPDATE exams SET last_object_at=?, state='collecting', priority=CASE WHEN ? < priority_rank"
-                    " THEN ? ELSE priority END, priority_rank=MIN(priority_rank, ?) WHERE id=?",
-                    (now, PRIORITY_RANK[priority], priority, PRIORITY_RANK[priority], exam_id),
-                )
-            object_id = uuid.uuid4().hex
+            exam_id = uuid.uuid4().hex
             db.execute(
-                "INSERT INTO objects (id, exam_id, instance_key, role, sha256, size, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (object_id, exam_id, instance_key, role, sha, size, now),
+                "INSERT INTO exams (id, group_key, kind, priority, priority_rank, indication, state, created_at,"
+                " last_object_at, follow_up_of) VALUES (?, ?, ?, ?, ?, ?, 'collecting', ?, ?, ?)",
+                (
+                    exam_id,
+                    group_key,
+                    kind,
+                    priority,
+                    PRIORITY_RANK[priority],
+                    indication,
+                    now,
+                    now,
+                    last[0] if last else "",
+                ),
             )
+        else:
+            (exam_id,) = row
+            db.execute(
+                "UPDATE exams SET last_object_at=?, state='collecting', priority=CASE WHEN ? < priority_rank"
+                " THEN ? ELSE priority END, priority_rank=MIN(priority_rank, ?) WHERE id=?",
+                (now, PRIORITY_RANK[priority], priority, PRIORITY_RANK[priority], exam_id),
+            )
+        object_id = uuid.uuid4().hex
+        db.execute(
+            "INSERT INTO objects (id, exam_id, instance_key, role, sha256, size, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (object_id, exam_id, instance_key, role, sha, size, now),
+        )
         return OutboxObject(object_id, exam_id, instance_key, role, sha, size, final)
 
     # ------------------------------------------------------------------ assembling and draining
@@ -443,8 +539,8 @@ class Outbox:
         so a resent instance is still recognised); return how many files were removed. A file that an
         exam still waiting to be sent also uses is kept."""
         cutoff = _iso((now or _now()) - dt.timedelta(seconds=keep_seconds))
-        with self._lock:
-            rows = self._db.execute(
+        with self._lock, self._tx() as db:
+            rows = db.execute(
                 "SELECT DISTINCT o.sha256 FROM objects o JOIN exams e ON e.id = o.exam_id"
                 " WHERE e.state='committed' AND e.committed_at <= ? AND o.sha256 NOT IN"
                 " (SELECT o2.sha256 FROM objects o2 JOIN exams e2 ON e2.id = o2.exam_id"
@@ -471,15 +567,23 @@ class Outbox:
         return removed
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One immediate (write-locking) transaction; rolled back on any error."""
-        self._db.execute("BEGIN IMMEDIATE")
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One immediate (write-locking) transaction; rolled back on any error. ``durable=False``
+        commits without syncing the WAL (``synchronous=NORMAL``): the database stays consistent
+        after a power cut but may lose this transaction; the next durable commit syncs it too."""
+        if not durable:
+            self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        finally:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
 
 
 def _migrate(db: sqlite3.Connection) -> None:

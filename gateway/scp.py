@@ -1,14 +1,18 @@
 """The gateway's DICOM receiver: a C-STORE / C-ECHO SCP (pynetdicom) that writes every instance
 into the durable outbox before it answers Success.
 
-pynetdicom receives each dataset straight to a temporary file (``STORE_RECV_CHUNKED_DATASET``), so
-a large multi-frame object never sits whole in memory; the handler reads only the identifying
-attributes, streams the file into the outbox (SHA-256, fsync) and answers:
+pynetdicom receives each dataset straight to a file in the outbox's ``incoming/`` folder
+(``STORE_RECV_CHUNKED_DATASET``, spooled there by :mod:`scp_reactor`), so a large multi-frame object
+never sits whole in memory; the handler reads only the identifying attributes, lets the outbox
+adopt the file (SHA-256, fsync, rename: no copy) and answers:
 
 - ``0x0000`` Success once the instance is durable (a retried instance with the same bytes too);
 - ``0xA700`` Out of resources when the gateway's disk is full (the sender keeps the instance);
 - ``0xA900`` when the SOP class or identifiers do not match, ``0xC000`` cannot understand for
   malformed data or bad UIDs, ``0xC001`` for the same instance UID with different bytes.
+
+Each accepted association runs event-driven (:mod:`teleread.gateway.scp_reactor`): the threads
+wait on the socket and on each other instead of polling.
 
 Patient data never reaches the logs: pynetdicom's identifier logging is off and our log lines
 name only status codes and reasons.
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
-from teleread.gateway.outbox import Outbox
+from teleread.gateway.outbox import Identity, Outbox
 
 log = logging.getLogger("teleread.gateway.scp")
 
@@ -35,10 +40,8 @@ ECG_SOP_CLASSES = frozenset(
     }
 )
 # Larger PDUs mean far fewer Python-level PDU decodes per instance (16 KiB, pynetdicom's default,
-# gave 137 CT slices/s here; 1 MiB 182/s); a shorter poll of the DUL reactor cuts the per-message
-# latency of its 1 ms sleep (ECG 137 -> 184/s) at the cost of more wake-ups while an association is open.
+# gave 137 CT slices/s here; 1 MiB 182/s).
 MAX_PDU = 1024 * 1024
-DUL_POLL_S = 0.0002
 SUCCESS, OUT_OF_RESOURCES, MISMATCH, CANNOT_UNDERSTAND, DUPLICATE_CONFLICT = 0x0000, 0xA700, 0xA900, 0xC000, 0xC001
 
 
@@ -57,8 +60,29 @@ def _valid_uid(value: Any) -> bool:
     return bool(text) and UID(text).is_valid
 
 
+def _read_identifiers(path: Path) -> Any:
+    import pydicom
+
+    return pydicom.dcmread(
+        path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+    )
+
+
+def identify(path: Path) -> Identity | None:
+    """Where a stored DICOM instance belongs (its study and instance UIDs), or ``None`` when the
+    file is not a DICOM instance with valid UIDs: for :meth:`Outbox.adopt_orphans`."""
+    try:
+        ds = _read_identifiers(path)
+    except Exception:  # noqa: BLE001 - not DICOM (a WFDB file of the watch folder, say)
+        return None
+    study, sop, sop_class = ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+    if not (_valid_uid(study) and _valid_uid(sop) and _valid_uid(sop_class)):
+        return None
+    return Identity(str(study), str(sop), "ecg" if str(sop_class) in ECG_SOP_CLASSES else "image")
+
+
 class StoreScp:
-    def __init__(self, outbox: Outbox, config: ScpConfig) -> None:
+    def __init__(self, outbox: Outbox, config: ScpConfig, *, on_close: Callable[[Any], None] | None = None) -> None:
         from pynetdicom import AE, _config, evt
         from pynetdicom.presentation import StoragePresentationContexts
 
@@ -75,22 +99,48 @@ class StoreScp:
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_CONN_OPEN, self._on_open),
         ]
+        if on_close is not None:
+            self.handlers.append((evt.EVT_CONN_CLOSE, on_close))
         self.server: Any = None
+        self._listening = False
 
     @property
     def port(self) -> int:
         return int(self.server.server_address[1]) if self.server is not None else self.config.port
 
-    def start(self) -> StoreScp:
-        self.server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=self.handlers
+    def start(self, *, listen: bool = True) -> StoreScp:
+        """Listen on the configured address; with ``listen=False`` only serve connections handed to
+        :meth:`accept` (a receiver process of :class:`~teleread.gateway.scp_pool.ReceiverPool`)."""
+        from pynetdicom.transport import ThreadedAssociationServer
+
+        from teleread.gateway.scp_reactor import EventDrivenRequestHandler, HandedConnectionsServer, spool_into
+
+        server = self.ae.make_server(
+            (self.config.host, self.config.port),
+            evt_handlers=self.handlers,
+            server_class=ThreadedAssociationServer if listen else HandedConnectionsServer,
+            request_handler=EventDrivenRequestHandler,
         )
-        log.info("DICOM receiver listening", extra={"ae_title": self.config.ae_title, "port": self.port})
+        spool_into(server, self.outbox.incoming_dir)
+        if listen:
+            threading.Thread(target=server.serve_forever, name="dicom-receiver", daemon=True).start()
+        self.ae._servers.append(server)  # as AE.start_server does: shutdown() removes it
+        self.server, self._listening = server, listen
+        if listen:
+            log.info("DICOM receiver listening", extra={"ae_title": self.config.ae_title, "port": self.port})
         return self
+
+    def accept(self, sock: socket.socket, address: Any) -> None:
+        """Serve an association on a connection accepted elsewhere."""
+        self.server.process_request(sock, address)
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
+            if self._listening:
+                self.server.shutdown()
+            else:  # serve_forever never ran: shutdown() would wait for it
+                self.server.server_close()
+                self.ae._servers.remove(self.server)
             self.server = None
 
     @staticmethod
@@ -99,19 +149,13 @@ class StoreScp:
             event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError):
             pass
-        if hasattr(event.assoc.dul, "_run_loop_delay"):
-            event.assoc.dul._run_loop_delay = DUL_POLL_S
 
     def _on_store(self, event: Any) -> int:
-        import pydicom
+        from teleread.gateway.scp_reactor import spooled_digest
 
         path = Path(event.dataset_path)
         try:
-            ds = pydicom.dcmread(
-                path,
-                stop_before_pixels=True,
-                specific_tags=["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality"],
-            )
+            ds = _read_identifiers(path)
         except Exception:  # noqa: BLE001 - the parser's text may quote data; answer with a status
             log.warning("instance refused", extra={"reason": "UNREADABLE_DICOM"})
             return CANNOT_UNDERSTAND
@@ -126,10 +170,16 @@ class StoreScp:
             return MISMATCH
         kind = "ecg" if str(sop_class) in ECG_SOP_CLASSES else "image"
         try:
-            with open(path, "rb") as f:
-                self.outbox.receive(
-                    f, group_key=str(study), instance_key=str(sop), kind=kind, priority=self.config.priority
-                )
+            if path.parent == self.outbox.incoming_dir:  # spooled into the outbox: adopted, not copied
+                self.outbox.adopt(
+                    path, group_key=str(study), instance_key=str(sop), kind=kind, priority=self.config.priority,
+                    digest=spooled_digest(path), rebuildable=True,
+                )  # fmt: skip
+            else:
+                with open(path, "rb") as f:
+                    self.outbox.receive(
+                        f, group_key=str(study), instance_key=str(sop), kind=kind, priority=self.config.priority
+                    )
         except ResourceExhausted as exc:
             log.error("instance not stored", extra={"reason": exc.reason})
             return OUT_OF_RESOURCES

@@ -24,7 +24,8 @@ from teleread.gateway.forward import Forwarder, SpreadStub
 from teleread.gateway.outbox import Backoff, Outbox, OutboxStatus
 from teleread.gateway.results import ResultsInbox
 from teleread.gateway.schedule import COMPRESSION_MODES, TokenBucket, limit_rate, parse_windows
-from teleread.gateway.scp import ScpConfig, StoreScp
+from teleread.gateway.scp import ScpConfig, StoreScp, identify
+from teleread.gateway.scp_pool import ReceiverPool
 from teleread.gateway.watch import REASON_SUFFIX, REJECTED_DIR, WatchFolder
 from teleread.settings import GatewaySettings, Settings
 
@@ -88,14 +89,19 @@ class Gateway:
             compression=self.config.compression,
             routine_windows=routine_windows,
         )
-        self.scp = StoreScp(
-            self.outbox,
-            ScpConfig(
-                ae_title=self.config.ae_title,
-                host=self.config.dicom_host,
-                port=self.config.dicom_port,
-                priority=self.config.priority,
-            ),
+        orphans = self.outbox.adopt_orphans(identify)
+        if orphans:  # rows a power cut took back, recorded again from their DICOM files
+            log.warning("outbox rows rebuilt from stored instances", extra={"count": orphans})
+        scp_config = ScpConfig(
+            ae_title=self.config.ae_title,
+            host=self.config.dicom_host,
+            port=self.config.dicom_port,
+            priority=self.config.priority,
+        )
+        self.scp: StoreScp | ReceiverPool = (
+            ReceiverPool(outbox_dir(settings), scp_config, self.config.receivers, log_level=settings.log_level)
+            if self.config.receivers > 1
+            else StoreScp(self.outbox, scp_config)
         )
         self.watch = WatchFolder(
             self.outbox,

@@ -54,6 +54,7 @@ class GatewaySettings(BaseModel):
     ae_title: str = "TELEREAD_GW"
     dicom_host: str = "0.0.0.0"  # modalities on the clinic LAN connect here
     dicom_port: int = 11112
+    receivers: int = 1  # DICOM receiver processes; >1 spreads simultaneous associations over cores
     hub: str = "127.0.0.1:50051"
     token: str = ""  # the site's token from `teleread sites add`
     quiet_seconds: float = 30.0  # a study with no new instance for this long is complete

@@ -1,0 +1,284 @@
+"""The receiver's event-driven acceptor and the outbox's zero-copy adoption: real associations on
+loopback (pynetdicom and dcmtk SCUs), the spooled file's hash, a prune slipping in between link and
+record, and rows a power cut took back rebuilt from the stored DICOM files."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+import teleread.gateway.outbox as outbox_module
+from helpers import copy_testdata, wait_for
+from teleread.gateway.outbox import Outbox
+from teleread.gateway.scp import SUCCESS, ScpConfig, StoreScp, identify
+from teleread.gateway.scp_reactor import SpoolFile, spooled_digest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
+    box = Outbox(tmp_path / "outbox")
+    server = StoreScp(box, ScpConfig(port=0)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        box.close()
+
+
+def _acceptor_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("AcceptorThread") and t.is_alive()]
+
+
+def test_many_stores_on_one_association_each_land_once_and_threads_end_on_release(scp, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(copy_testdata(tmp_path / "in", "CT_small.dcm")[0])
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="TELEREAD_GW")
+    assert assoc.is_established
+    sops = []
+    for _ in range(25):
+        ds.SOPInstanceUID = generate_uid()
+        sops.append(str(ds.SOPInstanceUID))
+        assert assoc.send_c_store(ds).Status == SUCCESS
+    assert assoc.send_c_echo().Status == SUCCESS
+    assoc.release()
+    box: Outbox = scp.outbox
+    (exam,) = box.exams(state="collecting")
+    objects = box.objects_of(exam.id)
+    assert sorted(o.instance_key for o in objects) == sorted(sops)
+    for o in objects:  # each stored file is the instance sent, under its own hash
+        data = o.path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == o.sha256 == o.path.name
+        assert str(pydicom.dcmread(o.path).SOPInstanceUID) == o.instance_key
+    assert list(box.incoming_dir.iterdir()) == []  # every spooled file was adopted
+    wait_for(lambda: not _acceptor_threads(), timeout=10)  # the reactors noticed the release
+
+
+def test_an_abort_mid_association_ends_its_threads_and_keeps_what_was_acknowledged(scp, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(copy_testdata(tmp_path / "in", "CT_small.dcm")[0])
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.port)
+    ds.SOPInstanceUID = generate_uid()
+    assert assoc.send_c_store(ds).Status == SUCCESS
+    assoc.abort()
+    wait_for(lambda: not _acceptor_threads(), timeout=10)
+    box: Outbox = scp.outbox
+    (exam,) = box.exams(state="collecting")
+    assert [o.instance_key for o in box.objects_of(exam.id)] == [str(ds.SOPInstanceUID)]
+
+
+def test_four_dcmtk_associations_at_once_all_land(scp, tmp_path: Path) -> None:
+    assert shutil.which("storescu"), "dcmtk is installed by scripts/test.sh and .ci/run"
+    src = pydicom.dcmread(copy_testdata(tmp_path / "src", "CT_small.dcm")[0])
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for i in range(24):
+        src.SOPInstanceUID = generate_uid()
+        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+        src.save_as(folder / f"{i:03}.dcm", enforce_file_format=True)
+    files = sorted(folder.iterdir())
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", "TELEREAD_GW", "127.0.0.1", str(scp.port), *map(str, files[i::4])],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"},
+        )  # fmt: skip
+        for i in range(4)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0, out[-500:]
+    box: Outbox = scp.outbox
+    (exam,) = box.exams(state="collecting")
+    assert len(box.objects_of(exam.id)) == 24
+
+
+def test_the_spool_file_hashes_what_was_written_and_says_nothing_once_changed(tmp_path: Path) -> None:
+    spool = SpoolFile(str(tmp_path), ".dcm")
+    payload = [b"\0" * 128, b"DICM", bytes(range(256)) * 5000]
+    for part in payload:
+        spool.write(part)
+    path = Path(spool.name)
+    want = hashlib.sha256(b"".join(payload)).hexdigest()
+    assert spooled_digest(path) == (want, sum(map(len, payload)))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == want
+    with open(path, "ab") as other:  # something else wrote to it: the writer's hash no longer holds
+        other.write(b"x")
+    assert spooled_digest(path) is None
+    spool.close()
+    assert spooled_digest(path) is None
+
+
+def test_an_abandoned_spool_file_is_removed_with_it(tmp_path: Path) -> None:
+    spool = SpoolFile(str(tmp_path), ".dcm")
+    spool.write(b"partial")
+    name = Path(spool.name)
+    del spool  # an association aborted mid-dataset drops its message and the file with it
+    import gc
+
+    gc.collect()
+    assert not name.exists()
+
+
+def _spool(box: Outbox, data: bytes) -> Path:
+    path = box.incoming_dir / f"{generate_uid()}.dcm"
+    path.write_bytes(data)
+    return path
+
+
+def test_a_file_pruned_between_link_and_record_is_linked_again(tmp_path: Path, monkeypatch) -> None:
+    box = Outbox(tmp_path / "outbox")
+    data = b"same bytes as an exam sent long ago"
+    sha = hashlib.sha256(data).hexdigest()
+    real_fsync_dir = outbox_module._fsync_dir
+    calls = []
+
+    def prune_slips_in(path: Path) -> None:
+        real_fsync_dir(path)
+        if not calls:  # prune() removes the file of the old exam right after our link
+            (box.objects_dir / sha).unlink()
+        calls.append(path)
+
+    monkeypatch.setattr(outbox_module, "_fsync_dir", prune_slips_in)
+    obj = box.adopt(_spool(box, data), group_key="1.2.3", instance_key="1.2.3.4", digest=(sha, len(data)))
+    assert obj.path.read_bytes() == data
+    assert len(calls) == 2  # linked again, and that link synced too
+    assert list(box.incoming_dir.iterdir()) == []
+    box.close()
+
+
+def test_rows_a_power_cut_took_back_are_rebuilt_from_the_stored_instances(tmp_path: Path) -> None:
+    ct, ecg = copy_testdata(tmp_path / "in", "CT_small.dcm", "waveform_ecg.dcm")
+    box = Outbox(tmp_path / "outbox")
+    for f in (ct, ecg):
+        box.adopt(_spool(box, f.read_bytes()), group_key=str(pydicom.dcmread(f).StudyInstanceUID),
+                  instance_key=str(pydicom.dcmread(f).SOPInstanceUID), rebuildable=True)  # fmt: skip
+    box.receive(__import__("io").BytesIO(b"a WFDB header"), group_key="wfdb:abc", instance_key="r.hea", role="hea")
+    junk = box.objects_dir / ("0" * 64)
+    junk.write_bytes(b"bytes that do not match their name")
+    box.close()
+    # what a power cut does to commits that were not synced: the rows are gone, the files are not
+    db = sqlite3.connect(tmp_path / "outbox" / "outbox.db")
+    db.execute("DELETE FROM objects WHERE role='dicom'")
+    db.execute("DELETE FROM exams WHERE group_key NOT LIKE 'wfdb:%'")
+    db.commit()
+    db.close()
+    box = Outbox(tmp_path / "outbox")
+    assert box.adopt_orphans(identify) == 2
+    assert not junk.exists()
+    exams = {e.group_key: e for e in box.exams(state="collecting")}
+    for f, kind in ((ct, "image"), (ecg, "ecg")):
+        ds = pydicom.dcmread(f)
+        exam = exams[str(ds.StudyInstanceUID)]
+        assert exam.kind == kind
+        (obj,) = box.objects_of(exam.id)
+        assert obj.instance_key == str(ds.SOPInstanceUID)
+        assert obj.path.read_bytes() == f.read_bytes()
+    assert box.adopt_orphans(identify) == 0  # nothing left to rebuild; the WFDB file is not touched
+    box.close()
+
+
+def test_identify_reads_the_uids_and_refuses_what_is_not_dicom(tmp_path: Path) -> None:
+    (ecg,) = copy_testdata(tmp_path, "waveform_ecg.dcm")
+    ident = identify(ecg)
+    ds = pydicom.dcmread(ecg)
+    assert ident is not None
+    assert (ident.group_key, ident.instance_key, ident.kind) == (str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), "ecg")
+    other = tmp_path / "x.hea"
+    other.write_text("100 1 500 5000\n")
+    assert identify(other) is None
+
+
+def test_the_receiver_answers_an_echo_after_idling(scp) -> None:
+    """The reactors wait on events, not on a poll: after an idle second an echo still works."""
+    ae = AE()
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port)
+    time.sleep(1.0)
+    assert assoc.send_c_echo().Status == SUCCESS
+    assoc.release()
+
+
+def _study(folder: Path, src: Path, count: int) -> list[Path]:
+    ds = pydicom.dcmread(src)
+    folder.mkdir()
+    for i in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"{i:03}.dcm", enforce_file_format=True)
+    return sorted(folder.iterdir())
+
+
+def test_a_receiver_pool_spreads_associations_over_processes_and_replaces_one_that_dies(tmp_path: Path) -> None:
+    from teleread.gateway.scp_pool import ReceiverPool
+
+    assert shutil.which("storescu"), "dcmtk is installed by scripts/test.sh and .ci/run"
+    (src,) = copy_testdata(tmp_path / "src", "CT_small.dcm")
+    files = _study(tmp_path / "study", src, 24)
+    box = Outbox(tmp_path / "outbox")  # the gateway process owns the outbox; receivers write into it
+    pool = ReceiverPool(box.root, ScpConfig(port=0), 2).start()
+    try:
+        procs = [
+            subprocess.Popen(
+                ["storescu", "-aec", "TELEREAD_GW", "127.0.0.1", str(pool.port), *map(str, files[i::4])],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"},
+            )  # fmt: skip
+            for i in range(4)
+        ]
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0, out[-500:]
+        (exam,) = box.exams(state="collecting")
+        stored = box.objects_of(exam.id)
+        assert sorted(o.instance_key for o in stored) == sorted(
+            str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files
+        )
+        assert all(hashlib.sha256(o.path.read_bytes()).hexdigest() == o.sha256 for o in stored)
+        wait_for(lambda: all(r.active == 0 for r in pool._receivers), timeout=10)  # each end was reported
+        victim = pool._receivers[0].proc
+        victim.kill()
+        victim.join()
+        wait_for(lambda: all(r.proc.is_alive() for r in pool._receivers) and victim not in
+                 [r.proc for r in pool._receivers], timeout=20)  # fmt: skip
+        late = _study(tmp_path / "late", src, 4)
+        for _ in range(2):  # both receivers, the new one included, take associations
+            sent = subprocess.run(
+                ["storescu", "-aec", "TELEREAD_GW", "127.0.0.1", str(pool.port), *map(str, late)],
+                capture_output=True, text=True, timeout=60, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"},
+            )  # fmt: skip
+            assert sent.returncode == 0, sent.stdout[-500:]
+        assert len(box.objects_of(exam.id)) == 28
+        receivers = [r.proc for r in pool._receivers]
+    finally:
+        pool.stop()
+        box.close()
+    assert not any(p.is_alive() for p in receivers)  # stopping the pool stops its processes
+
+
+@pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.3.45", generate_uid()])
+def test_the_spooled_file_meta_is_byte_for_byte_what_pydicom_writes(instance: str) -> None:
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from teleread.gateway.scp_reactor import SpoolMeta
+
+    fields = {"sop_class_uid": CTImageStorage, "sop_instance_uid": instance, "transfer_syntax": "1.2.840.10008.1.2.1"}
+    want = io.BytesIO()
+    write_file_meta_info(want, create_file_meta(**fields))
+    assert SpoolMeta(*map(str, fields.values())).encode() == want.getvalue()
