@@ -351,7 +351,9 @@ def measure(
     if profile_dir is not None and target_name == "gateway":
         profile = profile_dir / f"receiver-{dataset}-{associations}assoc-{repeat}.txt"
     target: GatewayTarget | OrthancTarget = (
-        GatewayTarget(folder, profile=profile, receivers=receivers) if target_name == "gateway" else OrthancTarget(folder, binary=orthanc)
+        GatewayTarget(folder, profile=profile, receivers=receivers)
+        if target_name == "gateway"
+        else OrthancTarget(folder, binary=orthanc)
     )
     size = sum(f.stat().st_size for f in files)
     try:

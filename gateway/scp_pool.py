@@ -39,9 +39,7 @@ class _Receiver:
     def __init__(self, ctx: Any, root: Path, config: ScpConfig, log_level: str) -> None:
         self.chan, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.active = 0
-        self.proc = ctx.Process(
-            target=_receiver_main, args=(str(root), asdict(config), child, log_level), daemon=True
-        )
+        self.proc = ctx.Process(target=_receiver_main, args=(str(root), asdict(config), child, log_level), daemon=True)
         self.proc.start()
         child.close()
 

@@ -302,11 +302,11 @@ class EventDrivenDUL(DULServiceProvider):
         finally:
             self._wake_r.close()
             self._wake_w.close()
-            self.assoc._reactor_wake.set()
+            self.assoc._reactor_wake.set()  # type: ignore[attr-defined]
 
     def _run_reactor_waiting(self) -> None:
         self._idle_timer.start()
-        wake_assoc: threading.Event = self.assoc._reactor_wake
+        wake_assoc: threading.Event = self.assoc._reactor_wake  # type: ignore[attr-defined]
         idle = False
         while True:
             if not self.assoc._dul_ready.is_set():

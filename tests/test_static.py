@@ -21,8 +21,9 @@ ADAPTERS = {
     "pynetdicom": {
         "teleread/logs.py",
         "gateway/scp.py",
+        "gateway/scp_reactor.py",
         "gateway/dicom_send.py",
-    },  # logs: identifier logging off; the DICOM receiver
+    },  # logs: identifier logging off; the DICOM receiver and its event-driven acceptor
     "reportlab": {"gateway/report_pdf.py"},  # the printable report at the clinic
     # the learned models: the registry loads weights, each model module and its trainer use torch
     "torch": {
