@@ -260,12 +260,6 @@ class Link:
         run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={algorithm}")
 
     @staticmethod
-    def set_notsent_lowat(ns: str, size: int) -> None:
-        """Cap the bytes a TCP socket of the namespace holds unsent (``tcp_notsent_lowat``): what a
-        cut strands in the sender's kernel, to be sent again, is then at most this per connection."""
-        run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_notsent_lowat={size}")
-
-    @staticmethod
     def congestion_control(ns: str) -> str:
         done = run("ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.tcp_congestion_control")
         return done.stdout.strip()

@@ -20,8 +20,7 @@ fresh synthetic CT study (``bench/_data.py``: 512x512 int16 slices of random pix
 put into a fresh outbox and marked complete before the gateway starts. The clock runs from the first
 ``drain_once`` to the ``CommitExam`` answer (both in the gateway process); goodput is the study's
 bytes x 8 / that time. Congestion control is per network namespace: the gateway's namespace is set to
-cubic (Linux's default) or bbr before each run, its tcp_notsent_lowat to 128 KiB (as the README
-advises for the gateway host), and cached TCP metrics are flushed.
+cubic (Linux's default) or bbr before each run, and cached TCP metrics are flushed.
 
 (a) Goodput of the 100 MB study with cubic and with bbr. A run that has not committed after the cap
 (1.2 x the time the target allows) is stopped; its goodput is then the bytes the hub had stored by then.
@@ -71,7 +70,6 @@ MIB = 1024 * 1024
 TARGET_SHARE = 0.80
 HUB_START_TIMEOUT_S = 120.0
 TOKEN_ENV = "BENCH_GATEWAY_TOKEN"
-NOTSENT_LOWAT = 128 * 1024  # the gateway host's net.ipv4.tcp_notsent_lowat (README: uplink set-up)
 
 
 # --- the gateway process (inside tr-clinic) --------------------------------------------------------
@@ -602,7 +600,6 @@ class Bench:
         run = UploadRun(name, cc, parallel, channels, study.size, len(study.files), cap_s)
         run.chunk_size = chunk_size or MESSAGE_BYTES
         self.link.set_congestion_control(_netns.CLINIC, cc)
-        _netns.Link.set_notsent_lowat(_netns.CLINIC, NOTSENT_LOWAT)
         _netns.Link.forget_tcp_metrics()
         self.link.command("reset")
         log = open(self.work / "logs" / f"gateway-{name.replace(' ', '-')}.log", "ab")

@@ -30,9 +30,13 @@ from teleread.client import RetryPolicy
 log = logging.getLogger("teleread.gateway.forward")
 
 # Messages of a quarter chunk: the hub confirms offsets message by message, so a stream cut mid-way
-# keeps more of what crossed. (What is re-sent after a cut is bounded mostly by what gRPC had already
-# pulled into its flow-control windows: bench/gateway_link.py measured 0-1.76 MiB per cut.)
+# keeps more of what crossed.
 MESSAGE_BYTES = CHUNK_SIZE // 4
+# What a stream may send beyond the hub's confirmed offset. Without a bound, gRPC pulls messages into
+# its flow-control windows and socket buffers well ahead of the hub, and a cut that ends the streams
+# makes the gateway send all of that again (bench/gateway_link.py measured up to 1.76 MiB per cut
+# with 4 streams); one message per stream keeps a cut's re-send within one 1 MiB chunk.
+IN_FLIGHT_BYTES = MESSAGE_BYTES
 # the hub refused the content itself: retrying the same bytes cannot help
 PERMANENT = ("INVALID_ARGUMENT", "ALREADY_EXISTS")
 # the link or the hub did not answer (anything else came from a hub that is up)
@@ -79,8 +83,10 @@ class Forwarder:
         compression: str = "off",
         routine_windows: list[Window] | None = None,
         message_bytes: int = MESSAGE_BYTES,
+        in_flight_bytes: int = IN_FLIGHT_BYTES,
     ) -> None:
         self.message_bytes = message_bytes
+        self.in_flight_bytes = in_flight_bytes
         self.outbox = outbox
         self.limiter = limiter
         self.compression = compression
@@ -138,6 +144,7 @@ class Forwarder:
                 limiter=self.limiter,
                 compression=self.compression,
                 chunk_size=self.message_bytes,
+                in_flight=self.in_flight_bytes,
             )
         except Exception as exc:  # anything unexpected: keep the exam, retry later, say what kind
             delay = self.outbox.failed(exam.id, type(exc).__name__)

@@ -151,9 +151,13 @@ class StoreScp:
             pass
 
     def _on_store(self, event: Any) -> int:
-        from teleread.gateway.scp_reactor import spooled_digest
+        from teleread.gateway.scp_reactor import spool_error, spooled_digest
 
         path = Path(event.dataset_path)
+        if spool_error(path) is not None:  # the disk filled while the dataset arrived
+            path.unlink(missing_ok=True)
+            log.error("instance not stored", extra={"reason": "GATEWAY_DISK_FULL"})
+            return OUT_OF_RESOURCES
         try:
             ds = _read_identifiers(path)
         except Exception:  # noqa: BLE001 - the parser's text may quote data; answer with a status

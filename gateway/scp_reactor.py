@@ -90,14 +90,25 @@ class SpoolFile:
         self.file = os.fdopen(fd, "wb", buffering=0)
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: OSError | None = None
         self._unsynced_from = 0
         _spooled[self.name] = self
 
     def write(self, data: Any) -> int:
+        """Write ``data``; a failed write (a full disk) is kept in ``error`` and the rest of the
+        dataset is dropped, so the association lives on and the handler answers 0xA700."""
         view = memoryview(data)
+        if self.error is not None:
+            return len(view)
         written = 0
-        while written < len(view):  # a raw file may write less than asked
-            written += self.file.write(view[written:]) or 0
+        try:
+            while written < len(view):  # a raw file may write less than asked
+                written += self.file.write(view[written:]) or 0
+        except OSError as exc:
+            self.error = exc
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.file.fileno(), 0)  # give the space back at once
+            return len(view)
         self.sha256.update(view)
         self.size += written
         if self.size - self._unsynced_from >= self.WRITEBACK_EVERY:
@@ -122,6 +133,12 @@ class SpoolFile:
 
 
 _spooled: weakref.WeakValueDictionary[str, SpoolFile] = weakref.WeakValueDictionary()
+
+
+def spool_error(path: Path) -> OSError | None:
+    """The write error of a dataset this process spooled, if writing it failed."""
+    spool = _spooled.get(os.fspath(path))
+    return spool.error if spool is not None else None
 
 
 def spooled_digest(path: Path) -> tuple[str, int] | None:

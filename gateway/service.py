@@ -88,6 +88,7 @@ class Gateway:
             limiter=TokenBucket(limit) if self.config.max_kbps > 0 else None,
             compression=self.config.compression,
             routine_windows=routine_windows,
+            in_flight_bytes=max(0, self.config.in_flight_kib) * 1024,
         )
         orphans = self.outbox.adopt_orphans(identify)
         if orphans:  # rows a power cut took back, recorded again from their DICOM files

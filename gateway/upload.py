@@ -108,6 +108,7 @@ class _Uploader:
     parallel: int = 1
     limiter: TokenBucket | None = None
     compression: str = "off"  # "off" | "gzip" | "auto" (gzip for objects that shrink)
+    in_flight: int = 0  # most bytes a stream runs ahead of the hub's confirmed offset; 0: no bound
     fatal: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -234,6 +235,8 @@ class _Uploader:
     def _stream(self, obj: ScanObject, upload_id: str, *, offset: int, mark: _Mark) -> ingest_pb2.UploadStatus:
         size = self.limiter.message_size(self.chunk_size) if self.limiter else self.chunk_size
         reader = _ChunkReader(obj, upload_id=upload_id, offset=offset, size=size, limiter=self.limiter)
+        if self.in_flight > 0:
+            reader.in_flight, reader.confirmed = self.in_flight, lambda: self._confirmed(upload_id)
         deadline = self.timeout + (obj.size - offset) / MIN_UPLOAD_RATE
         try:
             status = self.ingest.Upload(reader.chunks(mark), timeout=deadline, **self._wire_options(obj, offset))
@@ -241,9 +244,16 @@ class _Uploader:
             if reader.error is not None:  # our read failed and cut the stream short
                 raise reader.error from None
             raise
+        finally:
+            reader.finished.set()  # a reader waiting for confirmations stops with the call
         if reader.error is not None:
             raise reader.error
         return status
+
+    def _confirmed(self, upload_id: str) -> int:
+        """The hub's confirmed offset of an upload while its stream runs (one try, short deadline)."""
+        request = ingest_pb2.GetUploadStatusRequest(upload_id=upload_id)
+        return int(self.ingest.GetUploadStatus(request, timeout=min(self.timeout, 10.0)).committed_offset)
 
 
 class _Mark:
@@ -268,6 +278,30 @@ class _ChunkReader:
     size: int
     limiter: TokenBucket | None = None
     error: OSError | TelereadError | None = None
+    in_flight: int = 0  # see _Uploader.in_flight
+    confirmed: Callable[[], int] | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    _acked: int = -1
+
+    def _hold(self, position: int, n: int) -> None:
+        """Wait until sending ``n`` more bytes at ``position`` keeps the stream within ``in_flight``
+        bytes of the hub's confirmed offset: bytes handed to gRPC sit in its flow-control windows
+        and socket buffers, and a cut that ends the stream makes the gateway send them again."""
+        if self.in_flight <= 0 or self.confirmed is None:
+            return
+        if self._acked < 0:
+            self._acked = self.offset
+        allowed = max(self.in_flight, n)
+        pause = 0.01
+        while position + n - self._acked > allowed and not self.finished.is_set():
+            try:
+                self._acked = max(self._acked, self.confirmed())
+            except grpc.RpcError:  # the link is down: the stream itself will fail or carry on
+                pass
+            if position + n - self._acked <= allowed:
+                return
+            self.finished.wait(pause)
+            pause = min(pause * 2, 0.2)
 
     def chunks(self, mark: _Mark) -> Iterator[ingest_pb2.UploadChunk]:
         """The stream's messages: the first names the upload and offset; at most ``size``
@@ -285,6 +319,9 @@ class _ChunkReader:
                     mark.reach(position)
                     data = stream.read(min(self.size, self.obj.size - position))
                     if data:
+                        self._hold(position, len(data))
+                        if self.finished.is_set():
+                            return
                         self._pace(len(data))
                         yield ingest_pb2.UploadChunk(data=data)
             if position < self.obj.size:
@@ -318,6 +355,7 @@ def upload_exams(
     parallel: int = DEFAULT_PARALLEL,
     limiter: TokenBucket | None = None,
     compression: str = "off",
+    in_flight: int = 0,
 ) -> list[ExamOutcome]:
     """Upload every exam (resuming cut streams), committing those whose objects all stored.
     ``progress`` receives the number of newly sent bytes (bytes re-sent after a cut count once).
@@ -336,6 +374,7 @@ def upload_exams(
         parallel=max(1, parallel),
         limiter=limiter,
         compression=compression,
+        in_flight=in_flight,
     )
 
     def one(exam: ScanExam) -> ExamOutcome:

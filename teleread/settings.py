@@ -66,6 +66,7 @@ class GatewaySettings(BaseModel):
     watch_dir: Path | None = None  # files dropped here (WFDB pairs, DICOM); default: <data_dir>/watch
     watch_settle_seconds: float = 2.0  # a dropped file unchanged for this long is complete
     streams: int = 4  # objects uploaded at once
+    in_flight_kib: int = 256  # most a stream sends beyond the hub's confirmed offset (what a cut re-sends); 0: none
     connections: int = 1  # TCP connections to the hub (more fill a long, lossy link under cubic; see README)
     max_kbps: float = 0.0  # upload limit in kilobits/s for all streams together; 0: none
     limit_windows: list[str] = Field(default_factory=list)  # local "HH:MM-HH:MM" when the limit applies; none: always

@@ -112,3 +112,69 @@ def test_an_exam_whose_commit_answer_was_lost_is_recorded_committed_not_sent_twi
     (again,) = forwarder.drain()
     assert again.outcome == "committed" and again.detail == first.detail  # the same hub exam
     assert box.exam(first.exam_id).hub_exam_id == first.detail
+
+
+def test_a_stream_never_runs_more_than_the_in_flight_bound_ahead_of_the_hub(
+    embedded_stack, tmp_path: Path, monkeypatch
+) -> None:
+    import numpy as np
+
+    from teleread.gateway import upload
+
+    (ct,) = copy_testdata(tmp_path / "in", "CT_small.dcm")
+    ds = pydicom.dcmread(ct)
+    ds.Rows = ds.Columns = 1024
+    ds.PixelData = np.random.default_rng(7).integers(0, 4000, (1024, 1024), dtype=np.uint16).tobytes()
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    ahead: list[int] = []
+    polls: list[int] = []
+    real_hold = upload._ChunkReader._hold
+
+    def hold(self, position: int, n: int) -> None:  # type: ignore[no-untyped-def]
+        confirmed = self.confirmed
+
+        def counted() -> int:
+            polls.append(1)
+            return confirmed()  # type: ignore[no-any-return]
+
+        self.confirmed = counted
+        real_hold(self, position, n)
+        self.confirmed = confirmed
+        ahead.append(position + n - self._acked)
+
+    monkeypatch.setattr(upload._ChunkReader, "_hold", hold)
+    box = Outbox(tmp_path / "outbox")
+    _receive_file(box, big)
+    forwarder = Forwarder(
+        box, ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a")), message_bytes=64 * 1024,
+        in_flight_bytes=128 * 1024,
+    )  # fmt: skip
+    (result,) = forwarder.drain()
+    assert result.outcome == "committed"
+    assert len(ahead) >= 30 and max(ahead) <= 128 * 1024  # every message waited for room
+    assert polls  # the hub's confirmed offset was asked for while the stream ran
+    radio = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("radio"))
+    details = radio.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=result.detail), timeout=10)
+    assert details.objects[0].sha256 == hashlib.sha256(big.read_bytes()).hexdigest()
+
+
+def test_a_reader_waiting_for_confirmations_stops_with_its_call(tmp_path: Path) -> None:
+    import threading
+
+    from teleread.gateway import upload
+    from teleread.gateway.scan import Role, ScanObject
+
+    f = tmp_path / "obj"
+    f.write_bytes(b"x" * 300_000)
+    reader = upload._ChunkReader(ScanObject(f, 300_000, "0" * 64, Role("dicom")), upload_id="u", offset=0, size=100_000)
+    reader.in_flight, reader.confirmed = 100_000, lambda: 0  # the hub confirms nothing
+    sent: list[int] = []
+    mark = upload._Mark(None)
+    worker = threading.Thread(target=lambda: sent.extend(len(c.data) for c in reader.chunks(mark)))
+    worker.start()
+    time.sleep(0.5)
+    assert sent == [] or sum(sent) <= 100_000  # held after the first message
+    reader.finished.set()  # the call ended (a cut, a deadline): the reader returns
+    worker.join(timeout=5)
+    assert not worker.is_alive() and sum(sent) == 100_000

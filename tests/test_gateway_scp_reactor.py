@@ -287,3 +287,46 @@ def test_the_spooled_file_meta_is_byte_for_byte_what_pydicom_writes(instance: st
     want = io.BytesIO()
     write_file_meta_info(want, create_file_meta(**fields))
     assert SpoolMeta(*map(str, fields.values())).encode() == want.getvalue()
+
+
+def test_a_disk_that_fills_while_a_dataset_arrives_gets_a700_and_the_association_goes_on(
+    scp, tmp_path: Path, monkeypatch
+) -> None:
+    import errno
+
+    from teleread.gateway import scp_reactor
+
+    ds = pydicom.dcmread(copy_testdata(tmp_path / "in", "CT_small.dcm")[0])
+    real_init = scp_reactor.SpoolFile.__init__
+    full = {"on": True}
+
+    class FullDisk:
+        def __init__(self, raw: object) -> None:
+            self.raw = raw
+
+        def write(self, data: object) -> int:
+            if full["on"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.raw.write(data)  # type: ignore[attr-defined, no-any-return]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.raw, name)
+
+    def init(self, directory: str, suffix: str) -> None:  # type: ignore[no-untyped-def]
+        real_init(self, directory, suffix)
+        self.file = FullDisk(self.file)
+
+    monkeypatch.setattr(scp_reactor.SpoolFile, "__init__", init)
+    ae = AE()
+    ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.port)
+    ds.SOPInstanceUID = generate_uid()
+    assert assoc.send_c_store(ds).Status == 0xA700  # out of resources: the modality keeps it
+    box: Outbox = scp.outbox
+    assert box.exams(state="collecting") == [] and list(box.incoming_dir.iterdir()) == []
+    full["on"] = False  # space again: the same association stores the next instance
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == SUCCESS
+    assoc.release()
+    (exam,) = box.exams(state="collecting")
+    assert [o.instance_key for o in box.objects_of(exam.id)] == [str(ds.SOPInstanceUID)]
