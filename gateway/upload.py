@@ -301,7 +301,7 @@ class _ChunkReader:
             if position + n - self._acked <= allowed:
                 return
             self.finished.wait(pause)
-            pause = min(pause * 2, 0.2)
+            pause = min(pause * 2, 0.1)
 
     def chunks(self, mark: _Mark) -> Iterator[ingest_pb2.UploadChunk]:
         """The stream's messages: the first names the upload and offset; at most ``size``
