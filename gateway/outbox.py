@@ -193,10 +193,7 @@ class Outbox:
         max_bytes: int = 4 * 1024**3,
     ) -> OutboxObject:
         """Stream ``source`` to disk, fsync it, then record it; return only when it is durable."""
-        _check_key(group_key, "group key")
-        _check_key(instance_key, "instance key")
-        if priority not in PRIORITY_RANK:
-            raise InvalidInput(f"unknown priority {priority!r}", reason="BAD_PRIORITY")
+        _check_fields(group_key, instance_key, priority)
         tmp = self.incoming_dir / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         size = 0
@@ -247,10 +244,7 @@ class Outbox:
         try:
             if spooled.parent.resolve() != self.incoming_dir.resolve():
                 raise ValueError(f"adopt() takes files under {self.incoming_dir}, not {spooled.parent}")
-            _check_key(group_key, "group key")
-            _check_key(instance_key, "instance key")
-            if priority not in PRIORITY_RANK:
-                raise InvalidInput(f"unknown priority {priority!r}", reason="BAD_PRIORITY")
+            _check_fields(group_key, instance_key, priority)
             with open(spooled, "rb") as f:
                 if digest is None:
                     hasher = hashlib.sha256()
@@ -608,6 +602,13 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _check_fields(group_key: str, instance_key: str, priority: str) -> None:
+    _check_key(group_key, "group key")
+    _check_key(instance_key, "instance key")
+    if priority not in PRIORITY_RANK:
+        raise InvalidInput(f"unknown priority {priority!r}", reason="BAD_PRIORITY")
 
 
 def _check_key(value: str, what: str) -> None:

@@ -104,6 +104,21 @@ def hub_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubSta
 
 
 @pytest.fixture
+def scp(tmp_path: Path) -> Iterator[Any]:
+    """The gateway's DICOM receiver on a free loopback port, writing into a fresh outbox."""
+    from teleread.gateway.outbox import Outbox
+    from teleread.gateway.scp import ScpConfig, StoreScp
+
+    box = Outbox(tmp_path / "outbox")
+    server = StoreScp(box, ScpConfig(port=0)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        box.close()
+
+
+@pytest.fixture
 def embedded_stack(tmp_path: Path) -> Iterator[HubStack]:
     stack = start_stack("embedded", make_settings(tmp_path))
     try:

@@ -14,23 +14,12 @@ import pytest
 from helpers import copy_testdata, wait_for
 from teleread.gateway.forward import Forwarder
 from teleread.gateway.outbox import Outbox
-from teleread.gateway.scp import CANNOT_UNDERSTAND, ScpConfig, StoreScp
+from teleread.gateway.scp import CANNOT_UNDERSTAND
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
 DCMTK = shutil.which("storescu") and shutil.which("echoscu")
-
-
-@pytest.fixture
-def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
-    box = Outbox(tmp_path / "outbox")
-    server = StoreScp(box, ScpConfig(port=0)).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        box.close()
 
 
 def _dcmtk(*args: str) -> subprocess.CompletedProcess[str]:

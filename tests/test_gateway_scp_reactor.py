@@ -21,21 +21,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 import teleread.gateway.outbox as outbox_module
 from helpers import copy_testdata, wait_for
 from teleread.gateway.outbox import Outbox
-from teleread.gateway.scp import SUCCESS, ScpConfig, StoreScp, identify
+from teleread.gateway.scp import SUCCESS, ScpConfig, identify
 from teleread.gateway.scp_reactor import SpoolFile, spooled_digest
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
-    box = Outbox(tmp_path / "outbox")
-    server = StoreScp(box, ScpConfig(port=0)).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        box.close()
 
 
 def _acceptor_threads() -> list[threading.Thread]:
@@ -82,28 +71,36 @@ def test_an_abort_mid_association_ends_its_threads_and_keeps_what_was_acknowledg
     assert [o.instance_key for o in box.objects_of(exam.id)] == [str(ds.SOPInstanceUID)]
 
 
-def test_four_dcmtk_associations_at_once_all_land(scp, tmp_path: Path) -> None:
+def _send_with_dcmtk(port: int, files: list[Path], associations: int) -> None:
+    """dcmtk's storescu, one process per association, each on its share of ``files``."""
     assert shutil.which("storescu"), "dcmtk is installed by scripts/test.sh and .ci/run"
-    src = pydicom.dcmread(copy_testdata(tmp_path / "src", "CT_small.dcm")[0])
-    folder = tmp_path / "study"
-    folder.mkdir()
-    for i in range(24):
-        src.SOPInstanceUID = generate_uid()
-        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
-        src.save_as(folder / f"{i:03}.dcm", enforce_file_format=True)
-    files = sorted(folder.iterdir())
     procs = [
         subprocess.Popen(
-            ["storescu", "-aec", "TELEREAD_GW", "127.0.0.1", str(scp.port), *map(str, files[i::4])],
+            ["storescu", "-aec", "TELEREAD_GW", "127.0.0.1", str(port), *map(str, files[i::associations])],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={"TCP_NODELAY": "1", "PATH": "/usr/bin"},
-        )  # fmt: skip
-        for i in range(4)
+        )
+        for i in range(associations)
     ]
     for p in procs:
         out, _ = p.communicate(timeout=60)
         assert p.returncode == 0, out[-500:]
+
+
+def _study(folder: Path, src: Path, count: int) -> list[Path]:
+    ds = pydicom.dcmread(src)
+    folder.mkdir()
+    for i in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"{i:03}.dcm", enforce_file_format=True)
+    return sorted(folder.iterdir())
+
+
+def test_four_dcmtk_associations_at_once_all_land(scp, tmp_path: Path) -> None:
+    (src,) = copy_testdata(tmp_path / "src", "CT_small.dcm")
+    _send_with_dcmtk(scp.port, _study(tmp_path / "study", src, 24), 4)
     box: Outbox = scp.outbox
     (exam,) = box.exams(state="collecting")
     assert len(box.objects_of(exam.id)) == 24
@@ -216,37 +213,15 @@ def test_the_receiver_answers_an_echo_after_idling(scp) -> None:
     assoc.release()
 
 
-def _study(folder: Path, src: Path, count: int) -> list[Path]:
-    ds = pydicom.dcmread(src)
-    folder.mkdir()
-    for i in range(count):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(folder / f"{i:03}.dcm", enforce_file_format=True)
-    return sorted(folder.iterdir())
-
-
 def test_a_receiver_pool_spreads_associations_over_processes_and_replaces_one_that_dies(tmp_path: Path) -> None:
     from teleread.gateway.scp_pool import ReceiverPool
 
-    assert shutil.which("storescu"), "dcmtk is installed by scripts/test.sh and .ci/run"
     (src,) = copy_testdata(tmp_path / "src", "CT_small.dcm")
     files = _study(tmp_path / "study", src, 24)
     box = Outbox(tmp_path / "outbox")  # the gateway process owns the outbox; receivers write into it
     pool = ReceiverPool(box.root, ScpConfig(port=0), 2).start()
     try:
-        procs = [
-            subprocess.Popen(
-                ["storescu", "-aec", "TELEREAD_GW", "127.0.0.1", str(pool.port), *map(str, files[i::4])],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env={"TCP_NODELAY": "1", "PATH": "/usr/bin"},
-            )  # fmt: skip
-            for i in range(4)
-        ]
-        for p in procs:
-            out, _ = p.communicate(timeout=60)
-            assert p.returncode == 0, out[-500:]
+        _send_with_dcmtk(pool.port, files, 4)
         (exam,) = box.exams(state="collecting")
         stored = box.objects_of(exam.id)
         assert sorted(o.instance_key for o in stored) == sorted(
@@ -261,11 +236,7 @@ def test_a_receiver_pool_spreads_associations_over_processes_and_replaces_one_th
                  [r.proc for r in pool._receivers], timeout=20)  # fmt: skip
         late = _study(tmp_path / "late", src, 4)
         for _ in range(2):  # both receivers, the new one included, take associations
-            sent = subprocess.run(
-                ["storescu", "-aec", "TELEREAD_GW", "127.0.0.1", str(pool.port), *map(str, late)],
-                capture_output=True, text=True, timeout=60, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"},
-            )  # fmt: skip
-            assert sent.returncode == 0, sent.stdout[-500:]
+            _send_with_dcmtk(pool.port, late, 1)
         assert len(box.objects_of(exam.id)) == 28
         receivers = [r.proc for r in pool._receivers]
     finally:
