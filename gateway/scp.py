@@ -68,17 +68,27 @@ def _read_identifiers(path: Path) -> Any:
     )
 
 
+def _valid_uids(ds: Any) -> tuple[str, str, str] | None:
+    """The study, instance and SOP class UIDs of a dataset, or ``None`` unless all three are valid."""
+    study, sop, sop_class = ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+    if not (_valid_uid(study) and _valid_uid(sop) and _valid_uid(sop_class)):
+        return None
+    return str(study), str(sop), str(sop_class)
+
+
+def instance_kind(sop_class: str) -> str:
+    """ "ecg" for the ECG waveform SOP classes, else "image": the outbox exam's kind."""
+    return "ecg" if sop_class in ECG_SOP_CLASSES else "image"
+
+
 def identify(path: Path) -> Identity | None:
     """Where a stored DICOM instance belongs (its study and instance UIDs), or ``None`` when the
     file is not a DICOM instance with valid UIDs: for :meth:`Outbox.adopt_orphans`."""
     try:
-        ds = _read_identifiers(path)
+        uids = _valid_uids(_read_identifiers(path))
     except Exception:  # noqa: BLE001 - not DICOM (a WFDB file of the watch folder, say)
         return None
-    study, sop, sop_class = ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
-    if not (_valid_uid(study) and _valid_uid(sop) and _valid_uid(sop_class)):
-        return None
-    return Identity(str(study), str(sop), "ecg" if str(sop_class) in ECG_SOP_CLASSES else "image")
+    return None if uids is None else Identity(uids[0], uids[1], instance_kind(uids[2]))
 
 
 class StoreScp:
@@ -163,27 +173,24 @@ class StoreScp:
         except Exception:  # noqa: BLE001 - the parser's text may quote data; answer with a status
             log.warning("instance refused", extra={"reason": "UNREADABLE_DICOM"})
             return CANNOT_UNDERSTAND
-        study, sop, sop_class = ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
-        if not (_valid_uid(study) and _valid_uid(sop) and _valid_uid(sop_class)):
+        uids = _valid_uids(ds)
+        if uids is None:
             log.warning("instance refused", extra={"reason": "BAD_UID"})
             return CANNOT_UNDERSTAND
-        if str(sop_class) != str(event.request.AffectedSOPClassUID) or str(sop) != str(
-            event.request.AffectedSOPInstanceUID
-        ):
+        study, sop, sop_class = uids
+        if sop_class != str(event.request.AffectedSOPClassUID) or sop != str(event.request.AffectedSOPInstanceUID):
             log.warning("instance refused", extra={"reason": "IDENTIFIER_MISMATCH"})
             return MISMATCH
-        kind = "ecg" if str(sop_class) in ECG_SOP_CLASSES else "image"
+        kind = instance_kind(sop_class)
         try:
             if path.parent == self.outbox.incoming_dir:  # spooled into the outbox: adopted, not copied
                 self.outbox.adopt(
-                    path, group_key=str(study), instance_key=str(sop), kind=kind, priority=self.config.priority,
+                    path, group_key=study, instance_key=sop, kind=kind, priority=self.config.priority,
                     digest=spooled_digest(path), rebuildable=True,
                 )  # fmt: skip
             else:
                 with open(path, "rb") as f:
-                    self.outbox.receive(
-                        f, group_key=str(study), instance_key=str(sop), kind=kind, priority=self.config.priority
-                    )
+                    self.outbox.receive(f, group_key=study, instance_key=sop, kind=kind, priority=self.config.priority)
         except ResourceExhausted as exc:
             log.error("instance not stored", extra={"reason": exc.reason})
             return OUT_OF_RESOURCES

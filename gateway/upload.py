@@ -281,7 +281,10 @@ class _ChunkReader:
     in_flight: int = 0  # see _Uploader.in_flight
     confirmed: Callable[[], int] | None = None
     finished: threading.Event = field(default_factory=threading.Event)
-    _acked: int = -1
+    _acked: int = field(init=False)  # the hub's confirmed offset as last heard
+
+    def __post_init__(self) -> None:
+        self._acked = self.offset
 
     def _hold(self, position: int, n: int) -> None:
         """Wait until sending ``n`` more bytes at ``position`` keeps the stream within ``in_flight``
@@ -289,8 +292,6 @@ class _ChunkReader:
         and socket buffers, and a cut that ends the stream makes the gateway send them again."""
         if self.in_flight <= 0 or self.confirmed is None:
             return
-        if self._acked < 0:
-            self._acked = self.offset
         allowed = max(self.in_flight, n)
         pause = 0.01
         while position + n - self._acked > allowed and not self.finished.is_set():

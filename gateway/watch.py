@@ -45,7 +45,7 @@ from teleread import ecgio
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 from teleread.gateway.outbox import PRIORITY_RANK, Outbox, OutboxObject
 from teleread.gateway.scan import Role, file_sha256
-from teleread.gateway.scp import ECG_SOP_CLASSES, _valid_uid
+from teleread.gateway.scp import _valid_uid, instance_kind
 from teleread.gateway.validate import (
     _ClampedReader,
     check_wfdb_pair,
@@ -482,7 +482,7 @@ def _check_dicom(path: Path) -> tuple[str, str, str]:
     uids = (info.study_instance_uid, info.sop_instance_uid, info.sop_class_uid)
     if not all(_valid_uid(uid) for uid in uids):  # the DICOM receiver's rule, so both doors agree
         raise InvalidInput("an identifying UID is not a valid DICOM UID", reason="BAD_UID")
-    kind = "ecg" if info.sop_class_uid in ECG_SOP_CLASSES else "image"
+    kind = instance_kind(info.sop_class_uid)
     return info.study_instance_uid, info.sop_instance_uid, kind
 
 
