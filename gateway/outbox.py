@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import errno
 import hashlib
+import logging
 import os
 import random
 import sqlite3
@@ -33,6 +34,13 @@ from typing import BinaryIO, Callable, Iterator
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 
+log = logging.getLogger("teleread.gateway.outbox")
+
+SET_ASIDE_DIR = "set-aside"  # files recovery could not place, each beside <name>.reason.txt, for a person
+REASON_SUFFIX = ".reason.txt"
+RESERVE_NAME = "reserve"  # space kept back so the database opens on a full disk
+RESERVE_BYTES = 512 * 1024
+REFUSALS_SHOWN_HOURS = 24  # status shows the receiver's refusals of this many hours
 PRIORITY_RANK = {"stat": 0, "urgent": 1, "routine": 2}
 STATES = ("collecting", "ready", "uploading", "committed", "rejected")
 
@@ -64,6 +72,14 @@ CREATE TABLE IF NOT EXISTS objects (
     received_at TEXT NOT NULL,
     UNIQUE (exam_id, instance_key)
 );
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    source TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    exam_id TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS ix_refusals_at ON refusals (at);
 CREATE INDEX IF NOT EXISTS ix_exams_queue ON exams (state, priority_rank, created_at);
 CREATE INDEX IF NOT EXISTS ix_exams_group ON exams (group_key);
 CREATE TABLE IF NOT EXISTS link (
@@ -73,7 +89,7 @@ CREATE TABLE IF NOT EXISTS link (
     last_contact_at TEXT
 );
 """
-SCHEMA_VERSION = 2  # 2: several exams per study (follow-ups of a study already sent)
+SCHEMA_VERSION = 3  # 2: several exams per study (follow-ups of a study already sent); 3: refusals
 OPEN_STATES = ("collecting", "ready")  # an exam that still takes new objects
 
 
@@ -136,6 +152,9 @@ class OutboxStatus:
     link_state: str = "unknown"  # "up" | "down" | "unknown" (nothing sent yet)
     link_since: str | None = None
     last_contact_at: str | None = None  # the last time the hub answered
+    set_aside: int = 0  # files in set-aside/ waiting for a person
+    refused_recent: int = 0  # instances the receiver refused in the last REFUSALS_SHOWN_HOURS
+    last_refusal: str = ""  # the reason of the latest of those
 
 
 @dataclass(frozen=True)
@@ -161,18 +180,58 @@ class Outbox:
             d.mkdir(parents=True, exist_ok=True)
         for leftover in self.incoming_dir.iterdir() if maintenance else ():  # half-received files of a crash
             leftover.unlink(missing_ok=True)
+        self.set_aside_dir = self.root / SET_ASIDE_DIR
         self.backoff = backoff
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "outbox.db", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        _migrate(self._db)
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        # an upload interrupted by a crash is simply ready again (the hub resumes by offset)
+        self.reserve = self.root / RESERVE_NAME
+        try:
+            self._db = self._open_db()
+        except sqlite3.OperationalError:
+            # a full disk: the database needs a little room to open (its WAL and shared-memory files);
+            # the reserve gives it back, and is put back once there is room again
+            if not self.reserve.exists():
+                raise
+            self.reserve.unlink()
+            log.warning("outbox opened on a full disk: reserve released", extra={"reason": "GATEWAY_DISK_FULL"})
+            self._db = self._open_db()
         if maintenance:
-            self.recover()
+            self.keep_reserve()
+        # an upload interrupted by a crash is simply ready again (the hub resumes by offset); on a
+        # full disk that waits for room (recover_pending), and the gateway starts anyway
+        self._recovery_pending = maintenance
+        if maintenance:
+            self.recover_pending()
+
+    def _open_db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.root / "outbox.db", check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            _migrate(db)
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(_SCHEMA)  # writes nothing when the tables exist (a full disk must not stop a start)
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def keep_reserve(self) -> bool:
+        """Make sure the reserve file (room for the database to open on a full disk) exists; True
+        when it does. Cheap when it does: one stat."""
+        if self.reserve.exists():
+            return True
+        tmp = self.reserve.with_name(RESERVE_NAME + ".part")
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(bytes(RESERVE_BYTES))
+                os.fsync(f.fileno())
+            os.replace(tmp, self.reserve)
+        except OSError:  # still full: tried again later
+            tmp.unlink(missing_ok=True)
+            return False
+        return True
 
     def close(self) -> None:
         with self._lock:
@@ -284,7 +343,11 @@ class Outbox:
                     if not final.exists():
                         os.link(tmp, final)
                         _fsync_dir(self.objects_dir)
-                    return self._record(db, final, sha=sha, size=size, **fields)
+                    try:
+                        return self._record(db, final, sha=sha, size=size, **fields)
+                    except (Conflict, InvalidInput):  # refused: the sender was not told stored
+                        self._unlink_unreferenced(db, final)
+                        raise
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
@@ -300,30 +363,91 @@ class Outbox:
         """Record object files that no row references and that name their own exam (``identify``
         reads that from the file; ``None`` for a file it cannot place): rows committed without
         waiting for the disk (``rebuildable``) that a power cut took back. Files whose content does
-        not match their name are removed. Return how many were recorded."""
+        not match their name are removed, and so are unreferenced files that are not DICOM (a copy
+        of a watch-folder file whose row never committed: the source is still in the folder). A
+        DICOM file that cannot be placed (unreadable, or the same instance UID as a recorded
+        instance with other bytes) is set aside with its reason, never a reason to stop: recovery
+        goes on with the next file. On a full disk the rest waits for the next call. Return how
+        many were recorded."""
         with self._lock:
             known = {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM objects")}
         recorded = 0
         for path in sorted(self.objects_dir.iterdir()):
             if path.name in known or not path.is_file():
                 continue
-            hasher = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(1024 * 1024):
-                    hasher.update(block)
-            if hasher.hexdigest() != path.name:  # never acknowledged with these bytes
+            try:
+                recorded += self._adopt_orphan(path, identify)
+            except ResourceExhausted:
+                log.warning("outbox recovery waits for disk space", extra={"reason": "GATEWAY_DISK_FULL"})
+                break
+        return recorded
+
+    def _adopt_orphan(self, path: Path, identify: Callable[[Path], Identity | None]) -> int:
+        hasher = hashlib.sha256()
+        with open(path, "rb") as f:
+            head = f.read(132)
+            hasher.update(head)
+            while block := f.read(1024 * 1024):
+                hasher.update(block)
+        if hasher.hexdigest() != path.name:  # never acknowledged with these bytes
+            path.unlink(missing_ok=True)
+            return 0
+        ident = identify(path)
+        if ident is None:
+            if head[128:132] == b"DICM":
+                self.set_aside(path, "DICOM_UNREADABLE", "a stored DICOM file whose identifying UIDs cannot be read")
+            else:
                 path.unlink(missing_ok=True)
-                continue
-            ident = identify(path)
-            if ident is None:
-                continue
-            with self._lock, self._tx() as db:
+            return 0
+        try:
+            with self._lock, _disk_full_is_typed(), self._tx() as db:
                 self._record(
                     db, path, sha=path.name, size=path.stat().st_size, group_key=ident.group_key,
                     instance_key=ident.instance_key, role="dicom", kind=ident.kind, priority="routine", indication="",
                 )  # fmt: skip
-            recorded += 1
-        return recorded
+        except (Conflict, InvalidInput) as exc:
+            self.set_aside(path, exc.reason, exc.message)
+            return 0
+        return 1
+
+    def set_aside(self, path: Path, reason: str, message: str) -> Path:
+        """Move a file the outbox cannot place into ``set-aside/`` beside ``<name>.reason.txt``, for a
+        person to look at (``status`` counts it until it is removed)."""
+        self.set_aside_dir.mkdir(exist_ok=True)
+        target = self.set_aside_dir / path.name
+        stamp = _iso(_now())
+        text = f"{reason}\n{message}\nset aside by the gateway's outbox at {stamp}\n"
+        try:
+            os.replace(path, target)
+            target.with_name(target.name + REASON_SUFFIX).write_text(text, encoding="utf-8")
+        except OSError as exc:  # the file stays unreferenced; the next start looks at it again
+            log.error("file not set aside", extra={"reason": type(exc).__name__})
+            return path
+        log.warning("outbox file set aside", extra={"reason": reason, "event": "set_aside"})
+        return target
+
+    def set_aside_count(self) -> int:
+        if not self.set_aside_dir.is_dir():
+            return 0
+        return sum(1 for p in self.set_aside_dir.iterdir() if p.is_file() and not p.name.endswith(REASON_SUFFIX))
+
+    def refused(self, source: str, reason: str, *, exam_id: str = "") -> None:
+        """Record that an instance was refused (by the receiver, the watch folder or the hub): the
+        reason only, never the data. A full disk loses the record, not the refusal."""
+        try:
+            with self._lock, self._tx() as db:
+                db.execute(
+                    "INSERT INTO refusals (at, source, reason, exam_id) VALUES (?, ?, ?, ?)",
+                    (_iso(_now()), source, reason[:64], exam_id),
+                )
+        except sqlite3.OperationalError:
+            log.warning("refusal not recorded", extra={"reason": reason})
+
+    def _unlink_unreferenced(self, db: sqlite3.Connection, final: Path) -> None:
+        """Remove ``objects/<sha>`` unless a recorded object uses the same bytes (caller holds the
+        lock and the write transaction, so no placement of the same bytes is recorded meanwhile)."""
+        if db.execute("SELECT 1 FROM objects WHERE sha256=? LIMIT 1", (final.name,)).fetchone() is None:
+            final.unlink(missing_ok=True)
 
     def _record(
         self,
@@ -454,6 +578,20 @@ class Outbox:
         with self._lock, self._tx() as db:
             return db.execute("UPDATE exams SET state='ready' WHERE state='uploading'").rowcount
 
+    def recover_pending(self) -> bool:
+        """Run the start-up :meth:`recover` if it has not run yet (it waits while the disk is full);
+        True once it has."""
+        if not self._recovery_pending:
+            return True
+        try:
+            with _disk_full_is_typed():
+                self.recover()
+        except ResourceExhausted:
+            log.warning("outbox recovery waits for disk space", extra={"reason": "GATEWAY_DISK_FULL"})
+            return False
+        self._recovery_pending = False
+        return True
+
     def release(self, exam_id: str, error: str) -> None:
         """The link was down: the exam is ready again at once, with no backoff of its own (the
         forwarder waits for the link, then takes exams in priority order again)."""
@@ -509,12 +647,24 @@ class Outbox:
                 "SELECT last_error FROM exams WHERE last_error != '' ORDER BY next_attempt_at DESC LIMIT 1"
             ).fetchone()
             link = self._db.execute("SELECT state, since, last_contact_at FROM link WHERE id=1").fetchone()
+            since = _iso(_now() - dt.timedelta(hours=REFUSALS_SHOWN_HOURS))
+            refused, last_refusal = self._db.execute(
+                "SELECT count(*), (SELECT reason FROM refusals WHERE at >= ?1 ORDER BY id DESC LIMIT 1)"
+                " FROM refusals WHERE at >= ?1",
+                (since,),
+            ).fetchone()
+        link_state, link_since, last_contact = link or ("unknown", None, None)
         return OutboxStatus(
             {s: int(by_state.get(s, 0)) for s in STATES},
             int(waiting),
             oldest,
             last[0] if last else "",
-            *(link or ("unknown", None, None)),
+            link_state=link_state,
+            link_since=link_since,
+            last_contact_at=last_contact,
+            set_aside=self.set_aside_count(),
+            refused_recent=int(refused),
+            last_refusal=last_refusal or "",
         )
 
     def link(self, up: bool, *, now: dt.datetime | None = None) -> None:
@@ -580,11 +730,26 @@ class Outbox:
                 self._db.execute("PRAGMA synchronous=FULL")
 
 
+@contextlib.contextmanager
+def _disk_full_is_typed() -> Iterator[None]:
+    """SQLite's "database or disk is full" (and ENOSPC) as :class:`ResourceExhausted`."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc):
+            raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL") from None
+        raise
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring an outbox written by an earlier gateway to the current schema, in place."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='exams'").fetchone()
-    if not exists or version >= SCHEMA_VERSION:
+    if not exists or version >= 2:  # later versions only add tables (created by _SCHEMA)
         return
     # version 1 had UNIQUE(group_key): rebuild the table without it (SQLite cannot drop a constraint)
     db.execute("PRAGMA foreign_keys=OFF")
@@ -597,7 +762,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute(f"INSERT INTO exams_v2 ({columns}) SELECT {columns} FROM exams")
         db.execute("DROP TABLE exams")
         db.execute("ALTER TABLE exams_v2 RENAME TO exams")
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("PRAGMA user_version=2")
     except BaseException:
         db.execute("ROLLBACK")
         raise

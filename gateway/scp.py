@@ -161,26 +161,37 @@ class StoreScp:
             pass
 
     def _on_store(self, event: Any) -> int:
+        status, reason = self._store(event)
+        if status != SUCCESS:
+            log.log(
+                logging.ERROR if status == OUT_OF_RESOURCES else logging.WARNING,
+                "instance not stored" if status == OUT_OF_RESOURCES else "instance refused",
+                extra={"reason": reason, "status": f"0x{status:04X}"},
+            )
+            if status != OUT_OF_RESOURCES:  # the modality keeps an instance told 0xA700 and retries
+                self.outbox.refused("receiver", reason)
+        return status
+
+    def _store(self, event: Any) -> tuple[int, str]:
         from teleread.gateway.scp_reactor import spool_error, spooled_digest
 
         path = Path(event.dataset_path)
         if spool_error(path) is not None:  # the disk filled while the dataset arrived
             path.unlink(missing_ok=True)
-            log.error("instance not stored", extra={"reason": "GATEWAY_DISK_FULL"})
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "GATEWAY_DISK_FULL"
         try:
             ds = _read_identifiers(path)
         except Exception:  # noqa: BLE001 - the parser's text may quote data; answer with a status
-            log.warning("instance refused", extra={"reason": "UNREADABLE_DICOM"})
-            return CANNOT_UNDERSTAND
+            path.unlink(missing_ok=True)
+            return CANNOT_UNDERSTAND, "UNREADABLE_DICOM"
         uids = _valid_uids(ds)
         if uids is None:
-            log.warning("instance refused", extra={"reason": "BAD_UID"})
-            return CANNOT_UNDERSTAND
+            path.unlink(missing_ok=True)
+            return CANNOT_UNDERSTAND, "BAD_UID"
         study, sop, sop_class = uids
         if sop_class != str(event.request.AffectedSOPClassUID) or sop != str(event.request.AffectedSOPInstanceUID):
-            log.warning("instance refused", extra={"reason": "IDENTIFIER_MISMATCH"})
-            return MISMATCH
+            path.unlink(missing_ok=True)
+            return MISMATCH, "IDENTIFIER_MISMATCH"
         kind = instance_kind(sop_class)
         try:
             if path.parent == self.outbox.incoming_dir:  # spooled into the outbox: adopted, not copied
@@ -192,12 +203,9 @@ class StoreScp:
                 with open(path, "rb") as f:
                     self.outbox.receive(f, group_key=study, instance_key=sop, kind=kind, priority=self.config.priority)
         except ResourceExhausted as exc:
-            log.error("instance not stored", extra={"reason": exc.reason})
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, exc.reason
         except Conflict as exc:
-            log.warning("instance refused", extra={"reason": exc.reason})
-            return DUPLICATE_CONFLICT
+            return DUPLICATE_CONFLICT, exc.reason
         except InvalidInput as exc:
-            log.warning("instance refused", extra={"reason": exc.reason})
-            return CANNOT_UNDERSTAND
-        return SUCCESS
+            return CANNOT_UNDERSTAND, exc.reason
+        return SUCCESS, ""

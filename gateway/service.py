@@ -19,14 +19,15 @@ from typing import Any
 import grpc
 
 from teleread.client import rpc_code
-from teleread.errors import InvalidInput
+from teleread.errors import InvalidInput, ResourceExhausted
 from teleread.gateway.forward import Forwarder, SpreadStub
-from teleread.gateway.outbox import Backoff, Outbox, OutboxStatus
+from teleread.gateway.outbox import REFUSALS_SHOWN_HOURS, SET_ASIDE_DIR, Backoff, Outbox, OutboxStatus
 from teleread.gateway.results import ResultsInbox
 from teleread.gateway.schedule import COMPRESSION_MODES, TokenBucket, limit_rate, parse_windows
 from teleread.gateway.scp import ScpConfig, StoreScp, identify
 from teleread.gateway.scp_pool import ReceiverPool
-from teleread.gateway.watch import REASON_SUFFIX, REJECTED_DIR, WatchFolder
+from teleread.gateway.outbox import REASON_SUFFIX
+from teleread.gateway.watch import REJECTED_DIR, WatchFolder
 from teleread.settings import GatewaySettings, Settings
 
 log = logging.getLogger("teleread.gateway")
@@ -90,9 +91,7 @@ class Gateway:
             routine_windows=routine_windows,
             in_flight_bytes=max(0, self.config.in_flight_kib) * 1024,
         )
-        orphans = self.outbox.adopt_orphans(identify)
-        if orphans:  # rows a power cut took back, recorded again from their DICOM files
-            log.warning("outbox rows rebuilt from stored instances", extra={"count": orphans})
+        self._adopt_orphans()
         scp_config = ScpConfig(
             ae_title=self.config.ae_title,
             host=self.config.dicom_host,
@@ -114,6 +113,19 @@ class Gateway:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _adopt_orphans(self) -> None:
+        """Rows a power cut took back, recorded again from their DICOM files; what cannot be placed is
+        set aside for a person. Never stops the gateway; on a full disk it is tried again later."""
+        self._orphans_pending = True
+        try:
+            orphans = self.outbox.adopt_orphans(identify)
+        except Exception as exc:  # noqa: BLE001 - recovery must never keep the gateway from starting
+            log.error("outbox recovery failed; tried again", extra={"reason": type(exc).__name__})
+            return
+        if orphans:
+            log.warning("outbox rows rebuilt from stored instances", extra={"count": orphans})
+        self._orphans_pending = False
+
     def start(self) -> Gateway:
         self.scp.start()
         self._thread = threading.Thread(target=self._loop, name="gateway-forward", daemon=True)
@@ -127,6 +139,11 @@ class Gateway:
                 if interrupted:  # an attempt died before recording its outcome (e.g. a full disk)
                     self.outbox.recover()
                     interrupted = False
+                self.outbox.keep_reserve()
+                if not self.outbox.recover_pending():  # start-up recovery waits for disk space
+                    raise ResourceExhausted("the gateway's disk is full", reason="GATEWAY_DISK_FULL")
+                if self._orphans_pending:
+                    self._adopt_orphans()
                 self._poll_results()
                 self._scan_watch_folder()
                 self.outbox.settle(quiet_s=self.config.quiet_seconds)
@@ -182,6 +199,10 @@ class Gateway:
 def needs_a_person(status: OutboxStatus, now: dt.datetime | None = None, *, refused: int = 0) -> list[str]:
     """Reasons for a non-zero exit of ``gateway status``."""
     reasons = []
+    if status.set_aside:
+        reasons.append(
+            f"{status.set_aside} file(s) set aside by the outbox: see its {SET_ASIDE_DIR}/ folder and their reasons"
+        )
     if refused:
         reasons.append(f"{refused} dropped file(s) refused: see the watch folder's {REJECTED_DIR}/ and their reasons")
     if status.by_state.get("rejected", 0):
@@ -212,6 +233,11 @@ def cmd_gateway_status(args: argparse.Namespace) -> int:
     print(f"oldest waiting study since: {status.oldest_waiting_at or '-'}")
     print(f"last error: {status.last_error or '-'}")
     print(f"watch folder: {watch_dir(settings)} ({refused} refused)")
+    print(
+        f"set aside: {status.set_aside}" + (f" (in {outbox_dir(settings) / SET_ASIDE_DIR})" if status.set_aside else "")
+    )
+    last = f" (last: {status.last_refusal})" if status.refused_recent else ""
+    print(f"refused by the receiver: {status.refused_recent} in the last {REFUSALS_SHOWN_HOURS} h{last}")
     reasons = needs_a_person(status, refused=refused)
     for reason in reasons:
         print(f"NEEDS ATTENTION: {reason}")

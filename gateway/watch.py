@@ -43,7 +43,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from teleread import ecgio
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
-from teleread.gateway.outbox import PRIORITY_RANK, Outbox, OutboxObject
+from teleread.gateway.outbox import PRIORITY_RANK, REASON_SUFFIX, Outbox, OutboxObject
 from teleread.gateway.scan import Role, file_sha256
 from teleread.gateway.scp import _valid_uid, instance_kind
 from teleread.gateway.validate import (
@@ -56,7 +56,6 @@ from teleread.gateway.validate import (
 log = logging.getLogger("teleread.gateway.watch")
 
 REJECTED_DIR = "rejected"
-REASON_SUFFIX = ".reason.txt"
 HEADER_SUFFIX = ".hea"
 SIGNAL_SUFFIX = ".dat"  # a signal file whose header has not arrived yet waits for it
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".swp", "~")

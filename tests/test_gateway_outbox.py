@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
-from teleread.gateway.outbox import Backoff, Outbox, OutboxObject
+from teleread.gateway.outbox import SCHEMA_VERSION, Backoff, Outbox, OutboxObject
 
 NOW = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.timezone.utc)
 
@@ -172,7 +172,7 @@ def test_an_outbox_of_schema_1_is_migrated_in_place(tmp_path: Path) -> None:
     box.close()
     check = sqlite3.connect(tmp_path / "outbox.db")
     assert check.execute("PRAGMA foreign_key_check").fetchall() == []
-    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_a_full_disk_is_a_typed_error_and_leaves_nothing_half_stored(tmp_path: Path, monkeypatch) -> None:
