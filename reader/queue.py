@@ -1,8 +1,10 @@
 """The reading queue: worklists, claims as leases with a fencing token, exam details, object bytes.
 
-An exam is claimable when it is queued, or in reading with a lapsed lease. Each claim increments the
-exam's fence; every later act on the claim (renew, release, save, sign) presents the fence and is
-refused when it is stale or the lease has lapsed. On PostgreSQL claim-next locks the chosen row with
+An exam is claimable when it is queued, or in reading with a lapsed lease. A reported exam can be
+claimed for amendment (explicitly, by id): it stays ``reported``, so it never re-enters the queue or
+claim-next, and a lapsed amendment claim simply expires. Each claim increments the exam's fence;
+every later act on the claim (renew, release, save, sign, amend) presents the fence and is refused
+when it is stale or the lease has lapsed. On PostgreSQL claim-next locks the chosen row with
 ``FOR UPDATE SKIP LOCKED`` so concurrent readers never wait on each other; on SQLite the write
 transaction is serialised by ``BEGIN IMMEDIATE``.
 """
@@ -19,12 +21,14 @@ from sqlalchemy import Connection, Engine, Row, and_, or_, select, update
 from teleread.auth import Principal, require_reader
 from teleread.db.engine import as_utc, is_postgres, reading, utcnow
 from teleread.db.schema import exams, objects, principals, reports
-from teleread.errors import InvalidInput, LeaseLost, NotFound, PermissionDenied
+from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound, PermissionDenied
 from teleread.events import EventBus, record_event
 
 log = logging.getLogger("teleread.queue")
 
 READABLE_STATES = ("queued", "in_reading", "reported")
+READING = ("in_reading",)  # a claim to write and sign the first report
+CLAIMED_STATES = ("in_reading", "reported")  # a reported exam is claimed only for amendment
 
 
 def queue_order() -> list[Any]:
@@ -93,27 +97,52 @@ class QueueService:
         self._bus.publish()
         return exam
 
-    def claim(self, p: Principal, *, exam_id: str, lease_seconds: int = 0) -> dict[str, Any]:
+    def claim(
+        self, p: Principal, *, exam_id: str, lease_seconds: int = 0, for_amendment: bool = False
+    ) -> dict[str, Any]:
+        """Claim one exam; with ``for_amendment`` a reported exam, which stays reported."""
         hospital, specialty = require_reader(p)
         lease = self._lease_for(lease_seconds)
         with self._engine.begin() as conn:
             now = utcnow()
             row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
-            claimable = row.state == "queued" or (
-                row.state == "in_reading" and (as_utc(row.lease_expires_at) or now) < now
-            )
-            if not claimable:
-                raise LeaseLost("exam is claimed by another reader or not in the queue", reason="NOT_CLAIMABLE")
-            exam = self._take(conn, p, exam_id=exam_id, now=now, lease=lease)
+            if for_amendment:
+                if row.state != "reported":
+                    raise Conflict("only a reported exam can be claimed for amendment", reason="NOT_REPORTED")
+                if self.live_claim(row, now=now):
+                    raise Conflict("the exam is already claimed for amendment", reason="AMENDMENT_CLAIMED")
+                exam = self._take(conn, p, exam_id=exam_id, now=now, lease=lease, state="reported")
+            else:
+                claimable = row.state == "queued" or (
+                    row.state == "in_reading" and (as_utc(row.lease_expires_at) or now) < now
+                )
+                if not claimable:
+                    raise LeaseLost("exam is claimed by another reader or not in the queue", reason="NOT_CLAIMABLE")
+                exam = self._take(conn, p, exam_id=exam_id, now=now, lease=lease)
         self._bus.publish()
         return exam
 
-    def _take(self, conn: Connection, p: Principal, *, exam_id: str, now: datetime, lease: timedelta) -> dict[str, Any]:
+    @staticmethod
+    def live_claim(row: Row[Any], *, now: datetime) -> bool:
+        """Whether someone holds an unexpired claim on the exam row."""
+        expires = as_utc(row.lease_expires_at)
+        return row.claimed_by is not None and expires is not None and expires > now
+
+    def _take(
+        self,
+        conn: Connection,
+        p: Principal,
+        *,
+        exam_id: str,
+        now: datetime,
+        lease: timedelta,
+        state: str = "in_reading",
+    ) -> dict[str, Any]:
         conn.execute(
             update(exams)
             .where(exams.c.id == exam_id)
             .values(
-                state="in_reading",
+                state=state,
                 claimed_by=p.id,
                 lease_expires_at=now + lease,
                 fence=exams.c.fence + 1,
@@ -123,7 +152,8 @@ class QueueService:
         exam = dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
         record_event(
             conn,
-            type="claimed",
+            # an amendment claim is not a queue event: the worklist watch does not show it
+            type="claimed" if state == "in_reading" else "amendment_claimed",
             exam_id=exam_id,
             site_id=exam["site_id"],
             hospital=exam["hospital"],
@@ -135,13 +165,16 @@ class QueueService:
         log.info("claimed", extra={"exam_id": exam_id})
         return exam
 
-    def check_lease(self, conn: Connection, p: Principal, *, exam_id: str, fence: int) -> Row[Any]:
-        """The exam row if ``p`` holds a live claim with ``fence``; LeaseLost otherwise."""
+    def check_lease(
+        self, conn: Connection, p: Principal, *, exam_id: str, fence: int, states: tuple[str, ...] = READING
+    ) -> Row[Any]:
+        """The exam row if ``p`` holds a live claim with ``fence`` on an exam in one of ``states``
+        (by default a claim for reading; ``("reported",)`` a claim for amendment); LeaseLost otherwise."""
         hospital, specialty = require_reader(p)
         row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
         expires = as_utc(row.lease_expires_at)
         if (
-            row.state != "in_reading"
+            row.state not in states
             or row.claimed_by != p.id
             or int(row.fence) != int(fence)
             or expires is None
@@ -153,7 +186,7 @@ class QueueService:
     def renew(self, p: Principal, *, exam_id: str, fence: int, lease_seconds: int = 0) -> dict[str, Any]:
         lease = self._lease_for(lease_seconds)
         with self._engine.begin() as conn:
-            self.check_lease(conn, p, exam_id=exam_id, fence=fence)
+            self.check_lease(conn, p, exam_id=exam_id, fence=fence, states=CLAIMED_STATES)
             now = utcnow()
             conn.execute(
                 update(exams).where(exams.c.id == exam_id).values(lease_expires_at=now + lease, updated_at=now)
@@ -163,16 +196,23 @@ class QueueService:
         return exam
 
     def release(self, p: Principal, *, exam_id: str, fence: int) -> None:
+        """Give a claimed exam back to the queue; a claim for amendment is dropped, the exam stays reported."""
         with self._engine.begin() as conn:
-            row = self.check_lease(conn, p, exam_id=exam_id, fence=fence)
+            row = self.check_lease(conn, p, exam_id=exam_id, fence=fence, states=CLAIMED_STATES)
+            reading_claim = row.state == "in_reading"
             conn.execute(
                 update(exams)
                 .where(exams.c.id == exam_id)
-                .values(state="queued", claimed_by=None, lease_expires_at=None, updated_at=utcnow())
+                .values(
+                    state="queued" if reading_claim else row.state,
+                    claimed_by=None,
+                    lease_expires_at=None,
+                    updated_at=utcnow(),
+                )
             )
             record_event(
                 conn,
-                type="released",
+                type="released" if reading_claim else "amendment_released",
                 exam_id=exam_id,
                 site_id=row.site_id,
                 hospital=row.hospital,
@@ -180,6 +220,11 @@ class QueueService:
                 actor_id=p.id,
             )
         self._bus.publish()
+
+    def locked_exam(self, conn: Connection, p: Principal, *, exam_id: str) -> Row[Any]:
+        """The exam row of ``p``'s hospital and specialty, locked for update within ``conn``."""
+        hospital, specialty = require_reader(p)
+        return self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
 
     # ---- details and bytes -------------------------------------------------------------------
     def _reader_exam(

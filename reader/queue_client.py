@@ -1,10 +1,12 @@
 """The reading-queue client: the ``teleread read`` command of cardiologists and radiologists.
 
 Owns the sub-subcommands over the Worklist service: ``worklist`` (the queue as a table), ``next``
-and ``claim`` (a claim with its fencing token), ``show`` (triage findings with their evidence,
-objects, reports), ``report``, ``sign``, ``release``, ``fetch`` (an object's bytes to a file,
-SHA-256 checked client-side) and ``watch`` (live queue with loud critical alerts). Fences of
-claims are remembered in ``~/.config/teleread/claims.json`` so ``sign EXAM_ID`` needs no --fence.
+and ``claim`` (a claim with its fencing token; ``claim --amend`` claims a reported exam for
+amendment), ``show`` (triage findings with their evidence, objects, reports), ``report``, ``sign``,
+``amend`` (a new version of a signed report, with a reason), ``release``, ``fetch`` (an object's
+bytes to a file, SHA-256 checked client-side) and ``watch`` (live queue with loud critical alerts).
+Fences of claims are remembered in ``~/.config/teleread/claims.json`` so ``sign EXAM_ID`` and
+``amend EXAM_ID`` need no --fence; ``amend`` without a remembered claim amends as the signer.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def next_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
 @rpc_command
 def claim_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
-    request = worklist_pb2.ClaimExamRequest(exam_id=args.exam_id, lease_seconds=args.lease)
+    request = worklist_pb2.ClaimExamRequest(exam_id=args.exam_id, lease_seconds=args.lease, for_amendment=args.amend)
     return _print_claim(args, _stub(channel).ClaimExam(request, timeout=args.timeout))
 
 
@@ -251,6 +253,28 @@ def sign_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     _claims(args).forget(args.exam_id)
     Console().print(
         f"report v{report.version} {report.status}, signed by {escape(report.signed_by)}, sha256 {report.sha256}"
+    )
+    return 0
+
+
+@rpc_command
+def amend_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
+    """Amend a signed report: with the remembered (or given) fence of a claim for amendment, or as
+    the signer without a claim (no remembered fence, or ``--fence 0``)."""
+    fence = args.fence if args.fence is not None else (_claims(args).fence(args.exam_id) or 0)
+    request = worklist_pb2.AmendReportRequest(
+        exam_id=args.exam_id,
+        fence=fence,
+        reason=args.reason,
+        text=args.text,
+        impression=args.impression,
+        critical=args.critical,
+    )
+    report = _stub(channel).AmendReport(request, timeout=args.timeout)
+    _claims(args).forget(args.exam_id)
+    Console().print(
+        f"report v{report.version} {report.status} by {escape(report.signed_by)} "
+        f"({escape(report.amends_reason)}), sha256 {report.sha256}"
     )
     return 0
 
@@ -386,23 +410,28 @@ def _add_claim_commands(sub: Any) -> None:
         parser = _add(sub, name, handler, help_text=help_text)
         if name == "claim":
             parser.add_argument("exam_id", metavar="EXAM_ID")
+            parser.add_argument("--amend", action="store_true", help="claim a reported exam to amend its report")
         parser.add_argument("--lease", type=int, default=0, help="lease seconds (server default)")
     for name, handler, help_text in (
         ("report", report_command, "save a draft report"),
         ("sign", sign_command, "sign the current draft"),
-        ("release", release_command, "give the exam back to the queue"),
+        ("amend", amend_command, "amend a signed report (the signer, or with a claim --amend)"),
+        ("release", release_command, "give the exam back to the queue (or drop a claim for amendment)"),
     ):
         parser = _add(sub, name, handler, help_text=help_text)
         parser.add_argument("exam_id", metavar="EXAM_ID")
-        parser.add_argument("--fence", type=int, default=None, help="default: the remembered one")
-        if name == "report":
+        fence_help = "default: the remembered one" + ("; 0 or none: as the signer, no claim" if name == "amend" else "")
+        parser.add_argument("--fence", type=int, default=None, help=fence_help)
+        if name == "amend":
+            parser.add_argument("--reason", required=True, help="why the signed report is amended (shown to the site)")
+        if name in ("report", "amend"):
             parser.add_argument("--text", required=True)
             parser.add_argument("--impression", default="")
             parser.add_argument("--critical", action="store_true", help="a critical result")
 
 
 def add_read_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``teleread read <worklist|next|claim|show|report|sign|release|fetch|watch>``."""
+    """Register ``teleread read <worklist|next|claim|show|report|sign|amend|release|fetch|watch>``."""
     parser: argparse.ArgumentParser = subparsers.add_parser("read", help="the reading queue")
     sub = parser.add_subparsers(dest="read_command", required=True, metavar="COMMAND")
     worklist = _add(sub, "worklist", worklist_command, help_text="your queue, most urgent first")

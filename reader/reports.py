@@ -1,7 +1,10 @@
 """Reports: draft -> final (signed) -> amended versions, and publication of results to the site.
 
 A signed report is never changed: an amendment is a new version with a reason. Signing needs a live
-claim with the current fencing token, so a reader whose lease lapsed cannot sign. Publishing takes
+claim with the current fencing token, so a reader whose lease lapsed cannot sign. An amendment is
+made by the signer of the latest version (no claim needed, unless another reader holds a live claim
+for amendment), or by another reader of the exam's specialty who claimed the reported exam for
+amendment and presents that claim's fence; the amendment clears the claim. Publishing takes
 the next number of the site's result sequence under a row lock, so a site's result cursor has no
 gaps and commits in order.
 """
@@ -15,10 +18,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from teleread.auth import Principal, require_reader
+from teleread.auth import Principal
 from teleread.db.engine import utcnow
 from teleread.db.schema import exams, reports, results, sites
-from teleread.errors import Conflict, InvalidInput, NotFound
+from teleread.errors import Conflict, InvalidInput, PermissionDenied
 from teleread.events import EventBus, record_event
 from teleread.reader.queue import QueueService
 
@@ -126,20 +129,47 @@ class ReportService:
         log.info("report signed", extra={"exam_id": exam_id})
         return report
 
+    def _check_amender(self, conn: Connection, p: Principal, *, exam_id: str, fence: int) -> tuple[Any, Any]:
+        """(exam row, latest report) if ``p`` may amend the exam's signed report now.
+
+        With ``fence`` 0 only the signer of the latest version may amend, and not while anyone holds
+        a live claim for amendment; with a fence, ``p`` must hold that live claim for amendment."""
+        exam = self._queue.locked_exam(conn, p, exam_id=exam_id)
+        latest = self._latest(conn, exam_id)
+        if exam.state != "reported" or latest is None or latest.status != "final":
+            raise Conflict("only a signed report can be amended", reason="NOT_SIGNED")
+        if fence:
+            self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence, states=("reported",))
+        elif latest.signed_by != p.id:
+            raise PermissionDenied(
+                "only the signer may amend without a claim; claim the exam for amendment",
+                reason="AMENDMENT_NEEDS_CLAIM",
+            )
+        elif self._queue.live_claim(exam, now=utcnow()):
+            raise Conflict("the exam is claimed for amendment; amend with that claim", reason="AMENDMENT_CLAIMED")
+        return exam, latest
+
     def amend(
-        self, p: Principal, *, exam_id: str, reason: str, text: str, impression: str = "", critical: bool = False
+        self,
+        p: Principal,
+        *,
+        exam_id: str,
+        reason: str,
+        text: str,
+        impression: str = "",
+        critical: bool = False,
+        fence: int = 0,
     ) -> dict[str, Any]:
-        hospital, specialty = require_reader(p)
+        """A new final version of a signed report, with its reason, published to the site.
+
+        ``fence`` is that of ``p``'s claim for amendment; 0 (no claim) is for the signer only."""
         _check_text(text, impression)
         if not reason.strip():
             raise InvalidInput("an amendment needs a reason", reason="NO_REASON")
+        if fence < 0:
+            raise InvalidInput("a fence cannot be negative", reason="BAD_FENCE")
         with self._engine.begin() as conn:
-            exam = conn.execute(select(exams).where(exams.c.id == exam_id)).first()
-            if exam is None or exam.hospital != hospital or exam.specialty != specialty:
-                raise NotFound("no such exam in this reader's queue", reason="EXAM_NOT_FOUND")
-            latest = self._latest(conn, exam_id)
-            if latest is None or latest.status != "final":
-                raise Conflict("only a signed report can be amended", reason="NOT_SIGNED")
+            exam, latest = self._check_amender(conn, p, exam_id=exam_id, fence=fence)
             now = utcnow()
             version = int(latest.version) + 1
             digest = content_hash(
@@ -163,9 +193,25 @@ class ReportService:
                 )
                 .returning(reports.c.id)
             ).scalar_one()
+            conn.execute(  # the claim for amendment, if any, ends with the amendment
+                update(exams)
+                .where(exams.c.id == exam_id)
+                .values(claimed_by=None, lease_expires_at=None, updated_at=now)
+            )
+            record_event(
+                conn,
+                type="amended",
+                exam_id=exam_id,
+                site_id=exam.site_id,
+                hospital=exam.hospital,
+                specialty=exam.specialty,
+                actor_id=p.id,
+                detail={"version": version, "fence": int(fence)},
+            )
             self._publish(conn, exam=exam, report_id=report_id, critical=critical, actor=p)
             report = dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
         self._bus.publish()
+        log.info("report amended", extra={"exam_id": exam_id})
         return report
 
     @staticmethod

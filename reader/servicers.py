@@ -147,7 +147,12 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
 
     def ClaimExam(self, request: worklist_pb2.ClaimExamRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
         return self._claim(
-            self._queue.claim(current_principal(), exam_id=request.exam_id, lease_seconds=request.lease_seconds)
+            self._queue.claim(
+                current_principal(),
+                exam_id=request.exam_id,
+                lease_seconds=request.lease_seconds,
+                for_amendment=request.for_amendment,
+            )
         )
 
     def RenewClaim(self, request: worklist_pb2.RenewClaimRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
@@ -221,6 +226,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                 text=request.text,
                 impression=request.impression,
                 critical=request.critical,
+                fence=request.fence,
             )
         )
 

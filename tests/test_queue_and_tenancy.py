@@ -47,7 +47,8 @@ def test_lapsed_lease_cannot_sign_and_fence_moves_on(hub_stack, tmp_path: Path) 
     b.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=taken.fence, text="Sinus rhythm."), timeout=10)
     signed = b.SignReport(worklist_pb2.SignReportRequest(exam_id=exam_id, fence=taken.fence), timeout=10)
     assert signed.signed_by == "dr-rhythm" and signed.version == 1
-    # A signed report never changes: saving again is refused, an amendment is a new version.
+    # A signed report never changes: saving again is refused, an amendment is a new version (here by
+    # the signer, who needs no claim; see test_amendments for everyone else).
     with pytest.raises(grpc.RpcError):
         b.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=taken.fence, text="edit"), timeout=10)
     amended = b.AmendReport(

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from teleread.v1 import common_pb2 as teleread_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ateleread/v1/worklist.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"=\n\x13ListWorklistRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x17\n\x0finclude_claimed\x18\x02 \x01(\x08\"8\n\x14ListWorklistResponse\x12 \n\x05\x65xams\x18\x01 \x03(\x0b\x32\x11.teleread.v1.Exam\"\x16\n\x14WatchWorklistRequest\"\xbe\x02\n\rWorklistEvent\x12-\n\x04type\x18\x01 \x01(\x0e\x32\x1f.teleread.v1.WorklistEvent.Type\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\x03\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa2\x01\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rTYPE_SNAPSHOT\x10\x01\x12\x0f\n\x0bTYPE_QUEUED\x10\x02\x12\x10\n\x0cTYPE_CLAIMED\x10\x03\x12\x11\n\rTYPE_RELEASED\x10\x04\x12\x11\n\rTYPE_REPORTED\x10\x05\x12\x11\n\rTYPE_CRITICAL\x10\x06\x12\x15\n\x11TYPE_SNAPSHOT_END\x10\x07\"m\n\x05\x43laim\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x10\x43laimNextRequest\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\":\n\x10\x43laimExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x05\"J\n\x11RenewClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"5\n\x13ReleaseClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\x16\n\x14ReleaseClaimResponse\"(\n\x15GetExamDetailsRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\"\x80\x01\n\x0b\x45xamDetails\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12*\n\x07objects\x18\x02 \x03(\x0b\x32\x19.teleread.v1.StoredObject\x12$\n\x07reports\x18\x03 \x03(\x0b\x32\x13.teleread.v1.Report\"9\n\x13StreamObjectRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"I\n\x0bObjectChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"g\n\x11SaveReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\"3\n\x11SignReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"i\n\x12\x41mendReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\x32\xa9\x06\n\x08Worklist\x12S\n\x0cListWorklist\x12 .teleread.v1.ListWorklistRequest\x1a!.teleread.v1.ListWorklistResponse\x12H\n\x05Watch\x12!.teleread.v1.WatchWorklistRequest\x1a\x1a.teleread.v1.WorklistEvent0\x01\x12>\n\tClaimNext\x12\x1d.teleread.v1.ClaimNextRequest\x1a\x12.teleread.v1.Claim\x12>\n\tClaimExam\x12\x1d.teleread.v1.ClaimExamRequest\x1a\x12.teleread.v1.Claim\x12@\n\nRenewClaim\x12\x1e.teleread.v1.RenewClaimRequest\x1a\x12.teleread.v1.Claim\x12S\n\x0cReleaseClaim\x12 .teleread.v1.ReleaseClaimRequest\x1a!.teleread.v1.ReleaseClaimResponse\x12N\n\x0eGetExamDetails\x12\".teleread.v1.GetExamDetailsRequest\x1a\x18.teleread.v1.ExamDetails\x12L\n\x0cStreamObject\x12 .teleread.v1.StreamObjectRequest\x1a\x18.teleread.v1.ObjectChunk0\x01\x12\x41\n\nSaveReport\x12\x1e.teleread.v1.SaveReportRequest\x1a\x13.teleread.v1.Report\x12\x41\n\nSignReport\x12\x1e.teleread.v1.SignReportRequest\x1a\x13.teleread.v1.Report\x12\x43\n\x0b\x41mendReport\x12\x1f.teleread.v1.AmendReportRequest\x1a\x13.teleread.v1.Reportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ateleread/v1/worklist.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"=\n\x13ListWorklistRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x17\n\x0finclude_claimed\x18\x02 \x01(\x08\"8\n\x14ListWorklistResponse\x12 \n\x05\x65xams\x18\x01 \x03(\x0b\x32\x11.teleread.v1.Exam\"\x16\n\x14WatchWorklistRequest\"\xbe\x02\n\rWorklistEvent\x12-\n\x04type\x18\x01 \x01(\x0e\x32\x1f.teleread.v1.WorklistEvent.Type\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\x03\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa2\x01\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rTYPE_SNAPSHOT\x10\x01\x12\x0f\n\x0bTYPE_QUEUED\x10\x02\x12\x10\n\x0cTYPE_CLAIMED\x10\x03\x12\x11\n\rTYPE_RELEASED\x10\x04\x12\x11\n\rTYPE_REPORTED\x10\x05\x12\x11\n\rTYPE_CRITICAL\x10\x06\x12\x15\n\x11TYPE_SNAPSHOT_END\x10\x07\"m\n\x05\x43laim\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x10\x43laimNextRequest\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\"Q\n\x10\x43laimExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x05\x12\x15\n\rfor_amendment\x18\x03 \x01(\x08\"J\n\x11RenewClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"5\n\x13ReleaseClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\x16\n\x14ReleaseClaimResponse\"(\n\x15GetExamDetailsRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\"\x80\x01\n\x0b\x45xamDetails\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12*\n\x07objects\x18\x02 \x03(\x0b\x32\x19.teleread.v1.StoredObject\x12$\n\x07reports\x18\x03 \x03(\x0b\x32\x13.teleread.v1.Report\"9\n\x13StreamObjectRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"I\n\x0bObjectChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"g\n\x11SaveReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\"3\n\x11SignReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"x\n\x12\x41mendReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x03\x32\xa9\x06\n\x08Worklist\x12S\n\x0cListWorklist\x12 .teleread.v1.ListWorklistRequest\x1a!.teleread.v1.ListWorklistResponse\x12H\n\x05Watch\x12!.teleread.v1.WatchWorklistRequest\x1a\x1a.teleread.v1.WorklistEvent0\x01\x12>\n\tClaimNext\x12\x1d.teleread.v1.ClaimNextRequest\x1a\x12.teleread.v1.Claim\x12>\n\tClaimExam\x12\x1d.teleread.v1.ClaimExamRequest\x1a\x12.teleread.v1.Claim\x12@\n\nRenewClaim\x12\x1e.teleread.v1.RenewClaimRequest\x1a\x12.teleread.v1.Claim\x12S\n\x0cReleaseClaim\x12 .teleread.v1.ReleaseClaimRequest\x1a!.teleread.v1.ReleaseClaimResponse\x12N\n\x0eGetExamDetails\x12\".teleread.v1.GetExamDetailsRequest\x1a\x18.teleread.v1.ExamDetails\x12L\n\x0cStreamObject\x12 .teleread.v1.StreamObjectRequest\x1a\x18.teleread.v1.ObjectChunk0\x01\x12\x41\n\nSaveReport\x12\x1e.teleread.v1.SaveReportRequest\x1a\x13.teleread.v1.Report\x12\x41\n\nSignReport\x12\x1e.teleread.v1.SignReportRequest\x1a\x13.teleread.v1.Report\x12\x43\n\x0b\x41mendReport\x12\x1f.teleread.v1.AmendReportRequest\x1a\x13.teleread.v1.Reportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,27 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLAIMNEXTREQUEST']._serialized_start=679
   _globals['_CLAIMNEXTREQUEST']._serialized_end=720
   _globals['_CLAIMEXAMREQUEST']._serialized_start=722
-  _globals['_CLAIMEXAMREQUEST']._serialized_end=780
-  _globals['_RENEWCLAIMREQUEST']._serialized_start=782
-  _globals['_RENEWCLAIMREQUEST']._serialized_end=856
-  _globals['_RELEASECLAIMREQUEST']._serialized_start=858
-  _globals['_RELEASECLAIMREQUEST']._serialized_end=911
-  _globals['_RELEASECLAIMRESPONSE']._serialized_start=913
-  _globals['_RELEASECLAIMRESPONSE']._serialized_end=935
-  _globals['_GETEXAMDETAILSREQUEST']._serialized_start=937
-  _globals['_GETEXAMDETAILSREQUEST']._serialized_end=977
-  _globals['_EXAMDETAILS']._serialized_start=980
-  _globals['_EXAMDETAILS']._serialized_end=1108
-  _globals['_STREAMOBJECTREQUEST']._serialized_start=1110
-  _globals['_STREAMOBJECTREQUEST']._serialized_end=1167
-  _globals['_OBJECTCHUNK']._serialized_start=1169
-  _globals['_OBJECTCHUNK']._serialized_end=1242
-  _globals['_SAVEREPORTREQUEST']._serialized_start=1244
-  _globals['_SAVEREPORTREQUEST']._serialized_end=1347
-  _globals['_SIGNREPORTREQUEST']._serialized_start=1349
-  _globals['_SIGNREPORTREQUEST']._serialized_end=1400
-  _globals['_AMENDREPORTREQUEST']._serialized_start=1402
-  _globals['_AMENDREPORTREQUEST']._serialized_end=1507
-  _globals['_WORKLIST']._serialized_start=1510
-  _globals['_WORKLIST']._serialized_end=2319
+  _globals['_CLAIMEXAMREQUEST']._serialized_end=803
+  _globals['_RENEWCLAIMREQUEST']._serialized_start=805
+  _globals['_RENEWCLAIMREQUEST']._serialized_end=879
+  _globals['_RELEASECLAIMREQUEST']._serialized_start=881
+  _globals['_RELEASECLAIMREQUEST']._serialized_end=934
+  _globals['_RELEASECLAIMRESPONSE']._serialized_start=936
+  _globals['_RELEASECLAIMRESPONSE']._serialized_end=958
+  _globals['_GETEXAMDETAILSREQUEST']._serialized_start=960
+  _globals['_GETEXAMDETAILSREQUEST']._serialized_end=1000
+  _globals['_EXAMDETAILS']._serialized_start=1003
+  _globals['_EXAMDETAILS']._serialized_end=1131
+  _globals['_STREAMOBJECTREQUEST']._serialized_start=1133
+  _globals['_STREAMOBJECTREQUEST']._serialized_end=1190
+  _globals['_OBJECTCHUNK']._serialized_start=1192
+  _globals['_OBJECTCHUNK']._serialized_end=1265
+  _globals['_SAVEREPORTREQUEST']._serialized_start=1267
+  _globals['_SAVEREPORTREQUEST']._serialized_end=1370
+  _globals['_SIGNREPORTREQUEST']._serialized_start=1372
+  _globals['_SIGNREPORTREQUEST']._serialized_end=1423
+  _globals['_AMENDREPORTREQUEST']._serialized_start=1425
+  _globals['_AMENDREPORTREQUEST']._serialized_end=1545
+  _globals['_WORKLIST']._serialized_start=1548
+  _globals['_WORKLIST']._serialized_end=2357
 # @@protoc_insertion_point(module_scope)

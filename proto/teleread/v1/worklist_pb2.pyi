@@ -76,12 +76,14 @@ class ClaimNextRequest(_message.Message):
     def __init__(self, lease_seconds: _Optional[int] = ...) -> None: ...
 
 class ClaimExamRequest(_message.Message):
-    __slots__ = ("exam_id", "lease_seconds")
+    __slots__ = ("exam_id", "lease_seconds", "for_amendment")
     EXAM_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FOR_AMENDMENT_FIELD_NUMBER: _ClassVar[int]
     exam_id: str
     lease_seconds: int
-    def __init__(self, exam_id: _Optional[str] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
+    for_amendment: bool
+    def __init__(self, exam_id: _Optional[str] = ..., lease_seconds: _Optional[int] = ..., for_amendment: _Optional[bool] = ...) -> None: ...
 
 class RenewClaimRequest(_message.Message):
     __slots__ = ("exam_id", "fence", "lease_seconds")
@@ -164,15 +166,17 @@ class SignReportRequest(_message.Message):
     def __init__(self, exam_id: _Optional[str] = ..., fence: _Optional[int] = ...) -> None: ...
 
 class AmendReportRequest(_message.Message):
-    __slots__ = ("exam_id", "reason", "text", "impression", "critical")
+    __slots__ = ("exam_id", "reason", "text", "impression", "critical", "fence")
     EXAM_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMPRESSION_FIELD_NUMBER: _ClassVar[int]
     CRITICAL_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
     exam_id: str
     reason: str
     text: str
     impression: str
     critical: bool
-    def __init__(self, exam_id: _Optional[str] = ..., reason: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ...) -> None: ...
+    fence: int
+    def __init__(self, exam_id: _Optional[str] = ..., reason: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ..., fence: _Optional[int] = ...) -> None: ...

@@ -117,7 +117,7 @@ class WorklistServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClaimExam(self, request, context):
-        """Claim one exam by id.
+        """Claim one exam by id; with for_amendment, claim a reported exam to amend its signed report.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,7 +131,7 @@ class WorklistServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseClaim(self, request, context):
-        """Give an exam back to the queue.
+        """Give an exam back to the queue (a claim for amendment is dropped; the exam stays reported).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,7 +166,8 @@ class WorklistServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AmendReport(self, request, context):
-        """Amend a signed report: a new version with a reason.
+        """Amend a signed report: a new version with a reason. The signer may amend without a claim
+        (fence 0); any other reader claims the exam for amendment and presents the claim's fence.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
