@@ -230,9 +230,7 @@ class IngestService:
 
     def _validate(self, role: str, part: Path, *, exam_id: str, site_id: int) -> dict[str, object]:
         if role == "dicom":
-            info = self._cpu.run(validate.inspect_dicom, part)
-            if info.preamble_flag:
-                raise InvalidInput("DICOM preamble holds an executable header", reason="DICOM_EXECUTABLE_PREAMBLE")
+            info = self._cpu.run(validate.check_dicom_instance, part)  # the check every door applies
             with reading(self._engine) as conn:  # one read: the exam's study, and an earlier copy
                 exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
                 existing = conn.execute(

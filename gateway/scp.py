@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 from teleread.gateway.outbox import Identity, Outbox
+from teleread.gateway.validate import check_dicom_instance, check_uid
 
 log = logging.getLogger("teleread.gateway.scp")
 
@@ -53,13 +54,6 @@ class ScpConfig:
     priority: str = "routine"  # for instances that do not say (a clinic can set its default)
 
 
-def _valid_uid(value: Any) -> bool:
-    from pydicom.uid import UID
-
-    text = str(value or "")
-    return bool(text) and UID(text).is_valid
-
-
 def _read_identifiers(path: Path) -> Any:
     import pydicom
 
@@ -69,11 +63,15 @@ def _read_identifiers(path: Path) -> Any:
 
 
 def _valid_uids(ds: Any) -> tuple[str, str, str] | None:
-    """The study, instance and SOP class UIDs of a dataset, or ``None`` unless all three are valid."""
-    study, sop, sop_class = ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
-    if not (_valid_uid(study) and _valid_uid(sop) and _valid_uid(sop_class)):
+    """The study, instance and SOP class UIDs of a dataset, or ``None`` unless all three are valid
+    (by the hub's UID rule)."""
+    try:
+        return tuple(  # type: ignore[return-value]
+            check_uid(str(ds.get(keyword) or ""), field=keyword)
+            for keyword in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID")
+        )
+    except InvalidInput:
         return None
-    return str(study), str(sop), str(sop_class)
 
 
 def instance_kind(sop_class: str) -> str:
@@ -160,40 +158,38 @@ class StoreScp:
         except (AttributeError, OSError):
             pass
 
-    def _on_store(self, event: Any) -> int:
-        status, reason = self._store(event)
-        if status != SUCCESS:
-            log.log(
-                logging.ERROR if status == OUT_OF_RESOURCES else logging.WARNING,
-                "instance not stored" if status == OUT_OF_RESOURCES else "instance refused",
-                extra={"reason": reason, "status": f"0x{status:04X}"},
-            )
-            if status != OUT_OF_RESOURCES:  # the modality keeps an instance told 0xA700 and retries
-                self.outbox.refused("receiver", reason)
-        return status
+    def _on_store(self, event: Any) -> Any:
+        status, reason, message = self._store(event)
+        if status == SUCCESS:
+            return SUCCESS
+        log.log(
+            logging.ERROR if status == OUT_OF_RESOURCES else logging.WARNING,
+            "instance not stored" if status == OUT_OF_RESOURCES else "instance refused",
+            extra={"reason": reason, "status": f"0x{status:04X}"},
+        )
+        if status != OUT_OF_RESOURCES:  # the modality keeps an instance told 0xA700 and retries
+            self.outbox.refused("receiver", reason)
+        return failure_status(status, reason, message)
 
-    def _store(self, event: Any) -> tuple[int, str]:
+    def _store(self, event: Any) -> tuple[int, str, str]:
+        """(status, reason, message): the outbox holds the instance when the status is Success."""
         from teleread.gateway.scp_reactor import spool_error, spooled_digest
 
         path = Path(event.dataset_path)
-        if spool_error(path) is not None:  # the disk filled while the dataset arrived
-            path.unlink(missing_ok=True)
-            return OUT_OF_RESOURCES, "GATEWAY_DISK_FULL"
         try:
-            ds = _read_identifiers(path)
-        except Exception:  # noqa: BLE001 - the parser's text may quote data; answer with a status
-            path.unlink(missing_ok=True)
-            return CANNOT_UNDERSTAND, "UNREADABLE_DICOM"
-        uids = _valid_uids(ds)
-        if uids is None:
-            path.unlink(missing_ok=True)
-            return CANNOT_UNDERSTAND, "BAD_UID"
-        study, sop, sop_class = uids
-        if sop_class != str(event.request.AffectedSOPClassUID) or sop != str(event.request.AffectedSOPInstanceUID):
-            path.unlink(missing_ok=True)
-            return MISMATCH, "IDENTIFIER_MISMATCH"
-        kind = instance_kind(sop_class)
-        try:
+            if spool_error(path) is not None:  # the disk filled while the dataset arrived
+                return OUT_OF_RESOURCES, "GATEWAY_DISK_FULL", "the gateway's disk is full"
+            try:  # the hub's own check, so what the modality is told stored the hub accepts
+                info = check_dicom_instance(path)
+            except InvalidInput as exc:
+                return CANNOT_UNDERSTAND, exc.reason, exc.message
+            except Exception:  # noqa: BLE001 - the parser's text may quote data; answer with a status
+                return CANNOT_UNDERSTAND, "DICOM_UNREADABLE", "DICOM file could not be parsed"
+            if info.sop_class_uid != str(event.request.AffectedSOPClassUID) or info.sop_instance_uid != str(
+                event.request.AffectedSOPInstanceUID
+            ):
+                return MISMATCH, "IDENTIFIER_MISMATCH", "the dataset's UIDs differ from the C-STORE request's"
+            study, sop, kind = info.study_instance_uid, info.sop_instance_uid, instance_kind(info.sop_class_uid)
             if path.parent == self.outbox.incoming_dir:  # spooled into the outbox: adopted, not copied
                 self.outbox.adopt(
                     path, group_key=study, instance_key=sop, kind=kind, priority=self.config.priority,
@@ -203,9 +199,24 @@ class StoreScp:
                 with open(path, "rb") as f:
                     self.outbox.receive(f, group_key=study, instance_key=sop, kind=kind, priority=self.config.priority)
         except ResourceExhausted as exc:
-            return OUT_OF_RESOURCES, exc.reason
+            return OUT_OF_RESOURCES, exc.reason, exc.message
         except Conflict as exc:
-            return DUPLICATE_CONFLICT, exc.reason
+            return DUPLICATE_CONFLICT, exc.reason, exc.message
         except InvalidInput as exc:
-            return CANNOT_UNDERSTAND, exc.reason
-        return SUCCESS, ""
+            return CANNOT_UNDERSTAND, exc.reason, exc.message
+        finally:
+            if path.parent == self.outbox.incoming_dir:  # adopted, or refused: the spool file goes either way
+                path.unlink(missing_ok=True)
+        return SUCCESS, "", ""
+
+
+def failure_status(status: int, reason: str, message: str) -> Any:
+    """A C-STORE response status whose Error Comment (LO, at most 64 characters) names the problem
+    by its reason code; our messages never quote the data."""
+    from pydicom.dataset import Dataset
+
+    response = Dataset()
+    response.Status = status
+    comment = f"{reason}: {message}" if message else reason
+    response.ErrorComment = comment[:64]
+    return response

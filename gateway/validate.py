@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+import pydicom.uid
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -40,10 +41,13 @@ log = logging.getLogger("teleread.gateway.validate")
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*", re.ASCII)
 _WAVEFORM_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.9."
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_PIXEL_TAGS = {(0x7FE0, 0x0008), (0x7FE0, 0x0009), (0x7FE0, 0x0010)}
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
+_WAVEFORM_SEQUENCE = 0x54000100
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _LONG_LENGTH_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _EXECUTABLE_MAGIC = ((b"MZ", "pe"), (b"\x7fELF", "elf"))
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_SPECIFIC_CHARACTER_SET = 0x00080005
 _DEFER_BYTES = 64 * 1024  # values above this stay on disk until their extent is checked
 _IN_MEMORY_BYTES = 4 * 1024**2  # files up to this size are parsed from memory
 _MAX_LOADED_VALUE_BYTES = 64 * 1024**2  # larger deferred values are checked, never loaded
@@ -142,7 +146,7 @@ def inspect_dicom(
     preamble, file_size = _read_head(path)
     with _strict_reading():
         try:
-            info = _parse_dicom(path, file_size=file_size, max_inflated_bytes=max_inflated_bytes)
+            top_level, info = _parse_dicom(path, file_size=file_size, max_inflated_bytes=max_inflated_bytes)
         except InvalidInput:
             raise
         except Exception as exc:  # untrusted input: pydicom, struct, zlib, Memory/RecursionError
@@ -153,6 +157,8 @@ def inspect_dicom(
             f"declared pixel data of {info.pixel_bytes} bytes exceeds {max_pixel_bytes}",
             reason="DICOM_TOO_LARGE",
         )
+    if top_level is not None:
+        _check_payload(info.sop_class_uid, top_level)
     flag = _preamble_flag(preamble)
     if flag is not None:
         log.warning(
@@ -163,6 +169,18 @@ def inspect_dicom(
     return replace(info, preamble_flag=flag)
 
 
+def check_dicom_instance(
+    path: Path, *, max_pixel_bytes: int = 4 * 1024**3, max_inflated_bytes: int = 128 * 1024**2
+) -> DicomInfo:
+    """The check every door applies to a DICOM instance before it says "stored": the hub's ingest,
+    the gateway's DICOM receiver and its watch folder. :func:`inspect_dicom`, and an executable
+    preamble is refused."""
+    info = inspect_dicom(path, max_pixel_bytes=max_pixel_bytes, max_inflated_bytes=max_inflated_bytes)
+    if info.preamble_flag:
+        raise InvalidInput("DICOM preamble holds an executable header", reason="DICOM_EXECUTABLE_PREAMBLE")
+    return info
+
+
 def _open_for_parse(path: Path, *, file_size: int) -> BinaryIO:
     """Small files are parsed from memory (bounded by their size; pydicom's many small reads are
     much cheaper there); larger ones through a reader that never over-allocates."""
@@ -171,17 +189,17 @@ def _open_for_parse(path: Path, *, file_size: int) -> BinaryIO:
     return _ClampedReader(io.FileIO(path, "r"), size=file_size)
 
 
-def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> DicomInfo:
+def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> tuple[set[int] | None, DicomInfo]:
+    """The dataset's top-level tags (None for a deflated one) and what the hub needs to know."""
     with _open_for_parse(path, file_size=file_size) as fp:
         deflated = _check_inflated_size(fp, limit=max_inflated_bytes)
+        top_level = None if deflated else _Structure(fp, file_size).walk()  # the whole file, to its last byte
         fp.seek(0)
         ds = pydicom.dcmread(fp, force=False, stop_before_pixels=True, defer_size=None if deflated else _DEFER_BYTES)
         uids = _identifying_uids(ds)
         budget = [_MAX_ELEMENTS]
         _walk(ds.file_meta, file_size=file_size, budget=budget, depth=0)
         _walk(ds, file_size=file_size, budget=budget, depth=0)
-        if not deflated:
-            _check_pixel_extent(fp, ds, file_size=file_size)
     rows, columns = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
     frames = _optional_int(ds, "NumberOfFrames")
     if frames is not None and frames < 1:
@@ -194,7 +212,7 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> Dico
         pixel_bytes = math.ceil(rows * columns * frames * samples * bits / 8)
     modality = ds.get("Modality")
     modality = modality.strip() if isinstance(modality, str) else None
-    return DicomInfo(
+    return top_level, DicomInfo(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
@@ -219,12 +237,17 @@ def _check_inflated_size(fp: BinaryIO, *, limit: int) -> bool:
     if syntax.rstrip("\x00 ") != DeflatedExplicitVRLittleEndian:
         return False
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
-    while chunk := fp.read(_INFLATE_CHUNK):
-        while chunk and total <= limit:
-            total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
-            chunk = inflater.unconsumed_tail
-        if total > limit:
-            raise InvalidInput(f"deflated dataset inflates beyond {limit} bytes", reason="DICOM_TOO_LARGE")
+    try:
+        while chunk := fp.read(_INFLATE_CHUNK):
+            while chunk and total <= limit and not inflater.eof:
+                total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                chunk = inflater.unconsumed_tail
+            if total > limit:
+                raise InvalidInput(f"deflated dataset inflates beyond {limit} bytes", reason="DICOM_TOO_LARGE")
+    except zlib.error:
+        raise _unreadable("the deflated dataset is corrupt") from None
+    if not inflater.eof:
+        raise truncated()
     return True
 
 
@@ -284,30 +307,146 @@ def _walk(ds: Dataset, *, file_size: int, budget: list[int], depth: int) -> None
                     continue
             elif isinstance(raw.value, bytes) and len(raw.value) < raw.length:
                 raise _unreadable("a DICOM element runs past the end of the file")
-        elem = ds[tag]
+        elem = _converted(ds, tag, raw)
         if elem.VR == "SQ":
             for item in elem.value:
                 _walk(item, file_size=file_size, budget=budget, depth=depth + 1)
 
 
-def _check_pixel_extent(fp: BinaryIO, ds: Dataset, *, file_size: int) -> None:
-    """Read only the pixel data element's header (where dcmread stopped) and check its extent."""
-    start = fp.tell()
-    header = fp.read(12)
-    if len(header) < 8:
-        return
-    implicit, little = ds.original_encoding
-    endian = "<" if little else ">"
-    if struct.unpack(f"{endian}HH", header[:4]) not in _PIXEL_TAGS:
-        return
-    if implicit:
-        (length,), value_start = struct.unpack(f"{endian}L", header[4:8]), start + 8
-    elif header[4:6] in _LONG_LENGTH_VRS and len(header) == 12:
-        (length,), value_start = struct.unpack(f"{endian}L", header[8:12]), start + 12
-    else:
-        (length,), value_start = struct.unpack(f"{endian}H", header[6:8]), start + 8
-    if length != _UNDEFINED_LENGTH and value_start + length > file_size:
-        raise _unreadable("DICOM pixel data runs past the end of the file")
+def _converted(ds: Dataset, tag: Any, raw: Any) -> Any:
+    """The element at ``tag`` converted from its raw bytes (under RAISE: invalid values raise).
+    A value already read is converted directly and not stored back into the dataset (that is most
+    of what ``ds[tag]`` costs); deferred values, ambiguous VRs and the character set element go
+    through ``ds[tag]``, which reads and corrects them."""
+    vr = getattr(raw, "VR", None)
+    if (
+        not isinstance(raw, RawDataElement)
+        or (raw.value is None and raw.length)
+        or vr is None
+        or " or " in vr
+        or tag == _SPECIFIC_CHARACTER_SET
+    ):
+        return ds[tag]
+    return convert_raw_data_element(raw, encoding=ds.original_character_set or ds._character_set, ds=ds)
+
+
+def truncated() -> InvalidInput:
+    return InvalidInput(
+        "DICOM file ends before its content is complete (cut short, or a length in it is corrupt)", reason="TRUNCATED"
+    )
+
+
+class _Structure:
+    """The element and item structure of a Part 10 file walked by headers alone, values skipped by
+    seeking: every element, item and delimiter must lie inside the file and the last must end at its
+    last byte. Catches what pydicom reads silently (a file cut inside an element header, or between
+    two elements) and never loads a value, pixel data and its fragments included."""
+
+    def __init__(self, fp: BinaryIO, size: int) -> None:
+        self.fp, self.size, self.budget = fp, size, _MAX_ELEMENTS
+
+    def walk(self) -> set[int]:
+        """The dataset's top-level tags, after checking the file meta and the dataset to the end."""
+        self.fp.seek(132)
+        syntax, meta_elements = "", 0
+        while True:
+            start = self.fp.tell()
+            header = self._header(implicit=False, little=True)
+            if header is None:
+                return set()
+            tag, _vr, length = header
+            if tag >> 16 != 0x0002:
+                self.fp.seek(start)
+                break
+            meta_elements += 1
+            if length == _UNDEFINED_LENGTH:
+                raise _unreadable("a file meta element has an undefined length")
+            if tag == 0x00020010 and length <= 64:
+                syntax = self.fp.read(length).decode("ascii", "replace").rstrip("\x00 ")
+            else:
+                self._skip(length)
+        if not meta_elements:
+            raise InvalidInput("DICOM file has no file meta information", reason="DICOM_NO_META")
+        if not syntax:
+            raise InvalidInput("TransferSyntaxUID is missing", reason="DICOM_MISSING_ATTRIBUTE")
+        uid = pydicom.uid.UID(syntax)
+        implicit, little = (uid.is_implicit_VR, uid.is_little_endian) if uid.is_transfer_syntax else (False, True)
+        return self._elements(implicit, little, depth=0, in_item=False)
+
+    def _header(self, *, implicit: bool, little: bool) -> tuple[int, bytes | None, int] | None:
+        if self.fp.tell() >= self.size:
+            return None
+        head = self.fp.read(8)
+        if len(head) < 8:
+            raise truncated()
+        endian = "<" if little else ">"
+        group, element = struct.unpack(f"{endian}HH", head[:4])
+        if implicit or group == 0xFFFE:
+            return (group << 16) | element, None, struct.unpack(f"{endian}L", head[4:8])[0]
+        vr = head[4:6]
+        if vr in _LONG_LENGTH_VRS:
+            more = self.fp.read(4)
+            if len(more) < 4:
+                raise truncated()
+            return (group << 16) | element, vr, struct.unpack(f"{endian}L", more)[0]
+        return (group << 16) | element, vr, struct.unpack(f"{endian}H", head[6:8])[0]
+
+    def _skip(self, length: int) -> None:
+        end = self.fp.tell() + length
+        if end > self.size:
+            raise truncated()
+        self.fp.seek(end)
+
+    def _elements(self, implicit: bool, little: bool, *, depth: int, in_item: bool) -> set[int]:
+        tags: set[int] = set()
+        while True:
+            header = self._header(implicit=implicit, little=little)
+            if header is None:
+                if in_item:  # the file ended inside an item
+                    raise truncated()
+                return tags
+            tag, vr, length = header
+            self.budget -= 1
+            if self.budget < 0:
+                raise InvalidInput("DICOM file has too many elements", reason="DICOM_TOO_LARGE")
+            if tag == _ITEM_END and in_item:
+                return tags
+            if tag >> 16 == 0xFFFE:
+                raise _unreadable("an item or delimiter stands where a data element should")
+            tags.add(tag)
+            if length == _UNDEFINED_LENGTH:  # a sequence, or encapsulated pixel data: items to a delimiter
+                self._items(implicit or vr == b"UN", little or vr == b"UN", depth=depth + 1)
+            else:
+                self._skip(length)
+
+    def _items(self, implicit: bool, little: bool, *, depth: int) -> None:
+        if depth > _MAX_DEPTH:
+            raise _unreadable("DICOM sequences are nested too deeply")
+        while True:
+            header = self._header(implicit=True, little=little)
+            if header is None:
+                raise truncated()
+            tag, _vr, length = header
+            self.budget -= 1
+            if self.budget < 0:
+                raise InvalidInput("DICOM file has too many elements", reason="DICOM_TOO_LARGE")
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM:
+                raise _unreadable("a sequence holds something other than items")
+            if length == _UNDEFINED_LENGTH:
+                self._elements(implicit, little, depth=depth, in_item=True)
+            else:
+                self._skip(length)
+
+
+def _check_payload(sop_class: str, top_level: set[int]) -> None:
+    """An image needs its pixel data and an ECG its waveform (a file cut short just before them ends
+    at an element boundary)."""
+    if sop_class.startswith(_WAVEFORM_SOP_CLASS_PREFIX) and _WAVEFORM_SEQUENCE not in top_level:
+        raise InvalidInput("a waveform instance without its waveform (cut short?)", reason="DICOM_NO_WAVEFORM")
+    if "Image Storage" in pydicom.uid.UID(sop_class).name and not top_level & _PIXEL_DATA_TAGS:
+        raise InvalidInput("an image instance without pixel data (cut short?)", reason="DICOM_NO_PIXEL_DATA")
 
 
 def _optional_int(ds: Dataset, keyword: str) -> int | None:

@@ -3,10 +3,11 @@ complete exam in it is moved into the durable outbox.
 
 A file is taken only when it is complete twice over: it has kept the same size, mtime and inode for
 ``settle_seconds`` across scans (so a copy in progress is never taken), and it is structurally
-whole. A DICOM file must pass the hub's own validator (:func:`inspect_dicom`: meta, UIDs, bounded
-parsing) and parse with pydicom to its last byte; a WFDB record needs its ``.hea`` and the signal
-file the header names, with the size the header implies (:func:`check_wfdb_pair`); a header waits
-for its signal file (and a lone ``.dat`` for its header) as long as it takes. Hidden and temporary
+whole. A DICOM file must pass the check every door applies (:func:`check_dicom_instance`: meta, UIDs,
+bounded parsing, its structure to the last byte, the pixel data or waveform its class needs); a WFDB
+record needs its ``.hea`` and the signal file the header names, with the size the header implies
+(:func:`check_wfdb_pair`); a header waits for its signal file (and a lone ``.dat`` for its header) as
+long as it takes. Hidden and temporary
 names (``.x``, ``~x``, ``*.part``, ``*.tmp``...) and the watcher's own ``rejected/`` are never touched.
 
 DICOM files are grouped by StudyInstanceUID exactly as the DICOM receiver groups them and are left
@@ -26,32 +27,21 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import io
 import logging
 import os
 import stat
 import time
-import warnings
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pydicom.dataelem import RawDataElement
-from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from teleread import ecgio
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 from teleread.gateway.outbox import PRIORITY_RANK, REASON_SUFFIX, Outbox, OutboxObject
 from teleread.gateway.scan import Role, file_sha256
-from teleread.gateway.scp import _valid_uid, instance_kind
-from teleread.gateway.validate import (
-    _ClampedReader,
-    check_wfdb_pair,
-    inspect_dicom,
-    inspect_wfdb_header,
-)
+from teleread.gateway.scp import instance_kind
+from teleread.gateway.validate import check_dicom_instance, check_wfdb_pair, inspect_wfdb_header
 
 log = logging.getLogger("teleread.gateway.watch")
 
@@ -69,12 +59,6 @@ GATEWAY_DISK_FULL = "GATEWAY_DISK_FULL"
 CHANGED_WHILE_TAKEN = "CHANGED_WHILE_TAKEN"
 CANNOT_READ = "CANNOT_READ"
 
-_DEFER_BYTES = 64 * 1024  # values above this are skipped by seeking, never loaded
-_INFLATE_CHUNK = 1024**2
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_WAVEFORM_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.9."
-_WAVEFORM_SEQUENCE = 0x54000100
-_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, pixel data
 
 _Signature = tuple[int, int, int]  # size, mtime_ns, inode
 
@@ -466,81 +450,7 @@ def _signature(path: Path) -> _Signature:
 
 
 def _check_dicom(path: Path) -> tuple[str, str, str]:
-    """(StudyInstanceUID, SOPInstanceUID, kind) of a complete DICOM file; InvalidInput otherwise."""
-    try:
-        info = inspect_dicom(path)
-    except InvalidInput as exc:  # a file cut short fails in many ways: say so when that is the cause
-        if exc.reason != "DICOM_TOO_LARGE" and _dicom_end_problem(path, sop_class="") == "TRUNCATED":
-            raise _truncated() from None
-        raise
-    problem = _dicom_end_problem(path, sop_class=info.sop_class_uid)
-    if problem == "TRUNCATED":
-        raise _truncated()
-    if problem is not None:
-        raise InvalidInput("DICOM file could not be parsed to its end", reason=problem)
-    uids = (info.study_instance_uid, info.sop_instance_uid, info.sop_class_uid)
-    if not all(_valid_uid(uid) for uid in uids):  # the DICOM receiver's rule, so both doors agree
-        raise InvalidInput("an identifying UID is not a valid DICOM UID", reason="BAD_UID")
-    kind = instance_kind(info.sop_class_uid)
-    return info.study_instance_uid, info.sop_instance_uid, kind
-
-
-def _truncated() -> InvalidInput:
-    return InvalidInput(
-        "DICOM file ends before its content is complete (cut short, or a length in it is corrupt)", reason="TRUNCATED"
-    )
-
-
-def _dicom_end_problem(path: Path, *, sop_class: str) -> str | None:
-    """Parse the whole file with pydicom's element reader (large values skipped by seeking): None
-    when the last element ends exactly at the end of the file and the payload its SOP class needs
-    (pixel data of an image, the waveform of an ECG; the class is taken from the file meta when not
-    given) is there; else "TRUNCATED" or "DICOM_UNREADABLE"."""
-    size = path.stat().st_size
-    tags: set[int] = set()
-    with _ClampedReader(io.FileIO(path, "r"), size=size) as fp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom's warnings can quote element values
-        try:
-            read_preamble(fp, False)
-            meta = _read_file_meta_info(fp)
-            if fp.tell() >= size:  # the file ends inside, or right after, its file meta
-                return "TRUNCATED"
-            syntax = str(meta.get("TransferSyntaxUID") or "").rstrip("\x00 ")
-            sop_class = sop_class or str(meta.get("MediaStorageSOPClassUID") or "").rstrip("\x00 ")
-            if syntax == DeflatedExplicitVRLittleEndian:
-                return None if _deflate_ends(fp) else "TRUNCATED"
-            uid = UID(syntax)
-            implicit, little = (uid.is_implicit_VR, uid.is_little_endian) if uid.is_transfer_syntax else (False, True)
-            end = fp.tell()
-            for elem in data_element_generator(fp, implicit, little, defer_size=_DEFER_BYTES):
-                if (
-                    isinstance(elem, RawDataElement)
-                    and elem.length != _UNDEFINED_LENGTH
-                    and isinstance(elem.value, bytes)
-                    and len(elem.value) < elem.length
-                ):
-                    return "TRUNCATED"
-                tags.add(int(elem.tag))
-                end = fp.tell()
-        except EOFError:  # an undefined-length value whose delimiter never came
-            return "TRUNCATED"
-        except Exception:  # noqa: BLE001 - untrusted input; the parser's text may quote the data
-            # a parse that fails at the end of the file ran out of bytes: the file was cut short
-            return "TRUNCATED" if fp.tell() >= size else "DICOM_UNREADABLE"
-    if end != size:
-        return "TRUNCATED"
-    if sop_class.startswith(_WAVEFORM_SOP_CLASS_PREFIX) and _WAVEFORM_SEQUENCE not in tags:
-        return "TRUNCATED"
-    if "Image Storage" in UID(sop_class).name and not tags & _PIXEL_DATA_TAGS:
-        return "TRUNCATED"
-    return None
-
-
-def _deflate_ends(fp: io.BufferedReader) -> bool:
-    """True when the deflated dataset's zlib stream is complete (its size was bounded already)."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    while chunk := fp.read(_INFLATE_CHUNK):
-        while chunk and not inflater.eof:
-            inflater.decompress(chunk, _INFLATE_CHUNK)
-            chunk = inflater.unconsumed_tail
-    return inflater.eof
+    """(StudyInstanceUID, SOPInstanceUID, kind) of a complete DICOM file, by the check every door
+    applies (:func:`check_dicom_instance`); InvalidInput otherwise."""
+    info = check_dicom_instance(path)
+    return info.study_instance_uid, info.sop_instance_uid, instance_kind(info.sop_class_uid)

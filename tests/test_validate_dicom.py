@@ -112,7 +112,7 @@ def test_check_uid_rejects_bad_uids_without_echoing_them(value: str) -> None:
 def test_reliability_corpus_files_are_accepted_or_rejected_with_a_typed_error() -> None:
     outcomes = {name: inspect_or_reject(bundled(name)) for name in CORPUS_NAMES}
     assert all(seconds < 2.0 for _, seconds in outcomes.values()), outcomes
-    assert outcomes["MR_truncated.dcm"][0] == "DICOM_UNREADABLE"
+    assert outcomes["MR_truncated.dcm"][0] == "TRUNCATED"
     assert outcomes["no_meta.dcm"][0] == "DICOM_NO_META"
     assert outcomes["ExplVR_LitEndNoMeta.dcm"][0] == "DICOM_NO_META"
     assert outcomes["meta_missing_tsyntax.dcm"][0] == "DICOM_MISSING_ATTRIBUTE"
@@ -202,6 +202,13 @@ def make_dataset(**attributes: Any) -> Dataset:
     ds.Modality = "CT"
     ds.PatientName = CANARY
     ds.PatientID = CANARY
+    ds.Rows = ds.Columns = 2  # an image needs its pixel data
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.SamplesPerPixel = 1
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(4)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -230,7 +237,7 @@ def reason_of(path: Path, **kwargs: Any) -> InvalidInput:
 def test_crafted_valid_file_is_accepted(tmp_path: Path) -> None:
     info = inspect_dicom(write(make_dataset(), tmp_path / "ok.dcm"))
     assert info.sop_instance_uid == "1.2.826.0.1.3680043.8.498.10"
-    assert (info.rows, info.columns, info.pixel_bytes, info.modality) == (None, None, 0, "CT")
+    assert (info.rows, info.columns, info.pixel_bytes, info.modality) == (2, 2, 4, "CT")
 
 
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"])
@@ -325,7 +332,7 @@ def test_huge_length_in_dataset_fails_fast_with_bounded_memory(tmp_path: Path) -
     path.write_bytes(pad_to_1k(head + explicit_element(0x0029, 0x1010, b"OB", length=0xFFFFFFF0)))
     assert path.stat().st_size == 1024
     err, elapsed, peak = measure(path)
-    assert err.reason == "DICOM_UNREADABLE"
+    assert err.reason == "TRUNCATED"  # the length runs past the end of the file
     assert elapsed < 0.1
     assert peak < 64 * 1024**2
 
@@ -337,7 +344,7 @@ def test_huge_length_in_file_meta_fails_fast_with_bounded_memory(tmp_path: Path)
     path = tmp_path / "huge-meta.dcm"
     path.write_bytes(pad_to_1k(data[:meta_end] + huge + data[meta_end:]))
     err, elapsed, peak = measure(path)
-    assert err.reason in {"DICOM_UNREADABLE", "DICOM_MISSING_ATTRIBUTE"}
+    assert err.reason in {"TRUNCATED", "DICOM_UNREADABLE", "DICOM_MISSING_ATTRIBUTE"}
     assert elapsed < 0.1
     assert peak < 64 * 1024**2
 
@@ -347,7 +354,7 @@ def test_truncated_small_element_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "short.dcm"
     short = struct.pack("<HH", 0x0008, 0x103E) + b"LO" + struct.pack("<H", 40) + b"abc"
     path.write_bytes(head + short)
-    assert reason_of(path).reason == "DICOM_UNREADABLE"
+    assert reason_of(path).reason == "TRUNCATED"
 
 
 def test_truncated_pixel_data_is_rejected_without_decoding(tmp_path: Path) -> None:
@@ -365,7 +372,7 @@ def test_truncated_pixel_data_is_rejected_without_decoding(tmp_path: Path) -> No
     data = write(ds, tmp_path / "full.dcm").read_bytes()
     path = tmp_path / "cut.dcm"
     path.write_bytes(data[:-6])
-    assert reason_of(path).reason == "DICOM_UNREADABLE"
+    assert reason_of(path).reason == "TRUNCATED"
 
 
 def test_declared_65535_square_image_is_rejected_before_any_decode(
