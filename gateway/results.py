@@ -6,7 +6,10 @@ pull`` writes it), ``<cursor>-<exam>.txt`` (a plain-text report) and ``<cursor>-
 printable A4 report, see ``gateway/report_pdf.py``) are written atomically before the cursor
 advances, so a crash repeats at most one page and never skips a result. The PDF is a convenience
 copy: when it cannot be rendered the failure is logged at ERROR (its type only) and the JSON and
-text copies, the critical alert and the cursor go on as before.
+text copies, the critical alert and the cursor go on as before. The PDF's font (the ``report_font``
+setting, or Debian's fonts-wqy-zenhei when unset) is looked for once when the inbox is made, and a
+missing one is logged at WARNING then, with the setting and the package to install; it is looked
+for again at every report, so installing the package later needs no restart.
 
 A critical result is logged at ERROR and, when configured, passed to a hook command (e.g. a pager
 or a printer script): ``HOOK <report.txt> [<report.pdf>]``, the text report first, then the PDF
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from teleread.client import atomic_write_text
-from teleread.gateway.report_pdf import render_report_pdf
+from teleread.gateway.report_pdf import ReportFontMissing, find_report_font, render_report_pdf
 from teleread.reader.results_client import pull_results, read_cursor
 
 log = logging.getLogger("teleread.gateway.results")
@@ -46,12 +49,19 @@ def printable(result: Any) -> str:
 
 
 class ResultsInbox:
-    def __init__(self, folder: Path, *, hook: str = "", hook_timeout: float = 30.0) -> None:
+    def __init__(
+        self, folder: Path, *, hook: str = "", hook_timeout: float = 30.0, report_font: Path | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cursor_file = self.folder / ".cursor"
         self.hook = hook
         self.hook_timeout = hook_timeout
+        self.report_font = report_font
+        try:
+            find_report_font(report_font)
+        except ReportFontMissing as exc:  # the JSON and text reports still work: warn, do not stop
+            log.warning("PDF reports will not be written: %s", exc.message, extra={"reason": exc.reason})
 
     def _on_result(self, result: Any, json_path: Path) -> None:
         """Write the text and PDF reports beside the JSON; raise a critical result."""
@@ -59,7 +69,7 @@ class ResultsInbox:
         atomic_write_text(text_path, printable(result))
         pdf_path: Path | None = json_path.with_suffix(".pdf")
         try:
-            render_report_pdf(result, pdf_path)
+            render_report_pdf(result, pdf_path, font=self.report_font)
         except Exception as exc:  # any rendering failure: the JSON and text copies stand
             # the type only: a library's message can quote the report
             log.error(

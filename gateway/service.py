@@ -79,7 +79,9 @@ class Gateway:
             results = results_pb2_grpc.ResultsStub(self._channels[0])
         self.results_stub = results
         self.inbox = ResultsInbox(
-            self.config.results_dir or (settings.data_dir / "results"), hook=self.config.critical_hook
+            self.config.results_dir or (settings.data_dir / "results"),
+            hook=self.config.critical_hook,
+            report_font=self.config.report_font,
         )
         self._next_results = 0.0
         self.forwarder = Forwarder(

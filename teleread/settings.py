@@ -63,6 +63,7 @@ class GatewaySettings(BaseModel):
     results_dir: Path | None = None  # signed reports for the clinic; default: <data_dir>/results
     results_poll_seconds: float = 10.0
     critical_hook: str = ""  # a command run with the printable report of each critical result
+    report_font: Path | None = None  # TrueType .ttf/.ttc with Chinese for the PDF; default: fonts-wqy-zenhei
     watch_dir: Path | None = None  # files dropped here (WFDB pairs, DICOM); default: <data_dir>/watch
     watch_settle_seconds: float = 2.0  # a dropped file unchanged for this long is complete
     streams: int = 4  # objects uploaded at once

@@ -1,13 +1,14 @@
 """Results back to the clinic: a signed critical report reaches the gateway's results folder as
 JSON, a printable text and a PDF, the critical-result hook runs once, and a second poll repeats
-nothing. The PDF report on its own: Chinese text, amendments, markup characters, several pages, and
-a rendering failure that loses nothing."""
+nothing. The PDF report on its own: Chinese text, amendments, markup characters, several pages, its
+embedded font (and a missing one), and a rendering failure that loses nothing."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, cast
@@ -139,7 +140,8 @@ def test_the_pdf_prints_chinese_findings_with_their_line_breaks(tmp_path: Path) 
     findings = lines.index("Findings 检查所见")
     assert lines[findings + 1 : findings + 4] == ["窦性心律，心率 72 次/分。", "QRS 波群正常。", "ST 段无明显改变。"]
     assert "正常心电图。" in lines and "胸闷 2 小时" in lines
-    assert "/STSong-Light" in _font_names(path)
+    fonts = _font_names(path)  # one embedded subset of the report font, nothing else
+    assert fonts and all(re.fullmatch(r"/[A-Z]{6}\+WenQuanYiZenHei-0", name) for name in fonts), fonts
     text = "\n".join(lines)
     assert "Site site_a   Exam ex-0001" in text
     assert "Signed by dr-heart at 2025-03-01 08:30 UTC" in text
@@ -225,7 +227,7 @@ def test_a_pdf_failure_keeps_json_and_text_and_moves_on(
 ) -> None:
     secret = "窦性停搏 PATIENT-TEXT-CANARY"
 
-    def broken(result: results_pb2.Result, path: Path) -> None:
+    def broken(result: results_pb2.Result, path: Path, **_: object) -> None:
         raise ValueError(f"cannot lay out {result.report.text}")  # a library quoting the report
 
     monkeypatch.setattr("teleread.gateway.results.render_report_pdf", broken)
@@ -255,3 +257,61 @@ def test_a_non_critical_result_gets_a_pdf_and_no_alert(tmp_path: Path, caplog: p
         assert inbox.poll(_OnePageHub(_result(text="Sinus rhythm, rate 72."))) == 1
     assert "Sinus rhythm, rate 72." in _pdf_text(tmp_path / "results" / "7-ex-0001.pdf")
     assert not caplog.records  # neither a critical alert nor a failed hook
+
+
+def _no_default_font(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without fonts-wqy-zenhei: nothing in the usual places, nothing from fc-match."""
+    monkeypatch.setattr(report_pdf, "FONT_SEARCH", ())
+    monkeypatch.setattr(report_pdf, "_fc_match", lambda: None)
+
+
+def test_a_missing_font_is_a_typed_error_naming_the_setting_and_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_default_font(monkeypatch)
+    with pytest.raises(report_pdf.ReportFontMissing) as missing:
+        report_pdf.report_pdf_bytes(_result())
+    assert missing.value.reason == "REPORT_FONT_MISSING"
+    assert "TELEREAD_GATEWAY__REPORT_FONT" in missing.value.message and "fonts-wqy-zenhei" in missing.value.message
+    not_a_font = tmp_path / "not-a-font.ttf"
+    not_a_font.write_bytes(b"OTTO" + bytes(200))  # an OpenType/CFF header: reportlab cannot embed it
+    for configured in (not_a_font, tmp_path / "absent.ttc"):
+        with pytest.raises(report_pdf.ReportFontMissing) as refused:
+            render_report_pdf(_result(), tmp_path / "r.pdf", font=configured)
+        assert str(configured) in refused.value.message and "TELEREAD_GATEWAY__REPORT_FONT" in refused.value.message
+        assert "fonts-wqy-zenhei" in refused.value.message
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_the_font_setting_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed = report_pdf.find_report_font()
+    _no_default_font(monkeypatch)
+    copy = tmp_path / "fonts" / "report.ttc"
+    copy.parent.mkdir()
+    copy.symlink_to(installed)
+    monkeypatch.setenv("TELEREAD_GATEWAY__REPORT_FONT", str(copy))
+    from teleread.settings import Settings
+
+    configured = Settings().gateway.report_font
+    assert configured == copy
+    inbox = ResultsInbox(tmp_path / "results", report_font=configured)
+    assert inbox.poll(_OnePageHub(_result(text="窦性停搏 3.5 秒"))) == 1
+    assert "窦性停搏 3.5 秒" in _pdf_text(tmp_path / "results" / "7-ex-0001.pdf")
+
+
+def test_without_a_font_the_inbox_warns_at_start_and_keeps_json_and_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _no_default_font(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="teleread.gateway.results"):
+        inbox = ResultsInbox(tmp_path / "results")
+        (warning,) = caplog.records
+        assert warning.levelno == logging.WARNING and vars(warning)["reason"] == "REPORT_FONT_MISSING"
+        assert "TELEREAD_GATEWAY__REPORT_FONT" in warning.getMessage() and "fonts-wqy-zenhei" in warning.getMessage()
+        caplog.clear()
+        assert inbox.poll(_OnePageHub(_result(text="窦性停搏 PATIENT-TEXT-CANARY", critical=True))) == 1
+    folder = tmp_path / "results"
+    assert sorted(p.name for p in folder.iterdir()) == [".cursor", "7-ex-0001.json", "7-ex-0001.txt"]
+    (failure,) = [r for r in caplog.records if r.getMessage().startswith("PDF report not written")]
+    assert vars(failure)["reason"] == "ReportFontMissing"
+    assert "CANARY" not in caplog.text and "窦性停搏" not in caplog.text
