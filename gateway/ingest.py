@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from sqlalchemy import Connection, Engine, Row, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 
 from teleread.auth import Principal, require_uploader
 from teleread.cpu import CpuPool
 from teleread.db.engine import reading, utcnow
-from teleread.db.schema import conflicts, exams, objects, sites, uploads
-from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted
+from teleread.db.schema import conflicts, exams, objects, refusals, sites, uploads
+from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted, TelereadError
 from teleread.events import EventBus, record_event
 from teleread.gateway import validate
 from teleread.gateway.staging import MAX_CHUNK, Staging
@@ -39,6 +39,13 @@ KINDS = ("ecg", "imaging")
 PRIORITIES = ("stat", "urgent", "routine")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REFUSED_UPLOAD_STATES = ("rejected", "refused")
+# refusals that depend on the exam, not on the bytes alone: another exam may take the same bytes
+EXAM_SCOPED_REASONS = frozenset(
+    {"STUDY_MISMATCH", "INSTANCE_UID_CONFLICT", "WFDB_SIGNAL_SIZE_MISMATCH", "WFDB_INCOMPLETE", "MIXED_EXAM",
+     "NO_VALID_OBJECTS"}
+)  # fmt: skip
+_REFUSAL_ERRORS: dict[str, type[TelereadError]] = {"INVALID_ARGUMENT": InvalidInput, "ALREADY_EXISTS": AlreadyExists}
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class IngestService:
         priority: str,
         indication: str,
         study_instance_uid: str,
+        follow_up_of: str = "",
     ) -> dict[str, object]:
         site_id = require_uploader(p)
         if not _KEY.match(client_exam_key):
@@ -98,12 +106,20 @@ class IngestService:
             validate.check_uid(study_instance_uid, field="StudyInstanceUID")
         if len(indication) > 2000:
             raise InvalidInput("indication is longer than 2000 characters", reason="BAD_INDICATION")
+        if follow_up_of and not re.fullmatch(r"[0-9a-f]{32}", follow_up_of):
+            raise InvalidInput("follow_up_of must be an exam id", reason="BAD_EXAM_ID")
         with self._engine.begin() as conn:
             row = conn.execute(
                 select(exams).where(exams.c.site_id == site_id, exams.c.client_exam_key == client_exam_key)
             ).first()
+            if row is not None and row.state == "expired":  # abandoned long ago: the key starts afresh
+                conn.execute(update(exams).where(exams.c.id == row.id).values(client_exam_key=f"expired:{row.id}"))
+                row = None
             if row is not None:
-                return dict(row._mapping)
+                return self._uploader_view(conn, dict(row._mapping))
+            earlier = self._earlier_exam(
+                conn, site_id=site_id, follow_up_of=follow_up_of, study_instance_uid=study_instance_uid
+            )
             now = utcnow()
             exam_id = new_id()
             conn.execute(
@@ -117,17 +133,67 @@ class IngestService:
                     state="receiving",
                     priority=priority,
                     indication=indication,
+                    follow_up_of=earlier,
                     created_at=now,
                     updated_at=now,
                 )
             )
-            record_event(conn, type="opened", exam_id=exam_id, site_id=site_id, actor_id=p.id)
-            return dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
+            detail = {"follow_up_of": earlier} if earlier else None
+            record_event(conn, type="opened", exam_id=exam_id, site_id=site_id, actor_id=p.id, detail=detail)
+            return self._uploader_view(
+                conn, dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
+            )
+
+    @staticmethod
+    def _earlier_exam(conn: Connection, *, site_id: int, follow_up_of: str, study_instance_uid: str) -> str:
+        """The exam a new exam follows: the one the client names (of this site and, when both say,
+        of the same study), else the latest committed exam of this site with the same study."""
+        if follow_up_of:
+            row = conn.execute(
+                select(exams.c.id, exams.c.study_instance_uid).where(
+                    exams.c.id == follow_up_of, exams.c.site_id == site_id
+                )
+            ).first()
+            if row is None:
+                raise NotFound("no such exam for this site", reason="EXAM_NOT_FOUND")
+            if study_instance_uid and row.study_instance_uid and row.study_instance_uid != study_instance_uid:
+                raise InvalidInput(
+                    "a follow-up exam belongs to the study of the exam it follows", reason="STUDY_MISMATCH"
+                )
+            return str(row.id)
+        if not study_instance_uid:
+            return ""
+        row = conn.execute(
+            select(exams.c.id)
+            .where(
+                exams.c.site_id == site_id,
+                exams.c.study_instance_uid == study_instance_uid,
+                exams.c.state.not_in(("receiving", "rejected", "expired")),
+            )
+            .order_by(exams.c.created_at.desc())
+            .limit(1)
+        ).first()
+        return str(row.id) if row is not None else ""
+
+    @staticmethod
+    def _uploader_view(conn: Connection, exam: dict[str, object]) -> dict[str, object]:
+        """The exam as its site sees it: with its refused objects and the hashes of what it holds."""
+        exam["refused"] = [
+            dict(r._mapping)
+            for r in conn.execute(select(refusals).where(refusals.c.exam_id == exam["id"]).order_by(refusals.c.id))
+        ]
+        exam["stored_sha256"] = [
+            str(r[0])
+            for r in conn.execute(
+                select(objects.c.sha256).where(objects.c.exam_id == exam["id"]).order_by(objects.c.sha256)
+            )
+        ]
+        return exam
 
     def get_exam(self, p: Principal, exam_id: str) -> dict[str, object]:
         site_id = require_uploader(p)
         with reading(self._engine) as conn:
-            return self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+            return self._uploader_view(conn, self._site_exam(conn, site_id=site_id, exam_id=exam_id))
 
     @staticmethod
     def _site_exam(conn: Connection, *, site_id: int, exam_id: str) -> dict[str, object]:
@@ -151,10 +217,14 @@ class IngestService:
             exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
             if exam["state"] != "receiving":
                 raise Conflict("exam is already committed", reason="EXAM_COMMITTED")
+            earlier = self._earlier_refusal(conn, site_id=site_id, exam_id=exam_id, sha256=sha256, role=role)
+            refused = _refusal_error(earlier) if earlier is not None else None
+            if earlier is not None and earlier.exam_id != exam_id:  # counted in this exam too
+                self._record_refusal(conn, site_id=site_id, exam_id=exam_id, upload_id=None, like=earlier)
             row = conn.execute(
                 select(uploads).where(uploads.c.exam_id == exam_id, uploads.c.sha256 == sha256, uploads.c.role == role)
             ).first()
-            if row is None:
+            if refused is None and row is None:
                 upload_id = new_id()
                 now = utcnow()
                 conn.execute(
@@ -171,7 +241,66 @@ class IngestService:
                     )
                 )
                 return UploadState(upload_id, 0, size, "partial")
+        if refused is not None:  # the same bytes were refused before: the same answer, at once
+            raise refused
+        assert row is not None
         return self.upload_status(p, upload_id=row.id)
+
+    @staticmethod
+    def _earlier_refusal(conn: Connection, *, site_id: int, exam_id: str, sha256: str, role: str) -> Row[Any] | None:
+        """A refusal of the same bytes in this exam, or of bytes unfit whatever the exam."""
+        return conn.execute(
+            select(refusals)
+            .where(
+                refusals.c.site_id == site_id,
+                refusals.c.sha256 == sha256,
+                refusals.c.role == role,
+                (refusals.c.exam_id == exam_id) | (refusals.c.scope == "content"),
+            )
+            .order_by((refusals.c.exam_id == exam_id).desc(), refusals.c.id.desc())
+            .limit(1)
+        ).first()
+
+    @staticmethod
+    def _record_refusal(
+        conn: Connection,
+        *,
+        site_id: int,
+        exam_id: str,
+        upload_id: str | None,
+        like: Row[Any] | None = None,
+        role: str = "",
+        sha256: str = "",
+        size: int = 0,
+        sop_instance_uid: str | None = None,
+        error: TelereadError | None = None,
+    ) -> None:
+        """One refusal record (what and why; never the bytes), and its event."""
+        if like is not None:
+            values: dict[str, Any] = {
+                k: like._mapping[k]
+                for k in ("role", "sha256", "size", "sop_instance_uid", "code", "reason", "message", "scope")
+            }
+        else:
+            assert error is not None
+            values = {
+                "role": role,
+                "sha256": sha256,
+                "size": size,
+                "sop_instance_uid": sop_instance_uid,
+                "code": error.code,
+                "reason": error.reason[:64],
+                "message": error.message,
+                "scope": "exam" if error.reason in EXAM_SCOPED_REASONS else "content",
+            }
+        conn.execute(
+            insert(refusals).values(
+                site_id=site_id, exam_id=exam_id, upload_id=upload_id, created_at=utcnow(), **values
+            )
+        )
+        record_event(
+            conn, type="object_rejected", exam_id=exam_id, site_id=site_id, detail={"reason": values["reason"]}
+        )
 
     def upload_status(self, p: Principal, *, upload_id: str) -> UploadState:
         site_id = require_uploader(p)
@@ -180,8 +309,17 @@ class IngestService:
             obj = None
             if row.object_id:
                 obj = dict(conn.execute(select(objects).where(objects.c.id == row.object_id)).one()._mapping)
+            refusal = None
+            if row.state in REFUSED_UPLOAD_STATES:
+                refusal = conn.execute(
+                    select(refusals).where(refusals.c.upload_id == row.id).order_by(refusals.c.id.desc()).limit(1)
+                ).first()
         if row.state in ("stored", "duplicate"):
             return UploadState(row.id, row.size, row.size, row.state, obj)
+        if row.state in REFUSED_UPLOAD_STATES:  # a retry gets the original error, never "partial"
+            if refusal is not None:
+                raise _refusal_error(refusal)
+            raise InvalidInput("the hub refused this object", reason="OBJECT_REFUSED")
         return UploadState(row.id, self._staging.confirmed(row.id), row.size, "partial")
 
     @staticmethod
@@ -216,16 +354,19 @@ class IngestService:
     def _finalise(self, p: Principal, *, site_id: int, upload: Row[Any]) -> UploadState:
         u = upload
         part = self._staging.path(u.id)
+        if self._staging.digest(u.id, size=u.size) != u.sha256:
+            self._staging.discard(u.id)  # the upload stays open: the client re-sends from zero
+            raise InvalidInput("object bytes do not match the announced SHA-256", reason="SHA256_MISMATCH")
         try:
-            if self._staging.digest(u.id, size=u.size) != u.sha256:
-                self._staging.discard(u.id)  # the client re-sends from zero
-                raise InvalidInput("object bytes do not match the announced SHA-256", reason="SHA256_MISMATCH")
             meta = self._validate(u.role, part, exam_id=u.exam_id, site_id=site_id)
             stored = self._store_object(p, site_id=site_id, upload=u, part=part, meta=meta)
             self._staging.finished(u.id)
             return stored
         except InvalidInput as exc:
-            self._reject_upload(site_id=site_id, upload=u, reason=exc.reason)
+            self._reject_upload(site_id=site_id, upload=u, error=exc)
+            raise
+        except AlreadyExists:  # an instance UID conflict, recorded where it was found
+            self._staging.discard(u.id)
             raise
 
     def _validate(self, role: str, part: Path, *, exam_id: str, site_id: int) -> dict[str, object]:
@@ -287,8 +428,12 @@ class IngestService:
                 self._touch_exam(conn, exam_id=u.exam_id, meta=meta)
         except DbIntegrityError:
             # A concurrent upload of the same instance won the race: treat as duplicate/conflict.
-            dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u)
             part.unlink(missing_ok=True)
+            try:
+                dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u)
+            except AlreadyExists:  # the winner has other bytes: this copy is nobody's
+                self.delete_unreferenced(key)
+                raise
             if dup is None:
                 raise
             return dup
@@ -323,11 +468,17 @@ class IngestService:
             )
             self._mark_upload(conn, upload_id=u.id, state="refused", object_id=None)
             record_event(conn, type="instance_conflict", exam_id=u.exam_id, site_id=site_id)
+            error = AlreadyExists(
+                "an instance with this SOPInstanceUID and different bytes is already stored;"
+                " the stored original is kept",
+                reason="INSTANCE_UID_CONFLICT",
+            )
+            self._record_refusal(
+                conn, site_id=site_id, exam_id=u.exam_id, upload_id=u.id, role=u.role, sha256=u.sha256, size=u.size,
+                sop_instance_uid=uid, error=error,
+            )  # fmt: skip
         log.warning("instance UID conflict refused", extra={"upload_id": u.id, "reason": "INSTANCE_UID_CONFLICT"})
-        raise AlreadyExists(
-            "an instance with this SOPInstanceUID and different bytes is already stored; the stored original is kept",
-            reason="INSTANCE_UID_CONFLICT",
-        )
+        raise error
 
     @staticmethod
     def _mark_upload(conn: Connection, *, upload_id: str, state: str, object_id: str | None) -> None:
@@ -344,67 +495,148 @@ class IngestService:
             values["study_instance_uid"] = meta["study_instance_uid"]
         conn.execute(update(exams).where(exams.c.id == exam_id, exams.c.study_instance_uid == "").values(**values))
 
-    def _reject_upload(self, *, site_id: int, upload: Row[Any], reason: str) -> None:
+    def _reject_upload(self, *, site_id: int, upload: Row[Any], error: TelereadError) -> None:
         self._staging.discard(upload.id)
         with self._engine.begin() as conn:
             self._mark_upload(conn, upload_id=upload.id, state="rejected", object_id=None)
-            record_event(
-                conn, type="object_rejected", exam_id=upload.exam_id, site_id=site_id, detail={"reason": reason}
-            )
-        log.warning("object rejected", extra={"upload_id": upload.id, "reason": reason})
+            self._record_refusal(
+                conn, site_id=site_id, exam_id=upload.exam_id, upload_id=upload.id, role=upload.role,
+                sha256=upload.sha256, size=upload.size, error=error,
+            )  # fmt: skip
+        log.warning("object rejected", extra={"upload_id": upload.id, "reason": error.reason})
+
+    def delete_unreferenced(self, key: str) -> bool:
+        """Delete a stored object no metadata row refers to (a refused copy); True when deleted. Keys
+        are content hashes: only an upload of the same bytes could add a row for it meanwhile, and
+        for a DICOM instance that upload meets the same refusal (one SOP Instance UID per site)."""
+        with reading(self._engine) as conn:
+            if conn.execute(select(objects.c.id).where(objects.c.storage_key == key).limit(1)).first() is not None:
+                return False
+        self._store.delete(key)
+        return True
 
     # ---- commit -------------------------------------------------------------------------------
     def commit_exam(self, p: Principal, *, exam_id: str, expected_objects: int) -> dict[str, object]:
+        """Commit an exam whose announced objects are all stored or refused. Refused instances of an
+        imaging exam leave it incomplete, not refused: what is valid is read. An exam with nothing
+        valid, or a WFDB record that is not whole, is rejected and its stored bytes are deleted."""
         site_id = require_uploader(p)
+        problem: InvalidInput | None = None
         with self._engine.begin() as conn:
             exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+            if exam["state"] == "rejected":  # a retry gets the same answer
+                raise InvalidInput(
+                    "the hub refused this exam; see its refused objects", reason=str(exam["reject_reason"])
+                )
             if exam["state"] != "receiving":
-                return exam  # idempotent: already committed
+                return self._uploader_view(conn, exam)  # idempotent: already committed
             done = conn.execute(
-                select(uploads.c.role, objects.c.modality, objects.c.size, objects.c.storage_key, objects.c.sha256)
+                select(
+                    uploads.c.id.label("upload_id"),
+                    objects.c.id,
+                    uploads.c.role,
+                    objects.c.modality,
+                    objects.c.size,
+                    objects.c.storage_key,
+                    objects.c.sha256,
+                    objects.c.sop_instance_uid,
+                )  # fmt: skip
                 .select_from(uploads.join(objects, uploads.c.object_id == objects.c.id))
                 .where(uploads.c.exam_id == exam_id, uploads.c.state.in_(("stored", "duplicate")))
             ).all()
-            if expected_objects <= 0 or len(done) != expected_objects:
+            stored = {(r.sha256, r.role) for r in done}
+            refused = {
+                (r.sha256, r.role)
+                for r in conn.execute(select(refusals.c.sha256, refusals.c.role).where(refusals.c.exam_id == exam_id))
+            } - stored
+            if expected_objects <= 0 or len(done) + len(refused) != expected_objects:
                 raise Conflict(
-                    f"exam has {len(done)} stored objects, the client announced {expected_objects}",
+                    f"exam has {len(done)} stored and {len(refused)} refused objects,"
+                    f" the client announced {expected_objects}",
                     reason="OBJECTS_MISSING",
                 )
-            modality, kind = self._exam_modality(exam, [r.role for r in done], [r.modality for r in done])
-            if kind == "ecg" and any(r.role != "dicom" for r in done):
-                self._check_wfdb_exam(done)
-            site = conn.execute(select(sites).where(sites.c.id == site_id)).one()
-            now = utcnow()
-            hospital = self._routing.hospital_for(site_code=site.code, site_lead_hospital=site.lead_hospital)
-            specialty = self._routing.specialty_for(modality)
-            conn.execute(
-                update(exams)
-                .where(exams.c.id == exam_id)
-                .values(
-                    state="received",
-                    modality=modality,
-                    kind=kind,
-                    received_at=now,
-                    updated_at=now,
-                    specialty=specialty,
-                    hospital=hospital,
-                    object_count=len(done),
-                    total_bytes=sum(int(r.size) for r in done),
-                )
-            )
-            record_event(
-                conn,
-                type="received",
-                exam_id=exam_id,
-                site_id=site_id,
-                hospital=hospital,
-                specialty=specialty,
-                actor_id=p.id,
-            )
-            exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
+            if not done:
+                problem = InvalidInput("none of the exam's objects could be stored", reason="NO_VALID_OBJECTS")
+            else:
+                try:
+                    modality, kind = self._exam_modality(exam, [r.role for r in done], [r.modality for r in done])
+                    if kind == "ecg" and any(r.role != "dicom" for r in done):
+                        if refused:
+                            raise InvalidInput(
+                                "a WFDB record one of whose files was refused cannot be read", reason="WFDB_INCOMPLETE"
+                            )
+                        self._check_wfdb_exam(done)
+                except InvalidInput as exc:
+                    problem = exc
+            if problem is None:
+                self._commit(conn, p, exam_id=exam_id, site_id=site_id, done=done, refused=len(refused),
+                             modality=modality, kind=kind)  # fmt: skip
+                exam = self._uploader_view(conn, self._site_exam(conn, site_id=site_id, exam_id=exam_id))
+        if problem is not None:
+            self._reject_exam(site_id=site_id, exam_id=exam_id, error=problem, stored=done)
+            raise problem
         self._bus.publish()
         self._on_committed(exam_id)
         return exam
+
+    def _commit(
+        self, conn: Connection, p: Principal, *, exam_id: str, site_id: int, done: Sequence[Any], refused: int,
+        modality: str, kind: str,
+    ) -> None:  # fmt: skip
+        site = conn.execute(select(sites).where(sites.c.id == site_id)).one()
+        now = utcnow()
+        hospital = self._routing.hospital_for(site_code=site.code, site_lead_hospital=site.lead_hospital)
+        specialty = self._routing.specialty_for(modality)
+        conn.execute(
+            update(exams)
+            .where(exams.c.id == exam_id)
+            .values(
+                state="received",
+                modality=modality,
+                kind=kind,
+                received_at=now,
+                updated_at=now,
+                specialty=specialty,
+                hospital=hospital,
+                object_count=len(done),
+                total_bytes=sum(int(r.size) for r in done),
+                incomplete=refused > 0,
+                refused_count=refused,
+            )
+        )
+        record_event(
+            conn,
+            type="received",
+            exam_id=exam_id,
+            site_id=site_id,
+            hospital=hospital,
+            specialty=specialty,
+            actor_id=p.id,
+            detail={"refused": refused} if refused else None,
+        )
+
+    def _reject_exam(self, *, site_id: int, exam_id: str, error: InvalidInput, stored: Sequence[Any]) -> None:
+        """The exam is refused as a whole: each stored object gets a refusal record, its row goes and
+        its bytes are deleted; the exam stays, rejected with the reason."""
+        with self._engine.begin() as conn:
+            for r in stored:
+                self._record_refusal(
+                    conn, site_id=site_id, exam_id=exam_id, upload_id=r.upload_id, role=r.role, sha256=r.sha256,
+                    size=int(r.size), sop_instance_uid=r.sop_instance_uid, error=error,
+                )  # fmt: skip
+                self._mark_upload(conn, upload_id=r.upload_id, state="refused", object_id=None)
+            mine = [r.id for r in stored]
+            if mine:  # a duplicate's row belongs to the exam that stored it first
+                conn.execute(delete(objects).where(objects.c.id.in_(mine), objects.c.exam_id == exam_id))
+            conn.execute(
+                update(exams)
+                .where(exams.c.id == exam_id)
+                .values(state="rejected", reject_reason=error.reason[:64], updated_at=utcnow())
+            )
+            record_event(conn, type="rejected", exam_id=exam_id, site_id=site_id, detail={"reason": error.reason})
+        for key in {r.storage_key for r in stored}:
+            self.delete_unreferenced(key)
+        log.warning("exam rejected", extra={"exam_id": exam_id, "reason": error.reason})
 
     @staticmethod
     def _exam_modality(exam: dict[str, object], roles: list[str], modalities: list[str]) -> tuple[str, str]:
@@ -432,3 +664,9 @@ class IngestService:
                 paths[r.role] = dest
             header = validate.inspect_wfdb_header(paths["wfdb_header"])
             validate.check_wfdb_pair(header, paths["wfdb_signal"])
+
+
+def _refusal_error(row: Row[Any]) -> TelereadError:
+    """The error an object was refused with, rebuilt from its record."""
+    cls = _REFUSAL_ERRORS.get(str(row.code), InvalidInput)
+    return cls(str(row.message), reason=str(row.reason))

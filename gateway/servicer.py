@@ -45,6 +45,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             priority=PRIORITY_NAMES.get(request.priority, "routine"),
             indication=request.indication,
             study_instance_uid=request.study_instance_uid,
+            follow_up_of=request.follow_up_of,
         )
         return self._exam(row)
 

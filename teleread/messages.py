@@ -78,6 +78,21 @@ def exam_message(row: Mapping[str, Any], *, site_code: str = "") -> common_pb2.E
         total_bytes=int(row["total_bytes"] or 0),
         claimed_by=row.get("claimed_by_name") or "",
         reject_reason=row["reject_reason"] or "",
+        incomplete=bool(row.get("incomplete")),
+        refused_count=int(row.get("refused_count") or 0),
+        follow_up_of=row.get("follow_up_of") or "",
+        stored_sha256=list(row.get("stored_sha256") or ()),  # the uploading site's view only
+        refused=[  # the uploading site's view only
+            common_pb2.RefusedObject(
+                role=r["role"],
+                sha256=r["sha256"],
+                sop_instance_uid=r.get("sop_instance_uid") or "",
+                reason=r["reason"],
+                message=r["message"],
+                code=r["code"],
+            )
+            for r in row.get("refused") or ()
+        ],
     )
     triage = triage_message(row["triage_json"] or "")
     if triage is not None:

@@ -93,9 +93,13 @@ def test_bad_dicom_is_refused_and_nothing_is_left(embedded_stack, tmp_path: Path
     assert not list(staging.glob("*.part"))
     objects_root = embedded_stack.hub.settings.object_root()
     assert not [p for p in objects_root.rglob("*") if p.is_file() and ".tmp" not in p.parts]
+    # the refusal is kept as a record (what and why), and an exam with nothing valid is rejected
+    (refused,) = ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10).refused
+    assert refused.reason == error_reason(err.value) and refused.code == "INVALID_ARGUMENT"
     with pytest.raises(grpc.RpcError) as commit:
         ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=exam_id, expected_objects=1), timeout=10)
-    assert commit.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert commit.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(commit.value) == "NO_VALID_OBJECTS"
+    assert ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10).state == "rejected"
 
 
 def test_wrong_sha256_is_refused(embedded_stack, tmp_path: Path) -> None:
@@ -210,9 +214,20 @@ def test_wfdb_record_with_short_signal_is_refused_at_commit(embedded_stack, tmp_
     with pytest.raises(grpc.RpcError) as err:
         ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=exam_id, expected_objects=2), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(err.value) == "WFDB_SIGNAL_SIZE_MISMATCH"
     exam = ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10)
-    assert exam.state == "receiving"  # never queued for reading
-    assert _count(embedded_stack, uploads) == 2
+    assert exam.state == "rejected"  # never queued for reading, and not left open either
+    assert sorted((r.role, r.reason) for r in exam.refused) == [
+        ("wfdb_header", "WFDB_SIGNAL_SIZE_MISMATCH"),
+        ("wfdb_signal", "WFDB_SIGNAL_SIZE_MISMATCH"),
+    ]
+    # the records stay, the bytes go
+    assert _count(embedded_stack, uploads) == 2 and _count(embedded_stack, objects) == 0
+    objects_root = embedded_stack.hub.settings.object_root()
+    assert not [p for p in objects_root.rglob("*") if p.is_file() and ".tmp" not in p.parts]
+    with pytest.raises(grpc.RpcError) as again:  # a retry gets the same answer
+        ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=exam_id, expected_objects=2), timeout=10)
+    assert error_reason(again.value) == "WFDB_SIGNAL_SIZE_MISMATCH"
 
 
 COMPRESSED_AND_MULTIFRAME = [

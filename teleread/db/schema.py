@@ -84,6 +84,10 @@ exams = Table(
     Column("object_count", Integer, nullable=False, default=0),
     Column("total_bytes", BigInteger, nullable=False, default=0),
     Column("reject_reason", String(64), nullable=False, default=""),
+    # committed without some of what was uploaded: those objects were refused (see refusals)
+    Column("incomplete", Boolean, nullable=False, default=False, server_default=text("false")),
+    Column("refused_count", Integer, nullable=False, default=0, server_default=text("0")),
+    Column("follow_up_of", String(32), nullable=False, default="", server_default=text("''")),
     Column("claimed_by", Integer, ForeignKey("principals.id"), nullable=True),
     Column("lease_expires_at", UtcDateTime, nullable=True),
     Column("fence", BigInteger, nullable=False, default=0),
@@ -103,6 +107,7 @@ exams = Table(
         sqlite_where=text("state IN ('queued', 'in_reading')"),
     ),
     Index("ix_exams_site_state", "site_id", "state"),
+    Index("ix_exams_site_study", "site_id", "study_instance_uid"),
 )
 
 uploads = Table(
@@ -150,6 +155,31 @@ conflicts = Table(
     Column("existing_sha256", String(64), nullable=False),
     Column("offered_sha256", String(64), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+)
+
+# One row per refused object (validation, an instance UID conflict, a WFDB pair that does not match):
+# what and why. The bytes are deleted; the record stays, and a retry of the same bytes gets the
+# same error at once.
+refusals = Table(
+    "refusals",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False),
+    Column("exam_id", String(32), nullable=False),
+    Column("upload_id", String(32), nullable=True),
+    Column("role", String(16), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False, default=0),
+    Column("sop_instance_uid", String(64), nullable=True),
+    Column("code", String(32), nullable=False),
+    Column("reason", String(64), nullable=False),
+    # "content": the bytes themselves are unfit (any exam gets the same answer); "exam": unfit in
+    # this exam (another study, a WFDB header that names another size, a conflict with a stored instance)
+    Column("scope", String(16), nullable=False),
+    Column("message", Text, nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_refusals_exam", "exam_id"),
+    Index("ix_refusals_content", "site_id", "sha256", "role"),
 )
 
 reports = Table(

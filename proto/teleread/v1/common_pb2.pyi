@@ -106,7 +106,7 @@ class StoredObject(_message.Message):
     def __init__(self, object_id: _Optional[str] = ..., role: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., sop_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., modality: _Optional[str] = ..., media_type: _Optional[str] = ...) -> None: ...
 
 class Exam(_message.Message):
-    __slots__ = ("exam_id", "site", "kind", "modality", "state", "priority", "indication", "specialty", "study_instance_uid", "triage", "received_at", "deadline", "object_count", "total_bytes", "claimed_by", "lease_expires_at", "reject_reason")
+    __slots__ = ("exam_id", "site", "kind", "modality", "state", "priority", "indication", "specialty", "study_instance_uid", "triage", "received_at", "deadline", "object_count", "total_bytes", "claimed_by", "lease_expires_at", "reject_reason", "incomplete", "refused_count", "refused", "follow_up_of", "stored_sha256")
     EXAM_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,11 @@ class Exam(_message.Message):
     CLAIMED_BY_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REJECT_REASON_FIELD_NUMBER: _ClassVar[int]
+    INCOMPLETE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_UP_OF_FIELD_NUMBER: _ClassVar[int]
+    STORED_SHA256_FIELD_NUMBER: _ClassVar[int]
     exam_id: str
     site: str
     kind: ExamKind
@@ -141,7 +146,28 @@ class Exam(_message.Message):
     claimed_by: str
     lease_expires_at: _timestamp_pb2.Timestamp
     reject_reason: str
-    def __init__(self, exam_id: _Optional[str] = ..., site: _Optional[str] = ..., kind: _Optional[_Union[ExamKind, str]] = ..., modality: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., indication: _Optional[str] = ..., specialty: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., triage: _Optional[_Union[Triage, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., object_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., claimed_by: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reject_reason: _Optional[str] = ...) -> None: ...
+    incomplete: bool
+    refused_count: int
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedObject]
+    follow_up_of: str
+    stored_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, exam_id: _Optional[str] = ..., site: _Optional[str] = ..., kind: _Optional[_Union[ExamKind, str]] = ..., modality: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., indication: _Optional[str] = ..., specialty: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., triage: _Optional[_Union[Triage, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., object_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., claimed_by: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reject_reason: _Optional[str] = ..., incomplete: _Optional[bool] = ..., refused_count: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[RefusedObject, _Mapping]]] = ..., follow_up_of: _Optional[str] = ..., stored_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RefusedObject(_message.Message):
+    __slots__ = ("role", "sha256", "sop_instance_uid", "reason", "message", "code")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    sha256: str
+    sop_instance_uid: str
+    reason: str
+    message: str
+    code: str
+    def __init__(self, role: _Optional[str] = ..., sha256: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
     __slots__ = ("exam_id", "version", "status", "text", "impression", "critical", "author", "signed_by", "signed_at", "amends_reason", "sha256")

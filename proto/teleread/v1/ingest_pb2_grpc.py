@@ -102,7 +102,9 @@ class IngestServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CommitExam(self, request, context):
-        """Close the exam: all announced objects stored and verified. Starts triage.
+        """Close the exam: every announced object stored and verified, or refused (then the exam is
+        committed incomplete, with a record of each refused object). Starts triage. An exam none of
+        whose objects could be stored is rejected (INVALID_ARGUMENT, NO_VALID_OBJECTS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
