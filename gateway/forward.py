@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from teleread.gateway.outbox import Outbox, OutboxExam
+from teleread.gateway.outbox import Outbox, OutboxExam, Refused
 from teleread.gateway.schedule import TokenBucket, Window, in_windows
 from teleread.gateway.scan import ExamKind, Role, ScanExam, ScanObject
 from teleread.gateway.upload import CHUNK_SIZE, upload_exams
@@ -104,7 +104,12 @@ class Forwarder:
         objects = [ScanObject(o.path, o.size, o.sha256, Role(o.role)) for o in self.outbox.objects_of(exam.id)]
         kind = ExamKind.ECG if exam.kind == "ecg" else ExamKind.IMAGING
         study = exam.group_key if kind is ExamKind.IMAGING else ""
-        return ScanExam(client_exam_key=exam.id, kind=kind, modality="", study_instance_uid=study, objects=objects)
+        earlier = self.outbox.follow_up_of(exam.id)  # a late instance of a study sent: linked at the hub
+        follow_up_of = self.outbox.exam(earlier).hub_exam_id if earlier else ""
+        return ScanExam(
+            client_exam_key=exam.id, kind=kind, modality="", study_instance_uid=study, objects=objects,
+            follow_up_of=follow_up_of,
+        )  # fmt: skip
 
     def link_wait(self) -> float:
         """Seconds until the next attempt after the link went down (0 when it is up)."""
@@ -158,8 +163,15 @@ class Forwarder:
         self.outbox.link(True)
         self._link_failures = 0
         if outcome.ok and outcome.exam_id:
-            self.outbox.committed(exam.id, outcome.exam_id)
-            log.info("exam forwarded", extra={"exam_id": exam.id, "hub_exam_id": outcome.exam_id})
+            refused = [Refused(r.sha256, r.reason, r.message) for r in outcome.all_refused()]
+            self.outbox.committed(exam.id, outcome.exam_id, refused=refused)
+            if refused:  # the valid instances went on; each refused one waits in set-aside/ for a person
+                log.error(
+                    "exam forwarded incomplete: the hub refused some instances",
+                    extra={"exam_id": exam.id, "hub_exam_id": outcome.exam_id, "count": len(refused)},
+                )
+            else:
+                log.info("exam forwarded", extra={"exam_id": exam.id, "hub_exam_id": outcome.exam_id})
             return DrainResult(exam.id, "committed", outcome.exam_id)
         if any(code in PERMANENT for code in outcome.codes):
             self.outbox.rejected(exam.id, detail)

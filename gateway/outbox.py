@@ -30,7 +30,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS exams (
     last_error TEXT NOT NULL DEFAULT '',
     hub_exam_id TEXT NOT NULL DEFAULT '',
     committed_at TEXT,
-    follow_up_of TEXT NOT NULL DEFAULT ''
+    follow_up_of TEXT NOT NULL DEFAULT '',
+    refused_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS objects (
     id TEXT PRIMARY KEY,
@@ -89,7 +90,7 @@ CREATE TABLE IF NOT EXISTS link (
     last_contact_at TEXT
 );
 """
-SCHEMA_VERSION = 3  # 2: several exams per study (follow-ups of a study already sent); 3: refusals
+SCHEMA_VERSION = 3  # 2: several exams per study (follow-ups of a study already sent); 3: refusals, incomplete
 OPEN_STATES = ("collecting", "ready")  # an exam that still takes new objects
 
 
@@ -144,6 +145,16 @@ class OutboxObject:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """An object of an exam the hub refused, and why."""
+
+    sha256: str
+    reason: str
+    message: str
+    suffix: str = ".dcm"
+
+
+@dataclass(frozen=True)
 class OutboxStatus:
     by_state: dict[str, int]
     bytes_waiting: int
@@ -153,6 +164,7 @@ class OutboxStatus:
     link_since: str | None = None
     last_contact_at: str | None = None  # the last time the hub answered
     set_aside: int = 0  # files in set-aside/ waiting for a person
+    incomplete: int = 0  # exams the hub committed without some of their objects
     refused_recent: int = 0  # instances the receiver refused in the last REFUSALS_SHOWN_HOURS
     last_refusal: str = ""  # the reason of the latest of those
 
@@ -603,12 +615,34 @@ class Outbox:
         with self._lock, self._tx() as db:
             db.execute("UPDATE exams SET state='rejected', last_error=? WHERE id=?", (error[:300], exam_id))
 
-    def committed(self, exam_id: str, hub_exam_id: str) -> None:
+    def committed(self, exam_id: str, hub_exam_id: str, *, refused: Sequence[Refused] = ()) -> None:
+        """The hub committed the exam; ``refused`` are the objects it refused (the exam is then
+        incomplete): each is set aside (a link, so pruning keeps it) with its reason for a person."""
+        now = _iso(_now())
         with self._lock, self._tx() as db:
             db.execute(
-                "UPDATE exams SET state='committed', hub_exam_id=?, committed_at=?, last_error='' WHERE id=?",
-                (hub_exam_id, _iso(_now()), exam_id),
+                "UPDATE exams SET state='committed', hub_exam_id=?, committed_at=?, last_error='', refused_count=?"
+                " WHERE id=?",
+                (hub_exam_id, now, len(refused), exam_id),
             )
+            for r in refused:
+                db.execute(
+                    "INSERT INTO refusals (at, source, reason, exam_id) VALUES (?, 'hub', ?, ?)",
+                    (now, r.reason[:64], exam_id),
+                )
+        for r in refused:
+            source = self.objects_dir / r.sha256
+            target = self.set_aside_dir / f"{r.sha256}{r.suffix}"
+            message = f"refused by the hub: {r.message}\nexam {hub_exam_id} was committed without it"
+            try:
+                self.set_aside_dir.mkdir(exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.link(source, target)
+                target.with_name(target.name + REASON_SUFFIX).write_text(
+                    f"{r.reason}\n{message}\nset aside by the gateway at {now}\n", encoding="utf-8"
+                )
+            except OSError as exc:  # the refusal stands in the database and the status either way
+                log.error("refused file not set aside", extra={"reason": type(exc).__name__})
 
     def exam(self, exam_id: str) -> OutboxExam:
         with self._lock:
@@ -649,10 +683,11 @@ class Outbox:
             link = self._db.execute("SELECT state, since, last_contact_at FROM link WHERE id=1").fetchone()
             since = _iso(_now() - dt.timedelta(hours=REFUSALS_SHOWN_HOURS))
             refused, last_refusal = self._db.execute(
-                "SELECT count(*), (SELECT reason FROM refusals WHERE at >= ?1 ORDER BY id DESC LIMIT 1)"
-                " FROM refusals WHERE at >= ?1",
+                "SELECT count(*), (SELECT reason FROM refusals WHERE at >= ?1 AND source = 'receiver'"
+                " ORDER BY id DESC LIMIT 1) FROM refusals WHERE at >= ?1 AND source = 'receiver'",
                 (since,),
             ).fetchone()
+            (incomplete,) = self._db.execute("SELECT count(*) FROM exams WHERE refused_count > 0").fetchone()
         link_state, link_since, last_contact = link or ("unknown", None, None)
         return OutboxStatus(
             {s: int(by_state.get(s, 0)) for s in STATES},
@@ -663,6 +698,7 @@ class Outbox:
             link_since=link_since,
             last_contact_at=last_contact,
             set_aside=self.set_aside_count(),
+            incomplete=int(incomplete),
             refused_recent=int(refused),
             last_refusal=last_refusal or "",
         )
@@ -749,8 +785,16 @@ def _migrate(db: sqlite3.Connection) -> None:
     """Bring an outbox written by an earlier gateway to the current schema, in place."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='exams'").fetchone()
-    if not exists or version >= 2:  # later versions only add tables (created by _SCHEMA)
+    if not exists or version >= SCHEMA_VERSION:
         return
+    if version < 2:
+        _migrate_to_2(db)
+    columns = {r[1] for r in db.execute("PRAGMA table_info(exams)")}
+    if "refused_count" not in columns:  # 3: the refusals table comes from _SCHEMA
+        db.execute("ALTER TABLE exams ADD COLUMN refused_count INTEGER NOT NULL DEFAULT 0")
+
+
+def _migrate_to_2(db: sqlite3.Connection) -> None:
     # version 1 had UNIQUE(group_key): rebuild the table without it (SQLite cannot drop a constraint)
     db.execute("PRAGMA foreign_keys=OFF")
     db.execute("BEGIN IMMEDIATE")

@@ -60,6 +60,7 @@ class ScanExam:
     modality: str
     study_instance_uid: str = ""
     objects: list[ScanObject] = field(default_factory=list)
+    follow_up_of: str = ""  # the hub exam id of the earlier exam of the same study, when known
 
     @property
     def total_bytes(self) -> int:
@@ -161,7 +162,7 @@ def _dicom_exams(files: list[Path], skipped: list[SkippedFile]) -> list[ScanExam
         mixed = kinds_per_study[study_uid] > 1
         common = Counter(m for _, m in members if m).most_common(1)
         exam = ScanExam(
-            client_exam_key=f"{study_uid}#{kind.value}" if mixed else study_uid,
+            client_exam_key=f"{study_uid}:{kind.value}" if mixed else study_uid,  # the hub allows [A-Za-z0-9._:-]
             kind=kind,
             modality=common[0][0] if common else "",
             study_instance_uid=study_uid,

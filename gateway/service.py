@@ -229,6 +229,8 @@ def cmd_gateway_status(args: argparse.Namespace) -> int:
         box.close()
     refused = refused_files(watch_dir(settings))
     print("outbox: " + ", ".join(f"{state} {n}" for state, n in status.by_state.items()))
+    if status.incomplete:
+        print(f"committed incomplete: {status.incomplete} (the hub refused some of their instances)")
     print(f"bytes waiting: {status.bytes_waiting}")
     contact = f", hub last answered {status.last_contact_at}" if status.last_contact_at else ""
     print(f"link: {status.link_state}" + (f" since {status.link_since}" if status.link_since else "") + contact)

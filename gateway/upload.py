@@ -8,6 +8,7 @@ GetUploadStatus, CommitExam) with several streams at once, retries with capped b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import threading
 import time
@@ -78,21 +79,53 @@ _KIND_TO_PROTO = {
 }
 
 
+# the hub refused the object itself (its bytes, or their place in the exam): the rest of the exam goes on
+_REFUSAL_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
+_NOT_REFUSALS = ("SHA256_MISMATCH",)  # the file changed under the client: an error, not a refusal
+
+
+@dataclass(frozen=True)
+class RefusedFile:
+    """An object the hub refused, with its reason (the exam was committed without it)."""
+
+    name: str
+    sha256: str
+    reason: str
+    message: str
+
+
 @dataclass
 class ExamOutcome:
-    """What became of one exam: its hub id and state, or the errors that kept it open."""
+    """What became of one exam: its hub id and state, the objects the hub refused, the follow-up
+    exam opened for new files of a study already committed, or the errors that kept it open."""
 
     key: str
     exam_id: str = ""
     state: str = ""
     objects_stored: int = 0
     objects_duplicate: int = 0
+    already_there: int = 0  # objects the committed exam already held (a retry)
     errors: list[str] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)  # gRPC status code names of the failures, one per error
+    refused: list[RefusedFile] = field(default_factory=list)
+    incomplete: bool = False  # committed without some of what was uploaded (``refused``)
+    follow_up_of: str = ""
+    follow_up: ExamOutcome | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.errors
+        return not self.errors and (self.follow_up is None or self.follow_up.ok)
+
+    def all_refused(self) -> list[RefusedFile]:
+        """The refused objects of this exam and of its follow-up."""
+        return self.refused + (self.follow_up.all_refused() if self.follow_up is not None else [])
+
+
+def follow_up_key(key: str, objects: Sequence[ScanObject]) -> str:
+    """The client key of the follow-up exam that takes ``objects`` (new files of a study already
+    committed under ``key``): the same files always give the same key, so a retry finds it again."""
+    digest = hashlib.sha256("".join(sorted(o.sha256 for o in objects)).encode("ascii")).hexdigest()[:24]
+    return f"{key[:96]}:fu:{digest}"
 
 
 @dataclass
@@ -123,22 +156,23 @@ class _Uploader:
         )
 
     def upload_exam(self, exam: ScanExam) -> ExamOutcome:
-        outcome = ExamOutcome(key=exam.client_exam_key)
+        outcome = ExamOutcome(key=exam.client_exam_key, follow_up_of=exam.follow_up_of)
         request = ingest_pb2.OpenExamRequest(
             client_exam_key=exam.client_exam_key,
             kind=_KIND_TO_PROTO[exam.kind],
             priority=self.priority,
             indication=self.indication,
             study_instance_uid=exam.study_instance_uid,
+            follow_up_of=exam.follow_up_of,
         )
         try:
             opened = self._call("OpenExam", request)
         except grpc.RpcError as err:
             return self._failed(outcome, "open exam", err)
         outcome.exam_id, outcome.state = opened.exam_id, opened.state
-        if opened.state != "receiving":  # committed by an earlier attempt whose answer was lost
-            log.info("exam already committed", extra={"exam_id": opened.exam_id, "state": opened.state})
-            return outcome
+        outcome.follow_up_of = opened.follow_up_of
+        if opened.state != "receiving":  # committed or refused already: send only what is new
+            return self._closed_before(outcome, exam, opened)
         workers = max(1, min(self.parallel, len(exam.objects)))
         if workers == 1:
             for obj in exam.objects:
@@ -153,8 +187,43 @@ class _Uploader:
             done = self._call("CommitExam", commit)
         except grpc.RpcError as err:
             return self._failed(outcome, "commit exam", err)
-        outcome.state = done.state
-        log.info("exam committed", extra={"exam_id": done.exam_id, "state": done.state})
+        outcome.state, outcome.incomplete = done.state, done.incomplete
+        extra = {"exam_id": done.exam_id, "state": done.state, "refused": len(outcome.refused)}
+        log.info("exam committed", extra=extra)
+        return outcome
+
+    def _closed_before(self, outcome: ExamOutcome, exam: ScanExam, opened: common_pb2.Exam) -> ExamOutcome:
+        """The exam was committed by an earlier upload (or an attempt whose answer was lost), or
+        refused: files it holds are not sent again, files it refused keep their refusal (the same
+        answer, at once), and new files go into a new exam: a follow-up linked to a committed exam,
+        or a fresh exam in place of a refused one (files fixed and sent again)."""
+        held, refused = set(opened.stored_sha256), {r.sha256: r for r in opened.refused}
+        outcome.incomplete = opened.incomplete
+        new = []
+        for obj in exam.objects:
+            if obj.sha256 in held:
+                outcome.already_there += 1
+            elif obj.sha256 in refused:
+                r = refused[obj.sha256]
+                outcome.refused.append(RefusedFile(obj.name, obj.sha256, r.reason, r.message))
+            else:
+                new.append(obj)
+        rejected = opened.state == "rejected"
+        log.info("exam closed before", extra={"exam_id": opened.exam_id, "state": opened.state, "new": len(new)})
+        if rejected and not new:
+            with self._lock:
+                outcome.errors.append(f"the hub refused this exam ({opened.reject_reason})")
+                outcome.codes.append(grpc.StatusCode.INVALID_ARGUMENT.name)
+        if new:
+            follow = ScanExam(
+                client_exam_key=follow_up_key(exam.client_exam_key, new),
+                kind=exam.kind,
+                modality=exam.modality,
+                study_instance_uid=exam.study_instance_uid,
+                objects=new,
+                follow_up_of="" if rejected else opened.exam_id,
+            )
+            outcome.follow_up = self.upload_exam(follow)
         return outcome
 
     def _failed(self, outcome: ExamOutcome, what: str, err: grpc.RpcError) -> ExamOutcome:
@@ -171,6 +240,11 @@ class _Uploader:
         try:
             status = self.upload_object(outcome.exam_id, obj)
         except grpc.RpcError as err:
+            reason = error_reason(err) or ""
+            if rpc_code(err) in _REFUSAL_CODES and reason not in _NOT_REFUSALS:  # recorded at the hub
+                with self._lock:
+                    outcome.refused.append(RefusedFile(obj.name, obj.sha256, reason, err.details() or ""))
+                return
             self._failed(outcome, obj.name, err)
             return
         except (OSError, TelereadError) as err:
@@ -396,20 +470,52 @@ def _print_skipped(console: Console, skipped: list[SkippedFile]) -> None:
 
 def _outcome_table(exams: Sequence[ScanExam], outcomes: list[ExamOutcome]) -> Table:
     table = Table(title="Upload")
-    for column in ("exam id", "kind", "modality", "objects", "stored", "duplicate", "state"):
+    for column in ("exam id", "kind", "modality", "objects", "stored", "duplicate", "refused", "state"):
         table.add_column(column)
-    for exam, outcome in zip(exams, outcomes):
+
+    def row(exam: ScanExam, outcome: ExamOutcome, objects: int, label: str = "") -> None:
         state = outcome.state or "-"
+        if not outcome.errors and outcome.incomplete:
+            state = f"[yellow]{state} (incomplete)"
+        elif outcome.errors:
+            state = f"[red]{state} (not committed)"
         table.add_row(
-            outcome.exam_id or "-",
+            label + (outcome.exam_id or "-"),
             exam.kind.value,
             exam.modality or "-",
-            str(len(exam.objects)),
+            str(objects),
             str(outcome.objects_stored),
-            str(outcome.objects_duplicate),
-            state if outcome.ok else f"[red]{state} (not committed)",
+            str(outcome.objects_duplicate + outcome.already_there),
+            str(len(outcome.refused)),
+            state,
         )
+
+    for exam, outcome in zip(exams, outcomes):
+        row(exam, outcome, len(exam.objects))
+        follow = outcome.follow_up
+        while follow is not None:
+            row(exam, follow, follow.objects_stored + follow.objects_duplicate + len(follow.refused), "follow-up ")
+            follow = follow.follow_up
     return table
+
+
+def _print_outcomes(console: Console, exams: Sequence[ScanExam], outcomes: list[ExamOutcome]) -> None:
+    for exam, outcome in zip(exams, outcomes):
+        label = outcome.exam_id or exam.client_exam_key[:16]
+        for error in outcome.errors:
+            console.print(f"[red]error[/] exam {escape(label)}: {escape(error)}")
+        follow = outcome.follow_up
+        if follow is not None and follow.exam_id and outcome.state == "rejected":
+            console.print(f"files new since exam {escape(label)} was refused went into exam {escape(follow.exam_id)}")
+        elif follow is not None and follow.exam_id:
+            console.print(
+                f"new files of exam {escape(label)} (already committed) went into follow-up exam"
+                f" {escape(follow.exam_id)}, linked to it"
+            )
+            for error in follow.errors:
+                console.print(f"[red]error[/] follow-up exam {escape(follow.exam_id)}: {escape(error)}")
+        for item in outcome.all_refused():
+            console.print(f"[red]refused[/] {escape(item.name)}: {escape(item.reason)}: {escape(item.message)}")
 
 
 def _upload_with_bar(
@@ -435,8 +541,10 @@ def _upload_with_bar(
 
 
 def run_upload_cli(args: argparse.Namespace) -> int:
-    """``teleread upload``: scan, upload with a progress bar, print each exam's id and state.
-    Exit 0 when every exam was committed, 1 otherwise (2 for a local problem)."""
+    """``teleread upload``: scan, upload with a progress bar, print each exam's id and state, the
+    files the hub refused with their reasons, and any follow-up exam opened for new files of a
+    study already committed. Exit 0 when every exam was committed whole, 1 otherwise (2 for a local
+    problem)."""
     console = Console()
     with console.status("scanning"):
         scan = scan_paths(args.paths)
@@ -455,11 +563,8 @@ def run_upload_cli(args: argparse.Namespace) -> int:
     with channel:
         outcomes = _upload_with_bar(console, scan, channel=channel, args=args)
     console.print(_outcome_table(scan.exams, outcomes))
-    for exam, outcome in zip(scan.exams, outcomes):
-        for error in outcome.errors:
-            label = outcome.exam_id or exam.client_exam_key[:16]
-            console.print(f"[red]error[/] exam {escape(label)}: {escape(error)}")
-    return 0 if all(outcome.ok for outcome in outcomes) else 1
+    _print_outcomes(console, scan.exams, outcomes)
+    return 0 if all(outcome.ok and not outcome.all_refused() for outcome in outcomes) else 1
 
 
 def add_upload_parser(subparsers: Any) -> argparse.ArgumentParser:

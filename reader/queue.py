@@ -242,10 +242,13 @@ class QueueService:
 
     def details(
         self, p: Principal, *, exam_id: str
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """The exam, its objects, its reports, and the other exams of the same study from the same
+        site that this reader may read (the exam it follows, and its follow-ups)."""
         hospital, specialty = require_reader(p)
         with reading(self._engine) as conn:
             exam = dict(self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)._mapping)
+            related = self._related(conn, exam, hospital=hospital, specialty=specialty)
             objs = [
                 dict(r._mapping)
                 for r in conn.execute(
@@ -264,7 +267,28 @@ class QueueService:
                 ).scalar()
         with self._engine.begin() as conn:  # the access is part of the audit trail
             record_event(conn, type="viewed", exam_id=exam_id, site_id=exam["site_id"], actor_id=p.id)
-        return exam, objs, reps
+        return exam, objs, reps, related
+
+    @staticmethod
+    def _related(conn: Connection, exam: dict[str, Any], *, hospital: str, specialty: str) -> list[dict[str, Any]]:
+        links = [exams.c.follow_up_of == exam["id"]]
+        if exam["follow_up_of"]:
+            links.append(exams.c.id == exam["follow_up_of"])
+        if exam["study_instance_uid"]:
+            links.append(exams.c.study_instance_uid == exam["study_instance_uid"])
+        query = (
+            select(exams)
+            .where(
+                or_(*links),
+                exams.c.id != exam["id"],
+                exams.c.site_id == exam["site_id"],
+                exams.c.hospital == hospital,
+                exams.c.specialty == specialty,
+                exams.c.state.in_(READABLE_STATES),
+            )
+            .order_by(exams.c.received_at, exams.c.id)
+        )
+        return [dict(r._mapping) for r in conn.execute(query)]
 
     @contextmanager
     def open_object(self, p: Principal, *, exam_id: str, object_id: str) -> Iterator[tuple[dict[str, Any], BinaryIO]]:

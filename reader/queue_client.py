@@ -206,6 +206,16 @@ def _print_details(console: Console, details: worklist_pb2.ExamDetails) -> None:
     )
     if exam.indication:
         console.print(f"indication: {escape(exam.indication)}")
+    if exam.incomplete:
+        console.print(
+            f"[bold yellow]INCOMPLETE[/]: the hub refused {exam.refused_count} instance(s) of this exam at upload;"
+            " the clinic has been told"
+        )
+    for other in details.related:
+        how = "follows this exam" if other.follow_up_of == exam.exam_id else "same study"
+        if exam.follow_up_of == other.exam_id:
+            how = "this exam follows it"
+        console.print(f"related exam {other.exam_id} ({how}): {other.object_count} object(s), state {other.state}")
     _print_triage(console, exam.triage)
     objects = Table(title="Objects")
     for column in ("object id", "role", "modality", "size", "sha256"):

@@ -171,7 +171,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
     def GetExamDetails(
         self, request: worklist_pb2.GetExamDetailsRequest, context: grpc.ServicerContext
     ) -> worklist_pb2.ExamDetails:
-        exam, objs, reps = self._queue.details(current_principal(), exam_id=request.exam_id)
+        exam, objs, reps, related = self._queue.details(current_principal(), exam_id=request.exam_id)
         names = _names(self._engine, {r["author_id"] for r in reps} | {r["signed_by"] for r in reps if r["signed_by"]})
         return worklist_pb2.ExamDetails(
             exam=self._exam(exam),
@@ -180,6 +180,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                 report_message(r, author=names.get(r["author_id"], ""), signer=names.get(r["signed_by"], ""))
                 for r in reps
             ],
+            related=[self._exam(r) for r in related],
         )
 
     def StreamObject(

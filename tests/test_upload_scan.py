@@ -75,7 +75,7 @@ def test_same_study_with_ecg_and_images_makes_two_exams(tmp_path: Path) -> None:
     _ct_copy(tmp_path / "ct.dcm", study_uid=study)
     shutil.copy(ECG, tmp_path / "ecg.dcm")
     keys = {(e.client_exam_key, e.kind) for e in scan_paths([tmp_path]).exams}
-    assert keys == {(f"{study}#imaging", ExamKind.IMAGING), (f"{study}#ecg", ExamKind.ECG)}
+    assert keys == {(f"{study}:imaging", ExamKind.IMAGING), (f"{study}:ecg", ExamKind.ECG)}
 
 
 def test_unusable_dicom_is_skipped_with_a_reason(tmp_path: Path) -> None:
@@ -225,6 +225,7 @@ class FakeIngest:
         self.committed: dict[str, int] = {}
         self.chunk_sizes: list[int] = []
         self.reject_names: set[str] = set()
+        self.refused: dict[str, int] = {}  # exam id -> objects refused (as the hub records them)
         self.open_error: FakeRpcError | None = None
 
     def OpenExam(self, request: ingest_pb2.OpenExamRequest, timeout: float) -> common_pb2.Exam:
@@ -235,6 +236,7 @@ class FakeIngest:
 
     def BeginUpload(self, request: ingest_pb2.BeginUploadRequest, timeout: float) -> Any:
         if request.name in self.reject_names:
+            self.refused[request.exam_id] = self.refused.get(request.exam_id, 0) + 1
             bad = error_details_pb2.BadRequest()
             bad.field_violations.add(field="name", description="not a DICOM instance")
             raise FakeRpcError(
@@ -269,8 +271,11 @@ class FakeIngest:
         return self.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=first.upload_id), 1)
 
     def CommitExam(self, request: ingest_pb2.CommitExamRequest, timeout: float) -> Any:
-        self.committed[request.exam_id] = request.expected_objects
-        return common_pb2.Exam(exam_id=request.exam_id, state="queued")
+        refused = self.refused.get(request.exam_id, 0)
+        if refused == request.expected_objects:  # as the hub: nothing valid, the exam is rejected
+            raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "nothing valid", _error_info("NO_VALID_OBJECTS"))
+        self.committed[request.exam_id] = request.expected_objects - refused
+        return common_pb2.Exam(exam_id=request.exam_id, state="queued", incomplete=refused > 0, refused_count=refused)
 
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
@@ -325,10 +330,26 @@ def test_rejected_object_leaves_its_exam_uncommitted_and_others_go_on(tmp_path: 
     ingest.reject_names = {"bad.dcm"}
     bad_outcome, good_outcome = upload_exams(ingest, [bad, good], retry=FAST, sleep=lambda _: None)
     assert not bad_outcome.ok and bad_outcome.exam_id not in ingest.committed
+    [refused] = bad_outcome.refused
+    assert (refused.name, refused.reason, refused.message) == (
+        "bad.dcm",
+        "DICOM_NO_SOP_INSTANCE_UID",
+        "object rejected",
+    )
     [error] = bad_outcome.errors
-    assert error.startswith("bad.dcm: INVALID_ARGUMENT")
-    assert "reason=DICOM_NO_SOP_INSTANCE_UID" in error and "name: not a DICOM instance" in error
+    assert error.startswith("commit exam: INVALID_ARGUMENT") and "reason=NO_VALID_OBJECTS" in error
+    assert bad_outcome.codes == ["INVALID_ARGUMENT"]
     assert good_outcome.ok and ingest.committed == {good_outcome.exam_id: 1}
+
+
+def test_a_refused_instance_does_not_take_its_study_down(tmp_path: Path) -> None:
+    exam = _big_exam(tmp_path, "good.dcm", 1000)
+    exam.objects.append(_big_exam(tmp_path, "bad.dcm", 1000).objects[0])
+    ingest = FakeIngest()
+    ingest.reject_names = {"bad.dcm"}
+    [outcome] = upload_exams(ingest, [exam], retry=FAST, sleep=lambda _: None)
+    assert outcome.ok and outcome.incomplete and ingest.committed == {outcome.exam_id: 1}
+    assert [r.name for r in outcome.refused] == ["bad.dcm"] and outcome.objects_stored == 1
 
 
 def test_retries_are_bounded(tmp_path: Path) -> None:
