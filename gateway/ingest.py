@@ -400,7 +400,7 @@ class IngestService:
         u = upload
         uid = meta.get("sop_instance_uid")
         if uid and meta.get("existing"):
-            dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u)
+            dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u, part=part)
             if dup is not None:
                 part.unlink(missing_ok=True)
                 return dup
@@ -441,20 +441,31 @@ class IngestService:
         log.info("object stored", extra={"upload_id": u.id, "bytes": u.size})
         return UploadState(u.id, u.size, u.size, "stored", row)
 
-    def _existing_instance(self, *, site_id: int, uid: str, upload: Row[Any]) -> UploadState | None:
+    def _existing_instance(
+        self, *, site_id: int, uid: str, upload: Row[Any], part: Path | None = None
+    ) -> UploadState | None:
+        """The answer when the site already stored this SOP Instance UID: a duplicate (the same
+        bytes, or the same instance sent again in another transfer syntax, losslessly or lossily:
+        the first copy is kept), or AlreadyExists for a different instance under the same UID."""
         u = upload
-        query = select(objects.c.id).where(objects.c.site_id == site_id, objects.c.sop_instance_uid == uid)
+        query = select(objects).where(objects.c.site_id == site_id, objects.c.sop_instance_uid == uid)
         with reading(self._engine) as conn:
-            if conn.execute(query).first() is None:
-                return None  # the common case, answered without the write lock
+            first = conn.execute(query).first()
+        if first is None:
+            return None  # the common case, answered without the write lock
+        resend = validate.SAME_BYTES if first.sha256 == u.sha256 else self._resend_kind(first, part)
         with self._engine.begin() as conn:
-            row = conn.execute(
-                select(objects).where(objects.c.site_id == site_id, objects.c.sop_instance_uid == uid)
-            ).first()
+            row = conn.execute(query).first()
             if row is None:
                 return None
-            if row.sha256 == u.sha256:
+            if row.sha256 == u.sha256 or (row.id == first.id and resend in validate.KEEP_FIRST):
                 self._mark_upload(conn, upload_id=u.id, state="duplicate", object_id=row.id)
+                if row.sha256 != u.sha256:  # recorded: the first copy answers for the resend
+                    record_event(
+                        conn, type="instance_resent", exam_id=u.exam_id, site_id=site_id,
+                        detail={"kind": resend, "kept": row.sha256, "offered": u.sha256},
+                    )  # fmt: skip
+                    log.info("instance resent in another encoding; first copy kept", extra={"reason": resend})
                 return UploadState(u.id, u.size, u.size, "duplicate", dict(row._mapping))
             conn.execute(
                 insert(conflicts).values(
@@ -504,6 +515,20 @@ class IngestService:
                 sha256=upload.sha256, size=upload.size, error=error,
             )  # fmt: skip
         log.warning("object rejected", extra={"upload_id": upload.id, "reason": error.reason})
+
+    def _resend_kind(self, stored: Row[Any], part: Path | None) -> str:
+        """How the staged ``part`` relates to the stored instance of the same UID (decoded and
+        compared in a worker process; only when the bytes differ)."""
+        if part is None or stored.role != "dicom":
+            return validate.DIFFERENT
+        with tempfile.TemporaryDirectory(dir=self._staging.root) as tmp:
+            original = Path(tmp) / "stored.dcm"
+            with (
+                self._store.open_verified(stored.storage_key, sha256=stored.sha256, size=stored.size) as src,
+                open(original, "wb") as out,
+            ):
+                shutil.copyfileobj(src, out, MAX_CHUNK)
+            return str(self._cpu.run(validate.resend_kind, original, part))
 
     def delete_unreferenced(self, key: str) -> bool:
         """Delete a stored object no metadata row refers to (a refused copy); True when deleted. Keys

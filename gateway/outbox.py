@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
+from teleread.gateway.validate import LOSSLESS_RESEND, LOSSY_RESEND
 
 log = logging.getLogger("teleread.gateway.outbox")
 
@@ -182,9 +183,20 @@ class Backoff:
 
 
 class Outbox:
-    def __init__(self, root: Path, *, backoff: Backoff = Backoff(), maintenance: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        backoff: Backoff = Backoff(),
+        maintenance: bool = True,
+        resend_kind: Callable[[Path, Path], str] | None = None,
+    ) -> None:
         """``maintenance=False`` opens an outbox that another process of the same gateway owns (a
-        receiver process): no clean-up of ``incoming/`` and no recovery of interrupted uploads."""
+        receiver process): no clean-up of ``incoming/`` and no recovery of interrupted uploads.
+        ``resend_kind(first, second)`` tells an instance sent again in another encoding from a
+        different one under the same key (``validate.resend_kind``); without it other bytes are a
+        conflict."""
+        self.resend_kind = resend_kind
         self.root = Path(root)
         self.objects_dir = self.root / "objects"
         self.incoming_dir = self.root / "incoming"
@@ -345,6 +357,9 @@ class Outbox:
         :meth:`prune` removed it in between (the same bytes of an exam already sent)."""
         final = self.objects_dir / sha
         try:
+            kept = self._kept_first(tmp, sha, fields["group_key"], fields["instance_key"])
+            if kept is not None:
+                return kept
             try:
                 with contextlib.suppress(FileExistsError):
                     os.link(tmp, final)
@@ -370,6 +385,28 @@ class Outbox:
                 raise
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _kept_first(self, tmp: Path, sha: str, group_key: str, instance_key: str) -> OutboxObject | None:
+        """The recorded object, when ``tmp`` is the same instance sent again in another encoding
+        (losslessly, or lossily: the first copy is kept either way, and a lossy resend is recorded);
+        None when there is no such earlier copy to compare with."""
+        if self.resend_kind is None:
+            return None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT o.id, o.exam_id, o.role, o.sha256, o.size FROM objects o JOIN exams e ON e.id = o.exam_id"
+                " WHERE e.group_key=? AND o.instance_key=?",
+                (group_key, instance_key),
+            ).fetchone()
+        if row is None or row[3] == sha or not (self.objects_dir / row[3]).is_file():
+            return None  # new, the same bytes, or sent and pruned: placed as usual (a conflict is refused there)
+        kind = self.resend_kind(self.objects_dir / row[3], tmp)
+        if kind not in (LOSSLESS_RESEND, LOSSY_RESEND):
+            return None
+        if kind == LOSSY_RESEND:
+            self.refused("kept_first", "LOSSY_RESEND", exam_id=row[1])
+        log.info("instance sent again in another encoding; first copy kept", extra={"reason": kind})
+        return OutboxObject(row[0], row[1], instance_key, row[2], row[3], int(row[4]), self.objects_dir / row[3])
 
     def adopt_orphans(self, identify: Callable[[Path], Identity | None]) -> int:
         """Record object files that no row references and that name their own exam (``identify``

@@ -40,6 +40,26 @@ ECG_SOP_CLASSES = frozenset(
         "1.2.840.10008.5.1.4.1.1.9.1.3",  # Ambulatory ECG
     }
 )
+# Every storage SOP class is accepted in the uncompressed syntaxes and in the compressed ones
+# modalities send (most DR units and many CT/US units compress): stored as received; the hub
+# decodes them where triage or display needs pixels (pylibjpeg-openjpeg, pyjpegls, GDCM, Pillow).
+COMPRESSED_SYNTAXES = (
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline (8 bit, lossy)
+    "1.2.840.10008.1.2.4.51",  # JPEG extended (12 bit, lossy)
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE lossless
+)
+UNCOMPRESSED_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+    "1.2.840.10008.1.2.2",  # explicit VR big endian (retired, still sent by old units)
+)
 # Larger PDUs mean far fewer Python-level PDU decodes per instance (16 KiB, pynetdicom's default,
 # gave 137 CT slices/s here; 1 MiB 182/s).
 MAX_PDU = 1024 * 1024
@@ -99,7 +119,9 @@ class StoreScp:
         self.outbox = outbox
         self.config = config
         self.ae = AE(ae_title=config.ae_title)
-        self.ae.supported_contexts = StoragePresentationContexts
+        for context in StoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            self.ae.add_supported_context(context.abstract_syntax, [*UNCOMPRESSED_SYNTAXES, *COMPRESSED_SYNTAXES])
         self.ae.maximum_pdu_size = MAX_PDU
         self.ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
         self.handlers: list[Any] = [

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from teleread.gateway.scp import ScpConfig
+from teleread.gateway.validate import resend_kind
 
 log = logging.getLogger("teleread.gateway.scp")
 PR_SET_PDEATHSIG = 1
@@ -153,7 +154,7 @@ def _receiver_main(root: str, config: dict[str, Any], chan: socket.socket, log_l
     from teleread.logs import configure_logging
 
     configure_logging(log_level)
-    box = Outbox(Path(root), maintenance=False)
+    box = Outbox(Path(root), maintenance=False, resend_kind=resend_kind)
     send_lock = threading.Lock()
 
     def closed(_event: Any) -> None:

@@ -26,6 +26,7 @@ from teleread.gateway.results import ResultsInbox
 from teleread.gateway.schedule import COMPRESSION_MODES, TokenBucket, limit_rate, parse_windows
 from teleread.gateway.scp import ScpConfig, StoreScp, identify
 from teleread.gateway.scp_pool import ReceiverPool
+from teleread.gateway.validate import resend_kind
 from teleread.gateway.outbox import REASON_SUFFIX
 from teleread.gateway.watch import REJECTED_DIR, WatchFolder
 from teleread.settings import GatewaySettings, Settings
@@ -67,6 +68,7 @@ class Gateway:
         self.outbox = Outbox(
             outbox_dir(settings),
             backoff=Backoff(base_s=self.config.retry_base_seconds, cap_s=self.config.retry_cap_seconds),
+            resend_kind=resend_kind,
         )
         self._channels: list[Any] = []
         if ingest is None:

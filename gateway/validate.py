@@ -34,6 +34,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from teleread import ecgio
+from teleread.pixels import ensure_decoders
 from teleread.errors import InvalidInput
 
 log = logging.getLogger("teleread.gateway.validate")
@@ -469,6 +470,86 @@ def zero_preamble_in_place(path: Path) -> bool:
         handle.flush()
         os.fsync(handle.fileno())
     return True
+
+
+# --- The same instance sent again ---------------------------------------------------------------
+
+LOSSY_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG extended
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy allowed)
+        "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy allowed)
+    }
+)
+# attributes that change when the same image is encoded again in another transfer syntax
+_ENCODING_TAGS = frozenset(
+    {
+        0x00082111,  # Derivation Description ("Lossless JPEG compression ...", written by compressors)
+        0x00089215,  # Derivation Code Sequence
+        0x00280004,  # Photometric Interpretation (RGB <-> YBR_FULL_422, YBR_RCT, YBR_ICT)
+        0x00280006,  # Planar Configuration
+        0x00282110,  # Lossy Image Compression
+        0x00282112,  # Lossy Image Compression Ratio
+        0x00282114,  # Lossy Image Compression Method
+        0x7FE00010,  # Pixel Data (compared decoded)
+        0xFFFCFFFC,  # Data Set Trailing Padding
+    }
+)
+SAME_BYTES, LOSSLESS_RESEND, LOSSY_RESEND, DIFFERENT = "same_bytes", "lossless_resend", "lossy_resend", "different"
+KEEP_FIRST = frozenset({SAME_BYTES, LOSSLESS_RESEND, LOSSY_RESEND})  # answered as duplicates: the first copy stays
+
+
+def resend_kind(first: Path, second: Path) -> str:
+    """How ``second`` relates to ``first``, two checked files with the same SOP Instance UID:
+    ``LOSSLESS_RESEND`` when every attribute but those of the encoding is equal and the decoded
+    pixels are identical (the same instance in another transfer syntax: a duplicate, not a
+    conflict); ``LOSSY_RESEND`` when only the pixels differ and one of the two is lossy-compressed
+    (the same image, degraded: the first copy is kept); else ``DIFFERENT`` (a real conflict). A
+    file that cannot be decoded counts as different. Both files are parsed whole: call this only
+    for instances that passed :func:`check_dicom_instance`."""
+    if first.read_bytes() == second.read_bytes():
+        return SAME_BYTES
+    ensure_decoders()
+    try:
+        a, b = pydicom.dcmread(first), pydicom.dcmread(second)
+        if str(a.SOPInstanceUID) != str(b.SOPInstanceUID) or _attributes(a) != _attributes(b):
+            return DIFFERENT
+        if ("PixelData" in a) != ("PixelData" in b):
+            return DIFFERENT
+        if "PixelData" not in a:
+            return LOSSLESS_RESEND  # no pixels, every other attribute equal
+        pa, pb = a.pixel_array, b.pixel_array
+    except Exception:  # noqa: BLE001 - an undecodable copy is not the same instance; the text may quote data
+        log.info("instances not compared", extra={"reason": "UNDECODABLE_PIXEL_DATA"})
+        return DIFFERENT
+    if pa.shape != pb.shape:
+        return DIFFERENT
+    if (pa == pb).all():
+        return LOSSLESS_RESEND
+    return LOSSY_RESEND if _lossy(a) or _lossy(b) else DIFFERENT
+
+
+def _attributes(ds: Dataset) -> Dataset:
+    """The dataset without its file meta and the attributes of its pixel encoding; of Image Type,
+    all but its first value (a lossy compression may turn ORIGINAL into DERIVED)."""
+    kept = Dataset()
+    for elem in ds:
+        if elem.tag.group == 0x0002 or int(elem.tag) in _ENCODING_TAGS:
+            continue
+        if elem.keyword == "ImageType":
+            values = list(elem.value) if elem.VM > 1 else [elem.value]
+            if values[1:]:  # a compressor may add Image Type DERIVED where there was none
+                kept.add_new(elem.tag, elem.VR, values[1:])
+            continue
+        kept.add(elem)
+    return kept
+
+
+def _lossy(ds: Dataset) -> bool:
+    syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
+    return syntax in LOSSY_SYNTAXES or str(ds.get("LossyImageCompression", "")).strip() == "01"
 
 
 # --- WFDB ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from teleread.pixels import ensure_decoders
 from teleread.errors import InvalidInput
 
 __all__ = [
@@ -300,6 +301,7 @@ def _decode(ds: pydicom.Dataset) -> np.ndarray:
     fast = _decode_j2k_reduced(ds)
     if fast is not None:
         return fast
+    ensure_decoders()  # every syntax the gateway accepts, 12-bit JPEG extended included
     try:
         arr = pydicom.pixels.pixel_array(ds, index=0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)
     except Exception:  # noqa: BLE001 - decoder errors may quote data; we report our own message

@@ -109,7 +109,9 @@ def scp(tmp_path: Path) -> Iterator[Any]:
     from teleread.gateway.outbox import Outbox
     from teleread.gateway.scp import ScpConfig, StoreScp
 
-    box = Outbox(tmp_path / "outbox")
+    from teleread.gateway.validate import resend_kind
+
+    box = Outbox(tmp_path / "outbox", resend_kind=resend_kind)
     server = StoreScp(box, ScpConfig(port=0)).start()
     try:
         yield server

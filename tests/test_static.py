@@ -25,6 +25,7 @@ ADAPTERS = {
         "gateway/dicom_send.py",
     },  # logs: identifier logging off; the DICOM receiver and its event-driven acceptor
     "reportlab": {"gateway/report_pdf.py"},  # the printable report at the clinic
+    "imagecodecs": {"teleread/pixels.py"},  # the 12-bit JPEG extended decoder plugin
     # the learned models: the registry loads weights, each model module and its trainer use torch
     "torch": {
         "models/registry.py",
