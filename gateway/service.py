@@ -73,8 +73,10 @@ class Gateway:
         self._channels: list[Any] = []
         if ingest is None:
             count = max(1, self.config.connections)
+            tls = uplink_security(self.config)
             self._channels = [
-                open_channel(self.config.hub, token=self.config.token, own_connection=count > 1) for _ in range(count)
+                open_channel(self.config.hub, token=self.config.token, own_connection=count > 1, **tls)
+                for _ in range(count)
             ]
             stubs = [ingest_pb2_grpc.IngestStub(channel) for channel in self._channels]
             ingest = stubs[0] if count == 1 else SpreadStub(stubs)
@@ -198,6 +200,37 @@ class Gateway:
             pass
         finally:
             self.stop()
+
+
+def uplink_security(config: GatewaySettings) -> dict[str, Any]:
+    """The TLS options of the channel to the hub. TLS is on when the hub's CA is set (mutual TLS with
+    a client certificate and key); plaintext is allowed to a hub on this machine (a test set-up) or
+    when ``insecure`` says so, and refused otherwise: the site token and patient data would cross the
+    uplink in clear."""
+    if config.tls_ca is None:
+        if config.tls_cert or config.tls_key:
+            raise InvalidInput(
+                "a client certificate needs the hub's CA (TELEREAD_GATEWAY__TLS_CA)", reason="BAD_SETTING"
+            )
+        host = config.hub.rsplit(":", 1)[0].strip("[]")
+        if not config.insecure and host not in ("127.0.0.1", "localhost", "::1"):
+            raise InvalidInput(
+                "the hub is not on this machine and no TLS is set: set TELEREAD_GATEWAY__TLS_CA (and __TLS_CERT,"
+                " __TLS_KEY), or TELEREAD_GATEWAY__INSECURE=true on a private test network",
+                reason="TLS_REQUIRED",
+            )
+        return {}
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise InvalidInput("mutual TLS needs both TELEREAD_GATEWAY__TLS_CERT and __TLS_KEY", reason="BAD_SETTING")
+    for path in (config.tls_ca, config.tls_cert, config.tls_key):
+        if path is not None and not Path(path).is_file():
+            raise InvalidInput("a TLS file of the gateway's settings cannot be read", reason="BAD_SETTING")
+    return {
+        "ca_file": Path(config.tls_ca),
+        "client_cert": Path(config.tls_cert) if config.tls_cert else None,
+        "client_key": Path(config.tls_key) if config.tls_key else None,
+        "server_name": config.tls_server_name or None,
+    }
 
 
 def needs_a_person(status: OutboxStatus, now: dt.datetime | None = None, *, refused: int = 0) -> list[str]:

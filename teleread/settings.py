@@ -76,6 +76,13 @@ class GatewaySettings(BaseModel):
     retry_base_seconds: float = 2.0  # backoff after a failed upload: uniform(0, min(cap, base * 2**n))
     retry_cap_seconds: float = 120.0
     keep_sent_hours: float = 24.0  # local copies of exams the hub committed are deleted after this
+    # TLS to the hub (the default for a real clinic: the site token and patient data cross the uplink)
+    tls_ca: Path | None = None  # the hub's CA certificate (PEM): TLS on
+    tls_cert: Path | None = None  # this gateway's client certificate (mutual TLS)
+    tls_key: Path | None = None  # its private key (0600)
+    tls_server_name: str = ""  # the name in the hub's certificate, when the address differs
+    insecure: bool = False  # plaintext to a hub that is not on this machine: only when set
+    wfdb_wait_minutes: float = 30.0  # a dropped WFDB header whose signal file never comes is set aside after this
 
 
 class Settings(BaseSettings):
