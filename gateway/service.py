@@ -114,6 +114,7 @@ class Gateway:
             watch_dir(settings),
             settle_seconds=self.config.watch_settle_seconds,
             priority=self.config.priority,
+            wait_seconds=self.config.wfdb_wait_minutes * 60,
         )
         self._next_watch = 0.0
         self._stop = threading.Event()

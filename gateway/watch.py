@@ -6,8 +6,9 @@ A file is taken only when it is complete twice over: it has kept the same size, 
 whole. A DICOM file must pass the check every door applies (:func:`check_dicom_instance`: meta, UIDs,
 bounded parsing, its structure to the last byte, the pixel data or waveform its class needs); a WFDB
 record needs its ``.hea`` and the signal file the header names, with the size the header implies
-(:func:`check_wfdb_pair`); a header waits for its signal file (and a lone ``.dat`` for its header) as
-long as it takes. Hidden and temporary
+(:func:`check_wfdb_pair`); a header waits for its signal file (and a lone ``.dat`` for its header) for
+``wait_seconds`` after it stopped changing (30 minutes by default), then it is refused
+(``WFDB_SIGNAL_MISSING`` / ``WFDB_HEADER_MISSING``) so a person sees it. Hidden and temporary
 names (``.x``, ``~x``, ``*.part``, ``*.tmp``...) and the watcher's own ``rejected/`` are never touched.
 
 DICOM files are grouped by StudyInstanceUID exactly as the DICOM receiver groups them and are left
@@ -125,6 +126,7 @@ class WatchFolder:
         *,
         settle_seconds: float = 2.0,
         priority: str = "routine",
+        wait_seconds: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if priority not in PRIORITY_RANK:
@@ -133,6 +135,7 @@ class WatchFolder:
         self.folder = Path(folder)
         self.rejected_dir = self.folder / REJECTED_DIR
         self.settle_seconds = settle_seconds
+        self.wait_seconds = wait_seconds  # how long one file of a WFDB record waits for the other
         self.priority = priority
         self.clock = clock
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -207,6 +210,11 @@ class WatchFolder:
                     specials.append(rel)
         return files, specials
 
+    def _waited_too_long(self, rel: Path) -> bool:
+        """True when ``rel`` has not changed for ``wait_seconds``: its partner is not coming."""
+        seen = self._seen.get(rel)
+        return seen is not None and self.clock() - seen[1] >= self.wait_seconds
+
     def _settled(self, rel: Path, sig: _Signature, now: float) -> bool:
         """True once the file has looked the same for ``settle_seconds``."""
         seen = self._seen.get(rel)
@@ -235,6 +243,11 @@ class WatchFolder:
         signal = header.parent / info.signal_file_names[0]
         claimed.add(signal)
         if signal not in files:
+            if self._waited_too_long(header):
+                minutes = round(self.wait_seconds / 60)
+                message = f"the signal file the header names did not arrive within {minutes} min"
+                self._refuse([header], WFDB_SIGNAL_MISSING, message, report)
+                return
             report.waiting.append(
                 WaitingFile(header.as_posix(), WFDB_SIGNAL_MISSING, "waiting for the signal file the header names")
             )
@@ -317,6 +330,11 @@ class WatchFolder:
             head = handle.read(132)
         if head[128:132] != b"DICM":
             if rel.suffix.lower() == SIGNAL_SUFFIX:
+                if self._waited_too_long(rel):
+                    minutes = round(self.wait_seconds / 60)
+                    message = f"no WFDB header naming this signal file arrived within {minutes} min"
+                    self._refuse([rel], WFDB_HEADER_MISSING, message, report)
+                    return
                 report.waiting.append(
                     WaitingFile(rel.as_posix(), WFDB_HEADER_MISSING, "waiting for the WFDB header of this signal file")
                 )

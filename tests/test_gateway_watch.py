@@ -19,6 +19,7 @@ from helpers import copy_testdata, write_synthetic_wfdb
 from teleread.errors import ResourceExhausted
 from teleread.gateway.outbox import Outbox
 from teleread.gateway.watch import REASON_SUFFIX, WatchFolder, WatchReport
+from teleread.gateway.service import refused_files
 
 CANARY = "PHI_CANARY_ZHANGSAN"
 SETTLE = 2.0
@@ -241,11 +242,30 @@ def test_a_wfdb_pair_is_one_exam_ready_for_upload(rig: Rig) -> None:
     assert claimed is not None and claimed.id == exam.id
 
 
+def test_a_header_whose_signal_never_comes_is_set_aside_after_the_wait(rig: Rig, tmp_path: Path) -> None:
+    header, signal = write_synthetic_wfdb(tmp_path / "cart", rhythm="normal", name="ecg001")
+    shutil.copy(header, rig.folder / header.name)
+    (rig.folder / "lone.dat").write_bytes(signal.read_bytes())  # and a signal file whose header never comes
+    rig.scan()
+    report = rig.scan(after=rig.watch.wait_seconds - 1)
+    assert reasons(report.waiting) == {"ecg001.hea": "WFDB_SIGNAL_MISSING", "lone.dat": "WFDB_HEADER_MISSING"}
+    report = rig.scan(after=1)
+    refused = {r.name: (r.reason, r.message) for r in report.refused}
+    assert refused == {
+        "ecg001.hea": ("WFDB_SIGNAL_MISSING", "the signal file the header names did not arrive within 30 min"),
+        "lone.dat": ("WFDB_HEADER_MISSING", "no WFDB header naming this signal file arrived within 30 min"),
+    }
+    reason = (rig.folder / "rejected" / "ecg001.hea.reason.txt").read_text(encoding="utf-8")
+    assert reason.startswith("WFDB_SIGNAL_MISSING\n")
+    assert refused_files(rig.folder) == 2  # counted in `gateway status`, which then needs a person
+    assert rig.exams() == [] and not (rig.folder / "ecg001.hea").exists()
+
+
 def test_a_header_waits_for_its_signal_file(rig: Rig, tmp_path: Path) -> None:
     header, signal = write_synthetic_wfdb(tmp_path / "cart", rhythm="normal", name="ecg001")
     shutil.copy(header, rig.folder / header.name)
     rig.scan()
-    for _ in range(3):  # however long it takes, a header without its signal waits
+    for _ in range(3):  # within the wait, a header without its signal waits
         report = rig.scan(after=SETTLE * 5)
         assert reasons(report.waiting) == {"ecg001.hea": "WFDB_SIGNAL_MISSING"} and report.refused == []
     assert rig.exams() == [] and (rig.folder / "ecg001.hea").exists()
