@@ -201,7 +201,8 @@ class Outbox:
         self.objects_dir = self.root / "objects"
         self.incoming_dir = self.root / "incoming"
         for d in (self.root, self.objects_dir, self.incoming_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            d.chmod(0o700)  # patient data: the gateway's own user only
         for leftover in self.incoming_dir.iterdir() if maintenance else ():  # half-received files of a crash
             leftover.unlink(missing_ok=True)
         self.set_aside_dir = self.root / SET_ASIDE_DIR
@@ -227,7 +228,10 @@ class Outbox:
             self.recover_pending()
 
     def _open_db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.root / "outbox.db", check_same_thread=False, isolation_level=None)
+        path = self.root / "outbox.db"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite gives its -wal and -shm the same mode
+        path.chmod(0o600)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -281,7 +285,7 @@ class Outbox:
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(tmp, "wb") as out:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
                 while block := source.read(1024 * 1024):
                     size += len(block)
                     if size > max_bytes:
@@ -462,7 +466,7 @@ class Outbox:
     def set_aside(self, path: Path, reason: str, message: str) -> Path:
         """Move a file the outbox cannot place into ``set-aside/`` beside ``<name>.reason.txt``, for a
         person to look at (``status`` counts it until it is removed)."""
-        self.set_aside_dir.mkdir(exist_ok=True)
+        self.set_aside_dir.mkdir(mode=0o700, exist_ok=True)
         target = self.set_aside_dir / path.name
         stamp = _iso(_now())
         text = f"{reason}\n{message}\nset aside by the gateway's outbox at {stamp}\n"
@@ -672,7 +676,7 @@ class Outbox:
             target = self.set_aside_dir / f"{r.sha256}{r.suffix}"
             message = f"refused by the hub: {r.message}\nexam {hub_exam_id} was committed without it"
             try:
-                self.set_aside_dir.mkdir(exist_ok=True)
+                self.set_aside_dir.mkdir(mode=0o700, exist_ok=True)
                 with contextlib.suppress(FileExistsError):
                     os.link(source, target)
                 target.with_name(target.name + REASON_SUFFIX).write_text(

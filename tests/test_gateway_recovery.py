@@ -160,3 +160,16 @@ def test_the_outbox_opens_and_the_gateway_starts_on_a_full_disk(tmp_path: Path, 
         assert gw.outbox.exam(obj.exam_id).state == "ready"
     finally:
         gw.outbox.close()
+
+
+def test_the_outbox_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "gw")
+    obj = box.receive(io.BytesIO(b"patient data"), group_key="1.2", instance_key="1.2.1")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (box.root, box.objects_dir, box.incoming_dir, obj.path)}
+    modes["outbox.db"] = (box.root / "outbox.db").stat().st_mode & 0o777
+    modes["outbox.db-wal"] = (box.root / "outbox.db-wal").stat().st_mode & 0o777  # while open
+    box.close()
+    assert modes == {
+        "gw": 0o700, "objects": 0o700, "incoming": 0o700, obj.path.name: 0o600, "outbox.db": 0o600,
+        "outbox.db-wal": 0o600,
+    }  # fmt: skip
