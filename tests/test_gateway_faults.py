@@ -1,11 +1,17 @@
-"""The clinic gateway under real faults: a modality (pynetdicom SCU) keeps pushing studies while the
-gateway-hub link is cut at random byte offsets, stalled, throttled and taken down by a TCP proxy,
-the gateway process is SIGKILLed at random moments and restarted, the hub process is stopped and
-restarted, and the gateway's disk (a small tmpfs) is filled up. At least ``FAULTS`` faults per run.
+"""The clinic gateway under real faults, over mutual TLS: a modality (pynetdicom SCU) keeps pushing
+studies while the gateway-hub link is cut at random byte offsets, stalled, throttled and taken down
+by a TCP proxy, the gateway process is SIGKILLed at random moments and restarted, the hub process is
+stopped and restarted, the gateway's disk (a small tmpfs) is filled up, and bad instances arrive: the
+same SOP Instance UID with other bytes, an invalid UID, a truncated file, pixel data running past the
+end of the file (each refused by the receiver with a failure status), and an instance the receiver
+accepts but the hub refuses (its UID is already stored at the hub with other bytes). After each bad
+instance the gateway is restarted, and must start cleanly. At least ``FAULTS`` faults per run.
 
 Pass: every instance the modality was told Success for is at the hub exactly once, in one committed
 exam (a late instance in a follow-up exam of its study), with the SHA-256 the gateway recorded and the
-pixel data / waveform the modality sent; no hub exam is left half-open; no manual step.
+pixel data / waveform the modality sent; an instance the hub refused took nothing else down (its
+study's valid instances are there, the exam marked incomplete) and waits in the gateway's set-aside
+folder with its reason; nothing refused is at the hub; no hub exam is left half-open; no manual step.
 
 The fault schedule is random; the seed is printed, and ``TELEREAD_FAULT_SEED`` replays a run.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import hashlib
 import os
 import random
 import signal
@@ -36,6 +43,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from faultproxy import FaultProxy
 from helpers import wait_for
+from teleread.tls import make_local_pki
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -101,17 +109,35 @@ def _make_studies(folder: Path, rng: random.Random, *, studies: int) -> list[lis
     return out
 
 
+def _changed(value: Any, k: int = 1) -> Any:
+    """Pixel data or a waveform with one sample changed: the same instance UID, other bytes."""
+    if isinstance(value, bytes):
+        return bytes([value[0] ^ k]) + value[1:]
+    seq = copy.deepcopy(value)
+    data = bytearray(seq[0].WaveformData)
+    data[0] ^= k
+    seq[0].WaveformData = bytes(data)
+    return seq
+
+
 # ---------------------------------------------------------------------------------- the processes
 
 
 class HubProcess:
-    def __init__(self, data_dir: Path, port: int) -> None:
-        self.data_dir, self.port = data_dir, port
+    def __init__(self, data_dir: Path, port: int, pki: Path) -> None:
+        self.data_dir, self.port, self.pki = data_dir, port, pki
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir / "hub.log"
 
     def start(self) -> None:
-        env = {**os.environ, "TELEREAD_CPU_WORKERS": "0", "TELEREAD_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "TELEREAD_CPU_WORKERS": "0",
+            "TELEREAD_LOG_LEVEL": "WARNING",
+            "TELEREAD_GRPC__TLS_CERT": str(self.pki / "hub.pem"),
+            "TELEREAD_GRPC__TLS_KEY": str(self.pki / "hub.key"),
+            "TELEREAD_GRPC__TLS_CA": str(self.pki / "ca.pem"),  # client certificates required
+        }
         cmd = [sys.executable, "-m", "teleread.cli", "serve", "--data-dir", str(self.data_dir)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -127,7 +153,7 @@ class HubProcess:
 
 
 class GatewayProcess:
-    def __init__(self, data_dir: Path, outbox: Path, *, hub: str, token: str, dicom_port: int) -> None:
+    def __init__(self, data_dir: Path, outbox: Path, *, hub: str, token: str, dicom_port: int, pki: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log = data_dir / "gateway.log"
         self.dicom_port = dicom_port
@@ -146,6 +172,9 @@ class GatewayProcess:
             "TELEREAD_GATEWAY__RETRY_CAP_SECONDS": "1.5",
             "TELEREAD_GATEWAY__KEEP_SENT_HOURS": "0",
             "TELEREAD_GATEWAY__RESULTS_POLL_SECONDS": "30",
+            "TELEREAD_GATEWAY__TLS_CA": str(pki / "ca.pem"),
+            "TELEREAD_GATEWAY__TLS_CERT": str(pki / "clinic-f.pem"),
+            "TELEREAD_GATEWAY__TLS_KEY": str(pki / "clinic-f.key"),
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -162,6 +191,14 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self.proc = None
+
+    def restart(self, rng: random.Random) -> None:
+        """Stopped (SIGTERM or SIGKILL) and started again: start() fails unless it listens again."""
+        if rng.random() < 0.5:
+            self.kill()
+        else:
+            self.stop()
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -240,10 +277,130 @@ class Modality:
 # ---------------------------------------------------------------------------------- the faults
 
 
+def _store_once(port: int, ds: pydicom.Dataset, *, chunked_file: Path | None = None) -> int | None:
+    """One C-STORE of ``ds`` (or of a file's bytes as they are); the status, or None when the
+    gateway did not answer (it is being restarted, or its disk is full)."""
+    from pynetdicom import AE, _config
+
+    ae = AE(ae_title="CT_ROOM_2")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="TELEREAD_GW")
+    except (OSError, RuntimeError):
+        return None
+    if not assoc.is_established:
+        return None
+    sending = _config.STORE_SEND_CHUNKED_DATASET
+    try:
+        if chunked_file is not None:  # the bytes as they are, as a modality's queue sends a bad file
+            _config.STORE_SEND_CHUNKED_DATASET = True
+            status = assoc.send_c_store(chunked_file)
+        else:
+            status = assoc.send_c_store(ds)
+    except (OSError, RuntimeError, ValueError):
+        status = None
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = sending
+        if assoc.is_established:
+            assoc.release()
+    return int(status.Status) if status is not None and "Status" in status else None
+
+
+@dataclass
+class HubRefused:
+    """An instance the receiver accepted and the hub refused: its UID was stored at the hub by another
+    route (``original``); ``valid`` is an instance of the same study that must still get through."""
+
+    original: Instance
+    offered: Instance
+    valid: Instance
+
+
 class Chaos:
-    def __init__(self, rng: random.Random, proxy: FaultProxy, gateway: GatewayProcess, hub: HubProcess, disk: Path):
+    def __init__(
+        self, rng: random.Random, proxy: FaultProxy, gateway: GatewayProcess, hub: HubProcess, disk: Path,
+        *, modality: Modality, work: Path, direct: Any,
+    ) -> None:  # fmt: skip
         self.rng, self.proxy, self.gateway, self.hub, self.disk = rng, proxy, gateway, hub, disk
+        self.modality, self.work, self.direct = modality, work, direct
         self.injected: Counter[str] = Counter()
+        self.refused_sops: set[str] = set()  # refused by the receiver: must not be at the hub
+        self.hub_refused: list[HubRefused] = []
+        self.restarts_after_bad = 0
+
+    def _bad_instance_sent(self, ds: pydicom.Dataset, want: int, *, chunked_file: Path | None = None) -> bool:
+        for _ in range(20):  # the gateway may be restarting or its disk full: try until it answers
+            status = _store_once(self.gateway.dicom_port, ds, chunked_file=chunked_file)
+            if status == want:
+                return True
+            assert status in (None, 0xA700), f"got 0x{status:04X} for a bad instance, expected 0x{want:04X}"
+            time.sleep(0.3)
+        return False
+
+    def _restart_after_bad(self) -> None:
+        self.gateway.restart(self.rng)
+        self.restarts_after_bad += 1
+
+    def conflicting_instance(self) -> None:
+        """The same SOP Instance UID as an instance already stored, with other bytes: 0xC001."""
+        if not self.modality.acknowledged:
+            return
+        original = self.rng.choice(self.modality.acknowledged)
+        ds = pydicom.dcmread(original.path)
+        ds[original.key].value = _changed(ds[original.key].value)
+        if self._bad_instance_sent(ds, 0xC001):
+            self.injected["conflicting instance"] += 1
+            self._restart_after_bad()
+
+    def refused_instance(self) -> None:
+        """An invalid SeriesInstanceUID, a truncated file or pixel data past the end of the file: 0xC000."""
+        n = self.total()
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        kind = self.rng.choice(("bad series UID", "truncated", "pixel data past the end"))
+        path = self.work / f"bad-{n}.dcm"
+        if kind == "bad series UID":
+            ds.SeriesInstanceUID = "1.2.03.4"
+            ds.save_as(path, enforce_file_format=True)
+        else:
+            ds.save_as(path, enforce_file_format=True)
+            data = bytearray(path.read_bytes())
+            if kind == "truncated":
+                data = data[: len(data) - self.rng.randint(100, 20_000)]
+            else:
+                at = data.rfind(b"\xe0\x7f\x10\x00")
+                length = int.from_bytes(data[at + 8 : at + 12], "little")
+                data[at + 8 : at + 12] = (length + 4096).to_bytes(4, "little")
+            path.write_bytes(bytes(data))
+        if self._bad_instance_sent(ds, 0xC000, chunked_file=path):
+            self.refused_sops.add(str(ds.SOPInstanceUID))
+            self.injected[f"refused instance: {kind}"] += 1
+            self._restart_after_bad()
+
+    def hub_refused_instance(self) -> None:
+        """An instance whose UID the hub already holds with other bytes, in a study with a valid one:
+        the receiver accepts both, the hub commits the valid one and refuses the other."""
+        n = self.total()
+        study = _make_studies(self.work / f"hub-refused-{n}", self.rng, studies=1)[0][0]
+        original = study
+        offered_ds = pydicom.dcmread(original.path)
+        offered_ds[original.key].value = _changed(offered_ds[original.key].value)
+        offered = Instance(original.study, original.sop, self.work / f"hub-refused-{n}" / "offered.dcm", original.key)
+        offered_ds.save_as(offered.path, enforce_file_format=True)
+        valid_ds = pydicom.dcmread(original.path)
+        valid_ds.SOPInstanceUID = valid_ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        valid_ds[original.key].value = _changed(valid_ds[original.key].value, 2)
+        valid = Instance(original.study, str(valid_ds.SOPInstanceUID), self.work / f"hub-refused-{n}" / "valid.dcm",
+                         original.key)  # fmt: skip
+        valid_ds.save_as(valid.path, enforce_file_format=True)
+        if not self.direct(original.path):  # a technician uploaded it straight to the hub before
+            return
+        if self._bad_instance_sent(offered_ds, 0x0000) and self._bad_instance_sent(valid_ds, 0x0000):
+            self.hub_refused.append(HubRefused(original, offered, valid))
+            self.injected["instance refused by the hub"] += 1
+            self._restart_after_bad()
 
     def total(self) -> int:
         return sum(self.injected.values())
@@ -310,6 +467,9 @@ class Chaos:
             (self.kill_gateway, 14),
             (self.restart_hub, 8),
             (self.fill_disk, 12),
+            (self.conflicting_instance, 4),
+            (self.refused_instance, 5),
+            (self.hub_refused_instance, 3),
         ]
         funcs, weights = zip(*actions)
         while self.total() < count:
@@ -378,11 +538,19 @@ def test_no_instance_is_lost_or_duplicated_under_random_faults(tmp_path: Path, s
 
     hub_dir = tmp_path / "hub"
     token = _register_hub(hub_dir)
-    hub = HubProcess(hub_dir, _free_port())
+    pki = tmp_path / "pki"
+    make_local_pki(pki, hosts=["localhost", "127.0.0.1"], clients=["clinic-f"])
+    hub = HubProcess(hub_dir, _free_port(), pki)
     proxy = FaultProxy(hub.port)
-    gateway = GatewayProcess(tmp_path / "gw", small_disk, hub=proxy.address, token=token, dicom_port=_free_port())
-    chaos = Chaos(rng, proxy, gateway, hub, small_disk)
+    gateway = GatewayProcess(
+        tmp_path / "gw", small_disk, hub=proxy.address, token=token, dicom_port=_free_port(), pki=pki
+    )
     modality = Modality(gateway.dicom_port, studies, rng)
+    (tmp_path / "bad").mkdir()
+    chaos = Chaos(
+        rng, proxy, gateway, hub, small_disk, modality=modality, work=tmp_path / "bad",
+        direct=_direct_upload(hub.port, token, pki),
+    )  # fmt: skip
 
     def first_study_committed() -> None:  # the late instance arrives after its study was sent
         wait_for(lambda: _outbox_states(small_disk)["committed"] >= 1, timeout=300)
@@ -420,11 +588,43 @@ def test_no_instance_is_lost_or_duplicated_under_random_faults(tmp_path: Path, s
     assert chaos.total() >= FAULTS
     assert expected == sum(len(s) for s in studies[: modality.studies_sent]) + 1
     assert modality.studies_sent >= 10
+    # every start, after a SIGKILL or after a bad instance, came up listening (start() waits for it)
+    assert gateway.starts == 1 + chaos.injected["SIGKILL gateway"] + chaos.restarts_after_bad
 
-    _check_hub(hub_dir, small_disk, modality.acknowledged, late)
+    _check_hub(hub_dir, small_disk, modality.acknowledged, late, chaos)
+    status = subprocess.run(
+        [sys.executable, "-m", "teleread.cli", "gateway", "status"], env=gateway.env, capture_output=True, text=True
+    )
+    if chaos.hub_refused:  # refused instances wait for a person, and status says so
+        assert status.returncode == 1 and "NEEDS ATTENTION" in status.stdout and "set aside" in status.stdout
+        assert f"committed incomplete: {len(chaos.hub_refused)}" in status.stdout
+    refused_at_receiver = sum(n for k, n in chaos.injected.items() if k.startswith(("refused", "conflicting")))
+    assert f"refused by the receiver: {refused_at_receiver} in the last 24 h" in status.stdout, status.stdout
 
 
-def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: Instance) -> None:
+def _direct_upload(port: int, token: str, pki: Path) -> Any:
+    """Upload a file straight to the hub over mutual TLS, as a technician's `teleread upload` does."""
+    from teleread.client import RetryPolicy, open_channel
+    from teleread.gateway.scan import scan_paths
+    from teleread.gateway.upload import upload_exams
+    from teleread.v1 import ingest_pb2_grpc
+
+    def send(path: Path) -> bool:
+        channel = open_channel(
+            f"127.0.0.1:{port}", token=token, ca_file=pki / "ca.pem", client_cert=pki / "clinic-f.pem",
+            client_key=pki / "clinic-f.key",
+        )  # fmt: skip
+        try:
+            retry = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=1.0)
+            (outcome,) = upload_exams(ingest_pb2_grpc.IngestStub(channel), scan_paths([path]).exams, retry=retry)
+            return outcome.ok
+        finally:
+            channel.close()
+
+    return send
+
+
+def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: Instance, chaos: Chaos) -> None:
     from sqlalchemy import select
 
     from teleread.db.schema import exams, objects, sites
@@ -442,13 +642,25 @@ def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: 
             hub_exams = conn.execute(select(exams).where(exams.c.site_id == site_id)).mappings().all()
             rows = conn.execute(select(objects).where(objects.c.site_id == site_id)).mappings().all()
         by_sop = {r["sop_instance_uid"]: r for r in rows}
-        assert len(rows) == len(acknowledged) == len(by_sop), "lost or duplicated instances at the hub"
-        assert len(hub_exams) == outbox_exams  # one hub exam per outbox exam, none opened twice
+        refused = chaos.hub_refused
+        # the modality's instances, and per refusal the original (uploaded directly) and the valid one
+        assert len(rows) == len(acknowledged) + 2 * len(refused) == len(by_sop), "lost or duplicated instances"
+        assert len(hub_exams) == outbox_exams + len(refused)  # one per outbox exam, and the direct uploads
+        assert not chaos.refused_sops & set(by_sop)  # nothing the receiver refused reached the hub
+        aside = outbox / "set-aside"
+        for r in refused:  # the hub kept its original, committed the valid one, refused the other
+            assert by_sop[r.original.sop]["sha256"] == hashlib.sha256(r.original.path.read_bytes()).hexdigest()
+            exam = next(e for e in hub_exams if e["id"] == by_sop[r.valid.sop]["exam_id"])
+            assert exam["incomplete"] and exam["refused_count"] == 1
+            offered_sha = gateway_sha.get(r.offered.sop)
+            assert offered_sha and (aside / f"{offered_sha}.dcm").is_file()
+            reason = (aside / f"{offered_sha}.dcm.reason.txt").read_text(encoding="utf-8")
+            assert reason.startswith("INSTANCE_UID_CONFLICT")
         assert not [e["state"] for e in hub_exams if e["state"] in ("receiving", "rejected")]
         assert all(e["object_count"] > 0 for e in hub_exams)
         exam_study = {e["id"]: e["study_instance_uid"] for e in hub_exams}
         per_study = Counter(exam_study.values())
-        for instance in acknowledged:
+        for instance in [*acknowledged, *(r.valid for r in refused)]:
             row = by_sop[instance.sop]
             assert exam_study[row["exam_id"]] == instance.study
             assert row["sha256"] == gateway_sha[instance.sop]  # what the gateway recorded is what the hub holds
