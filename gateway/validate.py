@@ -328,7 +328,29 @@ def _converted(ds: Dataset, tag: Any, raw: Any) -> Any:
         or tag == _SPECIFIC_CHARACTER_SET
     ):
         return ds[tag]
-    return convert_raw_data_element(raw, encoding=ds.original_character_set or ds._character_set, ds=ds)
+    encoding = ds.original_character_set or ds._character_set
+    value = raw.value
+    if not isinstance(value, bytes) or len(value) > _PASSED_MAX_BYTES or vr in ("SQ", "UN"):
+        return convert_raw_data_element(raw, encoding=encoding, ds=ds)  # UN may turn out to be a sequence
+    # Most values repeat: the same attributes in every slice of a series, the same codes in every item
+    # of an ECG's annotations. pydicom's conversion is a function of these inputs alone, so a value it
+    # accepted once is accepted again without converting it.
+    key = (int(tag), vr, value, tuple(encoding) if isinstance(encoding, list) else encoding,
+           raw.is_implicit_VR, raw.is_little_endian)  # fmt: skip
+    if key in _PASSED:
+        return raw
+    elem = convert_raw_data_element(raw, encoding=encoding, ds=ds)
+    if elem.VR != "SQ":  # a sequence's items are checked by the caller, every time
+        if len(_PASSED) >= _PASSED_MAX_ENTRIES:
+            _PASSED.clear()
+        _PASSED[key] = None
+    return elem
+
+
+# raw values pydicom converted without error under RAISE (keys as in _converted)
+_PASSED: dict[tuple[Any, ...], None] = {}
+_PASSED_MAX_BYTES = 1024
+_PASSED_MAX_ENTRIES = 100_000
 
 
 def truncated() -> InvalidInput:

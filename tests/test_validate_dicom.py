@@ -513,3 +513,18 @@ def test_sniff_kind(tmp_path: Path) -> None:
     assert sniff_kind(tmp_path / "empty") == "unknown"
     (tmp_path / "bin").write_bytes(bytes(range(256)) * 4)
     assert sniff_kind(tmp_path / "bin") == "unknown"
+
+
+def test_values_accepted_before_never_hide_an_invalid_value(tmp_path: Path) -> None:
+    """Values pydicom accepted once are not converted again (the same attributes recur in every slice):
+    that must never let a bad value through, in any order: an invalid UID inside a sequence stored as
+    UN, met after a file with the very same bytes, is still refused."""
+    from teleread.gateway import validate
+
+    for names in (("rtdose_rle.dcm", "rtdose_rle_1frame.dcm"), ("rtdose_rle_1frame.dcm", "rtdose_rle.dcm")):
+        validate._PASSED.clear()
+        outcomes = [inspect_or_reject(bundled(name))[0] for name in names for _ in range(2)]
+        assert outcomes == ["DICOM_UNREADABLE"] * 4
+    ok = write(make_dataset(), tmp_path / "ok.dcm")
+    assert inspect_dicom(ok).sop_instance_uid and inspect_dicom(ok).sop_instance_uid  # accepted twice
+    assert validate._PASSED  # and remembered
