@@ -2,6 +2,12 @@
 # Install teleread and run the whole path once on the embedded defaults (SQLite + local objects).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The clinic's printed reports embed a Chinese font: Debian's fonts-wqy-zenhei.
+if [ ! -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends fonts-wqy-zenhei >/dev/null
+fi
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
