@@ -3,12 +3,15 @@
 The file's size on disk is the offset the hub confirms, so a cut stream resumes exactly where the
 hub wrote. A per-upload lock keeps a resumed stream from racing the handler of the cut one, and the
 SHA-256 is kept running while streams continue where they stopped (recomputed from the file only
-when that chain broke, e.g. after a hub restart).
+when that chain broke, e.g. after a hub restart). The folder is 0700 and its files 0600: staged
+bytes are readable by the hub's own user only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -16,21 +19,26 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
+from teleread.storage.local import PRIVATE_DIR_MODE, make_private_dirs
 
 MAX_CHUNK = 1024 * 1024
 LOCK_WAIT_SECONDS = 30
+PART_SUFFIX = ".part"
+PART_FILE_MODE = 0o600
 
 
 class Staging:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.root)
+        if stat.S_IMODE(self.root.stat().st_mode) & 0o077:  # made by an older hub, or by hand
+            os.chmod(self.root, PRIVATE_DIR_MODE)
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._hashes: dict[str, tuple[int, Any]] = {}
 
     def path(self, upload_id: str) -> Path:
-        return self.root / f"{upload_id}.part"
+        return self.root / f"{upload_id}{PART_SUFFIX}"
 
     def confirmed(self, upload_id: str) -> int:
         part = self.path(upload_id)
@@ -50,7 +58,8 @@ class Staging:
     def open_part(self, part: Path) -> BinaryIO:
         """The staging file, opened for appending without buffering. (A seam: tests replace it to
         simulate a full disk.)"""
-        return open(part, "ab", buffering=0)
+        fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PART_FILE_MODE)
+        return os.fdopen(fd, "ab", buffering=0)
 
     def append(self, upload_id: str, chunks: Iterable[bytes], *, start: int, size: int) -> int:
         """Write ``chunks`` from ``start``; returns the new confirmed offset."""

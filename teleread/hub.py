@@ -1,8 +1,9 @@
 """Composition root of the hub: builds the adapters and services from settings and serves gRPC.
 
 ``build_hub(settings)`` wires the database, object store, event bus, ingest, queue, reports,
-results and the triage workers; ``create_server(hub)`` returns a started-ready gRPC server and its
-port (port 0 picks a free one, as tests do); ``serve(settings)`` runs until interrupted.
+results, the triage workers and the clean-up thread (``gateway/janitor.py``);
+``create_server(hub)`` returns a started-ready gRPC server and its port (port 0 picks a free one,
+as tests do); ``serve(settings)`` runs until interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -24,6 +26,7 @@ from teleread.cpu import CpuPool, default_workers
 from teleread.db.engine import make_engine, upgrade
 from teleread.events import EventBus
 from teleread.gateway.ingest import IngestService
+from teleread.gateway.janitor import Janitor
 from teleread.gateway.servicer import IngestServicer
 from teleread.models.worker import TriageWorker
 from teleread.reader.queue import QueueService
@@ -61,8 +64,10 @@ class Hub:
     authenticator: Authenticator
     cpu: CpuPool
     triage_cpu: CpuPool
+    janitor: Janitor
 
     def close(self) -> None:
+        self.janitor.stop()
         self.bus.close()
         self.triage.shutdown()
         self.cpu.close()
@@ -116,6 +121,15 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     )
     reports = ReportService(engine=engine, queue=queue, bus=bus)
     results = ResultsService(engine=engine, bus=bus)
+    janitor = Janitor(
+        engine=engine,
+        store=store,
+        staging_dir=settings.staging_dir(),
+        abandoned_after=timedelta(hours=settings.ingest.abandoned_hours),
+        grace=timedelta(seconds=settings.ingest.orphan_grace_seconds),
+        interval_seconds=settings.ingest.janitor_interval_seconds,
+        first_seconds=settings.ingest.janitor_first_seconds,
+    )
     hub = Hub(
         settings=settings,
         engine=engine,
@@ -129,10 +143,12 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         authenticator=Authenticator(engine),
         cpu=cpu,
         triage_cpu=triage_cpu,
+        janitor=janitor,
     )
     recovered = triage.recover()
     if recovered:
         log.info("re-queued committed exams for triage", extra={"count": recovered})
+    janitor.start()
     return hub
 
 

@@ -47,6 +47,15 @@ class QueueSettings(BaseModel):
     fusion_policy: Path | None = None
 
 
+class IngestSettings(BaseModel):
+    """The hub's clean-up of what uploads leave behind (``gateway/janitor.py``)."""
+
+    abandoned_hours: float = 48.0  # an exam still receiving with no activity for this long expires
+    orphan_grace_seconds: float = 3600.0  # an object or staging file with no row is deleted after this
+    janitor_interval_seconds: float = 600.0  # between clean-up passes; 0: no clean-up
+    janitor_first_seconds: float = 60.0  # the first pass, this long after the hub starts
+
+
 class GatewaySettings(BaseModel):
     """The clinic gateway (``teleread gateway run``)."""
 
@@ -96,6 +105,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     def resolved_database_url(self) -> str:

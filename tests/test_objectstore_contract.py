@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import random
+import stat
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -263,6 +265,49 @@ def test_check_passes_on_a_healthy_store(case: StoreCase) -> None:
     case.store.check()
 
 
+def _listed(store: ObjectStore, prefix: str = "") -> dict[str, datetime]:
+    listed = dict(store.iter_keys(prefix))
+    assert all(when.utcoffset() == timedelta(0) for when in listed.values())  # aware, UTC
+    return listed
+
+
+def test_iter_keys_lists_stored_keys_with_their_modification_times(case: StoreCase, tmp_path: Path) -> None:
+    assert _listed(case.store) == {}  # nothing stored yet (for S3: not even a bucket)
+    before = datetime.now(timezone.utc)
+    stored = {}
+    for tenant, size in ((1, 10), (1, 2000), (2, 30), (10, 40)):
+        data = _random_bytes(size, seed=size)
+        key = _key(data, tenant)
+        case.store.put_file(key, _source(tmp_path, data, name=f"{tenant}-{size}.bin"), sha256=_sha(data), size=size)
+        stored[key] = data
+    after = datetime.now(timezone.utc)
+
+    listed = _listed(case.store)
+    assert sorted(listed) == sorted(stored)
+    for when in listed.values():  # S3 keeps whole seconds
+        assert before - timedelta(seconds=1) <= when <= after + timedelta(seconds=1)
+    assert sorted(_listed(case.store, "t1/")) == sorted(k for k in stored if k.startswith("t1/"))  # not t10/
+    assert sorted(_listed(case.store, "t2/objects/")) == [k for k in stored if k.startswith("t2/")]
+    assert _listed(case.store, "t3/") == {}
+
+
+def test_iter_keys_does_not_list_deleted_or_unfinished_objects(case: StoreCase, tmp_path: Path) -> None:
+    kept, gone = _random_bytes(100, seed=1), _random_bytes(100, seed=2)
+    for data in (kept, gone):
+        case.store.put_file(_key(data), _source(tmp_path, data), sha256=_sha(data), size=len(data))
+    case.store.delete(_key(gone))
+    bad = _random_bytes(MIB, seed=3)
+    with pytest.raises(IntegrityError):  # a put that fails leaves nothing to list
+        case.store.put_file(_key(bad), _source(tmp_path, bad), sha256=_sha(bad), size=len(bad) + 1)
+    assert list(_listed(case.store)) == [_key(kept)]
+
+
+@pytest.mark.parametrize("prefix", ["../", "/etc/", "t1/../../", ".tmp/", "t1/.hidden"])
+def test_iter_keys_refuses_unsafe_prefixes(case: StoreCase, prefix: str) -> None:
+    with pytest.raises(InvalidInput):
+        list(case.store.iter_keys(prefix))
+
+
 UNSAFE_KEYS = [
     "../outside",
     "t1/../../outside",
@@ -380,6 +425,40 @@ def test_local_truncated_object_is_refused(tmp_path: Path) -> None:
         with case.store.open_verified(key, sha256=_sha(data), size=len(data)):
             pytest.fail("truncated bytes served")
     assert raised.value.reason == "SIZE_MISMATCH"
+
+
+def test_local_listing_skips_writes_in_progress_and_links(tmp_path: Path) -> None:
+    case = _local_case(tmp_path)
+    data = b"listed"
+    case.store.put_file(_key(data), _source(tmp_path, data), sha256=_sha(data), size=len(data))
+    root = tmp_path / "objects"
+    (root / ".tmp" / "put-inprogress").write_bytes(b"partial")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not the store's")
+    (root / "t1" / "objects" / "link").symlink_to(outside)
+    assert list(dict(case.store.iter_keys())) == [_key(data)]
+
+
+def test_local_folders_and_files_are_owner_only(tmp_path: Path) -> None:
+    root = tmp_path / "data" / "objects"
+    store = LocalObjectStore(root)
+    data = _random_bytes(300)
+    key = _key(data)
+    store.put_file(key, _source(tmp_path, data), sha256=_sha(data), size=len(data))
+    other = _random_bytes(301)
+    consumed = _source(tmp_path, other, name="consumed.bin")
+    os.chmod(consumed, 0o644)
+    store.put_file(_key(other), consumed, sha256=_sha(other), size=len(other), consume=True)
+    for stored in (root / key, root / _key(other)):
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    folder = (root / key).parent
+    while folder != tmp_path:  # down to the data folder the store created
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        folder = folder.parent
+    assert stat.S_IMODE((root / ".tmp").stat().st_mode) == 0o700
+    os.chmod(root, 0o755)  # as an older version left it
+    LocalObjectStore(root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
 
 
 def test_local_sweep_removes_only_stale_temp_files(tmp_path: Path) -> None:

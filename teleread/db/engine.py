@@ -2,22 +2,30 @@
 
 SQLite (embedded default) runs in WAL mode with a busy timeout, and every transaction starts with
 ``BEGIN IMMEDIATE`` so that writers serialise instead of failing; PostgreSQL uses psycopg 3.
-``upgrade()`` applies the Alembic migrations shipped in ``teleread.db.migrations``.
+``upgrade()`` applies the Alembic migrations shipped in ``teleread.db.migrations``. A SQLite file is
+created 0600 (in a 0700 folder when the folder is new) before anything connects, and an existing
+one is made 0600; SQLite gives its ``-wal`` and ``-shm`` files the database file's mode.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
 
 from teleread.errors import Unavailable
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 WRITE_WAIT_SECONDS = 30.0
+DB_FILE_MODE = 0o600
+DB_DIR_MODE = 0o700
 
 
 def utcnow() -> datetime:
@@ -37,11 +45,45 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for PostgreSQL or an in-memory database."""
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if not database or database == ":memory:" or database.startswith("file:") or parsed.query.get("uri"):
+        return None
+    return Path(database)
+
+
+def prepare_sqlite_file(url: str) -> None:
+    """Create the SQLite file (and missing folders) readable by its owner only, before SQLite or
+    Alembic would create it with the default mode; an existing file and its -wal/-shm become 0600."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    missing: list[Path] = []
+    folder = path.parent
+    while not folder.is_dir() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for new_dir in reversed(missing):
+        with suppress(FileExistsError):
+            new_dir.mkdir(mode=DB_DIR_MODE)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, DB_FILE_MODE))
+    except FileExistsError:
+        pass
+    for existing in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with suppress(FileNotFoundError):
+            if stat.S_IMODE(existing.stat().st_mode) != DB_FILE_MODE:
+                os.chmod(existing, DB_FILE_MODE)
+
+
 def make_engine(url: str, *, pool_size: int = 20) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        prepare_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         _configure_sqlite(engine)
         return engine
@@ -139,4 +181,5 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database schema to ``revision`` (idempotent)."""
     from alembic import command
 
+    prepare_sqlite_file(url)
     command.upgrade(alembic_config(url), revision)

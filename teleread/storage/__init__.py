@@ -7,7 +7,9 @@ hash), never from user strings. Every write and every read checks the object's S
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -46,6 +48,12 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove an object (used only by reconciliation of orphans); absent is fine."""
+        ...
+
+    def iter_keys(self, prefix: str = "") -> Iterator[tuple[str, datetime]]:
+        """Every stored key that starts with ``prefix``, with its last modification (UTC), in no
+        promised order; writes still in progress are not listed. For the clean-up of objects no
+        metadata row refers to."""
         ...
 
     def check(self) -> None:

@@ -3,8 +3,9 @@ object-store adapters share.
 
 Owns: the on-disk layout under one root (``<root>/<key>`` plus ``<root>/.tmp`` for writes in
 progress), atomic verified writes (copy while hashing, fsync, ``os.replace``, fsync the directory),
-verified reads (hash before the file is handed out), and the mapping of OS errors to
-:class:`~teleread.errors.StorageError` / :class:`~teleread.errors.ResourceExhausted`.
+verified reads (hash before the file is handed out), the listing of stored keys, and the mapping of
+OS errors to :class:`~teleread.errors.StorageError` / :class:`~teleread.errors.ResourceExhausted`.
+Folders are created 0700 and object files 0600: only the hub's own user reads them.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from contextlib import contextmanager, suppress
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Iterator, NoReturn
 
@@ -36,6 +39,7 @@ _MAX_KEY_LENGTH = 1024
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+PRIVATE_DIR_MODE = 0o700
 
 
 # --- helpers shared with the S3 adapter -------------------------------------------------------
@@ -116,7 +120,9 @@ class LocalObjectStore:
         self.root = Path(root).resolve()
         self._temp_dir = self.root / _TEMP_DIR_NAME
         try:
-            self._temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(self._temp_dir)
+            for directory in (self.root, self._temp_dir):
+                _owner_only(directory)
         except OSError as exc:
             raise storage_error_from_os(exc, action="create its root directory") from None
 
@@ -168,6 +174,7 @@ class LocalObjectStore:
                 check_content(
                     actual_sha256=actual_sha256, actual_size=actual_size, sha256=sha256, size=size, what="file to store"
                 )
+                os.fchmod(fh.fileno(), 0o600)  # as a copy through mkstemp would be
                 os.fsync(fh.fileno())
             self._make_dirs(target.parent)
             os.replace(source, target)
@@ -204,6 +211,40 @@ class LocalObjectStore:
         return removed
 
     # -- reads ----------------------------------------------------------------------------------
+
+    def iter_keys(self, prefix: str = "") -> Iterator[tuple[str, datetime]]:
+        """Every stored key starting with ``prefix`` and its file's modification time (UTC); the
+        ``.tmp`` area and anything that is not a plain file (symlinks) are not listed."""
+        if prefix:
+            validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
+        base = self.root.joinpath(*prefix.split("/")[:-1])
+        if not Path(os.path.realpath(base)).is_relative_to(self.root):
+            raise InvalidInput("object key prefix resolves outside the object store root", reason="INVALID_OBJECT_KEY")
+        try:
+            yield from self._walk(base, prefix)
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="list objects") from None
+
+    def _walk(self, directory: Path, prefix: str) -> Iterator[tuple[str, datetime]]:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except FileNotFoundError:  # nothing stored there (yet), or deleted meanwhile
+            return
+        for entry in entries:
+            if entry.name.startswith("."):  # the store's own .tmp; never a key segment
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(path, prefix)
+            elif entry.is_file(follow_symlinks=False):
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:  # deleted while listing
+                    continue
+                yield key, datetime.fromtimestamp(mtime, tz=timezone.utc)
 
     def exists(self, key: str) -> bool:
         try:
@@ -328,8 +369,34 @@ class LocalObjectStore:
             current = current.parent
         for new_dir in reversed(missing):
             with suppress(FileExistsError):
-                new_dir.mkdir(mode=0o700)
+                new_dir.mkdir(mode=PRIVATE_DIR_MODE)
             _fsync_dir(new_dir.parent)
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and any missing parent with mode 0700 (``Path.mkdir(parents=True)``
+    gives the parents the default mode)."""
+    missing: list[Path] = []
+    current = directory
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for new_dir in reversed(missing):
+        with suppress(FileExistsError):
+            new_dir.mkdir(mode=PRIVATE_DIR_MODE)
+
+
+def _owner_only(directory: Path) -> None:
+    """Take group and other access away from one of the store's own folders (made by an older
+    version, or by hand); a folder of another owner is left as it is, with a warning."""
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        try:
+            os.chmod(directory, mode & PRIVATE_DIR_MODE)
+        except PermissionError:
+            logger.warning("object store folder is readable by others and not ours to change")
 
 
 def _verify_source(path: Path, *, sha256: str, size: int) -> None:

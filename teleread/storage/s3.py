@@ -15,6 +15,7 @@ import hashlib
 import logging
 import tempfile
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, TypeVar, cast
 
@@ -193,6 +194,25 @@ class S3ObjectStore:
     def size(self, key: str) -> int:
         """Stored size in bytes; ObjectNotFound if absent."""
         return int(self._stat(key).size or 0)
+
+    def iter_keys(self, prefix: str = "") -> Iterator[tuple[str, datetime]]:
+        """Every key of the bucket starting with ``prefix`` and its last modification (UTC), listed
+        page by page as the caller goes; a missing bucket holds no keys. Multipart uploads not yet
+        completed are not objects and are not listed."""
+        if prefix:
+            validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
+        listing = iter(self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True))
+        while True:
+            try:
+                item = _call(lambda: next(listing, None))
+            except ObjectNotFound:  # NoSuchBucket: nothing was ever stored
+                return
+            if item is None:
+                return
+            if item.is_dir or not item.object_name:
+                continue
+            modified = item.last_modified or datetime.now(timezone.utc)  # unknown: as young as can be
+            yield item.object_name, modified.astimezone(timezone.utc)
 
     @contextmanager
     def open_verified(self, key: str, *, sha256: str, size: int) -> Iterator[BinaryIO]:
