@@ -216,6 +216,8 @@ class IngestService:
         with self._engine.begin() as conn:
             exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
             if exam["state"] != "receiving":
+                if exam["state"] == "expired":
+                    raise Conflict("the exam expired unfinished; open it again", reason="EXAM_EXPIRED")
                 raise Conflict("exam is already committed", reason="EXAM_COMMITTED")
             earlier = self._earlier_refusal(conn, site_id=site_id, exam_id=exam_id, sha256=sha256, role=role)
             refused = _refusal_error(earlier) if earlier is not None else None
@@ -320,6 +322,8 @@ class IngestService:
             if refusal is not None:
                 raise _refusal_error(refusal)
             raise InvalidInput("the hub refused this object", reason="OBJECT_REFUSED")
+        if row.state != "partial":  # expired with its abandoned exam: never "partial at 0" for ever
+            raise Conflict("the upload's exam expired unfinished; open the exam again", reason="EXAM_EXPIRED")
         return UploadState(row.id, self._staging.confirmed(row.id), row.size, "partial")
 
     @staticmethod

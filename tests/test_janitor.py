@@ -188,12 +188,19 @@ def test_a_late_stream_into_an_expired_exam_is_refused(embedded_stack: Any) -> N
     ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
     data = _ct(generate_uid())
     old = _open(ingest, "abandoned-late").exam_id
-    _send_part(ingest, old, data, upto=5_000)
+    part = _send_part(ingest, old, data, upto=5_000)
     embedded_stack.hub.janitor.run_once(now=_last_activity(embedded_stack, old) + ABANDONED + timedelta(minutes=1))
     assert _state(embedded_stack, old) == "expired"
     with pytest.raises(grpc.RpcError) as err:  # nothing new goes into an expired exam
         _begin(ingest, old, _ct(generate_uid()))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(err.value) == "EXAM_COMMITTED"
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(err.value) == "EXAM_EXPIRED"
+    for resume in (  # a client that resumes the upload is told, never "partial at byte 0" again and again
+        lambda: ingest.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=part.upload_id), timeout=10),
+        lambda: ingest.Upload(iter([ingest_pb2.UploadChunk(upload_id=part.upload_id, offset=0, data=data)])),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            resume()
+        assert error_reason(err.value) == "EXAM_EXPIRED"
 
 
 # --- 2. staging files nobody will finish --------------------------------------------------------
