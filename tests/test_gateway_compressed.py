@@ -35,8 +35,10 @@ from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_
 pytestmark = pytest.mark.timeout(300)
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
-# storescu's option proposing each syntax (JPEG lossless process 14, .57, has none: pynetdicom sends it)
+# storescu's option proposing each syntax (JPEG lossless process 14, .57, has none: a profile of a
+# storescu configuration file proposes it, see _storescu_config)
 STORESCU_PROPOSES = {
+    "1.2.840.10008.1.2.4.57": "config",
     "1.2.840.10008.1.2.4.50": "-xy",
     "1.2.840.10008.1.2.4.51": "-xx",
     "1.2.840.10008.1.2.4.70": "-xs",
@@ -122,11 +124,27 @@ def _send_pynetdicom(port: int, paths: list[Path]) -> list[int]:
         assoc.release()
 
 
+def _storescu_config(path: Path, syntax: str) -> Path:
+    """A storescu configuration whose profile ``P`` proposes ``syntax`` for DX images."""
+    path.write_text(
+        "[[TransferSyntaxes]]\n[TS]\nTransferSyntax1 = " + syntax + "\n\n"
+        "[[PresentationContexts]]\n[PC]\nPresentationContext1 = 1.2.840.10008.5.1.4.1.1.1.1\\TS\n\n"
+        "[[Profiles]]\n[P]\nPresentationContexts = PC\n",
+        encoding="ascii",
+    )
+    return path
+
+
 def _storescu(port: int, path: Path, propose: str) -> subprocess.CompletedProcess[str]:
     """dcmtk's storescu proposing the file's compressed syntax (and, after it, the uncompressed ones,
     as a modality does): it sends the file as it is only if the receiver accepts that syntax."""
+    if propose == "config":
+        syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        options = ["-xf", str(_storescu_config(path.with_suffix(".cfg"), syntax)), "P"]
+    else:
+        options = [propose]
     return subprocess.run(
-        ["storescu", "-v", propose, "-aec", "TELEREAD_GW", "127.0.0.1", str(port), str(path)],
+        ["storescu", "-v", *options, "-aec", "TELEREAD_GW", "127.0.0.1", str(port), str(path)],
         capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin"},
     )  # fmt: skip
 
@@ -155,7 +173,6 @@ def test_every_compressed_syntax_is_accepted_stored_as_received_and_read_at_the_
         assert "Received Store Response (Success)" in sent.stdout + sent.stderr
         assert "Converting transfer syntax: Little Endian" not in sent.stdout + sent.stderr, name
     by_pynetdicom = [files["pynetdicom"] for files in compressed.values()]
-    by_pynetdicom.append(compressed["1.2.840.10008.1.2.4.57"]["dcmtk"])
     assert _send_pynetdicom(scp.port, by_pynetdicom) == [SUCCESS] * len(by_pynetdicom)
     box: Outbox = scp.outbox
     stored = {}
