@@ -7,6 +7,7 @@ a refused object is left in staging or the object store."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -167,3 +168,35 @@ def test_new_images_of_an_uploaded_study_open_a_linked_follow_up(
     assert main(["upload", str(folder), "--site", "clinic-a", *conn]) == 0  # nothing new: no third exam
     with embedded_stack.hub.engine.connect() as db:
         assert db.execute(select(func.count()).select_from(exams)).scalar_one() == 2
+
+
+def test_the_losing_copy_of_a_race_leaves_no_bytes_in_the_store(hub_stack, tmp_path: Path, monkeypatch) -> None:
+    """Two uploads of one SOP Instance UID with different bytes, both past the duplicate check before
+    either row exists (as when they race): the second's insert fails, it is refused as a conflict, and
+    its copy in the object store is deleted; the first is untouched."""
+    from teleread.storage import object_key
+
+    first = _ct(generate_uid())
+    other = copy.deepcopy(first)
+    other.PixelData = bytes(len(first.PixelData))
+    ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
+    (a,) = upload_exams(ingest, scan_paths([_save(first, tmp_path / "a" / "1.dcm")]).exams, retry=FAST)
+    assert a.ok
+    service = hub_stack.hub.ingest
+    checked = service._validate
+
+    def checked_before_the_first_row(*args: Any, **kwargs: Any) -> dict[str, object]:
+        meta = checked(*args, **kwargs)
+        return {**meta, "existing": False}  # what a racing upload saw
+
+    monkeypatch.setattr(service, "_validate", checked_before_the_first_row)
+    exam = scan_paths([_save(other, tmp_path / "b" / "1.dcm")]).exams[0]
+    exam.client_exam_key = "racing-copy"
+    (b,) = upload_exams(ingest, [exam], retry=FAST)
+    assert [r.reason for r in b.refused] == ["INSTANCE_UID_CONFLICT"]
+    with hub_stack.hub.engine.connect() as conn:
+        site_id = conn.execute(select(objects.c.site_id)).scalar_one()
+    store = hub_stack.hub.store
+    assert not store.exists(object_key(tenant_id=site_id, sha256=hashlib.sha256(_bytes(other)).hexdigest()))
+    assert store.exists(object_key(tenant_id=site_id, sha256=hashlib.sha256(_bytes(first)).hexdigest()))
+    assert _count(hub_stack, objects) == 1 and not _staged(hub_stack)
