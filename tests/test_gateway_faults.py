@@ -381,10 +381,18 @@ class Chaos:
 
     def hub_refused_instance(self) -> None:
         """An instance whose UID the hub already holds with other bytes, in a study with a valid one:
-        the receiver accepts both, the hub commits the valid one and refuses the other."""
+        the receiver accepts both, the hub commits the valid one and refuses the other (or, when the
+        two landed in separate exams of the study, rejects the exam that holds only the refused one).
+        Small instances: the refused copy stays in the gateway's set-aside folder for a person, on a
+        16 MB disk."""
         n = self.total()
-        study = _make_studies(self.work / f"hub-refused-{n}", self.rng, studies=1)[0][0]
-        original = study
+        folder = self.work / f"hub-refused-{n}"
+        folder.mkdir()
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / "original.dcm", enforce_file_format=True)
+        original = Instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), folder / "original.dcm", "PixelData")
         offered_ds = pydicom.dcmread(original.path)
         offered_ds[original.key].value = _changed(offered_ds[original.key].value)
         offered = Instance(original.study, original.sop, self.work / f"hub-refused-{n}" / "offered.dcm", original.key)
@@ -397,7 +405,7 @@ class Chaos:
         valid_ds.save_as(valid.path, enforce_file_format=True)
         if not self.direct(original.path):  # a technician uploaded it straight to the hub before
             return
-        if self._bad_instance_sent(offered_ds, 0x0000) and self._bad_instance_sent(valid_ds, 0x0000):
+        if self._bad_instance_sent(valid_ds, 0x0000) and self._bad_instance_sent(offered_ds, 0x0000):
             self.hub_refused.append(HubRefused(original, offered, valid))
             self.injected["instance refused by the hub"] += 1
             self._restart_after_bad()
@@ -570,8 +578,11 @@ def test_no_instance_is_lost_or_duplicated_under_random_faults(tmp_path: Path, s
         assert modality.done.is_set(), "the modality could not deliver every instance to the gateway"
         expected = len(modality.acknowledged)
         try:
-            wait_for(
-                lambda: (s := _outbox_states(small_disk))["committed"] == sum(s.values()) and s["committed"] > 0,
+            wait_for(  # all sent: committed, or rejected by the hub (an exam of a refused instance alone)
+                lambda: (
+                    (s := _outbox_states(small_disk))["committed"] + s["rejected"] == sum(s.values())
+                    and s["committed"] > 0
+                ),
                 timeout=300,
                 interval=0.5,
             )
@@ -591,13 +602,18 @@ def test_no_instance_is_lost_or_duplicated_under_random_faults(tmp_path: Path, s
     # every start, after a SIGKILL or after a bad instance, came up listening (start() waits for it)
     assert gateway.starts == 1 + chaos.injected["SIGKILL gateway"] + chaos.restarts_after_bad
 
-    _check_hub(hub_dir, small_disk, modality.acknowledged, late, chaos)
+    lone = _check_hub(hub_dir, small_disk, modality.acknowledged, late, chaos)
     status = subprocess.run(
         [sys.executable, "-m", "teleread.cli", "gateway", "status"], env=gateway.env, capture_output=True, text=True
     )
+    print(f"instances refused by the hub: {len(chaos.hub_refused)}, {len(lone)} of them alone in their exam")
     if chaos.hub_refused:  # refused instances wait for a person, and status says so
-        assert status.returncode == 1 and "NEEDS ATTENTION" in status.stdout and "set aside" in status.stdout
-        assert f"committed incomplete: {len(chaos.hub_refused)}" in status.stdout
+        assert status.returncode == 1 and "NEEDS ATTENTION" in status.stdout, status.stdout
+    if len(chaos.hub_refused) > len(lone):
+        assert "set aside" in status.stdout
+        assert f"committed incomplete: {len(chaos.hub_refused) - len(lone)}" in status.stdout
+    if lone:
+        assert f"{len(lone)} exam(s) refused by the hub" in status.stdout
     refused_at_receiver = sum(n for k, n in chaos.injected.items() if k.startswith(("refused", "conflicting")))
     assert f"refused by the receiver: {refused_at_receiver} in the last 24 h" in status.stdout, status.stdout
 
@@ -624,7 +640,9 @@ def _direct_upload(port: int, token: str, pki: Path) -> Any:
     return send
 
 
-def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: Instance, chaos: Chaos) -> None:
+def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: Instance, chaos: Chaos) -> set[str]:
+    """Check what reached the hub; return the instance keys of exams the hub rejected (a refused
+    instance that arrived alone in an exam of its study)."""
     from sqlalchemy import select
 
     from teleread.db.schema import exams, objects, sites
@@ -634,6 +652,9 @@ def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: 
     box = sqlite3.connect(f"file:{outbox / 'outbox.db'}?mode=ro", uri=True)
     gateway_sha = dict(box.execute("SELECT instance_key, sha256 FROM objects").fetchall())
     outbox_exams = box.execute("SELECT count(*) FROM exams").fetchone()[0]
+    outbox_objects = box.execute(
+        "SELECT o.instance_key, e.state FROM objects o JOIN exams e ON e.id = o.exam_id"
+    ).fetchall()
     box.close()
     hub = build_hub(Settings(data_dir=hub_dir, cpu_workers=0), migrate=False)
     try:
@@ -648,16 +669,23 @@ def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: 
         assert len(hub_exams) == outbox_exams + len(refused)  # one per outbox exam, and the direct uploads
         assert not chaos.refused_sops & set(by_sop)  # nothing the receiver refused reached the hub
         aside = outbox / "set-aside"
+        offered_sops = {r.offered.sop for r in refused}
+        lone = {key for key, state in outbox_objects if state == "rejected"}  # instance keys of rejected exams
+        assert lone <= offered_sops, "the hub rejected an exam with valid instances"
         for r in refused:  # the hub kept its original, committed the valid one, refused the other
             assert by_sop[r.original.sop]["sha256"] == hashlib.sha256(r.original.path.read_bytes()).hexdigest()
+            if r.offered.sop in lone:  # it arrived in an exam of its own, which the hub rejected
+                continue
             exam = next(e for e in hub_exams if e["id"] == by_sop[r.valid.sop]["exam_id"])
             assert exam["incomplete"] and exam["refused_count"] == 1
             offered_sha = gateway_sha.get(r.offered.sop)
             assert offered_sha and (aside / f"{offered_sha}.dcm").is_file()
             reason = (aside / f"{offered_sha}.dcm.reason.txt").read_text(encoding="utf-8")
             assert reason.startswith("INSTANCE_UID_CONFLICT")
-        assert not [e["state"] for e in hub_exams if e["state"] in ("receiving", "rejected")]
-        assert all(e["object_count"] > 0 for e in hub_exams)
+        assert not [e for e in hub_exams if e["state"] == "receiving"]  # none left half-open
+        rejected = [e for e in hub_exams if e["state"] == "rejected"]
+        assert len(rejected) == len(lone) and all(e["reject_reason"] == "NO_VALID_OBJECTS" for e in rejected)
+        assert all(e["object_count"] > 0 for e in hub_exams if e["state"] != "rejected")
         exam_study = {e["id"]: e["study_instance_uid"] for e in hub_exams}
         per_study = Counter(exam_study.values())
         for instance in [*acknowledged, *(r.valid for r in refused)]:
@@ -677,3 +705,4 @@ def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: 
         print(f"studies split into follow-ups: {sum(1 for n in per_study.values() if n > 1)} of {len(per_study)}")
     finally:
         hub.close()
+    return lone
