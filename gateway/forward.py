@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from teleread.gateway.outbox import Outbox, OutboxExam, Refused
 from teleread.gateway.schedule import TokenBucket, Window, in_windows
-from teleread.gateway.scan import ExamKind, Role, ScanExam, ScanObject
+from teleread.gateway.scan import ScanExam, ScanObject
+from teleread.vocab import ExamKind, ObjectRole
 from teleread.gateway.upload import CHUNK_SIZE, upload_exams
 from teleread.client import RetryPolicy
 
@@ -101,7 +102,7 @@ class Forwarder:
         self._link_wait_until = 0.0
 
     def _scan_exam(self, exam: OutboxExam) -> ScanExam:
-        objects = [ScanObject(o.path, o.size, o.sha256, Role(o.role)) for o in self.outbox.objects_of(exam.id)]
+        objects = [ScanObject(o.path, o.size, o.sha256, ObjectRole(o.role)) for o in self.outbox.objects_of(exam.id)]
         kind = ExamKind.ECG if exam.kind == "ecg" else ExamKind.IMAGING
         study = exam.group_key if kind is ExamKind.IMAGING else ""
         earlier = self.outbox.follow_up_of(exam.id)  # a late instance of a study sent: linked at the hub

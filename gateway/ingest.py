@@ -31,12 +31,13 @@ from teleread.gateway import validate
 from teleread.gateway.staging import MAX_CHUNK, Staging
 from teleread.storage import ObjectStore, object_key
 from teleread.reader.routing import Routing
+from teleread.vocab import ExamKind, ObjectRole, Priority, is_ecg
 
 log = logging.getLogger("teleread.ingest")
 
-ROLES = ("dicom", "wfdb_header", "wfdb_signal")
-KINDS = ("ecg", "imaging")
-PRIORITIES = ("stat", "urgent", "routine")
+ROLES = tuple(ObjectRole)
+KINDS = tuple(ExamKind)
+PRIORITIES = tuple(Priority)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 REFUSED_UPLOAD_STATES = ("rejected", "refused")
@@ -675,7 +676,7 @@ class IngestService:
             return "ECG", "ecg"
         mods = [m for m in modalities if m]
         modality = max(set(mods), key=mods.count) if mods else "OT"
-        return modality, "ecg" if modality in ("ECG", "HD") else str(exam["kind"])
+        return modality, ExamKind.ECG if is_ecg(modality=modality) else str(exam["kind"])
 
     def _check_wfdb_exam(self, done: Sequence[Any]) -> None:
         roles = sorted(r.role for r in done)

@@ -34,6 +34,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 from teleread.gateway.validate import LOSSLESS_RESEND, LOSSY_RESEND
+from teleread.vocab import Priority
 
 log = logging.getLogger("teleread.gateway.outbox")
 
@@ -42,7 +43,7 @@ REASON_SUFFIX = ".reason.txt"
 RESERVE_NAME = "reserve"  # space kept back so the database opens on a full disk
 RESERVE_BYTES = 512 * 1024
 REFUSALS_SHOWN_HOURS = 24  # status shows the receiver's refusals of this many hours
-PRIORITY_RANK = {"stat": 0, "urgent": 1, "routine": 2}
+PRIORITY_RANK = {str(p): p.rank for p in Priority}
 STATES = ("collecting", "ready", "uploading", "committed", "rejected")
 
 _SCHEMA = """

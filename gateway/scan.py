@@ -13,28 +13,17 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Sequence
 
 import pydicom
 
+from teleread.vocab import ExamKind, ObjectRole, is_ecg
+
 HASH_READ_SIZE = 1024 * 1024
 MAX_WFDB_HEADER_BYTES = 1024 * 1024
-WAVEFORM_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.9."
 MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
 _DICOM_TAGS = ["StudyInstanceUID", "Modality", "SOPClassUID"]
-
-
-class ExamKind(StrEnum):
-    ECG = "ecg"
-    IMAGING = "imaging"
-
-
-class Role(StrEnum):
-    DICOM = "dicom"
-    WFDB_HEADER = "wfdb_header"
-    WFDB_SIGNAL = "wfdb_signal"
 
 
 @dataclass(frozen=True)
@@ -44,7 +33,7 @@ class ScanObject:
     path: Path
     size: int
     sha256: str
-    role: Role
+    role: ObjectRole
 
     @property
     def name(self) -> str:
@@ -96,7 +85,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _scan_object(path: Path, role: Role) -> ScanObject:
+def _scan_object(path: Path, role: ObjectRole) -> ScanObject:
     try:
         return ScanObject(path, path.stat().st_size, file_sha256(path), role)
     except OSError as err:
@@ -142,8 +131,8 @@ def _dicom_exam_fields(path: Path) -> tuple[str, ExamKind, str]:
     if not study_uid:
         raise _Skip("DICOM file has no StudyInstanceUID")
     modality = str(ds.get("Modality") or "").strip().upper()
-    is_ecg = modality == "ECG" or sop_class.startswith(WAVEFORM_SOP_CLASS_PREFIX)
-    return study_uid, ExamKind.ECG if is_ecg else ExamKind.IMAGING, modality
+    ecg = is_ecg(sop_class_uid=sop_class, modality=modality)
+    return study_uid, ExamKind.ECG if ecg else ExamKind.IMAGING, modality
 
 
 def _dicom_exams(files: list[Path], skipped: list[SkippedFile]) -> list[ScanExam]:
@@ -151,7 +140,7 @@ def _dicom_exams(files: list[Path], skipped: list[SkippedFile]) -> list[ScanExam
     for path in files:
         try:
             study_uid, kind, modality = _dicom_exam_fields(path)
-            obj = _scan_object(path, Role.DICOM)
+            obj = _scan_object(path, ObjectRole.DICOM)
         except _Skip as skip:
             skipped.append(SkippedFile(path, str(skip)))
             continue
@@ -216,8 +205,8 @@ def _wfdb_exams(headers: list[Path], skipped: list[SkippedFile]) -> tuple[list[S
             missing = [p.name for p in signals if not p.is_file()]
             if missing:
                 raise _Skip(f"WFDB signal file missing: {', '.join(missing)}")
-            objects = [_scan_object(header, Role.WFDB_HEADER)]
-            objects += [_scan_object(p, Role.WFDB_SIGNAL) for p in signals]
+            objects = [_scan_object(header, ObjectRole.WFDB_HEADER)]
+            objects += [_scan_object(p, ObjectRole.WFDB_SIGNAL) for p in signals]
         except _Skip as skip:
             skipped.append(SkippedFile(header, str(skip)))
             continue

@@ -30,16 +30,10 @@ from typing import Any, Callable
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 from teleread.gateway.outbox import Identity, Outbox
 from teleread.gateway.validate import check_dicom_instance, check_uid
+from teleread.vocab import is_ecg
 
 log = logging.getLogger("teleread.gateway.scp")
 
-ECG_SOP_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG
-        "1.2.840.10008.5.1.4.1.1.9.1.2",  # General ECG
-        "1.2.840.10008.5.1.4.1.1.9.1.3",  # Ambulatory ECG
-    }
-)
 # Every storage SOP class is accepted in the uncompressed syntaxes and in the compressed ones
 # modalities send (most DR units and many CT/US units compress): stored as received; the hub
 # decodes them where triage or display needs pixels (pylibjpeg-openjpeg, pyjpegls, GDCM, Pillow).
@@ -95,8 +89,8 @@ def _valid_uids(ds: Any) -> tuple[str, str, str] | None:
 
 
 def instance_kind(sop_class: str) -> str:
-    """ "ecg" for the ECG waveform SOP classes, else "image": the outbox exam's kind."""
-    return "ecg" if sop_class in ECG_SOP_CLASSES else "image"
+    """ "ecg" for an ECG (:func:`teleread.vocab.is_ecg`), else "image": the outbox exam's kind."""
+    return "ecg" if is_ecg(sop_class_uid=sop_class) else "image"
 
 
 def identify(path: Path) -> Identity | None:

@@ -48,7 +48,7 @@ from teleread.errors import TelereadError
 from teleread.gateway.schedule import TokenBucket, worth_compressing
 from teleread.gateway.scan import (  # re-exported: callers import the client API from here
     ExamKind,
-    Role,
+    ObjectRole,
     ScanExam,
     ScanObject,
     ScanResult,
@@ -57,6 +57,7 @@ from teleread.gateway.scan import (  # re-exported: callers import the client AP
     scan_paths,
 )
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
+from teleread.vocab import Priority
 
 log = logging.getLogger("teleread.gateway.upload")
 DEFAULT_PARALLEL = 4  # concurrent streams per client
@@ -67,12 +68,10 @@ MIN_UPLOAD_RATE = 64 * 1024  # bytes/s assumed when sizing an upload stream's de
 _DONE = (ingest_pb2.UPLOAD_STATE_STORED, ingest_pb2.UPLOAD_STATE_DUPLICATE)
 _FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 PRIORITIES = {
-    "stat": common_pb2.PRIORITY_STAT,
-    "urgent": common_pb2.PRIORITY_URGENT,
-    "routine": common_pb2.PRIORITY_ROUTINE,
+    Priority.STAT: common_pb2.PRIORITY_STAT,
+    Priority.URGENT: common_pb2.PRIORITY_URGENT,
+    Priority.ROUTINE: common_pb2.PRIORITY_ROUTINE,
 }
-
-
 _KIND_TO_PROTO = {
     ExamKind.ECG: common_pb2.EXAM_KIND_ECG,
     ExamKind.IMAGING: common_pb2.EXAM_KIND_IMAGING,
@@ -439,7 +438,7 @@ def upload_exams(
     caps the bytes/s of all streams together; ``compression`` is "off", "gzip" or "auto"."""
     uploader = _Uploader(
         ingest,
-        PRIORITIES[priority],
+        PRIORITIES[Priority(priority)],
         indication,
         min(chunk_size, CHUNK_SIZE),
         progress,
@@ -584,7 +583,7 @@ def add_upload_parser(subparsers: Any) -> argparse.ArgumentParser:
 __all__ = [
     "ExamKind",
     "ExamOutcome",
-    "Role",
+    "ObjectRole",
     "ScanExam",
     "ScanObject",
     "ScanResult",

@@ -40,9 +40,10 @@ from typing import Callable, Iterator
 from teleread import ecgio
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 from teleread.gateway.outbox import PRIORITY_RANK, REASON_SUFFIX, Outbox, OutboxObject
-from teleread.gateway.scan import Role, file_sha256
+from teleread.gateway.scan import file_sha256
 from teleread.gateway.scp import instance_kind
 from teleread.gateway.validate import check_dicom_instance, check_wfdb_pair, inspect_wfdb_header
+from teleread.vocab import ObjectRole
 
 log = logging.getLogger("teleread.gateway.watch")
 
@@ -306,7 +307,7 @@ class WatchFolder:
         group_key = "wfdb:" + hashlib.sha256(f"{header_sha}:{signal_sha}".encode("ascii")).hexdigest()
         taken: list[tuple[Path, OutboxObject]] = []
         # the signal first: the large file is the one a full disk stops, before the exam has a header
-        for rel, role in ((signal, Role.WFDB_SIGNAL), (header, Role.WFDB_HEADER)):
+        for rel, role in ((signal, ObjectRole.WFDB_SIGNAL), (header, ObjectRole.WFDB_HEADER)):
             try:
                 obj = self._receive(rel, group_key=group_key, instance_key=role.value, role=role.value, kind="ecg")
             except (InvalidInput, Conflict) as exc:
@@ -351,7 +352,7 @@ class WatchFolder:
             self._wait([rel], GATEWAY_DISK_FULL, report)
             return
         try:
-            obj = self._receive(rel, group_key=study, instance_key=sop, role=Role.DICOM.value, kind=kind)
+            obj = self._receive(rel, group_key=study, instance_key=sop, role=ObjectRole.DICOM.value, kind=kind)
         except (InvalidInput, Conflict) as exc:  # e.g. the same SOP Instance UID with other bytes
             self._refuse([rel], exc.reason, exc.message, report)
             return

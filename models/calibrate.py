@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from teleread.models import fusion, registry
-from teleread.models.ecg_rules import Level
+from teleread.vocab import Level
 from teleread.models.evaluate import EcgRecord, FusedInput, fused_inputs, fused_levels_from, ptbxl_records
 
 CANDIDATES: tuple[tuple[str, ...], ...] = (

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import tomllib
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Mapping
 
 from teleread.errors import InvalidInput
+from teleread.vocab import Level
 
 log = logging.getLogger("teleread.models.ecg_rules")
 
@@ -36,21 +36,6 @@ ECG_METRICS = frozenset(
     }
 )
 OPERATORS = frozenset({">=", ">", "<", "<="})
-
-
-class Level(StrEnum):
-    """Urgency of an exam; compares by rank with :meth:`rank`."""
-
-    ROUTINE = "routine"
-    URGENT = "urgent"
-    CRITICAL = "critical"
-
-    @property
-    def rank(self) -> int:
-        return _RANK[self]
-
-
-_RANK = {Level.ROUTINE: 0, Level.URGENT: 1, Level.CRITICAL: 2}
 
 
 @dataclass(frozen=True)

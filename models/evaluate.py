@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from teleread.models import fusion, metrics, pipeline, triage
-from teleread.models.ecg_rules import Level
+from teleread.vocab import Level
 
 TRAINERS = {
     "ecg_rhythm": "train_ecg_rhythm",

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from teleread.errors import InvalidInput
-from teleread.models.ecg_rules import Level, RuleSet
+from teleread.models.ecg_rules import RuleSet
+from teleread.vocab import Level
 from teleread.models.triage import Evidence, Finding, Scored, TriageResult, compose
 
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parent / "rules" / "fusion.json"

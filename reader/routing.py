@@ -8,9 +8,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from teleread.errors import InvalidInput
+from teleread.vocab import Level
 
 DEFAULT_ROUTING = Path(__file__).resolve().parent.parent / "teleread" / "defaults" / "routing.toml"
-LEVEL_RANK = {"critical": 1, "urgent": 2, "routine": 3}
+LEVEL_RANK = {str(level): level.queue_rank for level in Level}
 
 
 @dataclass(frozen=True)

@@ -14,22 +14,13 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from enum import Enum
 
 from sqlalchemy import Engine, insert, select
 
 from teleread.db.engine import reading, utcnow
 from teleread.db.schema import principals, sites
 from teleread.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied, Unauthenticated
-
-
-class Role(str, Enum):
-    SITE = "site"  # a clinic's machine identity: upload and pull results for its site
-    TECHNICIAN = "technician"
-    RESULT_PULLER = "result_puller"
-    CARDIOLOGIST = "cardiologist"
-    RADIOLOGIST = "radiologist"
-    ADMIN = "admin"
+from teleread.vocab import Role
 
 
 READER_SPECIALTY = {Role.CARDIOLOGIST: "cardiology", Role.RADIOLOGIST: "radiology"}

@@ -10,15 +10,20 @@ from google.protobuf import timestamp_pb2
 
 from teleread.db.engine import as_utc
 from teleread.v1 import common_pb2
+from teleread.vocab import ExamKind, Level, Priority
 
-LEVELS = {"critical": common_pb2.LEVEL_CRITICAL, "urgent": common_pb2.LEVEL_URGENT, "routine": common_pb2.LEVEL_ROUTINE}
+LEVELS = {
+    Level.CRITICAL: common_pb2.LEVEL_CRITICAL,
+    Level.URGENT: common_pb2.LEVEL_URGENT,
+    Level.ROUTINE: common_pb2.LEVEL_ROUTINE,
+}
 PRIORITIES = {
-    "stat": common_pb2.PRIORITY_STAT,
-    "urgent": common_pb2.PRIORITY_URGENT,
-    "routine": common_pb2.PRIORITY_ROUTINE,
+    Priority.STAT: common_pb2.PRIORITY_STAT,
+    Priority.URGENT: common_pb2.PRIORITY_URGENT,
+    Priority.ROUTINE: common_pb2.PRIORITY_ROUTINE,
 }
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
-KINDS = {"ecg": common_pb2.EXAM_KIND_ECG, "imaging": common_pb2.EXAM_KIND_IMAGING}
+KINDS = {ExamKind.ECG: common_pb2.EXAM_KIND_ECG, ExamKind.IMAGING: common_pb2.EXAM_KIND_IMAGING}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 

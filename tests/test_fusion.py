@@ -14,7 +14,7 @@ import pytest
 
 from teleread.errors import InvalidInput
 from teleread.models import fusion, pipeline, registry, triage
-from teleread.models.ecg_rules import Level
+from teleread.vocab import Level
 from teleread.models.synthetic import synthetic_ecg, write_wfdb_record
 from teleread.models.triage import Finding, Scored
 

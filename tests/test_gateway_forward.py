@@ -163,11 +163,14 @@ def test_a_reader_waiting_for_confirmations_stops_with_its_call(tmp_path: Path) 
     import threading
 
     from teleread.gateway import upload
-    from teleread.gateway.scan import Role, ScanObject
+    from teleread.gateway.scan import ScanObject
+    from teleread.vocab import ObjectRole
 
     f = tmp_path / "obj"
     f.write_bytes(b"x" * 300_000)
-    reader = upload._ChunkReader(ScanObject(f, 300_000, "0" * 64, Role("dicom")), upload_id="u", offset=0, size=100_000)
+    reader = upload._ChunkReader(
+        ScanObject(f, 300_000, "0" * 64, ObjectRole("dicom")), upload_id="u", offset=0, size=100_000
+    )
     reader.in_flight, reader.confirmed = 100_000, lambda: 0  # the hub confirms nothing
     sent: list[int] = []
     mark = upload._Mark(None)

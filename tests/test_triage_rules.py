@@ -12,7 +12,8 @@ import pytest
 
 from teleread.errors import InvalidInput
 from teleread.models.ecg_measure import EcgMeasurements, measure_ecg
-from teleread.models.ecg_rules import DEFAULT_RULES_PATH, Level, RuleSet, load_rules
+from teleread.models.ecg_rules import DEFAULT_RULES_PATH, RuleSet, load_rules
+from teleread.vocab import Level
 from teleread.models.synthetic import LEAD_NAMES, synthetic_ecg
 from teleread.models.triage import (
     Finding,

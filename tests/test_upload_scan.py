@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 
 from teleread.client import RetryPolicy, describe_rpc_error, error_reason
 from teleread.gateway import scan, upload
-from teleread.gateway.upload import ExamKind, Role, ScanExam, file_sha256, scan_paths, upload_exams
+from teleread.gateway.upload import ExamKind, ObjectRole, ScanExam, file_sha256, scan_paths, upload_exams
 from teleread.v1 import common_pb2, ingest_pb2
 
 WFDB = Path("/work/shared/datasets/wfdb")
@@ -57,7 +57,7 @@ def test_dicom_files_group_by_study_and_kind(tmp_path: Path) -> None:
     assert sorted(o.name for o in exams[ct_study].objects) == ["a.dcm", "b.dcm"]
     assert exams[ecg_study].kind is ExamKind.ECG
     for obj in exams[ct_study].objects + exams[ecg_study].objects:
-        assert obj.role is Role.DICOM
+        assert obj.role is ObjectRole.DICOM
         assert obj.sha256 == _sha(obj.path) and obj.size == obj.path.stat().st_size
     assert result.skipped == []
 
@@ -119,7 +119,7 @@ def test_wfdb_records_are_exams_keyed_by_content(tmp_path: Path) -> None:
     for exam in result.exams:
         header, signal = exam.objects
         assert exam.kind is ExamKind.ECG and exam.modality == "ECG"
-        assert (header.role, signal.role) == (Role.WFDB_HEADER, Role.WFDB_SIGNAL)
+        assert (header.role, signal.role) == (ObjectRole.WFDB_HEADER, ObjectRole.WFDB_SIGNAL)
         assert signal.path == header.path.with_suffix(".dat")
         expected = hashlib.sha256((_sha(header.path) + _sha(signal.path)).encode()).hexdigest()
         assert exam.client_exam_key == expected
@@ -130,8 +130,8 @@ def test_wfdb_records_are_exams_keyed_by_content(tmp_path: Path) -> None:
 def test_header_path_alone_finds_its_signal_file() -> None:
     [exam] = scan_paths([WFDB / "mitdb-100-60s" / "100.hea"]).exams
     assert [(o.name, o.role) for o in exam.objects] == [
-        ("100.hea", Role.WFDB_HEADER),
-        ("100.dat", Role.WFDB_SIGNAL),
+        ("100.hea", ObjectRole.WFDB_HEADER),
+        ("100.dat", ObjectRole.WFDB_SIGNAL),
     ]
 
 
@@ -284,7 +284,7 @@ FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 def _big_exam(tmp_path: Path, name: str = "big.dcm", size: int = 300_000) -> ScanExam:
     path = tmp_path / name
     path.write_bytes(hashlib.sha256(name.encode()).digest() * (size // 32))
-    obj = upload.ScanObject(path, path.stat().st_size, file_sha256(path), Role.DICOM)
+    obj = upload.ScanObject(path, path.stat().st_size, file_sha256(path), ObjectRole.DICOM)
     return ScanExam(f"key-{name}", ExamKind.IMAGING, "CT", "1.2.3", [obj])
 
 

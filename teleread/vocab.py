@@ -1,0 +1,94 @@
+"""The network's vocabulary: one string enum per kind of name that crosses modules, the database or
+the wire, and the one rule for what counts as an ECG.
+
+The enums are ``StrEnum``: a member equals its value (``Priority.STAT == "stat"``), so rows, JSON
+and settings keep plain strings, and code that compares or stores them names a member instead of
+spelling a string.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Priority(StrEnum):
+    """The priority the requesting clinician asked for."""
+
+    STAT = "stat"
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+    @property
+    def rank(self) -> int:
+        """0 for stat, 1 urgent, 2 routine: sorts most urgent first."""
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
+
+
+class Level(StrEnum):
+    """Urgency of an exam after triage."""
+
+    ROUTINE = "routine"
+    URGENT = "urgent"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        """Severity: 0 routine, 1 urgent, 2 critical (higher is more urgent)."""
+        return _SEVERITY[self]
+
+    @property
+    def queue_rank(self) -> int:
+        """Place in the reading queue, as stored in ``exams.level_rank``: 1 critical, 2 urgent,
+        3 routine (9 for an exam not yet triaged); sorts most urgent first."""
+        return 3 - _SEVERITY[self]
+
+
+_SEVERITY = {Level.ROUTINE: 0, Level.URGENT: 1, Level.CRITICAL: 2}
+
+
+class ExamKind(StrEnum):
+    """Decides the specialty that reads an exam."""
+
+    ECG = "ecg"
+    IMAGING = "imaging"
+
+
+class ObjectRole(StrEnum):
+    """What one stored object of an exam is."""
+
+    DICOM = "dicom"
+    WFDB_HEADER = "wfdb_header"
+    WFDB_SIGNAL = "wfdb_signal"
+
+
+class Role(StrEnum):
+    """What a person or a machine identity may do."""
+
+    SITE = "site"  # a clinic's machine identity: upload and pull results for its site
+    TECHNICIAN = "technician"
+    RESULT_PULLER = "result_puller"
+    CARDIOLOGIST = "cardiologist"
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"
+
+
+# Cardiac waveforms, read by cardiologists: 12-lead, general and ambulatory ECG, hemodynamic, and
+# basic cardiac electrophysiology. Audio, arterial pulse and respiratory waveforms are not ECGs.
+ECG_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG
+        "1.2.840.10008.5.1.4.1.1.9.1.2",  # General ECG
+        "1.2.840.10008.5.1.4.1.1.9.1.3",  # Ambulatory ECG
+        "1.2.840.10008.5.1.4.1.1.9.2.1",  # Hemodynamic waveform
+        "1.2.840.10008.5.1.4.1.1.9.3.1",  # Basic cardiac electrophysiology waveform
+    }
+)
+ECG_MODALITIES = frozenset({"ECG", "HD"})
+
+
+def is_ecg(*, sop_class_uid: str = "", modality: str = "") -> bool:
+    """The one rule: an ECG is a cardiac waveform SOP class, or says modality ECG (or HD)."""
+    return sop_class_uid in ECG_SOP_CLASSES or modality.strip().upper() in ECG_MODALITIES
