@@ -3,9 +3,10 @@
 Owns: opening a channel to the hub (TLS or insecure, bearer token and extra metadata added to
 every call by one interceptor, message-size and keepalive options), turning a failed call's rich
 status (google.rpc ErrorInfo, BadRequest, RetryInfo, RequestInfo) into one readable line, the
-retry policy (capped exponential backoff with jitter) and the connection options every client
-subcommand shares (``--hub``, ``--token``, ``--ca`` ...), with two small terminal helpers (atomic
-file writes for cursor and claim files, the loud critical-result alert).
+retry of idempotent calls (with :class:`teleread.backoff.Backoff`, honouring the server's
+RetryInfo) and the connection options every client subcommand shares (``--hub``, ``--token``,
+``--ca`` ...), with the loud critical-result alert. ``RetryPolicy``, ``Backoff`` and the atomic file
+writes (:mod:`teleread.files`) are re-exported here for the client commands.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import argparse
 import functools
 import logging
 import os
-import random
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -29,7 +28,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
+from teleread.backoff import Backoff, RetryPolicy
 from teleread.errors import TelereadError
+from teleread.files import atomic_write_bytes as atomic_write_bytes
+from teleread.files import atomic_write_text as atomic_write_text
 
 log = logging.getLogger("teleread.client")
 
@@ -206,49 +208,6 @@ def describe_rpc_error(err: grpc.RpcError) -> str:
     return " ".join(parts)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter. A call is given up after ``max_attempts``
-    consecutive failures or ``max_total_seconds`` without progress."""
-
-    max_attempts: int = 10
-    initial_backoff: float = 0.5
-    max_backoff: float = 30.0
-    multiplier: float = 2.0
-    max_total_seconds: float | None = 900.0
-
-
-@dataclass
-class Backoff:
-    """The running state of one :class:`RetryPolicy`; :meth:`reset` after progress."""
-
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
-    clock: Callable[[], float] = time.monotonic
-    attempts: int = 0
-    started: float = field(default=-1.0)
-
-    def __post_init__(self) -> None:
-        if self.started < 0:
-            self.started = self.clock()
-
-    def reset(self) -> None:
-        self.attempts = 0
-        self.started = self.clock()
-
-    def next_delay(self, hint: float | None = None) -> float | None:
-        """Seconds to wait before the next attempt, or None when the budget is spent."""
-        policy = self.policy
-        if self.attempts >= policy.max_attempts:
-            return None
-        cap = min(policy.max_backoff, policy.initial_backoff * policy.multiplier**self.attempts)
-        delay = max(random.uniform(cap / 2, cap), min(hint or 0.0, policy.max_backoff))
-        elapsed = self.clock() - self.started + delay
-        if policy.max_total_seconds is not None and elapsed > policy.max_total_seconds:
-            return None
-        self.attempts += 1
-        return delay
-
-
 def call_with_retry(
     call: Callable[[], Any],
     *,
@@ -332,27 +291,6 @@ def rpc_command(
             channel.close()
 
     return run
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so a reader or a crash never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, mode)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` (UTF-8) so a reader or a crash never sees half a file."""
-    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
 def ring_alert(console: Console, message: str) -> None:
