@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import itertools
 import json
 import os
@@ -62,6 +61,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from teleread.files import hash_stream
 from teleread.gateway.forward import MESSAGE_BYTES, SpreadStub
 from teleread.gateway.upload import CHUNK_SIZE
 
@@ -565,11 +565,9 @@ class Bench:
         expected = {(sha, size) for _p, _u, sha, size in study.files}
         good = 0
         for sha, size, key in rows:
-            digest = hashlib.sha256()
             with store.open_verified(key, sha256=sha, size=size) as stream:
-                while block := stream.read(MIB):
-                    digest.update(block)
-            good += digest.hexdigest() == sha and (sha, size) in expected
+                read_back = hash_stream(stream)
+            good += read_back == (sha, size) and (sha, size) in expected
         state, count, total = exam
         ok = good == len(study.files) == len(rows) == count and total == study.size
         verdict = (

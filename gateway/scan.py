@@ -8,7 +8,6 @@ files with the reason. Files are read in chunks, never whole.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections import Counter
@@ -18,9 +17,9 @@ from typing import Sequence
 
 import pydicom
 
+from teleread.files import hash_file, sha256_hex
 from teleread.vocab import ExamKind, ObjectRole, is_ecg
 
-HASH_READ_SIZE = 1024 * 1024
 MAX_WFDB_HEADER_BYTES = 1024 * 1024
 MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
 _DICOM_TAGS = ["StudyInstanceUID", "Modality", "SOPClassUID"]
@@ -78,11 +77,7 @@ class _Skip(Exception):
 
 def file_sha256(path: Path) -> str:
     """Lowercase hex SHA-256 of a file, read 1 MiB at a time."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while block := stream.read(HASH_READ_SIZE):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path).sha256
 
 
 def _scan_object(path: Path, role: ObjectRole) -> ScanObject:
@@ -213,8 +208,8 @@ def _wfdb_exams(headers: list[Path], skipped: list[SkippedFile]) -> tuple[list[S
         except OSError as err:
             skipped.append(SkippedFile(header, f"cannot read file ({type(err).__name__})"))
             continue
-        key = hashlib.sha256("".join(obj.sha256 for obj in objects).encode("ascii"))
-        exam = ScanExam(key.hexdigest(), ExamKind.ECG, modality="ECG")
+        key = sha256_hex("".join(obj.sha256 for obj in objects))
+        exam = ScanExam(key, ExamKind.ECG, modality="ECG")
         _add_unique(exam, objects, skipped)
         exams.append(exam)
     return exams, claimed

@@ -8,7 +8,6 @@ GetUploadStatus, CommitExam) with several streams at once, retries with capped b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import threading
 import time
@@ -45,6 +44,7 @@ from teleread.client import (
     rpc_code,
 )
 from teleread.errors import TelereadError
+from teleread.files import sha256_hex
 from teleread.gateway.schedule import TokenBucket, worth_compressing
 from teleread.gateway.scan import (  # re-exported: callers import the client API from here
     ExamKind,
@@ -65,6 +65,10 @@ DEFAULT_RETRY = RetryPolicy()
 
 CHUNK_SIZE = 1024 * 1024
 MIN_UPLOAD_RATE = 64 * 1024  # bytes/s assumed when sizing an upload stream's deadline
+# how often a stream bound to in-flight bytes asks for the hub's confirmed offset: 10 ms, doubling to 100 ms
+CONFIRM_POLL = Backoff(
+    RetryPolicy(max_attempts=None, initial_backoff=0.01, max_backoff=0.1, max_total_seconds=None, jitter="none")
+)
 _DONE = (ingest_pb2.UPLOAD_STATE_STORED, ingest_pb2.UPLOAD_STATE_DUPLICATE)
 _FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 PRIORITIES = {
@@ -123,7 +127,7 @@ class ExamOutcome:
 def follow_up_key(key: str, objects: Sequence[ScanObject]) -> str:
     """The client key of the follow-up exam that takes ``objects`` (new files of a study already
     committed under ``key``): the same files always give the same key, so a retry finds it again."""
-    digest = hashlib.sha256("".join(sorted(o.sha256 for o in objects)).encode("ascii")).hexdigest()[:24]
+    digest = sha256_hex("".join(sorted(o.sha256 for o in objects)))[:24]
     return f"{key[:96]}:fu:{digest}"
 
 
@@ -366,7 +370,7 @@ class _ChunkReader:
         if self.in_flight <= 0 or self.confirmed is None:
             return
         allowed = max(self.in_flight, n)
-        pause = 0.01
+        asked = 0
         while position + n - self._acked > allowed and not self.finished.is_set():
             try:
                 self._acked = max(self._acked, self.confirmed())
@@ -374,8 +378,8 @@ class _ChunkReader:
                 pass
             if position + n - self._acked <= allowed:
                 return
-            self.finished.wait(pause)
-            pause = min(pause * 2, 0.1)
+            asked += 1
+            self.finished.wait(CONFIRM_POLL.delay(asked))
 
     def chunks(self, mark: _Mark) -> Iterator[ingest_pb2.UploadChunk]:
         """The stream's messages: the first names the upload and offset; at most ``size``

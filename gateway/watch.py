@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import os
 import stat
@@ -39,6 +38,7 @@ from typing import Callable, Iterator
 
 from teleread import ecgio
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
+from teleread.files import sha256_hex
 from teleread.gateway.outbox import PRIORITY_RANK, REASON_SUFFIX, Outbox, OutboxObject
 from teleread.gateway.scan import file_sha256
 from teleread.gateway.scp import instance_kind
@@ -304,7 +304,7 @@ class WatchFolder:
             self._wait([header, signal], CANNOT_READ, report)
             return
         # from the bytes of both files: same record, same exam; same name from two carts, two exams
-        group_key = "wfdb:" + hashlib.sha256(f"{header_sha}:{signal_sha}".encode("ascii")).hexdigest()
+        group_key = "wfdb:" + sha256_hex(f"{header_sha}:{signal_sha}")
         taken: list[tuple[Path, OutboxObject]] = []
         # the signal first: the large file is the one a full disk stops, before the exam has a header
         for rel, role in ((signal, ObjectRole.WFDB_SIGNAL), (header, ObjectRole.WFDB_HEADER)):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
 import importlib
 import json
 import threading
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from teleread.errors import TelereadError
+from teleread.files import atomic_file, atomic_write_text, hash_file
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CARDS_DIR = Path(__file__).resolve().parent / "cards"
@@ -111,11 +111,7 @@ def card(name: str, weights_dir: Path | None = None) -> ModelCard:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path).sha256
 
 
 def load_state(name: str, weights_dir: Path | None = None) -> tuple[ModelCard, dict[str, Any]]:
@@ -184,9 +180,8 @@ def save(
 
     folder = _dir(weights_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.pt.tmp"
-    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp)
-    tmp.replace(folder / f"{name}.pt")
+    with atomic_file(folder / f"{name}.pt") as out:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, out)
     meta = ModelCard(
         name=name,
         version=version,
@@ -200,9 +195,7 @@ def save(
         metrics=dict(metrics or {}),
         created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
     )
-    tmp_json = folder / f".{name}.json.tmp"
-    tmp_json.write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp_json.replace(folder / f"{name}.json")
+    atomic_write_text(folder / f"{name}.json", json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
     clear_cache()
     return meta
 
@@ -216,8 +209,6 @@ def update_card(name: str, weights_dir: Path | None = None, **changes: Any) -> M
         else:
             data[key] = value
     path = _dir(weights_dir) / f"{name}.json"
-    tmp = path.with_name(f".{name}.json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     clear_cache()
     return ModelCard.from_dict(data)

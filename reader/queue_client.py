@@ -12,14 +12,12 @@ Fences of claims are remembered in ``~/.config/teleread/claims.json`` so ``sign 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -39,6 +37,7 @@ from teleread.client import (
     rpc_command,
 )
 from teleread.errors import IntegrityError, TelereadError
+from teleread.files import HashingWriter, atomic_file
 from teleread.v1 import common_pb2, worklist_pb2, worklist_pb2_grpc
 
 log = logging.getLogger("teleread.reader.queue_client")
@@ -307,37 +306,29 @@ def _expected_sha256(stub: worklist_pb2_grpc.WorklistStub, args: argparse.Namesp
     raise TelereadError("object not listed in the exam", reason="OBJECT_NOT_FOUND")
 
 
-def _stream_to(chunks: Iterable[worklist_pb2.ObjectChunk], part: Path) -> tuple[str, str, int]:
+def _stream_to(chunks: Iterable[worklist_pb2.ObjectChunk], out: BinaryIO) -> tuple[str, str, int]:
     """Write chunks in order; (announced sha256, computed sha256, bytes written)."""
-    digest, announced, position = hashlib.sha256(), "", 0
-    with part.open("wb") as out:
-        for chunk in chunks:
-            if chunk.offset and chunk.offset != position:
-                raise IntegrityError("object chunks out of order", reason="CHUNK_OFFSET")
-            announced = announced or chunk.sha256
-            digest.update(chunk.data)
-            out.write(chunk.data)
-            position += len(chunk.data)
-        out.flush()
-        os.fsync(out.fileno())
-    return announced, digest.hexdigest(), position
+    writer, announced = HashingWriter(out), ""
+    for chunk in chunks:
+        if chunk.offset and chunk.offset != writer.size:
+            raise IntegrityError("object chunks out of order", reason="CHUNK_OFFSET")
+        announced = announced or chunk.sha256
+        writer.write(chunk.data)
+    actual = writer.digest()
+    return announced, actual.sha256, actual.size
 
 
 @rpc_command
 def fetch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     stub = _stub(channel)
     out: Path = args.out
-    part = out.with_name(out.name + ".part")
     request = worklist_pb2.StreamObjectRequest(exam_id=args.exam_id, object_id=args.object_id)
-    try:
+    with atomic_file(out) as part:  # only verified bytes replace the file
         chunks = stub.StreamObject(request, timeout=FETCH_TIMEOUT)
         announced, actual, size = _stream_to(chunks, part)
         expected = announced or _expected_sha256(stub, args)
         if actual != expected.lower():
             raise IntegrityError("fetched bytes do not match the object's SHA-256")
-        os.replace(part, out)
-    finally:
-        part.unlink(missing_ok=True)
     Console().print(f"wrote {size} bytes to {escape(str(out))} (sha256 verified)")
     return 0
 

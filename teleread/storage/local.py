@@ -1,17 +1,17 @@
-"""Local-directory object store (the embedded default) and the key and hashing helpers both
-object-store adapters share.
+"""Local-directory object store (the embedded default) and the key and verification helpers both
+object-store adapters share (hashing itself is :mod:`teleread.files`).
 
 Owns: the on-disk layout under one root (``<root>/<key>`` plus ``<root>/.tmp`` for writes in
-progress), atomic verified writes (copy while hashing, fsync, ``os.replace``, fsync the directory),
-verified reads (hash before the file is handed out), the listing of stored keys, and the mapping of
-OS errors to :class:`~teleread.errors.StorageError` / :class:`~teleread.errors.ResourceExhausted`.
+progress), atomic verified writes (copy while hashing, fsync, ``os.replace``, fsync the directory:
+:func:`teleread.files.atomic_file`), verified reads (hash before the file is handed out), the
+listing of stored keys, and the mapping of OS errors to :class:`~teleread.errors.StorageError` /
+:class:`~teleread.errors.ResourceExhausted`.
 Folders are created 0700 and object files 0600: only the hub's own user reads them.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -30,10 +30,19 @@ from teleread.errors import (
     ResourceExhausted,
     StorageError,
 )
+from teleread.files import (
+    BLOCK_SIZE,
+    SizeLimitExceeded,
+    atomic_file,
+    fsync_dir,
+    hash_file,
+    hash_stream,
+    replace_durably,
+)
 
 logger = logging.getLogger("teleread.storage.local")
 
-CHUNK_SIZE = 1024 * 1024
+CHUNK_SIZE = BLOCK_SIZE
 _TEMP_DIR_NAME = ".tmp"
 _MAX_KEY_LENGTH = 1024
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
@@ -70,26 +79,14 @@ def validate_expected(*, sha256: str, size: int) -> None:
         raise InvalidInput("expected size must be a non-negative integer", reason="INVALID_SIZE")
 
 
-def hash_stream(stream: BinaryIO, *, limit: int | None = None) -> tuple[str, int]:
-    """SHA-256 hex digest and byte count of ``stream`` read to EOF in 1 MiB chunks.
-
-    With ``limit``, reading stops once more than ``limit`` bytes were seen (the count then exceeds
-    the limit, which callers treat as a size mismatch) so an oversized object is not read whole.
-    """
-    digest = hashlib.sha256()
-    count = 0
-    while chunk := stream.read(CHUNK_SIZE):
-        digest.update(chunk)
-        count += len(chunk)
-        if limit is not None and count > limit:
-            break
-    return digest.hexdigest(), count
-
-
-def hash_file(path: Path) -> tuple[str, int]:
-    """SHA-256 hex digest and size of the file at ``path`` (streamed, 1 MiB chunks)."""
-    with open(path, "rb") as stream:
-        return hash_stream(stream)
+def read_verified(stream: BinaryIO, *, sha256: str, size: int, what: str, out: BinaryIO | None = None) -> None:
+    """Hash ``stream`` to its end (copying it to ``out``) and raise IntegrityError naming which of
+    size or SHA-256 of ``what`` does not match; an oversized stream is not read past ``size``."""
+    try:
+        actual = hash_stream(stream, limit=size, out=out)
+    except SizeLimitExceeded:
+        _raise_size_mismatch(what)
+    check_content(actual_sha256=actual.sha256, actual_size=actual.size, sha256=sha256, size=size, what=what)
 
 
 def check_content(*, actual_sha256: str, actual_size: int, sha256: str, size: int, what: str) -> None:
@@ -145,22 +142,12 @@ class LocalObjectStore:
         if consume and self._move_verified(path, target, sha256=sha256, size=size):
             logger.info("object stored", extra={"object_id": key, "bytes": size})
             return
-        temp_path: Path | None = None
         try:
-            fd, temp_name = tempfile.mkstemp(dir=self._temp_dir, prefix="put-")
-            temp_path = Path(temp_name)
-            with os.fdopen(fd, "wb") as out:
-                self._copy_verified(path, out, sha256=sha256, size=size)
             self._make_dirs(target.parent)
-            os.replace(temp_path, target)
-            temp_path = None
-            _fsync_dir(target.parent)
+            with atomic_file(target, mode=0o600, temp_dir=self._temp_dir) as out:
+                self._copy_verified(path, out, sha256=sha256, size=size)
         except OSError as exc:
             raise storage_error_from_os(exc, action="store an object") from None
-        finally:
-            if temp_path is not None:
-                with suppress(OSError):
-                    temp_path.unlink()
         logger.info("object stored", extra={"object_id": key, "bytes": size})
 
     def _move_verified(self, source: Path, target: Path, *, sha256: str, size: int) -> bool:
@@ -170,15 +157,11 @@ class LocalObjectStore:
             if os.stat(source).st_dev != os.stat(self._temp_dir).st_dev:
                 return False
             with open(source, "rb") as fh:
-                actual_sha256, actual_size = hash_stream(fh, limit=size)
-                check_content(
-                    actual_sha256=actual_sha256, actual_size=actual_size, sha256=sha256, size=size, what="file to store"
-                )
+                read_verified(fh, sha256=sha256, size=size, what="file to store")
                 os.fchmod(fh.fileno(), 0o600)  # as a copy through mkstemp would be
                 os.fsync(fh.fileno())
             self._make_dirs(target.parent)
-            os.replace(source, target)
-            _fsync_dir(target.parent)
+            replace_durably(source, target)
         except OSError as exc:
             raise storage_error_from_os(exc, action="store an object") from None
         return True
@@ -188,7 +171,7 @@ class LocalObjectStore:
         target = self._path_for(key)
         try:
             target.unlink()
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -297,14 +280,7 @@ class LocalObjectStore:
         except OSError as exc:
             raise storage_error_from_os(exc, action="open an object") from None
         try:
-            actual_sha256, actual_size = hash_stream(handle, limit=size)
-            check_content(
-                actual_sha256=actual_sha256,
-                actual_size=actual_size,
-                sha256=sha256,
-                size=size,
-                what="stored object",
-            )
+            read_verified(handle, sha256=sha256, size=size, what="stored object")
             handle.seek(0)
         except IntegrityError as exc:
             handle.close()
@@ -326,6 +302,8 @@ class LocalObjectStore:
                 actual = hash_stream(stored, limit=size)
         except FileNotFoundError:
             return False
+        except SizeLimitExceeded:
+            actual = None  # longer than expected: replaced
         except OSError as exc:
             raise storage_error_from_os(exc, action="read an object") from None
         if actual == (sha256, size):
@@ -338,27 +316,11 @@ class LocalObjectStore:
 
     @staticmethod
     def _copy_verified(source: Path, out: BinaryIO, *, sha256: str, size: int) -> None:
-        """Copy ``source`` into ``out`` while hashing, check, and fsync ``out``."""
-        digest = hashlib.sha256()
-        count = 0
+        """Copy ``source`` into ``out`` while hashing and check it (the caller syncs ``out``)."""
         with open(source, "rb") as src:
             if os.fstat(src.fileno()).st_size != size:
-                _raise_size_mismatch()
-            while chunk := src.read(CHUNK_SIZE):
-                digest.update(chunk)
-                out.write(chunk)
-                count += len(chunk)
-                if count > size:
-                    _raise_size_mismatch()
-        check_content(
-            actual_sha256=digest.hexdigest(),
-            actual_size=count,
-            sha256=sha256,
-            size=size,
-            what="file to store",
-        )
-        out.flush()
-        os.fsync(out.fileno())
+                _raise_size_mismatch("file to store")
+            read_verified(src, sha256=sha256, size=size, what="file to store", out=out)
 
     def _make_dirs(self, directory: Path) -> None:
         """Create ``directory`` (inside root) and fsync each parent that gained an entry."""
@@ -370,7 +332,7 @@ class LocalObjectStore:
         for new_dir in reversed(missing):
             with suppress(FileExistsError):
                 new_dir.mkdir(mode=PRIVATE_DIR_MODE)
-            _fsync_dir(new_dir.parent)
+            fsync_dir(new_dir.parent)
 
 
 def make_private_dirs(directory: Path) -> None:
@@ -413,14 +375,5 @@ def _verify_source(path: Path, *, sha256: str, size: int) -> None:
     )
 
 
-def _raise_size_mismatch() -> NoReturn:
-    raise IntegrityError("file to store size does not match the expected size", reason="SIZE_MISMATCH")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _raise_size_mismatch(what: str) -> NoReturn:
+    raise IntegrityError(f"{what} size does not match the expected size", reason="SIZE_MISMATCH")

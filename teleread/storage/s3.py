@@ -11,7 +11,6 @@ credentials or server text).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from contextlib import contextmanager
@@ -27,10 +26,10 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from urllib3.util import Retry, Timeout
 
 from teleread.errors import IntegrityError, ObjectNotFound, StorageError, TelereadError
+from teleread.files import HashingReader, HashingWriter, SizeLimitExceeded, hash_file
 from teleread.storage.local import (
     CHUNK_SIZE,
     check_content,
-    hash_file,
     validate_expected,
     validate_key,
 )
@@ -75,25 +74,21 @@ def build_http_client() -> urllib3.PoolManager:
     )
 
 
-class _VerifyingReader:
+class _VerifyingReader(HashingReader):
     """The open source file as minio reads it: hashes every byte and raises IntegrityError at the
     last expected byte if the bytes differ, so minio aborts the upload instead of completing it."""
 
     def __init__(self, stream: BinaryIO, *, sha256: str, size: int) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._sha256 = sha256
         self._size = size
-        self._digest = hashlib.sha256()
-        self._count = 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n)
-        self._digest.update(data)
-        self._count += len(data)
-        if self._count >= self._size or not data:
+        data = super().read(n)
+        if self.size >= self._size or not data:
             check_content(
-                actual_sha256=self._digest.hexdigest(),
-                actual_size=self._count,
+                actual_sha256=self.hasher.hexdigest(),
+                actual_size=self.size,
                 sha256=self._sha256,
                 size=self._size,
                 what="file being uploaded",
@@ -288,17 +283,17 @@ class S3ObjectStore:
             recorded = response.headers.get(SHA256_META)
             if recorded is not None and recorded != sha256:
                 raise IntegrityError("stored object's recorded SHA-256 differs from the expected one")
-            digest = hashlib.sha256()
-            count = 0
-            for chunk in response.stream(CHUNK_SIZE):
-                digest.update(chunk)
-                count += len(chunk)
-                if count > size:
-                    break
-                spool.write(chunk)
+            writer = HashingWriter(spool, limit=size)
+            try:
+                for chunk in response.stream(CHUNK_SIZE):
+                    writer.write(chunk)
+            except SizeLimitExceeded:
+                raise IntegrityError(
+                    "stored object size does not match the expected size", reason="SIZE_MISMATCH"
+                ) from None
             check_content(
-                actual_sha256=digest.hexdigest(),
-                actual_size=count,
+                actual_sha256=writer.hasher.hexdigest(),
+                actual_size=writer.size,
                 sha256=sha256,
                 size=size,
                 what="stored object",
