@@ -1,4 +1,4 @@
-"""Helpers shared by the integration tests: input files, waiting, rich error decoding."""
+"""Helpers shared by the tests: the datasets folder, input files, waiting, rich error decoding."""
 
 from __future__ import annotations
 
@@ -8,8 +8,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+
+def datasets_dir() -> Path:
+    """The shared datasets folder (evaluation files, WFDB records): the one place every test gets it
+    from. ``../shared/datasets`` beside the checkout, found as ``teleread models`` finds it."""
+    from teleread.models.evaluate import default_datasets
+
+    return default_datasets()
+
+
+def needs_datasets(*names: str) -> pytest.MarkDecorator:
+    """Skip a test whose files (relative to :func:`datasets_dir`) are not on this machine, naming them."""
+    missing = [name for name in names if not (datasets_dir() / name).exists()]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"not in the datasets folder {datasets_dir()}: {', '.join(missing)}"
+    )
 
 
 def copy_testdata(folder: Path, *names: str) -> list[Path]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import wfdb
 
+from helpers import datasets_dir, needs_datasets
 from teleread.errors import InvalidInput
 from teleread.models.ecg_measure import EcgMeasurements, canonical_lead_name, measure_ecg
 from teleread.models.synthetic import (
@@ -21,14 +22,10 @@ from teleread.models.synthetic import (
     write_wfdb_record,
 )
 
-DATASETS = Path("/work/shared/datasets")
-needs_cinc = pytest.mark.skipif(not (DATASETS / "cinc2017-eval.npz").exists(), reason="shared CinC 2017 file not here")
-needs_ptbxl = pytest.mark.skipif(
-    not (DATASETS / "ptbxl-fold9-val.npz").exists(), reason="shared PTB-XL file not on this machine"
-)
-needs_mitdb = pytest.mark.skipif(
-    not (DATASETS / "wfdb/mitdb-100-60s/100.hea").exists(), reason="shared MIT-BIH record missing"
-)
+DATASETS = datasets_dir()
+needs_cinc = needs_datasets("cinc2017-eval.npz")
+needs_ptbxl = needs_datasets("ptbxl-fold9-val.npz")
+needs_mitdb = needs_datasets("wfdb/mitdb-100-60s/100.hea")
 
 
 def _measure_synthetic(rhythm: str, *, fs: int = 500, seed: int = 0) -> EcgMeasurements:
@@ -181,15 +178,20 @@ def test_synthetic_record_is_a_real_16_bit_wfdb_record(tmp_path: Path) -> None:
     assert again.heart_rate_bpm == pytest.approx(30.0, rel=0.05)
 
 
-def test_synthetic_generator_is_deterministic_and_validates() -> None:
+def test_synthetic_generator_is_deterministic_and_validates(tmp_path: Path) -> None:
     a, _ = synthetic_ecg(rhythm="stemi", seed=4)
     b, _ = synthetic_ecg(rhythm="stemi", seed=4)
     c, _ = synthetic_ecg(rhythm="stemi", seed=5)
     assert np.array_equal(a, b) and not np.array_equal(a, c) and a.shape == (5000, 12)
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as rhythm:
         synthetic_ecg(rhythm="vf")
-    with pytest.raises(InvalidInput):
-        write_wfdb_record(Path("/tmp"), "../escape", a, 500, LEAD_NAMES)
+    assert rhythm.value.reason == "SYNTHETIC_UNKNOWN_RHYTHM"
+    folder = tmp_path / "records"
+    folder.mkdir()
+    with pytest.raises(InvalidInput) as name:
+        write_wfdb_record(folder, "../escape", a, 500, LEAD_NAMES)
+    assert name.value.reason == "WFDB_BAD_RECORD_NAME"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records"] and not any(folder.iterdir())
 
 
 # --- real recordings ---------------------------------------------------------------------------

@@ -11,15 +11,14 @@ import pytest
 import wfdb
 from pydicom.data import get_testdata_file
 
+from helpers import datasets_dir, needs_datasets
 from teleread import ecgio
 from teleread.ecgio import EcgSignal, load_ecg_dicom, load_ecg_wfdb, normalise_lead_name
 from teleread.errors import InvalidInput
 
-SHARED = Path("/work/shared/datasets")
+SHARED = datasets_dir()
 STANDARD_12 = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
-needs_datasets = pytest.mark.skipif(
-    not (SHARED / "wfdb").is_dir(), reason="shared data sets (/work/shared/datasets) not mounted"
-)
+needs_wfdb = needs_datasets("wfdb")
 
 
 def bundled(name: str) -> Path:
@@ -76,7 +75,7 @@ def test_lead_names_are_normalised(raw: str, expected: str) -> None:
     assert normalise_lead_name(raw) == expected
 
 
-@needs_datasets
+@needs_wfdb
 def test_ptbxl_record_under_hash_names_matches_the_eval_arrays(tmp_path: Path) -> None:
     folder = SHARED / "wfdb" / "ptbxl-records100"
     header, signal = stored_pair(tmp_path, folder / "00009_lr.hea", folder / "00009_lr.dat")
@@ -91,7 +90,7 @@ def test_ptbxl_record_under_hash_names_matches_the_eval_arrays(tmp_path: Path) -
     assert sorted(p.name for p in header.parent.iterdir()) == ["3f2a9c", "b71e04"]
 
 
-@needs_datasets
+@needs_wfdb
 def test_mitdb_format_212_record_loads(tmp_path: Path) -> None:
     folder = SHARED / "wfdb" / "mitdb-100-60s"
     ecg = load_ecg_wfdb(*stored_pair(tmp_path, folder / "100.hea", folder / "100.dat"))
@@ -101,7 +100,7 @@ def test_mitdb_format_212_record_loads(tmp_path: Path) -> None:
     np.testing.assert_allclose(ecg.signal_mv[0], [-0.145, -0.065], atol=1e-6)
 
 
-@needs_datasets
+@needs_wfdb
 def test_cinc_mat_signal_file_with_byte_offset_loads(tmp_path: Path) -> None:
     folder = SHARED / "wfdb" / "cinc2017"
     ecg = load_ecg_wfdb(*stored_pair(tmp_path, folder / "A06100.hea", folder / "A06100.mat"))
@@ -113,7 +112,7 @@ def test_cinc_mat_signal_file_with_byte_offset_loads(tmp_path: Path) -> None:
     np.testing.assert_allclose(ecg.signal_mv[:, 0], expected_mv, atol=1e-6)
 
 
-@needs_datasets
+@needs_wfdb
 def test_two_signal_file_record_is_refused(tmp_path: Path) -> None:
     folder = SHARED / "wfdb" / "ptbdb-s0010_re"
     pair = stored_pair(tmp_path, folder / "s0010_re.hea", folder / "s0010_re.dat")

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from scipy import signal as sps
 
+from helpers import datasets_dir
 from teleread.models import ecg_12lead, registry
 from teleread.models.metrics import macro_auc
 
-EVAL = Path("/work/shared/datasets/ptbxl-fold10-eval.npz")
+EVAL = datasets_dir() / "ptbxl-fold10-eval.npz"
 MEASURED_MACRO_AUC = 0.869  # fold-10 subset, seed-0 weights (models/cards/ecg_12lead.md)
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from teleread.models.evaluate import default_datasets
+from helpers import datasets_dir
 from teleread.models import ecg_rhythm as er
 from teleread.models import registry
 from teleread.models.synthetic import synthetic_ecg
 
-EVAL_FILE = default_datasets() / "cinc2017-eval.npz"
+EVAL_FILE = datasets_dir() / "cinc2017-eval.npz"
 CLASSES = ("N", "A", "O", "~")
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from teleread.models import metrics
-from teleread.models.evaluate import TRAINERS, Section, default_datasets, evaluate_all
+from helpers import datasets_dir
+from teleread.models.evaluate import TRAINERS, Section, evaluate_all
 
 FLOORS = json.loads((Path(__file__).parent / "eval_floors.json").read_text(encoding="utf-8"))
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def sections() -> list[Section]:
-    return evaluate_all(default_datasets())
+    return evaluate_all(datasets_dir())
 
 
 @pytest.fixture(scope="module")

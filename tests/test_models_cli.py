@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import write_chest_dx
+from helpers import datasets_dir, write_chest_dx
 from teleread.cli import main
 from teleread.models import registry
-from teleread.models.evaluate import default_datasets
 
 
 def test_list_names_every_model_with_its_hash(capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,7 +47,7 @@ def test_evaluate_one_model_prints_and_saves_figures(tmp_path: Path, capsys: pyt
 
 
 def test_explain_writes_a_saliency_overlay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    image = np.load(default_datasets() / "pneumoniamnist-test-eval.npz")["images"][3]
+    image = np.load(datasets_dir() / "pneumoniamnist-test-eval.npz")["images"][3]
     cxr = write_chest_dx(tmp_path / "cxr.dcm", image)
     png = tmp_path / "overlay.png"
     assert main(["models", "explain", str(cxr), "--png", str(png)]) == 0

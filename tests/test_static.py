@@ -102,3 +102,20 @@ def test_ruff_lint_and_format() -> None:
 def test_mypy_strict_defs() -> None:
     result = _run("mypy", *CODE)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+# The datasets folder is found beside the checkout (tests: helpers.datasets_dir); no file names a
+# fixed machine path for it. Product files that still do, until their owners change them:
+FIXED_PATH = "/work" + "/shared"
+FIXED_PATH_PENDING = {"models/train_chest_xray.py", "models/cards/chest_pneumonia.md", "models/rules/default.toml"}
+
+
+def test_no_file_names_a_fixed_machine_path() -> None:
+    found = {
+        str(p.relative_to(ROOT))
+        for d in ("tests", "bench", "gateway", "reader", "models", "teleread")
+        for p in (ROOT / d).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and FIXED_PATH.encode() in p.read_bytes()
+    }
+    assert found <= FIXED_PATH_PENDING, sorted(found - FIXED_PATH_PENDING)
+    assert found == FIXED_PATH_PENDING, f"fixed, remove from FIXED_PATH_PENDING: {sorted(FIXED_PATH_PENDING - found)}"

@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import copy_testdata, wait_for, write_chest_dx, write_synthetic_wfdb
+from helpers import copy_testdata, datasets_dir, wait_for, write_chest_dx, write_synthetic_wfdb
 from teleread.gateway.upload import scan_paths, upload_exams
 from teleread.models import registry
-from teleread.models.evaluate import default_datasets
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def _pneumonia_image() -> np.ndarray:
-    d = np.load(default_datasets() / "pneumoniamnist-test-eval.npz")
+    d = np.load(datasets_dir() / "pneumoniamnist-test-eval.npz")
     model = registry.get("chest_pneumonia")
     probs = model.probabilities(d["images"])
     # the clearest pneumonia case: the model should flag it whichever way it is delivered

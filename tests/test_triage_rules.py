@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from helpers import datasets_dir, needs_datasets
 from teleread.errors import InvalidInput
 from teleread.models.ecg_measure import EcgMeasurements, measure_ecg
 from teleread.models.ecg_rules import DEFAULT_RULES_PATH, RuleSet, load_rules
@@ -23,7 +24,7 @@ from teleread.models.triage import (
     unmeasurable_ecg,
 )
 
-DATASETS = Path("/work/shared/datasets")
+DATASETS = datasets_dir()
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +382,7 @@ def test_a_minimal_rule_file_limits_keywords_to_modalities(tmp_path: Path) -> No
 # --- real data sanity check ---------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (DATASETS / "ptbxl-fold9-val.npz").exists(), reason="shared PTB-XL file not on this machine")
+@needs_datasets("ptbxl-fold9-val.npz")
 def test_ptbxl_fold9_normals_are_rarely_critical(rules: RuleSet) -> None:
     data = np.load(DATASETS / "ptbxl-fold9-val.npz")
     leads = [str(n) for n in data["lead_names"]]

@@ -17,12 +17,13 @@ from google.rpc import error_details_pb2, status_pb2
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from helpers import datasets_dir
 from teleread.client import RetryPolicy, describe_rpc_error, error_reason
 from teleread.gateway import scan, upload
 from teleread.gateway.upload import ExamKind, ObjectRole, ScanExam, file_sha256, scan_paths, upload_exams
 from teleread.v1 import common_pb2, ingest_pb2
 
-WFDB = Path("/work/shared/datasets/wfdb")
+WFDB = datasets_dir() / "wfdb"
 CT = Path(get_testdata_file("CT_small.dcm"))
 ECG = Path(get_testdata_file("waveform_ecg.dcm"))
 

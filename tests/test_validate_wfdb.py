@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import wfdb
 
+from helpers import datasets_dir, needs_datasets
 from teleread.errors import InvalidInput
 from teleread.gateway.validate import (
     WfdbHeaderInfo,
@@ -19,11 +20,9 @@ from teleread.gateway.validate import (
     sniff_kind,
 )
 
-DATASETS = Path("/work/shared/datasets/wfdb")
+DATASETS = datasets_dir() / "wfdb"
 CANARY = "PHI_CANARY_ZHANGSAN"
-needs_datasets = pytest.mark.skipif(
-    not DATASETS.is_dir(), reason="shared WFDB records (/work/shared/datasets/wfdb) not mounted"
-)
+needs_wfdb = needs_datasets("wfdb")
 
 
 def write_record(
@@ -73,7 +72,7 @@ def rejection(path: Path) -> InvalidInput:
 SIGNAL_LINE = "rec.dat 16 200/mV 16 0 0 0 0 I\n"
 
 
-@needs_datasets
+@needs_wfdb
 @pytest.mark.parametrize(
     "header, signal, n_sig, fs, sig_len",
     [
@@ -93,14 +92,14 @@ def test_shared_records_pass(header: str, signal: str, n_sig: int, fs: int, sig_
     assert sniff_kind(DATASETS / signal) == "unknown"
 
 
-@needs_datasets
+@needs_wfdb
 def test_shared_ptbxl_lead_names_are_normalised() -> None:
     info = inspect_wfdb_header(DATASETS / "ptbxl-records100/00009_lr.hea")
     assert info.lead_names == ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
     assert info.fmt == ("16",) * 12 and info.gains == (1000.0,) * 12
 
 
-@needs_datasets
+@needs_wfdb
 def test_record_with_two_signal_files_is_unsupported() -> None:
     err = rejection(DATASETS / "ptbdb-s0010_re/s0010_re.hea")
     assert err.reason == "WFDB_UNSUPPORTED_FORMAT"
