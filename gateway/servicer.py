@@ -1,15 +1,23 @@
-"""gRPC servicer of ``teleread.v1.Ingest``: converts messages and calls the ingest service."""
+"""gRPC servicer of ``teleread.v1.Ingest``: converts messages and calls the ingest service.
+
+``Upload`` is a coroutine on the server's event loop: it reads the client stream there and hands
+what has arrived to ``IngestService.receive`` in the loop's executor, one call per run of messages
+(a call returns once the client has been quiet for a moment), so a stalled or idle upload holds no
+thread. A stream with no message for ``idle_seconds`` ends with UNAVAILABLE / ``UPLOAD_IDLE``; the
+bytes written so far stay confirmed and the client resumes from ``GetUploadStatus``.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import asyncio
+from typing import Any, AsyncIterator, Iterator
 
 import grpc
 
-from teleread.errors import InvalidInput
+from teleread.errors import InvalidInput, TelereadError, Unavailable
 from teleread.gateway.ingest import IngestService, UploadState
 from teleread.messages import KIND_NAMES, PRIORITY_NAMES, exam_message, object_message
-from teleread.rpc import current_principal
+from teleread.rpc import ClientStream, current_principal
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 _STATES = {
@@ -29,8 +37,9 @@ def _status(state: UploadState) -> ingest_pb2.UploadStatus:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
-    def __init__(self, service: IngestService) -> None:
+    def __init__(self, service: IngestService, *, idle_seconds: float = 60.0) -> None:
         self._svc = service
+        self._idle = idle_seconds
 
     def _exam(self, row: dict[str, Any]) -> common_pb2.Exam:
         return exam_message(row, site_code=current_principal().site_code or "")
@@ -62,23 +71,45 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             )
         )
 
-    def Upload(
-        self, request_iterator: Iterator[ingest_pb2.UploadChunk], context: grpc.ServicerContext
+    async def Upload(
+        self, request_iterator: AsyncIterator[ingest_pb2.UploadChunk], context: grpc.aio.ServicerContext
     ) -> ingest_pb2.UploadStatus:
-        first = next(request_iterator, None)
-        if first is None or not first.upload_id:
-            raise InvalidInput("the first chunk must name the upload", reason="NO_UPLOAD_ID")
+        p = current_principal()
+        confirmed: list[int] = []  # the offset the hub has confirmed on this stream, once known
 
-        def chunks() -> Iterator[bytes]:
-            if first.data:
-                yield first.data
-            for msg in request_iterator:
-                if msg.data:
-                    yield msg.data
+        def idle() -> TelereadError:
+            where = {"committed_offset": str(confirmed[-1])} if confirmed else {}
+            return Unavailable(
+                f"no data on this upload stream for {self._idle:g} s; resume from the confirmed offset",
+                reason="UPLOAD_IDLE",
+                metadata={**where, "idle_seconds": f"{self._idle:g}"},
+            )
 
-        return _status(
-            self._svc.receive(current_principal(), upload_id=first.upload_id, offset=first.offset, chunks=chunks())
-        )
+        stream = ClientStream(request_iterator, idle_seconds=self._idle, idle_error=idle)
+        try:
+            first = await stream.first()
+            if first is None or not first.upload_id:
+                raise InvalidInput("the first chunk must name the upload", reason="NO_UPLOAD_ID")
+            opening = [first.data] if first.data else []
+
+            def chunks() -> Iterator[bytes]:
+                while opening:
+                    yield opening.pop()
+                for msg in stream.drain():
+                    if msg.data:
+                        yield msg.data
+
+            offset = first.offset
+            while True:
+                state = await asyncio.to_thread(
+                    self._svc.receive, p, upload_id=first.upload_id, offset=offset, chunks=chunks()
+                )
+                offset = state.committed_offset
+                confirmed.append(offset)
+                if state.state != "partial" or not await stream.wait():
+                    return _status(state)
+        finally:
+            stream.close()
 
     def GetUploadStatus(
         self, request: ingest_pb2.GetUploadStatusRequest, context: grpc.ServicerContext

@@ -1,28 +1,28 @@
-"""gRPC servicers of ``teleread.v1.Worklist`` and ``teleread.v1.Results``: convert messages, call the
-queue, report and results services, and run the watch streams off the event feed."""
+"""gRPC servicers of ``teleread.v1.Worklist`` and ``teleread.v1.Results``: convert messages and call
+the queue, report and results services; the watch streams iterate the hub's one event feed
+(``reader/feed.py``). Unary handlers are synchronous (the server's thread pool); the streams are
+coroutines on the server's event loop, so an open watch holds no thread."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from typing import Any, Iterator, Sequence
+import asyncio
+from collections import OrderedDict
+from typing import Any, AsyncIterator
 
 import grpc
-from sqlalchemy import Engine, or_, select
 
-from teleread.auth import require_reader
-from teleread.db.engine import as_utc, reading, utcnow
-from teleread.db.schema import events, exams, principals, sites
+from teleread.db.engine import as_utc
 from teleread.errors import NotFound
-from teleread.events import EventBus
 from teleread.messages import exam_message, object_message, report_message, ts
+from teleread.reader.directory import Directory
+from teleread.reader.feed import SnapshotEnd, SnapshotExam, WatchFeed, WorklistChange, WorklistItem
 from teleread.reader.queue import QueueService
 from teleread.reader.reports import ReportService
 from teleread.reader.results import ResultsService
-from teleread.rpc import current_principal
+from teleread.rpc import current_principal, in_thread
 from teleread.v1 import common_pb2, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 CHUNK = 1024 * 1024
-WAKE_SECONDS = 1.0
 EVENT_TYPES = {
     "queued": worklist_pb2.WorklistEvent.TYPE_QUEUED,
     "critical": worklist_pb2.WorklistEvent.TYPE_CRITICAL,
@@ -31,59 +31,32 @@ EVENT_TYPES = {
     "reported": worklist_pb2.WorklistEvent.TYPE_REPORTED,
     "critical_result": worklist_pb2.WorklistEvent.TYPE_REPORTED,
 }
+MEMO = 4096  # event messages kept: every watcher of one worklist gets the same message
 
 
-def _names(engine: Engine, ids: set[int]) -> dict[int, str]:
-    if not ids:
-        return {}
-    with reading(engine) as conn:
-        return {
-            r.id: r.name
-            for r in conn.execute(select(principals.c.id, principals.c.name).where(principals.c.id.in_(ids)))
-        }
+class _Memo(OrderedDict[Any, Any]):
+    """The last messages built, by key (one event goes to every watcher of its worklist)."""
 
-
-class _Feed:
-    """Which events a watcher has sent. Event ids are assigned at insert but transactions commit in
-    any order (PostgreSQL), so an id below the highest one seen can still appear: the watcher
-    re-reads a trailing window of recent events and skips those it already sent."""
-
-    WINDOW = timedelta(seconds=60)
-
-    def __init__(self, start: int) -> None:
-        self._floor = start  # events up to the snapshot are not sent
-        self._last = start
-        self._sent: dict[int, datetime] = {}
-
-    def condition(self) -> Any:
-        return or_(events.c.id > self._last, events.c.at > utcnow() - self.WINDOW)
-
-    def new(self, rows: Sequence[Any]) -> list[Any]:
-        fresh = [r for r in rows if r.event_id > self._floor and r.event_id not in self._sent]
-        for r in fresh:
-            self._sent[r.event_id] = as_utc(r.event_at) or utcnow()
-            self._last = max(self._last, r.event_id)
-        horizon = utcnow() - 2 * self.WINDOW
-        self._sent = {k: v for k, v in self._sent.items() if v > horizon}
-        return fresh
+    def get_or(self, key: Any, build: Any) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = build()
+        if len(self) > MEMO:
+            self.popitem(last=False)
+        return value
 
 
 class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
-    def __init__(self, *, engine: Engine, queue: QueueService, reports: ReportService, bus: EventBus) -> None:
-        self._engine = engine
+    def __init__(self, *, queue: QueueService, reports: ReportService, directory: Directory, feed: WatchFeed) -> None:
         self._queue = queue
         self._reports = reports
-        self._bus = bus
-        self._site_codes: dict[int, str] = {}
-
-    def _site(self, site_id: int) -> str:
-        if site_id not in self._site_codes:
-            with reading(self._engine) as conn:
-                self._site_codes[site_id] = conn.execute(select(sites.c.code).where(sites.c.id == site_id)).scalar_one()
-        return self._site_codes[site_id]
+        self._directory = directory
+        self._feed = feed
+        self._events = _Memo()  # used on the event loop only
 
     def _exam(self, row: dict[str, Any]) -> common_pb2.Exam:
-        return exam_message(row, site_code=self._site(row["site_id"]))
+        return exam_message(row, site_code=self._directory.site_code(row["site_id"]))
 
     def _claim(self, row: dict[str, Any]) -> worklist_pb2.Claim:
         msg = worklist_pb2.Claim(exam=self._exam(row), fence=int(row["fence"]))
@@ -98,46 +71,28 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         rows = self._queue.worklist(current_principal(), limit=request.limit, include_claimed=True)
         return worklist_pb2.ListWorklistResponse(exams=[self._exam(r) for r in rows])
 
-    def Watch(
-        self, request: worklist_pb2.WatchWorklistRequest, context: grpc.ServicerContext
-    ) -> Iterator[worklist_pb2.WorklistEvent]:
-        p = current_principal()
-        hospital, specialty = require_reader(p)
-        seen = self._bus.generation()
-        with reading(self._engine) as conn:
-            last = conn.execute(select(events.c.id).order_by(events.c.id.desc()).limit(1)).scalar() or 0
-        for row in self._queue.worklist(p, include_claimed=True):
-            yield worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT, exam=self._exam(row))
-        yield worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_END, event_id=last)
-        feed = _Feed(last)
-        while context.is_active() and not self._bus.closed:
-            seen = self._bus.wait(seen, WAKE_SECONDS)
-            with reading(self._engine) as conn:
-                rows = conn.execute(
-                    select(
-                        events.c.id.label("event_id"),
-                        events.c.type.label("event_type"),
-                        events.c.at.label("event_at"),
-                        exams,
-                    )
-                    .select_from(events.join(exams, events.c.exam_id == exams.c.id))
-                    .where(
-                        feed.condition(),
-                        events.c.hospital == hospital,
-                        events.c.specialty == specialty,
-                        events.c.type.in_(EVENT_TYPES),
-                    )
-                    .order_by(events.c.id)
-                    .limit(2000)
-                ).all()
-            rows = feed.new(rows)
-            names = _names(self._engine, {r.claimed_by for r in rows if r.claimed_by})
-            for r in rows:
-                exam = dict(r._mapping)
-                exam["claimed_by_name"] = names.get(r.claimed_by, "")
-                yield worklist_pb2.WorklistEvent(
-                    type=EVENT_TYPES[r.event_type], exam=self._exam(exam), event_id=r.event_id, at=ts(r.event_at)
-                )
+    async def Watch(
+        self, request: worklist_pb2.WatchWorklistRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worklist_pb2.WorklistEvent]:
+        async for item in self._feed.worklist(current_principal()):
+            yield self._watch_message(item)
+
+    def _watch_message(self, item: WorklistItem) -> worklist_pb2.WorklistEvent:
+        if isinstance(item, SnapshotExam):
+            exam = exam_message(item.exam, site_code=item.site_code)
+            return worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT, exam=exam)
+        if isinstance(item, SnapshotEnd):
+            return worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_END, event_id=item.event_id)
+        return self._events.get_or(item.event_id, lambda: self._change_message(item))
+
+    @staticmethod
+    def _change_message(item: WorklistChange) -> worklist_pb2.WorklistEvent:
+        return worklist_pb2.WorklistEvent(
+            type=EVENT_TYPES[item.type],
+            exam=exam_message(item.exam, site_code=item.site_code),
+            event_id=item.event_id,
+            at=ts(item.at),
+        )
 
     def ClaimNext(self, request: worklist_pb2.ClaimNextRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
         row = self._queue.claim_next(current_principal(), lease_seconds=request.lease_seconds)
@@ -172,7 +127,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         self, request: worklist_pb2.GetExamDetailsRequest, context: grpc.ServicerContext
     ) -> worklist_pb2.ExamDetails:
         exam, objs, reps, related = self._queue.details(current_principal(), exam_id=request.exam_id)
-        names = _names(self._engine, {r["author_id"] for r in reps} | {r["signed_by"] for r in reps if r["signed_by"]})
+        names = self._directory.principal_names([r["author_id"] for r in reps] + [r["signed_by"] for r in reps])
         return worklist_pb2.ExamDetails(
             exam=self._exam(exam),
             objects=[object_message(o) for o in objs],
@@ -183,16 +138,14 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
             related=[self._exam(r) for r in related],
         )
 
-    def StreamObject(
-        self, request: worklist_pb2.StreamObjectRequest, context: grpc.ServicerContext
-    ) -> Iterator[worklist_pb2.ObjectChunk]:
-        with self._queue.open_object(current_principal(), exam_id=request.exam_id, object_id=request.object_id) as (
-            row,
-            fh,
-        ):
+    async def StreamObject(
+        self, request: worklist_pb2.StreamObjectRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worklist_pb2.ObjectChunk]:
+        opened = self._queue.open_object(current_principal(), exam_id=request.exam_id, object_id=request.object_id)
+        async with in_thread(opened) as (row, fh):
             offset = 0
             first = True
-            while block := fh.read(CHUNK):
+            while block := await asyncio.to_thread(fh.read, CHUNK):
                 chunk = worklist_pb2.ObjectChunk(data=block, offset=offset)
                 if first:
                     chunk.sha256, chunk.size, first = row["sha256"], int(row["size"]), False
@@ -200,7 +153,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                 offset += len(block)
 
     def _report(self, row: dict[str, Any]) -> common_pb2.Report:
-        names = _names(self._engine, {row["author_id"]} | ({row["signed_by"]} if row["signed_by"] else set()))
+        names = self._directory.principal_names((row["author_id"], row["signed_by"]))
         return report_message(row, author=names.get(row["author_id"], ""), signer=names.get(row["signed_by"], ""))
 
     def SaveReport(self, request: worklist_pb2.SaveReportRequest, context: grpc.ServicerContext) -> common_pb2.Report:
@@ -258,8 +211,9 @@ def result_message(row: dict[str, Any], *, site_code: str) -> results_pb2.Result
 
 
 class ResultsServicer(results_pb2_grpc.ResultsServicer):
-    def __init__(self, service: ResultsService) -> None:
+    def __init__(self, service: ResultsService, *, feed: WatchFeed) -> None:
         self._svc = service
+        self._feed = feed
 
     def ListResults(
         self, request: results_pb2.ListResultsRequest, context: grpc.ServicerContext
@@ -271,20 +225,12 @@ class ResultsServicer(results_pb2_grpc.ResultsServicer):
             results=[result_message(r, site_code=p.site_code or "") for r in rows], next_cursor=next_cursor
         )
 
-    def WatchResults(
-        self, request: results_pb2.WatchResultsRequest, context: grpc.ServicerContext
-    ) -> Iterator[results_pb2.Result]:
+    async def WatchResults(
+        self, request: results_pb2.WatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[results_pb2.Result]:
         p = current_principal()
-        cursor = request.after_cursor
-        bus = self._svc.bus
-        seen = bus.generation()
-        while context.is_active() and not bus.closed:
-            rows = self._svc.list_after(p, after=cursor, limit=200)
-            for r in rows:
-                cursor = int(r["seq"])
-                yield result_message(r, site_code=p.site_code or "")
-            if not rows:
-                seen = bus.wait(seen, WAKE_SECONDS)
+        async for row in self._feed.results(p, after=request.after_cursor):
+            yield result_message(row, site_code=p.site_code or "")
 
     def GetResult(self, request: results_pb2.GetResultRequest, context: grpc.ServicerContext) -> results_pb2.Result:
         p = current_principal()

@@ -1,20 +1,28 @@
 """Composition root of the hub: builds the adapters and services from settings and serves gRPC.
 
 ``build_hub(settings)`` wires the database, object store, event bus, ingest, queue, reports,
-results, the triage workers and the clean-up thread (``gateway/janitor.py``);
-``create_server(hub)`` returns a started-ready gRPC server and its port (port 0 picks a free one,
-as tests do); ``serve(settings)`` runs until interrupted.
+results, the watch feed (``reader/feed.py``), the triage workers and the clean-up thread
+(``gateway/janitor.py``); ``create_server(hub)`` returns a ready-to-start gRPC server and its port
+(port 0 picks a free one, as tests do); ``serve(settings)`` runs until interrupted.
+
+The server is gRPC's asyncio server on an event loop of its own thread (:class:`HubServer`, with
+the synchronous ``start``/``stop``/``wait_for_termination`` of ``grpc.Server``). Unary handlers
+stay synchronous and run in a bounded pool (``max_workers``); streams are coroutines on the loop
+and hold no thread while they wait, their blocking work going to a second pool
+(``stream_workers``, the loop's default executor).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,12 +37,14 @@ from teleread.gateway.ingest import IngestService
 from teleread.gateway.janitor import Janitor
 from teleread.gateway.servicer import IngestServicer
 from teleread.models.worker import TriageWorker
+from teleread.reader.directory import Directory
+from teleread.reader.feed import WatchFeed
 from teleread.reader.queue import QueueService
 from teleread.reader.reports import ReportService
 from teleread.reader.results import ResultsService
 from teleread.reader.routing import load_routing
 from teleread.reader.servicers import ResultsServicer, WorklistServicer
-from teleread.rpc import ServerInterceptor
+from teleread.rpc import ServerInterceptor, StreamSlots
 from teleread.settings import Settings
 from teleread.storage import ObjectStore
 from teleread.storage.factory import build_object_store
@@ -42,6 +52,8 @@ from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_gr
 
 log = logging.getLogger("teleread.hub")
 MAX_MESSAGE = 4 * 1024 * 1024
+KEEPALIVE_TIMEOUT_MS = 20_000
+T = TypeVar("T")
 INGEST_NICE = 5
 SERVICES = (
     ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name,
@@ -60,6 +72,8 @@ class Hub:
     queue: QueueService
     reports: ReportService
     results: ResultsService
+    directory: Directory
+    feed: WatchFeed
     triage: TriageWorker
     authenticator: Authenticator
     cpu: CpuPool
@@ -68,6 +82,7 @@ class Hub:
 
     def close(self) -> None:
         self.janitor.stop()
+        self.feed.close()
         self.bus.close()
         self.triage.shutdown()
         self.cpu.close()
@@ -121,6 +136,15 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     )
     reports = ReportService(engine=engine, queue=queue, bus=bus)
     results = ResultsService(engine=engine, bus=bus)
+    directory = Directory(engine)
+    feed = WatchFeed(
+        engine=engine,
+        bus=bus,
+        queue=queue,
+        results=results,
+        directory=directory,
+        poll_seconds=settings.grpc.watch_poll_seconds,
+    )
     janitor = Janitor(
         engine=engine,
         store=store,
@@ -139,6 +163,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         queue=queue,
         reports=reports,
         results=results,
+        directory=directory,
+        feed=feed,
         triage=triage,
         authenticator=Authenticator(engine),
         cpu=cpu,
@@ -148,46 +174,132 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     recovered = triage.recover()
     if recovered:
         log.info("re-queued committed exams for triage", extra={"count": recovered})
+    feed.start()
     janitor.start()
     return hub
 
 
-def create_server(hub: Hub, *, host: str | None = None, port: int | None = None) -> tuple[grpc.Server, int]:
-    cfg = hub.settings.grpc
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpc"),
-        interceptors=[ServerInterceptor(hub.authenticator)],
-        options=options,
-        maximum_concurrent_rpcs=cfg.max_workers * 4,
-    )
-    ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(hub.ingest), server)
-    worklist_pb2_grpc.add_WorklistServicer_to_server(
-        WorklistServicer(engine=hub.engine, queue=hub.queue, reports=hub.reports, bus=hub.bus), server
-    )
-    results_pb2_grpc.add_ResultsServicer_to_server(ResultsServicer(hub.results), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in SERVICES + ("",):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(SERVICES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    address = f"{host or cfg.host}:{cfg.port if port is None else port}"
-    if cfg.tls_cert and cfg.tls_key:
-        creds = grpc.ssl_server_credentials(
-            [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
-            root_certificates=cfg.tls_ca.read_bytes() if cfg.tls_ca else None,
-            require_client_auth=cfg.tls_ca is not None,
+class HubServer:
+    """gRPC's asyncio server on an event loop of its own thread, behind the synchronous calls of
+    ``grpc.Server`` that the CLI, the demo, the tests and the benchmarks use."""
+
+    def __init__(self, hub: Hub, *, address: str) -> None:
+        cfg = hub.settings.grpc
+        self._hub = hub
+        self._address = address
+        self._rpc_pool = futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpc")
+        self._stream_pool = futures.ThreadPoolExecutor(max_workers=cfg.stream_workers, thread_name_prefix="stream")
+        self.slots = StreamSlots(cfg.max_streams_per_identity)
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_default_executor(self._stream_pool)
+        self._thread = threading.Thread(target=self._run, name="rpc-loop", daemon=True)
+        self._terminated = threading.Event()
+        self._stopping: threading.Event | None = None
+        self._lock = threading.Lock()
+        self._thread.start()
+        try:
+            self._server, self.port = self._call(self._build())
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+            self._terminated.set()
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _build(self) -> tuple[grpc.aio.Server, int]:
+        hub, cfg = self._hub, self._hub.settings.grpc
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ]
+        if cfg.keepalive_seconds > 0:  # a dead peer's streams end instead of holding their slots
+            options += [
+                ("grpc.keepalive_time_ms", int(cfg.keepalive_seconds * 1000)),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.max_pings_without_data", 0),  # idle watch streams send no data
+            ]
+        server = grpc.aio.server(
+            migration_thread_pool=self._rpc_pool,
+            interceptors=[ServerInterceptor(hub.authenticator, self.slots)],
+            options=options,
         )
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
-    if not bound:
-        raise OSError("could not bind the gRPC port")
-    return server, bound
+        ingest_pb2_grpc.add_IngestServicer_to_server(
+            IngestServicer(hub.ingest, idle_seconds=cfg.upload_idle_seconds), server
+        )
+        worklist_pb2_grpc.add_WorklistServicer_to_server(
+            WorklistServicer(queue=hub.queue, reports=hub.reports, directory=hub.directory, feed=hub.feed), server
+        )
+        results_pb2_grpc.add_ResultsServicer_to_server(ResultsServicer(hub.results, feed=hub.feed), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in SERVICES + ("",):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(SERVICES + (reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+        if cfg.tls_cert and cfg.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+                root_certificates=cfg.tls_ca.read_bytes() if cfg.tls_ca else None,
+                require_client_auth=cfg.tls_ca is not None,
+            )
+            bound = server.add_secure_port(self._address, creds)
+        else:
+            bound = server.add_insecure_port(self._address)
+        if not bound:
+            raise OSError("could not bind the gRPC port")
+        return server, bound
+
+    def start(self) -> None:
+        self._call(self._server.start())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop serving (``grace`` seconds for calls under way; None: cancel them now). The event
+        is set once the server, its loop and its pools are down."""
+        with self._lock:
+            if self._stopping is not None:
+                return self._stopping
+            self._stopping = threading.Event()
+        done = self._stopping
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
+        except RuntimeError:  # the loop is already down
+            done.set()
+            return done
+
+        def finished(_: Any) -> None:
+            self._shutdown()
+            done.set()
+
+        future.add_done_callback(finished)
+        return done
+
+    def _shutdown(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        except RuntimeError:
+            pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        self._rpc_pool.shutdown(wait=False, cancel_futures=True)
+        self._stream_pool.shutdown(wait=False, cancel_futures=True)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; True if ``timeout`` passed first (as grpc.Server)."""
+        return not self._terminated.wait(timeout)
+
+
+def create_server(hub: Hub, *, host: str | None = None, port: int | None = None) -> tuple[HubServer, int]:
+    cfg = hub.settings.grpc
+    server = HubServer(hub, address=f"{host or cfg.host}:{cfg.port if port is None else port}")
+    return server, server.port
 
 
 def serve(settings: Settings, *, ready: threading.Event | None = None) -> None:

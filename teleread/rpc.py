@@ -1,19 +1,34 @@
-"""The gRPC error boundary: authentication, request context, JSON access logs, error mapping.
+"""The gRPC error boundary: authentication, request context, JSON access logs, error mapping,
+and the per-identity cap on open streams.
 
-One server interceptor wraps every handler. It resolves the bearer token to a principal (no
-endpoint is open except health checking and reflection), puts request id, site, user and RPC into
-the log context, and turns a :class:`TelereadError` into a status with rich details
-(google.rpc.ErrorInfo: reason, domain, metadata). Anything unexpected becomes INTERNAL carrying
-only the request id: exception text can hold patient data and never leaves the process.
+One server interceptor wraps every handler of the hub's asyncio server, synchronous (run in the
+server's bounded thread pool) or asynchronous (run on its event loop), with a unary or a streamed
+request or response. It resolves the bearer token to a principal (no endpoint is open except
+health checking and reflection), puts request id, site, user and RPC into the log context, counts
+the identity's open streams against its cap (``RESOURCE_EXHAUSTED`` / ``STREAM_LIMIT`` beyond it;
+unary calls are never counted), and turns a :class:`TelereadError` into a status with rich
+details (google.rpc.ErrorInfo: reason, domain, metadata). Anything unexpected becomes INTERNAL
+carrying only the request id: exception text can hold patient data and never leaves the process.
+
+:class:`ClientStream` reads a client stream on the loop for a handler whose work is blocking: the
+work runs in the loop's executor while the messages arrive, no thread waits for a message, and a
+stream with no message for its idle time ends with the handler's error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import inspect
 import logging
+import queue
+import sys
+import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -21,7 +36,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from teleread.auth import Authenticator, Principal
-from teleread.errors import PermissionDenied, TelereadError
+from teleread.errors import PermissionDenied, ResourceExhausted, TelereadError
 from teleread.logs import log_context
 
 log = logging.getLogger("teleread.rpc")
@@ -32,6 +47,7 @@ OPEN_SERVICES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 DOMAIN = "teleread.v1"
+T = TypeVar("T")
 
 
 def current_principal() -> Principal:
@@ -57,19 +73,57 @@ def _internal(request_id: str) -> grpc.Status:
     return _status_for(TelereadError(f"internal error (request {request_id})", reason="INTERNAL"), request_id)
 
 
-class ServerInterceptor(grpc.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._auth = authenticator
+class StreamSlots:
+    """Open streams per identity, each identity capped at ``per_identity`` (0: no cap). One
+    identity at its cap is refused new streams; every other identity is untouched."""
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
+    def __init__(self, per_identity: int) -> None:
+        self.per_identity = per_identity
+        self._open: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, p: Principal) -> None:
+        with self._lock:
+            held = self._open.get(p.id, 0)
+            if self.per_identity and held >= self.per_identity:
+                raise ResourceExhausted(
+                    f"this identity already has {held} streams open, the most one identity may have "
+                    f"(max_streams_per_identity = {self.per_identity}); close one or wait for one to end",
+                    reason="STREAM_LIMIT",
+                    metadata={"limit": str(self.per_identity), "setting": "TELEREAD_GRPC__MAX_STREAMS_PER_IDENTITY"},
+                )
+            self._open[p.id] = held + 1
+
+    def release(self, p: Principal) -> None:
+        with self._lock:
+            held = self._open.get(p.id, 0) - 1
+            if held > 0:
+                self._open[p.id] = held
+            else:
+                self._open.pop(p.id, None)
+
+    def held(self, principal_id: int) -> int:
+        with self._lock:
+            return self._open.get(principal_id, 0)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator, slots: StreamSlots | None = None) -> None:
+        self._auth = authenticator
+        self.slots = slots or StreamSlots(0)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
         method = details.method
-        if method.startswith(OPEN_SERVICES):
+        if handler is None or method.startswith(OPEN_SERVICES):
             return handler
+        streaming = bool(handler.request_streaming or handler.response_streaming)
         metadata = dict(details.invocation_metadata or ())
-        wrap = _Wrapper(self._auth, method=method, metadata=metadata)
+        wrap = _Wrapper(self._auth, self.slots, method=method, metadata=metadata, streaming=streaming)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 wrap.unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
@@ -88,95 +142,290 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
 
 class _Wrapper:
-    def __init__(self, auth: Authenticator, *, method: str, metadata: dict[str, Any]) -> None:
+    """The boundary around one call: ``unary`` wraps a handler that answers once (a unary or a
+    client-streaming call), ``stream`` one that answers with a stream (server- or bidi-streaming);
+    each takes a synchronous or an asynchronous handler and returns the same kind."""
+
+    def __init__(
+        self, auth: Authenticator, slots: StreamSlots, *, method: str, metadata: dict[str, Any], streaming: bool = False
+    ) -> None:
         self._auth = auth
+        self._slots = slots
         self._method = method
         self._metadata = metadata
         self._rpc = method.rsplit("/", 1)[-1]
+        self.streaming = streaming  # a streamed request or response: counted against the identity's cap
 
+    # ---- the parts every kind of call shares -------------------------------------------------
     def _enter(self) -> tuple[str, Principal]:
         request_id = str(self._metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
         principal = self._auth.authenticate(self._metadata.get("authorization"))
         claimed_site = self._metadata.get("x-teleread-site")
         if claimed_site and principal.site_code and claimed_site != principal.site_code:
             raise PermissionDenied("the token belongs to another site than --site", reason="SITE_MISMATCH")
+        if self.streaming:
+            self._slots.acquire(principal)
         return request_id, principal
 
-    def _finish(
-        self, context: grpc.ServicerContext, started: float, request_id: str, exc: BaseException | None
-    ) -> None:
-        code = "OK"
-        if isinstance(exc, TelereadError):
-            code = exc.code
-            log.info(
-                "rpc",
-                extra={
-                    "status": code,
-                    "reason": exc.reason,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                },
-            )
-            context.abort_with_status(_status_for(exc, request_id))
-        elif exc is not None:
-            log.error(
-                "rpc failed",
-                exc_info=exc,
-                extra={"status": "INTERNAL", "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
-            )
-            context.abort_with_status(_internal(request_id))
-        else:
-            log.info("rpc", extra={"status": code, "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+    def _leave(self, principal: Principal) -> None:
+        if self.streaming:
+            self._slots.release(principal)
 
-    def unary(
-        self, behaviour: Callable[[Any, grpc.ServicerContext], Any]
-    ) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+    @staticmethod
+    def _ms(started: float) -> float:
+        return round((time.perf_counter() - started) * 1000, 2)
+
+    def _failure(self, started: float, request_id: str, exc: BaseException) -> grpc.Status:
+        """Log the failed call; the status its client gets."""
+        if isinstance(exc, TelereadError):
+            log.info("rpc", extra={"status": exc.code, "reason": exc.reason, "duration_ms": self._ms(started)})
+            return _status_for(exc, request_id)
+        log.error("rpc failed", exc_info=exc, extra={"status": "INTERNAL", "duration_ms": self._ms(started)})
+        return _internal(request_id)
+
+    def _ok(self, started: float) -> None:
+        log.info("rpc", extra={"status": "OK", "duration_ms": self._ms(started)})
+
+    @staticmethod
+    def _abort(context: Any, status: grpc.Status) -> None:
+        if hasattr(context, "abort_with_status"):  # the synchronous server's context
+            context.abort_with_status(status)
+        else:  # a synchronous handler's context on the asyncio server
+            context.abort(status.code, status.details, status.trailing_metadata)
+
+    # ---- answering once ----------------------------------------------------------------------
+    def unary(self, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        if inspect.iscoroutinefunction(behaviour):
+            return self._unary_async(behaviour)
+
+        def handle(request: Any, context: Any) -> Any:
             started = time.perf_counter()
             request_id = uuid.uuid4().hex
             with log_context(request_id=request_id, rpc=self._rpc):
                 try:
                     request_id, principal = self._enter()
-                    with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
-                        token = _principal.set(principal)
-                        try:
-                            response = behaviour(request, context)
-                        finally:
-                            _principal.reset(token)
-                        self._finish(context, started, request_id, None)
-                        return response
+                    try:
+                        with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
+                            token = _principal.set(principal)
+                            try:
+                                response = behaviour(request, context)
+                            finally:
+                                _principal.reset(token)
+                            self._ok(started)
+                            return response
+                    finally:
+                        self._leave(principal)
                 except Exception as exc:  # noqa: BLE001 - the error boundary
                     if _is_abort(exc):
                         raise
-                    self._finish(context, started, request_id, exc)
+                    self._abort(context, self._failure(started, request_id, exc))
 
         return handle
 
-    def stream(
-        self, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
-    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
-        def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def _unary_async(self, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+        async def handle(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            request_id = uuid.uuid4().hex
+            with log_context(request_id=request_id, rpc=self._rpc):
+                try:
+                    request_id, principal = await asyncio.to_thread(self._enter)  # may read the database
+                    try:
+                        with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
+                            token = _principal.set(principal)
+                            try:
+                                response = await behaviour(request, context)
+                            finally:
+                                _principal.reset(token)
+                            self._ok(started)
+                            return response
+                    finally:
+                        self._leave(principal)
+                except Exception as exc:  # noqa: BLE001 - the error boundary
+                    if _is_abort(exc):
+                        raise
+                    await context.abort_with_status(self._failure(started, request_id, exc))
+
+        return handle
+
+    # ---- answering with a stream -------------------------------------------------------------
+    def stream(self, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        if inspect.isasyncgenfunction(behaviour):
+            return self._stream_async(behaviour)
+
+        def handle(request: Any, context: Any) -> Iterator[Any]:
             started = time.perf_counter()
             request_id = uuid.uuid4().hex
             with log_context(request_id=request_id, rpc=self._rpc):
                 try:
                     request_id, principal = self._enter()
-                    with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
-                        token = _principal.set(principal)
-                        try:
-                            yield from behaviour(request, context)
-                        finally:
-                            _principal.reset(token)
-                        self._finish(context, started, request_id, None)
+                    try:
+                        with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
+                            token = _principal.set(principal)
+                            try:
+                                yield from behaviour(request, context)
+                            finally:
+                                _principal.reset(token)
+                            self._ok(started)
+                    finally:
+                        self._leave(principal)
                 except GeneratorExit:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the error boundary
                     if _is_abort(exc):
                         raise
-                    self._finish(context, started, request_id, exc)
+                    self._abort(context, self._failure(started, request_id, exc))
+
+        return handle
+
+    def _stream_async(self, behaviour: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Any]:
+        async def handle(request: Any, context: Any) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            request_id = uuid.uuid4().hex
+            with log_context(request_id=request_id, rpc=self._rpc):
+                try:
+                    request_id, principal = await asyncio.to_thread(self._enter)  # may read the database
+                    try:
+                        with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
+                            token = _principal.set(principal)
+                            try:
+                                async for response in behaviour(request, context):
+                                    yield response
+                            finally:
+                                _principal.reset(token)
+                            self._ok(started)
+                    finally:
+                        self._leave(principal)
+                except Exception as exc:  # noqa: BLE001 - the error boundary
+                    if _is_abort(exc):
+                        raise
+                    await context.abort_with_status(self._failure(started, request_id, exc))
 
         return handle
 
 
 def _is_abort(exc: BaseException) -> bool:
-    # context.abort raises a bare Exception subclass private to grpc; let it through untouched.
-    return type(exc).__name__ == "_AbortError" or isinstance(exc, grpc.RpcError)
+    # context.abort raises an exception of grpc's own (the asyncio server's AbortError, the
+    # synchronous server's private _AbortError); let it through untouched.
+    return isinstance(exc, (grpc.aio.AbortError, grpc.RpcError)) or type(exc).__name__ == "_AbortError"
+
+
+# ---- blocking work under an asyncio handler ---------------------------------------------------
+@asynccontextmanager
+async def in_thread(manager: AbstractContextManager[T]) -> AsyncIterator[T]:
+    """Enter and leave a blocking context manager in the loop's executor."""
+    value = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield value
+    except BaseException:
+        if not await asyncio.to_thread(manager.__exit__, *sys.exc_info()):
+            raise
+    else:
+        await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
+class ClientStream(Generic[T]):
+    """A client stream read on the event loop for a handler whose work blocks.
+
+    A task reads the messages into a small buffer (``buffer`` messages: gRPC's flow control holds
+    the rest). The handler awaits :meth:`first` and :meth:`wait`; its blocking work runs in the
+    executor and takes the buffered messages with :meth:`drain`, which returns once no message
+    came for ``linger_seconds``, so the thread is given back while the client is quiet. When no
+    message comes for ``idle_seconds``, :meth:`first` and :meth:`wait` raise ``idle_error()``.
+    """
+
+    def __init__(
+        self,
+        requests: AsyncIterator[T],
+        *,
+        idle_seconds: float,
+        idle_error: Callable[[], TelereadError],
+        linger_seconds: float = 0.05,
+        buffer: int = 4,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = idle_seconds
+        self._idle_error = idle_error
+        self._linger = linger_seconds
+        self._queue: queue.SimpleQueue[T] = queue.SimpleQueue()
+        self._space = asyncio.Semaphore(buffer)
+        self._arrived = asyncio.Event()
+        self._ended = threading.Event()
+        self._first: asyncio.Future[T | None] = self._loop.create_future()
+        self._last_message = time.monotonic()
+        self._task = self._loop.create_task(self._read(requests))
+
+    async def _read(self, requests: AsyncIterator[T]) -> None:
+        it = requests.__aiter__()
+        try:
+            try:
+                first: T | None = await it.__anext__()
+            except StopAsyncIteration:
+                first = None
+            self._last_message = time.monotonic()
+            self._first.set_result(first)
+            if first is None:
+                return
+            while True:
+                await self._space.acquire()
+                try:
+                    message = await it.__anext__()
+                except StopAsyncIteration:
+                    return
+                self._queue.put(message)
+                self._last_message = time.monotonic()
+                self._arrived.set()
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the call ended under the reader
+            return
+        finally:
+            self._ended.set()
+            self._arrived.set()
+            if not self._first.done():
+                self._first.set_result(None)
+
+    def _idle_left(self) -> float:
+        return self._idle - (time.monotonic() - self._last_message)
+
+    async def first(self) -> T | None:
+        """The first message (None: the client sent none)."""
+        done, _ = await asyncio.wait({self._first}, timeout=self._idle)
+        if not done:
+            raise self._idle_error()
+        return self._first.result()
+
+    async def wait(self) -> bool:
+        """Until a message is buffered (True) or the client has finished sending (False)."""
+        while True:
+            if not self._queue.empty():
+                return True
+            if self._ended.is_set():
+                return False
+            left = self._idle_left()
+            if left <= 0:
+                raise self._idle_error()
+            self._arrived.clear()
+            if not self._queue.empty() or self._ended.is_set():
+                continue
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                pass
+
+    def drain(self) -> Iterator[T]:
+        """(In a worker thread) the buffered messages, then those arriving within the linger time."""
+        while True:
+            try:
+                if self._ended.is_set():
+                    message = self._queue.get_nowait()
+                else:
+                    message = self._queue.get(timeout=self._linger)
+            except queue.Empty:
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._space.release)
+            except RuntimeError:  # the server's loop has closed
+                return
+            yield message
+
+    def close(self) -> None:
+        if not self._task.done():
+            self._task.cancel()

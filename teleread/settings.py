@@ -30,7 +30,20 @@ class StorageSettings(BaseModel):
 class GrpcSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 50051
-    max_workers: int = 32
+    max_workers: int = 32  # threads answering unary calls
+    # Streams run on the server's event loop and hold no thread while they wait. Their blocking
+    # work (an upload's disk and database writes, a watch's snapshot, object reads) runs in a
+    # pool of its own, so it never takes a thread from the unary calls.
+    stream_workers: int = 32
+    # Open streams one identity may have (Watch, WatchResults, StreamObject, Upload); more are
+    # refused with RESOURCE_EXHAUSTED / STREAM_LIMIT. A gateway opens at most max(streams,
+    # connections) uploads (4 by default) and pulls results with unary calls; the upload CLI 4;
+    # a reading station one watch. 64 leaves room for several clients on one token and for the
+    # streams of cut connections the hub has not noticed yet (ended by the idle time or keepalive).
+    max_streams_per_identity: int = 64
+    upload_idle_seconds: float = 60.0  # an upload stream with no message for this long is closed (UNAVAILABLE)
+    keepalive_seconds: float = 60.0  # pings on connections with open calls find dead peers; 0: off
+    watch_poll_seconds: float = 1.0  # the watch feed reads events this often without a wake-up (other hubs)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # client CA: set to require client certificates

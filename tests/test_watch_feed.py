@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from teleread.db.engine import utcnow
-from teleread.reader.servicers import _Feed
+from teleread.reader.feed import EventCursor
 
 
 def _rows(*ids: int) -> list[SimpleNamespace]:
@@ -14,7 +14,7 @@ def _rows(*ids: int) -> list[SimpleNamespace]:
 
 
 def test_late_committed_event_is_sent_once() -> None:
-    feed = _Feed(start=4)
+    feed = EventCursor(start=4)
     assert [r.event_id for r in feed.new(_rows(3, 4, 5, 7))] == [5, 7]  # 3, 4: before the snapshot
     assert [r.event_id for r in feed.new(_rows(5, 6, 7, 8))] == [6, 8]  # 6 committed late
     assert feed.new(_rows(5, 6, 7, 8)) == []
