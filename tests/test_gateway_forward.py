@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from helpers import copy_testdata
+from helpers import copy_testdata, wait_for, wait_for_state
 from teleread.client import open_channel
 from teleread.gateway.forward import Forwarder
 from teleread.gateway.outbox import Backoff, Outbox
@@ -42,6 +42,7 @@ def test_outbox_exam_reaches_the_hub_byte_identical(embedded_stack, tmp_path: Pa
     (result,) = forwarder.drain()
     assert result.outcome == "committed"
     assert box.status().by_state["committed"] == 1 and box.status().bytes_waiting == 0
+    wait_for_state(ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a")), result.detail, "queued")
     radio = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("radio"))
     details = radio.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=result.detail), timeout=10)
     (obj,) = details.objects
@@ -77,7 +78,7 @@ def test_unreachable_hub_keeps_the_exam_and_the_outbox_drains_stat_first_when_th
     assert status.link_state == "down"
     assert box.exam(down.exam_id).attempts == 0  # the link's failure, not the exam's
     stat_study = _receive_file(box, mr, priority="stat")  # a newer but more urgent study
-    time.sleep(0.25)  # past the link's backoff
+    wait_for(lambda: forwarder.link_wait() == 0, timeout=5)  # past the link's backoff
     forwarder.ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
     up = forwarder.drain()
     assert [r.outcome for r in up] == ["committed", "committed"]
@@ -154,6 +155,7 @@ def test_a_stream_never_runs_more_than_the_in_flight_bound_ahead_of_the_hub(
     assert result.outcome == "committed"
     assert len(ahead) >= 30 and max(ahead) <= 128 * 1024  # every message waited for room
     assert polls  # the hub's confirmed offset was asked for while the stream ran
+    wait_for_state(ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a")), result.detail, "queued")
     radio = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("radio"))
     details = radio.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=result.detail), timeout=10)
     assert details.objects[0].sha256 == hashlib.sha256(big.read_bytes()).hexdigest()

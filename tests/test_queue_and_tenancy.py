@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from helpers import copy_testdata, error_reason, wait_for
+from helpers import copy_testdata, error_reason, wait_for_state
 from teleread.gateway.upload import scan_paths, upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
@@ -22,7 +22,7 @@ def _queued_ecg(stack, tmp_path: Path, who: str = "site_a") -> str:
     ingest = ingest_pb2_grpc.IngestStub(stack.channel(who))
     [outcome] = upload_exams(ingest, scan_paths([tmp_path / who]).exams)
     assert outcome.exam_id, outcome.errors
-    wait_for(lambda: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=outcome.exam_id), timeout=10).state == "queued")
+    wait_for_state(ingest, outcome.exam_id, "queued")
     return outcome.exam_id
 
 
@@ -167,7 +167,7 @@ def _many_queued_ecgs(stack, tmp_path: Path, n: int) -> set[str]:
     ids = {o.exam_id for o in outcomes}
     assert len(ids) == n
     for exam_id in ids:
-        wait_for(lambda e=exam_id: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=e), timeout=10).state == "queued")
+        wait_for_state(ingest, exam_id, "queued")
     return ids
 
 

@@ -97,9 +97,10 @@ def test_a_refused_instance_never_takes_its_study_down(hub_stack, tmp_path: Path
     assert exam.follow_up_of == upload.exam_id  # the same study: linked to the earlier exam
     # the reader sees the exam is incomplete, and the earlier exam of the study beside it
     reader = worklist_pb2_grpc.WorklistStub(hub_stack.channel("radio"))
-    from helpers import wait_for
+    from helpers import wait_for_state
 
-    wait_for(lambda: site.GetExam(ingest_pb2.GetExamRequest(exam_id=exam.exam_id), timeout=10).state == "queued")
+    wait_for_state(site, exam.exam_id, "queued")
+    wait_for_state(site, upload.exam_id, "queued")  # the earlier exam is listed beside it once it is queued too
     details = reader.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=exam.exam_id), timeout=10)
     assert details.exam.incomplete and details.exam.refused_count == 1 and len(details.objects) == 2
     assert not details.exam.refused and not details.exam.stored_sha256  # the site's view only
