@@ -172,6 +172,7 @@ def test_signer_refused_while_another_reader_holds_the_amendment_claim(hub_stack
     assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(busy.value) == "AMENDMENT_CLAIMED"
     with pytest.raises(grpc.RpcError) as foreign_fence:  # the holder's fence is no use to anyone else
         _amend(signer, exam_id, fence=claim.fence)
+    assert foreign_fence.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(foreign_fence.value) == "LEASE_LOST"
     assert _versions(signer, exam_id) == [1] and len(_results(hub_stack)) == 1
 
@@ -188,7 +189,7 @@ def test_a_lapsed_amendment_claim_expires_in_place(hub_stack, tmp_path: Path, mo
     assert not _in_queue(hub_stack, signer, exam_id)  # lapsed: still reported, not claimable from the queue
     with pytest.raises(grpc.RpcError) as lapsed:
         _amend(other, exam_id, fence=claim.fence)
-    assert error_reason(lapsed.value) == "LEASE_LOST"
+    assert lapsed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(lapsed.value) == "LEASE_LOST"
     assert _amend(signer, exam_id).version == 2  # nobody holds a live claim: the signer may amend again
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from helpers import copy_testdata, wait_for, write_synthetic_wfdb
+from helpers import copy_testdata, error_reason, wait_for, write_synthetic_wfdb
 from teleread.gateway.upload import scan_paths, upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
@@ -113,7 +113,7 @@ def test_exam_travels_from_clinic_to_signed_result(hub_stack, tmp_path: Path) ->
     radio.SignReport(worklist_pb2.SignReportRequest(exam_id=rclaim.exam.exam_id, fence=rclaim.fence), timeout=10)
     with pytest.raises(grpc.RpcError) as empty:
         radio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
-    assert empty.value.code() == grpc.StatusCode.NOT_FOUND
+    assert empty.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(empty.value) == "QUEUE_EMPTY"
 
     # The site pulls its results: in order, no gaps, no duplicates, resumable from a cursor.
     results = results_pb2_grpc.ResultsStub(site)

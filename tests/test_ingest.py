@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from helpers import copy_testdata, error_reason
+from helpers import copy_testdata, error_reason, wait_for_state
 from teleread.db.schema import conflicts, events, objects, uploads
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
@@ -59,8 +59,18 @@ def _ct_bytes(tmp_path: Path) -> bytes:
     return copy_testdata(tmp_path, "CT_small.dcm")[0].read_bytes()
 
 
-@pytest.mark.parametrize("case", ["not_dicom", "truncated", "no_sop_uid", "bad_uid", "traversal_uid", "exe_preamble"])
-def test_bad_dicom_is_refused_and_nothing_is_left(embedded_stack, tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("not_dicom", "DICOM_NO_META"),
+        ("truncated", "TRUNCATED"),
+        ("no_sop_uid", "DICOM_MISSING_ATTRIBUTE"),
+        ("bad_uid", "BAD_UID"),
+        ("traversal_uid", "BAD_UID"),
+        ("exe_preamble", "DICOM_EXECUTABLE_PREAMBLE"),
+    ],
+)
+def test_bad_dicom_is_refused_and_nothing_is_left(embedded_stack, tmp_path: Path, case: str, reason: str) -> None:
     ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
     good = _ct_bytes(tmp_path)
     if case == "not_dicom":
@@ -87,7 +97,7 @@ def test_bad_dicom_is_refused_and_nothing_is_left(embedded_stack, tmp_path: Path
     with pytest.raises(grpc.RpcError) as err:
         _send(ingest, exam_id, data)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error_reason(err.value)  # a stable reason in google.rpc.ErrorInfo
+    assert error_reason(err.value) == reason  # a stable reason in google.rpc.ErrorInfo
     assert _count(embedded_stack, objects) == 0
     staging = embedded_stack.hub.settings.staging_dir()
     assert not list(staging.glob("*.part"))
@@ -111,7 +121,7 @@ def test_wrong_sha256_is_refused(embedded_stack, tmp_path: Path) -> None:
     )
     with pytest.raises(grpc.RpcError) as err:
         ingest.Upload(_chunks(status.upload_id, data, 0), timeout=30)
-    assert error_reason(err.value) == "SHA256_MISMATCH"
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(err.value) == "SHA256_MISMATCH"
     assert _count(embedded_stack, objects) == 0
 
 
@@ -167,8 +177,10 @@ def test_upload_cut_at_random_byte_resumes(hub_stack, seed: int) -> None:
     cut_at = rng.randrange(1, len(data) - 1)
     # Send up to the cut, then drop the stream (client cancel) mid-way.
     call = ingest.Upload.future(_chunks_until(status.upload_id, data, cut_at), timeout=30)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as cut:
         call.result()
+    # the client's own abort (gRPC's status for a request iterator that raised), not a refusal by the hub
+    assert (cut.value.code(), cut.value.details()) == (grpc.StatusCode.UNKNOWN, "Exception iterating requests!")
     resumed = ingest.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=status.upload_id), timeout=10)
     assert resumed.state == ingest_pb2.UPLOAD_STATE_PARTIAL
     assert 0 <= resumed.committed_offset <= cut_at
@@ -180,12 +192,13 @@ def test_upload_cut_at_random_byte_resumes(hub_stack, seed: int) -> None:
             _chunks(status.upload_id, data, max(0, resumed.committed_offset - 1) if resumed.committed_offset else 1),
             timeout=30,
         )
-    assert error_reason(wrong.value) == "OFFSET_MISMATCH"
+    assert wrong.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(wrong.value) == "OFFSET_MISMATCH"
     resumed = ingest.GetUploadStatus(ingest_pb2.GetUploadStatusRequest(upload_id=status.upload_id), timeout=10)
     done = ingest.Upload(_chunks(status.upload_id, data, resumed.committed_offset), timeout=30)
     assert done.state == ingest_pb2.UPLOAD_STATE_STORED and done.object.sha256 == hashlib.sha256(data).hexdigest()
     exam = ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=exam_id, expected_objects=1), timeout=10)
-    assert exam.state in ("received", "triaged", "queued") and exam.total_bytes == len(data)
+    assert exam.state == "received" and exam.total_bytes == len(data)  # committed; triage queues it next
+    assert wait_for_state(ingest, exam_id, "queued").total_bytes == len(data)
 
 
 class _Cut(Exception):
@@ -227,6 +240,7 @@ def test_wfdb_record_with_short_signal_is_refused_at_commit(embedded_stack, tmp_
     assert not [p for p in objects_root.rglob("*") if p.is_file() and ".tmp" not in p.parts]
     with pytest.raises(grpc.RpcError) as again:  # a retry gets the same answer
         ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=exam_id, expected_objects=2), timeout=10)
+    assert again.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(again.value) == "WFDB_SIGNAL_SIZE_MISMATCH"
 
 

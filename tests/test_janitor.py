@@ -200,7 +200,7 @@ def test_a_late_stream_into_an_expired_exam_is_refused(embedded_stack: Any) -> N
     ):
         with pytest.raises(grpc.RpcError) as err:
             resume()
-        assert error_reason(err.value) == "EXAM_EXPIRED"
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(err.value) == "EXAM_EXPIRED"
 
 
 # --- 2. staging files nobody will finish --------------------------------------------------------
@@ -212,8 +212,10 @@ def test_leftover_staging_files_go_and_live_partial_uploads_stay(hub_stack: Any,
     ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
     exam_id = _open(ingest, "staging-1").exam_id
     study = generate_uid()
-    with pytest.raises(grpc.RpcError):  # refused: not DICOM
+    with pytest.raises(grpc.RpcError) as not_dicom:  # refused: not DICOM
         _send(ingest, exam_id, b"not a DICOM file at all" * 200)
+    assert not_dicom.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(not_dicom.value) == "DICOM_NO_META"
     (refused,) = [u for u in _rows(hub_stack, uploads, exam_id=exam_id) if u.state == "rejected"]
     stored = _send(ingest, exam_id, _ct(study))
     live_data = _ct(study)

@@ -13,7 +13,7 @@ import grpc
 import pydicom
 import pytest
 
-from helpers import copy_testdata, wait_for
+from helpers import copy_testdata, error_reason, wait_for
 from teleread.logs import configure_logging
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
@@ -76,6 +76,7 @@ def test_no_patient_data_in_logs_or_errors(embedded_stack, tmp_path: Path) -> No
     ]
     assert isinstance(outcomes[0], ingest_pb2.UploadStatus)
     assert isinstance(outcomes[2], grpc.RpcError)  # the malformed one was refused
+    assert outcomes[2].code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(outcomes[2]) == "TRUNCATED"
     logging.getLogger("teleread.test").warning("flush marker")
     text = stream.getvalue()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]

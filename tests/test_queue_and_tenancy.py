@@ -4,17 +4,22 @@ and results, a radiologist cannot claim an ECG, another alliance's readers see n
 
 from __future__ import annotations
 
-import time
+import datetime as dt
 from pathlib import Path
 
 import grpc
 import pytest
 
-from helpers import copy_testdata, error_reason, wait_for_state
+from helpers import copy_testdata, error_reason, wait_for, wait_for_state
 from teleread.gateway.upload import scan_paths, upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def _refused(err: pytest.ExceptionInfo[grpc.RpcError]) -> tuple[grpc.StatusCode, str]:
+    """The status code and the typed reason (google.rpc.ErrorInfo) of a refused call."""
+    return err.value.code(), error_reason(err.value)
 
 
 def _queued_ecg(stack, tmp_path: Path, who: str = "site_a") -> str:
@@ -34,23 +39,25 @@ def test_lapsed_lease_cannot_sign_and_fence_moves_on(hub_stack, tmp_path: Path) 
     a.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=claim.fence, text="draft"), timeout=10)
     with pytest.raises(grpc.RpcError) as busy:
         b.ClaimExam(worklist_pb2.ClaimExamRequest(exam_id=exam_id), timeout=10)
-    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    time.sleep(1.3)  # the lease lapses
+    assert _refused(busy) == (grpc.StatusCode.FAILED_PRECONDITION, "NOT_CLAIMABLE")
+    lapses = claim.lease_expires_at.ToDatetime(dt.timezone.utc)
+    wait_for(lambda: dt.datetime.now(dt.timezone.utc) > lapses, timeout=10)  # the lease lapses
     with pytest.raises(grpc.RpcError) as lapsed:
         a.SignReport(worklist_pb2.SignReportRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
-    assert lapsed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(lapsed.value) == "LEASE_LOST"
+    assert _refused(lapsed) == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")
     taken = b.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=60), timeout=10)
     assert taken.exam.exam_id == exam_id and taken.fence == claim.fence + 1
     with pytest.raises(grpc.RpcError) as zombie:  # the first reader comes back with a stale fence
         a.RenewClaim(worklist_pb2.RenewClaimRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
-    assert error_reason(zombie.value) == "LEASE_LOST"
+    assert _refused(zombie) == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")
     b.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=taken.fence, text="Sinus rhythm."), timeout=10)
     signed = b.SignReport(worklist_pb2.SignReportRequest(exam_id=exam_id, fence=taken.fence), timeout=10)
     assert signed.signed_by == "dr-rhythm" and signed.version == 1
     # A signed report never changes: saving again is refused, an amendment is a new version (here by
     # the signer, who needs no claim; see test_amendments for everyone else).
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as resaved:  # signing ended the claim: its fence opens nothing
         b.SaveReport(worklist_pb2.SaveReportRequest(exam_id=exam_id, fence=taken.fence, text="edit"), timeout=10)
+    assert _refused(resaved) == (grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST")
     amended = b.AmendReport(
         worklist_pb2.AmendReportRequest(exam_id=exam_id, reason="typo", text="Sinus rhythm, normal."), timeout=10
     )
@@ -69,34 +76,34 @@ def test_tenancy(hub_stack, tmp_path: Path) -> None:
     other_site = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_b"))
     with pytest.raises(grpc.RpcError) as seen:
         other_site.GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10)
-    assert seen.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _refused(seen) == (grpc.StatusCode.NOT_FOUND, "EXAM_NOT_FOUND")
 
     radio = worklist_pb2_grpc.WorklistStub(hub_stack.channel("radio"))
     with pytest.raises(grpc.RpcError) as wrong_specialty:
         radio.ClaimExam(worklist_pb2.ClaimExamRequest(exam_id=exam_id), timeout=10)
-    assert wrong_specialty.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _refused(wrong_specialty) == (grpc.StatusCode.PERMISSION_DENIED, "WRONG_SPECIALTY")
     with pytest.raises(grpc.RpcError) as empty:
         radio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
-    assert empty.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _refused(empty) == (grpc.StatusCode.NOT_FOUND, "QUEUE_EMPTY")
     assert not radio.ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10).exams
 
     city = worklist_pb2_grpc.WorklistStub(hub_stack.channel("cardio_city"))
     assert not city.ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10).exams
     with pytest.raises(grpc.RpcError) as foreign:
         city.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), timeout=10)
-    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _refused(foreign) == (grpc.StatusCode.NOT_FOUND, "EXAM_NOT_FOUND")
 
     # A site identity cannot read the queue; a reader cannot upload.
     with pytest.raises(grpc.RpcError) as site_reads:
         worklist_pb2_grpc.WorklistStub(hub_stack.channel("site_a")).ListWorklist(
             worklist_pb2.ListWorklistRequest(), timeout=10
         )
-    assert site_reads.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _refused(site_reads) == (grpc.StatusCode.PERMISSION_DENIED, "ROLE_DENIED")
     with pytest.raises(grpc.RpcError) as reader_uploads:
         ingest_pb2_grpc.IngestStub(hub_stack.channel("cardio")).GetExam(
             ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10
         )
-    assert reader_uploads.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _refused(reader_uploads) == (grpc.StatusCode.PERMISSION_DENIED, "ROLE_DENIED")
 
     cardio = worklist_pb2_grpc.WorklistStub(hub_stack.channel("cardio"))
     claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
@@ -113,7 +120,7 @@ def test_tenancy(hub_stack, tmp_path: Path) -> None:
         results_pb2_grpc.ResultsStub(hub_stack.channel("site_b")).GetResult(
             results_pb2.GetResultRequest(exam_id=exam_id), timeout=10
         )
-    assert other_result.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _refused(other_result) == (grpc.StatusCode.NOT_FOUND, "RESULT_NOT_FOUND")
 
 
 def test_no_endpoint_is_open(embedded_stack) -> None:
@@ -127,7 +134,7 @@ def test_no_endpoint_is_open(embedded_stack) -> None:
         )
         with pytest.raises(grpc.RpcError) as err:
             ingest_pb2_grpc.IngestStub(channel).GetExam(ingest_pb2.GetExamRequest(exam_id="0" * 32), timeout=10)
-        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _refused(err) == (grpc.StatusCode.UNAUTHENTICATED, "BAD_TOKEN" if token else "NO_TOKEN")
         channel.close()
 
 
@@ -183,7 +190,7 @@ def test_concurrent_readers_never_claim_the_same_exam(hub_stack, tmp_path: Path)
             try:
                 claim = stub.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=300), timeout=10)
             except grpc.RpcError as err:
-                assert err.code() == grpc.StatusCode.NOT_FOUND
+                assert (err.code(), error_reason(err)) == (grpc.StatusCode.NOT_FOUND, "QUEUE_EMPTY")
                 return got
             got.append((claim.exam.exam_id, claim.fence))
 
