@@ -140,7 +140,8 @@ def gateway_process(argv: list[str]) -> int:
 
     from teleread import client
     from teleread.gateway.forward import Forwarder
-    from teleread.gateway.outbox import Backoff, Outbox
+    from teleread.backoff import Backoff
+    from teleread.gateway.outbox import Outbox
     from teleread.settings import GatewaySettings
     from teleread.v1 import ingest_pb2_grpc
 

@@ -5,8 +5,9 @@
 offset), and records the outcome: committed; rejected for good (the hub refused the content: a
 person must look); or failed for now. A failure of the link (or of a hub that does not answer) is
 the link's, not the exam's: the exam is ready again at once and the forwarder pauses with a capped,
-jittered backoff before it tries again, so when the link returns the outbox drains in priority order
-(stat first). A failure the hub reported for this exam backs off that exam alone.
+jittered backoff (the outbox's schedule, :class:`teleread.backoff.Backoff`, on the forwarder's own
+clock) before it tries again, so when the link returns the outbox drains in priority order (stat
+first). A failure the hub reported for this exam backs off that exam alone (the outbox counts it).
 The client key of an exam is its outbox id, so an upload cut by a gateway restart re-opens the same
 hub exam and resumes where the hub stopped confirming.
 """
@@ -17,10 +18,12 @@ import contextlib
 import itertools
 import logging
 import threading
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from teleread.backoff import Backoff
 from teleread.gateway.outbox import Outbox, OutboxExam, Refused
 from teleread.gateway.schedule import TokenBucket, Window, in_windows
 from teleread.gateway.scan import ScanExam, ScanObject
@@ -87,7 +90,10 @@ class Forwarder:
         routine_windows: list[Window] | None = None,
         message_bytes: int = MESSAGE_BYTES,
         in_flight_bytes: int = IN_FLIGHT_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
+        """``clock`` (monotonic seconds) and ``rng`` drive the pause after the link went down."""
         self.message_bytes = message_bytes
         self.in_flight_bytes = in_flight_bytes
         self.outbox = outbox
@@ -98,7 +104,8 @@ class Forwarder:
         self.parallel = parallel
         self.retry = retry
         self.sleep = sleep
-        self._link_failures = 0
+        self.clock = clock
+        self._link_backoff = Backoff(outbox.backoff.policy, rng=rng, clock=clock)
         self._link_wait_until = 0.0
 
     def _scan_exam(self, exam: OutboxExam) -> ScanExam:
@@ -114,14 +121,15 @@ class Forwarder:
 
     def link_wait(self) -> float:
         """Seconds until the next attempt after the link went down (0 when it is up)."""
-        return max(0.0, self._link_wait_until - time.monotonic())
+        return max(0.0, self._link_wait_until - self.clock())
 
     def _link_down(self, exam: OutboxExam, detail: str) -> DrainResult:
         self.outbox.link(False)
         self.outbox.release(exam.id, detail)
-        self._link_failures += 1
-        delay = self.outbox.backoff.delay(self._link_failures)
-        self._link_wait_until = time.monotonic() + delay
+        delay = self._link_backoff.next_delay()
+        if delay is None:  # a schedule with a budget: keep waiting its longest delay
+            delay = self._link_backoff.policy.max_backoff
+        self._link_wait_until = self.clock() + delay
         log.warning("hub not reachable", extra={"exam_id": exam.id, "delay_s": round(delay, 1)})
         return DrainResult(exam.id, "retry", detail, delay)
 
@@ -162,7 +170,7 @@ class Forwarder:
         if outcome.codes and all(code in LINK_DOWN for code in outcome.codes):
             return self._link_down(exam, detail)
         self.outbox.link(True)
-        self._link_failures = 0
+        self._link_backoff.reset()
         if outcome.ok and outcome.exam_id:
             refused = [Refused(r.sha256, r.reason, r.message) for r in outcome.all_refused()]
             self.outbox.committed(exam.id, outcome.exam_id, refused=refused)

@@ -21,13 +21,13 @@ import grpc
 from teleread.client import rpc_code
 from teleread.errors import InvalidInput, ResourceExhausted
 from teleread.gateway.forward import Forwarder, SpreadStub
-from teleread.gateway.outbox import REFUSALS_SHOWN_HOURS, SET_ASIDE_DIR, Backoff, Outbox, OutboxStatus
+from teleread.backoff import Backoff
+from teleread.gateway.outbox import REASON_SUFFIX, REFUSALS_SHOWN_HOURS, SET_ASIDE_DIR, Outbox, OutboxStatus
 from teleread.gateway.results import ResultsInbox
 from teleread.gateway.schedule import COMPRESSION_MODES, TokenBucket, limit_rate, parse_windows
 from teleread.gateway.scp import ScpConfig, StoreScp, identify
 from teleread.gateway.scp_pool import ReceiverPool
 from teleread.gateway.validate import resend_kind
-from teleread.gateway.outbox import REASON_SUFFIX
 from teleread.gateway.watch import REJECTED_DIR, WatchFolder
 from teleread.settings import GatewaySettings, Settings
 

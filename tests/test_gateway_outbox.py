@@ -238,3 +238,135 @@ def test_a_wfdb_record_is_never_made_ready_by_the_clock_alone(tmp_path: Path) ->
     assert box.settle(quiet_s=1, now=later) == 0  # its header has not been taken: not sendable
     box.complete("wfdb:" + "ab" * 32)
     assert box.claim_next() is not None
+
+
+class _Clock:
+    """A hand-driven UTC clock."""
+
+    def __init__(self, start: dt.datetime = NOW) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+def test_retries_quiet_periods_and_pruning_follow_the_clock_the_outbox_is_given(tmp_path: Path) -> None:
+    clock = _Clock()
+    box = Outbox(tmp_path, clock=clock, backoff=Backoff(base_s=10.0, cap_s=10.0))
+    obj = _put(box, b"x", "1.1", "1.1.1")
+    assert box.exam(obj.exam_id).created_at == NOW.isoformat()  # rows are stamped by the clock
+    clock.advance(29)
+    assert box.settle(quiet_s=30) == 0
+    clock.advance(1)
+    assert box.settle(quiet_s=30) == 1
+    exam = box.claim_next()
+    assert exam is not None
+    delay = box.failed(exam.id, "UNAVAILABLE", rng=random.Random(1))
+    assert 0 < delay <= 10.0
+    clock.advance(delay - 0.001)
+    assert box.claim_next() is None  # its next try is still ahead on this clock
+    clock.advance(0.002)
+    again = box.claim_next()
+    assert again is not None and again.id == exam.id and again.attempts == 1
+    box.committed(exam.id, "hub-1")
+    clock.advance(3599)
+    assert box.prune(keep_seconds=3600) == 0
+    clock.advance(1)
+    assert box.prune(keep_seconds=3600) == 1 and not obj.path.exists()
+
+
+def test_outside_the_routine_window_only_stat_and_urgent_exams_are_claimed(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    for study, priority in (("1.1", "routine"), ("1.2", "urgent")):
+        _put(box, study.encode(), study, study + ".1", priority=priority)
+        box.complete(study)
+    first = box.claim_next(routine=False)
+    assert first is not None and first.group_key == "1.2"
+    box.committed(first.id, "hub-1")
+    assert box.claim_next(routine=False) is None  # the routine exam waits for its window
+    routine = box.claim_next(routine=True)
+    assert routine is not None and routine.group_key == "1.1"
+    box.release(routine.id, "UNAVAILABLE: link down")  # the link's failure: ready at once, not counted
+    again = box.claim_next()
+    assert again is not None and again.id == routine.id and again.attempts == 0
+    box.rejected(again.id, "INVALID_ARGUMENT: refused")
+    assert box.status().by_state["rejected"] == 1 and box.claim_next() is None
+
+
+def test_an_interrupted_attempt_is_recovered_without_a_restart(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    _put(box, b"x", "1.1", "1.1.1")
+    box.complete("1.1")
+    assert box.claim_next() is not None
+    assert box.claim_next() is None  # held by the attempt that died
+    assert box.recover() == 1
+    assert box.claim_next() is not None
+
+
+EXPECTED_SCHEMA = {  # the on-disk format of schema version 3: a change here needs a migration
+    ("table", "exams"): "CREATE TABLE exams (\n    id TEXT PRIMARY KEY,\n    group_key TEXT NOT NULL,\n"
+    "    kind TEXT NOT NULL,\n    priority TEXT NOT NULL,\n    priority_rank INTEGER NOT NULL,\n"
+    "    indication TEXT NOT NULL DEFAULT '',\n    state TEXT NOT NULL,\n    created_at TEXT NOT NULL,\n"
+    "    last_object_at TEXT NOT NULL,\n    attempts INTEGER NOT NULL DEFAULT 0,\n    next_attempt_at TEXT,\n"
+    "    last_error TEXT NOT NULL DEFAULT '',\n    hub_exam_id TEXT NOT NULL DEFAULT '',\n    committed_at TEXT,\n"
+    "    follow_up_of TEXT NOT NULL DEFAULT '',\n    refused_count INTEGER NOT NULL DEFAULT 0\n)",
+    ("table", "objects"): "CREATE TABLE objects (\n    id TEXT PRIMARY KEY,\n"
+    "    exam_id TEXT NOT NULL REFERENCES exams(id),\n    instance_key TEXT NOT NULL,\n    role TEXT NOT NULL,\n"
+    "    sha256 TEXT NOT NULL,\n    size INTEGER NOT NULL,\n    received_at TEXT NOT NULL,\n"
+    "    UNIQUE (exam_id, instance_key)\n)",
+    ("table", "refusals"): "CREATE TABLE refusals (\n    id INTEGER PRIMARY KEY,\n    at TEXT NOT NULL,\n"
+    "    source TEXT NOT NULL,\n    reason TEXT NOT NULL,\n    exam_id TEXT NOT NULL DEFAULT ''\n)",
+    ("table", "link"): "CREATE TABLE link (\n    id INTEGER PRIMARY KEY CHECK (id = 1),\n    state TEXT NOT NULL,\n"
+    "    since TEXT NOT NULL,\n    last_contact_at TEXT\n)",
+    ("index", "ix_refusals_at"): "CREATE INDEX ix_refusals_at ON refusals (at)",
+    ("index", "ix_exams_queue"): "CREATE INDEX ix_exams_queue ON exams (state, priority_rank, created_at)",
+    ("index", "ix_exams_group"): "CREATE INDEX ix_exams_group ON exams (group_key)",
+}
+
+
+def test_the_database_and_folders_on_disk_keep_their_format(tmp_path: Path) -> None:
+    import sqlite3
+
+    box = Outbox(tmp_path)
+    obj = _put(box, b"bytes", "1.1", "1.1.1")
+    box.close()
+    db = sqlite3.connect(tmp_path / "outbox.db")
+    rows = db.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL").fetchall()
+    assert {(t, n): sql for t, n, sql in rows} == EXPECTED_SCHEMA
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("outbox.db")) == [
+        "incoming", "objects", "reserve",
+    ]  # fmt: skip
+    assert obj.path == tmp_path / "objects" / hashlib.sha256(b"bytes").hexdigest()
+    assert (tmp_path / "reserve").read_bytes() == bytes(512 * 1024)
+
+
+def test_a_reserve_write_a_crash_cut_is_removed_at_open_and_the_reserve_put_back(tmp_path: Path) -> None:
+    Outbox(tmp_path).close()
+    (tmp_path / "reserve").unlink()  # released on a full disk, then the gateway was killed re-writing it
+    (tmp_path / ".reserve.abc123.tmp").write_bytes(bytes(4096))
+    box = Outbox(tmp_path)
+    assert not (tmp_path / ".reserve.abc123.tmp").exists()
+    assert (tmp_path / "reserve").stat().st_size == 512 * 1024
+    box.close()
+    Outbox(tmp_path, maintenance=False).close()  # a receiver process leaves the owner's files alone
+    assert (tmp_path / "reserve").exists()
+
+
+def test_an_object_over_the_size_limit_is_refused_and_leaves_no_file(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    with pytest.raises(InvalidInput) as err:
+        box.receive(io.BytesIO(b"x" * 2048), group_key="1.1", instance_key="1.1.1", max_bytes=1024)
+    assert err.value.reason == "OBJECT_TOO_LARGE"
+    spooled = box.incoming_dir / "spooled.dcm"
+    spooled.write_bytes(b"y" * 2048)
+    with pytest.raises(InvalidInput) as err:
+        box.adopt(spooled, group_key="1.1", instance_key="1.1.2", max_bytes=1024)  # hashed here: no digest given
+    assert err.value.reason == "OBJECT_TOO_LARGE"
+    assert not any(box.incoming_dir.iterdir()) and not any(box.objects_dir.iterdir())
+    assert sum(box.status().by_state.values()) == 0

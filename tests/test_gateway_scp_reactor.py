@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-import teleread.gateway.outbox as outbox_module
+import teleread.gateway.outbox_files as outbox_files
 from helpers import copy_testdata, wait_for
 from teleread.gateway.outbox import Outbox
 from teleread.gateway.scp import SUCCESS, ScpConfig, identify
@@ -143,7 +143,7 @@ def test_a_file_pruned_between_link_and_record_is_linked_again(tmp_path: Path, m
     box = Outbox(tmp_path / "outbox")
     data = b"same bytes as an exam sent long ago"
     sha = hashlib.sha256(data).hexdigest()
-    real_fsync_dir = outbox_module._fsync_dir
+    real_fsync_dir = outbox_files.fsync_dir
     calls = []
 
     def prune_slips_in(path: Path) -> None:
@@ -152,7 +152,7 @@ def test_a_file_pruned_between_link_and_record_is_linked_again(tmp_path: Path, m
             (box.objects_dir / sha).unlink()
         calls.append(path)
 
-    monkeypatch.setattr(outbox_module, "_fsync_dir", prune_slips_in)
+    monkeypatch.setattr(outbox_files, "fsync_dir", prune_slips_in)
     obj = box.adopt(_spool(box, data), group_key="1.2.3", instance_key="1.2.3.4", digest=(sha, len(data)))
     assert obj.path.read_bytes() == data
     assert len(calls) == 2  # linked again, and that link synced too
