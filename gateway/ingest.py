@@ -26,12 +26,13 @@ from teleread.cpu import CpuPool
 from teleread.db.engine import reading, utcnow
 from teleread.db.schema import conflicts, exams, objects, refusals, sites, uploads
 from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted, TelereadError
+from teleread import lifecycle
 from teleread.events import EventBus, record_event
 from teleread.gateway import validate
 from teleread.gateway.staging import MAX_CHUNK, Staging
 from teleread.storage import ObjectStore, object_key
 from teleread.reader.routing import Routing
-from teleread.vocab import ExamKind, ObjectRole, Priority, is_ecg
+from teleread.vocab import ExamKind, ExamState, ObjectRole, Priority, UploadStatus, is_ecg
 
 log = logging.getLogger("teleread.ingest")
 
@@ -40,7 +41,7 @@ KINDS = tuple(ExamKind)
 PRIORITIES = tuple(Priority)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-REFUSED_UPLOAD_STATES = ("rejected", "refused")
+REFUSED_UPLOAD_STATES = lifecycle.REFUSED_UPLOADS
 # refusals that depend on the exam, not on the bytes alone: another exam may take the same bytes
 EXAM_SCOPED_REASONS = frozenset(
     {"STUDY_MISMATCH", "INSTANCE_UID_CONFLICT", "WFDB_SIGNAL_SIZE_MISMATCH", "WFDB_INCOMPLETE", "MIXED_EXAM",
@@ -113,7 +114,7 @@ class IngestService:
             row = conn.execute(
                 select(exams).where(exams.c.site_id == site_id, exams.c.client_exam_key == client_exam_key)
             ).first()
-            if row is not None and row.state == "expired":  # abandoned long ago: the key starts afresh
+            if row is not None and row.state == ExamState.EXPIRED:  # abandoned long ago: the key starts afresh
                 conn.execute(update(exams).where(exams.c.id == row.id).values(client_exam_key=f"expired:{row.id}"))
                 row = None
             if row is not None:
@@ -123,24 +124,24 @@ class IngestService:
             )
             now = utcnow()
             exam_id = new_id()
-            conn.execute(
-                insert(exams).values(
-                    id=exam_id,
-                    site_id=site_id,
-                    client_exam_key=client_exam_key,
-                    kind=kind,
-                    modality="ECG" if kind == "ecg" else "",
-                    study_instance_uid=study_instance_uid,
-                    state="receiving",
-                    priority=priority,
-                    indication=indication,
-                    follow_up_of=earlier,
-                    created_at=now,
-                    updated_at=now,
-                )
+            lifecycle.open_exam(
+                conn,
+                values={
+                    "id": exam_id,
+                    "site_id": site_id,
+                    "client_exam_key": client_exam_key,
+                    "kind": kind,
+                    "modality": "ECG" if kind == ExamKind.ECG else "",
+                    "study_instance_uid": study_instance_uid,
+                    "priority": priority,
+                    "indication": indication,
+                    "follow_up_of": earlier,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+                actor_id=p.id,
+                detail={"follow_up_of": earlier} if earlier else None,
             )
-            detail = {"follow_up_of": earlier} if earlier else None
-            record_event(conn, type="opened", exam_id=exam_id, site_id=site_id, actor_id=p.id, detail=detail)
             return self._uploader_view(
                 conn, dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
             )
@@ -169,7 +170,7 @@ class IngestService:
             .where(
                 exams.c.site_id == site_id,
                 exams.c.study_instance_uid == study_instance_uid,
-                exams.c.state.not_in(("receiving", "rejected", "expired")),
+                exams.c.state.not_in((ExamState.RECEIVING, ExamState.REJECTED, ExamState.EXPIRED)),
             )
             .order_by(exams.c.created_at.desc())
             .limit(1)
@@ -216,8 +217,8 @@ class IngestService:
             raise ResourceExhausted("object is larger than the per-file limit", reason="TOO_LARGE")
         with self._engine.begin() as conn:
             exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
-            if exam["state"] != "receiving":
-                if exam["state"] == "expired":
+            if exam["state"] != ExamState.RECEIVING:
+                if exam["state"] == ExamState.EXPIRED:
                     raise Conflict("the exam expired unfinished; open it again", reason="EXAM_EXPIRED")
                 raise Conflict("exam is already committed", reason="EXAM_COMMITTED")
             earlier = self._earlier_refusal(conn, site_id=site_id, exam_id=exam_id, sha256=sha256, role=role)
@@ -230,20 +231,20 @@ class IngestService:
             if refused is None and row is None:
                 upload_id = new_id()
                 now = utcnow()
-                conn.execute(
-                    insert(uploads).values(
-                        id=upload_id,
-                        exam_id=exam_id,
-                        site_id=site_id,
-                        sha256=sha256,
-                        size=size,
-                        role=role,
-                        state="partial",
-                        created_at=now,
-                        updated_at=now,
-                    )
+                lifecycle.open_upload(
+                    conn,
+                    values={
+                        "id": upload_id,
+                        "exam_id": exam_id,
+                        "site_id": site_id,
+                        "sha256": sha256,
+                        "size": size,
+                        "role": role,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
                 )
-                return UploadState(upload_id, 0, size, "partial")
+                return UploadState(upload_id, 0, size, UploadStatus.PARTIAL)
         if refused is not None:  # the same bytes were refused before: the same answer, at once
             raise refused
         assert row is not None
@@ -317,15 +318,15 @@ class IngestService:
                 refusal = conn.execute(
                     select(refusals).where(refusals.c.upload_id == row.id).order_by(refusals.c.id.desc()).limit(1)
                 ).first()
-        if row.state in ("stored", "duplicate"):
+        if row.state in lifecycle.HOLDING_UPLOADS:
             return UploadState(row.id, row.size, row.size, row.state, obj)
         if row.state in REFUSED_UPLOAD_STATES:  # a retry gets the original error, never "partial"
             if refusal is not None:
                 raise _refusal_error(refusal)
             raise InvalidInput("the hub refused this object", reason="OBJECT_REFUSED")
-        if row.state != "partial":  # expired with its abandoned exam: never "partial at 0" for ever
+        if row.state != UploadStatus.PARTIAL:  # expired with its abandoned exam: never "partial at 0" for ever
             raise Conflict("the upload's exam expired unfinished; open the exam again", reason="EXAM_EXPIRED")
-        return UploadState(row.id, self._staging.confirmed(row.id), row.size, "partial")
+        return UploadState(row.id, self._staging.confirmed(row.id), row.size, UploadStatus.PARTIAL)
 
     @staticmethod
     def _site_upload(conn: Connection, *, site_id: int, upload_id: str) -> Row[Any]:
@@ -342,7 +343,7 @@ class IngestService:
         with self._staging.exclusive(upload_id):
             with reading(self._engine) as conn:
                 row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
-            if row.state != "partial":
+            if row.state != UploadStatus.PARTIAL:
                 return self.upload_status(p, upload_id=upload_id)
             current = self._staging.confirmed(upload_id)
             if offset != current:
@@ -353,7 +354,7 @@ class IngestService:
                 )
             written = self._staging.append(upload_id, chunks, start=current, size=row.size)
             if written < row.size:
-                return UploadState(upload_id, written, row.size, "partial")
+                return UploadState(upload_id, written, row.size, UploadStatus.PARTIAL)
             return self._finalise(p, site_id=site_id, upload=row)
 
     def _finalise(self, p: Principal, *, site_id: int, upload: Row[Any]) -> UploadState:
@@ -429,7 +430,7 @@ class IngestService:
         try:
             with self._engine.begin() as conn:
                 conn.execute(insert(objects).values(**row))
-                self._mark_upload(conn, upload_id=u.id, state="stored", object_id=object_id)
+                self._mark_upload(conn, upload_id=u.id, state=UploadStatus.STORED, object_id=object_id)
                 self._touch_exam(conn, exam_id=u.exam_id, meta=meta)
         except DbIntegrityError:
             # A concurrent upload of the same instance won the race: treat as duplicate/conflict.
@@ -444,7 +445,7 @@ class IngestService:
             return dup
         part.unlink(missing_ok=True)
         log.info("object stored", extra={"upload_id": u.id, "bytes": u.size})
-        return UploadState(u.id, u.size, u.size, "stored", row)
+        return UploadState(u.id, u.size, u.size, UploadStatus.STORED, row)
 
     def _existing_instance(
         self, *, site_id: int, uid: str, upload: Row[Any], part: Path | None = None
@@ -464,14 +465,14 @@ class IngestService:
             if row is None:
                 return None
             if row.sha256 == u.sha256 or (row.id == first.id and resend in validate.KEEP_FIRST):
-                self._mark_upload(conn, upload_id=u.id, state="duplicate", object_id=row.id)
+                self._mark_upload(conn, upload_id=u.id, state=UploadStatus.DUPLICATE, object_id=row.id)
                 if row.sha256 != u.sha256:  # recorded: the first copy answers for the resend
                     record_event(
                         conn, type="instance_resent", exam_id=u.exam_id, site_id=site_id,
                         detail={"kind": resend, "kept": row.sha256, "offered": u.sha256},
                     )  # fmt: skip
                     log.info("instance resent in another encoding; first copy kept", extra={"reason": resend})
-                return UploadState(u.id, u.size, u.size, "duplicate", dict(row._mapping))
+                return UploadState(u.id, u.size, u.size, UploadStatus.DUPLICATE, dict(row._mapping))
             conn.execute(
                 insert(conflicts).values(
                     site_id=site_id,
@@ -482,7 +483,7 @@ class IngestService:
                     created_at=utcnow(),
                 )
             )
-            self._mark_upload(conn, upload_id=u.id, state="refused", object_id=None)
+            self._mark_upload(conn, upload_id=u.id, state=UploadStatus.REFUSED, object_id=None)
             record_event(conn, type="instance_conflict", exam_id=u.exam_id, site_id=site_id)
             error = AlreadyExists(
                 "an instance with this SOPInstanceUID and different bytes is already stored;"
@@ -497,12 +498,8 @@ class IngestService:
         raise error
 
     @staticmethod
-    def _mark_upload(conn: Connection, *, upload_id: str, state: str, object_id: str | None) -> None:
-        conn.execute(
-            update(uploads)
-            .where(uploads.c.id == upload_id)
-            .values(state=state, object_id=object_id, updated_at=utcnow())
-        )
+    def _mark_upload(conn: Connection, *, upload_id: str, state: UploadStatus, object_id: str | None) -> None:
+        lifecycle.move_upload(conn, upload_id, state, values={"object_id": object_id, "updated_at": utcnow()})
 
     @staticmethod
     def _touch_exam(conn: Connection, *, exam_id: str, meta: dict[str, object]) -> None:
@@ -514,7 +511,7 @@ class IngestService:
     def _reject_upload(self, *, site_id: int, upload: Row[Any], error: TelereadError) -> None:
         self._staging.discard(upload.id)
         with self._engine.begin() as conn:
-            self._mark_upload(conn, upload_id=upload.id, state="rejected", object_id=None)
+            self._mark_upload(conn, upload_id=upload.id, state=UploadStatus.REJECTED, object_id=None)
             self._record_refusal(
                 conn, site_id=site_id, exam_id=upload.exam_id, upload_id=upload.id, role=upload.role,
                 sha256=upload.sha256, size=upload.size, error=error,
@@ -554,11 +551,11 @@ class IngestService:
         problem: InvalidInput | None = None
         with self._engine.begin() as conn:
             exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
-            if exam["state"] == "rejected":  # a retry gets the same answer
+            if exam["state"] == ExamState.REJECTED:  # a retry gets the same answer
                 raise InvalidInput(
                     "the hub refused this exam; see its refused objects", reason=str(exam["reject_reason"])
                 )
-            if exam["state"] != "receiving":
+            if exam["state"] != ExamState.RECEIVING:
                 return self._uploader_view(conn, exam)  # idempotent: already committed
             done = conn.execute(
                 select(
@@ -572,7 +569,7 @@ class IngestService:
                     objects.c.sop_instance_uid,
                 )  # fmt: skip
                 .select_from(uploads.join(objects, uploads.c.object_id == objects.c.id))
-                .where(uploads.c.exam_id == exam_id, uploads.c.state.in_(("stored", "duplicate")))
+                .where(uploads.c.exam_id == exam_id, uploads.c.state.in_(lifecycle.HOLDING_UPLOADS))
             ).all()
             stored = {(r.sha256, r.role) for r in done}
             refused = {
@@ -617,11 +614,14 @@ class IngestService:
         now = utcnow()
         hospital = self._routing.hospital_for(site_code=site.code, site_lead_hospital=site.lead_hospital)
         specialty = self._routing.specialty_for(modality)
-        conn.execute(
-            update(exams)
-            .where(exams.c.id == exam_id)
-            .values(
-                state="received",
+        lifecycle.move_exam(
+            conn,
+            exam_id,
+            ExamState.RECEIVED,
+            event="received",
+            actor_id=p.id,
+            detail={"refused": refused} if refused else None,
+            values=dict(
                 modality=modality,
                 kind=kind,
                 received_at=now,
@@ -632,17 +632,7 @@ class IngestService:
                 total_bytes=sum(int(r.size) for r in done),
                 incomplete=refused > 0,
                 refused_count=refused,
-            )
-        )
-        record_event(
-            conn,
-            type="received",
-            exam_id=exam_id,
-            site_id=site_id,
-            hospital=hospital,
-            specialty=specialty,
-            actor_id=p.id,
-            detail={"refused": refused} if refused else None,
+            ),
         )
 
     def _reject_exam(self, *, site_id: int, exam_id: str, error: InvalidInput, stored: Sequence[Any]) -> None:
@@ -654,16 +644,18 @@ class IngestService:
                     conn, site_id=site_id, exam_id=exam_id, upload_id=r.upload_id, role=r.role, sha256=r.sha256,
                     size=int(r.size), sop_instance_uid=r.sop_instance_uid, error=error,
                 )  # fmt: skip
-                self._mark_upload(conn, upload_id=r.upload_id, state="refused", object_id=None)
+                self._mark_upload(conn, upload_id=r.upload_id, state=UploadStatus.REFUSED, object_id=None)
             mine = [r.id for r in stored]
             if mine:  # a duplicate's row belongs to the exam that stored it first
                 conn.execute(delete(objects).where(objects.c.id.in_(mine), objects.c.exam_id == exam_id))
-            conn.execute(
-                update(exams)
-                .where(exams.c.id == exam_id)
-                .values(state="rejected", reject_reason=error.reason[:64], updated_at=utcnow())
+            lifecycle.move_exam(
+                conn,
+                exam_id,
+                ExamState.REJECTED,
+                event="rejected",
+                values={"reject_reason": error.reason[:64]},
+                detail={"reason": error.reason},
             )
-            record_event(conn, type="rejected", exam_id=exam_id, site_id=site_id, detail={"reason": error.reason})
         for key in {r.storage_key for r in stored}:
             self.delete_unreferenced(key)
         log.warning("exam rejected", extra={"exam_id": exam_id, "reason": error.reason})

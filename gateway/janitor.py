@@ -35,19 +35,20 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import ColumnElement, Engine, delete, exists, select, update
+from sqlalchemy import ColumnElement, Engine, delete, exists, select
 
 from teleread.db.engine import as_utc, reading, utcnow
 from teleread.db.schema import exams, objects, sites, uploads
-from teleread.events import record_event
+from teleread import lifecycle
 from teleread.gateway.staging import PART_SUFFIX
 from teleread.storage import ObjectStore
+from teleread.vocab import ExamState, UploadStatus
 
 log = logging.getLogger("teleread.janitor")
 
 BATCH = 500  # ids or keys per IN (...) list
-LIVE = "partial"
-HOLDING = ("stored", "duplicate")  # an upload that points to an object row
+LIVE = UploadStatus.PARTIAL
+HOLDING = lifecycle.HOLDING_UPLOADS  # an upload that points to an object row
 EXPIRING = (LIVE, *HOLDING)  # upload states an expiry changes; refused and rejected stay as they are
 _KEY = re.compile(r"^t([1-9][0-9]*)/objects/([0-9a-f]{2})/([0-9a-f]{64})$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -166,7 +167,7 @@ class Janitor:
                     for r in conn.execute(
                         select(exams.c.id, exams.c.site_id).where(
                             exams.c.site_id == site_id,
-                            exams.c.state == "receiving",
+                            exams.c.state == ExamState.RECEIVING,
                             exams.c.updated_at < cutoff,
                             quiet,
                         )
@@ -176,7 +177,7 @@ class Janitor:
                     (r.id, r.site_id)
                     for r in conn.execute(
                         select(exams.c.id, exams.c.site_id).where(
-                            exams.c.site_id == site_id, exams.c.state == "expired", _holds_something()
+                            exams.c.site_id == site_id, exams.c.state == ExamState.EXPIRED, _holds_something()
                         )
                     )
                 ]
@@ -209,15 +210,6 @@ class Janitor:
         self._check_stop()
         try:
             with self._engine.begin() as conn:
-                if cutoff is not None:
-                    quiet = ~exists().where(uploads.c.exam_id == exams.c.id, uploads.c.updated_at >= cutoff)
-                    changed = conn.execute(
-                        update(exams)
-                        .where(exams.c.id == exam_id, exams.c.state == "receiving", exams.c.updated_at < cutoff, quiet)
-                        .values(state="expired", updated_at=now)
-                    ).rowcount
-                    if changed != 1:  # something arrived meanwhile: not abandoned after all
-                        return
                 ups = list(
                     conn.execute(
                         select(uploads.c.id).where(uploads.c.exam_id == exam_id, uploads.c.state.in_(EXPIRING))
@@ -236,19 +228,28 @@ class Janitor:
                     ).scalars()
                 }
                 gone = [o for o in own if o.id not in relied_on]
+                if cutoff is not None:
+                    # Only if still receiving and quiet: an upload arriving meanwhile (its row newer
+                    # than the cutoff) means the exam was not abandoned after all, and nothing changes.
+                    quiet = ~exists().where(uploads.c.exam_id == exams.c.id, uploads.c.updated_at >= cutoff)
+                    moved = lifecycle.move_exam(
+                        conn,
+                        exam_id,
+                        ExamState.EXPIRED,
+                        event="expired",
+                        expect=ExamState.RECEIVING,
+                        when=(exams.c.updated_at < cutoff) & quiet,
+                        values={"updated_at": now},
+                        detail={"uploads": len(ups), "objects": len(gone)},
+                    )
+                    if moved is None:
+                        return
                 for batch in _batches(ups):
-                    conn.execute(
-                        update(uploads)
-                        .where(uploads.c.id.in_(batch))
-                        .values(state="expired", object_id=None, updated_at=now)
+                    lifecycle.move_uploads(
+                        conn, batch, UploadStatus.EXPIRED, values={"object_id": None, "updated_at": now}
                     )
                 for batch in _batches([o.id for o in gone]):
                     conn.execute(delete(objects).where(objects.c.id.in_(batch), objects.c.exam_id == exam_id))
-                if cutoff is not None:
-                    record_event(
-                        conn, type="expired", exam_id=exam_id, site_id=site_id,
-                        detail={"uploads": len(ups), "objects": len(gone)},
-                    )  # fmt: skip
         except Exception as exc:
             report.errors += 1
             log.warning("expiring an exam failed", extra={"reason": type(exc).__name__})

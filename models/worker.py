@@ -16,14 +16,16 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select
 
 from teleread.db.engine import as_utc, reading, utcnow
 from teleread.db.schema import exams, objects
 from teleread.cpu import CpuPool
-from teleread.events import EventBus, record_event
+from teleread import lifecycle
+from teleread.events import EventBus
 from teleread.models import fusion, pipeline, triage
 from teleread.reader.routing import LEVEL_RANK, Routing
+from teleread.vocab import ExamState, Level
 
 log = logging.getLogger("teleread.triage")
 
@@ -78,7 +80,7 @@ class TriageWorker:
     def recover(self) -> int:
         """Re-submit exams committed but not yet triaged (after a restart)."""
         with reading(self._engine) as conn:
-            ids = [r.id for r in conn.execute(select(exams.c.id).where(exams.c.state == "received"))]
+            ids = [r.id for r in conn.execute(select(exams.c.id).where(exams.c.state == ExamState.RECEIVED))]
         for exam_id in ids:
             self.submit(exam_id)
         return len(ids)
@@ -115,7 +117,9 @@ class TriageWorker:
 
     def process_batch(self, exam_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         with reading(self._engine) as conn:
-            rows = conn.execute(select(exams).where(exams.c.id.in_(list(exam_ids)), exams.c.state == "received")).all()
+            rows = conn.execute(
+                select(exams).where(exams.c.id.in_(list(exam_ids)), exams.c.state == ExamState.RECEIVED)
+            ).all()
             objs: dict[str, list[Any]] = {r.id: [] for r in rows}
             for o in conn.execute(select(objects).where(objects.c.exam_id.in_(list(objs)))):
                 objs[o.exam_id].append(o)
@@ -192,30 +196,30 @@ class TriageWorker:
         arrived = as_utc(exam.received_at) or utcnow()
         deadline = self._routing.deadline(level=level, arrived=arrived)
         with self._engine.begin() as conn:
-            changed = conn.execute(
-                update(exams)
-                .where(exams.c.id == exam.id, exams.c.state == "received")
-                .values(
-                    state="queued",
-                    level=level,
-                    level_rank=LEVEL_RANK[level],
-                    score=float(result.score),
-                    triage_json=json.dumps(result.to_dict(), ensure_ascii=False),
-                    deadline=deadline,
-                    updated_at=utcnow(),
+            triaged = lifecycle.move_exam(
+                conn,
+                exam.id,
+                ExamState.TRIAGED,
+                event="triaged",
+                expect=ExamState.RECEIVED,  # another worker, or a retry, got there first: nothing to do
+                values={
+                    "level": level,
+                    "level_rank": LEVEL_RANK[level],
+                    "score": float(result.score),
+                    "triage_json": json.dumps(result.to_dict(), ensure_ascii=False),
+                },
+                detail={"rules": result.rules_version},
+            )
+            if triaged is not None:
+                lifecycle.move_exam(
+                    conn,
+                    exam.id,
+                    ExamState.QUEUED,
+                    event="queued",
+                    values={"deadline": deadline},
+                    detail={"level": level},
+                    also=[("critical", {"level": level})] if level == Level.CRITICAL else [],
                 )
-            ).rowcount
-            if changed:
-                for kind in ("triaged", "queued") + (("critical",) if level == "critical" else ()):
-                    record_event(
-                        conn,
-                        type=kind,
-                        exam_id=exam.id,
-                        site_id=exam.site_id,
-                        hospital=exam.hospital,
-                        specialty=exam.specialty,
-                        detail={"level": level} if kind != "triaged" else {"rules": result.rules_version},
-                    )
         self._bus.publish()
         log.info("exam queued", extra={"exam_id": exam.id, "level": level})
         return {"level": level, "deadline": deadline}

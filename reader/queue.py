@@ -22,13 +22,15 @@ from teleread.auth import Principal, require_reader
 from teleread.db.engine import as_utc, is_postgres, reading, utcnow
 from teleread.db.schema import exams, objects, principals, reports
 from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound, PermissionDenied
+from teleread import lifecycle
 from teleread.events import EventBus, record_event
+from teleread.vocab import ExamState
 
 log = logging.getLogger("teleread.queue")
 
-READABLE_STATES = ("queued", "in_reading", "reported")
-READING = ("in_reading",)  # a claim to write and sign the first report
-CLAIMED_STATES = ("in_reading", "reported")  # a reported exam is claimed only for amendment
+READABLE_STATES = lifecycle.READABLE
+READING = (ExamState.IN_READING,)  # a claim to write and sign the first report
+CLAIMED_STATES = (ExamState.IN_READING, ExamState.REPORTED)  # a reported exam is claimed only for amendment
 
 
 def queue_order() -> list[Any]:
@@ -58,14 +60,14 @@ class QueueService:
     @staticmethod
     def _claimable(now: datetime) -> Any:
         return and_(
-            exams.c.state.in_(("queued", "in_reading")),  # lets the planner use ix_exams_claimable
-            or_(exams.c.state == "queued", exams.c.lease_expires_at < now),
+            exams.c.state.in_((ExamState.QUEUED, ExamState.IN_READING)),  # lets the planner use ix_exams_claimable
+            or_(exams.c.state == ExamState.QUEUED, exams.c.lease_expires_at < now),
         )
 
     # ---- worklist ----------------------------------------------------------------------------
     def worklist(self, p: Principal, *, limit: int = 200, include_claimed: bool = True) -> list[dict[str, Any]]:
         hospital, specialty = require_reader(p)
-        states = ("queued", "in_reading") if include_claimed else ("queued",)
+        states = (ExamState.QUEUED, ExamState.IN_READING) if include_claimed else (ExamState.QUEUED,)
         query = (
             select(exams, principals.c.name.label("claimed_by_name"))
             .select_from(exams.outerjoin(principals, exams.c.claimed_by == principals.c.id))
@@ -107,14 +109,14 @@ class QueueService:
             now = utcnow()
             row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
             if for_amendment:
-                if row.state != "reported":
+                if row.state != ExamState.REPORTED:
                     raise Conflict("only a reported exam can be claimed for amendment", reason="NOT_REPORTED")
                 if self.live_claim(row, now=now):
                     raise Conflict("the exam is already claimed for amendment", reason="AMENDMENT_CLAIMED")
-                exam = self._take(conn, p, exam_id=exam_id, now=now, lease=lease, state="reported")
+                exam = self._take(conn, p, exam_id=exam_id, now=now, lease=lease, state=ExamState.REPORTED)
             else:
-                claimable = row.state == "queued" or (
-                    row.state == "in_reading" and (as_utc(row.lease_expires_at) or now) < now
+                claimable = row.state == ExamState.QUEUED or (
+                    row.state == ExamState.IN_READING and (as_utc(row.lease_expires_at) or now) < now
                 )
                 if not claimable:
                     raise LeaseLost("exam is claimed by another reader or not in the queue", reason="NOT_CLAIMABLE")
@@ -136,31 +138,19 @@ class QueueService:
         exam_id: str,
         now: datetime,
         lease: timedelta,
-        state: str = "in_reading",
+        state: ExamState = ExamState.IN_READING,
     ) -> dict[str, Any]:
-        conn.execute(
-            update(exams)
-            .where(exams.c.id == exam_id)
-            .values(
-                state=state,
-                claimed_by=p.id,
-                lease_expires_at=now + lease,
-                fence=exams.c.fence + 1,
-                updated_at=now,
-            )
-        )
-        exam = dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
-        record_event(
+        exam = lifecycle.move_exam(
             conn,
+            exam_id,
+            state,
             # an amendment claim is not a queue event: the worklist watch does not show it
-            type="claimed" if state == "in_reading" else "amendment_claimed",
-            exam_id=exam_id,
-            site_id=exam["site_id"],
-            hospital=exam["hospital"],
-            specialty=exam["specialty"],
+            event="claimed" if state == ExamState.IN_READING else "amendment_claimed",
+            values={"claimed_by": p.id, "lease_expires_at": now + lease, "fence": exams.c.fence + 1, "updated_at": now},
             actor_id=p.id,
-            detail={"fence": exam["fence"]},
+            detail=lambda row: {"fence": row["fence"]},
         )
+        assert exam is not None
         exam["claimed_by_name"] = p.name
         log.info("claimed", extra={"exam_id": exam_id})
         return exam
@@ -199,24 +189,13 @@ class QueueService:
         """Give a claimed exam back to the queue; a claim for amendment is dropped, the exam stays reported."""
         with self._engine.begin() as conn:
             row = self.check_lease(conn, p, exam_id=exam_id, fence=fence, states=CLAIMED_STATES)
-            reading_claim = row.state == "in_reading"
-            conn.execute(
-                update(exams)
-                .where(exams.c.id == exam_id)
-                .values(
-                    state="queued" if reading_claim else row.state,
-                    claimed_by=None,
-                    lease_expires_at=None,
-                    updated_at=utcnow(),
-                )
-            )
-            record_event(
+            reading_claim = row.state == ExamState.IN_READING
+            lifecycle.move_exam(
                 conn,
-                type="released" if reading_claim else "amendment_released",
-                exam_id=exam_id,
-                site_id=row.site_id,
-                hospital=row.hospital,
-                specialty=row.specialty,
+                exam_id,
+                ExamState.QUEUED if reading_claim else ExamState.REPORTED,
+                event="released" if reading_claim else "amendment_released",
+                values={"claimed_by": None, "lease_expires_at": None},
                 actor_id=p.id,
             )
         self._bus.publish()

@@ -16,14 +16,16 @@ import json
 import logging
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, select, update
 
 from teleread.auth import Principal
 from teleread.db.engine import utcnow
-from teleread.db.schema import exams, reports, results, sites
+from teleread.db.schema import reports, sites
 from teleread.errors import Conflict, InvalidInput, PermissionDenied
-from teleread.events import EventBus, record_event
+from teleread import lifecycle
+from teleread.events import EventBus
 from teleread.reader.queue import QueueService
+from teleread.vocab import ExamState, ReportStatus
 
 log = logging.getLogger("teleread.reports")
 MAX_TEXT = 20000
@@ -69,40 +71,30 @@ class ReportService:
     ) -> dict[str, Any]:
         _check_text(text, impression)
         with self._engine.begin() as conn:
-            self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence)
+            exam = self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence)
             latest = self._latest(conn, exam_id)
             now = utcnow()
-            if latest is not None and latest.status == "draft":
-                conn.execute(
-                    update(reports)
-                    .where(reports.c.id == latest.id)
-                    .values(text=text, impression=impression, critical=critical, author_id=p.id)
-                )
+            content = {"text": text, "impression": impression, "critical": critical, "author_id": p.id}
+            if latest is not None and latest.status == ReportStatus.DRAFT:
+                lifecycle.move_report(
+                    conn, exam._mapping, latest.id, ReportStatus.DRAFT, event="draft_saved", source=ReportStatus.DRAFT,
+                    values=content, actor_id=p.id, record=True,
+                )  # fmt: skip
                 report_id = latest.id
             elif latest is not None:
                 raise Conflict("the exam has a signed report; amend it instead", reason="ALREADY_SIGNED")
             else:
-                report_id = conn.execute(
-                    insert(reports)
-                    .values(
-                        exam_id=exam_id,
-                        version=1,
-                        status="draft",
-                        text=text,
-                        impression=impression,
-                        critical=critical,
-                        author_id=p.id,
-                        created_at=now,
-                    )
-                    .returning(reports.c.id)
-                ).scalar_one()
+                report_id = lifecycle.new_report_version(
+                    conn, exam._mapping, ReportStatus.DRAFT, event="drafted",
+                    values={**content, "version": 1, "created_at": now}, actor_id=p.id, record=True,
+                )  # fmt: skip
             return dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
 
     def sign(self, p: Principal, *, exam_id: str, fence: int) -> dict[str, Any]:
         with self._engine.begin() as conn:
             exam = self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence)
             latest = self._latest(conn, exam_id)
-            if latest is None or latest.status != "draft":
+            if latest is None or latest.status != ReportStatus.DRAFT:
                 raise Conflict("there is no draft report to sign", reason="NO_DRAFT")
             now = utcnow()
             digest = content_hash(
@@ -113,17 +105,21 @@ class ReportService:
                 critical=latest.critical,
                 signer=p.name,
             )
-            conn.execute(
-                update(reports)
-                .where(reports.c.id == latest.id, reports.c.status == "draft")
-                .values(status="final", signed_by=p.id, signed_at=now, sha256=digest)
+            lifecycle.move_report(
+                conn, exam._mapping, latest.id, ReportStatus.FINAL, event="signed", source=ReportStatus.DRAFT,
+                values={"signed_by": p.id, "signed_at": now, "sha256": digest}, actor_id=p.id, record=False,
+            )  # fmt: skip
+            critical = bool(latest.critical)
+            seq = self._publish(conn, exam=exam, report_id=latest.id, critical=critical)
+            lifecycle.move_exam(
+                conn,
+                exam_id,
+                ExamState.REPORTED,
+                event="critical_result" if critical else "reported",
+                values={"claimed_by": None, "lease_expires_at": None, "updated_at": now},
+                actor_id=p.id,
+                detail={"cursor": seq},
             )
-            conn.execute(
-                update(exams)
-                .where(exams.c.id == exam_id)
-                .values(state="reported", claimed_by=None, lease_expires_at=None, updated_at=now)
-            )
-            self._publish(conn, exam=exam, report_id=latest.id, critical=bool(latest.critical), actor=p)
             report = dict(conn.execute(select(reports).where(reports.c.id == latest.id)).one()._mapping)
         self._bus.publish()
         log.info("report signed", extra={"exam_id": exam_id})
@@ -136,10 +132,14 @@ class ReportService:
         a live claim for amendment; with a fence, ``p`` must hold that live claim for amendment."""
         exam = self._queue.locked_exam(conn, p, exam_id=exam_id)
         latest = self._latest(conn, exam_id)
-        if exam.state != "reported" or latest is None or latest.status != "final":
+        if (
+            exam.state != ExamState.REPORTED
+            or latest is None
+            or latest.status not in (ReportStatus.FINAL, ReportStatus.AMENDED)
+        ):
             raise Conflict("only a signed report can be amended", reason="NOT_SIGNED")
         if fence:
-            self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence, states=("reported",))
+            self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence, states=(ExamState.REPORTED,))
         elif latest.signed_by != p.id:
             raise PermissionDenied(
                 "only the signer may amend without a claim; claim the exam for amendment",
@@ -175,70 +175,61 @@ class ReportService:
             digest = content_hash(
                 exam_id=exam_id, version=version, text=text, impression=impression, critical=critical, signer=p.name
             )
-            report_id = conn.execute(
-                insert(reports)
-                .values(
-                    exam_id=exam_id,
-                    version=version,
-                    status="final",
-                    text=text,
-                    impression=impression,
-                    critical=critical,
-                    author_id=p.id,
-                    signed_by=p.id,
-                    signed_at=now,
-                    amends_reason=reason,
-                    sha256=digest,
-                    created_at=now,
-                )
-                .returning(reports.c.id)
-            ).scalar_one()
-            conn.execute(  # the claim for amendment, if any, ends with the amendment
-                update(exams)
-                .where(exams.c.id == exam_id)
-                .values(claimed_by=None, lease_expires_at=None, updated_at=now)
-            )
-            record_event(
+            report_id = lifecycle.new_report_version(
                 conn,
-                type="amended",
-                exam_id=exam_id,
-                site_id=exam.site_id,
-                hospital=exam.hospital,
-                specialty=exam.specialty,
+                exam._mapping,
+                ReportStatus.AMENDED,
+                event="amended",
+                values={
+                    "version": version,
+                    "text": text,
+                    "impression": impression,
+                    "critical": critical,
+                    "author_id": p.id,
+                    "signed_by": p.id,
+                    "signed_at": now,
+                    "amends_reason": reason,
+                    "sha256": digest,
+                    "created_at": now,
+                },
+                actor_id=p.id,
+                record=False,  # the exam's "amended" below is the record
+            )
+            seq = self._publish(conn, exam=exam, report_id=report_id, critical=critical)
+            lifecycle.move_exam(  # the claim for amendment, if any, ends with the amendment
+                conn,
+                exam_id,
+                ExamState.REPORTED,
+                event="amended",
+                values={"claimed_by": None, "lease_expires_at": None, "updated_at": now},
                 actor_id=p.id,
                 detail={"version": version, "fence": int(fence)},
+                also=[("critical_result" if critical else "reported", {"cursor": seq})],
             )
-            self._publish(conn, exam=exam, report_id=report_id, critical=critical, actor=p)
             report = dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
         self._bus.publish()
         log.info("report amended", extra={"exam_id": exam_id})
         return report
 
     @staticmethod
-    def _publish(conn: Connection, *, exam: Any, report_id: int, critical: bool, actor: Principal) -> None:
+    def _publish(conn: Connection, *, exam: Any, report_id: int, critical: bool) -> int:
+        """Publish the report version as the site's next result; returns its cursor. The caller's
+        exam move writes the event that announces it."""
         seq = conn.execute(
             update(sites)
             .where(sites.c.id == exam.site_id)
             .values(result_seq=sites.c.result_seq + 1)
             .returning(sites.c.result_seq)
         ).scalar_one()
-        conn.execute(
-            insert(results).values(
-                site_id=exam.site_id,
-                seq=seq,
-                exam_id=exam.id,
-                report_id=report_id,
-                critical=critical,
-                published_at=utcnow(),
-            )
-        )
-        record_event(
+        lifecycle.new_result(
             conn,
-            type="critical_result" if critical else "reported",
-            exam_id=exam.id,
-            site_id=exam.site_id,
-            hospital=exam.hospital,
-            specialty=exam.specialty,
-            actor_id=actor.id,
-            detail={"cursor": seq},
+            values={
+                "site_id": exam.site_id,
+                "seq": seq,
+                "exam_id": exam.id,
+                "report_id": report_id,
+                "published_at": utcnow(),
+            },
+            critical=critical,
         )
+        return int(seq)

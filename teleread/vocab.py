@@ -64,6 +64,51 @@ class ObjectRole(StrEnum):
     WFDB_SIGNAL = "wfdb_signal"
 
 
+class ExamState(StrEnum):
+    """Where an exam is in its life cycle (``teleread.lifecycle`` owns the moves between them)."""
+
+    RECEIVING = "receiving"
+    RECEIVED = "received"
+    TRIAGED = "triaged"
+    QUEUED = "queued"
+    IN_READING = "in_reading"
+    REPORTED = "reported"
+    DELIVERED = "delivered"
+    ACKNOWLEDGED = "acknowledged"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class ReportStatus(StrEnum):
+    """The status of a report's latest version."""
+
+    DRAFT = "draft"
+    PRELIMINARY = "preliminary"
+    AWAITING_COUNTERSIGNATURE = "awaiting_countersignature"
+    SECOND_READER_CHECK = "second_reader_check"
+    FINAL = "final"
+    AMENDED = "amended"
+
+
+class CriticalState(StrEnum):
+    """A critical result version's communication to the clinic."""
+
+    NOTIFIED = "notified"
+    ACKNOWLEDGED = "acknowledged"
+    ESCALATED = "escalated"
+
+
+class UploadStatus(StrEnum):
+    """One object's upload into an exam."""
+
+    PARTIAL = "partial"
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    REFUSED = "refused"  # the bytes were refused (a refusal record says why)
+    REJECTED = "rejected"  # refused at begin, before any byte (a refusal record says why)
+    EXPIRED = "expired"
+
+
 class Role(StrEnum):
     """What a person or a machine identity may do."""
 

@@ -188,7 +188,7 @@ reports = Table(
     Column("id", Integer, primary_key=True),
     Column("exam_id", String(32), ForeignKey("exams.id"), nullable=False),
     Column("version", Integer, nullable=False),
-    Column("status", String(16), nullable=False),
+    Column("status", String(32), nullable=False),  # teleread.lifecycle.REPORT
     Column("text", Text, nullable=False),
     Column("impression", Text, nullable=False, default=""),
     Column("critical", Boolean, nullable=False, default=False),
@@ -210,6 +210,7 @@ results = Table(
     Column("exam_id", String(32), ForeignKey("exams.id"), nullable=False),
     Column("report_id", Integer, ForeignKey("reports.id"), nullable=False),
     Column("critical", Boolean, nullable=False, default=False),
+    Column("critical_state", String(16), nullable=False, default="", server_default=text("''")),  # lifecycle.CRITICAL
     Column("published_at", UtcDateTime, nullable=False),
     UniqueConstraint("site_id", "seq", name="uq_results_site_seq"),
 )
