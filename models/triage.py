@@ -5,15 +5,16 @@
 QRS), ST-deviation rules over contiguous lead groups, indication keywords and the requested
 priority. ``triage_image`` applies the priority floor and the indication keywords. Every finding
 carries the measured evidence and the threshold it was compared with; the summary is short English
-with numbers and never patient data. ``TriageResult.to_dict``/``from_dict`` give its JSON form.
+with numbers and never patient data. The result's schema, with its JSON and protobuf forms, is
+:mod:`teleread.triage_result`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from teleread.models.ecg_rules import (
     KeywordRule,
@@ -23,6 +24,8 @@ from teleread.models.ecg_rules import (
     ThresholdRule,
     load_rules,
 )
+
+from teleread.triage_result import Evidence, Finding, TriageResult
 
 if TYPE_CHECKING:  # the measurement module imports wfdb; triage only reads its attributes
     from teleread.models.ecg_measure import EcgMeasurements
@@ -40,86 +43,6 @@ __all__ = [
     "triage_image",
     "unmeasurable_ecg",
 ]
-
-
-@dataclass(frozen=True)
-class Evidence:
-    name: str
-    value: float
-    unit: str = ""
-    lead: str = ""
-    threshold: float | None = None
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str
-    title: str
-    level: Level
-    evidence: list[Evidence] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class TriageResult:
-    level: Level
-    score: float
-    findings: list[Finding]
-    rules_version: str
-    summary: str
-    sla_minutes: int
-    models: tuple[str, ...] = ()  # name@version of every learned model that contributed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "level": str(self.level),
-            "score": self.score,
-            "findings": [
-                {
-                    "code": f.code,
-                    "title": f.title,
-                    "level": str(f.level),
-                    "evidence": [
-                        {"name": e.name, "value": e.value, "unit": e.unit, "lead": e.lead, "threshold": e.threshold}
-                        for e in f.evidence
-                    ],
-                }
-                for f in self.findings
-            ],
-            "rules_version": self.rules_version,
-            "summary": self.summary,
-            "sla_minutes": self.sla_minutes,
-            "models": list(self.models),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TriageResult:
-        findings = [
-            Finding(
-                code=str(f["code"]),
-                title=str(f["title"]),
-                level=Level(f["level"]),
-                evidence=[
-                    Evidence(
-                        name=str(e["name"]),
-                        value=float(e["value"]),
-                        unit=str(e.get("unit", "")),
-                        lead=str(e.get("lead", "")),
-                        threshold=None if e.get("threshold") is None else float(e["threshold"]),
-                    )
-                    for e in f.get("evidence", [])
-                ],
-            )
-            for f in data.get("findings", [])
-        ]
-        return cls(
-            level=Level(data["level"]),
-            score=float(data["score"]),
-            findings=findings,
-            rules_version=str(data["rules_version"]),
-            summary=str(data.get("summary", "")),
-            sla_minutes=int(data.get("sla_minutes", 0)),
-            models=tuple(str(m) for m in data.get("models", ())),
-        )
 
 
 @dataclass(frozen=True)

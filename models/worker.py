@@ -8,7 +8,6 @@ human must read it) with a finding that says so, at least at the urgency the cli
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import tempfile
@@ -206,7 +205,7 @@ class TriageWorker:
                     "level": level,
                     "level_rank": LEVEL_RANK[level],
                     "score": float(result.score),
-                    "triage_json": json.dumps(result.to_dict(), ensure_ascii=False),
+                    "triage_json": result.to_json(),
                 },
                 detail={"rules": result.rules_version},
             )

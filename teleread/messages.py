@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any, Mapping
 
 from google.protobuf import timestamp_pb2
 
 from teleread.db.engine import as_utc
+from teleread.triage_result import TriageResult
 from teleread.v1 import common_pb2
-from teleread.vocab import ExamKind, Level, Priority
+from teleread.vocab import ExamKind, Priority
 
-LEVELS = {
-    Level.CRITICAL: common_pb2.LEVEL_CRITICAL,
-    Level.URGENT: common_pb2.LEVEL_URGENT,
-    Level.ROUTINE: common_pb2.LEVEL_ROUTINE,
-}
 PRIORITIES = {
     Priority.STAT: common_pb2.PRIORITY_STAT,
     Priority.URGENT: common_pb2.PRIORITY_URGENT,
@@ -37,35 +32,8 @@ def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def triage_message(raw: str) -> common_pb2.Triage | None:
-    if not raw:
-        return None
-    data = json.loads(raw)
-    findings = [
-        common_pb2.Finding(
-            code=f.get("code", ""),
-            title=f.get("title", ""),
-            level=LEVELS.get(f.get("level", ""), 0),
-            evidence=[
-                common_pb2.Evidence(
-                    name=e.get("name", ""),
-                    value=float(e.get("value") or 0.0),
-                    unit=e.get("unit", "") or "",
-                    lead=e.get("lead", "") or "",
-                    threshold=float(e.get("threshold") or 0.0),
-                )
-                for e in f.get("evidence", [])
-            ],
-        )
-        for f in data.get("findings", [])
-    ]
-    return common_pb2.Triage(
-        level=LEVELS.get(data.get("level", ""), 0),
-        score=float(data.get("score", 0.0)),
-        findings=findings,
-        rules_version=data.get("rules_version", ""),
-        summary=data.get("summary", ""),
-        models=[str(x) for x in data.get("models", [])],
-    )
+    """The ``teleread.v1.Triage`` of an exam's ``triage_json`` (None before triage)."""
+    return TriageResult.from_json(raw).to_proto() if raw else None
 
 
 def exam_message(row: Mapping[str, Any], *, site_code: str = "") -> common_pb2.Exam:
