@@ -11,7 +11,6 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from teleread.db.engine import as_utc
 from teleread.errors import NotFound
 from teleread.messages import exam_message, object_message, report_message, ts
 from teleread.reader.directory import Directory
@@ -204,7 +203,7 @@ def result_message(row: dict[str, Any], *, site_code: str) -> results_pb2.Result
         report=report_message(report, signer=row.get("signed_by_name") or ""),
         critical=bool(row["result_critical"]),
     )
-    stamp = ts(as_utc(row["published_at"]))
+    stamp = ts(row["published_at"])
     if stamp is not None:
         msg.published_at.CopyFrom(stamp)
     return msg
