@@ -85,6 +85,13 @@ WorklistItem = SnapshotExam | SnapshotEnd | WorklistChange
 
 
 @dataclass(frozen=True)
+class ResultsLive:
+    """A results watch has caught up and is subscribed: every later result will follow."""
+
+    cursor: int
+
+
+@dataclass(frozen=True)
 class ResultPublished:
     """A result published to a site (a row as ``ResultsService.list_after`` returns it)."""
 
@@ -427,9 +434,10 @@ class WatchFeed:
         finally:
             self._unsubscribe(sub)
 
-    async def results(self, p: Principal, *, after: int) -> AsyncIterator[dict[str, Any]]:
+    async def results(self, p: Principal, *, after: int) -> AsyncIterator[dict[str, Any] | ResultsLive]:
         """The caller's site's results after cursor ``after``, in cursor order without gaps or
-        repeats, then each new one as it is published, until the feed closes."""
+        repeats, then (after one :class:`ResultsLive`) each new one as it is published, until the
+        feed closes."""
         site_id = require_result_reader(p)
         if after < 0:
             raise InvalidInput("cursor cannot be negative", reason="BAD_CURSOR")
@@ -439,6 +447,7 @@ class WatchFeed:
             async for row in self._catch_up(p, cursor):
                 cursor = int(row["seq"])
                 yield row
+            yield ResultsLive(cursor=cursor)
             while (batch := await sub.take()) is not None:
                 for item in batch:
                     if item.seq <= cursor:

@@ -14,7 +14,7 @@ import grpc
 from teleread.errors import NotFound
 from teleread.messages import exam_message, object_message, report_message, ts
 from teleread.reader.directory import Directory
-from teleread.reader.feed import SnapshotEnd, SnapshotExam, WatchFeed, WorklistChange, WorklistItem
+from teleread.reader.feed import ResultsLive, SnapshotEnd, SnapshotExam, WatchFeed, WorklistChange, WorklistItem
 from teleread.reader.queue import QueueService
 from teleread.reader.reports import ReportService
 from teleread.reader.results import ResultsService
@@ -228,8 +228,13 @@ class ResultsServicer(results_pb2_grpc.ResultsServicer):
         self, request: results_pb2.WatchResultsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[results_pb2.Result]:
         p = current_principal()
+        answered = False
         async for row in self._feed.results(p, after=request.after_cursor):
-            yield result_message(row, site_code=p.site_code or "")
+            if not isinstance(row, ResultsLive):
+                answered = True
+                yield result_message(row, site_code=p.site_code or "")
+            elif not answered:  # nothing to send yet: headers, so the client knows it is subscribed
+                await context.send_initial_metadata(())
 
     def GetResult(self, request: results_pb2.GetResultRequest, context: grpc.ServicerContext) -> results_pb2.Result:
         p = current_principal()

@@ -119,29 +119,33 @@ def _sign(stack: HubStack, exam_id: str) -> None:
 def test_results_watchers_get_their_sites_results_in_order_once(embedded_stack: HubStack) -> None:
     stack = embedded_stack
     results = results_pb2_grpc.ResultsStub(stack.channel("site_a"))
+    early = results.WatchResults(results_pb2.WatchResultsRequest(after_cursor=0), timeout=60)
+    early.initial_metadata()  # sent once the watch is subscribed, before any result exists
     first = [queued_exam(stack) for _ in range(2)]
     _sign(stack, first[0])
+    assert next(early).cursor == 1  # live from the feed
     live = results.WatchResults(results_pb2.WatchResultsRequest(after_cursor=0), timeout=60)
     assert next(live).cursor == 1  # caught up from the table
-    wait_for(lambda: stack.hub.feed.subscribers() == 1)
+    wait_for(lambda: stack.hub.feed.subscribers() == 2)
     _sign(stack, queued_exam(stack, site="clinic-b"))  # another site's result: not shown here
     _sign(stack, first[1])
     got = next(live)
     assert (got.cursor, got.exam.exam_id, got.exam.site) == (2, first[1], "clinic-a")
+    assert next(early).cursor == 2
     later = results.WatchResults(results_pb2.WatchResultsRequest(after_cursor=1), timeout=60)
     assert next(later).cursor == 2
-    wait_for(lambda: stack.hub.feed.subscribers() == 2)
+    wait_for(lambda: stack.hub.feed.subscribers() == 3)
     third = queued_exam(stack)
     _sign(stack, third)
-    assert [next(live).cursor, next(later).cursor] == [3, 3]
+    assert [next(early).cursor, next(live).cursor, next(later).cursor] == [3, 3, 3]
     with stack.hub.engine.connect() as conn:
         assert conn.execute(select(sites.c.result_seq).where(sites.c.code == "clinic-b")).scalar_one() == 1
     # A reader may not watch results: the feed applies the same rule as ListResults.
     with pytest.raises(Exception) as denied:
         next(results_pb2_grpc.ResultsStub(stack.channel("cardio")).WatchResults(results_pb2.WatchResultsRequest()))
     assert error_reason(denied.value) == "ROLE_DENIED"
-    live.cancel()
-    later.cancel()
+    for call in (early, live, later):
+        call.cancel()
 
 
 @pytest.fixture
