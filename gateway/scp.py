@@ -1,18 +1,31 @@
 """The gateway's DICOM receiver: a C-STORE / C-ECHO SCP (pynetdicom) that writes every instance
 into the durable outbox before it answers Success.
 
-pynetdicom receives each dataset straight to a file in the outbox's ``incoming/`` folder
-(``STORE_RECV_CHUNKED_DATASET``, spooled there by :mod:`scp_reactor`), so a large multi-frame object
-never sits whole in memory; the handler reads only the identifying attributes, lets the outbox
-adopt the file (SHA-256, fsync, rename: no copy) and answers:
+The receiver is two layers. The *engine* does the networking: pynetdicom's AE, association state
+machine, DIMSE and service classes, behind one small interface, :class:`Receiver` (``port``,
+``start``, ``accept``, ``stop``), which hands every received dataset, as a file, to its
+``on_instance`` callback and answers the C-STORE with what the callback returns.
+:func:`make_receiver` builds the engine that ``ScpConfig.engine`` names (the setting
+``TELEREAD_GATEWAY__RECEIVER_ENGINE``):
+
+- ``reactor`` (the default): :class:`teleread.gateway.scp_reactor.ReactorReceiver`, pynetdicom with
+  an event-driven acceptor (no polling threads, large reads) that spools each dataset into the
+  outbox's ``incoming/`` folder, hashed as it is written, so the outbox adopts it without a copy or
+  a second read. It relies on private pynetdicom APIs, listed in that module's text: a pynetdicom
+  upgrade must be checked against that list and the receiver tests.
+- ``pynetdicom``: :class:`PynetdicomReceiver`, pynetdicom's stock acceptor (``AE.start_server``) and
+  nothing but its public API. Datasets are received chunked (``STORE_RECV_CHUNKED_DATASET``) into
+  pynetdicom's own temporary files, in the system's temporary folder (point ``TMPDIR`` at a disk
+  folder where ``/tmp`` is RAM-backed), then copied into the outbox. Slower; the fallback when a
+  pynetdicom upgrade breaks the reactor. Every receiver test runs on both engines.
+
+The *store* is :class:`StoreScp`, the engine's ``on_instance``: it reads only the identifying
+attributes, applies the hub's own check, lets the outbox adopt (or copy) the file and answers:
 
 - ``0x0000`` Success once the instance is durable (a retried instance with the same bytes too);
 - ``0xA700`` Out of resources when the gateway's disk is full (the sender keeps the instance);
 - ``0xA900`` when the SOP class or identifiers do not match, ``0xC000`` cannot understand for
   malformed data or bad UIDs, ``0xC001`` for the same instance UID with different bytes.
-
-Each accepted association runs event-driven (:mod:`teleread.gateway.scp_reactor`): the threads
-wait on the socket and on each other instead of polling.
 
 Patient data never reaches the logs: pynetdicom's identifier logging is off and our log lines
 name only status codes and reasons.
@@ -20,12 +33,12 @@ name only status codes and reasons.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
 from teleread.gateway.outbox import Identity, Outbox
@@ -58,6 +71,8 @@ UNCOMPRESSED_SYNTAXES = (
 # gave 137 CT slices/s here; 1 MiB 182/s).
 MAX_PDU = 1024 * 1024
 SUCCESS, OUT_OF_RESOURCES, MISMATCH, CANNOT_UNDERSTAND, DUPLICATE_CONFLICT = 0x0000, 0xA700, 0xA900, 0xC000, 0xC001
+ENGINES = ("reactor", "pynetdicom")
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 @dataclass
@@ -66,6 +81,7 @@ class ScpConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     priority: str = "routine"  # for instances that do not say (a clinic can set its default)
+    engine: str = "reactor"  # one of ENGINES: see the module's text
 
 
 def _read_identifiers(path: Path) -> Any:
@@ -103,25 +119,86 @@ def identify(path: Path) -> Identity | None:
     return None if uids is None else Identity(uids[0], uids[1], instance_kind(uids[2]))
 
 
-class StoreScp:
-    def __init__(self, outbox: Outbox, config: ScpConfig, *, on_close: Callable[[Any], None] | None = None) -> None:
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One dataset an engine received, as a file (preamble, file meta group, dataset) that the
+    callback must take or copy before it returns (the engine removes it after)."""
+
+    path: Path
+    sop_class_uid: str  # as the C-STORE request names them
+    sop_instance_uid: str
+    digest: tuple[str, int] | None = None  # SHA-256 and size, when the engine hashed it as it wrote it
+    write_error: OSError | None = None  # writing it failed (a full disk): the rest of the dataset was dropped
+
+
+OnInstance = Callable[[ReceivedInstance], Any]
+"""Store one received instance; return the C-STORE status (an int, or a status Dataset)."""
+OnClose = Callable[[Any], None]
+"""Called with pynetdicom's event when an association's connection closes."""
+
+
+class Receiver(Protocol):
+    """A DICOM C-STORE / C-ECHO acceptor feeding an :data:`OnInstance` callback."""
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the configured one until it has started)."""
+        ...
+
+    def start(self, *, listen: bool = True) -> Receiver:
+        """Listen on the configured address; with ``listen=False`` only serve connections handed
+        to :meth:`accept` (a receiver process of the gateway's receiver pool)."""
+        ...
+
+    def accept(self, sock: socket.socket, address: Any) -> None:
+        """Serve an association on a connection accepted elsewhere."""
+        ...
+
+    def stop(self) -> None:
+        """Stop listening and close the server (associations under way end with their peers)."""
+        ...
+
+
+def make_receiver(
+    config: ScpConfig, on_instance: OnInstance, *, spool_dir: Path | None = None, on_close: OnClose | None = None
+) -> Receiver:
+    """The engine ``config.engine`` names. ``spool_dir``: where the reactor writes received
+    datasets (the outbox's ``incoming/``, so it can adopt them); the stock engine ignores it."""
+    if config.engine == "reactor":
+        from teleread.gateway.scp_reactor import ReactorReceiver
+
+        return ReactorReceiver(config, on_instance, spool_dir=spool_dir, on_close=on_close)
+    if config.engine == "pynetdicom":
+        return PynetdicomReceiver(config, on_instance, on_close=on_close)
+    raise InvalidInput(f"the receiver engine must be one of {', '.join(ENGINES)}", reason="BAD_SETTING")
+
+
+class PynetdicomReceiver:
+    """pynetdicom's stock acceptor, on its public API only: ``AE.start_server`` (or ``make_server``
+    with :func:`handed_connections_server` for handed connections), datasets received chunked into
+    pynetdicom's temporary files. :class:`~teleread.gateway.scp_reactor.ReactorReceiver` changes how
+    its server is made and what it knows of a received file."""
+
+    engine = "pynetdicom"
+
+    def __init__(self, config: ScpConfig, on_instance: OnInstance, *, on_close: OnClose | None = None) -> None:
         from pynetdicom import AE, _config, evt
         from pynetdicom.presentation import StoragePresentationContexts
 
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.STORE_RECV_CHUNKED_DATASET = True  # a dataset is never whole in memory
         _config.LOG_HANDLER_LEVEL = "none"
-        self.outbox = outbox
         self.config = config
+        self.on_instance = on_instance
         self.ae = AE(ae_title=config.ae_title)
         for context in StoragePresentationContexts:
             assert context.abstract_syntax is not None
             self.ae.add_supported_context(context.abstract_syntax, [*UNCOMPRESSED_SYNTAXES, *COMPRESSED_SYNTAXES])
         self.ae.maximum_pdu_size = MAX_PDU
-        self.ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
+        self.ae.add_supported_context(VERIFICATION)  # C-ECHO
         self.handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
-            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_CONN_OPEN, _no_delay),
         ]
         if on_close is not None:
             self.handlers.append((evt.EVT_CONN_CLOSE, on_close))
@@ -132,30 +209,22 @@ class StoreScp:
     def port(self) -> int:
         return int(self.server.server_address[1]) if self.server is not None else self.config.port
 
-    def start(self, *, listen: bool = True) -> StoreScp:
-        """Listen on the configured address; with ``listen=False`` only serve connections handed to
-        :meth:`accept` (a receiver process of :class:`~teleread.gateway.scp_pool.ReceiverPool`)."""
-        from pynetdicom.transport import ThreadedAssociationServer
-
-        from teleread.gateway.scp_reactor import EventDrivenRequestHandler, HandedConnectionsServer, spool_into
-
-        server = self.ae.make_server(
-            (self.config.host, self.config.port),
-            evt_handlers=self.handlers,
-            server_class=ThreadedAssociationServer if listen else HandedConnectionsServer,
-            request_handler=EventDrivenRequestHandler,
-        )
-        spool_into(server, self.outbox.incoming_dir)
+    def start(self, *, listen: bool = True) -> PynetdicomReceiver:
+        self.server, self._listening = self._serve(listen), listen
         if listen:
-            threading.Thread(target=server.serve_forever, name="dicom-receiver", daemon=True).start()
-        self.ae._servers.append(server)  # as AE.start_server does: shutdown() removes it
-        self.server, self._listening = server, listen
-        if listen:
-            log.info("DICOM receiver listening", extra={"ae_title": self.config.ae_title, "port": self.port})
+            log.info(
+                "DICOM receiver listening",
+                extra={"ae_title": self.config.ae_title, "port": self.port, "engine": self.engine},
+            )
         return self
 
+    def _serve(self, listen: bool) -> Any:
+        address = (self.config.host, self.config.port)
+        if listen:
+            return self.ae.start_server(address, block=False, evt_handlers=self.handlers)
+        return self.ae.make_server(address, evt_handlers=self.handlers, server_class=handed_connections_server())
+
     def accept(self, sock: socket.socket, address: Any) -> None:
-        """Serve an association on a connection accepted elsewhere."""
         self.server.process_request(sock, address)
 
     def stop(self) -> None:
@@ -164,18 +233,69 @@ class StoreScp:
                 self.server.shutdown()
             else:  # serve_forever never ran: shutdown() would wait for it
                 self.server.server_close()
-                self.ae._servers.remove(self.server)
             self.server = None
 
-    @staticmethod
-    def _on_open(event: Any) -> None:
-        try:  # small PDUs of many small instances must not wait for Nagle
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError):
-            pass
+    def _received(self, event: Any) -> ReceivedInstance:
+        return ReceivedInstance(
+            Path(event.dataset_path),
+            str(event.request.AffectedSOPClassUID),
+            str(event.request.AffectedSOPInstanceUID),
+        )
 
     def _on_store(self, event: Any) -> Any:
-        status, reason, message = self._store(event)
+        return self.on_instance(self._received(event))
+
+
+def _no_delay(event: Any) -> None:
+    try:  # small PDUs of many small instances must not wait for Nagle
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
+@functools.cache
+def handed_connections_server() -> type:
+    """The server class for connections accepted elsewhere (pynetdicom is imported when needed)."""
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class HandedConnectionsServer(ThreadedAssociationServer):
+        """pynetdicom's threaded server that neither binds nor listens: it serves the connections it
+        is handed (``process_request``), as a receiver process of the gateway's receiver pool does."""
+
+        def server_bind(self) -> None:
+            """Nothing to bind: the gateway process listens."""
+
+        def server_activate(self) -> None:
+            pass
+
+    return HandedConnectionsServer
+
+
+class StoreScp:
+    """The gateway's receiver: an engine (:func:`make_receiver`) whose instances go into ``outbox``."""
+
+    def __init__(self, outbox: Outbox, config: ScpConfig, *, on_close: OnClose | None = None) -> None:
+        self.outbox = outbox
+        self.config = config
+        self.receiver = make_receiver(config, self.store, spool_dir=outbox.incoming_dir, on_close=on_close)
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    def start(self, *, listen: bool = True) -> StoreScp:
+        self.receiver.start(listen=listen)
+        return self
+
+    def accept(self, sock: socket.socket, address: Any) -> None:
+        self.receiver.accept(sock, address)
+
+    def stop(self) -> None:
+        self.receiver.stop()
+
+    def store(self, instance: ReceivedInstance) -> Any:
+        """The C-STORE status of one received instance (see the module's text)."""
+        status, reason, message = self._store(instance)
         if status == SUCCESS:
             return SUCCESS
         log.log(
@@ -187,13 +307,12 @@ class StoreScp:
             self.outbox.refused("receiver", reason)
         return failure_status(status, reason, message)
 
-    def _store(self, event: Any) -> tuple[int, str, str]:
+    def _store(self, instance: ReceivedInstance) -> tuple[int, str, str]:
         """(status, reason, message): the outbox holds the instance when the status is Success."""
-        from teleread.gateway.scp_reactor import spool_error, spooled_digest
-
-        path = Path(event.dataset_path)
+        path = instance.path
+        spooled = path.parent == self.outbox.incoming_dir  # written into the outbox: adopted, not copied
         try:
-            if spool_error(path) is not None:  # the disk filled while the dataset arrived
+            if instance.write_error is not None:  # the disk filled while the dataset arrived
                 return OUT_OF_RESOURCES, "GATEWAY_DISK_FULL", "the gateway's disk is full"
             try:  # the hub's own check, so what the modality is told stored the hub accepts
                 info = check_dicom_instance(path)
@@ -201,15 +320,13 @@ class StoreScp:
                 return CANNOT_UNDERSTAND, exc.reason, exc.message
             except Exception:  # noqa: BLE001 - the parser's text may quote data; answer with a status
                 return CANNOT_UNDERSTAND, "DICOM_UNREADABLE", "DICOM file could not be parsed"
-            if info.sop_class_uid != str(event.request.AffectedSOPClassUID) or info.sop_instance_uid != str(
-                event.request.AffectedSOPInstanceUID
-            ):
+            if info.sop_class_uid != instance.sop_class_uid or info.sop_instance_uid != instance.sop_instance_uid:
                 return MISMATCH, "IDENTIFIER_MISMATCH", "the dataset's UIDs differ from the C-STORE request's"
             study, sop, kind = info.study_instance_uid, info.sop_instance_uid, instance_kind(info.sop_class_uid)
-            if path.parent == self.outbox.incoming_dir:  # spooled into the outbox: adopted, not copied
+            if spooled:
                 self.outbox.adopt(
                     path, group_key=study, instance_key=sop, kind=kind, priority=self.config.priority,
-                    digest=spooled_digest(path), rebuildable=True,
+                    digest=instance.digest, rebuildable=True,
                 )  # fmt: skip
             else:
                 with open(path, "rb") as f:
@@ -221,7 +338,7 @@ class StoreScp:
         except InvalidInput as exc:
             return CANNOT_UNDERSTAND, exc.reason, exc.message
         finally:
-            if path.parent == self.outbox.incoming_dir:  # adopted, or refused: the spool file goes either way
+            if spooled:  # adopted, or refused: the spool file goes either way
                 path.unlink(missing_ok=True)
         return SUCCESS, "", ""
 

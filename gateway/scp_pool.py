@@ -3,9 +3,10 @@
 One Python process receives on one core at most (the GIL). With ``receivers = N`` (N > 1) the
 gateway process listens on the DICOM port itself and hands each accepted connection (its file
 descriptor, over a Unix socket pair) to the receiver process that has the fewest associations open;
-each receiver runs the same :class:`StoreScp` on the connections it is given and writes into the
-same outbox (SQLite WAL is safe across processes; placing a file and pruning one are serialised by
-SQLite write transactions, see :meth:`Outbox._place`). A receiver dies with the gateway
+each receiver runs the same :class:`StoreScp`, on the configured engine (``ScpConfig.engine``), on
+the connections it is given and writes into the same outbox (SQLite WAL is safe across processes;
+placing a file and pruning one are serialised by SQLite write transactions, see
+:meth:`Outbox._place`). A receiver dies with the gateway
 (``PR_SET_PDEATHSIG``); one that dies alone is started again, and a modality whose association it
 held simply retries, as after any dropped connection.
 

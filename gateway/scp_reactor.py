@@ -1,4 +1,4 @@
-"""An event-driven acceptor for pynetdicom: the same state machine and handlers, without the polling.
+"""The ``reactor`` receiver engine: pynetdicom's state machine and handlers, without the polling.
 
 pynetdicom 3.0 runs two threads per association, and both poll: the DUL reactor sleeps
 ``_run_loop_delay`` whenever it has nothing to do (1 ms by default), and the association reactor
@@ -25,15 +25,50 @@ association by :class:`EventDrivenRequestHandler` (``AE.make_server(request_hand
 the requestor side and any other AE in the process keep pynetdicom's own behaviour.
 
 Received datasets are spooled (``STORE_RECV_CHUNKED_DATASET``) into the server's ``spool_dir``
-when it has one (:func:`spool_into`), so the outbox can adopt the file by renaming it instead of
+when it has one (:func:`spool_into`), so the outbox can adopt the file by linking it instead of
 copying it, and a large object never lands in a RAM-backed ``/tmp``.
+
+:class:`ReactorReceiver` is this engine behind the receiver interface of :mod:`teleread.gateway.scp`
+(``TELEREAD_GATEWAY__RECEIVER_ENGINE=reactor``, the default); ``pynetdicom`` selects the stock
+acceptor, which uses none of what follows.
+
+**What a pynetdicom upgrade needs.** pynetdicom is pinned (``pynetdicom==3.0.4`` in
+``pyproject.toml``). This engine relies on these private or undocumented parts of it, so before an
+upgrade compare each with the new release and run ``tests/test_gateway_scp.py``,
+``tests/test_gateway_scp_reactor.py`` and ``tests/test_gateway_compressed.py`` (both engines) and
+the fault suite; if the reactor cannot follow, set the engine to ``pynetdicom`` meanwhile:
+
+- ``DULServiceProvider.run_reactor`` (replaced by :meth:`EventDrivenDUL.run_reactor`, a copy of its
+  loop) and what that loop uses: ``_run_loop_delay``, ``_kill_thread``, ``_idle_timer`` (``start``,
+  ``restart``), ``artim_timer.expired``, ``event_queue``, ``state_machine.do_action`` and
+  ``current_state``, ``_process_recv_primitive()``, ``_is_transport_event()``, ``assoc``,
+  ``socket``; the overridden ``send_pdu``, ``kill_dul``, ``stop_dul``; and ``threading.Thread``'s
+  private ``_target``, rebound with ``pynetdicom.utils.make_target`` because the class is swapped
+  after the thread was created.
+- ``Association._run_reactor`` (replaced by :meth:`EventDrivenAssociation._run_reactor`, a copy of
+  the acceptor's loop) and what it uses: ``_kill``, ``_is_paused``, ``_reactor_checkpoint``,
+  ``_dul_ready``, ``_serve_request(msg, context_id)``, ``dimse.get_msg(block=False)``,
+  ``acse.is_release_requested``/``send_release``/``is_aborted``, ``dul.receive_pdu(wait=False)``,
+  ``dul.idle_timer_expired()``, ``network_timeout_response``, ``_server`` and ``kill``; and
+  ``evt.trigger`` for ``EVT_RELEASED`` / ``EVT_ABORTED``.
+- ``RequestHandler._create_association`` (extended to swap the classes in), and
+  ``AE.make_server`` passing ``request_handler`` through to ``AssociationServer``.
+- ``AssociationSocket.recv`` (replaced by :meth:`FastAssociationSocket.recv`) and its ``socket``.
+- The chunked C-STORE write in ``dimse_messages.DIMSEMessage.decode_msg``: the module globals
+  ``NamedTemporaryFile``, ``create_file_meta`` and ``write_file_meta_info`` (replaced by
+  :func:`spool_into`), the call ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``,
+  128 zero bytes and ``DICM`` then the file meta written to it, then the fragments with
+  ``write(data[1:])`` and ``file.flush()``; and the service class unlinking the file after the
+  handler (best effort, so a file the outbox already took is fine).
+- ``pdu.A_ABORT_RQ`` (``source``, ``reason_diagnostic``, ``encode``), sent when the loop fails.
+- ``AE._servers``, appended to as ``AE.start_server`` does so that ``shutdown`` can remove it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
+import dataclasses
 import os
 import select
 import socket
@@ -46,12 +81,23 @@ import weakref
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
+
+from teleread.files import Hasher
+from teleread.gateway.scp import (
+    OnClose,
+    OnInstance,
+    PynetdicomReceiver,
+    ReceivedInstance,
+    ScpConfig,
+    handed_connections_server,
+)
 
 IDLE_WAIT_S = 0.05  # the longest either thread sleeps without a reason to wake (timers, stop requests)
 RECV_CHUNK = 256 * 1024
@@ -88,8 +134,7 @@ class SpoolFile:
     def __init__(self, directory: str, suffix: str) -> None:
         fd, self.name = tempfile.mkstemp(suffix=suffix, dir=directory)
         self.file = os.fdopen(fd, "wb", buffering=0)
-        self.sha256 = hashlib.sha256()
-        self.size = 0
+        self.hasher = Hasher()
         self.error: OSError | None = None
         self._unsynced_from = 0
         _spooled[self.name] = self
@@ -109,12 +154,16 @@ class SpoolFile:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.file.fileno(), 0)  # give the space back at once
             return len(view)
-        self.sha256.update(view)
-        self.size += written
+        self.hasher.update(view)
         if self.size - self._unsynced_from >= self.WRITEBACK_EVERY:
             _start_writeback(self.file.fileno(), self._unsynced_from, self.size - self._unsynced_from)
             self._unsynced_from = self.size
         return written
+
+    @property
+    def size(self) -> int:
+        """Bytes written (and hashed) so far."""
+        return self.hasher.size
 
     def close(self) -> None:
         self.file.close()
@@ -152,7 +201,7 @@ def spooled_digest(path: Path) -> tuple[str, int] | None:
             return None
     except OSError:
         return None
-    return spool.sha256.hexdigest(), spool.size
+    return spool.hasher.hexdigest(), spool.size
 
 
 def _spooling_temp_file(*args: Any, **kwargs: Any) -> Any:
@@ -220,8 +269,15 @@ def _create_file_meta(*args: Any, **kwargs: Any) -> Any:
 
 def _write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
     if isinstance(file_meta, SpoolMeta):
-        fp.write(file_meta.encode())
-        return
+        if isinstance(fp, SpoolFile):
+            fp.write(file_meta.encode())
+            return
+        # a dataset another AE of this process receives (the stock engine): pydicom's meta, as before
+        file_meta = _original_create_file_meta(
+            sop_class_uid=UID(file_meta.sop_class_uid),
+            sop_instance_uid=UID(file_meta.sop_instance_uid),
+            transfer_syntax=UID(file_meta.transfer_syntax),
+        )
     _original_write_file_meta_info(fp, file_meta, *args, **kwargs)
 
 
@@ -432,12 +488,39 @@ class EventDrivenRequestHandler(RequestHandler):
         return assoc
 
 
-class HandedConnectionsServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server that neither binds nor listens: it serves the connections it is
-    handed (``process_request``), as a receiver process of the gateway's receiver pool does."""
+class ReactorReceiver(PynetdicomReceiver):
+    """The receiver interface over this engine: each association event-driven, each dataset
+    spooled into ``spool_dir`` (hashed as it is written) when one is given."""
 
-    def server_bind(self) -> None:
-        """Nothing to bind: the gateway process listens."""
+    engine = "reactor"
 
-    def server_activate(self) -> None:
-        pass
+    def __init__(
+        self,
+        config: ScpConfig,
+        on_instance: OnInstance,
+        *,
+        spool_dir: Path | None = None,
+        on_close: OnClose | None = None,
+    ) -> None:
+        super().__init__(config, on_instance, on_close=on_close)
+        self.spool_dir = spool_dir
+
+    def _serve(self, listen: bool) -> Any:
+        server = self.ae.make_server(
+            (self.config.host, self.config.port),
+            evt_handlers=self.handlers,
+            server_class=ThreadedAssociationServer if listen else handed_connections_server(),
+            request_handler=EventDrivenRequestHandler,
+        )
+        if self.spool_dir is not None:
+            spool_into(server, self.spool_dir)
+        if listen:
+            threading.Thread(target=server.serve_forever, name="dicom-receiver", daemon=True).start()
+            self.ae._servers.append(server)  # as AE.start_server does: shutdown() removes it
+        return server
+
+    def _received(self, event: Any) -> ReceivedInstance:
+        received = super()._received(event)
+        return dataclasses.replace(
+            received, digest=spooled_digest(received.path), write_error=spool_error(received.path)
+        )

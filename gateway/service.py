@@ -103,6 +103,7 @@ class Gateway:
             host=self.config.dicom_host,
             port=self.config.dicom_port,
             priority=self.config.priority,
+            engine=self.config.receiver_engine,
         )
         self.scp: StoreScp | ReceiverPool = (
             ReceiverPool(outbox_dir(settings), scp_config, self.config.receivers, log_level=settings.log_level)

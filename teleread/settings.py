@@ -77,6 +77,7 @@ class GatewaySettings(BaseModel):
     dicom_host: str = "0.0.0.0"  # modalities on the clinic LAN connect here
     dicom_port: int = 11112
     receivers: int = 1  # DICOM receiver processes; >1 spreads simultaneous associations over cores
+    receiver_engine: Literal["reactor", "pynetdicom"] = "reactor"  # event-driven, or pynetdicom's stock acceptor
     hub: str = "127.0.0.1:50051"
     token: str = ""  # the site's token from `teleread sites add`
     quiet_seconds: float = 30.0  # a study with no new instance for this long is complete

@@ -11,7 +11,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pydicom
@@ -24,15 +24,24 @@ from pydicom.uid import (
 )
 
 from helpers import wait_for, write_chest_dx
+from receivers import ENGINES, running_receiver
 from teleread.client import RetryPolicy
 from teleread.gateway.forward import Forwarder
 from teleread.gateway.outbox import Outbox
 from teleread.gateway.scan import scan_paths
-from teleread.gateway.scp import DUPLICATE_CONFLICT, SUCCESS
+from teleread.gateway.scp import DUPLICATE_CONFLICT, SUCCESS, StoreScp
 from teleread.gateway.upload import upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(params=ENGINES)
+def scp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreScp]:
+    """The receiver on each engine (this module's tests run on both)."""
+    with running_receiver(tmp_path / "outbox", request.param) as server:
+        yield server
+
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
 # storescu's option proposing each syntax (JPEG lossless process 14, .57, has none: a profile of a

@@ -1,25 +1,35 @@
 """The gateway's DICOM receiver with real peers on loopback: dcmtk's echoscu/storescu and a
 pynetdicom SCU push CT, DX-like and ECG instances; they land in the outbox (durable before Success)
-and reach the hub with the same pixel data; bad instances get a failure status, nothing stored."""
+and reach the hub with the same pixel data; bad instances get a failure status, nothing stored.
+Every test runs on both receiver engines (the event-driven reactor and pynetdicom's stock acceptor)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pydicom
 import pytest
 
 from helpers import copy_testdata, wait_for
+from receivers import ENGINES, running_receiver
 from teleread.gateway.forward import Forwarder
 from teleread.gateway.outbox import Outbox
-from teleread.gateway.scp import CANNOT_UNDERSTAND
+from teleread.gateway.scp import CANNOT_UNDERSTAND, StoreScp
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
 DCMTK = shutil.which("storescu") and shutil.which("echoscu")
+
+
+@pytest.fixture(params=ENGINES)
+def scp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreScp]:
+    """The receiver on each engine (this module's tests run on both)."""
+    with running_receiver(tmp_path / "outbox", request.param) as server:
+        yield server
 
 
 def _dcmtk(*args: str) -> subprocess.CompletedProcess[str]:

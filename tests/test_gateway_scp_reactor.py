@@ -1,5 +1,6 @@
-"""The receiver's event-driven acceptor and the outbox's zero-copy adoption: real associations on
-loopback (pynetdicom and dcmtk SCUs), the spooled file's hash, a prune slipping in between link and
+"""The receiver's engines and the outbox's zero-copy adoption: real associations on loopback
+(pynetdicom and dcmtk SCUs) against both the event-driven reactor and pynetdicom's stock acceptor,
+the engine chosen by the setting, the spooled file's hash, a prune slipping in between link and
 record, and rows a power cut took back rebuilt from the stored DICOM files."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pydicom
 import pytest
@@ -20,11 +22,19 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 import teleread.gateway.outbox_files as outbox_files
 from helpers import copy_testdata, wait_for
+from receivers import ENGINES, running_receiver
 from teleread.gateway.outbox import Outbox
-from teleread.gateway.scp import SUCCESS, ScpConfig, identify
+from teleread.gateway.scp import SUCCESS, ScpConfig, StoreScp, identify
 from teleread.gateway.scp_reactor import SpoolFile, spooled_digest
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=ENGINES)
+def scp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreScp]:
+    """The receiver on each engine (this module's tests run on both)."""
+    with running_receiver(tmp_path / "outbox", request.param) as server:
+        yield server
 
 
 def _acceptor_threads() -> list[threading.Thread]:
@@ -213,13 +223,16 @@ def test_the_receiver_answers_an_echo_after_idling(scp) -> None:
     assoc.release()
 
 
-def test_a_receiver_pool_spreads_associations_over_processes_and_replaces_one_that_dies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_receiver_pool_spreads_associations_over_processes_and_replaces_one_that_dies(
+    tmp_path: Path, engine: str
+) -> None:
     from teleread.gateway.scp_pool import ReceiverPool
 
     (src,) = copy_testdata(tmp_path / "src", "CT_small.dcm")
     files = _study(tmp_path / "study", src, 24)
     box = Outbox(tmp_path / "outbox")  # the gateway process owns the outbox; receivers write into it
-    pool = ReceiverPool(box.root, ScpConfig(port=0), 2).start()
+    pool = ReceiverPool(box.root, ScpConfig(port=0, engine=engine), 2).start()
     try:
         _send_with_dcmtk(pool.port, files, 4)
         (exam,) = box.exams(state="collecting")
@@ -245,21 +258,34 @@ def test_a_receiver_pool_spreads_associations_over_processes_and_replaces_one_th
     assert not any(p.is_alive() for p in receivers)  # stopping the pool stops its processes
 
 
-@pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.3.45", generate_uid()])
-def test_the_spooled_file_meta_is_byte_for_byte_what_pydicom_writes(instance: str) -> None:
+@pytest.mark.parametrize(
+    "instance", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498.10244977459925305412983542216412"]
+)
+def test_the_spooled_file_meta_is_byte_for_byte_what_pydicom_writes(instance: str, tmp_path: Path) -> None:
     import io
 
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom.dsutils import create_file_meta
 
-    from teleread.gateway.scp_reactor import SpoolMeta
+    from teleread.gateway.scp_reactor import SpoolFile, SpoolMeta, _create_file_meta, _write_file_meta_info
 
     fields = {"sop_class_uid": CTImageStorage, "sop_instance_uid": instance, "transfer_syntax": "1.2.840.10008.1.2.1"}
     want = io.BytesIO()
     write_file_meta_info(want, create_file_meta(**fields))
     assert SpoolMeta(*map(str, fields.values())).encode() == want.getvalue()
+    # the replaced pynetdicom functions: plain values into a spool file, pydicom's own into any other file
+    meta = _create_file_meta(**fields)
+    assert isinstance(meta, SpoolMeta)
+    other = io.BytesIO()
+    _write_file_meta_info(other, meta)
+    assert other.getvalue() == want.getvalue()
+    spool = SpoolFile(str(tmp_path), ".dcm")
+    _write_file_meta_info(spool, meta)
+    spool.close()
+    assert Path(spool.name).read_bytes() == want.getvalue()
 
 
+@pytest.mark.parametrize("scp", ["reactor"], indirect=True)  # the spool file is the reactor's
 def test_a_disk_that_fills_while_a_dataset_arrives_gets_a700_and_the_association_goes_on(
     scp, tmp_path: Path, monkeypatch
 ) -> None:
@@ -301,3 +327,100 @@ def test_a_disk_that_fills_while_a_dataset_arrives_gets_a700_and_the_association
     assoc.release()
     (exam,) = box.exams(state="collecting")
     assert [o.instance_key for o in box.objects_of(exam.id)] == [str(ds.SOPInstanceUID)]
+
+
+def test_a_full_outbox_disk_gets_a700_on_either_engine_and_the_association_goes_on(
+    scp, tmp_path: Path, monkeypatch
+) -> None:
+    import errno
+
+    ds = pydicom.dcmread(copy_testdata(tmp_path / "in", "CT_small.dcm")[0])
+    box: Outbox = scp.outbox
+    real_link = box.files.link
+    full = {"on": True}
+
+    def link(tmp: Path, sha256: str) -> Path:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_link(tmp, sha256)
+
+    monkeypatch.setattr(box.files, "link", link)
+    ae = AE()
+    ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.port)
+    ds.SOPInstanceUID = generate_uid()
+    status = assoc.send_c_store(ds)
+    assert status.Status == 0xA700 and str(status.ErrorComment).startswith("GATEWAY_DISK_FULL")
+    assert box.exams(state="collecting") == [] and list(box.incoming_dir.iterdir()) == []
+    full["on"] = False
+    assert assoc.is_established and assoc.send_c_store(ds).Status == SUCCESS  # the modality's retry
+    assoc.release()
+    (exam,) = box.exams(state="collecting")
+    assert [o.instance_key for o in box.objects_of(exam.id)] == [str(ds.SOPInstanceUID)]
+    assert box.status().refused_recent == 0  # a full disk is not a refusal: the modality keeps it
+
+
+def test_each_engine_serves_associations_with_its_own_acceptor(scp, tmp_path: Path) -> None:
+    """The reactor swaps in its event-driven classes; the stock engine is pynetdicom's, untouched."""
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+
+    from teleread.gateway.scp_reactor import EventDrivenAssociation, EventDrivenDUL, ReactorReceiver
+
+    ds = pydicom.dcmread(copy_testdata(tmp_path / "in", "CT_small.dcm")[0])
+    ae = AE()
+    ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.port)
+    try:
+        (acceptor,) = wait_for(lambda: scp.receiver.server.active_associations, timeout=10)
+        ds.SOPInstanceUID = generate_uid()
+        assert assoc.send_c_store(ds).Status == SUCCESS
+    finally:
+        assoc.release()
+    reactor = isinstance(scp.receiver, ReactorReceiver)
+    assert scp.config.engine == ("reactor" if reactor else "pynetdicom")
+    if reactor:
+        assert type(acceptor) is EventDrivenAssociation and type(acceptor.dul) is EventDrivenDUL
+    else:
+        assert type(acceptor) is Association and type(acceptor.dul) is DULServiceProvider
+    (exam,) = scp.outbox.exams(state="collecting")
+    (obj,) = scp.outbox.objects_of(exam.id)
+    assert hashlib.sha256(obj.path.read_bytes()).hexdigest() == obj.sha256  # stored whole by either
+    assert list(scp.outbox.incoming_dir.iterdir()) == []
+
+
+def test_the_engine_is_chosen_by_the_gateway_setting(tmp_path: Path, monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    from teleread.errors import InvalidInput
+    from teleread.gateway.scp import PynetdicomReceiver, make_receiver
+    from teleread.gateway.scp_reactor import ReactorReceiver
+    from teleread.gateway.service import Gateway
+    from teleread.settings import Settings
+
+    monkeypatch.setenv("TELEREAD_GATEWAY__RECEIVER_ENGINE", "pynetdicom")
+    monkeypatch.setenv("TELEREAD_GATEWAY__DICOM_PORT", "0")
+    monkeypatch.setenv("TELEREAD_DATA_DIR", str(tmp_path))
+    settings = Settings()
+    assert settings.gateway.receiver_engine == "pynetdicom"
+    gateway = Gateway(settings, ingest=object(), results=None)
+    try:
+        assert isinstance(gateway.scp, StoreScp) and type(gateway.scp.receiver) is PynetdicomReceiver
+        gateway.scp.start()
+        ae = AE()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", gateway.scp.port)
+        assert assoc.is_established and assoc.send_c_echo().Status == SUCCESS
+        assoc.release()
+    finally:
+        gateway.scp.stop()
+        gateway.outbox.close()
+    monkeypatch.delenv("TELEREAD_GATEWAY__RECEIVER_ENGINE")
+    assert Settings().gateway.receiver_engine == "reactor"  # the default
+    assert type(make_receiver(ScpConfig(), lambda instance: SUCCESS)) is ReactorReceiver
+    monkeypatch.setenv("TELEREAD_GATEWAY__RECEIVER_ENGINE", "twisted")
+    with pytest.raises(ValidationError):
+        Settings()
+    with pytest.raises(InvalidInput) as err:
+        make_receiver(ScpConfig(engine="twisted"), lambda instance: SUCCESS)
+    assert err.value.reason == "BAD_SETTING" and "reactor, pynetdicom" in err.value.message
