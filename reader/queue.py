@@ -16,14 +16,25 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Iterator
 
-from sqlalchemy import Connection, Engine, Row, and_, or_, select, update
+from sqlalchemy import Connection, Engine, Row, and_, or_, select
 
 from teleread.auth import Principal, require_reader
-from teleread.db.engine import as_utc, is_postgres, reading, utcnow
+from teleread.db.engine import is_postgres, reading
 from teleread.db.schema import exams, objects, principals, reports
 from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound, PermissionDenied
 from teleread import lifecycle
 from teleread.events import EventBus, record_event
+from teleread.clock import Clock, SystemClock
+from teleread.reader.claims import (
+    ExamRecord,
+    ExamRepository,
+    SqlUnitOfWork,
+    UnitOfWork,
+    check_claim,
+    claimable,
+    live_claim,
+    queue_order,
+)
 from teleread.vocab import ExamState
 
 log = logging.getLogger("teleread.queue")
@@ -33,20 +44,39 @@ READING = (ExamState.IN_READING,)  # a claim to write and sign the first report
 CLAIMED_STATES = (ExamState.IN_READING, ExamState.REPORTED)  # a reported exam is claimed only for amendment
 
 
-def queue_order() -> list[Any]:
-    return [exams.c.level_rank, exams.c.deadline, exams.c.received_at, exams.c.id]
-
-
 class QueueService:
     def __init__(
-        self, *, engine: Engine, store: Any, bus: EventBus, lease_seconds: int, max_lease_seconds: int
+        self,
+        *,
+        engine: Engine | None,
+        store: Any,
+        bus: EventBus,
+        lease_seconds: int,
+        max_lease_seconds: int,
+        clock: Clock | None = None,
+        uow: UnitOfWork | None = None,
     ) -> None:
-        self._engine = engine
+        self._engine = engine  # None only with an in-memory unit of work (claims alone)
         self._store = store
         self._bus = bus
         self._lease = lease_seconds
         self._max_lease = max_lease_seconds
-        self._pg = is_postgres(engine)
+        self._clock = clock or SystemClock()
+        if uow is None:
+            assert engine is not None
+            uow = SqlUnitOfWork(engine)
+        self._uow = uow
+        self._pg = engine is not None and is_postgres(engine)
+
+    @property
+    def _db(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("this queue service has no database (an in-memory unit of work serves claims only)")
+        return self._engine
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     def _lease_for(self, requested: int) -> timedelta:
         if requested < 0:
@@ -56,13 +86,6 @@ class QueueService:
     @staticmethod
     def _mine(hospital: str, specialty: str) -> Any:
         return and_(exams.c.hospital == hospital, exams.c.specialty == specialty)
-
-    @staticmethod
-    def _claimable(now: datetime) -> Any:
-        return and_(
-            exams.c.state.in_((ExamState.QUEUED, ExamState.IN_READING)),  # lets the planner use ix_exams_claimable
-            or_(exams.c.state == ExamState.QUEUED, exams.c.lease_expires_at < now),
-        )
 
     # ---- worklist ----------------------------------------------------------------------------
     def worklist(self, p: Principal, *, limit: int = 200, include_claimed: bool = True) -> list[dict[str, Any]]:
@@ -75,29 +98,36 @@ class QueueService:
             .order_by(*queue_order())
             .limit(max(1, min(limit or 200, 1000)))
         )
-        with reading(self._engine) as conn:
+        with reading(self._db) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     # ---- claims ------------------------------------------------------------------------------
+    @staticmethod
+    def _claimed(record: ExamRecord, p: Principal) -> dict[str, Any]:
+        exam = dict(record.row)
+        exam["claimed_by_name"] = p.name
+        return exam
+
+    @staticmethod
+    def _readable(record: ExamRecord | None, *, hospital: str, specialty: str) -> ExamRecord:
+        if record is None or record.hospital != hospital or record.state not in READABLE_STATES:
+            raise NotFound("no such exam in this reader's queue", reason="EXAM_NOT_FOUND")
+        if record.specialty != specialty:
+            raise PermissionDenied("this exam belongs to another specialty", reason="WRONG_SPECIALTY")
+        return record
+
     def claim_next(self, p: Principal, *, lease_seconds: int = 0) -> dict[str, Any] | None:
         hospital, specialty = require_reader(p)
         lease = self._lease_for(lease_seconds)
-        with self._engine.begin() as conn:
-            now = utcnow()
-            pick = (
-                select(exams.c.id)
-                .where(self._mine(hospital, specialty), self._claimable(now))
-                .order_by(*queue_order())
-                .limit(1)
-            )
-            if self._pg:
-                pick = pick.with_for_update(skip_locked=True)
-            row = conn.execute(pick).first()
-            if row is None:
+        with self._uow() as repo:
+            now = self._clock.now()
+            pick = repo.next_claimable(hospital=hospital, specialty=specialty, now=now)
+            if pick is None:
                 return None
-            exam = self._take(conn, p, exam_id=row.id, now=now, lease=lease)
+            taken = repo.take(pick.id, ExamState.IN_READING, reader_id=p.id, until=now + lease, now=now)
+        log.info("claimed", extra={"exam_id": taken.id})
         self._bus.publish()
-        return exam
+        return self._claimed(taken, p)
 
     def claim(
         self, p: Principal, *, exam_id: str, lease_seconds: int = 0, for_amendment: bool = False
@@ -105,55 +135,28 @@ class QueueService:
         """Claim one exam; with ``for_amendment`` a reported exam, which stays reported."""
         hospital, specialty = require_reader(p)
         lease = self._lease_for(lease_seconds)
-        with self._engine.begin() as conn:
-            now = utcnow()
-            row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
+        with self._uow() as repo:
+            now = self._clock.now()
+            exam = self._readable(repo.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
             if for_amendment:
-                if row.state != ExamState.REPORTED:
+                if exam.state != ExamState.REPORTED:
                     raise Conflict("only a reported exam can be claimed for amendment", reason="NOT_REPORTED")
-                if self.live_claim(row, now=now):
+                if live_claim(exam, now):
                     raise Conflict("the exam is already claimed for amendment", reason="AMENDMENT_CLAIMED")
-                exam = self._take(conn, p, exam_id=exam_id, now=now, lease=lease, state=ExamState.REPORTED)
+                target = ExamState.REPORTED
             else:
-                claimable = row.state == ExamState.QUEUED or (
-                    row.state == ExamState.IN_READING and (as_utc(row.lease_expires_at) or now) < now
-                )
-                if not claimable:
+                if not claimable(exam, now):
                     raise LeaseLost("exam is claimed by another reader or not in the queue", reason="NOT_CLAIMABLE")
-                exam = self._take(conn, p, exam_id=exam_id, now=now, lease=lease)
+                target = ExamState.IN_READING
+            taken = repo.take(exam_id, target, reader_id=p.id, until=now + lease, now=now)
+        log.info("claimed", extra={"exam_id": exam_id})
         self._bus.publish()
-        return exam
+        return self._claimed(taken, p)
 
     @staticmethod
-    def live_claim(row: Row[Any], *, now: datetime) -> bool:
+    def live_claim(row: Any, *, now: datetime) -> bool:
         """Whether someone holds an unexpired claim on the exam row."""
-        expires = as_utc(row.lease_expires_at)
-        return row.claimed_by is not None and expires is not None and expires > now
-
-    def _take(
-        self,
-        conn: Connection,
-        p: Principal,
-        *,
-        exam_id: str,
-        now: datetime,
-        lease: timedelta,
-        state: ExamState = ExamState.IN_READING,
-    ) -> dict[str, Any]:
-        exam = lifecycle.move_exam(
-            conn,
-            exam_id,
-            state,
-            # an amendment claim is not a queue event: the worklist watch does not show it
-            event="claimed" if state == ExamState.IN_READING else "amendment_claimed",
-            values={"claimed_by": p.id, "lease_expires_at": now + lease, "fence": exams.c.fence + 1, "updated_at": now},
-            actor_id=p.id,
-            detail=lambda row: {"fence": row["fence"]},
-        )
-        assert exam is not None
-        exam["claimed_by_name"] = p.name
-        log.info("claimed", extra={"exam_id": exam_id})
-        return exam
+        return live_claim(ExamRecord.of(row._mapping if hasattr(row, "_mapping") else row), now)
 
     def check_lease(
         self, conn: Connection, p: Principal, *, exam_id: str, fence: int, states: tuple[str, ...] = READING
@@ -162,41 +165,34 @@ class QueueService:
         (by default a claim for reading; ``("reported",)`` a claim for amendment); LeaseLost otherwise."""
         hospital, specialty = require_reader(p)
         row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
-        expires = as_utc(row.lease_expires_at)
-        if (
-            row.state not in states
-            or row.claimed_by != p.id
-            or int(row.fence) != int(fence)
-            or expires is None
-            or expires <= utcnow()
-        ):
-            raise LeaseLost("the claim lapsed or was taken over; claim the exam again", reason="LEASE_LOST")
+        check_claim(ExamRecord.of(row._mapping), reader_id=p.id, fence=fence, states=states, now=self._clock.now())
         return row
+
+    def _held(self, repo: ExamRepository, p: Principal, *, exam_id: str, fence: int) -> ExamRecord:
+        hospital, specialty = require_reader(p)
+        exam = self._readable(repo.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
+        check_claim(exam, reader_id=p.id, fence=fence, states=CLAIMED_STATES, now=self._clock.now())
+        return exam
 
     def renew(self, p: Principal, *, exam_id: str, fence: int, lease_seconds: int = 0) -> dict[str, Any]:
         lease = self._lease_for(lease_seconds)
-        with self._engine.begin() as conn:
-            self.check_lease(conn, p, exam_id=exam_id, fence=fence, states=CLAIMED_STATES)
-            now = utcnow()
-            conn.execute(
-                update(exams).where(exams.c.id == exam_id).values(lease_expires_at=now + lease, updated_at=now)
-            )
-            exam = dict(conn.execute(select(exams).where(exams.c.id == exam_id)).one()._mapping)
-        exam["claimed_by_name"] = p.name
-        return exam
+        with self._uow() as repo:
+            self._held(repo, p, exam_id=exam_id, fence=fence)
+            now = self._clock.now()
+            renewed = repo.extend(exam_id, until=now + lease, now=now)
+        return self._claimed(renewed, p)
 
     def release(self, p: Principal, *, exam_id: str, fence: int) -> None:
         """Give a claimed exam back to the queue; a claim for amendment is dropped, the exam stays reported."""
-        with self._engine.begin() as conn:
-            row = self.check_lease(conn, p, exam_id=exam_id, fence=fence, states=CLAIMED_STATES)
-            reading_claim = row.state == ExamState.IN_READING
-            lifecycle.move_exam(
-                conn,
+        with self._uow() as repo:
+            exam = self._held(repo, p, exam_id=exam_id, fence=fence)
+            reading_claim = exam.state == ExamState.IN_READING
+            repo.drop(
                 exam_id,
                 ExamState.QUEUED if reading_claim else ExamState.REPORTED,
                 event="released" if reading_claim else "amendment_released",
-                values={"claimed_by": None, "lease_expires_at": None},
                 actor_id=p.id,
+                now=self._clock.now(),
             )
         self._bus.publish()
 
@@ -225,7 +221,7 @@ class QueueService:
         """The exam, its objects, its reports, and the other exams of the same study from the same
         site that this reader may read (the exam it follows, and its follow-ups)."""
         hospital, specialty = require_reader(p)
-        with reading(self._engine) as conn:
+        with reading(self._db) as conn:
             exam = dict(self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)._mapping)
             related = self._related(conn, exam, hospital=hospital, specialty=specialty)
             objs = [
@@ -244,7 +240,7 @@ class QueueService:
                 exam["claimed_by_name"] = conn.execute(
                     select(principals.c.name).where(principals.c.id == exam["claimed_by"])
                 ).scalar()
-        with self._engine.begin() as conn:  # the access is part of the audit trail
+        with self._db.begin() as conn:  # the access is part of the audit trail
             record_event(conn, type="viewed", exam_id=exam_id, site_id=exam["site_id"], actor_id=p.id)
         return exam, objs, reps, related
 
@@ -272,7 +268,7 @@ class QueueService:
     @contextmanager
     def open_object(self, p: Principal, *, exam_id: str, object_id: str) -> Iterator[tuple[dict[str, Any], BinaryIO]]:
         hospital, specialty = require_reader(p)
-        with reading(self._engine) as conn:
+        with reading(self._db) as conn:
             self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
             row = conn.execute(select(objects).where(objects.c.id == object_id, objects.c.exam_id == exam_id)).first()
         if row is None:

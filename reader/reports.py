@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select, update
 
 from teleread.auth import Principal
-from teleread.db.engine import utcnow
 from teleread.db.schema import reports, sites
 from teleread.errors import Conflict, InvalidInput, PermissionDenied
 from teleread import lifecycle
@@ -73,7 +73,7 @@ class ReportService:
         with self._engine.begin() as conn:
             exam = self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence)
             latest = self._latest(conn, exam_id)
-            now = utcnow()
+            now = self._queue.clock.now()
             content = {"text": text, "impression": impression, "critical": critical, "author_id": p.id}
             if latest is not None and latest.status == ReportStatus.DRAFT:
                 lifecycle.move_report(
@@ -96,7 +96,7 @@ class ReportService:
             latest = self._latest(conn, exam_id)
             if latest is None or latest.status != ReportStatus.DRAFT:
                 raise Conflict("there is no draft report to sign", reason="NO_DRAFT")
-            now = utcnow()
+            now = self._queue.clock.now()
             digest = content_hash(
                 exam_id=exam_id,
                 version=latest.version,
@@ -110,7 +110,7 @@ class ReportService:
                 values={"signed_by": p.id, "signed_at": now, "sha256": digest}, actor_id=p.id, record=False,
             )  # fmt: skip
             critical = bool(latest.critical)
-            seq = self._publish(conn, exam=exam, report_id=latest.id, critical=critical)
+            seq = self._publish(conn, exam=exam, report_id=latest.id, critical=critical, now=now)
             lifecycle.move_exam(
                 conn,
                 exam_id,
@@ -145,7 +145,7 @@ class ReportService:
                 "only the signer may amend without a claim; claim the exam for amendment",
                 reason="AMENDMENT_NEEDS_CLAIM",
             )
-        elif self._queue.live_claim(exam, now=utcnow()):
+        elif self._queue.live_claim(exam, now=self._queue.clock.now()):
             raise Conflict("the exam is claimed for amendment; amend with that claim", reason="AMENDMENT_CLAIMED")
         return exam, latest
 
@@ -170,7 +170,7 @@ class ReportService:
             raise InvalidInput("a fence cannot be negative", reason="BAD_FENCE")
         with self._engine.begin() as conn:
             exam, latest = self._check_amender(conn, p, exam_id=exam_id, fence=fence)
-            now = utcnow()
+            now = self._queue.clock.now()
             version = int(latest.version) + 1
             digest = content_hash(
                 exam_id=exam_id, version=version, text=text, impression=impression, critical=critical, signer=p.name
@@ -195,7 +195,7 @@ class ReportService:
                 actor_id=p.id,
                 record=False,  # the exam's "amended" below is the record
             )
-            seq = self._publish(conn, exam=exam, report_id=report_id, critical=critical)
+            seq = self._publish(conn, exam=exam, report_id=report_id, critical=critical, now=now)
             lifecycle.move_exam(  # the claim for amendment, if any, ends with the amendment
                 conn,
                 exam_id,
@@ -212,7 +212,7 @@ class ReportService:
         return report
 
     @staticmethod
-    def _publish(conn: Connection, *, exam: Any, report_id: int, critical: bool) -> int:
+    def _publish(conn: Connection, *, exam: Any, report_id: int, critical: bool, now: datetime) -> int:
         """Publish the report version as the site's next result; returns its cursor. The caller's
         exam move writes the event that announces it."""
         seq = conn.execute(
@@ -228,7 +228,7 @@ class ReportService:
                 "seq": seq,
                 "exam_id": exam.id,
                 "report_id": report_id,
-                "published_at": utcnow(),
+                "published_at": now,
             },
             critical=critical,
         )

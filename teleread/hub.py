@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
+from teleread.clock import clock_for
 from teleread.auth import Authenticator
 from teleread.cpu import CpuPool, default_workers
 from teleread.db.engine import make_engine, upgrade
@@ -133,6 +134,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         bus=bus,
         lease_seconds=settings.queue.lease_seconds,
         max_lease_seconds=settings.queue.max_lease_seconds,
+        clock=clock_for(engine),  # leases and deadlines on the database's time: several hubs agree
     )
     reports = ReportService(engine=engine, queue=queue, bus=bus)
     results = ResultsService(engine=engine, bus=bus)

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import copy_testdata, error_reason, wait_for
 from teleread.cli import main
+from teleread.clock import FakeClock
 from teleread.gateway.upload import scan_paths, upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
@@ -178,14 +179,10 @@ def test_signer_refused_while_another_reader_holds_the_amendment_claim(hub_stack
 
 
 def test_a_lapsed_amendment_claim_expires_in_place(hub_stack, tmp_path: Path, monkeypatch) -> None:
-    import teleread.reader.queue as queue_module
-    import teleread.reader.reports as reports_module
-
     exam_id, signer, other = _signed_ecg(hub_stack, tmp_path)
     claim = _claim_for_amendment(other, exam_id, lease_seconds=60)
-    later = queue_module.utcnow() + timedelta(seconds=120)  # the hub's clock moves past the lease
-    monkeypatch.setattr(queue_module, "utcnow", lambda: later)
-    monkeypatch.setattr(reports_module, "utcnow", lambda: later)
+    later = FakeClock(hub_stack.hub.queue.clock.now() + timedelta(seconds=120))  # the hub's clock passes the lease
+    monkeypatch.setattr(hub_stack.hub.queue, "_clock", later)
     assert not _in_queue(hub_stack, signer, exam_id)  # lapsed: still reported, not claimable from the queue
     with pytest.raises(grpc.RpcError) as lapsed:
         _amend(other, exam_id, fence=claim.fence)
