@@ -10,24 +10,31 @@ or a site can see refers to an object before both are done.
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import logging
 import re
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 
 from teleread.auth import Principal, require_uploader
+from teleread.backoff import Backoff
+from teleread.clock import Clock, SystemClock
 from teleread.cpu import CpuPool
 from teleread.db.engine import reading, utcnow
 from teleread.db.schema import conflicts, exams, objects, refusals, sites, uploads
 from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted, TelereadError
 from teleread import lifecycle
 from teleread.events import EventBus, record_event
+from teleread.files import sha256_hex
 from teleread.gateway import validate
 from teleread.gateway.staging import MAX_CHUNK, Staging
 from teleread.storage import ObjectStore, object_key
@@ -59,6 +66,10 @@ class UploadState:
     object_row: dict[str, object] | None = None
 
 
+WRITER_LEASE_SECONDS = 30.0  # a stream's hold on its upload, renewed while bytes arrive
+WRITER_WAIT_SECONDS = 30.0  # how long a resumed stream waits for the cut one's handler to let go
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -75,6 +86,9 @@ class IngestService:
         on_committed: Callable[[str], None],
         max_object_bytes: int,
         cpu: CpuPool | None = None,
+        clock: Clock | None = None,
+        instance: str = "",
+        writer_wait_seconds: float = WRITER_WAIT_SECONDS,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -84,6 +98,12 @@ class IngestService:
         self._on_committed = on_committed
         self._max_bytes = max_object_bytes
         self._cpu = cpu or CpuPool(0)
+        self._clock = clock or SystemClock()
+        # Names this hub's streams in the writer leases; the same on a restart of the same hub (its
+        # host and staging folder), so a restarted hub frees its dead streams' leases at once.
+        self._instance = instance or sha256_hex(f"{socket.gethostname()}:{staging_dir.resolve()}")[:16]
+        self._writer_wait = writer_wait_seconds
+        self._release_my_writers()
 
     # ---- exams -------------------------------------------------------------------------------
     def open_exam(
@@ -337,10 +357,65 @@ class IngestService:
             raise NotFound("no such upload for this site", reason="UPLOAD_NOT_FOUND")
         return row
 
+    # ---- the writer lease: which stream may append to an upload, kept in the database -----------
+    def _release_my_writers(self) -> None:
+        """Streams of this hub instance died with its last process: their leases go at once."""
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(uploads)
+                .where(uploads.c.writer.like(f"{self._instance}:%"))
+                .values(writer=None, writer_until=None)
+            )
+
+    @contextmanager
+    def _writer(self, upload_id: str) -> Iterator[Callable[[], None]]:
+        """Hold the upload's writer lease for one stream (waiting up to ``writer_wait_seconds`` for
+        the handler of a cut stream to let go); yields the keep-alive that renews it."""
+        me = f"{self._instance}:{uuid.uuid4().hex[:16]}"
+        lease = timedelta(seconds=WRITER_LEASE_SECONDS)
+        waited_until = time.monotonic() + self._writer_wait
+        pause = Backoff(base_s=0.02, cap_s=0.5)
+        while True:
+            now = self._clock.now()
+            with self._engine.begin() as conn:
+                free = or_(uploads.c.writer.is_(None), uploads.c.writer_until < now)
+                got = conn.execute(
+                    update(uploads).where(uploads.c.id == upload_id, free).values(writer=me, writer_until=now + lease)
+                ).rowcount
+            if got == 1:
+                break
+            if time.monotonic() >= waited_until:
+                raise Conflict("another stream is writing this upload", reason="UPLOAD_BUSY")
+            time.sleep(pause.next_delay() or 0.5)
+        renewed = [time.monotonic()]
+
+        def keepalive() -> None:
+            if time.monotonic() - renewed[0] < WRITER_LEASE_SECONDS / 3:
+                return
+            renewed[0] = time.monotonic()
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(uploads)
+                    .where(uploads.c.id == upload_id, uploads.c.writer == me)
+                    .values(writer_until=self._clock.now() + lease)
+                )
+
+        try:
+            yield keepalive
+        finally:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    update(uploads)
+                    .where(uploads.c.id == upload_id, uploads.c.writer == me)
+                    .values(writer=None, writer_until=None)
+                )
+
     def receive(self, p: Principal, *, upload_id: str, offset: int, chunks: Iterator[bytes]) -> UploadState:
         """Append a stream of chunks at ``offset`` (which must be the confirmed offset)."""
         site_id = require_uploader(p)
-        with self._staging.exclusive(upload_id):
+        with reading(self._engine) as conn:
+            self._site_upload(conn, site_id=site_id, upload_id=upload_id)  # this site's, or NotFound
+        with self._writer(upload_id) as keepalive:
             with reading(self._engine) as conn:
                 row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
             if row.state != UploadStatus.PARTIAL:
@@ -352,7 +427,7 @@ class IngestService:
                     reason="OFFSET_MISMATCH",
                     metadata={"committed_offset": str(current)},
                 )
-            written = self._staging.append(upload_id, chunks, start=current, size=row.size)
+            written = self._staging.append(upload_id, chunks, start=current, size=row.size, keepalive=keepalive)
             if written < row.size:
                 return UploadState(upload_id, written, row.size, UploadStatus.PARTIAL)
             return self._finalise(p, site_id=site_id, upload=row)

@@ -118,8 +118,10 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         rules_path=settings.queue.rules_file,
         policy_path=settings.queue.fusion_policy,
     )
+    clock = clock_for(engine)  # leases and deadlines on the database's time: several hubs agree
     ingest = IngestService(
         engine=engine,
+        clock=clock,
         store=store,
         staging_dir=settings.staging_dir(),
         routing=routing,
@@ -134,7 +136,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         bus=bus,
         lease_seconds=settings.queue.lease_seconds,
         max_lease_seconds=settings.queue.max_lease_seconds,
-        clock=clock_for(engine),  # leases and deadlines on the database's time: several hubs agree
+        clock=clock,
     )
     reports = ReportService(engine=engine, queue=queue, bus=bus)
     results = ResultsService(engine=engine, bus=bus)

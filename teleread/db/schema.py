@@ -123,6 +123,9 @@ uploads = Table(
     Column("object_id", String(32), nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # the stream writing the upload's bytes now: "<hub instance>:<stream>", until its lease lapses
+    Column("writer", String(64), nullable=True),
+    Column("writer_until", UtcDateTime, nullable=True),
     UniqueConstraint("exam_id", "sha256", "role", name="uq_uploads_exam_content"),
 )
 
@@ -143,6 +146,7 @@ objects = Table(
     Column("created_at", UtcDateTime, nullable=False),
     UniqueConstraint("site_id", "sop_instance_uid", name="uq_objects_site_instance"),
     Index("ix_objects_exam", "exam_id"),
+    Index("ix_objects_storage_key", "storage_key"),
 )
 
 conflicts = Table(
