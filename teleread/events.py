@@ -1,8 +1,9 @@
 """Exam events: the audit trail, and the feed that wakes watching clients.
 
-``record_event`` writes a row inside the caller's transaction. ``EventBus`` wakes in-process
-watchers after a commit; watchers then read the table after their last event id, so nothing is
-missed even when a wake-up is (they also poll, which covers several hub processes).
+``record_event`` writes a row inside the caller's transaction. ``EventBus`` wakes the hub's one
+watch feed (``reader/feed.py``) after a commit; the feed then reads the table after the last event
+id it read, so nothing is missed even when a wake-up is (it also polls, which covers commits of
+other hub processes on the same database), and hands the rows to every live stream.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def record_event(
 
 
 class EventBus:
-    """A generation counter with a condition variable: cheap wake-ups for stream handlers."""
+    """A generation counter with a condition variable: cheap wake-ups for the watch feed."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()

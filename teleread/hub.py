@@ -54,6 +54,7 @@ from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_gr
 log = logging.getLogger("teleread.hub")
 MAX_MESSAGE = 4 * 1024 * 1024
 KEEPALIVE_TIMEOUT_MS = 20_000
+PENDING_CALLS = 10_000
 T = TypeVar("T")
 INGEST_NICE = 5
 SERVICES = (
@@ -224,6 +225,12 @@ class HubServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
+            # Calls that arrived but that the server has not taken up yet: beyond the soft limit gRPC
+            # cancels some at random, beyond the hard one all. The asyncio server takes calls up one
+            # by one on its loop, so a burst (every station reconnecting after a restart) queues
+            # more than gRPC's 1,000 for a moment.
+            ("grpc.server.max_pending_requests", PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
         ]
         if cfg.keepalive_seconds > 0:  # a dead peer's streams end instead of holding their slots
             options += [

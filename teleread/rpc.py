@@ -186,6 +186,9 @@ class _Wrapper:
     def _ok(self, started: float) -> None:
         log.info("rpc", extra={"status": "OK", "duration_ms": self._ms(started)})
 
+    def _cancelled(self, started: float) -> None:
+        log.info("rpc", extra={"status": "CANCELLED", "duration_ms": self._ms(started)})
+
     @staticmethod
     def _abort(context: Any, status: grpc.Status) -> None:
         if hasattr(context, "abort_with_status"):  # the synchronous server's context
@@ -240,6 +243,9 @@ class _Wrapper:
                             return response
                     finally:
                         self._leave(principal)
+                except asyncio.CancelledError:  # the client went away (or the server stops)
+                    self._cancelled(started)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - the error boundary
                     if _is_abort(exc):
                         raise
@@ -295,6 +301,9 @@ class _Wrapper:
                             self._ok(started)
                     finally:
                         self._leave(principal)
+                except asyncio.CancelledError:  # the client went away (or the server stops)
+                    self._cancelled(started)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - the error boundary
                     if _is_abort(exc):
                         raise
