@@ -29,7 +29,7 @@ from teleread.gateway.scp import ScpConfig, StoreScp, identify
 from teleread.gateway.scp_pool import ReceiverPool
 from teleread.gateway.validate import resend_kind
 from teleread.gateway.watch import REJECTED_DIR, WatchFolder
-from teleread.settings import GatewaySettings, Settings
+from teleread.settings import build, GatewaySettings, Settings
 
 log = logging.getLogger("teleread.gateway")
 
@@ -75,7 +75,9 @@ class Gateway:
             count = max(1, self.config.connections)
             tls = uplink_security(self.config)
             self._channels = [
-                open_channel(self.config.hub, token=self.config.token, own_connection=count > 1, **tls)
+                open_channel(
+                    self.config.hub, token=self.config.token.get_secret_value(), own_connection=count > 1, **tls
+                )
                 for _ in range(count)
             ]
             stubs = [ingest_pb2_grpc.IngestStub(channel) for channel in self._channels]
@@ -254,11 +256,10 @@ def needs_a_person(status: OutboxStatus, now: dt.datetime | None = None, *, refu
 
 
 def cmd_gateway_status(args: argparse.Namespace) -> int:
-    settings = Settings()
-    if args.outbox:
-        settings.gateway.outbox = Path(args.outbox)
-    if args.watch_dir:
-        settings.gateway.watch_dir = Path(args.watch_dir)
+    settings = build(
+        gateway__outbox=Path(args.outbox) if args.outbox else None,
+        gateway__watch_dir=Path(args.watch_dir) if args.watch_dir else None,
+    )
     box = Outbox(outbox_dir(settings))
     try:
         status = box.status()
@@ -288,13 +289,14 @@ def cmd_gateway_status(args: argparse.Namespace) -> int:
 def cmd_gateway_run(args: argparse.Namespace) -> int:
     from teleread.logs import configure_logging
 
-    settings = Settings()
+    options = {}
     for key in ("outbox", "watch_dir", "ae_title", "dicom_port", "hub", "token", "quiet_seconds", "priority"):
         value = getattr(args, key, None)
         if value is not None:
-            setattr(settings.gateway, key, Path(value) if key in ("outbox", "watch_dir") else value)
+            options[f"gateway__{key}"] = Path(value) if key in ("outbox", "watch_dir") else value
+    settings = build(**options)
     configure_logging(settings.log_level)
-    if not settings.gateway.token:
+    if not settings.gateway.token.get_secret_value():
         print("warning: no site token (TELEREAD_GATEWAY__TOKEN): the hub will refuse uploads", file=sys.stderr)
     try:
         gateway = Gateway(settings)

@@ -13,24 +13,18 @@ from typing import Callable
 
 from teleread.errors import TelereadError
 from teleread.logs import configure_logging
-from teleread.settings import Settings
+from teleread.settings import ClientSettings, Settings, build
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings()
-    if getattr(args, "data_dir", None):
-        settings.data_dir = Path(args.data_dir)
-    return settings
+def _settings(args: argparse.Namespace, **options: object) -> Settings:
+    data_dir = getattr(args, "data_dir", None)
+    return build(data_dir=Path(data_dir) if data_dir else None, **options)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from teleread.hub import serve
 
-    settings = _settings(args)
-    if args.port is not None:
-        settings.grpc.port = args.port
-    if args.host:
-        settings.grpc.host = args.host
+    settings = _settings(args, grpc__port=args.port, grpc__host=args.host or None)
     configure_logging(settings.log_level)
     serve(settings)
     return 0
@@ -174,6 +168,7 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.client_settings = ClientSettings()  # the clients' hub and token, read once
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or 0)

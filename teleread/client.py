@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from rich.markup import escape
 from rich.panel import Panel
 
 from teleread.backoff import Backoff, RetryPolicy
+from teleread.settings import ClientSettings
 from teleread.errors import TelereadError
 from teleread.files import atomic_write_bytes as atomic_write_bytes
 from teleread.files import atomic_write_text as atomic_write_text
@@ -242,11 +242,12 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
 
 def connect(args: argparse.Namespace, *, metadata: Metadata = ()) -> grpc.Channel:
     """Open the channel the connection options describe (token and hub may come from the
-    environment: TELEREAD_TOKEN, TELEREAD_HUB)."""
-    token = args.token or os.environ.get("TELEREAD_TOKEN", "")
+    client settings the CLI read once: TELEREAD_TOKEN, TELEREAD_HUB)."""
+    client: ClientSettings = getattr(args, "client_settings", None) or ClientSettings.model_construct()
+    token = args.token or client.token.get_secret_value()
     if not token:
         raise TelereadError("no token: pass --token or set TELEREAD_TOKEN", reason="NO_TOKEN")
-    hub = args.hub or os.environ.get("TELEREAD_HUB") or DEFAULT_HUB
+    hub = args.hub or client.hub or DEFAULT_HUB
     return open_channel(
         hub,
         token=token,

@@ -51,11 +51,13 @@ def _inputs(folder: Path) -> tuple[list[Path], tuple[Path, Path]]:
 
 def _start_gateway(root: Path, address: str, token: str) -> Any:
     from teleread.gateway.service import Gateway
+    from pydantic import SecretStr
+
     from teleread.settings import GatewaySettings
 
     config = GatewaySettings(
         hub=address,
-        token=token,
+        token=SecretStr(token),
         dicom_host="127.0.0.1",
         dicom_port=0,
         quiet_seconds=1.0,

@@ -1,19 +1,25 @@
-"""The one settings object, read once by the CLI from ``TELEREAD_*`` variables (nested with ``__``).
+"""The one settings object, built once by the CLI from ``TELEREAD_*`` variables (nested with
+``__``) and its command-line options (:func:`build`), then passed down frozen: no other module reads
+the environment, and nothing changes a setting after start (``Settings.updated`` makes a changed
+copy).
 
 Embedded defaults need no servers: SQLite and a local object-store directory under ``data_dir``.
-Secrets (S3 keys) have no defaults.
+Secrets (S3 keys, the site token, a database URL with its password) are ``SecretStr``: they print
+as ``**********`` and have no defaults.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class StorageSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     backend: Literal["local", "s3"] = "local"
     # local
     root: Path | None = None  # default: <data_dir>/objects
@@ -28,6 +34,8 @@ class StorageSettings(BaseModel):
 
 
 class GrpcSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     host: str = "127.0.0.1"
     port: int = 50051
     max_workers: int = 32  # threads answering unary calls
@@ -51,6 +59,8 @@ class GrpcSettings(BaseModel):
 
 
 class QueueSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     routing_file: Path | None = None  # default: the packaged defaults/routing.toml
     lease_seconds: int = 600
     max_lease_seconds: int = 3600
@@ -63,6 +73,8 @@ class QueueSettings(BaseModel):
 class IngestSettings(BaseModel):
     """The hub's clean-up of what uploads leave behind (``gateway/janitor.py``)."""
 
+    model_config = ConfigDict(frozen=True)
+
     abandoned_hours: float = 48.0  # an exam still receiving with no activity for this long expires
     orphan_grace_seconds: float = 3600.0  # an object or staging file with no row is deleted after this
     janitor_interval_seconds: float = 600.0  # between clean-up passes; 0: no clean-up
@@ -72,6 +84,8 @@ class IngestSettings(BaseModel):
 class GatewaySettings(BaseModel):
     """The clinic gateway (``teleread gateway run``)."""
 
+    model_config = ConfigDict(frozen=True)
+
     outbox: Path | None = None  # default: <data_dir>/gateway
     ae_title: str = "TELEREAD_GW"
     dicom_host: str = "0.0.0.0"  # modalities on the clinic LAN connect here
@@ -79,7 +93,7 @@ class GatewaySettings(BaseModel):
     receivers: int = 1  # DICOM receiver processes; >1 spreads simultaneous associations over cores
     receiver_engine: Literal["reactor", "pynetdicom"] = "reactor"  # event-driven, or pynetdicom's stock acceptor
     hub: str = "127.0.0.1:50051"
-    token: str = ""  # the site's token from `teleread sites add`
+    token: SecretStr = SecretStr("")  # the site's token from `teleread sites add`
     quiet_seconds: float = 30.0  # a study with no new instance for this long is complete
     priority: str = "routine"
     poll_seconds: float = 0.5
@@ -109,10 +123,10 @@ class GatewaySettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TELEREAD_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TELEREAD_", env_nested_delimiter="__", extra="ignore", frozen=True)
 
     data_dir: Path = Path("./teleread-data")
-    database_url: str = ""  # default: sqlite:///<data_dir>/teleread.db
+    database_url: SecretStr = SecretStr("")  # default: sqlite:///<data_dir>/teleread.db
     log_level: str = "INFO"
     max_object_bytes: int = 2 * 1024**3
     cpu_workers: int = -1  # processes for parsing and triage; -1: one per core (max 4); 0: in-thread
@@ -123,10 +137,45 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'teleread.db').resolve()}"
+        return self.database_url.get_secret_value() or f"sqlite:///{(self.data_dir / 'teleread.db').resolve()}"
+
+    def updated(self, **changes: Any) -> Settings:
+        """A copy with ``changes``; ``grpc__port=1`` changes a nested setting (the copy is checked)."""
+        data = self.model_dump()
+        for key, value in changes.items():
+            *path, last = key.split("__")
+            node = data
+            for part in path:
+                node = node[part]
+            node[last] = value
+        return type(self).model_validate(data)
 
     def staging_dir(self) -> Path:
         return self.data_dir / "staging"
 
     def object_root(self) -> Path:
         return self.storage.root or (self.data_dir / "objects")
+
+
+def build(**options: Any) -> Settings:
+    """The settings: ``TELEREAD_*`` variables, overridden by the command line's ``options``
+    (``None`` means not given; ``grpc__port`` names a nested setting)."""
+    init: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        *path, last = key.split("__")
+        node = init
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return Settings(**init)
+
+
+class ClientSettings(BaseSettings):
+    """What the command-line clients (upload, read, results) read: the hub and the caller's token."""
+
+    model_config = SettingsConfigDict(env_prefix="TELEREAD_", extra="ignore", frozen=True)
+
+    hub: str = ""
+    token: SecretStr = SecretStr("")

@@ -113,8 +113,7 @@ def test_tls_with_a_local_ca(tmp_path: Path, capsys) -> None:
     pki = tmp_path / "pki"
     assert main(["tls", "init", "--out", str(pki), "--host", "localhost", "--host", "127.0.0.1"]) == 0
     assert oct((pki / "hub.key").stat().st_mode & 0o777) == "0o600"
-    settings = make_settings(tmp_path / "hub")
-    settings.grpc.tls_cert, settings.grpc.tls_key = pki / "hub.pem", pki / "hub.key"
+    settings = make_settings(tmp_path / "hub").updated(grpc__tls_cert=pki / "hub.pem", grpc__tls_key=pki / "hub.key")
     stack = start_stack("embedded", settings)
     try:
         from teleread.client import open_channel

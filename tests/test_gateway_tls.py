@@ -28,11 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 def tls_hub(tmp_path: Path):  # type: ignore[no-untyped-def]
     pki = tmp_path / "pki"
     make_local_pki(pki, hosts=["localhost", "127.0.0.1"], clients=["clinic-a"])
-    settings = make_settings(tmp_path / "hub")
-    settings.grpc.tls_cert, settings.grpc.tls_key, settings.grpc.tls_ca = (
-        pki / "hub.pem",
-        pki / "hub.key",
-        pki / "ca.pem",
+    settings = make_settings(tmp_path / "hub").updated(
+        grpc__tls_cert=pki / "hub.pem", grpc__tls_key=pki / "hub.key", grpc__tls_ca=pki / "ca.pem"
     )
     stack = start_stack("embedded", settings)
     try:

@@ -330,10 +330,11 @@ def test_an_object_another_exam_relies_on_survives_the_expiry(hub_stack: Any) ->
 
 
 def test_the_hub_runs_the_clean_up_by_itself(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)
-    settings.ingest.janitor_first_seconds = 0.0
-    settings.ingest.janitor_interval_seconds = 0.2
-    settings.ingest.orphan_grace_seconds = 0.0  # anything without a row goes at the next pass
+    settings = make_settings(tmp_path).updated(
+        ingest__janitor_first_seconds=0.0,
+        ingest__janitor_interval_seconds=0.2,
+        ingest__orphan_grace_seconds=0.0,  # anything without a row goes at the next pass
+    )
     stack = start_stack("embedded", settings)
     try:
         janitor = stack.hub.janitor
