@@ -39,8 +39,7 @@ def stack_with(tmp_path: Path) -> Iterator[Any]:
 
     def start(**grpc_settings: Any) -> HubStack:
         settings = make_settings(tmp_path / f"hub{len(started)}")
-        for name, value in grpc_settings.items():
-            setattr(settings.grpc, name, value)
+        settings = settings.updated(**{f"grpc__{name}": value for name, value in grpc_settings.items()})
         stack = start_stack("embedded", settings)
         started.append(stack)
         return stack
