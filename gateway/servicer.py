@@ -93,7 +93,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             opening = [first.data] if first.data else []
 
             def chunks() -> Iterator[bytes]:
-                while opening:
+                while opening and not stream.closed:  # nothing more once the client has gone
                     yield opening.pop()
                 for msg in stream.drain():
                     if msg.data:

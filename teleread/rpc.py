@@ -359,6 +359,7 @@ class ClientStream(Generic[T]):
         self._space = asyncio.Semaphore(buffer)
         self._arrived = asyncio.Event()
         self._ended = threading.Event()
+        self._closed = threading.Event()  # the call is over: what is still buffered is not taken
         self._first: asyncio.Future[T | None] = self._loop.create_future()
         self._last_message = time.monotonic()
         self._task = self._loop.create_task(self._read(requests))
@@ -384,6 +385,7 @@ class ClientStream(Generic[T]):
                 self._last_message = time.monotonic()
                 self._arrived.set()
         except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the call ended under the reader
+            self._closed.set()
             return
         finally:
             self._ended.set()
@@ -421,7 +423,7 @@ class ClientStream(Generic[T]):
 
     def drain(self) -> Iterator[T]:
         """(In a worker thread) the buffered messages, then those arriving within the linger time."""
-        while True:
+        while not self._closed.is_set():
             try:
                 if self._ended.is_set():
                     message = self._queue.get_nowait()
@@ -429,12 +431,20 @@ class ClientStream(Generic[T]):
                     message = self._queue.get(timeout=self._linger)
             except queue.Empty:
                 return
+            if self._closed.is_set():  # the client went away meanwhile: stop where it stopped
+                return
             try:
                 self._loop.call_soon_threadsafe(self._space.release)
             except RuntimeError:  # the server's loop has closed
                 return
             yield message
 
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     def close(self) -> None:
+        """The call is over (answered, failed or cancelled): stop reading and taking messages."""
+        self._closed.set()
         if not self._task.done():
             self._task.cancel()
