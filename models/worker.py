@@ -13,18 +13,15 @@ import queue
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import Engine, select
 
-from teleread.db.engine import as_utc, reading, utcnow
+from teleread.db.engine import reading
 from teleread.db.schema import exams, objects
 from teleread.cpu import CpuPool
-from teleread import lifecycle
-from teleread.events import EventBus
 from teleread.models import fusion, pipeline, triage
-from teleread.reader.routing import LEVEL_RANK, Routing
-from teleread.vocab import ExamState, Level
+from teleread.vocab import ExamState
 
 log = logging.getLogger("teleread.triage")
 
@@ -48,8 +45,7 @@ class TriageWorker:
         *,
         engine: Engine,
         store: Any,
-        routing: Routing,
-        bus: EventBus,
+        on_triaged: Callable[[Any, triage.TriageResult], dict[str, Any]],
         workers: int = 2,
         rules_path: Path | None = None,
         policy_path: Path | None = None,
@@ -58,8 +54,7 @@ class TriageWorker:
     ) -> None:
         self._engine = engine
         self._store = store
-        self._routing = routing
-        self._bus = bus
+        self._on_triaged = on_triaged  # the reading queue takes the result in (and owns the exam's state)
         self._rules_path = str(rules_path) if rules_path else None
         self._policy_path = str(policy_path) if policy_path else None
         self._rules = triage.load_rules(rules_path)
@@ -141,7 +136,7 @@ class TriageWorker:
         for group, fn in ((ecg, pipeline.triage_ecg_batch), (chest, pipeline.triage_chest_batch)):
             if group:
                 results.update(self._run_group(group, objs, fn))
-        return {exam.id: self._queue(exam, results[exam.id]) for exam in rows}
+        return {exam.id: self._on_triaged(exam, results[exam.id]) for exam in rows}
 
     def _run_group(self, group: Sequence[Any], objs: dict[str, list[Any]], fn: Any) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="teleread-triage-") as tmp:
@@ -189,36 +184,3 @@ class TriageWorker:
             if o.role not in paths:
                 paths[o.role] = self._fetch(o, folder)
         return paths
-
-    def _queue(self, exam: Any, result: Any) -> dict[str, Any]:
-        level = result.level
-        arrived = as_utc(exam.received_at) or utcnow()
-        deadline = self._routing.deadline(level=level, arrived=arrived)
-        with self._engine.begin() as conn:
-            triaged = lifecycle.move_exam(
-                conn,
-                exam.id,
-                ExamState.TRIAGED,
-                event="triaged",
-                expect=ExamState.RECEIVED,  # another worker, or a retry, got there first: nothing to do
-                values={
-                    "level": level,
-                    "level_rank": LEVEL_RANK[level],
-                    "score": float(result.score),
-                    "triage_json": result.to_json(),
-                },
-                detail={"rules": result.rules_version},
-            )
-            if triaged is not None:
-                lifecycle.move_exam(
-                    conn,
-                    exam.id,
-                    ExamState.QUEUED,
-                    event="queued",
-                    values={"deadline": deadline},
-                    detail={"level": level},
-                    also=[("critical", {"level": level})] if level == Level.CRITICAL else [],
-                )
-        self._bus.publish()
-        log.info("exam queued", extra={"exam_id": exam.id, "level": level})
-        return {"level": level, "deadline": deadline}

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Iterator
 from sqlalchemy import Connection, Engine, Row, and_, or_, select
 
 from teleread.auth import Principal, require_reader
-from teleread.db.engine import is_postgres, reading
+from teleread.db.engine import as_utc, is_postgres, reading
 from teleread.db.schema import exams, objects, principals, reports
 from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound, PermissionDenied
 from teleread import lifecycle
@@ -35,7 +35,9 @@ from teleread.reader.claims import (
     live_claim,
     queue_order,
 )
-from teleread.vocab import ExamState
+from teleread.reader.routing import Routing
+from teleread.triage_result import TriageResult
+from teleread.vocab import ExamState, Level
 
 log = logging.getLogger("teleread.queue")
 
@@ -55,8 +57,10 @@ class QueueService:
         max_lease_seconds: int,
         clock: Clock | None = None,
         uow: UnitOfWork | None = None,
+        routing: Routing | None = None,
     ) -> None:
         self._engine = engine  # None only with an in-memory unit of work (claims alone)
+        self._routing = routing
         self._store = store
         self._bus = bus
         self._lease = lease_seconds
@@ -86,6 +90,45 @@ class QueueService:
     @staticmethod
     def _mine(hospital: str, specialty: str) -> Any:
         return and_(exams.c.hospital == hospital, exams.c.specialty == specialty)
+
+    # ---- triaged exams join the queue ----------------------------------------------------------
+    def enqueue_triaged(self, exam: Any, result: TriageResult) -> dict[str, Any]:
+        """Record the triage of a received exam and queue it with its deadline (the SLA clock from
+        its arrival): ``received`` -> ``triaged`` -> ``queued`` in one transaction, with a
+        ``critical`` event for a critical exam. An exam already triaged (another worker, a retry)
+        is left as it is."""
+        assert self._routing is not None, "a queue that takes triaged exams needs the routing"
+        level = result.level
+        arrived = as_utc(exam.received_at) or self._clock.now()
+        deadline = self._routing.deadline(level=level, arrived=arrived)
+        with self._db.begin() as conn:
+            triaged = lifecycle.move_exam(
+                conn,
+                exam.id,
+                ExamState.TRIAGED,
+                event="triaged",
+                expect=ExamState.RECEIVED,
+                values={
+                    "level": level,
+                    "level_rank": level.queue_rank,
+                    "score": float(result.score),
+                    "triage_json": result.to_json(),
+                },
+                detail={"rules": result.rules_version},
+            )
+            if triaged is not None:
+                lifecycle.move_exam(
+                    conn,
+                    exam.id,
+                    ExamState.QUEUED,
+                    event="queued",
+                    values={"deadline": deadline},
+                    detail={"level": level},
+                    also=[("critical", {"level": level})] if level == Level.CRITICAL else [],
+                )
+        self._bus.publish()
+        log.info("exam queued", extra={"exam_id": exam.id, "level": level})
+        return {"level": level, "deadline": deadline}
 
     # ---- worklist ----------------------------------------------------------------------------
     def worklist(self, p: Principal, *, limit: int = 200, include_claimed: bool = True) -> list[dict[str, Any]]:

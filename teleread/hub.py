@@ -109,17 +109,25 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     cpu = CpuPool(ingest_workers, log_level=settings.log_level, nice=INGEST_NICE, warm=("teleread.gateway.validate",))
     warm = ("teleread.models.pipeline", "teleread.models.ecg_measure", "torch")
     triage_cpu = CpuPool(triage_workers, log_level=settings.log_level, warm=warm)
+    clock = clock_for(engine)  # leases and deadlines on the database's time: several hubs agree
+    queue = QueueService(
+        engine=engine,
+        store=store,
+        bus=bus,
+        lease_seconds=settings.queue.lease_seconds,
+        max_lease_seconds=settings.queue.max_lease_seconds,
+        clock=clock,
+        routing=routing,
+    )
     triage = TriageWorker(
         engine=engine,
         store=store,
-        routing=routing,
-        bus=bus,
+        on_triaged=queue.enqueue_triaged,
         workers=max(settings.queue.triage_workers, triage_workers),
         cpu=triage_cpu,
         rules_path=settings.queue.rules_file,
         policy_path=settings.queue.fusion_policy,
     )
-    clock = clock_for(engine)  # leases and deadlines on the database's time: several hubs agree
     ingest = IngestService(
         engine=engine,
         clock=clock,
@@ -130,14 +138,6 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         on_committed=triage.submit,
         max_object_bytes=settings.max_object_bytes,
         cpu=cpu,
-    )
-    queue = QueueService(
-        engine=engine,
-        store=store,
-        bus=bus,
-        lease_seconds=settings.queue.lease_seconds,
-        max_lease_seconds=settings.queue.max_lease_seconds,
-        clock=clock,
     )
     reports = ReportService(engine=engine, queue=queue, bus=bus)
     results = ResultsService(engine=engine, bus=bus)
