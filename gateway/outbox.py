@@ -68,7 +68,7 @@ from teleread.gateway.outbox_ledger import (
     iso,
     typed_db_full,
 )
-from teleread.gateway.outbox_schedule import Clock, Scheduler, utc_now
+from teleread.gateway.outbox_schedule import Clock, Scheduler, SystemClock
 from teleread.gateway.validate import LOSSLESS_RESEND, LOSSY_RESEND
 
 __all__ = [
@@ -115,14 +115,15 @@ class Outbox:
         resend_kind: Callable[[Path, Path], str] | None = None,
     ) -> None:
         """``backoff``: the schedule of an exam's retries (default: 2 s doubling to 300 s, full
-        jitter). ``clock``: the current UTC time, for every time the outbox records or compares
-        (a ``now`` argument of a method overrides it once). ``maintenance=False`` opens an outbox
-        that another process of the same gateway owns (a receiver process): no clean-up of
-        ``incoming/`` and no recovery of interrupted uploads. ``resend_kind(first, second)`` tells
-        an instance sent again in another encoding from a different one under the same key
-        (``validate.resend_kind``); without it other bytes are a conflict."""
+        jitter). ``clock`` (``now()``: the current UTC time, as :mod:`teleread.clock`'s clocks):
+        every time the outbox records or compares (a ``now`` argument of a method overrides it
+        once). ``maintenance=False`` opens an outbox that another process of the same gateway owns
+        (a receiver process): no clean-up of ``incoming/`` and no recovery of interrupted uploads.
+        ``resend_kind(first, second)`` tells an instance sent again in another encoding from a
+        different one under the same key (``validate.resend_kind``); without it other bytes are a
+        conflict."""
         self.resend_kind = resend_kind
-        self.clock: Clock = clock or utc_now
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self.backoff = backoff if backoff is not None else Backoff(WAITING)
         self.files = FileStore(root, maintenance=maintenance)
         self.root, self.objects_dir, self.incoming_dir = (
@@ -159,7 +160,7 @@ class Outbox:
         return self.ledger.lock
 
     def _at(self, now: dt.datetime | None = None) -> str:
-        return iso(now if now is not None else self.clock())
+        return iso(now if now is not None else self.clock.now())
 
     def keep_reserve(self) -> bool:
         """Make sure the reserve file (room for the database to open on a full disk) exists; True
@@ -394,7 +395,7 @@ class Outbox:
         return self.ledger.follow_up_of(exam_id)
 
     def status(self) -> OutboxStatus:
-        since = self._at(self.clock() - dt.timedelta(hours=REFUSALS_SHOWN_HOURS))
+        since = self._at(self.clock.now() - dt.timedelta(hours=REFUSALS_SHOWN_HOURS))
         status = self.ledger.status(refusals_since=since)
         return dataclasses.replace(status, set_aside=self.files.set_aside_count())
 
@@ -406,7 +407,7 @@ class Outbox:
         """Delete the files of exams the hub committed more than ``keep_seconds`` ago (their rows stay,
         so a resent instance is still recognised); return how many files were removed. A file that an
         exam still waiting to be sent also uses is kept."""
-        cutoff = self._at((now if now is not None else self.clock()) - dt.timedelta(seconds=keep_seconds))
+        cutoff = self._at((now if now is not None else self.clock.now()) - dt.timedelta(seconds=keep_seconds))
         with self.ledger.write() as db:
             return sum(self.files.remove(sha) for sha in self.ledger.sent_files(db, committed_before=cutoff))
 

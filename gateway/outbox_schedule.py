@@ -28,26 +28,35 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 from teleread.backoff import Backoff
 from teleread.gateway.outbox_ledger import ERROR_CHARS, PRIORITY_RANK, Ledger, OutboxExam, Refused, iso
 
-Clock = Callable[[], dt.datetime]
+
+class Clock(Protocol):
+    """What the outbox asks for the time: :class:`teleread.clock.Clock`'s protocol, so its
+    ``SystemClock`` and ``FakeClock`` fit (that module is not imported here: the gateway does not
+    load SQLAlchemy)."""
+
+    def now(self) -> dt.datetime:
+        """The current time, timezone-aware UTC."""
+        ...
 
 
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+class SystemClock:
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
 
 
 class Scheduler:
-    def __init__(self, ledger: Ledger, backoff: Backoff, clock: Clock = utc_now) -> None:
+    def __init__(self, ledger: Ledger, backoff: Backoff, clock: Clock | None = None) -> None:
         self.ledger = ledger
         self.backoff = backoff
-        self.clock = clock
+        self.clock: Clock = clock if clock is not None else SystemClock()
 
     def _now(self, now: dt.datetime | None) -> dt.datetime:
-        return now if now is not None else self.clock()
+        return now if now is not None else self.clock.now()
 
     def complete(self, group_key: str) -> None:
         """The sender says the study is complete: it may be uploaded now."""

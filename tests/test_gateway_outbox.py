@@ -240,21 +240,10 @@ def test_a_wfdb_record_is_never_made_ready_by_the_clock_alone(tmp_path: Path) ->
     assert box.claim_next() is not None
 
 
-class _Clock:
-    """A hand-driven UTC clock."""
-
-    def __init__(self, start: dt.datetime = NOW) -> None:
-        self.now = start
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += dt.timedelta(seconds=seconds)
-
-
 def test_retries_quiet_periods_and_pruning_follow_the_clock_the_outbox_is_given(tmp_path: Path) -> None:
-    clock = _Clock()
+    from teleread.clock import FakeClock
+
+    clock = FakeClock(NOW)
     box = Outbox(tmp_path, clock=clock, backoff=Backoff(base_s=10.0, cap_s=10.0))
     obj = _put(box, b"x", "1.1", "1.1.1")
     assert box.exam(obj.exam_id).created_at == NOW.isoformat()  # rows are stamped by the clock

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from teleread.backoff import Backoff
+from teleread.clock import FakeClock
 from teleread.errors import Conflict, ResourceExhausted
 from teleread.gateway.outbox_files import REASON_SUFFIX, RESERVE_BYTES, FileStore, typed_disk_full
 from teleread.gateway.outbox_ledger import Ledger, Refused, iso
@@ -90,8 +91,8 @@ def test_the_ledger_stamps_rows_with_the_times_it_is_given(tmp_path: Path) -> No
 
 def test_the_scheduler_counts_attempts_and_sets_next_tries_on_its_clock(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "outbox.db", path_of=lambda sha: tmp_path / sha)
-    now = [T0]
-    scheduler = Scheduler(ledger, Backoff(base_s=4.0, cap_s=16.0, rng=random.Random(9)), clock=lambda: now[0])
+    clock = FakeClock(T0)
+    scheduler = Scheduler(ledger, Backoff(base_s=4.0, cap_s=16.0, rng=random.Random(9)), clock=clock)
     fields = {"role": "dicom", "kind": "image", "indication": "", "size": 1}
     with ledger.write() as db:
         for study, priority in (("1.1", "routine"), ("1.2", "stat")):
@@ -110,10 +111,10 @@ def test_the_scheduler_counts_attempts_and_sets_next_tries_on_its_clock(tmp_path
         held = scheduler.claim_next()  # the routine exam goes meanwhile
         assert held is not None and held.group_key == "1.1"
         scheduler.release(held.id, "later")
-        now[0] += dt.timedelta(seconds=delay)
+        clock.advance(delay)
         retry = scheduler.claim_next()
         assert retry is not None and retry.id == exam.id and retry.attempts == attempt
     assert ceilings == [4.0, 8.0, 16.0, 16.0]
-    assert scheduler.committed(exam.id, "hub-9", refused=[Refused("c" * 64, "BAD_UID", "x")]) == iso(now[0])
+    assert scheduler.committed(exam.id, "hub-9", refused=[Refused("c" * 64, "BAD_UID", "x")]) == iso(clock.now())
     assert ledger.status(refusals_since=iso(T0)).incomplete == 1
     ledger.close()
