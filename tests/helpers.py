@@ -99,26 +99,23 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: f
         time.sleep(interval)
 
 
-EXAM_STATES = ("receiving", "received", "queued", "in_reading", "reported", "rejected", "expired")
-FINAL_STATES = ("reported", "rejected", "expired")
-
-
 def wait_for_state(
     ingest: Any, exam_id: str, state: str = "queued", *, timeout: float = 60.0, interval: float = 0.05
 ) -> Any:
     """Poll the site's ``GetExam`` until the exam is in ``state`` and return it. An exam is not in
     the reading queue at commit: triage queues it a moment later, so a test that reads or claims an
-    exam right after its commit waits here first. Fails at once if the exam ends in another final
-    state, and names the last state seen when the deadline passes."""
+    exam right after its commit waits here first. Fails at once if the exam was rejected or expired
+    instead, and names the last state seen when the deadline passes."""
     from teleread.v1 import ingest_pb2
+    from teleread.vocab import ExamState
 
-    assert state in EXAM_STATES, state
+    wanted = ExamState(state)  # a real state, or ValueError
     deadline = time.monotonic() + timeout
     while True:
         exam = ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=exam_id), timeout=10)
-        if exam.state == state:
+        if exam.state == wanted:
             return exam
-        assert exam.state not in FINAL_STATES, f"exam {exam_id} ended {exam.state}, not {state}"
+        assert exam.state not in (ExamState.REJECTED, ExamState.EXPIRED), f"exam {exam_id} {exam.state}, not {state}"
         if time.monotonic() > deadline:
             raise AssertionError(f"exam {exam_id} still {exam.state} after {timeout} s, not {state}")
         time.sleep(interval)
