@@ -4,19 +4,77 @@
 (SQLite + local object directory) and PostgreSQL + the S3 server (nanio). Each gives a hub
 serving gRPC on 127.0.0.1 with a free port, a clinic site with its token, a second site, and
 readers of both specialties.
+
+The suite runs on pytest-xdist workers (``-n auto --dist loadfile`` in pyproject's addopts). Each
+worker is a session of its own: its own PostgreSQL databases (named with the worker id) or private
+cluster, its own nanio server and buckets, its own temporary folders; hubs and receivers bind free
+ports. A file's tests run on one worker, one after another (its module fixtures are made once);
+the longest files start first. A test marked ``exclusive`` (the gateway fault suite: real
+processes, a tmpfs, timing) runs while no other test runs. ``--dist loadfile`` rather than
+``loadgroup``: with pytest 9.2, pytest-xdist 3.8's ``xdist_group`` grouping silently has no effect
+(pytest-xdist issue 1386).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import grpc
 import pytest
 
 pytest_plugins = ["fixtures_s3", "fixtures_pg"]
+
+# Files whose tests take longest, started first (the rest keep their order) so they do not finish last.
+LONGEST_FIRST = ("test_gateway_faults.py", "test_model_evaluation.py", "test_ecg_measure.py")
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """Without pytest-xdist (``-p no:xdist``, or a virtualenv without it) the suite runs in this one
+    process: pyproject's worker options are then accepted and have no effect."""
+    if pluginmanager.has_plugin("xdist"):
+        return
+    group = parser.getgroup("xdist", "distributed testing (pytest-xdist not loaded: one process)")
+    # pytest keeps lowercase short options to itself; _addoption, as pytest-xdist uses for -n, lets this one in
+    group._addoption("-n", "--numprocesses", dest="numprocesses", metavar="N", help="ignored without pytest-xdist")
+    group.addoption("--dist", dest="dist", default="no", help="ignored without pytest-xdist")
+    group.addoption("--no-loadscope-reorder", action="store_true", help="ignored without pytest-xdist")
+
+
+@contextmanager
+def _turn(item: pytest.Item) -> Iterator[None]:
+    """On pytest-xdist workers, a test marked ``exclusive`` runs alone: it takes a lock shared by the
+    workers of this run exclusively, every other test takes it shared (file locks in the run's
+    temporary folder). An exclusive test waiting for its turn holds the turnstile, so no new test
+    starts meanwhile."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    run_dir = Path(item.config.option.basetemp).parent  # a worker's is <the run's temporary folder>/<worker id>
+    exclusive = item.get_closest_marker("exclusive") is not None
+    with open(run_dir / "turnstile.lock", "a") as turnstile, open(run_dir / "exclusive.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield  # closing the files releases the locks
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outside pytest-timeout's clock: the wait is not the test's
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    with _turn(item):
+        return (yield)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # on every worker alike: xdist needs one collection order
+        rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @dataclass

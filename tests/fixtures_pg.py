@@ -3,7 +3,9 @@
 If ``TELEREAD_TEST_PG_URL`` is set (``postgresql://user:password@host:port``, no database; .ci/run
 sets it to the Debian cluster it starts), that server is used. Otherwise a private cluster
 (``local_servers.PgCluster``, fsync off) is started on a free loopback port and stopped at the
-end. Each test gets a fresh database; the databases are dropped at the end of the session.
+end. Each test gets a fresh database, named with the pytest-xdist worker id (``t_gw0_...``; ``t_main_...``
+in a run without workers) so that workers sharing one server never collide; a worker drops the
+databases it made at the end of its session. Each worker starts its own private cluster.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pytest
 
 from local_servers import PgCluster, pg_bindir
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
 
 class PgDatabases:
     """Fresh databases on one server, dropped again at the end."""
@@ -29,7 +33,7 @@ class PgDatabases:
     def new_database(self) -> str:
         import psycopg
 
-        name = "t_" + uuid.uuid4().hex[:12]
+        name = f"t_{WORKER}_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.base_url + "/postgres", autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         self.created.append(name)
@@ -55,7 +59,7 @@ def pg_cluster() -> Iterator[PgDatabases]:
     if pg_bindir() is None:
         # No skip: the PostgreSQL half of the suite is part of what must pass.
         pytest.fail("PostgreSQL server binaries are missing: run scripts/test.sh, which installs them")
-    cluster = PgCluster(Path(tempfile.mkdtemp(prefix="teleread-pg-")), durable=False)
+    cluster = PgCluster(Path(tempfile.mkdtemp(prefix=f"teleread-pg-{WORKER}-")), durable=False)
     cluster.start()
     try:
         yield PgDatabases(cluster.server_url)

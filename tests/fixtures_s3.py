@@ -1,6 +1,7 @@
 """pytest plugin: a real S3 server (nanio) on 127.0.0.1 for the S3 object-store tests.
 
-Owns the ``s3_server`` session fixture (one nanio process, random credentials from ``secrets``,
+Owns the ``s3_server`` session fixture (one nanio process per session, so one per pytest-xdist
+worker, in that worker's temporary folder; random credentials from ``secrets``,
 a free loopback port, a temporary data directory, killed by PID at the end; ``stop()`` / ``start()``
 simulate an outage on the same port) and the ``s3_bucket`` fixture (a fresh bucket name per test,
 its data removed afterwards). Register with ``pytest_plugins = ["fixtures_s3"]``.

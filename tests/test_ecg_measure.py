@@ -215,7 +215,7 @@ def test_cinc2017_all_records_measure_with_plausible_rates() -> None:
     offsets, labels, reference = data["offsets"], data["label"], data["hr_bpm"]
     fs = float(data["fs"])
     rates, irregular, agree = [], [], []
-    start = time.perf_counter()
+    start = time.process_time()  # the CPU it costs: other processes on the machine do not count
     for i in range(labels.size):
         lead = data["signal"][offsets[i] : offsets[i + 1]].astype(np.float64) / 1000.0
         m = measure_ecg(lead[:, None], fs=fs, lead_names=["I"])
@@ -223,7 +223,7 @@ def test_cinc2017_all_records_measure_with_plausible_rates() -> None:
         irregular.append(not m.regular)
         if 40 <= reference[i] <= 200 and labels[i] != "~":
             agree.append(abs(m.heart_rate_bpm - reference[i]) / reference[i] < 0.1)
-    per_record = (time.perf_counter() - start) / labels.size
+    per_record = (time.process_time() - start) / labels.size
     rates_a, irregular_a = np.array(rates), np.array(irregular)
     clean = labels != "~"
     assert np.mean((rates_a[clean] >= 30) & (rates_a[clean] <= 200)) >= 0.98

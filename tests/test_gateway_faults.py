@@ -45,7 +45,7 @@ from faultproxy import FaultProxy
 from helpers import wait_for
 from teleread.tls import make_local_pki
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.exclusive]  # alone: no other test's load on its timing
 
 FAULTS = int(os.environ.get("TELEREAD_FAULTS", "60"))
 SEED = int(os.environ.get("TELEREAD_FAULT_SEED", str(int(time.time()) % 100_000)))
