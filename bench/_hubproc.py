@@ -84,7 +84,7 @@ def _wait_for_sigterm() -> None:
 
 
 def serve_hub(args: argparse.Namespace) -> None:
-    from teleread.hub import build_hub, create_server
+    from teleread.app.hub import build_hub, create_server
     from teleread.logs import configure_logging
     from teleread.settings import Settings
 
@@ -108,7 +108,7 @@ def serve_sink(_args: argparse.Namespace) -> None:
     """The raw client-streaming ceiling: the hub's server options, Upload discards its bytes."""
     import grpc
 
-    from teleread.hub import MAX_MESSAGE
+    from teleread.app.hub import MAX_MESSAGE
     from teleread.settings import GrpcSettings
     from teleread.v1 import ingest_pb2, ingest_pb2_grpc
 

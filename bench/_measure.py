@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, cast
 import grpc
 
 from teleread.client import open_channel
-from teleread.gateway.upload import ScanExam, upload_exams
+from teleread.gateway.uploader.client import ScanExam, upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 CHUNK = 1024 * 1024

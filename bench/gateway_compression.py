@@ -66,7 +66,7 @@ def samples(data: Path) -> list[Sample]:
 
 
 def _load(outbox_dir: Path, sample: Sample) -> Any:
-    from teleread.gateway.outbox import Outbox
+    from teleread.gateway.clinic.outbox import Outbox
 
     box = Outbox(outbox_dir)
     if sample.kind == "dicom":
@@ -88,7 +88,7 @@ def _load(outbox_dir: Path, sample: Sample) -> Any:
 
 def measure(hub: _hubproc.ServerProcess, sample: Sample, mode: str, work: Path) -> dict[str, Any]:
     from teleread.client import open_channel
-    from teleread.gateway.forward import Forwarder
+    from teleread.gateway.clinic.forward import Forwarder
     from teleread.v1 import ingest_pb2_grpc
 
     box = _load(work / f"{mode}-{abs(hash(sample.label))}", sample)
@@ -118,7 +118,7 @@ def gzip_cpu() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from teleread.models.evaluate import default_datasets
+    from teleread.models.training.evaluate import default_datasets
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="datasets folder (default ../shared/datasets)")

@@ -494,9 +494,9 @@ def receiver(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--receivers", type=int, default=1)
     args = parser.parse_args(argv)
-    from teleread.gateway.outbox import Outbox
-    from teleread.gateway.scp import ScpConfig, StoreScp
-    from teleread.gateway.scp_pool import ReceiverPool
+    from teleread.gateway.clinic.outbox import Outbox
+    from teleread.gateway.clinic.scp import ScpConfig, StoreScp
+    from teleread.gateway.clinic.scp_pool import ReceiverPool
     from teleread.logs import configure_logging
 
     configure_logging("INFO")  # as `teleread gateway run` does (JSON to stderr)

@@ -62,8 +62,8 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from teleread.files import hash_stream
-from teleread.gateway.forward import MESSAGE_BYTES, SpreadStub
-from teleread.gateway.upload import CHUNK_SIZE
+from teleread.gateway.clinic.forward import MESSAGE_BYTES, SpreadStub
+from teleread.gateway.uploader.client import CHUNK_SIZE
 
 MB = 1e6
 MIB = 1024 * 1024
@@ -87,7 +87,7 @@ class _WireMeter:
         self.streams: list[tuple[float, str, int, bool]] = []  # (time, sha256[:12], offset, object seen before)
 
     def install(self) -> None:
-        from teleread.gateway import upload
+        from teleread.gateway.uploader import client as upload
 
         original = upload._ChunkReader.chunks
         meter = self
@@ -139,9 +139,9 @@ def gateway_process(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from teleread import client
-    from teleread.gateway.forward import Forwarder
+    from teleread.gateway.clinic.forward import Forwarder
     from teleread.backoff import Backoff
-    from teleread.gateway.outbox import Outbox
+    from teleread.gateway.clinic.outbox import Outbox
     from teleread.settings import GatewaySettings
     from teleread.v1 import ingest_pb2_grpc
 
@@ -161,7 +161,8 @@ def gateway_process(argv: list[str]) -> int:
     stubs = [ingest_pb2_grpc.IngestStub(channel) for channel in channels]
     ingest = stubs[0] if len(stubs) == 1 else SpreadStub(stubs)
     if args.chunk_size:  # what-if: the Forwarder does not expose upload_exams' chunk_size
-        from teleread.gateway import forward, upload
+        from teleread.gateway.clinic import forward
+        from teleread.gateway.uploader import client as upload
 
         forward.upload_exams = functools.partial(upload.upload_exams, chunk_size=args.chunk_size)  # type: ignore[assignment]
     forwarder = Forwarder(outbox, ingest, parallel=args.parallel, compression=args.compression)
@@ -225,7 +226,7 @@ def hub_process(argv: list[str]) -> int:
     parser.add_argument("--host", required=True)
     args = parser.parse_args(argv)
     from bench._hubproc import _register, _wait_for_sigterm
-    from teleread.hub import build_hub, create_server
+    from teleread.app.hub import build_hub, create_server
     from teleread.logs import configure_logging
     from teleread.settings import Settings
 
@@ -505,7 +506,7 @@ class Bench:
         import pydicom
 
         from bench import _data
-        from teleread.gateway.upload import file_sha256
+        from teleread.gateway.uploader.client import file_sha256
 
         if self._np_rng is None:
             self._np_rng = np.random.default_rng(self.seed)
@@ -520,7 +521,7 @@ class Bench:
 
     def fill_outbox(self, study: Study, root: Path) -> None:
         """The study as the DICOM receiver leaves it: every instance durable, the study complete."""
-        from teleread.gateway.outbox import Outbox
+        from teleread.gateway.clinic.outbox import Outbox
 
         box = Outbox(root)
         try:
@@ -983,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from bench._report import OtherLoad, machine, print_table, save_json
-    from teleread.gateway import upload
+    from teleread.gateway.uploader import client as upload
 
     console = Console()
     plan = QUICK_PLAN if args.quick else FULL_PLAN

@@ -81,8 +81,8 @@ def run(datasets: Path, repeats: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from teleread.models import pipeline, registry
-    from teleread.models.synthetic import write_wfdb_record
+    from teleread.models.inference import pipeline, registry
+    from teleread.models.inference.synthetic import write_wfdb_record
 
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -130,7 +130,7 @@ def run(datasets: Path, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from teleread.models.evaluate import default_datasets
+    from teleread.models.training.evaluate import default_datasets
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="evaluation files folder (default ../shared/datasets)")

@@ -39,8 +39,8 @@ from bench._measure import (
     memory_sampler,
 )
 from bench._report import Figure, OtherLoad, machine, print_table, save_json
-from teleread.gateway import upload
-from teleread.gateway.upload import ScanExam, scan_paths
+from teleread.gateway.uploader import client as upload
+from teleread.gateway.uploader.client import ScanExam, scan_paths
 
 MB = 1e6
 DEPLOYMENTS = ("embedded", "postgres_s3")

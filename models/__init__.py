@@ -1,1 +1,3 @@
-"""Triage: ECG measurements and critical-value rules, image priority rules; learned models later."""
+"""Triage: ``inference`` runs in the hub (ECG measurements and critical-value rules, the learned
+models, fusion, the triage worker); ``training`` is offline (trainers, calibration, evaluation)
+and the runtime never imports it. Weights, rules and model cards sit here, beside both."""

@@ -1,7 +1,7 @@
 """Exam events: the audit trail, and the feed that wakes watching clients.
 
 ``record_event`` writes a row inside the caller's transaction. ``EventBus`` wakes the hub's one
-watch feed (``reader/feed.py``) after a commit; the feed then reads the table after the last event
+watch feed (``reader/hub/feed.py``) after a commit; the feed then reads the table after the last event
 id it read, so nothing is missed even when a wake-up is (it also polls, which covers commits of
 other hub processes on the same database), and hands the rows to every live stream.
 """

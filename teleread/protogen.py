@@ -10,8 +10,14 @@ import filecmp
 import tempfile
 from pathlib import Path
 
-PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
-PROTO_DIR = PROTO_ROOT / "teleread" / "v1"
+# The folder the .proto files are imported relative to: proto/ in a checkout, site-packages when
+# installed (the package carries its .proto files beside the generated code).
+PROTO_DIR = (
+    Path(__file__).resolve().parent / "v1"
+    if (Path(__file__).resolve().parent / "v1").is_dir()
+    else (Path(__file__).resolve().parent.parent / "proto" / "teleread" / "v1")
+)
+PROTO_ROOT = PROTO_DIR.parent.parent
 
 
 def _generate(out_root: Path) -> list[Path]:

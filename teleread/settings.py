@@ -71,7 +71,7 @@ class QueueSettings(BaseModel):
 
 
 class IngestSettings(BaseModel):
-    """The hub's clean-up of what uploads leave behind (``gateway/janitor.py``)."""
+    """The hub's clean-up of what uploads leave behind (``gateway/hub/janitor.py``)."""
 
     model_config = ConfigDict(frozen=True)
 

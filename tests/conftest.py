@@ -120,7 +120,7 @@ def make_settings(
 
 def start_stack(name: str, settings: Any) -> HubStack:
     from teleread.auth import Role, add_principal, add_site
-    from teleread.hub import build_hub, create_server
+    from teleread.app.hub import build_hub, create_server
 
     hub = build_hub(settings)
     add_site(hub.engine, code="clinic-a", name="Township clinic A", lead_hospital="county-hosp")
@@ -164,8 +164,8 @@ def hub_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubSta
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[Any]:
     """The gateway's DICOM receiver on a free loopback port, writing into a fresh outbox."""
-    from teleread.gateway.outbox import Outbox
-    from teleread.gateway.scp import ScpConfig, StoreScp
+    from teleread.gateway.clinic.outbox import Outbox
+    from teleread.gateway.clinic.scp import ScpConfig, StoreScp
 
     from teleread.gateway.validate import resend_kind
 

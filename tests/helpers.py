@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 def datasets_dir() -> Path:
     """The shared datasets folder (evaluation files, WFDB records): the one place every test gets it
     from. ``../shared/datasets`` beside the checkout, found as ``teleread models`` finds it."""
-    from teleread.models.evaluate import default_datasets
+    from teleread.models.training.evaluate import default_datasets
 
     return default_datasets()
 
@@ -42,7 +42,7 @@ def copy_testdata(folder: Path, *names: str) -> list[Path]:
 
 
 def write_synthetic_wfdb(folder: Path, *, rhythm: str, name: str = "ecg-0001", seed: int = 1) -> tuple[Path, Path]:
-    from teleread.models.synthetic import synthetic_ecg, write_wfdb_record
+    from teleread.models.inference.synthetic import synthetic_ecg, write_wfdb_record
 
     signal, leads = synthetic_ecg(rhythm=rhythm, fs=500, seconds=10.0, seed=seed)
     return write_wfdb_record(folder, name, signal, 500, leads)

@@ -7,8 +7,8 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-from teleread.gateway.outbox import Outbox
-from teleread.gateway.scp import ENGINES, ScpConfig, StoreScp
+from teleread.gateway.clinic.outbox import Outbox
+from teleread.gateway.clinic.scp import ENGINES, ScpConfig, StoreScp
 from teleread.gateway.validate import resend_kind
 
 __all__ = ["ENGINES", "running_receiver"]

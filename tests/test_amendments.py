@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from helpers import copy_testdata, error_reason, wait_for
-from teleread.cli import main
+from teleread.app.cli import main
 from teleread.clock import FakeClock
-from teleread.gateway.upload import scan_paths, upload_exams
+from teleread.gateway.uploader.client import scan_paths, upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_settings, start_stack
 from helpers import copy_testdata, wait_for, write_synthetic_wfdb
-from teleread.cli import main
+from teleread.app.cli import main
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
@@ -138,7 +138,7 @@ def test_tls_with_a_local_ca(tmp_path: Path, capsys) -> None:
 def test_read_watch_announces_a_critical_exam(embedded_stack, tmp_path: Path, capsys, monkeypatch) -> None:
     import threading
 
-    from teleread.gateway.upload import scan_paths, upload_exams
+    from teleread.gateway.uploader.client import scan_paths, upload_exams
 
     monkeypatch.setenv("COLUMNS", "250")
     codes: list[int] = []
@@ -169,7 +169,9 @@ def test_killed_hub_leaves_no_worker_processes(tmp_path: Path) -> None:
     import psutil
 
     env = dict(os.environ, TELEREAD_DATA_DIR=str(tmp_path), TELEREAD_GRPC__PORT="0", TELEREAD_CPU_WORKERS="2")
-    hub = subprocess.Popen([sys.executable, "-m", "teleread.cli", "serve"], env=env, stdout=subprocess.PIPE, text=True)
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "teleread.app.cli", "serve"], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert "listening" in hub.stdout.readline()
         workers = psutil.Process(hub.pid).children()

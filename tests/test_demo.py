@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from teleread.cli import main
+from teleread.app.cli import main
 
 
 @pytest.mark.timeout(180)

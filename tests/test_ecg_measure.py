@@ -12,8 +12,8 @@ import wfdb
 
 from helpers import datasets_dir, needs_datasets
 from teleread.errors import InvalidInput
-from teleread.models.ecg_measure import EcgMeasurements, canonical_lead_name, measure_ecg
-from teleread.models.synthetic import (
+from teleread.models.inference.ecg_measure import EcgMeasurements, canonical_lead_name, measure_ecg
+from teleread.models.inference.synthetic import (
     LEAD_NAMES,
     PAUSE_SECONDS,
     STEMI_ELEVATION_MV,

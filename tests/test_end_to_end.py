@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from helpers import copy_testdata, error_reason, wait_for, write_synthetic_wfdb
-from teleread.gateway.upload import scan_paths, upload_exams
+from teleread.gateway.uploader.client import scan_paths, upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)

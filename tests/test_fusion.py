@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from teleread.errors import InvalidInput
-from teleread.models import fusion, pipeline, registry, triage
+from teleread.models.inference import fusion, pipeline, registry, triage
 from teleread.vocab import Level
-from teleread.models.synthetic import synthetic_ecg, write_wfdb_record
-from teleread.models.triage import Finding, Scored
+from teleread.models.inference.synthetic import synthetic_ecg, write_wfdb_record
+from teleread.models.inference.triage import Finding, Scored
 
 RULES = triage.load_rules()
 POLICY = fusion.FusionPolicy(version="fusion-test", superseded_by_rhythm=("ecg.irregular_rhythm",))

@@ -26,11 +26,11 @@ from pydicom.uid import (
 from helpers import wait_for, write_chest_dx
 from receivers import ENGINES, running_receiver
 from teleread.client import RetryPolicy
-from teleread.gateway.forward import Forwarder
-from teleread.gateway.outbox import Outbox
-from teleread.gateway.scan import scan_paths
-from teleread.gateway.scp import DUPLICATE_CONFLICT, SUCCESS, StoreScp
-from teleread.gateway.upload import upload_exams
+from teleread.gateway.clinic.forward import Forwarder
+from teleread.gateway.clinic.outbox import Outbox
+from teleread.gateway.uploader.scan import scan_paths
+from teleread.gateway.clinic.scp import DUPLICATE_CONFLICT, SUCCESS, StoreScp
+from teleread.gateway.uploader.client import upload_exams
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)

@@ -138,7 +138,7 @@ class HubProcess:
             "TELEREAD_GRPC__TLS_KEY": str(self.pki / "hub.key"),
             "TELEREAD_GRPC__TLS_CA": str(self.pki / "ca.pem"),  # client certificates required
         }
-        cmd = [sys.executable, "-m", "teleread.cli", "serve", "--data-dir", str(self.data_dir)]
+        cmd = [sys.executable, "-m", "teleread.app.cli", "serve", "--data-dir", str(self.data_dir)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "--host", "127.0.0.1", "--port", str(self.port)], env=env, stdout=log, stderr=log
@@ -181,7 +181,7 @@ class GatewayProcess:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            cmd = [sys.executable, "-m", "teleread.cli", "gateway", "run"]
+            cmd = [sys.executable, "-m", "teleread.app.cli", "gateway", "run"]
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log)
         self.starts += 1
         wait_for(lambda: _listening(self.dicom_port), timeout=60)
@@ -506,7 +506,7 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _register_hub(data_dir: Path) -> str:
     from teleread.auth import Role, add_principal, add_site
-    from teleread.hub import build_hub
+    from teleread.app.hub import build_hub
     from teleread.settings import Settings
 
     hub = build_hub(Settings(data_dir=data_dir, cpu_workers=0))
@@ -604,7 +604,7 @@ def test_no_instance_is_lost_or_duplicated_under_random_faults(tmp_path: Path, s
 
     lone = _check_hub(hub_dir, small_disk, modality.acknowledged, late, chaos)
     status = subprocess.run(
-        [sys.executable, "-m", "teleread.cli", "gateway", "status"], env=gateway.env, capture_output=True, text=True
+        [sys.executable, "-m", "teleread.app.cli", "gateway", "status"], env=gateway.env, capture_output=True, text=True
     )
     print(f"instances refused by the hub: {len(chaos.hub_refused)}, {len(lone)} of them alone in their exam")
     if chaos.hub_refused:  # refused instances wait for a person, and status says so
@@ -621,8 +621,8 @@ def test_no_instance_is_lost_or_duplicated_under_random_faults(tmp_path: Path, s
 def _direct_upload(port: int, token: str, pki: Path) -> Any:
     """Upload a file straight to the hub over mutual TLS, as a technician's `teleread upload` does."""
     from teleread.client import RetryPolicy, open_channel
-    from teleread.gateway.scan import scan_paths
-    from teleread.gateway.upload import upload_exams
+    from teleread.gateway.uploader.scan import scan_paths
+    from teleread.gateway.uploader.client import upload_exams
     from teleread.v1 import ingest_pb2_grpc
 
     def send(path: Path) -> bool:
@@ -646,7 +646,7 @@ def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: 
     from sqlalchemy import select
 
     from teleread.db.schema import exams, objects, sites
-    from teleread.hub import build_hub
+    from teleread.app.hub import build_hub
     from teleread.settings import Settings
 
     box = sqlite3.connect(f"file:{outbox / 'outbox.db'}?mode=ro", uri=True)

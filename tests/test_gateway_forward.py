@@ -13,8 +13,8 @@ import pytest
 
 from helpers import copy_testdata, wait_for, wait_for_state
 from teleread.client import open_channel
-from teleread.gateway.forward import Forwarder
-from teleread.gateway.outbox import Backoff, Outbox
+from teleread.gateway.clinic.forward import Forwarder
+from teleread.gateway.clinic.outbox import Backoff, Outbox
 from teleread.v1 import common_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,7 +120,7 @@ def test_a_stream_never_runs_more_than_the_in_flight_bound_ahead_of_the_hub(
 ) -> None:
     import numpy as np
 
-    from teleread.gateway import upload
+    from teleread.gateway.uploader import client as upload
 
     (ct,) = copy_testdata(tmp_path / "in", "CT_small.dcm")
     ds = pydicom.dcmread(ct)
@@ -164,8 +164,8 @@ def test_a_stream_never_runs_more_than_the_in_flight_bound_ahead_of_the_hub(
 def test_a_reader_waiting_for_confirmations_stops_with_its_call(tmp_path: Path) -> None:
     import threading
 
-    from teleread.gateway import upload
-    from teleread.gateway.scan import ScanObject
+    from teleread.gateway.uploader import client as upload
+    from teleread.gateway.uploader.scan import ScanObject
     from teleread.vocab import ObjectRole
 
     f = tmp_path / "obj"

@@ -13,8 +13,8 @@ import pytest
 
 from teleread.backoff import Backoff
 from teleread.client import RetryPolicy, open_channel
-from teleread.gateway.forward import Forwarder
-from teleread.gateway.outbox import Outbox
+from teleread.gateway.clinic.forward import Forwarder
+from teleread.gateway.clinic.outbox import Outbox
 from teleread.v1 import ingest_pb2_grpc
 
 

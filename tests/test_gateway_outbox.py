@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
-from teleread.gateway.outbox import SCHEMA_VERSION, Backoff, Outbox, OutboxObject
+from teleread.gateway.clinic.outbox import SCHEMA_VERSION, Backoff, Outbox, OutboxObject
 
 NOW = dt.datetime(2026, 11, 23, 10, 0, tzinfo=dt.timezone.utc)
 

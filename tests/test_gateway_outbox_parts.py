@@ -15,9 +15,9 @@ import pytest
 from teleread.backoff import Backoff
 from teleread.clock import FakeClock
 from teleread.errors import Conflict, ResourceExhausted
-from teleread.gateway.outbox_files import REASON_SUFFIX, RESERVE_BYTES, FileStore, typed_disk_full
-from teleread.gateway.outbox_ledger import Ledger, Refused, iso
-from teleread.gateway.outbox_schedule import Scheduler
+from teleread.gateway.clinic.outbox_files import REASON_SUFFIX, RESERVE_BYTES, FileStore, typed_disk_full
+from teleread.gateway.clinic.outbox_ledger import Ledger, Refused, iso
+from teleread.gateway.clinic.outbox_schedule import Scheduler
 
 T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=dt.timezone.utc)
 

@@ -15,10 +15,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from teleread.cli import main
-from teleread.gateway.outbox import SET_ASIDE_DIR, Outbox
-from teleread.gateway.scp import DUPLICATE_CONFLICT, SUCCESS, identify
-from teleread.gateway.service import Gateway
+from teleread.app.cli import main
+from teleread.gateway.clinic.outbox import SET_ASIDE_DIR, Outbox
+from teleread.gateway.clinic.scp import DUPLICATE_CONFLICT, SUCCESS, identify
+from teleread.gateway.clinic.service import Gateway
 from teleread.settings import GatewaySettings, Settings
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,11 +18,11 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from helpers import wait_for, write_synthetic_wfdb
-from teleread.gateway import report_pdf
+from teleread.gateway.clinic import report_pdf
 from teleread.client import atomic_write_bytes
-from teleread.gateway.report_pdf import render_report_pdf
-from teleread.gateway.results import ResultsInbox
-from teleread.gateway.upload import scan_paths, upload_exams
+from teleread.gateway.clinic.report_pdf import render_report_pdf
+from teleread.gateway.clinic.results import ResultsInbox
+from teleread.gateway.uploader.client import scan_paths, upload_exams
 from teleread.v1 import (
     common_pb2,
     ingest_pb2,
@@ -230,14 +230,14 @@ def test_a_pdf_failure_keeps_json_and_text_and_moves_on(
     def broken(result: results_pb2.Result, path: Path, **_: object) -> None:
         raise ValueError(f"cannot lay out {result.report.text}")  # a library quoting the report
 
-    monkeypatch.setattr("teleread.gateway.results.render_report_pdf", broken)
+    monkeypatch.setattr("teleread.gateway.clinic.results.render_report_pdf", broken)
     marker = tmp_path / "hook-args.txt"
     hook = tmp_path / "page-doctor.sh"
     hook.write_text(f'#!/bin/sh\necho "$#:$1" >> {marker}\n')
     hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
     inbox = ResultsInbox(tmp_path / "results", hook=str(hook))
     hub = _OnePageHub(_result(text=secret, critical=True))
-    with caplog.at_level(logging.ERROR, logger="teleread.gateway.results"):
+    with caplog.at_level(logging.ERROR, logger="teleread.gateway.clinic.results"):
         assert inbox.poll(hub) == 1
     folder = tmp_path / "results"
     assert sorted(p.name for p in folder.iterdir()) == [".cursor", "7-ex-0001.json", "7-ex-0001.txt"]
@@ -253,7 +253,7 @@ def test_a_pdf_failure_keeps_json_and_text_and_moves_on(
 
 def test_a_non_critical_result_gets_a_pdf_and_no_alert(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     inbox = ResultsInbox(tmp_path / "results", hook=str(tmp_path / "never-run"))
-    with caplog.at_level(logging.ERROR, logger="teleread.gateway.results"):
+    with caplog.at_level(logging.ERROR, logger="teleread.gateway.clinic.results"):
         assert inbox.poll(_OnePageHub(_result(text="Sinus rhythm, rate 72."))) == 1
     assert "Sinus rhythm, rate 72." in _pdf_text(tmp_path / "results" / "7-ex-0001.pdf")
     assert not caplog.records  # neither a critical alert nor a failed hook
@@ -303,7 +303,7 @@ def test_without_a_font_the_inbox_warns_at_start_and_keeps_json_and_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _no_default_font(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="teleread.gateway.results"):
+    with caplog.at_level(logging.WARNING, logger="teleread.gateway.clinic.results"):
         inbox = ResultsInbox(tmp_path / "results")
         (warning,) = caplog.records
         assert warning.levelno == logging.WARNING and vars(warning)["reason"] == "REPORT_FONT_MISSING"

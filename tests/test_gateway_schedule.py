@@ -18,9 +18,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from faultproxy import FaultProxy
 from teleread.client import open_channel
 from teleread.errors import InvalidInput
-from teleread.gateway.forward import Forwarder
-from teleread.gateway.outbox import Outbox
-from teleread.gateway.schedule import (
+from teleread.gateway.clinic.forward import Forwarder
+from teleread.gateway.clinic.outbox import Outbox
+from teleread.gateway.uploader.schedule import (
     TokenBucket,
     in_windows,
     limit_rate,
@@ -176,7 +176,7 @@ def test_outside_the_routine_window_only_stat_and_urgent_exams_go(embedded_stack
 
 @pytest.mark.parametrize(("setting", "value"), [("compression", "zip"), ("routine_windows", ["22-06"])])
 def test_the_gateway_refuses_a_bad_schedule_setting_by_name(tmp_path: Path, setting: str, value: object) -> None:
-    from teleread.gateway.service import Gateway
+    from teleread.gateway.clinic.service import Gateway
     from teleread.settings import GatewaySettings, Settings
 
     config = GatewaySettings(dicom_host="127.0.0.1", dicom_port=0, **{setting: value})
@@ -187,7 +187,7 @@ def test_the_gateway_refuses_a_bad_schedule_setting_by_name(tmp_path: Path, sett
 
 def test_the_gateway_spreads_its_streams_over_several_connections(embedded_stack, tmp_path: Path) -> None:
     from helpers import wait_for
-    from teleread.gateway.service import Gateway
+    from teleread.gateway.clinic.service import Gateway
     from teleread.settings import GatewaySettings, Settings
 
     proxy = FaultProxy(embedded_stack.port)

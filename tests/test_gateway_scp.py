@@ -15,9 +15,9 @@ import pytest
 
 from helpers import copy_testdata, wait_for
 from receivers import ENGINES, running_receiver
-from teleread.gateway.forward import Forwarder
-from teleread.gateway.outbox import Outbox
-from teleread.gateway.scp import CANNOT_UNDERSTAND, StoreScp
+from teleread.gateway.clinic.forward import Forwarder
+from teleread.gateway.clinic.outbox import Outbox
+from teleread.gateway.clinic.scp import CANNOT_UNDERSTAND, StoreScp
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)

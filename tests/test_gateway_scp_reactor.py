@@ -20,12 +20,12 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-import teleread.gateway.outbox_files as outbox_files
+import teleread.gateway.clinic.outbox_files as outbox_files
 from helpers import copy_testdata, wait_for
 from receivers import ENGINES, running_receiver
-from teleread.gateway.outbox import Outbox
-from teleread.gateway.scp import SUCCESS, ScpConfig, StoreScp, identify
-from teleread.gateway.scp_reactor import SpoolFile, spooled_digest
+from teleread.gateway.clinic.outbox import Outbox
+from teleread.gateway.clinic.scp import SUCCESS, ScpConfig, StoreScp, identify
+from teleread.gateway.clinic.scp_reactor import SpoolFile, spooled_digest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -227,7 +227,7 @@ def test_the_receiver_answers_an_echo_after_idling(scp) -> None:
 def test_a_receiver_pool_spreads_associations_over_processes_and_replaces_one_that_dies(
     tmp_path: Path, engine: str
 ) -> None:
-    from teleread.gateway.scp_pool import ReceiverPool
+    from teleread.gateway.clinic.scp_pool import ReceiverPool
 
     (src,) = copy_testdata(tmp_path / "src", "CT_small.dcm")
     files = _study(tmp_path / "study", src, 24)
@@ -267,7 +267,7 @@ def test_the_spooled_file_meta_is_byte_for_byte_what_pydicom_writes(instance: st
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom.dsutils import create_file_meta
 
-    from teleread.gateway.scp_reactor import SpoolFile, SpoolMeta, _create_file_meta, _write_file_meta_info
+    from teleread.gateway.clinic.scp_reactor import SpoolFile, SpoolMeta, _create_file_meta, _write_file_meta_info
 
     fields = {"sop_class_uid": CTImageStorage, "sop_instance_uid": instance, "transfer_syntax": "1.2.840.10008.1.2.1"}
     want = io.BytesIO()
@@ -291,7 +291,7 @@ def test_a_disk_that_fills_while_a_dataset_arrives_gets_a700_and_the_association
 ) -> None:
     import errno
 
-    from teleread.gateway import scp_reactor
+    from teleread.gateway.clinic import scp_reactor
 
     ds = pydicom.dcmread(copy_testdata(tmp_path / "in", "CT_small.dcm")[0])
     real_init = scp_reactor.SpoolFile.__init__
@@ -365,7 +365,7 @@ def test_each_engine_serves_associations_with_its_own_acceptor(scp, tmp_path: Pa
     from pynetdicom.association import Association
     from pynetdicom.dul import DULServiceProvider
 
-    from teleread.gateway.scp_reactor import EventDrivenAssociation, EventDrivenDUL, ReactorReceiver
+    from teleread.gateway.clinic.scp_reactor import EventDrivenAssociation, EventDrivenDUL, ReactorReceiver
 
     ds = pydicom.dcmread(copy_testdata(tmp_path / "in", "CT_small.dcm")[0])
     ae = AE()
@@ -393,9 +393,9 @@ def test_the_engine_is_chosen_by_the_gateway_setting(tmp_path: Path, monkeypatch
     from pydantic import ValidationError
 
     from teleread.errors import InvalidInput
-    from teleread.gateway.scp import PynetdicomReceiver, make_receiver
-    from teleread.gateway.scp_reactor import ReactorReceiver
-    from teleread.gateway.service import Gateway
+    from teleread.gateway.clinic.scp import PynetdicomReceiver, make_receiver
+    from teleread.gateway.clinic.scp_reactor import ReactorReceiver
+    from teleread.gateway.clinic.service import Gateway
     from teleread.settings import Settings
 
     monkeypatch.setenv("TELEREAD_GATEWAY__RECEIVER_ENGINE", "pynetdicom")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from helpers import copy_testdata, wait_for, write_synthetic_wfdb
-from teleread.cli import main
-from teleread.gateway.outbox import Outbox, OutboxStatus
-from teleread.gateway.service import Gateway, needs_a_person
+from teleread.app.cli import main
+from teleread.gateway.clinic.outbox import Outbox, OutboxStatus
+from teleread.gateway.clinic.service import Gateway, needs_a_person
 from teleread.settings import GatewaySettings, Settings
 from teleread.v1 import ingest_pb2_grpc, results_pb2_grpc
 
@@ -104,7 +104,7 @@ def _exam_ids(outbox: Path) -> list[str]:
 
 
 def test_echo_and_send_check_a_clinics_set_up_against_the_receiver(tmp_path: Path, capsys) -> None:
-    from teleread.gateway.scp import ScpConfig, StoreScp
+    from teleread.gateway.clinic.scp import ScpConfig, StoreScp
 
     box = Outbox(tmp_path / "outbox")
     scp = StoreScp(box, ScpConfig(port=0)).start()

@@ -15,9 +15,9 @@ from pydicom.data import get_testdata_file
 
 from conftest import make_settings, start_stack
 from helpers import wait_for
-from teleread.cli import main
+from teleread.app.cli import main
 from teleread.errors import InvalidInput
-from teleread.gateway.service import Gateway, uplink_security
+from teleread.gateway.clinic.service import Gateway, uplink_security
 from teleread.settings import GatewaySettings, Settings
 from teleread.tls import make_local_pki
 

@@ -17,9 +17,9 @@ import pytest
 
 from helpers import copy_testdata, write_synthetic_wfdb
 from teleread.errors import ResourceExhausted
-from teleread.gateway.outbox import Outbox
-from teleread.gateway.watch import REASON_SUFFIX, WatchFolder, WatchReport
-from teleread.gateway.service import refused_files
+from teleread.gateway.clinic.outbox import Outbox
+from teleread.gateway.clinic.watch import REASON_SUFFIX, WatchFolder, WatchReport
+from teleread.gateway.clinic.service import refused_files
 
 CANARY = "PHI_CANARY_ZHANGSAN"
 SETTLE = 2.0

@@ -254,7 +254,7 @@ COMPRESSED_AND_MULTIFRAME = [
 
 
 def test_compressed_and_multiframe_dicom_are_stored_byte_identical(hub_stack, tmp_path: Path) -> None:
-    from teleread.gateway.upload import scan_paths, upload_exams
+    from teleread.gateway.uploader.client import scan_paths, upload_exams
 
     files = copy_testdata(tmp_path / "in", *COMPRESSED_AND_MULTIFRAME)
     ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))

@@ -184,7 +184,7 @@ def test_architecture_shows_the_diagrams_drawn_from_the_tables() -> None:
 STATE_COLUMNS = {"state", "status", "critical_state"}
 PRODUCT = ("gateway", "reader", "models", "teleread")
 # The clinic gateway's outbox is another process with its own SQLite ledger and its own states.
-OWN_LEDGER = {"gateway/outbox.py"}
+OWN_LEDGER = {"gateway/clinic/outbox.py"}
 
 
 def _assignments(tree: ast.AST) -> list[int]:

@@ -13,8 +13,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossle
 
 from helpers import datasets_dir
 from teleread.errors import InvalidInput
-from teleread.models import chest_xray, registry
-from teleread.models.metrics import auc
+from teleread.models.inference import chest_xray, registry
+from teleread.models.training.metrics import auc
 
 EVAL = datasets_dir() / "pneumoniamnist-test-eval.npz"
 MIN_EVAL_AUC = 0.96  # measured 0.975 [0.958, 0.988] on the 425 eval images (see models/cards/chest_pneumonia.md)

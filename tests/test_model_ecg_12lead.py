@@ -9,8 +9,8 @@ import pytest
 from scipy import signal as sps
 
 from helpers import datasets_dir
-from teleread.models import ecg_12lead, registry
-from teleread.models.metrics import macro_auc
+from teleread.models.inference import ecg_12lead, registry
+from teleread.models.training.metrics import macro_auc
 
 EVAL = datasets_dir() / "ptbxl-fold10-eval.npz"
 MEASURED_MACRO_AUC = 0.869  # fold-10 subset, seed-0 weights (models/cards/ecg_12lead.md)

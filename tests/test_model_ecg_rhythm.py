@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from helpers import datasets_dir
-from teleread.models import ecg_rhythm as er
-from teleread.models import registry
-from teleread.models.synthetic import synthetic_ecg
+from teleread.models.inference import ecg_rhythm as er
+from teleread.models.inference import registry
+from teleread.models.inference.synthetic import synthetic_ecg
 
 EVAL_FILE = datasets_dir() / "cinc2017-eval.npz"
 CLASSES = ("N", "A", "O", "~")

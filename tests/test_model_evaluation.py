@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from teleread.models import metrics
+from teleread.models.training import metrics
 from helpers import datasets_dir
-from teleread.models.evaluate import TRAINERS, Section, evaluate_all
+from teleread.models.training.evaluate import TRAINERS, Section, evaluate_all
 
 FLOORS = json.loads((Path(__file__).parent / "eval_floors.json").read_text(encoding="utf-8"))
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import datasets_dir, write_chest_dx
-from teleread.cli import main
-from teleread.models import registry
+from teleread.app.cli import main
+from teleread.models.inference import registry
 
 
 def test_list_names_every_model_with_its_hash(capsys: pytest.CaptureFixture[str]) -> None:

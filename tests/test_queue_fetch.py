@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from teleread.errors import IntegrityError
-from teleread.reader import queue_client
+from teleread.reader.clients import queue_client
 from teleread.v1 import worklist_pb2
 
 DATA = bytes(range(256)) * 9000  # a little over 2 MiB: several chunks

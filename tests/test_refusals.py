@@ -19,13 +19,13 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from teleread.cli import main
+from teleread.app.cli import main
 from teleread.db.schema import objects, refusals
-from teleread.gateway.forward import Forwarder
-from teleread.gateway.outbox import SET_ASIDE_DIR, Outbox
-from teleread.gateway.scan import scan_paths
-from teleread.gateway.service import needs_a_person
-from teleread.gateway.upload import upload_exams
+from teleread.gateway.clinic.forward import Forwarder
+from teleread.gateway.clinic.outbox import SET_ASIDE_DIR, Outbox
+from teleread.gateway.uploader.scan import scan_paths
+from teleread.gateway.clinic.service import needs_a_person
+from teleread.gateway.uploader.client import upload_exams
 from teleread.client import RetryPolicy
 from teleread.v1 import ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 

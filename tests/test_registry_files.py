@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from teleread.models import registry
+from teleread.models.inference import registry
 
 
 def _save(folder: Path, weights: dict[str, Any], version: str) -> registry.ModelCard:
     return registry.save(
-        "toy", state_dict=weights, module="teleread.models.ecg_rhythm", version=version, task="test",
+        "toy", state_dict=weights, module="teleread.models.inference.ecg_rhythm", version=version, task="test",
         training_data="none", seed=1, weights_dir=folder,
     )  # fmt: skip
 

@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from PIL import Image
 from reportlab.pdfgen.canvas import Canvas
 
-from teleread.gateway import report_pdf
+from teleread.gateway.clinic import report_pdf
 from teleread.v1 import common_pb2, results_pb2
 
 pytestmark = pytest.mark.timeout(120)

@@ -17,50 +17,50 @@ CODE = ["teleread", "gateway", "reader", "models"]
 # library -> the only modules allowed to import it
 ADAPTERS = {
     "minio": {"teleread/storage/s3.py"},
-    "wfdb": {"teleread/ecgio.py", "models/ecg_measure.py", "models/synthetic.py"},  # ecgio: lazily
+    "wfdb": {"teleread/ecgio.py", "models/inference/ecg_measure.py", "models/inference/synthetic.py"},  # ecgio: lazily
     "pynetdicom": {
         "teleread/logs.py",
-        "gateway/scp.py",
-        "gateway/scp_reactor.py",
-        "gateway/dicom_send.py",
+        "gateway/clinic/scp.py",
+        "gateway/clinic/scp_reactor.py",
+        "gateway/clinic/dicom_send.py",
     },  # logs: identifier logging off; the DICOM receiver and its event-driven acceptor
-    "reportlab": {"gateway/report_pdf.py"},  # the printable report at the clinic
+    "reportlab": {"gateway/clinic/report_pdf.py"},  # the printable report at the clinic
     "imagecodecs": {"teleread/pixels.py"},  # the 12-bit JPEG extended decoder plugin
     # the learned models: the registry loads weights, each model module and its trainer use torch
     "torch": {
-        "models/registry.py",
-        "models/pipeline.py",
-        "models/ecg_rhythm.py",
-        "models/ecg_12lead.py",
-        "models/chest_xray.py",
-        "models/train_ecg_rhythm.py",
-        "models/train_ecg_12lead.py",
-        "models/train_chest_xray.py",
+        "models/inference/registry.py",
+        "models/inference/pipeline.py",
+        "models/inference/ecg_rhythm.py",
+        "models/inference/ecg_12lead.py",
+        "models/inference/chest_xray.py",
+        "models/training/train_ecg_rhythm.py",
+        "models/training/train_ecg_12lead.py",
+        "models/training/train_chest_xray.py",
     },
-    "sklearn": {"models/metrics.py", "models/train_chest_xray.py"},  # metrics; ROC thresholds
+    "sklearn": {"models/training/metrics.py", "models/training/train_chest_xray.py"},  # metrics; ROC thresholds
 }
 # domain and service modules: no gRPC, no generated contract
 SERVICE_LAYER = [
-    "gateway/ingest.py",
+    "gateway/hub/ingest.py",
     "gateway/validate.py",
-    "reader/queue.py",
-    "reader/reports.py",
-    "reader/results.py",
-    "reader/routing.py",
-    "models/triage.py",
-    "models/ecg_measure.py",
-    "models/ecg_rules.py",
-    "models/worker.py",
+    "reader/hub/queue.py",
+    "reader/hub/reports.py",
+    "reader/hub/results.py",
+    "reader/hub/routing.py",
+    "models/inference/triage.py",
+    "models/inference/ecg_measure.py",
+    "models/inference/ecg_rules.py",
+    "models/inference/worker.py",
     "teleread/auth.py",
     "teleread/events.py",
-    "gateway/janitor.py",
-    "reader/feed.py",  # the watch feed: the servicers turn what it yields into messages
-    "reader/directory.py",
+    "gateway/hub/janitor.py",
+    "reader/hub/feed.py",  # the watch feed: the servicers turn what it yields into messages
+    "reader/hub/directory.py",
     # every model module: none needs gRPC (the triage result's protobuf form lives in teleread/)
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py")),
 ]
 # gRPC servicers convert messages and call the services: no SQL of their own
-SERVICERS = ["gateway/servicer.py", "reader/servicers.py"]
+SERVICERS = ["gateway/hub/servicer.py", "reader/hub/servicers.py"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -120,7 +120,11 @@ def test_mypy_strict_defs() -> None:
 # The datasets folder is found beside the checkout (tests: helpers.datasets_dir); no file names a
 # fixed machine path for it. Product files that still do, until their owners change them:
 FIXED_PATH = "/work" + "/shared"
-FIXED_PATH_PENDING = {"models/train_chest_xray.py", "models/cards/chest_pneumonia.md", "models/rules/default.toml"}
+FIXED_PATH_PENDING = {
+    "models/training/train_chest_xray.py",
+    "models/cards/chest_pneumonia.md",
+    "models/rules/default.toml",
+}
 
 
 def test_no_file_names_a_fixed_machine_path() -> None:

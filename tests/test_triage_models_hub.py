@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import copy_testdata, datasets_dir, wait_for, write_chest_dx, write_synthetic_wfdb
-from teleread.gateway.upload import scan_paths, upload_exams
-from teleread.models import registry
+from teleread.gateway.uploader.client import scan_paths, upload_exams
+from teleread.models.inference import registry
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)

@@ -12,11 +12,11 @@ import pytest
 
 from helpers import datasets_dir, needs_datasets
 from teleread.errors import InvalidInput
-from teleread.models.ecg_measure import EcgMeasurements, measure_ecg
-from teleread.models.ecg_rules import DEFAULT_RULES_PATH, RuleSet, load_rules
+from teleread.models.inference.ecg_measure import EcgMeasurements, measure_ecg
+from teleread.models.inference.ecg_rules import DEFAULT_RULES_PATH, RuleSet, load_rules
 from teleread.vocab import Level
-from teleread.models.synthetic import LEAD_NAMES, synthetic_ecg
-from teleread.models.triage import (
+from teleread.models.inference.synthetic import LEAD_NAMES, synthetic_ecg
+from teleread.models.inference.triage import (
     Finding,
     TriageResult,
     triage_ecg,

@@ -20,8 +20,8 @@ from teleread.db.engine import make_engine, upgrade, utcnow
 from teleread.db.schema import sites, uploads
 from teleread.errors import Conflict
 from teleread.events import EventBus
-from teleread.gateway.ingest import IngestService
-from teleread.reader.routing import load_routing
+from teleread.gateway.hub.ingest import IngestService
+from teleread.reader.hub.routing import load_routing
 from teleread.storage.local import LocalObjectStore
 from teleread.vocab import Role
 

@@ -19,8 +19,8 @@ from pydicom.uid import generate_uid
 
 from helpers import datasets_dir
 from teleread.client import RetryPolicy, describe_rpc_error, error_reason
-from teleread.gateway import scan, upload
-from teleread.gateway.upload import ExamKind, ObjectRole, ScanExam, file_sha256, scan_paths, upload_exams
+from teleread.gateway.uploader import client as upload, scan
+from teleread.gateway.uploader.client import ExamKind, ObjectRole, ScanExam, file_sha256, scan_paths, upload_exams
 from teleread.v1 import common_pb2, ingest_pb2
 
 WFDB = datasets_dir() / "wfdb"

@@ -20,7 +20,7 @@ from teleread.db.engine import utcnow
 from teleread.db.schema import events, sites
 from teleread.errors import Unavailable
 from teleread.events import record_event
-from teleread.reader.feed import EventCursor, Subscription
+from teleread.reader.hub.feed import EventCursor, Subscription
 from teleread.v1 import results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 from test_stream_limits import open_watch, queued_exam
 

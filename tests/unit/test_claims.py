@@ -13,8 +13,8 @@ from teleread.clock import EPOCH, FakeClock
 from teleread.errors import Conflict, LeaseLost, NotFound, PermissionDenied
 from teleread.events import EventBus
 from teleread.lifecycle import InvalidTransition
-from teleread.reader.claims import MemoryStore, MemoryUnitOfWork
-from teleread.reader.queue import QueueService
+from teleread.reader.hub.claims import MemoryStore, MemoryUnitOfWork
+from teleread.reader.hub.queue import QueueService
 from teleread.vocab import ExamState, Level, Role
 
 LI = Principal(id=1, name="dr-li", role=Role.CARDIOLOGIST, site_id=None, site_code=None, hospital="county",

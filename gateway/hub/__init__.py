@@ -1,0 +1,1 @@
+"""The hub's ingest: exams and uploads, staging, validation at the door, clean-up."""

@@ -1,0 +1,2 @@
+"""The upload client: scan files into exams, upload them in resumable streams (the technician's
+``teleread upload`` and the clinic forwarder)."""

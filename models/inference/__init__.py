@@ -1,0 +1,1 @@
+"""Triage at the hub: measurements, rules, learned models, fusion and the triage worker."""

@@ -1,0 +1,1 @@
+"""Command-line clients of the hub's reading and results APIs."""

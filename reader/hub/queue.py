@@ -1,0 +1,320 @@
+"""The reading queue: worklists, claims as leases with a fencing token, exam details, object bytes.
+
+An exam is claimable when it is queued, or in reading with a lapsed lease. A reported exam can be
+claimed for amendment (explicitly, by id): it stays ``reported``, so it never re-enters the queue or
+claim-next, and a lapsed amendment claim simply expires. Each claim increments the exam's fence;
+every later act on the claim (renew, release, save, sign, amend) presents the fence and is refused
+when it is stale or the lease has lapsed. On PostgreSQL claim-next locks the chosen row with
+``FOR UPDATE SKIP LOCKED`` so concurrent readers never wait on each other; on SQLite the write
+transaction is serialised by ``BEGIN IMMEDIATE``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any, BinaryIO, Iterator
+
+from sqlalchemy import Connection, Engine, Row, and_, or_, select
+
+from teleread.auth import Principal, require_reader
+from teleread.db.engine import as_utc, is_postgres, reading
+from teleread.db.schema import exams, objects, principals, reports
+from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound, PermissionDenied
+from teleread import lifecycle
+from teleread.events import EventBus, record_event
+from teleread.clock import Clock, SystemClock
+from teleread.reader.hub.claims import (
+    ExamRecord,
+    ExamRepository,
+    SqlUnitOfWork,
+    UnitOfWork,
+    check_claim,
+    claimable,
+    live_claim,
+    queue_order,
+)
+from teleread.reader.hub.routing import Routing
+from teleread.triage_result import TriageResult
+from teleread.vocab import ExamState, Level
+
+log = logging.getLogger("teleread.queue")
+
+READABLE_STATES = lifecycle.READABLE
+READING = (ExamState.IN_READING,)  # a claim to write and sign the first report
+CLAIMED_STATES = (ExamState.IN_READING, ExamState.REPORTED)  # a reported exam is claimed only for amendment
+
+
+class QueueService:
+    def __init__(
+        self,
+        *,
+        engine: Engine | None,
+        store: Any,
+        bus: EventBus,
+        lease_seconds: int,
+        max_lease_seconds: int,
+        clock: Clock | None = None,
+        uow: UnitOfWork | None = None,
+        routing: Routing | None = None,
+    ) -> None:
+        self._engine = engine  # None only with an in-memory unit of work (claims alone)
+        self._routing = routing
+        self._store = store
+        self._bus = bus
+        self._lease = lease_seconds
+        self._max_lease = max_lease_seconds
+        self._clock = clock or SystemClock()
+        if uow is None:
+            assert engine is not None
+            uow = SqlUnitOfWork(engine)
+        self._uow = uow
+        self._pg = engine is not None and is_postgres(engine)
+
+    @property
+    def _db(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("this queue service has no database (an in-memory unit of work serves claims only)")
+        return self._engine
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def _lease_for(self, requested: int) -> timedelta:
+        if requested < 0:
+            raise InvalidInput("lease seconds cannot be negative", reason="BAD_LEASE")
+        return timedelta(seconds=min(requested or self._lease, self._max_lease))
+
+    @staticmethod
+    def _mine(hospital: str, specialty: str) -> Any:
+        return and_(exams.c.hospital == hospital, exams.c.specialty == specialty)
+
+    # ---- triaged exams join the queue ----------------------------------------------------------
+    def enqueue_triaged(self, exam: Any, result: TriageResult) -> dict[str, Any]:
+        """Record the triage of a received exam and queue it with its deadline (the SLA clock from
+        its arrival): ``received`` -> ``triaged`` -> ``queued`` in one transaction, with a
+        ``critical`` event for a critical exam. An exam already triaged (another worker, a retry)
+        is left as it is."""
+        assert self._routing is not None, "a queue that takes triaged exams needs the routing"
+        level = result.level
+        arrived = as_utc(exam.received_at) or self._clock.now()
+        deadline = self._routing.deadline(level=level, arrived=arrived)
+        with self._db.begin() as conn:
+            triaged = lifecycle.move_exam(
+                conn,
+                exam.id,
+                ExamState.TRIAGED,
+                event="triaged",
+                expect=ExamState.RECEIVED,
+                values={
+                    "level": level,
+                    "level_rank": level.queue_rank,
+                    "score": float(result.score),
+                    "triage_json": result.to_json(),
+                },
+                detail={"rules": result.rules_version},
+            )
+            if triaged is not None:
+                lifecycle.move_exam(
+                    conn,
+                    exam.id,
+                    ExamState.QUEUED,
+                    event="queued",
+                    values={"deadline": deadline},
+                    detail={"level": level},
+                    also=[("critical", {"level": level})] if level == Level.CRITICAL else [],
+                )
+        self._bus.publish()
+        log.info("exam queued", extra={"exam_id": exam.id, "level": level})
+        return {"level": level, "deadline": deadline}
+
+    # ---- worklist ----------------------------------------------------------------------------
+    def worklist(self, p: Principal, *, limit: int = 200, include_claimed: bool = True) -> list[dict[str, Any]]:
+        hospital, specialty = require_reader(p)
+        states = (ExamState.QUEUED, ExamState.IN_READING) if include_claimed else (ExamState.QUEUED,)
+        query = (
+            select(exams, principals.c.name.label("claimed_by_name"))
+            .select_from(exams.outerjoin(principals, exams.c.claimed_by == principals.c.id))
+            .where(self._mine(hospital, specialty), exams.c.state.in_(states))
+            .order_by(*queue_order())
+            .limit(max(1, min(limit or 200, 1000)))
+        )
+        with reading(self._db) as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    # ---- claims ------------------------------------------------------------------------------
+    @staticmethod
+    def _claimed(record: ExamRecord, p: Principal) -> dict[str, Any]:
+        exam = dict(record.row)
+        exam["claimed_by_name"] = p.name
+        return exam
+
+    @staticmethod
+    def _readable(record: ExamRecord | None, *, hospital: str, specialty: str) -> ExamRecord:
+        if record is None or record.hospital != hospital or record.state not in READABLE_STATES:
+            raise NotFound("no such exam in this reader's queue", reason="EXAM_NOT_FOUND")
+        if record.specialty != specialty:
+            raise PermissionDenied("this exam belongs to another specialty", reason="WRONG_SPECIALTY")
+        return record
+
+    def claim_next(self, p: Principal, *, lease_seconds: int = 0) -> dict[str, Any] | None:
+        hospital, specialty = require_reader(p)
+        lease = self._lease_for(lease_seconds)
+        with self._uow() as repo:
+            now = self._clock.now()
+            pick = repo.next_claimable(hospital=hospital, specialty=specialty, now=now)
+            if pick is None:
+                return None
+            taken = repo.take(pick.id, ExamState.IN_READING, reader_id=p.id, until=now + lease, now=now)
+        log.info("claimed", extra={"exam_id": taken.id})
+        self._bus.publish()
+        return self._claimed(taken, p)
+
+    def claim(
+        self, p: Principal, *, exam_id: str, lease_seconds: int = 0, for_amendment: bool = False
+    ) -> dict[str, Any]:
+        """Claim one exam; with ``for_amendment`` a reported exam, which stays reported."""
+        hospital, specialty = require_reader(p)
+        lease = self._lease_for(lease_seconds)
+        with self._uow() as repo:
+            now = self._clock.now()
+            exam = self._readable(repo.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
+            if for_amendment:
+                if exam.state != ExamState.REPORTED:
+                    raise Conflict("only a reported exam can be claimed for amendment", reason="NOT_REPORTED")
+                if live_claim(exam, now):
+                    raise Conflict("the exam is already claimed for amendment", reason="AMENDMENT_CLAIMED")
+                target = ExamState.REPORTED
+            else:
+                if not claimable(exam, now):
+                    raise LeaseLost("exam is claimed by another reader or not in the queue", reason="NOT_CLAIMABLE")
+                target = ExamState.IN_READING
+            taken = repo.take(exam_id, target, reader_id=p.id, until=now + lease, now=now)
+        log.info("claimed", extra={"exam_id": exam_id})
+        self._bus.publish()
+        return self._claimed(taken, p)
+
+    @staticmethod
+    def live_claim(row: Any, *, now: datetime) -> bool:
+        """Whether someone holds an unexpired claim on the exam row."""
+        return live_claim(ExamRecord.of(row._mapping if hasattr(row, "_mapping") else row), now)
+
+    def check_lease(
+        self, conn: Connection, p: Principal, *, exam_id: str, fence: int, states: tuple[str, ...] = READING
+    ) -> Row[Any]:
+        """The exam row if ``p`` holds a live claim with ``fence`` on an exam in one of ``states``
+        (by default a claim for reading; ``("reported",)`` a claim for amendment); LeaseLost otherwise."""
+        hospital, specialty = require_reader(p)
+        row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
+        check_claim(ExamRecord.of(row._mapping), reader_id=p.id, fence=fence, states=states, now=self._clock.now())
+        return row
+
+    def _held(self, repo: ExamRepository, p: Principal, *, exam_id: str, fence: int) -> ExamRecord:
+        hospital, specialty = require_reader(p)
+        exam = self._readable(repo.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
+        check_claim(exam, reader_id=p.id, fence=fence, states=CLAIMED_STATES, now=self._clock.now())
+        return exam
+
+    def renew(self, p: Principal, *, exam_id: str, fence: int, lease_seconds: int = 0) -> dict[str, Any]:
+        lease = self._lease_for(lease_seconds)
+        with self._uow() as repo:
+            self._held(repo, p, exam_id=exam_id, fence=fence)
+            now = self._clock.now()
+            renewed = repo.extend(exam_id, until=now + lease, now=now)
+        return self._claimed(renewed, p)
+
+    def release(self, p: Principal, *, exam_id: str, fence: int) -> None:
+        """Give a claimed exam back to the queue; a claim for amendment is dropped, the exam stays reported."""
+        with self._uow() as repo:
+            exam = self._held(repo, p, exam_id=exam_id, fence=fence)
+            reading_claim = exam.state == ExamState.IN_READING
+            repo.drop(
+                exam_id,
+                ExamState.QUEUED if reading_claim else ExamState.REPORTED,
+                event="released" if reading_claim else "amendment_released",
+                actor_id=p.id,
+                now=self._clock.now(),
+            )
+        self._bus.publish()
+
+    def locked_exam(self, conn: Connection, p: Principal, *, exam_id: str) -> Row[Any]:
+        """The exam row of ``p``'s hospital and specialty, locked for update within ``conn``."""
+        hospital, specialty = require_reader(p)
+        return self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
+
+    # ---- details and bytes -------------------------------------------------------------------
+    def _reader_exam(
+        self, conn: Connection, *, hospital: str, specialty: str, exam_id: str, lock: bool = False
+    ) -> Row[Any]:
+        query = select(exams).where(exams.c.id == exam_id)
+        if lock and self._pg:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None or row.hospital != hospital or row.state not in READABLE_STATES:
+            raise NotFound("no such exam in this reader's queue", reason="EXAM_NOT_FOUND")
+        if row.specialty != specialty:
+            raise PermissionDenied("this exam belongs to another specialty", reason="WRONG_SPECIALTY")
+        return row
+
+    def details(
+        self, p: Principal, *, exam_id: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """The exam, its objects, its reports, and the other exams of the same study from the same
+        site that this reader may read (the exam it follows, and its follow-ups)."""
+        hospital, specialty = require_reader(p)
+        with reading(self._db) as conn:
+            exam = dict(self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)._mapping)
+            related = self._related(conn, exam, hospital=hospital, specialty=specialty)
+            objs = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(objects)
+                    .where(objects.c.exam_id == exam_id)
+                    .order_by(objects.c.series_instance_uid, objects.c.created_at)
+                )
+            ]
+            reps = [
+                dict(r._mapping)
+                for r in conn.execute(select(reports).where(reports.c.exam_id == exam_id).order_by(reports.c.version))
+            ]
+            if exam["claimed_by"]:
+                exam["claimed_by_name"] = conn.execute(
+                    select(principals.c.name).where(principals.c.id == exam["claimed_by"])
+                ).scalar()
+        with self._db.begin() as conn:  # the access is part of the audit trail
+            record_event(conn, type="viewed", exam_id=exam_id, site_id=exam["site_id"], actor_id=p.id)
+        return exam, objs, reps, related
+
+    @staticmethod
+    def _related(conn: Connection, exam: dict[str, Any], *, hospital: str, specialty: str) -> list[dict[str, Any]]:
+        links = [exams.c.follow_up_of == exam["id"]]
+        if exam["follow_up_of"]:
+            links.append(exams.c.id == exam["follow_up_of"])
+        if exam["study_instance_uid"]:
+            links.append(exams.c.study_instance_uid == exam["study_instance_uid"])
+        query = (
+            select(exams)
+            .where(
+                or_(*links),
+                exams.c.id != exam["id"],
+                exams.c.site_id == exam["site_id"],
+                exams.c.hospital == hospital,
+                exams.c.specialty == specialty,
+                exams.c.state.in_(READABLE_STATES),
+            )
+            .order_by(exams.c.received_at, exams.c.id)
+        )
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+    @contextmanager
+    def open_object(self, p: Principal, *, exam_id: str, object_id: str) -> Iterator[tuple[dict[str, Any], BinaryIO]]:
+        hospital, specialty = require_reader(p)
+        with reading(self._db) as conn:
+            self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
+            row = conn.execute(select(objects).where(objects.c.id == object_id, objects.c.exam_id == exam_id)).first()
+        if row is None:
+            raise NotFound("no such object in this exam", reason="OBJECT_NOT_FOUND")
+        with self._store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as fh:
+            yield dict(row._mapping), fh

@@ -1,0 +1,241 @@
+"""gRPC servicers of ``teleread.v1.Worklist`` and ``teleread.v1.Results``: convert messages and call
+the queue, report and results services; the watch streams iterate the hub's one event feed
+(``reader/hub/feed.py``). Unary handlers are synchronous (the server's thread pool); the streams are
+coroutines on the server's event loop, so an open watch holds no thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Any, AsyncIterator
+
+import grpc
+
+from teleread.errors import NotFound
+from teleread.messages import exam_message, object_message, report_message, ts
+from teleread.reader.hub.directory import Directory
+from teleread.reader.hub.feed import ResultsLive, SnapshotEnd, SnapshotExam, WatchFeed, WorklistChange, WorklistItem
+from teleread.reader.hub.queue import QueueService
+from teleread.reader.hub.reports import ReportService
+from teleread.reader.hub.results import ResultsService
+from teleread.rpc import current_principal, in_thread
+from teleread.v1 import common_pb2, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
+
+CHUNK = 1024 * 1024
+EVENT_TYPES = {
+    "queued": worklist_pb2.WorklistEvent.TYPE_QUEUED,
+    "critical": worklist_pb2.WorklistEvent.TYPE_CRITICAL,
+    "claimed": worklist_pb2.WorklistEvent.TYPE_CLAIMED,
+    "released": worklist_pb2.WorklistEvent.TYPE_RELEASED,
+    "reported": worklist_pb2.WorklistEvent.TYPE_REPORTED,
+    "critical_result": worklist_pb2.WorklistEvent.TYPE_REPORTED,
+}
+MEMO = 4096  # event messages kept: every watcher of one worklist gets the same message
+
+
+class _Memo(OrderedDict[Any, Any]):
+    """The last messages built, by key (one event goes to every watcher of its worklist)."""
+
+    def get_or(self, key: Any, build: Any) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = build()
+        if len(self) > MEMO:
+            self.popitem(last=False)
+        return value
+
+
+class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
+    def __init__(self, *, queue: QueueService, reports: ReportService, directory: Directory, feed: WatchFeed) -> None:
+        self._queue = queue
+        self._reports = reports
+        self._directory = directory
+        self._feed = feed
+        self._events = _Memo()  # used on the event loop only
+
+    def _exam(self, row: dict[str, Any]) -> common_pb2.Exam:
+        return exam_message(row, site_code=self._directory.site_code(row["site_id"]))
+
+    def _claim(self, row: dict[str, Any]) -> worklist_pb2.Claim:
+        msg = worklist_pb2.Claim(exam=self._exam(row), fence=int(row["fence"]))
+        stamp = ts(row["lease_expires_at"])
+        if stamp is not None:
+            msg.lease_expires_at.CopyFrom(stamp)
+        return msg
+
+    def ListWorklist(
+        self, request: worklist_pb2.ListWorklistRequest, context: grpc.ServicerContext
+    ) -> worklist_pb2.ListWorklistResponse:
+        rows = self._queue.worklist(current_principal(), limit=request.limit, include_claimed=True)
+        return worklist_pb2.ListWorklistResponse(exams=[self._exam(r) for r in rows])
+
+    async def Watch(
+        self, request: worklist_pb2.WatchWorklistRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worklist_pb2.WorklistEvent]:
+        async for item in self._feed.worklist(current_principal()):
+            yield self._watch_message(item)
+
+    def _watch_message(self, item: WorklistItem) -> worklist_pb2.WorklistEvent:
+        if isinstance(item, SnapshotExam):
+            exam = exam_message(item.exam, site_code=item.site_code)
+            return worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT, exam=exam)
+        if isinstance(item, SnapshotEnd):
+            return worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_END, event_id=item.event_id)
+        return self._events.get_or(item.event_id, lambda: self._change_message(item))
+
+    @staticmethod
+    def _change_message(item: WorklistChange) -> worklist_pb2.WorklistEvent:
+        return worklist_pb2.WorklistEvent(
+            type=EVENT_TYPES[item.type],
+            exam=exam_message(item.exam, site_code=item.site_code),
+            event_id=item.event_id,
+            at=ts(item.at),
+        )
+
+    def ClaimNext(self, request: worklist_pb2.ClaimNextRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
+        row = self._queue.claim_next(current_principal(), lease_seconds=request.lease_seconds)
+        if row is None:
+            raise NotFound("the queue is empty", reason="QUEUE_EMPTY")
+        return self._claim(row)
+
+    def ClaimExam(self, request: worklist_pb2.ClaimExamRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
+        return self._claim(
+            self._queue.claim(
+                current_principal(),
+                exam_id=request.exam_id,
+                lease_seconds=request.lease_seconds,
+                for_amendment=request.for_amendment,
+            )
+        )
+
+    def RenewClaim(self, request: worklist_pb2.RenewClaimRequest, context: grpc.ServicerContext) -> worklist_pb2.Claim:
+        return self._claim(
+            self._queue.renew(
+                current_principal(), exam_id=request.exam_id, fence=request.fence, lease_seconds=request.lease_seconds
+            )
+        )
+
+    def ReleaseClaim(
+        self, request: worklist_pb2.ReleaseClaimRequest, context: grpc.ServicerContext
+    ) -> worklist_pb2.ReleaseClaimResponse:
+        self._queue.release(current_principal(), exam_id=request.exam_id, fence=request.fence)
+        return worklist_pb2.ReleaseClaimResponse()
+
+    def GetExamDetails(
+        self, request: worklist_pb2.GetExamDetailsRequest, context: grpc.ServicerContext
+    ) -> worklist_pb2.ExamDetails:
+        exam, objs, reps, related = self._queue.details(current_principal(), exam_id=request.exam_id)
+        names = self._directory.principal_names([r["author_id"] for r in reps] + [r["signed_by"] for r in reps])
+        return worklist_pb2.ExamDetails(
+            exam=self._exam(exam),
+            objects=[object_message(o) for o in objs],
+            reports=[
+                report_message(r, author=names.get(r["author_id"], ""), signer=names.get(r["signed_by"], ""))
+                for r in reps
+            ],
+            related=[self._exam(r) for r in related],
+        )
+
+    async def StreamObject(
+        self, request: worklist_pb2.StreamObjectRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worklist_pb2.ObjectChunk]:
+        opened = self._queue.open_object(current_principal(), exam_id=request.exam_id, object_id=request.object_id)
+        async with in_thread(opened) as (row, fh):
+            offset = 0
+            first = True
+            while block := await asyncio.to_thread(fh.read, CHUNK):
+                chunk = worklist_pb2.ObjectChunk(data=block, offset=offset)
+                if first:
+                    chunk.sha256, chunk.size, first = row["sha256"], int(row["size"]), False
+                yield chunk
+                offset += len(block)
+
+    def _report(self, row: dict[str, Any]) -> common_pb2.Report:
+        names = self._directory.principal_names((row["author_id"], row["signed_by"]))
+        return report_message(row, author=names.get(row["author_id"], ""), signer=names.get(row["signed_by"], ""))
+
+    def SaveReport(self, request: worklist_pb2.SaveReportRequest, context: grpc.ServicerContext) -> common_pb2.Report:
+        return self._report(
+            self._reports.save(
+                current_principal(),
+                exam_id=request.exam_id,
+                fence=request.fence,
+                text=request.text,
+                impression=request.impression,
+                critical=request.critical,
+            )
+        )
+
+    def SignReport(self, request: worklist_pb2.SignReportRequest, context: grpc.ServicerContext) -> common_pb2.Report:
+        return self._report(self._reports.sign(current_principal(), exam_id=request.exam_id, fence=request.fence))
+
+    def AmendReport(self, request: worklist_pb2.AmendReportRequest, context: grpc.ServicerContext) -> common_pb2.Report:
+        return self._report(
+            self._reports.amend(
+                current_principal(),
+                exam_id=request.exam_id,
+                reason=request.reason,
+                text=request.text,
+                impression=request.impression,
+                critical=request.critical,
+                fence=request.fence,
+            )
+        )
+
+
+def result_message(row: dict[str, Any], *, site_code: str) -> results_pb2.Result:
+    exam = dict(row)
+    report = {
+        "exam_id": row["id"],
+        "version": row["version"],
+        "status": row["report_status"],
+        "text": row["text"],
+        "impression": row["impression"],
+        "critical": row["report_critical"],
+        "signed_at": row["signed_at"],
+        "amends_reason": row["amends_reason"],
+        "sha256": row["report_sha256"],
+    }
+    msg = results_pb2.Result(
+        cursor=int(row["seq"]),
+        exam=exam_message(exam, site_code=site_code),
+        report=report_message(report, signer=row.get("signed_by_name") or ""),
+        critical=bool(row["result_critical"]),
+    )
+    stamp = ts(row["published_at"])
+    if stamp is not None:
+        msg.published_at.CopyFrom(stamp)
+    return msg
+
+
+class ResultsServicer(results_pb2_grpc.ResultsServicer):
+    def __init__(self, service: ResultsService, *, feed: WatchFeed) -> None:
+        self._svc = service
+        self._feed = feed
+
+    def ListResults(
+        self, request: results_pb2.ListResultsRequest, context: grpc.ServicerContext
+    ) -> results_pb2.ListResultsResponse:
+        p = current_principal()
+        rows = self._svc.list_after(p, after=request.after_cursor, limit=request.limit)
+        next_cursor = int(rows[-1]["seq"]) if rows else request.after_cursor
+        return results_pb2.ListResultsResponse(
+            results=[result_message(r, site_code=p.site_code or "") for r in rows], next_cursor=next_cursor
+        )
+
+    async def WatchResults(
+        self, request: results_pb2.WatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[results_pb2.Result]:
+        p = current_principal()
+        answered = False
+        async for row in self._feed.results(p, after=request.after_cursor):
+            if not isinstance(row, ResultsLive):
+                answered = True
+                yield result_message(row, site_code=p.site_code or "")
+            elif not answered:  # nothing to send yet: headers, so the client knows it is subscribed
+                await context.send_initial_metadata(())
+
+    def GetResult(self, request: results_pb2.GetResultRequest, context: grpc.ServicerContext) -> results_pb2.Result:
+        p = current_principal()
+        return result_message(self._svc.get(p, exam_id=request.exam_id), site_code=p.site_code or "")

@@ -1,0 +1,183 @@
+"""The ``teleread`` command: one entry point with a subcommand for every process and task.
+
+``main(argv)`` is callable from tests. Settings are read once here (``TELEREAD_*``) and passed
+down; subcommands added by the capability packages register themselves on the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from teleread.errors import TelereadError
+from teleread.logs import configure_logging
+from teleread.settings import ClientSettings, Settings, build
+
+
+def _settings(args: argparse.Namespace, **options: object) -> Settings:
+    data_dir = getattr(args, "data_dir", None)
+    return build(data_dir=Path(data_dir) if data_dir else None, **options)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from teleread.app.hub import serve
+
+    settings = _settings(args, grpc__port=args.port, grpc__host=args.host or None)
+    configure_logging(settings.log_level)
+    serve(settings)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from teleread.db.engine import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.resolved_database_url())
+    print("database schema is up to date")
+    return 0
+
+
+def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from teleread.db.engine import make_engine, upgrade
+
+    url = _settings(args).resolved_database_url()
+    upgrade(url)
+    return make_engine(url)
+
+
+def cmd_sites_add(args: argparse.Namespace) -> int:
+    from teleread.auth import Role, add_principal, add_site
+
+    engine = _engine(args)
+    add_site(engine, code=args.code, name=args.name or args.code, lead_hospital=args.lead)
+    token = add_principal(engine, name=f"site-{args.code}", role=Role.SITE, site_code=args.code)
+    print(f"site {args.code} added (lead hospital {args.lead})")
+    print(f"site token (shown once, keep it secret): {token}")
+    return 0
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from teleread.auth import Role, add_principal
+
+    token = add_principal(
+        _engine(args), name=args.name, role=Role(args.role), site_code=args.site, hospital=args.hospital
+    )
+    print(f"{args.role} {args.name} added")
+    print(f"token (shown once, keep it secret): {token}")
+    return 0
+
+
+def cmd_proto(args: argparse.Namespace) -> int:
+    from teleread import protogen
+
+    if args.action == "gen":
+        for path in protogen.generate():
+            print(path)
+        return 0
+    drift = protogen.drift()
+    if drift:
+        print("generated code differs from proto/: " + ", ".join(drift) + " (run: teleread proto gen)")
+        return 1
+    print("generated code matches proto/")
+    return 0
+
+
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    from teleread.tls import make_local_pki
+
+    for path in make_local_pki(Path(args.out), hosts=args.host, clients=args.client):
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from teleread.app.demo import run_demo
+
+    return run_demo(data_dir=Path(args.data_dir) if args.data_dir else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="teleread", description="Remote ECG and imaging reading network")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the hub (ingest, worklist, results, triage workers)")
+    p.add_argument("--data-dir")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=["upgrade"])
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_db_upgrade)
+
+    p = sub.add_parser("sites", help="register clinics")
+    s = p.add_subparsers(dest="action", required=True)
+    a = s.add_parser("add", help="add a site and print its token")
+    a.add_argument("code")
+    a.add_argument("--name")
+    a.add_argument("--lead", required=True, help="code of the lead hospital that reads for this site")
+    a.add_argument("--data-dir")
+    a.set_defaults(func=cmd_sites_add)
+
+    p = sub.add_parser("users", help="register people and machines")
+    s = p.add_subparsers(dest="action", required=True)
+    a = s.add_parser("add", help="add a user and print their token")
+    a.add_argument("name")
+    a.add_argument(
+        "--role", required=True, choices=["technician", "result_puller", "cardiologist", "radiologist", "admin"]
+    )
+    a.add_argument("--site", help="site code (technicians and result pullers)")
+    a.add_argument("--hospital", help="lead hospital code (cardiologists and radiologists)")
+    a.add_argument("--data-dir")
+    a.set_defaults(func=cmd_users_add)
+
+    p = sub.add_parser("proto", help="generated gRPC code")
+    p.add_argument("action", choices=["gen", "check"])
+    p.set_defaults(func=cmd_proto)
+
+    p = sub.add_parser("tls", help="TLS certificates")
+    s = p.add_subparsers(dest="action", required=True)
+    a = s.add_parser("init", help="make a local CA, a hub certificate and client certificates")
+    a.add_argument("--out", required=True)
+    a.add_argument("--host", action="append", default=None, help="hub host name (repeat)")
+    a.add_argument("--client", action="append", default=None, help="client certificate name (repeat)")
+    a.set_defaults(func=cmd_tls_init)
+
+    p = sub.add_parser("demo", help="run the whole path on the embedded defaults and narrate it")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_demo)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from teleread.gateway.clinic.service import add_gateway_parser
+    from teleread.gateway.uploader.client import add_upload_parser
+    from teleread.models.training.manage import add_models_parser
+    from teleread.reader.clients.queue_client import add_read_parser
+    from teleread.reader.clients.results_client import add_results_parser
+
+    for register in (add_upload_parser, add_read_parser, add_results_parser, add_models_parser, add_gateway_parser):
+        register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.client_settings = ClientSettings()  # the clients' hub and token, read once
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except TelereadError as exc:
+        print(f"error: {exc.message} ({exc.reason})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
