@@ -49,7 +49,8 @@ def _run(venv: Path, *args: str, isolated: bool = True) -> subprocess.CompletedP
     python = str(venv / "bin" / "python")
     return subprocess.run(
         [python, *(["-P"] if isolated else []), *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        # a session of its own: not this worker's (pytest-xdist's variables), not this path
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith(("PYTEST_", "XDIST"))},
     )  # fmt: skip
 
 
