@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ["tests/unit", "tests/test_lifecycle.py", "tests/test_triage_result.py", "tests/test_contract_drift.py"]
+SMOKE = ["tests/unit", "tests/test_lifecycle.py", "tests/test_contract_drift.py"]
 
 
 @pytest.fixture(scope="module")
