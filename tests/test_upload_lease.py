@@ -18,7 +18,7 @@ from teleread.auth import Principal
 from teleread.clock import FakeClock, SystemClock
 from teleread.db.engine import make_engine, upgrade, utcnow
 from teleread.db.schema import sites, uploads
-from teleread.errors import Conflict
+from teleread.errors import Conflict, Unavailable
 from teleread.events import EventBus
 from teleread.gateway.hub.ingest import IngestService
 from teleread.reader.hub.routing import load_routing
@@ -131,3 +131,33 @@ def test_a_restarted_hub_frees_its_own_dead_streams_at_once(engine: Engine, tmp_
     again = _hub(engine, tmp_path, "hub-a", writer_wait_seconds=0.0)  # hub A restarts
     assert _writer(engine, upload_id) is None
     assert again.receive(SITE, upload_id=upload_id, offset=0, chunks=iter([DATA])).state == "stored"
+
+
+def test_a_stream_keeps_its_lease_between_runs_of_messages_until_it_ends(engine: Engine, tmp_path: Path) -> None:
+    a = _hub(engine, tmp_path, "hub-a")
+    b = _hub(engine, tmp_path, "hub-b", writer_wait_seconds=0.0)
+    upload_id = _upload(a)
+    stream = a.new_writer()
+    first = a.receive(SITE, upload_id=upload_id, offset=0, chunks=iter([DATA[:100_000]]), writer=stream)
+    assert first.committed_offset == 100_000 and _writer(engine, upload_id) == stream  # held between runs
+    with pytest.raises(Conflict) as busy:  # the stream is quiet, not gone: nobody else writes meanwhile
+        b.receive(SITE, upload_id=upload_id, offset=100_000, chunks=iter([DATA[100_000:]]))
+    assert busy.value.reason == "UPLOAD_BUSY"
+    second = a.receive(SITE, upload_id=upload_id, offset=100_000, chunks=iter([DATA[100_000:200_000]]), writer=stream)
+    assert second.committed_offset == 200_000 and _writer(engine, upload_id) == stream
+    a.release_writer(upload_id, stream)  # the stream ended
+    assert _writer(engine, upload_id) is None
+    done = b.receive(SITE, upload_id=upload_id, offset=200_000, chunks=iter([DATA[200_000:]]))
+    assert done.state == "stored"
+
+
+def test_a_call_of_a_stream_that_already_ended_frees_the_lease_it_takes(engine: Engine, tmp_path: Path) -> None:
+    a = _hub(engine, tmp_path, "hub-a")
+    b = _hub(engine, tmp_path, "hub-b", writer_wait_seconds=0.0)
+    upload_id = _upload(a)
+    stream = a.new_writer()
+    a.release_writer(upload_id, stream)  # the client left before the stream's call reached its thread
+    with pytest.raises(Unavailable) as ended:
+        a.receive(SITE, upload_id=upload_id, offset=0, chunks=iter([DATA[:1000]]), writer=stream)
+    assert ended.value.reason == "STREAM_ENDED" and _writer(engine, upload_id) is None
+    assert b.receive(SITE, upload_id=upload_id, offset=0, chunks=iter([DATA])).state == "stored"

@@ -14,6 +14,7 @@ import socket
 import tempfile
 import logging
 import re
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -31,7 +32,15 @@ from teleread.clock import Clock, SystemClock
 from teleread.cpu import CpuPool
 from teleread.db.engine import reading, utcnow
 from teleread.db.schema import conflicts, exams, objects, refusals, sites, uploads
-from teleread.errors import AlreadyExists, Conflict, InvalidInput, NotFound, ResourceExhausted, TelereadError
+from teleread.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    TelereadError,
+    Unavailable,
+)
 from teleread import lifecycle
 from teleread.events import EventBus, record_event
 from teleread.files import sha256_hex
@@ -103,6 +112,11 @@ class IngestService:
         # host and staging folder), so a restarted hub frees its dead streams' leases at once.
         self._instance = instance or sha256_hex(f"{socket.gethostname()}:{staging_dir.resolve()}")[:16]
         self._writer_wait = writer_wait_seconds
+        self._guard = threading.Lock()
+        self._held: dict[tuple[str, str], float] = {}
+        self._ended: dict[
+            str, float
+        ] = {}  # streams that ended recently -> when  # (upload, stream) -> when its lease was renewed
         self._release_my_writers()
 
     # ---- exams -------------------------------------------------------------------------------
@@ -367,32 +381,54 @@ class IngestService:
                 .values(writer=None, writer_until=None)
             )
 
+    def new_writer(self) -> str:
+        """A name for one upload stream's hold on its upload (see :meth:`receive`)."""
+        return f"{self._instance}:{uuid.uuid4().hex[:16]}"
+
     @contextmanager
-    def _writer(self, upload_id: str) -> Iterator[Callable[[], None]]:
-        """Hold the upload's writer lease for one stream (waiting up to ``writer_wait_seconds`` for
-        the handler of a cut stream to let go); yields the keep-alive that renews it."""
-        me = f"{self._instance}:{uuid.uuid4().hex[:16]}"
+    def _writer(self, upload_id: str, writer: str | None) -> Iterator[Callable[[], None]]:
+        """Hold the upload's writer lease while bytes are appended (waiting up to
+        ``writer_wait_seconds`` for the handler of a cut stream to let go); yields the keep-alive
+        that renews it. With ``writer`` (one stream's name) the lease outlives this call, so the
+        stream's next run of messages takes it without a database write while it is fresh; the
+        stream gives it back with :meth:`release_writer`. Without, it is freed on return."""
+        me = writer or self.new_writer()
         lease = timedelta(seconds=WRITER_LEASE_SECONDS)
-        waited_until = time.monotonic() + self._writer_wait
-        pause = Backoff(base_s=0.02, cap_s=0.5)
-        while True:
-            now = self._clock.now()
-            with self._engine.begin() as conn:
-                free = or_(uploads.c.writer.is_(None), uploads.c.writer_until < now)
-                got = conn.execute(
-                    update(uploads).where(uploads.c.id == upload_id, free).values(writer=me, writer_until=now + lease)
-                ).rowcount
-            if got == 1:
-                break
-            if time.monotonic() >= waited_until:
-                raise Conflict("another stream is writing this upload", reason="UPLOAD_BUSY")
-            time.sleep(pause.next_delay() or 0.5)
-        renewed = [time.monotonic()]
+        fresh = WRITER_LEASE_SECONDS / 3
+        key = (upload_id, me)
+        with self._guard:
+            renewed_at = self._held.get(key)
+        if renewed_at is None or time.monotonic() - renewed_at >= fresh:
+            waited_until = time.monotonic() + self._writer_wait
+            pause = Backoff(base_s=0.02, cap_s=0.5)
+            while True:
+                now = self._clock.now()
+                with self._engine.begin() as conn:
+                    free = or_(uploads.c.writer.is_(None), uploads.c.writer_until < now, uploads.c.writer == me)
+                    got = conn.execute(
+                        update(uploads)
+                        .where(uploads.c.id == upload_id, free)
+                        .values(writer=me, writer_until=now + lease)
+                    ).rowcount
+                if got == 1:
+                    break
+                with self._guard:
+                    self._held.pop(key, None)
+                if time.monotonic() >= waited_until:
+                    raise Conflict("another stream is writing this upload", reason="UPLOAD_BUSY")
+                time.sleep(pause.next_delay() or 0.5)
+            with self._guard:
+                self._held[key] = time.monotonic()
+                ended = me in self._ended  # the stream ended while this call was on its way
+            if ended:
+                self.release_writer(upload_id, me)
+                raise Unavailable("the upload stream has ended", reason="STREAM_ENDED")
 
         def keepalive() -> None:
-            if time.monotonic() - renewed[0] < WRITER_LEASE_SECONDS / 3:
-                return
-            renewed[0] = time.monotonic()
+            with self._guard:
+                if time.monotonic() - self._held.get(key, 0.0) < fresh:
+                    return
+                self._held[key] = time.monotonic()
             with self._engine.begin() as conn:
                 conn.execute(
                     update(uploads)
@@ -403,19 +439,35 @@ class IngestService:
         try:
             yield keepalive
         finally:
-            with self._engine.begin() as conn:
-                conn.execute(
-                    update(uploads)
-                    .where(uploads.c.id == upload_id, uploads.c.writer == me)
-                    .values(writer=None, writer_until=None)
-                )
+            if writer is None:
+                self.release_writer(upload_id, me)
 
-    def receive(self, p: Principal, *, upload_id: str, offset: int, chunks: Iterator[bytes]) -> UploadState:
-        """Append a stream of chunks at ``offset`` (which must be the confirmed offset)."""
+    def release_writer(self, upload_id: str, writer: str) -> None:
+        """The stream named ``writer`` is over: free its lease on the upload at once (and refuse it
+        to a call of that stream still on its way, which would otherwise hold it until it lapses)."""
+        now = time.monotonic()
+        with self._guard:
+            self._held.pop((upload_id, writer), None)
+            self._ended[writer] = now
+            for name in [n for n, at in self._ended.items() if now - at > 4 * WRITER_LEASE_SECONDS]:
+                del self._ended[name]
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(uploads)
+                .where(uploads.c.id == upload_id, uploads.c.writer == writer)
+                .values(writer=None, writer_until=None)
+            )
+
+    def receive(
+        self, p: Principal, *, upload_id: str, offset: int, chunks: Iterator[bytes], writer: str | None = None
+    ) -> UploadState:
+        """Append a stream of chunks at ``offset`` (which must be the confirmed offset). ``writer``
+        names the stream when it calls once per run of messages (its lease is then kept between
+        runs and freed by :meth:`release_writer`)."""
         site_id = require_uploader(p)
         with reading(self._engine) as conn:
             self._site_upload(conn, site_id=site_id, upload_id=upload_id)  # this site's, or NotFound
-        with self._writer(upload_id) as keepalive:
+        with self._writer(upload_id, writer) as keepalive:
             with reading(self._engine) as conn:
                 row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
             if row.state != UploadStatus.PARTIAL:

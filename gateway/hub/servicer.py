@@ -10,6 +10,7 @@ bytes written so far stay confirmed and the client resumes from ``GetUploadStatu
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, AsyncIterator, Iterator
 
 import grpc
@@ -19,6 +20,8 @@ from teleread.gateway.hub.ingest import IngestService, UploadState
 from teleread.messages import KIND_NAMES, PRIORITY_NAMES, exam_message, object_message
 from teleread.rpc import ClientStream, current_principal
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger("teleread.ingest")
 
 _STATES = {
     "partial": ingest_pb2.UPLOAD_STATE_PARTIAL,
@@ -34,6 +37,11 @@ def _status(state: UploadState) -> ingest_pb2.UploadStatus:
     if state.object_row is not None:
         msg.object.CopyFrom(object_message(state.object_row))
     return msg
+
+
+def _log_release_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:  # the lease then lapses by itself
+        log.warning("could not free an upload's writer lease", extra={"reason": type(done.exception()).__name__})
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
@@ -100,14 +108,21 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                         yield msg.data
 
             offset = first.offset
-            while True:
-                state = await asyncio.to_thread(
-                    self._svc.receive, p, upload_id=first.upload_id, offset=offset, chunks=chunks()
+            writer = self._svc.new_writer()  # this stream's hold on the upload, kept between runs
+            try:
+                while True:
+                    state = await asyncio.to_thread(
+                        self._svc.receive, p, upload_id=first.upload_id, offset=offset, chunks=chunks(), writer=writer
+                    )
+                    offset = state.committed_offset
+                    confirmed.append(offset)
+                    if state.state != "partial" or not await stream.wait():
+                        return _status(state)
+            finally:  # not awaited: a stream ended by cancellation must not wait in its clean-up
+                done = asyncio.get_running_loop().run_in_executor(
+                    None, self._svc.release_writer, first.upload_id, writer
                 )
-                offset = state.committed_offset
-                confirmed.append(offset)
-                if state.state != "partial" or not await stream.wait():
-                    return _status(state)
+                done.add_done_callback(_log_release_failure)
         finally:
             stream.close()
 
