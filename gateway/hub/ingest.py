@@ -386,7 +386,7 @@ class IngestService:
         return f"{self._instance}:{uuid.uuid4().hex[:16]}"
 
     @contextmanager
-    def _writer(self, upload_id: str, writer: str | None) -> Iterator[Callable[[], None]]:
+    def _writer(self, upload_id: str, writer: str | None, *, site_id: int) -> Iterator[Callable[[], None]]:
         """Hold the upload's writer lease while bytes are appended (waiting up to
         ``writer_wait_seconds`` for the handler of a cut stream to let go); yields the keep-alive
         that renews it. With ``writer`` (one stream's name) the lease outlives this call, so the
@@ -407,9 +407,11 @@ class IngestService:
                     free = or_(uploads.c.writer.is_(None), uploads.c.writer_until < now, uploads.c.writer == me)
                     got = conn.execute(
                         update(uploads)
-                        .where(uploads.c.id == upload_id, free)
+                        .where(uploads.c.id == upload_id, uploads.c.site_id == site_id, free)
                         .values(writer=me, writer_until=now + lease)
                     ).rowcount
+                    if got != 1:  # held by another stream, or not this site's upload at all
+                        self._site_upload(conn, site_id=site_id, upload_id=upload_id)  # NotFound
                 if got == 1:
                     break
                 with self._guard:
@@ -465,12 +467,14 @@ class IngestService:
         names the stream when it calls once per run of messages (its lease is then kept between
         runs and freed by :meth:`release_writer`)."""
         site_id = require_uploader(p)
-        with reading(self._engine) as conn:
-            self._site_upload(conn, site_id=site_id, upload_id=upload_id)  # this site's, or NotFound
-        with self._writer(upload_id, writer) as keepalive:
+        if not re.fullmatch(r"[0-9a-f]{32}", upload_id or ""):
+            raise InvalidInput("malformed upload id", reason="BAD_UPLOAD_ID")
+        with self._writer(upload_id, writer, site_id=site_id) as keepalive:
             with reading(self._engine) as conn:
                 row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
             if row.state != UploadStatus.PARTIAL:
+                if writer is not None:  # nothing left to write: the stream's hold goes now
+                    self.release_writer(upload_id, writer)
                 return self.upload_status(p, upload_id=upload_id)
             current = self._staging.confirmed(upload_id)
             if offset != current:
@@ -482,7 +486,11 @@ class IngestService:
             written = self._staging.append(upload_id, chunks, start=current, size=row.size, keepalive=keepalive)
             if written < row.size:
                 return UploadState(upload_id, written, row.size, UploadStatus.PARTIAL)
-            return self._finalise(p, site_id=site_id, upload=row)
+            done = self._finalise(p, site_id=site_id, upload=row)
+            if writer is not None:  # the row's move freed the lease: nothing for the stream to give back
+                with self._guard:
+                    self._held.pop((upload_id, writer), None)
+            return done
 
     def _finalise(self, p: Principal, *, site_id: int, upload: Row[Any]) -> UploadState:
         u = upload
@@ -626,7 +634,8 @@ class IngestService:
 
     @staticmethod
     def _mark_upload(conn: Connection, *, upload_id: str, state: UploadStatus, object_id: str | None) -> None:
-        lifecycle.move_upload(conn, upload_id, state, values={"object_id": object_id, "updated_at": utcnow()})
+        values = {"object_id": object_id, "updated_at": utcnow(), "writer": None, "writer_until": None}
+        lifecycle.move_upload(conn, upload_id, state, values=values)
 
     @staticmethod
     def _touch_exam(conn: Connection, *, exam_id: str, meta: dict[str, object]) -> None:

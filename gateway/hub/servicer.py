@@ -109,6 +109,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
             offset = first.offset
             writer = self._svc.new_writer()  # this stream's hold on the upload, kept between runs
+            finished = False
             try:
                 while True:
                     state = await asyncio.to_thread(
@@ -116,13 +117,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                     )
                     offset = state.committed_offset
                     confirmed.append(offset)
-                    if state.state != "partial" or not await stream.wait():
+                    if state.state != "partial":
+                        finished = True  # the row's last move freed the lease
+                        return _status(state)
+                    if not await stream.wait():
                         return _status(state)
             finally:  # not awaited: a stream ended by cancellation must not wait in its clean-up
-                done = asyncio.get_running_loop().run_in_executor(
-                    None, self._svc.release_writer, first.upload_id, writer
-                )
-                done.add_done_callback(_log_release_failure)
+                if not finished:
+                    done = asyncio.get_running_loop().run_in_executor(
+                        None, self._svc.release_writer, first.upload_id, writer
+                    )
+                    done.add_done_callback(_log_release_failure)
         finally:
             stream.close()
 

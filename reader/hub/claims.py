@@ -133,7 +133,7 @@ class SqlExamRepository:
 
     def next_claimable(self, *, hospital: str, specialty: str, now: datetime) -> ExamRecord | None:
         pick = (
-            select(exams.c.id)
+            select(exams)
             .where(
                 exams.c.hospital == hospital,
                 exams.c.specialty == specialty,
@@ -145,8 +145,8 @@ class SqlExamRepository:
         )
         if self._pg:
             pick = pick.with_for_update(skip_locked=True)
-        exam_id = self.conn.execute(pick).scalar()
-        return None if exam_id is None else self.get(str(exam_id))
+        row = self.conn.execute(pick).first()
+        return None if row is None else ExamRecord.of(dict(row._mapping))
 
     def take(self, exam_id: str, state: ExamState, *, reader_id: int, until: datetime, now: datetime) -> ExamRecord:
         row = lifecycle.move_exam(
