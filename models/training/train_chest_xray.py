@@ -322,8 +322,8 @@ reading queue, not a diagnosis**: every image is still read by a radiologist.
   published counts), so normal cases are 10 % here instead of 26 %. The split holds 17 pixel-identical duplicates
   (3,865 distinct images) and 8 images pixel-identical to val images; none is identical to an evaluation image.
 - **Selection and thresholds**: the file's val split (524: 135 normal / 389 pneumonia, official size).
-- **Test split of that file: never read.** Evaluation uses `/work/shared/datasets/pneumoniamnist-test-eval.npz`
-  (425 images of the official test split: 159 normal / 266 pneumonia), used for nothing else.
+- **Test split of that file: never read.** Evaluation uses `../shared/datasets/pneumoniamnist-test-eval.npz`
+  (beside the checkout; 425 images of the official test split: 159 normal / 266 pneumonia), used for nothing else.
 - Source images: pediatric (1–5 years) chest radiographs from one centre (Kermany et al., Cell 2018), centre-cropped
   and resized to 28×28 by MedMNIST (Yang et al., Sci Data 2023; CC BY 4.0).
 
