@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -144,7 +144,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 class _Wrapper:
     """The boundary around one call: ``unary`` wraps a handler that answers once (a unary or a
     client-streaming call), ``stream`` one that answers with a stream (server- or bidi-streaming);
-    each takes a synchronous or an asynchronous handler and returns the same kind."""
+    each takes a synchronous or an asynchronous handler and returns the same kind. What they share
+    is :class:`_Call`; the four handlers differ only in how they run the behaviour."""
 
     def __init__(
         self, auth: Authenticator, slots: StreamSlots, *, method: str, metadata: dict[str, Any], streaming: bool = False
@@ -153,11 +154,12 @@ class _Wrapper:
         self._slots = slots
         self._method = method
         self._metadata = metadata
-        self._rpc = method.rsplit("/", 1)[-1]
+        self.rpc = method.rsplit("/", 1)[-1]
         self.streaming = streaming  # a streamed request or response: counted against the identity's cap
 
-    # ---- the parts every kind of call shares -------------------------------------------------
-    def _enter(self) -> tuple[str, Principal]:
+    def enter(self) -> tuple[str, Principal]:
+        """The caller's request id and principal (blocking: may read the database); a stream takes
+        one of its identity's slots."""
         request_id = str(self._metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
         principal = self._auth.authenticate(self._metadata.get("authorization"))
         claimed_site = self._metadata.get("x-teleread-site")
@@ -167,149 +169,126 @@ class _Wrapper:
             self._slots.acquire(principal)
         return request_id, principal
 
-    def _leave(self, principal: Principal) -> None:
+    def leave(self, principal: Principal) -> None:
         if self.streaming:
             self._slots.release(principal)
-
-    @staticmethod
-    def _ms(started: float) -> float:
-        return round((time.perf_counter() - started) * 1000, 2)
-
-    def _failure(self, started: float, request_id: str, exc: BaseException) -> grpc.Status:
-        """Log the failed call; the status its client gets."""
-        if isinstance(exc, TelereadError):
-            log.info("rpc", extra={"status": exc.code, "reason": exc.reason, "duration_ms": self._ms(started)})
-            return _status_for(exc, request_id)
-        log.error("rpc failed", exc_info=exc, extra={"status": "INTERNAL", "duration_ms": self._ms(started)})
-        return _internal(request_id)
-
-    def _ok(self, started: float) -> None:
-        log.info("rpc", extra={"status": "OK", "duration_ms": self._ms(started)})
-
-    def _cancelled(self, started: float) -> None:
-        log.info("rpc", extra={"status": "CANCELLED", "duration_ms": self._ms(started)})
-
-    @staticmethod
-    def _abort(context: Any, status: grpc.Status) -> None:
-        if hasattr(context, "abort_with_status"):  # the synchronous server's context
-            context.abort_with_status(status)
-        else:  # a synchronous handler's context on the asyncio server
-            context.abort(status.code, status.details, status.trailing_metadata)
 
     # ---- answering once ----------------------------------------------------------------------
     def unary(self, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         if inspect.iscoroutinefunction(behaviour):
-            return self._unary_async(behaviour)
+
+            async def handle_async(request: Any, context: Any) -> Any:
+                async with _Call(self, context) as call:
+                    with call.as_principal(await asyncio.to_thread(self.enter)):
+                        return await behaviour(request, context)
+
+            return handle_async
 
         def handle(request: Any, context: Any) -> Any:
-            started = time.perf_counter()
-            request_id = uuid.uuid4().hex
-            with log_context(request_id=request_id, rpc=self._rpc):
-                try:
-                    request_id, principal = self._enter()
-                    try:
-                        with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
-                            token = _principal.set(principal)
-                            try:
-                                response = behaviour(request, context)
-                            finally:
-                                _principal.reset(token)
-                            self._ok(started)
-                            return response
-                    finally:
-                        self._leave(principal)
-                except Exception as exc:  # noqa: BLE001 - the error boundary
-                    if _is_abort(exc):
-                        raise
-                    self._abort(context, self._failure(started, request_id, exc))
-
-        return handle
-
-    def _unary_async(self, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
-        async def handle(request: Any, context: Any) -> Any:
-            started = time.perf_counter()
-            request_id = uuid.uuid4().hex
-            with log_context(request_id=request_id, rpc=self._rpc):
-                try:
-                    request_id, principal = await asyncio.to_thread(self._enter)  # may read the database
-                    try:
-                        with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
-                            token = _principal.set(principal)
-                            try:
-                                response = await behaviour(request, context)
-                            finally:
-                                _principal.reset(token)
-                            self._ok(started)
-                            return response
-                    finally:
-                        self._leave(principal)
-                except asyncio.CancelledError:  # the client went away (or the server stops)
-                    self._cancelled(started)
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the error boundary
-                    if _is_abort(exc):
-                        raise
-                    await context.abort_with_status(self._failure(started, request_id, exc))
+            with _Call(self, context) as call:
+                with call.as_principal(self.enter()):
+                    return behaviour(request, context)
 
         return handle
 
     # ---- answering with a stream -------------------------------------------------------------
     def stream(self, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         if inspect.isasyncgenfunction(behaviour):
-            return self._stream_async(behaviour)
+
+            async def handle_async(request: Any, context: Any) -> AsyncIterator[Any]:
+                async with _Call(self, context) as call:
+                    with call.as_principal(await asyncio.to_thread(self.enter)):
+                        async for response in behaviour(request, context):
+                            yield response
+
+            return handle_async
 
         def handle(request: Any, context: Any) -> Iterator[Any]:
-            started = time.perf_counter()
-            request_id = uuid.uuid4().hex
-            with log_context(request_id=request_id, rpc=self._rpc):
-                try:
-                    request_id, principal = self._enter()
-                    try:
-                        with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
-                            token = _principal.set(principal)
-                            try:
-                                yield from behaviour(request, context)
-                            finally:
-                                _principal.reset(token)
-                            self._ok(started)
-                    finally:
-                        self._leave(principal)
-                except GeneratorExit:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the error boundary
-                    if _is_abort(exc):
-                        raise
-                    self._abort(context, self._failure(started, request_id, exc))
+            with _Call(self, context) as call:
+                with call.as_principal(self.enter()):
+                    yield from behaviour(request, context)
 
         return handle
 
-    def _stream_async(self, behaviour: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Any]:
-        async def handle(request: Any, context: Any) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            request_id = uuid.uuid4().hex
-            with log_context(request_id=request_id, rpc=self._rpc):
-                try:
-                    request_id, principal = await asyncio.to_thread(self._enter)  # may read the database
-                    try:
-                        with log_context(request_id=request_id, site=principal.site_code, user=principal.name):
-                            token = _principal.set(principal)
-                            try:
-                                async for response in behaviour(request, context):
-                                    yield response
-                            finally:
-                                _principal.reset(token)
-                            self._ok(started)
-                    finally:
-                        self._leave(principal)
-                except asyncio.CancelledError:  # the client went away (or the server stops)
-                    self._cancelled(started)
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the error boundary
-                    if _is_abort(exc):
-                        raise
-                    await context.abort_with_status(self._failure(started, request_id, exc))
 
-        return handle
+class _Call:
+    """What every kind of call shares, around its handler: ``with`` for a synchronous handler,
+    ``async with`` for an asynchronous one (only the abort differs).
+
+    The block runs with a request id and the RPC's name in the log context; :meth:`as_principal`
+    runs the behaviour as the caller. When the block fails, the failure is logged with the call's
+    duration and the call is aborted with its status: a :class:`TelereadError` as itself, anything
+    else as INTERNAL with the request id only. grpc's own aborts pass untouched; a cancelled
+    asyncio call is logged as CANCELLED and goes on being cancelled."""
+
+    def __init__(self, wrapper: _Wrapper, context: Any) -> None:
+        self._wrapper = wrapper
+        self._context = context
+        self._started = time.perf_counter()
+        self.request_id = uuid.uuid4().hex  # until the caller's own is known (x-request-id)
+        self._logs = log_context(request_id=self.request_id, rpc=wrapper.rpc)
+
+    def __enter__(self) -> _Call:
+        self._logs.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            status = self._failure(exc)
+            if status is None:
+                return
+            if hasattr(self._context, "abort_with_status"):  # the synchronous server's context
+                self._context.abort_with_status(status)
+            else:  # a synchronous handler's context on the asyncio server
+                self._context.abort(status.code, status.details, status.trailing_metadata)
+        finally:
+            self._logs.__exit__(None, None, None)
+
+    async def __aenter__(self) -> _Call:
+        return self.__enter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            status = self._failure(exc)
+            if status is not None:
+                await self._context.abort_with_status(status)
+        finally:
+            self._logs.__exit__(None, None, None)
+
+    @contextmanager
+    def as_principal(self, entered: tuple[str, Principal]) -> Iterator[None]:
+        """Run the block as the caller (``entered``: :meth:`_Wrapper.enter`'s answer): its request
+        id, site and user in the log context, :func:`current_principal` set; OK logged when the
+        block ends well, the identity's stream slot given back however it ends."""
+        self.request_id, principal = entered
+        try:
+            with log_context(request_id=self.request_id, site=principal.site_code, user=principal.name):
+                token = _principal.set(principal)
+                try:
+                    yield
+                finally:
+                    _principal.reset(token)
+                log.info("rpc", extra={"status": "OK", "duration_ms": self._ms()})
+        finally:
+            self._wrapper.leave(principal)
+
+    def _ms(self) -> float:
+        return round((time.perf_counter() - self._started) * 1000, 2)
+
+    def _failure(self, exc: BaseException | None) -> grpc.Status | None:
+        """Log how the call failed; the status its client gets (None: nothing to answer)."""
+        if exc is None:
+            return None
+        if isinstance(exc, asyncio.CancelledError):  # the client went away (or the server stops)
+            log.info("rpc", extra={"status": "CANCELLED", "duration_ms": self._ms()})
+            return None
+        if not isinstance(exc, Exception) or _is_abort(exc):  # a generator closed; grpc's own abort
+            return None
+        if isinstance(exc, TelereadError):
+            log.info("rpc", extra={"status": exc.code, "reason": exc.reason, "duration_ms": self._ms()})
+            return _status_for(exc, self.request_id)
+        log.error("rpc failed", exc_info=exc, extra={"status": "INTERNAL", "duration_ms": self._ms()})
+        return _internal(self.request_id)
 
 
 def _is_abort(exc: BaseException) -> bool:
