@@ -295,6 +295,14 @@ def _exam_event(conn: Connection, exam: Mapping[str, Any], event: str, actor_id:
     )  # fmt: skip
 
 
+def check_new_version(latest: str | None, status: ReportStatus, event: str) -> None:
+    """Whether a report version in ``status`` may follow the exam's latest version (None: the first
+    version): a draft only as the first, an amendment only after a final or amended version."""
+    REPORT.edge(None if latest is None or status is R.DRAFT else str(latest), status, event)
+    if status is R.DRAFT and latest is not None:
+        raise InvalidTransition(REPORT.name, str(latest), status, event)
+
+
 def new_report_version(
     conn: Connection,
     exam: Mapping[str, Any],
@@ -311,9 +319,7 @@ def new_report_version(
     latest = conn.execute(
         select(reports.c.status).where(reports.c.exam_id == exam["id"]).order_by(reports.c.version.desc()).limit(1)
     ).scalar()
-    REPORT.edge(None if latest is None or status is R.DRAFT else str(latest), status, event)
-    if status is R.DRAFT and latest is not None:
-        raise InvalidTransition(REPORT.name, str(latest), status, event)
+    check_new_version(latest, status, event)
     stmt = insert(reports).values(**values, exam_id=exam["id"], status=status).returning(reports.c.id)
     report_id = int(conn.execute(stmt).scalar_one())
     if record:

@@ -41,6 +41,7 @@ from teleread.errors import InvalidInput, Unavailable
 from teleread.events import EventBus
 from teleread.reader.hub.directory import Directory
 from teleread.reader.hub.queue import QueueService
+from teleread.reader.hub.repository import ResultRecord, result_of, result_query
 from teleread.reader.hub.results import ResultsService
 
 log = logging.getLogger("teleread.feed")
@@ -93,12 +94,12 @@ class ResultsLive:
 
 @dataclass(frozen=True)
 class ResultPublished:
-    """A result published to a site (a row as ``ResultsService.list_after`` returns it)."""
+    """A result published to a site, as ``ResultsService.list_after`` returns it."""
 
     event_id: int
     site_id: int
     seq: int
-    row: dict[str, Any]
+    result: ResultRecord
 
 
 # ---- the commit-order gap --------------------------------------------------------------------
@@ -346,11 +347,10 @@ class WatchFeed:
                     wanted.setdefault(int(r.event_site_id), {})[seq] = int(r.event_id)
         out = []
         for site_id, seqs in wanted.items():
-            query = ResultsService._query(site_id).where(results.c.seq.in_(sorted(seqs)))
+            query = result_query(site_id).where(results.c.seq.in_(sorted(seqs)))
             for row in conn.execute(query):
-                item = dict(row._mapping)
-                seq = int(item["seq"])
-                out.append(ResultPublished(event_id=seqs[seq], site_id=site_id, seq=seq, row=item))
+                item = result_of(row._mapping)
+                out.append(ResultPublished(event_id=seqs[item.seq], site_id=site_id, seq=item.seq, result=item))
         out.sort(key=lambda p: p.event_id)
         return out
 
@@ -434,7 +434,7 @@ class WatchFeed:
         finally:
             self._unsubscribe(sub)
 
-    async def results(self, p: Principal, *, after: int) -> AsyncIterator[dict[str, Any] | ResultsLive]:
+    async def results(self, p: Principal, *, after: int) -> AsyncIterator[ResultRecord | ResultsLive]:
         """The caller's site's results after cursor ``after``, in cursor order without gaps or
         repeats, then (after one :class:`ResultsLive`) each new one as it is published, until the
         feed closes."""
@@ -445,7 +445,7 @@ class WatchFeed:
         cursor = after
         try:
             async for row in self._catch_up(p, cursor):
-                cursor = int(row["seq"])
+                cursor = row.seq
                 yield row
             yield ResultsLive(cursor=cursor)
             while (batch := await sub.take()) is not None:
@@ -454,19 +454,19 @@ class WatchFeed:
                         continue  # already sent by a catch-up
                     if item.seq == cursor + 1:
                         cursor = item.seq
-                        yield item.row
+                        yield item.result
                         continue
                     async for row in self._catch_up(p, cursor):  # a gap: read it from the table
-                        cursor = int(row["seq"])
+                        cursor = row.seq
                         yield row
         finally:
             self._unsubscribe(sub)
 
-    async def _catch_up(self, p: Principal, after: int) -> AsyncIterator[dict[str, Any]]:
+    async def _catch_up(self, p: Principal, after: int) -> AsyncIterator[ResultRecord]:
         while True:
             rows = await asyncio.to_thread(self._results.list_after, p, after=after, limit=RESULTS_PAGE)
             for row in rows:
-                after = int(row["seq"])
+                after = row.seq
                 yield row
             if len(rows) < RESULTS_PAGE:
                 return

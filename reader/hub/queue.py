@@ -13,26 +13,25 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, BinaryIO, Iterator
 
-from sqlalchemy import Connection, Engine, Row, and_, or_, select
+from sqlalchemy import Connection, Engine, and_, or_, select
 
 from teleread.auth import Principal, require_reader
-from teleread.db.engine import as_utc, is_postgres, reading
-from teleread.db.schema import exams, objects, principals, reports
-from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound, PermissionDenied
+from teleread.db.engine import as_utc, reading
+from teleread.db.schema import exams, objects, principals
+from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound
 from teleread import lifecycle
 from teleread.events import EventBus, record_event
 from teleread.clock import Clock, SystemClock
-from teleread.reader.hub.claims import (
-    ExamRecord,
+from teleread.reader.hub.claims import CLAIMED, ExamRecord, check_claim, claimable, live_claim, readable
+from teleread.reader.hub.repository import (
     ExamRepository,
+    ReportRecord,
+    SqlReportRepository,
     SqlUnitOfWork,
     UnitOfWork,
-    check_claim,
-    claimable,
-    live_claim,
     queue_order,
 )
 from teleread.reader.hub.routing import Routing
@@ -42,8 +41,6 @@ from teleread.vocab import ExamState, Level
 log = logging.getLogger("teleread.queue")
 
 READABLE_STATES = lifecycle.READABLE
-READING = (ExamState.IN_READING,)  # a claim to write and sign the first report
-CLAIMED_STATES = (ExamState.IN_READING, ExamState.REPORTED)  # a reported exam is claimed only for amendment
 
 
 class QueueService:
@@ -70,7 +67,6 @@ class QueueService:
             assert engine is not None
             uow = SqlUnitOfWork(engine)
         self._uow = uow
-        self._pg = engine is not None and is_postgres(engine)
 
     @property
     def _db(self) -> Engine:
@@ -81,6 +77,10 @@ class QueueService:
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    @property
+    def uow(self) -> UnitOfWork:
+        return self._uow
 
     def _lease_for(self, requested: int) -> timedelta:
         if requested < 0:
@@ -151,23 +151,15 @@ class QueueService:
         exam["claimed_by_name"] = p.name
         return exam
 
-    @staticmethod
-    def _readable(record: ExamRecord | None, *, hospital: str, specialty: str) -> ExamRecord:
-        if record is None or record.hospital != hospital or record.state not in READABLE_STATES:
-            raise NotFound("no such exam in this reader's queue", reason="EXAM_NOT_FOUND")
-        if record.specialty != specialty:
-            raise PermissionDenied("this exam belongs to another specialty", reason="WRONG_SPECIALTY")
-        return record
-
     def claim_next(self, p: Principal, *, lease_seconds: int = 0) -> dict[str, Any] | None:
         hospital, specialty = require_reader(p)
         lease = self._lease_for(lease_seconds)
-        with self._uow() as repo:
+        with self._uow() as tx:
             now = self._clock.now()
-            pick = repo.next_claimable(hospital=hospital, specialty=specialty, now=now)
+            pick = tx.exams.next_claimable(hospital=hospital, specialty=specialty, now=now)
             if pick is None:
                 return None
-            taken = repo.take(pick.id, ExamState.IN_READING, reader_id=p.id, until=now + lease, now=now)
+            taken = tx.exams.take(pick.id, ExamState.IN_READING, reader_id=p.id, until=now + lease, now=now)
         log.info("claimed", extra={"exam_id": taken.id})
         self._bus.publish()
         return self._claimed(taken, p)
@@ -178,9 +170,9 @@ class QueueService:
         """Claim one exam; with ``for_amendment`` a reported exam, which stays reported."""
         hospital, specialty = require_reader(p)
         lease = self._lease_for(lease_seconds)
-        with self._uow() as repo:
+        with self._uow() as tx:
             now = self._clock.now()
-            exam = self._readable(repo.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
+            exam = readable(tx.exams.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
             if for_amendment:
                 if exam.state != ExamState.REPORTED:
                     raise Conflict("only a reported exam can be claimed for amendment", reason="NOT_REPORTED")
@@ -191,46 +183,40 @@ class QueueService:
                 if not claimable(exam, now):
                     raise LeaseLost("exam is claimed by another reader or not in the queue", reason="NOT_CLAIMABLE")
                 target = ExamState.IN_READING
-            taken = repo.take(exam_id, target, reader_id=p.id, until=now + lease, now=now)
+            taken = tx.exams.take(exam_id, target, reader_id=p.id, until=now + lease, now=now)
         log.info("claimed", extra={"exam_id": exam_id})
         self._bus.publish()
         return self._claimed(taken, p)
 
-    @staticmethod
-    def live_claim(row: Any, *, now: datetime) -> bool:
-        """Whether someone holds an unexpired claim on the exam row."""
-        return live_claim(ExamRecord.of(row._mapping if hasattr(row, "_mapping") else row), now)
-
-    def check_lease(
-        self, conn: Connection, p: Principal, *, exam_id: str, fence: int, states: tuple[str, ...] = READING
-    ) -> Row[Any]:
-        """The exam row if ``p`` holds a live claim with ``fence`` on an exam in one of ``states``
-        (by default a claim for reading; ``("reported",)`` a claim for amendment); LeaseLost otherwise."""
-        hospital, specialty = require_reader(p)
-        row = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
-        check_claim(ExamRecord.of(row._mapping), reader_id=p.id, fence=fence, states=states, now=self._clock.now())
-        return row
-
-    def _held(self, repo: ExamRepository, p: Principal, *, exam_id: str, fence: int) -> ExamRecord:
-        hospital, specialty = require_reader(p)
-        exam = self._readable(repo.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
-        check_claim(exam, reader_id=p.id, fence=fence, states=CLAIMED_STATES, now=self._clock.now())
+    def held(
+        self, exams: ExamRepository, p: Principal, *, exam_id: str, fence: int, states: tuple[str, ...] = CLAIMED
+    ) -> ExamRecord:
+        """The exam, locked, if ``p`` holds a live claim with ``fence`` on it in one of ``states`` (a
+        claim for reading: ``READING``; for amendment: ``AMENDING``); LeaseLost otherwise."""
+        exam = self.reader_exam(exams, p, exam_id=exam_id)
+        check_claim(exam, reader_id=p.id, fence=fence, states=states, now=self._clock.now())
         return exam
+
+    @staticmethod
+    def reader_exam(exams: ExamRepository, p: Principal, *, exam_id: str) -> ExamRecord:
+        """The exam of ``p``'s hospital and specialty, locked for the transaction."""
+        hospital, specialty = require_reader(p)
+        return readable(exams.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
 
     def renew(self, p: Principal, *, exam_id: str, fence: int, lease_seconds: int = 0) -> dict[str, Any]:
         lease = self._lease_for(lease_seconds)
-        with self._uow() as repo:
-            self._held(repo, p, exam_id=exam_id, fence=fence)
+        with self._uow() as tx:
+            self.held(tx.exams, p, exam_id=exam_id, fence=fence)
             now = self._clock.now()
-            renewed = repo.extend(exam_id, until=now + lease, now=now)
+            renewed = tx.exams.extend(exam_id, until=now + lease, now=now)
         return self._claimed(renewed, p)
 
     def release(self, p: Principal, *, exam_id: str, fence: int) -> None:
         """Give a claimed exam back to the queue; a claim for amendment is dropped, the exam stays reported."""
-        with self._uow() as repo:
-            exam = self._held(repo, p, exam_id=exam_id, fence=fence)
+        with self._uow() as tx:
+            exam = self.held(tx.exams, p, exam_id=exam_id, fence=fence)
             reading_claim = exam.state == ExamState.IN_READING
-            repo.drop(
+            tx.exams.drop(
                 exam_id,
                 ExamState.QUEUED if reading_claim else ExamState.REPORTED,
                 event="released" if reading_claim else "amendment_released",
@@ -239,33 +225,21 @@ class QueueService:
             )
         self._bus.publish()
 
-    def locked_exam(self, conn: Connection, p: Principal, *, exam_id: str) -> Row[Any]:
-        """The exam row of ``p``'s hospital and specialty, locked for update within ``conn``."""
-        hospital, specialty = require_reader(p)
-        return self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id, lock=True)
-
     # ---- details and bytes -------------------------------------------------------------------
-    def _reader_exam(
-        self, conn: Connection, *, hospital: str, specialty: str, exam_id: str, lock: bool = False
-    ) -> Row[Any]:
-        query = select(exams).where(exams.c.id == exam_id)
-        if lock and self._pg:
-            query = query.with_for_update()
-        row = conn.execute(query).first()
-        if row is None or row.hospital != hospital or row.state not in READABLE_STATES:
-            raise NotFound("no such exam in this reader's queue", reason="EXAM_NOT_FOUND")
-        if row.specialty != specialty:
-            raise PermissionDenied("this exam belongs to another specialty", reason="WRONG_SPECIALTY")
-        return row
+    @staticmethod
+    def _reader_exam(conn: Connection, *, hospital: str, specialty: str, exam_id: str) -> dict[str, Any]:
+        row = conn.execute(select(exams).where(exams.c.id == exam_id)).first()
+        record = None if row is None else ExamRecord.of(dict(row._mapping))
+        return dict(readable(record, hospital=hospital, specialty=specialty).row)
 
     def details(
         self, p: Principal, *, exam_id: str
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-        """The exam, its objects, its reports, and the other exams of the same study from the same
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[ReportRecord], list[dict[str, Any]]]:
+        """The exam, its objects, its report versions, and the other exams of the same study from the same
         site that this reader may read (the exam it follows, and its follow-ups)."""
         hospital, specialty = require_reader(p)
         with reading(self._db) as conn:
-            exam = dict(self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)._mapping)
+            exam = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
             related = self._related(conn, exam, hospital=hospital, specialty=specialty)
             objs = [
                 dict(r._mapping)
@@ -275,10 +249,7 @@ class QueueService:
                     .order_by(objects.c.series_instance_uid, objects.c.created_at)
                 )
             ]
-            reps = [
-                dict(r._mapping)
-                for r in conn.execute(select(reports).where(reports.c.exam_id == exam_id).order_by(reports.c.version))
-            ]
+            reps = SqlReportRepository(conn).versions(exam_id)
             if exam["claimed_by"]:
                 exam["claimed_by_name"] = conn.execute(
                     select(principals.c.name).where(principals.c.id == exam["claimed_by"])

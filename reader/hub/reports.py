@@ -14,17 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from datetime import datetime
-from typing import Any
-
-from sqlalchemy import Connection, Engine, select, update
 
 from teleread.auth import Principal
-from teleread.db.schema import reports, sites
 from teleread.errors import Conflict, InvalidInput, PermissionDenied
-from teleread import lifecycle
 from teleread.events import EventBus
+from teleread.reader.hub.claims import AMENDING, READING, ExamRecord, live_claim
 from teleread.reader.hub.queue import QueueService
+from teleread.reader.hub.repository import ReportRecord, Tx, UnitOfWork
 from teleread.vocab import ExamState, ReportStatus
 
 log = logging.getLogger("teleread.reports")
@@ -55,45 +51,37 @@ def content_hash(*, exam_id: str, version: int, text: str, impression: str, crit
 
 
 class ReportService:
-    def __init__(self, *, engine: Engine, queue: QueueService, bus: EventBus) -> None:
-        self._engine = engine
-        self._queue = queue
-        self._bus = bus
+    """Save, sign and amend reports, on the queue's claims, through a unit of work."""
 
-    @staticmethod
-    def _latest(conn: Connection, exam_id: str) -> Any:
-        return conn.execute(
-            select(reports).where(reports.c.exam_id == exam_id).order_by(reports.c.version.desc()).limit(1)
-        ).first()
+    def __init__(self, *, queue: QueueService, bus: EventBus, uow: UnitOfWork | None = None) -> None:
+        self._queue = queue
+        self._uow = uow or queue.uow
+        self._bus = bus
 
     def save(
         self, p: Principal, *, exam_id: str, fence: int, text: str, impression: str = "", critical: bool = False
-    ) -> dict[str, Any]:
+    ) -> ReportRecord:
         _check_text(text, impression)
-        with self._engine.begin() as conn:
-            exam = self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence)
-            latest = self._latest(conn, exam_id)
-            now = self._queue.clock.now()
+        with self._uow() as tx:
+            exam = self._queue.held(tx.exams, p, exam_id=exam_id, fence=fence, states=READING)
+            latest = tx.reports.latest(exam_id)
             content = {"text": text, "impression": impression, "critical": critical, "author_id": p.id}
             if latest is not None and latest.status == ReportStatus.DRAFT:
-                lifecycle.move_report(
-                    conn, exam._mapping, latest.id, ReportStatus.DRAFT, event="draft_saved", source=ReportStatus.DRAFT,
+                return tx.reports.move(
+                    exam, latest.id, ReportStatus.DRAFT, event="draft_saved", source=ReportStatus.DRAFT,
                     values=content, actor_id=p.id, record=True,
                 )  # fmt: skip
-                report_id = latest.id
-            elif latest is not None:
+            if latest is not None:
                 raise Conflict("the exam has a signed report; amend it instead", reason="ALREADY_SIGNED")
-            else:
-                report_id = lifecycle.new_report_version(
-                    conn, exam._mapping, ReportStatus.DRAFT, event="drafted",
-                    values={**content, "version": 1, "created_at": now}, actor_id=p.id, record=True,
-                )  # fmt: skip
-            return dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
+            return tx.reports.add(
+                exam, ReportStatus.DRAFT, event="drafted",
+                values={**content, "version": 1, "created_at": self._queue.clock.now()}, actor_id=p.id, record=True,
+            )  # fmt: skip
 
-    def sign(self, p: Principal, *, exam_id: str, fence: int) -> dict[str, Any]:
-        with self._engine.begin() as conn:
-            exam = self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence)
-            latest = self._latest(conn, exam_id)
+    def sign(self, p: Principal, *, exam_id: str, fence: int) -> ReportRecord:
+        with self._uow() as tx:
+            exam = self._queue.held(tx.exams, p, exam_id=exam_id, fence=fence, states=READING)
+            latest = tx.reports.latest(exam_id)
             if latest is None or latest.status != ReportStatus.DRAFT:
                 raise Conflict("there is no draft report to sign", reason="NO_DRAFT")
             now = self._queue.clock.now()
@@ -105,47 +93,40 @@ class ReportService:
                 critical=latest.critical,
                 signer=p.name,
             )
-            lifecycle.move_report(
-                conn, exam._mapping, latest.id, ReportStatus.FINAL, event="signed", source=ReportStatus.DRAFT,
+            report = tx.reports.move(
+                exam, latest.id, ReportStatus.FINAL, event="signed", source=ReportStatus.DRAFT,
                 values={"signed_by": p.id, "signed_at": now, "sha256": digest}, actor_id=p.id, record=False,
             )  # fmt: skip
-            critical = bool(latest.critical)
-            seq = self._publish(conn, exam=exam, report_id=latest.id, critical=critical, now=now)
-            lifecycle.move_exam(
-                conn,
+            seq = tx.results.publish(exam, report_id=report.id, critical=report.critical, now=now)
+            tx.exams.drop(
                 exam_id,
                 ExamState.REPORTED,
-                event="critical_result" if critical else "reported",
-                values={"claimed_by": None, "lease_expires_at": None, "updated_at": now},
+                event="critical_result" if report.critical else "reported",
                 actor_id=p.id,
+                now=now,
                 detail={"cursor": seq},
             )
-            report = dict(conn.execute(select(reports).where(reports.c.id == latest.id)).one()._mapping)
         self._bus.publish()
         log.info("report signed", extra={"exam_id": exam_id})
         return report
 
-    def _check_amender(self, conn: Connection, p: Principal, *, exam_id: str, fence: int) -> tuple[Any, Any]:
-        """(exam row, latest report) if ``p`` may amend the exam's signed report now.
+    def _check_amender(self, tx: Tx, p: Principal, *, exam_id: str, fence: int) -> tuple[ExamRecord, ReportRecord]:
+        """(exam, latest report version) if ``p`` may amend the exam's signed report now.
 
         With ``fence`` 0 only the signer of the latest version may amend, and not while anyone holds
         a live claim for amendment; with a fence, ``p`` must hold that live claim for amendment."""
-        exam = self._queue.locked_exam(conn, p, exam_id=exam_id)
-        latest = self._latest(conn, exam_id)
-        if (
-            exam.state != ExamState.REPORTED
-            or latest is None
-            or latest.status not in (ReportStatus.FINAL, ReportStatus.AMENDED)
-        ):
+        exam = self._queue.reader_exam(tx.exams, p, exam_id=exam_id)
+        latest = tx.reports.latest(exam_id)
+        if exam.state != ExamState.REPORTED or latest is None or not latest.signed:
             raise Conflict("only a signed report can be amended", reason="NOT_SIGNED")
         if fence:
-            self._queue.check_lease(conn, p, exam_id=exam_id, fence=fence, states=(ExamState.REPORTED,))
+            self._queue.held(tx.exams, p, exam_id=exam_id, fence=fence, states=AMENDING)
         elif latest.signed_by != p.id:
             raise PermissionDenied(
                 "only the signer may amend without a claim; claim the exam for amendment",
                 reason="AMENDMENT_NEEDS_CLAIM",
             )
-        elif self._queue.live_claim(exam, now=self._queue.clock.now()):
+        elif live_claim(exam, self._queue.clock.now()):
             raise Conflict("the exam is claimed for amendment; amend with that claim", reason="AMENDMENT_CLAIMED")
         return exam, latest
 
@@ -159,7 +140,7 @@ class ReportService:
         impression: str = "",
         critical: bool = False,
         fence: int = 0,
-    ) -> dict[str, Any]:
+    ) -> ReportRecord:
         """A new final version of a signed report, with its reason, published to the site.
 
         ``fence`` is that of ``p``'s claim for amendment; 0 (no claim) is for the signer only."""
@@ -168,16 +149,15 @@ class ReportService:
             raise InvalidInput("an amendment needs a reason", reason="NO_REASON")
         if fence < 0:
             raise InvalidInput("a fence cannot be negative", reason="BAD_FENCE")
-        with self._engine.begin() as conn:
-            exam, latest = self._check_amender(conn, p, exam_id=exam_id, fence=fence)
+        with self._uow() as tx:
+            exam, latest = self._check_amender(tx, p, exam_id=exam_id, fence=fence)
             now = self._queue.clock.now()
-            version = int(latest.version) + 1
+            version = latest.version + 1
             digest = content_hash(
                 exam_id=exam_id, version=version, text=text, impression=impression, critical=critical, signer=p.name
             )
-            report_id = lifecycle.new_report_version(
-                conn,
-                exam._mapping,
+            report = tx.reports.add(
+                exam,
                 ReportStatus.AMENDED,
                 event="amended",
                 values={
@@ -195,41 +175,16 @@ class ReportService:
                 actor_id=p.id,
                 record=False,  # the exam's "amended" below is the record
             )
-            seq = self._publish(conn, exam=exam, report_id=report_id, critical=critical, now=now)
-            lifecycle.move_exam(  # the claim for amendment, if any, ends with the amendment
-                conn,
+            seq = tx.results.publish(exam, report_id=report.id, critical=critical, now=now)
+            tx.exams.drop(  # the claim for amendment, if any, ends with the amendment
                 exam_id,
                 ExamState.REPORTED,
                 event="amended",
-                values={"claimed_by": None, "lease_expires_at": None, "updated_at": now},
                 actor_id=p.id,
+                now=now,
                 detail={"version": version, "fence": int(fence)},
                 also=[("critical_result" if critical else "reported", {"cursor": seq})],
             )
-            report = dict(conn.execute(select(reports).where(reports.c.id == report_id)).one()._mapping)
         self._bus.publish()
         log.info("report amended", extra={"exam_id": exam_id})
         return report
-
-    @staticmethod
-    def _publish(conn: Connection, *, exam: Any, report_id: int, critical: bool, now: datetime) -> int:
-        """Publish the report version as the site's next result; returns its cursor. The caller's
-        exam move writes the event that announces it."""
-        seq = conn.execute(
-            update(sites)
-            .where(sites.c.id == exam.site_id)
-            .values(result_seq=sites.c.result_seq + 1)
-            .returning(sites.c.result_seq)
-        ).scalar_one()
-        lifecycle.new_result(
-            conn,
-            values={
-                "site_id": exam.site_id,
-                "seq": seq,
-                "exam_id": exam.id,
-                "report_id": report_id,
-                "published_at": now,
-            },
-            critical=critical,
-        )
-        return int(seq)

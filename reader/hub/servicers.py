@@ -17,6 +17,7 @@ from teleread.reader.hub.directory import Directory
 from teleread.reader.hub.feed import ResultsLive, SnapshotEnd, SnapshotExam, WatchFeed, WorklistChange, WorklistItem
 from teleread.reader.hub.queue import QueueService
 from teleread.reader.hub.reports import ReportService
+from teleread.reader.hub.repository import ReportRecord, ResultRecord
 from teleread.reader.hub.results import ResultsService
 from teleread.rpc import current_principal, in_thread
 from teleread.v1 import common_pb2, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
@@ -126,12 +127,12 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         self, request: worklist_pb2.GetExamDetailsRequest, context: grpc.ServicerContext
     ) -> worklist_pb2.ExamDetails:
         exam, objs, reps, related = self._queue.details(current_principal(), exam_id=request.exam_id)
-        names = self._directory.principal_names([r["author_id"] for r in reps] + [r["signed_by"] for r in reps])
+        names = self._directory.principal_names([r.author_id for r in reps] + [r.signed_by for r in reps])
         return worklist_pb2.ExamDetails(
             exam=self._exam(exam),
             objects=[object_message(o) for o in objs],
             reports=[
-                report_message(r, author=names.get(r["author_id"], ""), signer=names.get(r["signed_by"], ""))
+                report_message(r.fields(), author=names.get(r.author_id, ""), signer=names.get(r.signed_by or 0, ""))
                 for r in reps
             ],
             related=[self._exam(r) for r in related],
@@ -151,9 +152,11 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                 yield chunk
                 offset += len(block)
 
-    def _report(self, row: dict[str, Any]) -> common_pb2.Report:
-        names = self._directory.principal_names((row["author_id"], row["signed_by"]))
-        return report_message(row, author=names.get(row["author_id"], ""), signer=names.get(row["signed_by"], ""))
+    def _report(self, report: ReportRecord) -> common_pb2.Report:
+        names = self._directory.principal_names((report.author_id, report.signed_by))
+        return report_message(
+            report.fields(), author=names.get(report.author_id, ""), signer=names.get(report.signed_by or 0, "")
+        )
 
     def SaveReport(self, request: worklist_pb2.SaveReportRequest, context: grpc.ServicerContext) -> common_pb2.Report:
         return self._report(
@@ -184,26 +187,14 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         )
 
 
-def result_message(row: dict[str, Any], *, site_code: str) -> results_pb2.Result:
-    exam = dict(row)
-    report = {
-        "exam_id": row["id"],
-        "version": row["version"],
-        "status": row["report_status"],
-        "text": row["text"],
-        "impression": row["impression"],
-        "critical": row["report_critical"],
-        "signed_at": row["signed_at"],
-        "amends_reason": row["amends_reason"],
-        "sha256": row["report_sha256"],
-    }
+def result_message(result: ResultRecord, *, site_code: str) -> results_pb2.Result:
     msg = results_pb2.Result(
-        cursor=int(row["seq"]),
-        exam=exam_message(exam, site_code=site_code),
-        report=report_message(report, signer=row.get("signed_by_name") or ""),
-        critical=bool(row["result_critical"]),
+        cursor=result.seq,
+        exam=exam_message(result.exam, site_code=site_code),
+        report=report_message(result.report.fields(), signer=result.signer_name),
+        critical=result.critical,
     )
-    stamp = ts(row["published_at"])
+    stamp = ts(result.published_at)
     if stamp is not None:
         msg.published_at.CopyFrom(stamp)
     return msg
@@ -219,7 +210,7 @@ class ResultsServicer(results_pb2_grpc.ResultsServicer):
     ) -> results_pb2.ListResultsResponse:
         p = current_principal()
         rows = self._svc.list_after(p, after=request.after_cursor, limit=request.limit)
-        next_cursor = int(rows[-1]["seq"]) if rows else request.after_cursor
+        next_cursor = rows[-1].seq if rows else request.after_cursor
         return results_pb2.ListResultsResponse(
             results=[result_message(r, site_code=p.site_code or "") for r in rows], next_cursor=next_cursor
         )

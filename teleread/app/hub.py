@@ -139,8 +139,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         max_object_bytes=settings.max_object_bytes,
         cpu=cpu,
     )
-    reports = ReportService(engine=engine, queue=queue, bus=bus)
-    results = ResultsService(engine=engine, bus=bus)
+    reports = ReportService(queue=queue, bus=bus)
+    results = ResultsService(uow=queue.uow, bus=bus)
     directory = Directory(engine)
     feed = WatchFeed(
         engine=engine,

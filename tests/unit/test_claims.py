@@ -13,7 +13,7 @@ from teleread.clock import EPOCH, FakeClock
 from teleread.errors import Conflict, LeaseLost, NotFound, PermissionDenied
 from teleread.events import EventBus
 from teleread.lifecycle import InvalidTransition
-from teleread.reader.hub.claims import MemoryStore, MemoryUnitOfWork
+from teleread.reader.hub.repository import MemoryStore, MemoryUnitOfWork
 from teleread.reader.hub.queue import QueueService
 from teleread.vocab import ExamState, Level, Role
 
@@ -123,9 +123,9 @@ def test_a_move_the_life_cycle_refuses_rolls_the_unit_of_work_back(rig) -> None:
     queue, store, clock = rig
     _exam(store, "e1", level=Level.ROUTINE, minutes=30)
     uow = MemoryUnitOfWork(store)
-    with pytest.raises(InvalidTransition) as err, uow() as repo:
-        repo.take("e1", ExamState.IN_READING, reader_id=1, until=clock.now(), now=clock.now())
-        repo.drop("e1", ExamState.RECEIVED, event="received", actor_id=1, now=clock.now())
+    with pytest.raises(InvalidTransition) as err, uow() as tx:
+        tx.exams.take("e1", ExamState.IN_READING, reader_id=1, until=clock.now(), now=clock.now())
+        tx.exams.drop("e1", ExamState.RECEIVED, event="received", actor_id=1, now=clock.now())
     assert err.value.metadata == {"track": "exam", "from": "in_reading", "to": "received"}
     assert store.exams["e1"]["state"] == ExamState.QUEUED and store.exams["e1"]["fence"] == 0
     assert store.events == []
