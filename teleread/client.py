@@ -4,9 +4,11 @@ Owns: opening a channel to the hub (TLS or insecure, bearer token and extra meta
 every call by one interceptor, message-size and keepalive options), turning a failed call's rich
 status (google.rpc ErrorInfo, BadRequest, RetryInfo, RequestInfo) into one readable line, the
 retry of idempotent calls (with :class:`teleread.backoff.Backoff`, honouring the server's
-RetryInfo) and the connection options every client subcommand shares (``--hub``, ``--token``,
-``--ca`` ...), with the loud critical-result alert. ``RetryPolicy``, ``Backoff`` and the atomic file
-writes (:mod:`teleread.files`) are re-exported here for the client commands.
+RetryInfo), the connection options every client subcommand shares (``--hub``, ``--token``,
+``--ca`` ...) and what a command does with them (open the channel or say why not, print a failed
+call, close the channel), the watch commands' reconnecting loop, and the loud critical-result
+alert. ``RetryPolicy``, ``Backoff`` and the atomic file writes (:mod:`teleread.files`) are
+re-exported here for the client commands.
 """
 
 from __future__ import annotations
@@ -264,6 +266,18 @@ def print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def connect_or_explain(args: argparse.Namespace, *, metadata: Metadata = ()) -> grpc.Channel | None:
+    """:func:`connect`, or None after printing why the connection options open no channel (no
+    token, an unreadable TLS file): a local problem, the command exits 2."""
+    try:
+        return connect(args, metadata=metadata)
+    except TelereadError as err:
+        print_error(str(err))
+    except OSError as err:
+        print_error(f"cannot read a TLS file ({type(err).__name__})")
+    return None
+
+
 def rpc_command(
     handler: Callable[[argparse.Namespace, grpc.Channel], int],
 ) -> Callable[[argparse.Namespace], int]:
@@ -272,13 +286,8 @@ def rpc_command(
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
-        try:
-            channel = connect(args)
-        except TelereadError as err:
-            print_error(str(err))
-            return 2
-        except OSError as err:
-            print_error(f"cannot read a TLS file ({type(err).__name__})")
+        channel = connect_or_explain(args)
+        if channel is None:
             return 2
         try:
             return handler(args, channel)
@@ -292,6 +301,38 @@ def rpc_command(
             channel.close()
 
     return run
+
+
+def watch_with_reconnect(
+    open_stream: Callable[[], Any],
+    follow: Callable[[Any, Callable[[], None]], bool],
+    *,
+    console: Console,
+    what: str,
+) -> int:
+    """Run a watch command: ``follow(stream, progressed)`` prints one stream that ``open_stream()``
+    opened and returns True once the requested output is complete (exit code 0). A stream that
+    ends, or is cut with a retryable code, is cancelled and opened again after a capped backoff
+    (the interruption printed dimly); ``follow`` calls ``progressed()`` when the next cut may start
+    the backoff again. A non-retryable failure is raised, and so is giving up (``WATCH_FAILED``)."""
+    backoff = Backoff(RetryPolicy(max_total_seconds=None))
+    while True:
+        stream = open_stream()
+        try:
+            if follow(stream, backoff.reset):
+                return 0
+            failure = "stream ended"
+        except grpc.RpcError as err:
+            if rpc_code(err) not in RETRYABLE_CODES:
+                raise
+            failure = describe_rpc_error(err)
+        finally:
+            stream.cancel()
+        delay = backoff.next_delay()
+        if delay is None:
+            raise TelereadError(f"{what} kept failing; giving up", reason="WATCH_FAILED")
+        console.print(f"[dim]watch interrupted ({escape(failure)}); reconnecting[/]")
+        time.sleep(delay)
 
 
 def ring_alert(console: Console, message: str) -> None:

@@ -36,7 +36,7 @@ from teleread.client import (
     call_with_retry,
     RETRYABLE_CODES,
     add_connection_args,
-    connect,
+    connect_or_explain,
     describe_rpc_error,
     error_reason,
     print_error,
@@ -555,13 +555,8 @@ def run_upload_cli(args: argparse.Namespace) -> int:
     if not scan.exams:
         print_error("no DICOM files or WFDB records found")
         return 1
-    try:
-        channel = connect(args, metadata=(("x-teleread-site", args.site),))
-    except TelereadError as err:
-        print_error(str(err))
-        return 2
-    except OSError as err:
-        print_error(f"cannot read a TLS file ({type(err).__name__})")
+    channel = connect_or_explain(args, metadata=(("x-teleread-site", args.site),))
+    if channel is None:
         return 2
     with channel:
         outcomes = _upload_with_bar(console, scan, channel=channel, args=args)

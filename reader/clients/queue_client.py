@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,17 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from teleread.client import (
-    RETRYABLE_CODES,
-    Backoff,
-    RetryPolicy,
-    add_connection_args,
-    atomic_write_text,
-    describe_rpc_error,
-    ring_alert,
-    rpc_code,
-    rpc_command,
-)
+from teleread.client import add_connection_args, atomic_write_text, ring_alert, rpc_command, watch_with_reconnect
 from teleread.errors import IntegrityError, TelereadError
 from teleread.files import HashingWriter, atomic_file
 from teleread.v1 import common_pb2, worklist_pb2, worklist_pb2_grpc
@@ -347,7 +336,9 @@ def _event_line(console: Console, event: worklist_pb2.WorklistEvent) -> None:
         )
 
 
-def _follow(stream: Any, console: Console, *, args: argparse.Namespace, seen: list[int]) -> bool:
+def _follow(
+    stream: Any, console: Console, *, args: argparse.Namespace, seen: list[int], progressed: Callable[[], None]
+) -> bool:
     """Print one Watch stream; True once the requested output is complete."""
     snapshot: list[common_pb2.Exam] = []
     for event in stream:
@@ -362,31 +353,20 @@ def _follow(stream: Any, console: Console, *, args: argparse.Namespace, seen: li
             seen[0] += 1
             if args.max_events is not None and seen[0] >= args.max_events:
                 return True
+    progressed()  # the stream ended, not cut: the next cut starts the backoff again
     return False
 
 
 @rpc_command
 def watch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     """Follow the queue; reconnects (new snapshot) after a cut with capped backoff."""
-    console, seen, backoff = Console(), [0], Backoff(RetryPolicy(max_total_seconds=None))
-    while True:
-        stream = _stub(channel).Watch(worklist_pb2.WatchWorklistRequest(), timeout=args.deadline)
-        try:
-            if _follow(stream, console, args=args, seen=seen):
-                return 0
-            backoff.reset()
-            failure = "stream ended"
-        except grpc.RpcError as err:
-            if rpc_code(err) not in RETRYABLE_CODES:
-                raise
-            failure = describe_rpc_error(err)
-        finally:
-            stream.cancel()
-        delay = backoff.next_delay()
-        if delay is None:
-            raise TelereadError("watch kept failing; giving up", reason="WATCH_FAILED")
-        console.print(f"[dim]watch interrupted ({escape(failure)}); reconnecting[/]")
-        time.sleep(delay)
+    console, seen = Console(), [0]
+    return watch_with_reconnect(
+        lambda: _stub(channel).Watch(worklist_pb2.WatchWorklistRequest(), timeout=args.deadline),
+        lambda stream, progressed: _follow(stream, console, args=args, seen=seen, progressed=progressed),
+        console=console,
+        what="watch",
+    )
 
 
 def _add(sub: Any, name: str, handler: Any, *, help_text: str) -> argparse.ArgumentParser:

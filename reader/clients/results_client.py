@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,17 +20,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.markup import escape
 
-from teleread.client import (
-    RETRYABLE_CODES,
-    Backoff,
-    RetryPolicy,
-    add_connection_args,
-    atomic_write_text,
-    describe_rpc_error,
-    ring_alert,
-    rpc_code,
-    rpc_command,
-)
+from teleread.client import add_connection_args, atomic_write_text, ring_alert, rpc_command, watch_with_reconnect
 from teleread.errors import InvalidInput, TelereadError
 from teleread.v1 import results_pb2, results_pb2_grpc
 
@@ -129,13 +118,16 @@ def pull_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     return 0
 
 
-def _follow(stream: Any, console: Console, state: dict[str, int], *, limit: int | None) -> bool:
+def _follow(
+    stream: Any, console: Console, state: dict[str, int], *, limit: int | None, progressed: Callable[[], None]
+) -> bool:
     """Print one WatchResults stream; True once ``limit`` results were printed."""
     for result in stream:
         if result.cursor <= state["cursor"]:
             continue  # already printed before a reconnect
         print_result(console, result)
         state["cursor"], state["seen"] = result.cursor, state["seen"] + 1
+        progressed()
         if limit is not None and state["seen"] >= limit:
             return True
     return False
@@ -146,28 +138,12 @@ def watch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     """Follow results; after a cut, reconnect from the last cursor printed."""
     stub, console = results_pb2_grpc.ResultsStub(channel), Console()
     state = {"cursor": int(args.cursor), "seen": 0}
-    backoff = Backoff(RetryPolicy(max_total_seconds=None))
-    while True:
-        request = results_pb2.WatchResultsRequest(after_cursor=state["cursor"])
-        stream = stub.WatchResults(request, timeout=args.deadline)
-        seen_before = state["seen"]
-        try:
-            if _follow(stream, console, state, limit=args.max):
-                return 0
-            failure = "stream ended"
-        except grpc.RpcError as err:
-            if rpc_code(err) not in RETRYABLE_CODES:
-                raise
-            failure = describe_rpc_error(err)
-        finally:
-            stream.cancel()
-        if state["seen"] > seen_before:
-            backoff.reset()
-        delay = backoff.next_delay()
-        if delay is None:
-            raise TelereadError("results watch kept failing; giving up", reason="WATCH_FAILED")
-        console.print(f"[dim]watch interrupted ({escape(failure)}); reconnecting[/]")
-        time.sleep(delay)
+    return watch_with_reconnect(
+        lambda: stub.WatchResults(results_pb2.WatchResultsRequest(after_cursor=state["cursor"]), timeout=args.deadline),
+        lambda stream, progressed: _follow(stream, console, state, limit=args.max, progressed=progressed),
+        console=console,
+        what="results watch",
+    )
 
 
 def add_results_parser(subparsers: Any) -> argparse.ArgumentParser:
