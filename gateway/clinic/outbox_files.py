@@ -72,6 +72,21 @@ def too_large() -> InvalidInput:
     return InvalidInput("object larger than the gateway accepts", reason="OBJECT_TOO_LARGE")
 
 
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    """Writing or finishing the arriving file ``path``: on any error it is removed, a full disk
+    raised as by :func:`typed_disk_full` and more bytes than the limit as :func:`too_large`."""
+    try:
+        with typed_disk_full():
+            yield
+    except SizeLimitExceeded:
+        path.unlink(missing_ok=True)
+        raise too_large() from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 class FileStore:
     """The outbox's folders under ``root`` (see the module's text)."""
 
@@ -101,18 +116,11 @@ class FileStore:
         """Stream ``source`` to a new file in ``incoming/``, hashing it on the way, and fsync it;
         return the file and its digest. On any error the partial file is removed."""
         tmp = self.incoming_dir / f"{uuid.uuid4().hex}.part"
-        try:
-            with typed_disk_full():
-                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-                    digest = hash_stream(source, limit=max_bytes, out=out)
-                    out.flush()
-                    os.fsync(out.fileno())
-        except SizeLimitExceeded:
-            tmp.unlink(missing_ok=True)
-            raise too_large() from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with _removed_on_failure(tmp):
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                digest = hash_stream(source, limit=max_bytes, out=out)
+                out.flush()
+                os.fsync(out.fileno())
         return tmp, digest
 
     def check_incoming(self, path: Path) -> None:
@@ -124,19 +132,12 @@ class FileStore:
     ) -> Digest:
         """Make a file written into ``incoming/`` by someone else durable: hash it unless its writer
         did (``digest``), check its size and fsync it. On any error the file is removed."""
-        try:
-            with typed_disk_full(), open(path, "rb") as f:
-                if digest is None:
-                    digest = hash_stream(f, limit=max_bytes)
-                if digest[1] > max_bytes:
-                    raise too_large()
-                os.fsync(f.fileno())
-        except SizeLimitExceeded:
-            path.unlink(missing_ok=True)
-            raise too_large() from None
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+        with _removed_on_failure(path), open(path, "rb") as f:
+            if digest is None:
+                digest = hash_stream(f, limit=max_bytes)
+            if digest[1] > max_bytes:
+                raise too_large()
+            os.fsync(f.fileno())
         return Digest(*digest)
 
     # ------------------------------------------------------------------ objects

@@ -167,6 +167,19 @@ def typed_db_full() -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One immediate (write-locking) transaction on ``db``: committed when the block ends well,
+    rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class Ledger:
     """The rows of one outbox (see the module's text). ``path_of(sha256)`` is where the file
     store keeps an object: it fills :attr:`OutboxObject.path`."""
@@ -214,13 +227,8 @@ class Ledger:
             if not durable:
                 db.execute("PRAGMA synchronous=NORMAL")
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with _immediate(db):
                     yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
             finally:
                 if not durable:
                     db.execute("PRAGMA synchronous=FULL")
@@ -435,8 +443,7 @@ def _migrate(db: sqlite3.Connection) -> None:
 def _migrate_to_2(db: sqlite3.Connection) -> None:
     # version 1 had UNIQUE(group_key): rebuild the table without it (SQLite cannot drop a constraint)
     db.execute("PRAGMA foreign_keys=OFF")
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(db):
         table = _SCHEMA.split(";")[0].replace("IF NOT EXISTS exams", "exams_v2")
         db.execute(table)
         columns = "id, group_key, kind, priority, priority_rank, indication, state, created_at, last_object_at,"
@@ -445,7 +452,3 @@ def _migrate_to_2(db: sqlite3.Connection) -> None:
         db.execute("DROP TABLE exams")
         db.execute("ALTER TABLE exams_v2 RENAME TO exams")
         db.execute("PRAGMA user_version=2")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
