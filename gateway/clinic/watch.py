@@ -216,6 +216,15 @@ class WatchFolder:
         seen = self._seen.get(rel)
         return seen is not None and self.clock() - seen[1] >= self.wait_seconds
 
+    def _wait_for_partner(self, rel: Path, reason: str, report: WatchReport, *, late: str, waiting: str) -> None:
+        """``rel`` is half of a WFDB record whose other file is missing: it waits (``waiting``), or
+        is refused with ``reason`` once it has waited ``wait_seconds`` (``late``: what did not come)."""
+        if self._waited_too_long(rel):
+            minutes = round(self.wait_seconds / 60)
+            self._refuse([rel], reason, f"{late} within {minutes} min", report)
+        else:
+            report.waiting.append(WaitingFile(rel.as_posix(), reason, waiting))
+
     def _settled(self, rel: Path, sig: _Signature, now: float) -> bool:
         """True once the file has looked the same for ``settle_seconds``."""
         seen = self._seen.get(rel)
@@ -244,13 +253,12 @@ class WatchFolder:
         signal = header.parent / info.signal_file_names[0]
         claimed.add(signal)
         if signal not in files:
-            if self._waited_too_long(header):
-                minutes = round(self.wait_seconds / 60)
-                message = f"the signal file the header names did not arrive within {minutes} min"
-                self._refuse([header], WFDB_SIGNAL_MISSING, message, report)
-                return
-            report.waiting.append(
-                WaitingFile(header.as_posix(), WFDB_SIGNAL_MISSING, "waiting for the signal file the header names")
+            self._wait_for_partner(
+                header,
+                WFDB_SIGNAL_MISSING,
+                report,
+                late="the signal file the header names did not arrive",
+                waiting="waiting for the signal file the header names",
             )
             return
         if signal not in stable:
@@ -331,13 +339,12 @@ class WatchFolder:
             head = handle.read(132)
         if head[128:132] != b"DICM":
             if rel.suffix.lower() == SIGNAL_SUFFIX:
-                if self._waited_too_long(rel):
-                    minutes = round(self.wait_seconds / 60)
-                    message = f"no WFDB header naming this signal file arrived within {minutes} min"
-                    self._refuse([rel], WFDB_HEADER_MISSING, message, report)
-                    return
-                report.waiting.append(
-                    WaitingFile(rel.as_posix(), WFDB_HEADER_MISSING, "waiting for the WFDB header of this signal file")
+                self._wait_for_partner(
+                    rel,
+                    WFDB_HEADER_MISSING,
+                    report,
+                    late="no WFDB header naming this signal file arrived",
+                    waiting="waiting for the WFDB header of this signal file",
                 )
                 return
             message = "neither a DICOM file (no DICM preamble) nor part of a WFDB record"
