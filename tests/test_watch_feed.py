@@ -106,6 +106,47 @@ def test_one_feed_reads_the_events_for_every_stream(embedded_stack: HubStack) ->
         call.cancel()
 
 
+@pytest.fixture
+def unpolled_stack(tmp_path: Path) -> Iterator[HubStack]:
+    """An embedded hub whose feed does not poll during a test: only wake-ups make it read."""
+    stack = start_stack("embedded", make_settings(tmp_path).updated(grpc__watch_poll_seconds=30.0))
+    try:
+        yield stack
+    finally:
+        for ch in stack.channels:
+            ch.close()
+        stack.server.stop(grace=None).wait(10)
+        stack.hub.close()
+
+
+def test_no_read_without_a_watcher_and_no_checkout_per_read(unpolled_stack: HubStack) -> None:
+    stack = unpolled_stack
+    feed = stack.hub.feed
+    queued_exam(stack)
+    reads = feed.reads
+    _claim_and_release(stack, 3)  # six commits, six wake-ups, nobody watching
+    threading.Event().wait(0.3)  # several times the feed's 50 ms between reads
+    assert feed.reads == reads
+
+    checkouts = [0]
+
+    def count(*_args: Any) -> None:
+        if threading.current_thread().name == "watch-feed":
+            checkouts[0] += 1
+
+    event.listen(stack.hub.engine, "checkout", count)
+    try:
+        watch = open_watch(stack, stack.channel("cardio"))
+        _claim_and_release(stack, 3)
+        got = [next(watch) for _ in range(6)]
+        assert [e.type for e in got] == [WL.TYPE_CLAIMED, WL.TYPE_RELEASED] * 3
+        assert feed.reads > reads
+    finally:
+        event.remove(stack.hub.engine, "checkout", count)
+    assert checkouts[0] == 0  # the feed reads on the connection it holds
+    watch.cancel()
+
+
 def _sign(stack: HubStack, exam_id: str) -> None:
     worklist = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))
     claim = worklist.ClaimExam(worklist_pb2.ClaimExamRequest(exam_id=exam_id), timeout=10)

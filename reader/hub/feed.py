@@ -5,7 +5,9 @@ every ``poll_seconds`` for commits of other hub processes on the same database, 
 rows it has not read yet once, and hands each to the subscriptions it concerns: worklist watchers
 of the event's hospital and specialty, and results watchers of the event's site. Streams never
 query the events table themselves, so a thousand watchers cost one read per wake-up, not a
-thousand.
+thousand. With no stream subscribed the feed reads only every ``poll_seconds`` (keeping its
+cursor near the head), not on every commit; it reads on its own connection, held between reads
+(each read its own short transaction), so a read costs no pool checkout and no liveness ping.
 
 Event ids are assigned at insert but PostgreSQL transactions commit in any order, so an id below
 the highest one read can still appear later. :class:`EventCursor` remembers the ids it skipped
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Connection, Engine, Select, and_, func, or_, select
 
 from teleread.auth import Principal, require_reader, require_result_reader
 from teleread.db.engine import reading
@@ -246,6 +248,8 @@ class WatchFeed:
         self._cursor: EventCursor | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._conn: Connection | None = None  # the feed's own connection, held between reads
+        self._query = _events_query()
         self.reads = 0  # queries of the events table, for tests and status
 
     # ---- life cycle ----------------------------------------------------------------------
@@ -268,6 +272,13 @@ class WatchFeed:
         self._bus.publish()  # wake the thread
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._reading.acquire(timeout=10):  # not while a read hangs on an unreachable database
+            try:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.close()
+            finally:
+                self._reading.release()
         with self._lock:
             subs = [s for group in self._subs.values() for s in group]
             for sub in subs:
@@ -288,6 +299,12 @@ class WatchFeed:
                 log.warning("watch feed read failed", exc_info=True)
                 self._stop.wait(self._poll)
             seen = self._bus.wait(seen, self._poll)
+            # Nobody watching: a commit's wake-up is not worth a read; the poll keeps the cursor near.
+            while not self.subscribers() and not self._stop.is_set() and not self._bus.closed:
+                left = self._poll - (time.monotonic() - last_read)
+                if left <= 0:
+                    break
+                seen = self._bus.wait(seen, left)
 
     # ---- one read ------------------------------------------------------------------------
     def poll(self) -> int:
@@ -295,39 +312,41 @@ class WatchFeed:
         with self._reading:
             return self._read(self._ensure_cursor())
 
+    def _connection(self) -> Connection:
+        """The feed's connection (opened, with the pool's liveness check, when there is none)."""
+        if self._conn is None:
+            self._conn = reading(self._engine)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()  # after a failure its state is unknown: never back into the pool
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is being thrown away
+                pass
+
     def _read(self, cursor: EventCursor) -> int:
         total = 0
         while True:
-            claimer = principals.alias("claimer")
-            query = (
-                select(
-                    events.c.id.label("event_id"),
-                    events.c.type.label("event_type"),
-                    events.c.at.label("event_at"),
-                    events.c.site_id.label("event_site_id"),
-                    events.c.hospital.label("event_hospital"),
-                    events.c.specialty.label("event_specialty"),
-                    events.c.detail.label("event_detail"),
-                    exams,
-                    claimer.c.name.label("claimed_by_name"),
-                    sites.c.code.label("site_code"),
-                )
-                .select_from(
-                    events.outerjoin(exams, and_(events.c.exam_id == exams.c.id, events.c.type.in_(WORKLIST_TYPES)))
-                    .outerjoin(claimer, exams.c.claimed_by == claimer.c.id)
-                    .outerjoin(sites, exams.c.site_id == sites.c.id)
-                )
-                .where(cursor.condition())
-                .order_by(events.c.id)
-                .limit(READ_BATCH)
-            )
-            with reading(self._engine) as conn:
-                rows = conn.execute(query).all()
+            conn = self._connection()
+            try:
+                rows = conn.execute(self._query.where(cursor.condition())).all()
                 self.reads += 1
                 published = self._published(conn, rows)
-            changes = self._changes(rows)
+                conn.rollback()  # each read its own transaction: the next one sees later commits
+            except BaseException:
+                self._drop_connection()
+                raise
+            with self._lock:
+                keys = set(self._subs)
+            changes = self._changes(rows, keys)  # only the keys someone watches
             with self._lock:  # a subscription starts before or after this batch, never inside it
                 fresh = {int(r.event_id) for r in cursor.new(rows)}
+                joined = set(self._subs) - keys  # subscribed meanwhile: this batch is theirs too
+                if joined:
+                    changes += self._changes(rows, joined)
                 woken = self._offer(
                     [c for c in changes if c[1].event_id in fresh]
                     + [(("results", p.site_id), p) for p in published if p.event_id in fresh]
@@ -355,17 +374,18 @@ class WatchFeed:
         return out
 
     @staticmethod
-    def _changes(rows: Sequence[Any]) -> list[tuple[tuple[Any, ...], WorklistChange]]:
-        """Worklist changes, each with its subscription key: the event's hospital and specialty."""
+    def _changes(rows: Sequence[Any], keys: set[tuple[Any, ...]]) -> list[tuple[tuple[Any, ...], WorklistChange]]:
+        """Worklist changes for the subscription ``keys`` (the event's hospital and specialty)."""
         out = []
         for r in rows:
-            if r.event_type in WORKLIST_TYPES and r.id is not None:  # r.id: the exam row is there
+            key = ("worklist", r.event_hospital, r.event_specialty)
+            if key in keys and r.event_type in WORKLIST_TYPES and r.id is not None:  # r.id: the exam row is there
                 exam = {c.name: r._mapping[c] for c in exams.c}
                 exam["claimed_by_name"] = r.claimed_by_name or ""
                 change = WorklistChange(
                     event_id=int(r.event_id), type=r.event_type, at=r.event_at, exam=exam, site_code=r.site_code or ""
                 )
-                out.append((("worklist", r.event_hospital, r.event_specialty), change))
+                out.append((key, change))
         return out
 
     def _offer(self, items: Sequence[tuple[tuple[Any, ...], Any]]) -> list[Subscription]:
@@ -470,6 +490,33 @@ class WatchFeed:
                 yield row
             if len(rows) < RESULTS_PAGE:
                 return
+
+
+def _events_query() -> Select[Any]:
+    """The feed's read without its condition: the events, and for worklist events the exam as it is
+    now (with its claimer's name and its site's code). Built once; each read adds the cursor's."""
+    claimer = principals.alias("claimer")
+    return (
+        select(
+            events.c.id.label("event_id"),
+            events.c.type.label("event_type"),
+            events.c.at.label("event_at"),
+            events.c.site_id.label("event_site_id"),
+            events.c.hospital.label("event_hospital"),
+            events.c.specialty.label("event_specialty"),
+            events.c.detail.label("event_detail"),
+            exams,
+            claimer.c.name.label("claimed_by_name"),
+            sites.c.code.label("site_code"),
+        )
+        .select_from(
+            events.outerjoin(exams, and_(events.c.exam_id == exams.c.id, events.c.type.in_(WORKLIST_TYPES)))
+            .outerjoin(claimer, exams.c.claimed_by == claimer.c.id)
+            .outerjoin(sites, exams.c.site_id == sites.c.id)
+        )
+        .order_by(events.c.id)
+        .limit(READ_BATCH)
+    )
 
 
 def _cursor_of(detail: str | None) -> int:
