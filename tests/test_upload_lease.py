@@ -10,9 +10,10 @@ import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, event, insert, select, update
 
 from teleread.auth import Principal
 from teleread.clock import FakeClock, SystemClock
@@ -161,3 +162,30 @@ def test_a_call_of_a_stream_that_already_ended_frees_the_lease_it_takes(engine: 
         a.receive(SITE, upload_id=upload_id, offset=0, chunks=iter([DATA[:1000]]), writer=stream)
     assert ended.value.reason == "STREAM_ENDED" and _writer(engine, upload_id) is None
     assert b.receive(SITE, upload_id=upload_id, offset=0, chunks=iter([DATA])).state == "stored"
+
+
+def test_a_whole_object_in_one_run_costs_two_write_transactions_and_no_read_of_its_row(
+    engine: Engine, tmp_path: Path
+) -> None:
+    a = _hub(engine, tmp_path, "hub-a")
+    upload_id = _upload(a)
+    seen: list[str] = []
+    commits = [0]
+
+    def statement(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        seen.append(" ".join(sql.split()))
+
+    def commit(conn: Any) -> None:
+        commits[0] += 1
+
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    try:
+        done = a.receive(SITE, upload_id=upload_id, offset=0, chunks=iter([DATA]), writer=a.new_writer())
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "commit", commit)
+    assert done.state == "stored" and _writer(engine, upload_id) is None
+    # The lease is taken by the statement that returns the row, and freed by the row's last move.
+    assert commits[0] == 2, seen
+    assert not [s for s in seen if s.startswith("SELECT") and "FROM uploads" in s], seen

@@ -386,16 +386,21 @@ class IngestService:
         return f"{self._instance}:{uuid.uuid4().hex[:16]}"
 
     @contextmanager
-    def _writer(self, upload_id: str, writer: str | None, *, site_id: int) -> Iterator[Callable[[], None]]:
+    def _writer(
+        self, upload_id: str, writer: str | None, *, site_id: int
+    ) -> Iterator[tuple[Callable[[], None], Row[Any] | None]]:
         """Hold the upload's writer lease while bytes are appended (waiting up to
         ``writer_wait_seconds`` for the handler of a cut stream to let go); yields the keep-alive
-        that renews it. With ``writer`` (one stream's name) the lease outlives this call, so the
-        stream's next run of messages takes it without a database write while it is fresh; the
-        stream gives it back with :meth:`release_writer`. Without, it is freed on return."""
+        that renews it, and the upload's row when this call took the lease (the taking statement
+        returns it: no second read), else None. With ``writer`` (one stream's name) the lease
+        outlives this call, so the stream's next run of messages takes it without a database write
+        while it is fresh; the stream gives it back with :meth:`release_writer`. Without, it is
+        freed on return."""
         me = writer or self.new_writer()
         lease = timedelta(seconds=WRITER_LEASE_SECONDS)
         fresh = WRITER_LEASE_SECONDS / 3
         key = (upload_id, me)
+        taken: Row[Any] | None = None
         with self._guard:
             renewed_at = self._held.get(key)
         if renewed_at is None or time.monotonic() - renewed_at >= fresh:
@@ -405,14 +410,15 @@ class IngestService:
                 now = self._clock.now()
                 with self._engine.begin() as conn:
                     free = or_(uploads.c.writer.is_(None), uploads.c.writer_until < now, uploads.c.writer == me)
-                    got = conn.execute(
+                    taken = conn.execute(
                         update(uploads)
                         .where(uploads.c.id == upload_id, uploads.c.site_id == site_id, free)
                         .values(writer=me, writer_until=now + lease)
-                    ).rowcount
-                    if got != 1:  # held by another stream, or not this site's upload at all
+                        .returning(*uploads.c)
+                    ).first()
+                    if taken is None:  # held by another stream, or not this site's upload at all
                         self._site_upload(conn, site_id=site_id, upload_id=upload_id)  # NotFound
-                if got == 1:
+                if taken is not None:
                     break
                 with self._guard:
                     self._held.pop(key, None)
@@ -439,7 +445,7 @@ class IngestService:
                 )
 
         try:
-            yield keepalive
+            yield keepalive, taken
         finally:
             if writer is None:
                 self.release_writer(upload_id, me)
@@ -469,9 +475,10 @@ class IngestService:
         site_id = require_uploader(p)
         if not re.fullmatch(r"[0-9a-f]{32}", upload_id or ""):
             raise InvalidInput("malformed upload id", reason="BAD_UPLOAD_ID")
-        with self._writer(upload_id, writer, site_id=site_id) as keepalive:
-            with reading(self._engine) as conn:
-                row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
+        with self._writer(upload_id, writer, site_id=site_id) as (keepalive, row):
+            if row is None:  # the lease was already this stream's: read the row
+                with reading(self._engine) as conn:
+                    row = self._site_upload(conn, site_id=site_id, upload_id=upload_id)
             if row.state != UploadStatus.PARTIAL:
                 if writer is not None:  # nothing left to write: the stream's hold goes now
                     self.release_writer(upload_id, writer)
