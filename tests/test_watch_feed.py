@@ -106,10 +106,8 @@ def test_one_feed_reads_the_events_for_every_stream(embedded_stack: HubStack) ->
         call.cancel()
 
 
-@pytest.fixture
-def unpolled_stack(tmp_path: Path) -> Iterator[HubStack]:
-    """An embedded hub whose feed does not poll during a test: only wake-ups make it read."""
-    stack = start_stack("embedded", make_settings(tmp_path).updated(grpc__watch_poll_seconds=30.0))
+def _running(stack: HubStack) -> Iterator[HubStack]:
+    """Yield a started stack, then close its channels, server and hub."""
     try:
         yield stack
     finally:
@@ -117,6 +115,12 @@ def unpolled_stack(tmp_path: Path) -> Iterator[HubStack]:
             ch.close()
         stack.server.stop(grace=None).wait(10)
         stack.hub.close()
+
+
+@pytest.fixture
+def unpolled_stack(tmp_path: Path) -> Iterator[HubStack]:
+    """An embedded hub whose feed does not poll during a test: only wake-ups make it read."""
+    yield from _running(start_stack("embedded", make_settings(tmp_path).updated(grpc__watch_poll_seconds=30.0)))
 
 
 def test_no_read_without_a_watcher_and_no_checkout_per_read(unpolled_stack: HubStack) -> None:
@@ -191,14 +195,7 @@ def test_results_watchers_get_their_sites_results_in_order_once(embedded_stack: 
 
 @pytest.fixture
 def pg_stack(tmp_path: Path, pg_url: str) -> Iterator[HubStack]:
-    stack = start_stack("postgres", make_settings(tmp_path, database_url=pg_url))
-    try:
-        yield stack
-    finally:
-        for ch in stack.channels:
-            ch.close()
-        stack.server.stop(grace=None).wait(10)
-        stack.hub.close()
+    yield from _running(start_stack("postgres", make_settings(tmp_path, database_url=pg_url)))
 
 
 def test_an_event_committed_after_a_later_one_is_delivered_once(pg_stack: HubStack) -> None:
