@@ -27,6 +27,22 @@ class Priority(StrEnum):
 _PRIORITY_RANK = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
 
 
+class PatientClass(StrEnum):
+    """Where the patient is being seen (HL7 PV1-2's classes that a clinic sends); '' when not said."""
+
+    OUTPATIENT = "outpatient"
+    INPATIENT = "inpatient"
+    EMERGENCY = "emergency"
+
+
+class Sex(StrEnum):
+    """The patient's sex as DICOM (0010,0040) spells it; '' when not recorded."""
+
+    MALE = "M"
+    FEMALE = "F"
+    OTHER = "O"
+
+
 class Level(StrEnum):
     """Urgency of an exam after triage."""
 

@@ -59,6 +59,24 @@ principals = Table(
     Column("token_sha256", String(64), nullable=False, unique=True),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("created_at", UtcDateTime, nullable=False),
+    # argon2id hash (PHC string) of the person's password; none: the identity signs in by token only
+    Column("password_hash", String(200), nullable=True),
+)
+
+# A signed-in person's session: a short-lived bearer token (only its SHA-256 kept), renewed while it
+# is used, ended by sign-out or by lapsing.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("principal_id", Integer, ForeignKey("principals.id"), nullable=False),
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("client", String(32), nullable=False, default=""),  # station, cli
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("last_used_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("ended_at", UtcDateTime, nullable=True),
+    Index("ix_sessions_principal", "principal_id"),
 )
 
 exams = Table(
@@ -91,6 +109,15 @@ exams = Table(
     Column("claimed_by", Integer, ForeignKey("principals.id"), nullable=True),
     Column("lease_expires_at", UtcDateTime, nullable=True),
     Column("fence", BigInteger, nullable=False, default=0),
+    # Patient context, recorded at ingest from the files' headers or the upload request. Readers of
+    # the exam see it; it never goes into a log or an error message.
+    Column("patient_id", String(64), nullable=False, default="", server_default=text("''")),  # the site's ID
+    Column("patient_name", String(200), nullable=False, default="", server_default=text("''")),
+    Column("patient_sex", String(1), nullable=False, default="", server_default=text("''")),  # M, F, O or ''
+    Column("patient_birth_date", String(8), nullable=False, default="", server_default=text("''")),  # YYYYMMDD
+    Column("patient_age", String(4), nullable=False, default="", server_default=text("''")),  # DICOM AS: 045Y
+    Column("referring_physician", String(200), nullable=False, default="", server_default=text("''")),
+    Column("patient_class", String(16), nullable=False, default="", server_default=text("''")),  # vocab
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     UniqueConstraint("site_id", "client_exam_key", name="uq_exams_site_key"),
@@ -108,6 +135,7 @@ exams = Table(
     ),
     Index("ix_exams_site_state", "site_id", "state"),
     Index("ix_exams_site_study", "site_id", "study_instance_uid"),
+    Index("ix_exams_site_patient", "site_id", "patient_id"),  # the patient's earlier exams (priors)
 )
 
 uploads = Table(
