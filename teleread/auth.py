@@ -1,9 +1,11 @@
 """Identity: sites and users, their tokens, and the access rules every RPC goes through.
 
-Tokens are random 32-byte secrets issued by the hub's CLI; only their SHA-256 is stored. A
-principal has one role; technicians and result pullers are bound to a site, readers to a lead
-hospital and a specialty. The checks here are the one choke point the servicers call (deny by
-default).
+Machine tokens (``tr_``) are random 32-byte secrets issued by the hub's CLI; people sign in with a
+password and get a session token (``ts_``, :mod:`teleread.signin`). Only SHA-256 hashes of either
+are stored, and both resolve here to the same :class:`Principal`, so every rule below holds alike
+for a gateway, a command-line client and the web station. A principal has one role; technicians
+and result pullers are bound to a site, readers to a lead hospital and a specialty. The checks here
+are the one choke point the servicers call (deny by default).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, insert, select
 
@@ -22,6 +25,8 @@ from teleread.db.schema import principals, sites
 from teleread.errors import AlreadyExists, InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from teleread.vocab import Role
 
+if TYPE_CHECKING:
+    from teleread.signin import Sessions
 
 READER_SPECIALTY = {Role.CARDIOLOGIST: "cardiology", Role.RADIOLOGIST: "radiology"}
 UPLOAD_ROLES = frozenset({Role.SITE, Role.TECHNICIAN})
@@ -38,6 +43,7 @@ class Principal:
     site_code: str | None
     hospital: str | None
     specialty: str | None
+    session_id: int | None = None  # set when the caller presented a session token (signed in)
 
     @property
     def is_reader(self) -> bool:
@@ -75,8 +81,10 @@ def add_principal(
     role: Role,
     site_code: str | None = None,
     hospital: str | None = None,
+    password_hash: str | None = None,
 ) -> str:
-    """Create a principal and return its token (shown once; only its hash is kept)."""
+    """Create a principal and return its token (shown once; only its hash is kept);
+    ``password_hash`` (:func:`teleread.signin.hash_password`) lets a person sign in."""
     check_code(name, field="name")
     site_id = None
     if role in (Role.SITE, Role.TECHNICIAN, Role.RESULT_PULLER):
@@ -105,19 +113,29 @@ def add_principal(
                 token_sha256=hash_token(token),
                 disabled=False,
                 created_at=utcnow(),
+                password_hash=password_hash,
             )
         )
     return token
 
 
 class Authenticator:
-    """Resolves bearer tokens to principals, with a short cache (tokens are checked per call)."""
+    """Resolves bearer tokens to principals, with a short cache (tokens are checked per call): a
+    machine token by its hash, a session token (``ts_``) through :class:`Sessions`, which also
+    renews it. A session signed out on this process is forgotten at once; on another hub process
+    sharing the database within ``cache_seconds``."""
 
-    def __init__(self, engine: Engine, *, cache_seconds: float = 5.0) -> None:
+    def __init__(self, engine: Engine, *, cache_seconds: float = 5.0, sessions: Sessions | None = None) -> None:
         self._engine = engine
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._ttl = cache_seconds
         self._lock = threading.Lock()
+        self._sessions = sessions
+
+    def forget_session(self, session_id: int) -> None:
+        with self._lock:
+            for digest in [d for d, (_, p) in self._cache.items() if p.session_id == session_id]:
+                del self._cache[digest]
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
@@ -128,16 +146,23 @@ class Authenticator:
             hit = self._cache.get(digest)
             if hit and hit[0] > now:
                 return hit[1]
-        principal = self._load(digest)
+        token = authorization[len("Bearer ") :].strip()
+        if token.startswith("ts_"):
+            if self._sessions is None:
+                raise Unauthenticated("this hub takes no session tokens", reason="BAD_TOKEN")
+            session = self._sessions.resolve(digest)
+            principal = self._load(principals.c.id == session.principal_id, session_id=session.session_id)
+        else:
+            principal = self._load(principals.c.token_sha256 == digest)
         with self._lock:
             self._cache[digest] = (now + self._ttl, principal)
         return principal
 
-    def _load(self, digest: str) -> Principal:
+    def _load(self, which: Any, *, session_id: int | None = None) -> Principal:
         query = (
             select(principals, sites.c.code.label("site_code"))
             .select_from(principals.outerjoin(sites, principals.c.site_id == sites.c.id))
-            .where(principals.c.token_sha256 == digest)
+            .where(which)
         )
         with reading(self._engine) as conn:
             row = conn.execute(query).first()
@@ -151,6 +176,7 @@ class Authenticator:
             site_code=row.site_code,
             hospital=row.hospital,
             specialty=row.specialty,
+            session_id=session_id,
         )
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -242,14 +244,40 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of each call, seconds")
 
 
+def session_file(client: ClientSettings | None = None) -> Path:
+    """Where ``teleread login`` keeps the signed-in person's session (readable by its user only)."""
+    if client is not None and client.session_file is not None:
+        return client.session_file
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "teleread" / "session.json"
+
+
+def saved_session(client: ClientSettings | None = None) -> dict[str, str] | None:
+    """The session ``teleread login`` saved ({"hub", "token", "user"}), or None."""
+    path = session_file(client)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("token"), str):
+        return None
+    return {k: str(v) for k, v in data.items()}
+
+
 def connect(args: argparse.Namespace, *, metadata: Metadata = ()) -> grpc.Channel:
     """Open the channel the connection options describe (token and hub may come from the
-    client settings the CLI read once: TELEREAD_TOKEN, TELEREAD_HUB)."""
+    client settings the CLI read once: TELEREAD_TOKEN, TELEREAD_HUB; else from the session
+    ``teleread login`` saved)."""
     client: ClientSettings = getattr(args, "client_settings", None) or ClientSettings.model_construct()
     token = args.token or client.token.get_secret_value()
+    saved = None if token else saved_session(client)
+    if saved is not None:
+        token = saved["token"]
     if not token:
-        raise TelereadError("no token: pass --token or set TELEREAD_TOKEN", reason="NO_TOKEN")
-    hub = args.hub or client.hub or DEFAULT_HUB
+        raise TelereadError(
+            "no token: pass --token, set TELEREAD_TOKEN or sign in with `teleread login`", reason="NO_TOKEN"
+        )
+    hub = args.hub or client.hub or (saved or {}).get("hub") or DEFAULT_HUB
     return open_channel(
         hub,
         token=token,

@@ -4,7 +4,8 @@ and the per-identity cap on open streams.
 One server interceptor wraps every handler of the hub's asyncio server, synchronous (run in the
 server's bounded thread pool) or asynchronous (run on its event loop), with a unary or a streamed
 request or response. It resolves the bearer token to a principal (no endpoint is open except
-health checking and reflection), puts request id, site, user and RPC into the log context, counts
+health checking, reflection and sign-in, which still passes the boundary for its logs and error
+mapping), puts request id, site, user and RPC into the log context, counts
 the identity's open streams against its cap (``RESOURCE_EXHAUSTED`` / ``STREAM_LIMIT`` beyond it;
 unary calls are never counted), and turns a :class:`TelereadError` into a status with rich
 details (google.rpc.ErrorInfo: reason, domain, metadata). Anything unexpected becomes INTERNAL
@@ -46,6 +47,7 @@ OPEN_SERVICES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+ANONYMOUS_METHODS = frozenset({"/teleread.v1.Auth/SignIn"})  # answered without a bearer token
 DOMAIN = "teleread.v1"
 T = TypeVar("T")
 
@@ -157,10 +159,12 @@ class _Wrapper:
         self.rpc = method.rsplit("/", 1)[-1]
         self.streaming = streaming  # a streamed request or response: counted against the identity's cap
 
-    def enter(self) -> tuple[str, Principal]:
-        """The caller's request id and principal (blocking: may read the database); a stream takes
-        one of its identity's slots."""
+    def enter(self) -> tuple[str, Principal | None]:
+        """The caller's request id and principal (blocking: may read the database; None for a call
+        that needs no token); a stream takes one of its identity's slots."""
         request_id = str(self._metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
+        if self._method in ANONYMOUS_METHODS:
+            return request_id, None
         principal = self._auth.authenticate(self._metadata.get("authorization"))
         claimed_site = self._metadata.get("x-teleread-site")
         if claimed_site and principal.site_code and claimed_site != principal.site_code:
@@ -169,8 +173,8 @@ class _Wrapper:
             self._slots.acquire(principal)
         return request_id, principal
 
-    def leave(self, principal: Principal) -> None:
-        if self.streaming:
+    def leave(self, principal: Principal | None) -> None:
+        if self.streaming and principal is not None:
             self._slots.release(principal)
 
     # ---- answering once ----------------------------------------------------------------------
@@ -256,18 +260,20 @@ class _Call:
             self._logs.__exit__(None, None, None)
 
     @contextmanager
-    def as_principal(self, entered: tuple[str, Principal]) -> Iterator[None]:
+    def as_principal(self, entered: tuple[str, Principal | None]) -> Iterator[None]:
         """Run the block as the caller (``entered``: :meth:`_Wrapper.enter`'s answer): its request
         id, site and user in the log context, :func:`current_principal` set; OK logged when the
         block ends well, the identity's stream slot given back however it ends."""
         self.request_id, principal = entered
+        who = {} if principal is None else {"site": principal.site_code, "user": principal.name}
         try:
-            with log_context(request_id=self.request_id, site=principal.site_code, user=principal.name):
-                token = _principal.set(principal)
+            with log_context(request_id=self.request_id, **who):
+                token = None if principal is None else _principal.set(principal)  # None: a call without a token
                 try:
                     yield
                 finally:
-                    _principal.reset(token)
+                    if token is not None:
+                        _principal.reset(token)
                 log.info("rpc", extra={"status": "OK", "duration_ms": self._ms()})
         finally:
             self._wrapper.leave(principal)

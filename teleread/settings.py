@@ -122,6 +122,32 @@ class GatewaySettings(BaseModel):
     wfdb_wait_minutes: float = 30.0  # a dropped WFDB header whose signal file never comes is set aside after this
 
 
+class AuthSettings(BaseModel):
+    """People's sign-in at the hub (``TELEREAD_AUTH__*``)."""
+
+    session_idle_seconds: int = Field(default=900, ge=30)  # a session unused for this long lapses; each use renews it
+    session_max_hours: float = Field(default=12.0, gt=0)  # no session lives longer, however much it is used
+    min_password_length: int = Field(default=10, ge=8)
+
+
+class StationSettings(BaseModel):
+    """The reading station, the readers' web process (``TELEREAD_STATION__*``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    hub: str = "127.0.0.1:50051"  # the hub's gRPC address; the station calls it as the signed-in reader
+    idle_minutes: float = Field(default=15.0, gt=0)  # no key or click for this long: signed out
+    # TLS for the browser (the hub's certificates from `teleread tls init` will do); cookies are Secure then
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # TLS to the hub
+    hub_ca: Path | None = None
+    hub_cert: Path | None = None  # client certificate when the hub requires one
+    hub_key: Path | None = None
+    hub_server_name: str = ""
+    lease_renew_seconds: float = Field(default=120.0, gt=0)  # an open exam's claim is renewed this often
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TELEREAD_", env_nested_delimiter="__", extra="ignore", frozen=True)
 
@@ -135,6 +161,8 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    station: StationSettings = Field(default_factory=StationSettings)
 
     def resolved_database_url(self) -> str:
         return self.database_url.get_secret_value() or f"sqlite:///{(self.data_dir / 'teleread.db').resolve()}"
@@ -179,3 +207,4 @@ class ClientSettings(BaseSettings):
 
     hub: str = ""
     token: SecretStr = SecretStr("")
+    session_file: Path | None = None  # where `teleread login` keeps the session; default ~/.config/teleread/

@@ -59,14 +59,34 @@ def cmd_sites_add(args: argparse.Namespace) -> int:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
+    from teleread.app.account import read_password
     from teleread.auth import Role, add_principal
+    from teleread.signin import PEOPLE, hash_password
 
+    role = Role(args.role)
+    password_hash = None
+    if args.password:
+        if role not in PEOPLE:
+            raise TelereadError(f"a {role.value} is a machine identity: it has no password", reason="NOT_A_PERSON")
+        min_length = _settings(args).auth.min_password_length
+        password_hash = hash_password(read_password(confirm=True), min_length=min_length)
     token = add_principal(
-        _engine(args), name=args.name, role=Role(args.role), site_code=args.site, hospital=args.hospital
+        _engine(args),
+        name=args.name,
+        role=role,
+        site_code=args.site,
+        hospital=args.hospital,
+        password_hash=password_hash,
     )
-    print(f"{args.role} {args.name} added")
+    print(f"{args.role} {args.name} added" + (" (signs in with the password)" if password_hash else ""))
     print(f"token (shown once, keep it secret): {token}")
     return 0
+
+
+def cmd_users_passwd(args: argparse.Namespace) -> int:
+    from teleread.app.account import cmd_users_passwd as passwd
+
+    return passwd(args)
 
 
 def cmd_proto(args: argparse.Namespace) -> int:
@@ -131,8 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--site", help="site code (technicians and result pullers)")
     a.add_argument("--hospital", help="lead hospital code (cardiologists and radiologists)")
+    a.add_argument(
+        "--password", action="store_true", help="set a password to sign in with (asked twice, or one line on stdin)"
+    )
     a.add_argument("--data-dir")
     a.set_defaults(func=cmd_users_add)
+    a = s.add_parser("passwd", help="set a person's password (asked twice, or one line on stdin)")
+    a.add_argument("name")
+    a.add_argument("--data-dir")
+    a.set_defaults(func=cmd_users_passwd)
 
     p = sub.add_parser("proto", help="generated gRPC code")
     p.add_argument("action", choices=["gen", "check"])
@@ -155,13 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from teleread.app.account import add_account_parsers
     from teleread.gateway.clinic.service import add_gateway_parser
     from teleread.gateway.uploader.client import add_upload_parser
     from teleread.models.training.manage import add_models_parser
     from teleread.reader.clients.queue_client import add_read_parser
     from teleread.reader.clients.results_client import add_results_parser
 
-    for register in (add_upload_parser, add_read_parser, add_results_parser, add_models_parser, add_gateway_parser):
+    for register in (
+        add_upload_parser,
+        add_read_parser,
+        add_results_parser,
+        add_models_parser,
+        add_gateway_parser,
+        add_account_parsers,
+    ):
         register(sub)
 
 

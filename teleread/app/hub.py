@@ -47,9 +47,19 @@ from teleread.reader.hub.routing import load_routing
 from teleread.reader.hub.servicers import ResultsServicer, WorklistServicer
 from teleread.rpc import ServerInterceptor, StreamSlots
 from teleread.settings import Settings
+from teleread.signin import AuthServicer, Sessions
 from teleread.storage import ObjectStore
 from teleread.storage.factory import build_object_store
-from teleread.v1 import ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
+from teleread.v1 import (
+    auth_pb2,
+    auth_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    results_pb2,
+    results_pb2_grpc,
+    worklist_pb2,
+    worklist_pb2_grpc,
+)
 
 log = logging.getLogger("teleread.app.hub")
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -61,6 +71,7 @@ SERVICES = (
     ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name,
     worklist_pb2.DESCRIPTOR.services_by_name["Worklist"].full_name,
     results_pb2.DESCRIPTOR.services_by_name["Results"].full_name,
+    auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name,
 )
 
 
@@ -78,6 +89,7 @@ class Hub:
     feed: WatchFeed
     triage: TriageWorker
     authenticator: Authenticator
+    sessions: Sessions
     cpu: CpuPool
     triage_cpu: CpuPool
     janitor: Janitor
@@ -159,6 +171,12 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         interval_seconds=settings.ingest.janitor_interval_seconds,
         first_seconds=settings.ingest.janitor_first_seconds,
     )
+    sessions = Sessions(
+        engine,
+        clock=clock,
+        idle_seconds=settings.auth.session_idle_seconds,
+        max_hours=settings.auth.session_max_hours,
+    )
     hub = Hub(
         settings=settings,
         engine=engine,
@@ -171,7 +189,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         directory=directory,
         feed=feed,
         triage=triage,
-        authenticator=Authenticator(engine),
+        authenticator=Authenticator(engine, sessions=sessions),
+        sessions=sessions,
         cpu=cpu,
         triage_cpu=triage_cpu,
         janitor=janitor,
@@ -250,6 +269,9 @@ class HubServer:
             WorklistServicer(queue=hub.queue, reports=hub.reports, directory=hub.directory, feed=hub.feed), server
         )
         results_pb2_grpc.add_ResultsServicer_to_server(ResultsServicer(hub.results, feed=hub.feed), server)
+        auth_pb2_grpc.add_AuthServicer_to_server(
+            AuthServicer(hub.sessions, on_end=hub.authenticator.forget_session), server
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in SERVICES + ("",):
