@@ -167,12 +167,17 @@ class QueueService:
     def claim(
         self, p: Principal, *, exam_id: str, lease_seconds: int = 0, for_amendment: bool = False
     ) -> dict[str, Any]:
-        """Claim one exam; with ``for_amendment`` a reported exam, which stays reported."""
+        """Claim one exam; with ``for_amendment`` a reported exam, which stays reported. A reader who
+        already holds a live claim of that kind on the exam gets that same claim back (same fence,
+        lease extended): the command line and the station of one reader share one claim."""
         hospital, specialty = require_reader(p)
         lease = self._lease_for(lease_seconds)
         with self._uow() as tx:
             now = self._clock.now()
             exam = readable(tx.exams.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
+            own = ExamState.REPORTED if for_amendment else ExamState.IN_READING
+            if exam.claimed_by == p.id and exam.state == own and live_claim(exam, now):
+                return self._claimed(tx.exams.extend(exam_id, until=now + lease, now=now), p)
             if for_amendment:
                 if exam.state != ExamState.REPORTED:
                     raise Conflict("only a reported exam can be claimed for amendment", reason="NOT_REPORTED")

@@ -129,3 +129,20 @@ def test_a_move_the_life_cycle_refuses_rolls_the_unit_of_work_back(rig) -> None:
     assert err.value.metadata == {"track": "exam", "from": "in_reading", "to": "received"}
     assert store.exams["e1"]["state"] == ExamState.QUEUED and store.exams["e1"]["fence"] == 0
     assert store.events == []
+
+
+def test_a_reader_claiming_an_exam_they_hold_gets_the_same_claim_back(rig) -> None:
+    queue, store, clock = rig
+    _exam(store, "e1", level=Level.URGENT, minutes=30)
+    first = queue.claim(LI, exam_id="e1", lease_seconds=60)  # e.g. from the command line
+    clock.advance(30)
+    again = queue.claim(LI, exam_id="e1", lease_seconds=600)  # the same reader, now in the station
+    assert again["fence"] == first["fence"] == 1
+    assert again["lease_expires_at"] == clock.now() + timedelta(seconds=600)
+    assert [e["type"] for e in store.events] == ["claimed"]  # no second claim
+    queue.renew(LI, exam_id="e1", fence=first["fence"])  # the first holder's fence still works
+    with pytest.raises(LeaseLost):  # another reader still cannot take it
+        queue.claim(WANG, exam_id="e1")
+    clock.advance(601)
+    lapsed = queue.claim(LI, exam_id="e1")  # after a lapse it is a new claim with a new fence
+    assert lapsed["fence"] == 2
