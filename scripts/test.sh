@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything teleread's tests need on a fresh Debian machine, then run the whole suite.
 # System packages (PostgreSQL, dcmtk, the PDF report's font fonts-wqy-zenhei, poppler-utils to
-# rasterise the PDF in tests) come from Debian; Python packages into .venv.
+# rasterise the PDF in tests, chromium for the reading station's browser tests) come from Debian;
+# Python packages into .venv (Playwright drives Debian's chromium: it never downloads a browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 [ -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || need+=(fonts-wqy-zenhei)
 command -v pdftoppm >/dev/null 2>&1 || need+=(poppler-utils)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the reading station's browser tests (Playwright drives it)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

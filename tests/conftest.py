@@ -28,7 +28,7 @@ from typing import Any, Generator, Iterator
 import grpc
 import pytest
 
-pytest_plugins = ["fixtures_s3", "fixtures_pg"]
+pytest_plugins = ["fixtures_s3", "fixtures_pg", "fixtures_browser"]
 
 # Files whose tests take longest, started first (the rest keep their order) so they do not finish last.
 LONGEST_FIRST = ("test_gateway_faults.py", "test_model_evaluation.py", "test_ecg_measure.py")

@@ -78,16 +78,34 @@ def test_the_runtime_never_imports_the_trainers() -> None:
 
 def test_clinic_and_client_code_never_imports_the_hub() -> None:
     bad = []
-    for source in ("teleread.gateway.clinic", "teleread.gateway.uploader", "teleread.reader.clients"):
+    for source in (
+        "teleread.gateway.clinic",
+        "teleread.gateway.uploader",
+        "teleread.reader.clients",
+        "teleread.reader.station",
+    ):
         for hub in ("teleread.gateway.hub", "teleread.reader.hub", "teleread.models.inference.worker"):
             bad += _offences(source, hub)
+    assert bad == []
+
+
+def test_the_station_reaches_the_hub_only_through_its_grpc_api() -> None:
+    bad = []
+    for inside in ("teleread.db", "teleread.auth", "teleread.signin", "teleread.storage", "teleread.lifecycle"):
+        bad += _offences("teleread.reader.station", inside)
     assert bad == []
 
 
 def test_the_hub_services_import_no_client() -> None:
     bad = []
     for source in ("teleread.gateway.hub", "teleread.reader.hub", "teleread.models.inference"):
-        for client in ("teleread.gateway.clinic", "teleread.gateway.uploader", "teleread.reader.clients"):
+        clients = (
+            "teleread.gateway.clinic",
+            "teleread.gateway.uploader",
+            "teleread.reader.clients",
+            "teleread.reader.station",
+        )
+        for client in clients:
             bad += _offences(source, client)
     assert bad == []
 

@@ -186,6 +186,7 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore
     from teleread.gateway.clinic.service import add_gateway_parser
     from teleread.gateway.uploader.client import add_upload_parser
     from teleread.models.training.manage import add_models_parser
+    from teleread.reader.station.serve import add_station_parser
     from teleread.reader.clients.queue_client import add_read_parser
     from teleread.reader.clients.results_client import add_results_parser
 
@@ -196,6 +197,7 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore
         add_models_parser,
         add_gateway_parser,
         add_account_parsers,
+        add_station_parser,
     ):
         register(sub)
 

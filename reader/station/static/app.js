@@ -1,0 +1,541 @@
+// The reading station's page: sign-in, the live worklist, the exam page with its report pane.
+// Everything the hub sends is shown with textContent (never as HTML): names and indications come
+// from clinics and may hold anything.
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  csrf: "",
+  identity: null,
+  loginCsrf: "",
+  leaseRenewSeconds: 120,
+  exams: new Map(),        // exam id -> exam (the hub's Exam message as JSON)
+  alerts: new Set(),       // critical exams not claimed yet
+  snapshotDone: false,
+  selected: 0,
+  source: null,
+  open: null,              // {examId, fence, amend, renewTimer, dirty, saveTimer, signed}
+  templates: [],
+  recent: [],
+  lastActivity: 0,
+};
+const LEVELS = { LEVEL_CRITICAL: ["critical", 0], LEVEL_URGENT: ["urgent", 1], LEVEL_ROUTINE: ["routine", 2] };
+
+// ---- the API -------------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, reason, message) { super(message); this.status = status; this.reason = reason; }
+}
+
+async function api(path, { method = "GET", body, keepalive = false } = {}) {
+  const headers = { "Accept": "application/json" };
+  if (method !== "GET") { headers["Content-Type"] = "application/json"; headers["X-CSRF-Token"] = state.csrf; }
+  const response = await fetch(path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: "same-origin", keepalive,
+  });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const err = data.error || {};
+    if (response.status === 401) signedOut(err.reason === "IDLE_SIGNED_OUT" ? "idle" : "signed_out");
+    throw new ApiError(response.status, err.reason || String(response.status), err.message || response.statusText);
+  }
+  return data;
+}
+
+// ---- views ---------------------------------------------------------------------------------
+function show(view) {
+  for (const id of ["view-login", "view-worklist", "view-exam"]) $(id).hidden = id !== view;
+  $("signout").hidden = view === "view-login";
+}
+
+function toast(text) {
+  const el = $("toast");
+  el.textContent = text; el.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { el.hidden = true; }, 4000);
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "dataset") Object.assign(node.dataset, v);
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(child ?? ""));
+  return node;
+}
+
+// ---- sign-in -------------------------------------------------------------------------------
+async function start() {
+  const session = await api("/api/session");
+  if (!session.signed_in) { state.loginCsrf = session.login_csrf; showLogin(""); return; }
+  signedIn(session);
+}
+
+function showLogin(note) {
+  stopStream();
+  state.identity = null; state.csrf = "";
+  $("who").textContent = ""; $("live").className = "live";
+  $("login-note").textContent = note;
+  $("login-error").textContent = "";
+  $("login-password").value = "";
+  show("view-login");
+  $("login-user").focus();
+  if (location.pathname !== "/") history.replaceState(null, "", "/");
+}
+
+function signedOut(why) {
+  if (!state.identity) return;
+  if (state.open) { clearInterval(state.open.renewTimer); clearTimeout(state.open.saveTimer); state.open = null; }
+  api("/api/session").then((s) => { state.loginCsrf = s.login_csrf || ""; }).catch(() => {});
+  showLogin(why === "idle" ? "You were signed out after a time without activity. Sign in again."
+    : why === "expired" ? "Your session ended. Sign in again." : "Signed out.");
+}
+
+$("login").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("login-error").textContent = "";
+  try {
+    const response = await fetch("/api/login", {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": state.loginCsrf },
+      body: JSON.stringify({ user: $("login-user").value, password: $("login-password").value }),
+    });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      $("login-error").textContent = (data.error && data.error.message) || "sign-in failed";
+      $("login-password").value = "";
+      if (data.error && data.error.reason === "CSRF") { const s = await api("/api/session"); state.loginCsrf = s.login_csrf; }
+      return;
+    }
+    signedIn(await api("/api/session"));
+  } catch (err) {
+    $("login-error").textContent = "the station cannot be reached";
+  }
+});
+
+async function signedIn(session) {
+  state.csrf = session.csrf;
+  state.identity = session.identity;
+  state.leaseRenewSeconds = session.lease_renew_seconds || 120;
+  const who = session.identity;
+  $("who").textContent = `${who.user} · ${who.specialty} · ${who.hospital}`;
+  if ("Notification" in window && Notification.permission === "default") Notification.requestPermission().catch(() => {});
+  state.templates = (await api("/api/templates")).templates;
+  startStream();
+  route();
+}
+
+$("signout").addEventListener("click", async () => {
+  await releaseOpen();
+  await api("/api/logout", { method: "POST" }).catch(() => {});
+  signedOut("signed_out");
+});
+
+// The person's keys and clicks restart the station's idle clock (at most one call a minute).
+function activity() {
+  if (!state.identity) return;
+  const now = Date.now();
+  if (now - state.lastActivity < 60_000) return;
+  state.lastActivity = now;
+  api("/api/activity", { method: "POST", body: {} }).catch(() => {});
+}
+for (const kind of ["keydown", "pointerdown"]) document.addEventListener(kind, activity, { capture: true });
+
+// ---- the live worklist ---------------------------------------------------------------------
+function startStream() {
+  stopStream();
+  const source = new EventSource("/api/worklist/events");
+  state.source = source;
+  source.addEventListener("reset", () => { state.exams.clear(); state.snapshotDone = false; $("live").className = "live on"; });
+  source.addEventListener("worklist", (msg) => onEvent(JSON.parse(msg.data)));
+  source.addEventListener("signed_out", (msg) => { stopStream(); signedOut(JSON.parse(msg.data).why); });
+  source.addEventListener("hub_error", () => { $("live").className = "live off"; });
+  source.onerror = () => { $("live").className = "live off"; };
+}
+
+function stopStream() {
+  if (state.source) { state.source.close(); state.source = null; }
+}
+
+function onEvent(event) {
+  const exam = event.exam;
+  switch (event.type) {
+    case "SNAPSHOT": state.exams.set(exam.exam_id, exam); break;
+    case "SNAPSHOT_END": state.snapshotDone = true; break;
+    case "QUEUED": case "RELEASED": state.exams.set(exam.exam_id, { ...exam, claimed_by: "" }); break;
+    case "CLAIMED":
+      state.exams.set(exam.exam_id, exam);
+      clearAlert(exam.exam_id);
+      break;
+    case "REPORTED": state.exams.delete(exam.exam_id); clearAlert(exam.exam_id); break;
+    case "CRITICAL":
+      state.exams.set(exam.exam_id, exam);
+      if (!exam.claimed_by) raiseAlert(exam);
+      break;
+    default: break;
+  }
+  if (state.snapshotDone || event.type === "SNAPSHOT_END") renderWorklist();
+}
+
+function raiseAlert(exam) {
+  state.alerts.add(exam.exam_id);
+  renderBanner();
+  ring();
+  if ("Notification" in window && Notification.permission === "granted") {
+    try { new Notification("Critical exam", { body: `${exam.modality || "exam"} from ${exam.site}: ${triageSummary(exam)}`, tag: exam.exam_id }); } catch (e) { /* not shown */ }
+  }
+}
+
+function clearAlert(examId) {
+  if (state.alerts.delete(examId)) renderBanner();
+}
+
+function renderBanner() {
+  const banner = $("banner");
+  banner.replaceChildren();
+  const ids = [...state.alerts].filter((id) => state.exams.has(id));
+  banner.hidden = ids.length === 0;
+  for (const id of ids) {
+    const exam = state.exams.get(id);
+    const link = el("button", { class: "alert", dataset: { exam: id, testid: "critical-alert" } },
+      `CRITICAL · ${exam.modality || ""} · ${exam.site} · ${triageSummary(exam)}`);
+    link.addEventListener("click", () => openExam(id));
+    banner.append(link);
+  }
+}
+
+let audio = null;
+function ring() {
+  try {
+    audio = audio || new AudioContext();
+    for (const [at, freq] of [[0, 880], [0.25, 660], [0.5, 880]]) {
+      const osc = audio.createOscillator(); const gain = audio.createGain();
+      osc.frequency.value = freq; gain.gain.value = 0.15;
+      osc.connect(gain).connect(audio.destination);
+      osc.start(audio.currentTime + at); osc.stop(audio.currentTime + at + 0.2);
+    }
+    document.body.dataset.rang = String(Number(document.body.dataset.rang || 0) + 1);
+  } catch (e) { /* no audio device */ }
+}
+
+// The worklist's and the alert's line: the most severe findings' titles (the exam page has them all).
+function triageSummary(exam) {
+  const findings = [...((exam.triage || {}).findings || [])]
+    .sort((a, b) => (LEVELS[a.level] || ["", 3])[1] - (LEVELS[b.level] || ["", 3])[1]);
+  if (!findings.length) return ((exam.triage || {}).summary || "").split(". ").slice(-1)[0];
+  const shown = findings.slice(0, 2).map((f) => f.title);
+  return shown.join(" · ") + (findings.length > 2 ? ` (+${findings.length - 2})` : "");
+}
+
+function rank(exam) { return (LEVELS[(exam.triage || {}).level] || ["", 3])[1]; }
+
+function sorted() {
+  return [...state.exams.values()].sort((a, b) =>
+    rank(a) - rank(b) || (a.deadline || "~").localeCompare(b.deadline || "~")
+    || (a.received_at || "").localeCompare(b.received_at || "") || a.exam_id.localeCompare(b.exam_id));
+}
+
+function filtered() {
+  const level = $("f-level").value, site = $("f-site").value, modality = $("f-modality").value;
+  return sorted().filter((e) => (!level || (e.triage || {}).level === level)
+    && (!site || e.site === site) && (!modality || e.modality === modality));
+}
+
+function fillFilter(select, values) {
+  const current = select.value;
+  const want = ["", ...[...values].sort()];
+  const have = [...select.options].map((o) => o.value);
+  if (want.join("|") === have.join("|")) return;
+  select.replaceChildren(...want.map((v) => el("option", { value: v }, v || "all")));
+  select.value = want.includes(current) ? current : "";
+}
+
+function patientText(exam) {
+  const p = exam.patient || {};
+  return [p.sex, p.age].filter(Boolean).join(" ");
+}
+
+function timeLeft(deadline) {
+  if (!deadline) return ["", ""];
+  const ms = new Date(deadline).getTime() - Date.now();
+  const s = Math.round(Math.abs(ms) / 1000);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  const text = (h ? `${h}h ${String(m).padStart(2, "0")}m` : `${m}:${String(sec).padStart(2, "0")}`);
+  return ms < 0 ? [`overdue ${text}`, "overdue"] : [text, ms < 5 * 60_000 ? "soon" : ""];
+}
+
+function renderWorklist() {
+  const all = [...state.exams.values()];
+  fillFilter($("f-site"), new Set(all.map((e) => e.site).filter(Boolean)));
+  fillFilter($("f-modality"), new Set(all.map((e) => e.modality).filter(Boolean)));
+  const rows = filtered();
+  state.selected = Math.min(state.selected, Math.max(rows.length - 1, 0));
+  const body = $("rows");
+  body.replaceChildren(...rows.map((exam, i) => {
+    const level = (LEVELS[(exam.triage || {}).level] || ["—"])[0];
+    const [left, cls] = timeLeft(exam.deadline);
+    const tr = el("tr", {
+      class: [level, state.alerts.has(exam.exam_id) ? "alerting" : "", i === state.selected ? "selected" : "",
+        exam.claimed_by ? "claimed" : ""].join(" "),
+      dataset: { exam: exam.exam_id, testid: "worklist-row", level },
+    },
+    el("td", {}, el("span", { class: `badge ${level}` }, level)),
+    el("td", { class: `left ${cls}`, dataset: { deadline: exam.deadline || "" } }, left),
+    el("td", {}, exam.site || ""),
+    el("td", {}, exam.modality || ""),
+    el("td", { class: "indication" }, exam.indication || ""),
+    el("td", {}, patientText(exam)),
+    el("td", {}, exam.received_at ? new Date(exam.received_at).toLocaleTimeString() : ""),
+    el("td", { class: "summary" }, triageSummary(exam)),
+    el("td", {}, exam.claimed_by || ""));
+    tr.addEventListener("dblclick", () => openExam(exam.exam_id));
+    tr.addEventListener("click", () => { state.selected = i; renderWorklist(); });
+    return tr;
+  }));
+  $("empty").hidden = rows.length > 0;
+  $("count").textContent = `${rows.length} of ${state.exams.size} exams`;
+  renderBanner();
+}
+
+// The countdown: only the time-left cells change each second.
+setInterval(() => {
+  for (const cell of document.querySelectorAll("td.left")) {
+    const [text, cls] = timeLeft(cell.dataset.deadline);
+    cell.textContent = text; cell.className = `left ${cls}`;
+  }
+}, 1000);
+
+for (const id of ["f-level", "f-site", "f-modality"]) $(id).addEventListener("change", () => { state.selected = 0; renderWorklist(); });
+
+async function claimNext() {
+  try {
+    const { claim } = await api("/api/claim-next", { method: "POST", body: {} });
+    if (!claim) { toast("The queue is empty."); return; }
+    await openExam(claim.exam.exam_id, claim);
+  } catch (err) { toast(err.message); }
+}
+$("claim-next").addEventListener("click", claimNext);
+
+// ---- the exam page ---------------------------------------------------------------------------
+function route() {
+  const match = location.pathname.match(/^\/exam\/([^/]+)$/);
+  if (match) openExam(decodeURIComponent(match[1]), null, { push: false });
+  else { show("view-worklist"); renderWorklist(); }
+}
+window.addEventListener("popstate", () => { releaseOpen().then(route); });
+
+async function openExam(examId, claim = null, { push = true } = {}) {
+  await releaseOpen();
+  let details;
+  try {
+    details = await api(`/api/exams/${encodeURIComponent(examId)}`);
+  } catch (err) { toast(err.message); return; }
+  const reported = details.exam.state === "reported";
+  if (!claim && !reported) {
+    try { claim = (await api(`/api/exams/${encodeURIComponent(examId)}/claim`, { method: "POST", body: {} })).claim; }
+    catch (err) { toast(err.message); return; }
+  }
+  state.open = { examId, fence: claim ? Number(claim.fence) : 0, amend: false, dirty: false, signed: reported,
+    renewTimer: null, saveTimer: null, kind: details.exam.kind, modality: details.exam.modality };
+  if (claim) clearAlert(examId);  // claimed: no longer waiting for a reader
+  if (push) history.pushState(null, "", `/exam/${encodeURIComponent(examId)}`);
+  renderExam(details, claim);
+  show("view-exam");
+  if (claim) startRenewal();
+  $("text").focus();
+}
+
+function startRenewal() {
+  const open = state.open;
+  open.renewTimer = setInterval(async () => {
+    try {
+      const { claim } = await api(`/api/exams/${encodeURIComponent(open.examId)}/renew`, { method: "POST", body: { fence: open.fence } });
+      $("lease").textContent = `claimed until ${new Date(claim.lease_expires_at).toLocaleTimeString()}`;
+    } catch (err) { $("report-error").textContent = `the claim was lost: ${err.message}`; clearInterval(open.renewTimer); }
+  }, state.leaseRenewSeconds * 1000);
+}
+
+async function releaseOpen({ keepalive = false } = {}) {
+  const open = state.open;
+  if (!open) return;
+  state.open = null;
+  clearInterval(open.renewTimer);
+  clearTimeout(open.saveTimer);
+  if (open.dirty && !open.signed && !open.amend && open.fence) await saveDraft(open, { keepalive }).catch(() => {});
+  if (!open.signed && open.fence) {
+    await api(`/api/exams/${encodeURIComponent(open.examId)}/release`, { method: "POST", body: { fence: open.fence }, keepalive }).catch(() => {});
+  }
+}
+window.addEventListener("pagehide", () => { releaseOpen({ keepalive: true }); });
+
+function dl(target, pairs) {
+  target.replaceChildren(...pairs.filter(([, v]) => v).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+}
+
+function renderExam(details, claim) {
+  const exam = details.exam;
+  const level = (LEVELS[(exam.triage || {}).level] || ["—"])[0];
+  $("exam-level").textContent = level; $("exam-level").className = `badge ${level}`;
+  $("exam-title").textContent = `${exam.modality || ""} · ${exam.site} · ${exam.indication || ""}`;
+  $("lease").textContent = claim && claim.lease_expires_at ? `claimed until ${new Date(claim.lease_expires_at).toLocaleTimeString()}` : exam.state;
+  const p = exam.patient || {};
+  dl($("patient"), [["Name", p.name], ["Sex", p.sex], ["Age", p.age], ["Birth date", p.birth_date], ["Patient ID", p.id], ["Class", p.patient_class]]);
+  dl($("request"), [["Requested by", p.referring_physician], ["Priority", (exam.priority || "").replace("PRIORITY_", "").toLowerCase()],
+    ["Indication", exam.indication], ["Arrived", exam.received_at && new Date(exam.received_at).toLocaleString()],
+    ["Deadline", exam.deadline && new Date(exam.deadline).toLocaleString()]]);
+  const triage = exam.triage || {};
+  $("triage-summary").textContent = triage.summary || "";
+  const objects = details.objects || [];
+  $("viewer").replaceChildren(el("p", { class: "note" }, objects.length
+    ? `${objects.length} object(s): ${[...new Set(objects.map((o) => o.role))].join(", ")}`
+    : "no objects"));
+  $("findings").replaceChildren(...(triage.findings || []).flatMap((f) => [
+    el("tr", { class: "finding" }, el("th", { colspan: "3" }, `${f.title} (${(LEVELS[f.level] || ["—"])[0]})`)),
+    ...(f.evidence || []).map((e) => el("tr", {}, el("td", {}, e.name + (e.lead ? ` [${e.lead}]` : "")),
+      el("td", {}, `${Number(e.value ?? 0).toFixed(3).replace(/\.?0+$/, "")} ${e.unit || ""}`),
+      el("td", { class: "note" }, e.threshold !== undefined ? `threshold ${e.threshold}` : ""))),
+  ]));
+  $("objects").replaceChildren(...(details.objects || []).map((o) => el("li", {}, `${o.role} · ${o.modality || ""} · ${Math.round(Number(o.size || 0) / 1024)} KiB`)));
+  $("priors").replaceChildren(...(details.priors || []).map((e) => {
+    const li = el("li", {}, el("a", { href: `/exam/${encodeURIComponent(e.exam_id)}`, dataset: { testid: "prior" } },
+      `${e.received_at ? new Date(e.received_at).toLocaleDateString() : ""} · ${e.modality || ""} · ${e.state}`));
+    return li;
+  }));
+  if (!(details.priors || []).length) $("priors").append(el("li", { class: "note" }, "none at this site"));
+  $("reports").replaceChildren(...(details.reports || []).map((r) => el("li", { dataset: { testid: "report-version" } },
+    `v${r.version} ${r.status}${r.signed_by ? ` · ${r.signed_by}` : ""}${r.amends_reason ? ` · amended: ${r.amends_reason}` : ""}`)));
+  const draft = (details.reports || []).filter((r) => r.status === "draft").pop();
+  const last = (details.reports || []).filter((r) => r.status !== "draft").pop();
+  $("text").value = (draft || last || {}).text || "";
+  $("impression").value = (draft || last || {}).impression || "";
+  $("critical").checked = Boolean((draft || last || {}).critical);
+  $("draft-state").textContent = draft ? "draft saved" : "";
+  $("report-error").textContent = "";
+  const reported = exam.state === "reported";
+  for (const id of ["save", "sign", "sign-next"]) $(id).hidden = reported;
+  $("amend").hidden = !reported;
+  $("amend-reason-row").hidden = true;
+  for (const id of ["text", "impression", "critical"]) $(id).disabled = reported;
+  const kind = exam.kind === "EXAM_KIND_ECG" ? "ecg" : "imaging";
+  const usable = state.templates.filter((t) => t.kind === kind && (!t.modality || t.modality.includes(exam.modality)));
+  $("template").replaceChildren(el("option", { value: "" }, "—"),
+    ...usable.map((t, i) => el("option", { value: t.id }, `${i < 9 ? `${i + 1}. ` : ""}${t.title}${t.critical ? " (critical)" : ""}`)));
+  $("template").disabled = reported;
+}
+
+function applyTemplate(id) {
+  const t = state.templates.find((x) => x.id === id);
+  if (!t) return;
+  $("template").value = id;
+  $("text").value = t.text; $("impression").value = t.impression; $("critical").checked = Boolean(t.critical);
+  changed();
+  $("text").focus();
+}
+$("template").addEventListener("change", () => applyTemplate($("template").value));
+
+function changed() {
+  const open = state.open;
+  if (!open || open.signed) return;
+  open.dirty = true;
+  $("draft-state").textContent = "unsaved changes";
+  clearTimeout(open.saveTimer);
+  if (!open.amend) open.saveTimer = setTimeout(() => saveDraft(open).catch((err) => { $("report-error").textContent = err.message; }), 2000);
+}
+for (const id of ["text", "impression"]) $(id).addEventListener("input", changed);
+$("critical").addEventListener("change", changed);
+
+function pane() {
+  return { text: $("text").value, impression: $("impression").value, critical: $("critical").checked };
+}
+
+async function saveDraft(open = state.open, { keepalive = false } = {}) {
+  if (!open || open.signed) return;
+  clearTimeout(open.saveTimer);
+  const body = { fence: open.fence, ...pane() };
+  await api(`/api/exams/${encodeURIComponent(open.examId)}/report`, { method: "POST", body, keepalive });
+  open.dirty = false;
+  if (state.open === open) $("draft-state").textContent = `draft saved ${new Date().toLocaleTimeString()}`;
+}
+$("save").addEventListener("click", () => saveDraft().catch((err) => { $("report-error").textContent = err.message; }));
+
+async function sign({ next = false } = {}) {
+  const open = state.open;
+  if (!open || open.signed) return;
+  if (!$("text").value.trim()) { $("report-error").textContent = "the report is empty"; return; }
+  clearTimeout(open.saveTimer);
+  try {
+    const { report } = open.amend
+      ? await api(`/api/exams/${encodeURIComponent(open.examId)}/amend`, { method: "POST", body: { fence: open.fence, reason: $("amend-reason").value, ...pane() } })
+      : await api(`/api/exams/${encodeURIComponent(open.examId)}/sign`, { method: "POST", body: { fence: open.fence, ...pane() } });
+    open.signed = true;
+    clearInterval(open.renewTimer);
+    state.recent.unshift({ examId: open.examId, version: report.version, critical: report.critical, title: $("exam-title").textContent });
+    renderRecent();
+    toast(`signed (version ${report.version})`);
+    state.open = null;
+    if (next) { await claimNext(); if (state.open) return; }
+    history.pushState(null, "", "/");
+    show("view-worklist"); renderWorklist();
+  } catch (err) { $("report-error").textContent = err.message; }
+}
+$("sign").addEventListener("click", () => sign());
+$("sign-next").addEventListener("click", () => sign({ next: true }));
+
+$("amend").addEventListener("click", async () => {
+  const open = state.open;
+  try {
+    const { claim } = await api(`/api/exams/${encodeURIComponent(open.examId)}/claim`, { method: "POST", body: { for_amendment: true } });
+    Object.assign(open, { fence: Number(claim.fence), amend: true, signed: false });
+    for (const id of ["text", "impression", "critical", "template"]) $(id).disabled = false;
+    $("amend").hidden = true; $("sign").hidden = false; $("amend-reason-row").hidden = false;
+    $("amend-reason").focus();
+    startRenewal();
+  } catch (err) { $("report-error").textContent = err.message; }
+});
+
+function renderRecent() {
+  $("recent").replaceChildren(...state.recent.slice(0, 20).map((r) => el("li", {},
+    el("a", { href: `/exam/${encodeURIComponent(r.examId)}`, dataset: { testid: "recent-exam" } }, `${r.title} · v${r.version}${r.critical ? " · critical" : ""}`))));
+}
+
+document.addEventListener("click", (event) => {
+  const link = event.target.closest("a[href^='/exam/']");
+  if (!link) return;
+  event.preventDefault();
+  openExam(decodeURIComponent(link.getAttribute("href").slice(6)), null);
+});
+
+$("back").addEventListener("click", async () => {
+  await releaseOpen();
+  history.pushState(null, "", "/");
+  show("view-worklist"); renderWorklist();
+});
+
+// ---- keys ------------------------------------------------------------------------------------
+document.addEventListener("keydown", (event) => {
+  if (!state.identity) return;
+  const typing = ["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement.tagName);
+  if (!$("view-worklist").hidden) {
+    if (typing) return;
+    const rows = filtered();
+    if (event.key === "n" || event.key === "N") { event.preventDefault(); claimNext(); }
+    else if (event.key === "ArrowDown" || event.key === "j") { event.preventDefault(); state.selected = Math.min(state.selected + 1, rows.length - 1); renderWorklist(); }
+    else if (event.key === "ArrowUp" || event.key === "k") { event.preventDefault(); state.selected = Math.max(state.selected - 1, 0); renderWorklist(); }
+    else if (event.key === "Enter" && rows[state.selected]) { event.preventDefault(); openExam(rows[state.selected].exam_id); }
+    return;
+  }
+  if (!$("view-exam").hidden) {
+    if (event.key === "Escape") { event.preventDefault(); $("back").click(); }
+    else if ((event.ctrlKey || event.metaKey) && event.key === "Enter") { event.preventDefault(); sign({ next: event.shiftKey }); }
+    else if ((event.ctrlKey || event.metaKey) && (event.key === "s" || event.key === "S")) { event.preventDefault(); saveDraft().catch((err) => { $("report-error").textContent = err.message; }); }
+    else if (event.altKey && (event.key === "c" || event.key === "C" || event.code === "KeyC")) { event.preventDefault(); $("critical").checked = !$("critical").checked; changed(); }
+    else if (event.altKey && /^Digit[1-9]$/.test(event.code)) {
+      event.preventDefault();
+      const option = $("template").options[Number(event.code.slice(5))];
+      if (option) applyTemplate(option.value);
+    }
+  }
+});
+
+start().catch(() => showLogin("The station cannot reach the hub right now."));

@@ -1,0 +1,259 @@
+"""The reading station in a real browser (Debian's headless Chromium through Playwright) against a
+real hub on loopback: sign-in and its refusals, the live worklist with a critical ECG's alert,
+claim -> report from a template -> sign from the keyboard, the clinic pulling the result with
+``teleread results pull``, tenancy, release on leaving an exam, and idle sign-out.
+
+Screenshots of each screen go to the test artefacts folder (``$TELEREAD_TEST_ARTIFACTS``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import make_settings, start_stack
+from helpers import copy_testdata, wait_for, wait_for_state, write_synthetic_wfdb
+from teleread.app.cli import main
+from teleread.gateway.uploader.client import scan_paths, upload_exams
+from teleread.reader.station.serve import StationServer
+from teleread.settings import StationSettings
+from teleread.signin import set_password
+from teleread.v1 import ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
+
+pytestmark = pytest.mark.timeout(180)
+PASSWORD = "correct horse battery"
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    stack = start_stack("embedded", make_settings(tmp_path_factory.mktemp("station-hub")))
+    for name in ("dr-heart", "dr-city", "tech-a", "dr-lung"):
+        set_password(stack.hub.engine, name=name, password=PASSWORD)
+    # A hub in service has its triage models loaded: one ECG through triage first.
+    folder = tmp_path_factory.mktemp("warm-up")
+    write_synthetic_wfdb(folder, rhythm="normal", name="ecg-warm-up", seed=9)
+    warm = _upload(stack, folder, who="site_b")
+    wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_b")), warm, "queued")
+    try:
+        yield stack
+    finally:
+        for ch in stack.channels:
+            ch.close()
+        stack.server.stop(grace=None)
+        stack.hub.close()
+
+
+@pytest.fixture(scope="module")
+def clock() -> FakeMonotonic:
+    return FakeMonotonic()
+
+
+@pytest.fixture(scope="module")
+def station(stack: Any, clock: FakeMonotonic) -> Iterator[StationServer]:
+    server = StationServer(StationSettings(port=0, hub=stack.address, lease_renew_seconds=1.0), clock=clock)
+    server.start()
+    assert server.station is not None
+    server.station.sweep_seconds = 0.2
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def page(browser: Any, station: StationServer) -> Iterator[Any]:
+    context = browser.new_context(base_url=station.url, viewport={"width": 1500, "height": 900})
+    context.grant_permissions(["notifications"], origin=station.url)
+    page = context.new_page()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def _sign_in(page: Any, user: str, password: str = PASSWORD) -> None:
+    page.goto("/")
+    page.get_by_test_id("login-form").wait_for()
+    page.fill("#login-user", user)
+    page.fill("#login-password", password)
+    page.get_by_test_id("login-submit").click()
+
+
+def _signed_in(page: Any, user: str) -> None:
+    _sign_in(page, user)
+    page.get_by_test_id("who").filter(has_text=user).wait_for(timeout=10_000)
+    page.locator("#live.on").wait_for(timeout=10_000)
+
+
+def _upload(stack: Any, folder: Path, who: str = "site_a", **kwargs: Any) -> str:
+    ingest = ingest_pb2_grpc.IngestStub(stack.channel(who))
+    [outcome] = upload_exams(ingest, scan_paths([folder]).exams, **kwargs)
+    assert outcome.exam_id, outcome.errors
+    return outcome.exam_id
+
+
+def _row(page: Any, exam_id: str) -> Any:
+    return page.locator(f"tr[data-exam='{exam_id}']")
+
+
+def test_sign_in_refuses_a_wrong_password_and_keeps_the_session_in_a_strict_http_only_cookie(
+    page: Any, artifacts: Path
+) -> None:
+    _sign_in(page, "dr-heart", "not the password")
+    page.get_by_test_id("login-error").filter(has_text="wrong user name or password").wait_for()
+    assert page.get_by_test_id("worklist").is_hidden()
+    page.screenshot(path=str(artifacts / "station-sign-in-refused.png"))
+    _signed_in(page, "dr-heart")
+    assert page.get_by_test_id("who").inner_text() == "dr-heart · cardiology · county-hosp"
+    [cookie] = [c for c in page.context.cookies() if c["name"] == "teleread_station"]
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""  # nothing readable by scripts
+    page.get_by_test_id("signout").click()
+    page.get_by_test_id("login-note").filter(has_text="Signed out").wait_for()
+    assert page.request.get("/api/worklist/events").status == 401
+
+
+def test_a_site_token_or_a_technician_cannot_open_the_station(page: Any, stack: Any, station: StationServer) -> None:
+    _sign_in(page, "site-clinic-a", PASSWORD)  # a machine identity has no password
+    page.get_by_test_id("login-error").filter(has_text="wrong user name or password").wait_for()
+    _sign_in(page, "tech-a")
+    page.get_by_test_id("login-error").filter(has_text="for cardiologists and radiologists").wait_for()
+    with httpx.Client(base_url=station.url) as client:  # the station takes no bearer token at all
+        bearer = {"Authorization": f"Bearer {stack.tokens['site_a']}", "Origin": station.url}
+        assert client.get("/api/exams/x", headers=bearer).status_code == 401
+        assert client.post("/api/claim-next", json={}, headers=bearer).status_code == 401
+
+
+def test_state_changing_requests_need_the_csrf_token_and_the_stations_origin(station: StationServer) -> None:
+    with httpx.Client(base_url=station.url) as client:
+        login_csrf = client.get("/api/session").json()["login_csrf"]
+        answer = client.post(
+            "/api/login",
+            json={"user": "dr-heart", "password": PASSWORD},
+            headers={"X-CSRF-Token": login_csrf, "Origin": "http://evil.example"},
+        )
+        assert (answer.status_code, answer.json()["error"]["reason"]) == (403, "CROSS_ORIGIN")
+        answer = client.post(
+            "/api/login", json={"user": "dr-heart", "password": PASSWORD}, headers={"Origin": station.url}
+        )
+        assert (answer.status_code, answer.json()["error"]["reason"]) == (403, "CSRF")
+        ok = client.post(
+            "/api/login",
+            json={"user": "dr-heart", "password": PASSWORD},
+            headers={"X-CSRF-Token": login_csrf, "Origin": station.url},
+        )
+        assert ok.status_code == 200
+        csrf = ok.json()["csrf"]
+        refused = client.post("/api/claim-next", json={}, headers={"Origin": station.url})
+        assert (refused.status_code, refused.json()["error"]["reason"]) == (403, "CSRF")
+        answer = client.post("/api/claim-next", json={}, headers={"Origin": station.url, "X-CSRF-Token": csrf})
+        assert answer.status_code == 200
+        headers = client.get("/").headers
+        assert "script-src 'self'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+        client.post("/api/logout", json={}, headers={"Origin": station.url, "X-CSRF-Token": csrf})
+
+
+def test_a_critical_ecg_alerts_then_is_claimed_reported_from_a_template_signed_and_pulled_by_the_clinic(
+    page: Any, stack: Any, tmp_path: Path, artifacts: Path, capsys: Any
+) -> None:
+    _signed_in(page, "dr-heart")
+    write_synthetic_wfdb(tmp_path / "pause", rhythm="pause", name="ecg-pause")
+    exam_id = _upload(stack, tmp_path / "pause", priority="stat", indication="syncope at the clinic")
+    committed = time.monotonic()
+    alert = page.locator(f"[data-testid=critical-alert][data-exam='{exam_id}']")
+    alert.wait_for(timeout=10_000)
+    seconds = time.monotonic() - committed
+    assert seconds <= 2.0, f"the critical alert took {seconds:.2f} s after the commit"
+    assert "CRITICAL" in alert.inner_text() and "clinic-a" in alert.inner_text()
+    row = _row(page, exam_id)
+    assert row.get_attribute("data-level") == "critical" and "alerting" in (row.get_attribute("class") or "")
+    assert "syncope at the clinic" in row.inner_text()
+    assert int(page.evaluate("document.body.dataset.rang || '0'")) >= 1  # the alert rang
+    page.screenshot(path=str(artifacts / "station-worklist-critical.png"))
+
+    page.keyboard.press("n")  # claim next: the critical exam is the most urgent
+    page.get_by_test_id("report-text").wait_for()
+    assert page.url.endswith(f"/exam/{exam_id}")
+    assert page.get_by_test_id("exam-level").inner_text().lower() == "critical"
+    assert "pause" in page.get_by_test_id("findings").inner_text().lower()
+    page.get_by_test_id("critical-banner").wait_for(state="hidden", timeout=5_000)  # claimed: no longer alerting
+    page.get_by_test_id("template").select_option("ecg-pause")
+    assert page.get_by_test_id("report-critical").is_checked()
+    page.get_by_test_id("report-text").fill("Sinus pause, longest RR interval 3.4 s.")
+    page.get_by_test_id("draft-state").filter(has_text="draft saved").wait_for(timeout=10_000)  # autosaved
+    page.screenshot(path=str(artifacts / "station-exam.png"))
+    page.keyboard.press("Control+Enter")
+    page.get_by_test_id("recent-exam").filter(has_text="critical").wait_for(timeout=10_000)
+    assert _row(page, exam_id).count() == 0  # reported: off the worklist
+
+    out = tmp_path / "results"
+    assert main(["results", "pull", "--hub", stack.address, "--token", stack.tokens["site_a"], "--out", str(out)]) == 0
+    capsys.readouterr()
+    [result] = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    text = json.dumps(result, ensure_ascii=False)
+    assert "Sinus pause, longest RR interval 3.4 s." in text and "窦性停搏" in text and exam_id in text
+    assert result["report"]["critical"] is True and result["report"]["signedBy"] == "dr-heart"
+
+
+def test_only_the_readers_own_hospital_and_specialty_appear(page: Any, stack: Any, tmp_path: Path) -> None:
+    _signed_in(page, "dr-heart")
+    write_synthetic_wfdb(tmp_path / "city", rhythm="af_rvr", name="ecg-city", seed=3)
+    other_hospital = _upload(stack, tmp_path / "city", who="site_x")
+    copy_testdata(tmp_path / "ct", "CT_small.dcm")
+    chest = _upload(stack, tmp_path / "ct")  # radiology's
+    for who, exam_id in (("site_x", other_hospital), ("site_a", chest)):
+        wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel(who)), exam_id, "queued")
+    write_synthetic_wfdb(tmp_path / "own", rhythm="normal", name="ecg-own", seed=4)
+    own = _upload(stack, tmp_path / "own")
+    _row(page, own).wait_for(timeout=15_000)  # queued after the others: they would have come first
+    shown = page.locator("[data-testid=worklist-row]").evaluate_all("rows => rows.map(r => r.dataset.exam)")
+    assert own in shown and other_hospital not in shown and chest not in shown
+    # the radiologist sees the CT and not the ECG
+    page.get_by_test_id("signout").click()
+    _signed_in(page, "dr-lung")
+    _row(page, chest).wait_for(timeout=10_000)
+    assert _row(page, own).count() == 0
+
+
+def test_leaving_an_exam_releases_its_claim_and_an_open_exam_keeps_its_lease(
+    page: Any, stack: Any, tmp_path: Path
+) -> None:
+    write_synthetic_wfdb(tmp_path / "e", rhythm="normal", name="ecg-lease", seed=5)
+    exam_id = _upload(stack, tmp_path / "e")
+    wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_a")), exam_id, "queued")
+    _signed_in(page, "dr-heart")
+    _row(page, exam_id).dblclick()
+    page.get_by_test_id("report-text").wait_for()
+    worklist = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))
+
+    def held() -> Any:
+        exams = worklist.ListWorklist(worklist_pb2.ListWorklistRequest(include_claimed=True), timeout=10).exams
+        return next(e for e in exams if e.exam_id == exam_id)
+
+    first = held()
+    assert (first.state, first.claimed_by) == ("in_reading", "dr-heart")
+    wait_for(lambda: held().lease_expires_at.ToDatetime() > first.lease_expires_at.ToDatetime(), timeout=10)  # renewed
+    page.keyboard.press("Escape")
+    page.get_by_test_id("worklist").wait_for()
+    wait_for(lambda: held().state == "queued" and not held().claimed_by, timeout=10)
+
+
+def test_a_reader_idle_for_the_set_time_is_signed_out(page: Any, clock: FakeMonotonic, station: StationServer) -> None:
+    _signed_in(page, "dr-heart")
+    clock.offset += 15 * 60 + 1  # fifteen minutes without a key or a click
+    page.get_by_test_id("login-note").filter(has_text="without activity").wait_for(timeout=10_000)
+    assert page.get_by_test_id("login-form").is_visible()
+    assert page.request.get("/api/templates").status == 401
