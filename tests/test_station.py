@@ -251,6 +251,20 @@ def test_leaving_an_exam_releases_its_claim_and_an_open_exam_keeps_its_lease(
     wait_for(lambda: held().state == "queued" and not held().claimed_by, timeout=10)
 
 
+def test_a_critical_exam_waiting_before_sign_in_is_marked_until_claimed(page: Any, stack: Any, tmp_path: Path) -> None:
+    write_synthetic_wfdb(tmp_path / "stemi", rhythm="stemi", name="ecg-stemi", seed=6)
+    exam_id = _upload(stack, tmp_path / "stemi", who="site_b")
+    wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_b")), exam_id, "queued")
+    _signed_in(page, "dr-heart")
+    page.locator(f"[data-testid=critical-alert][data-exam='{exam_id}']").wait_for(timeout=10_000)
+    assert "alerting" in (_row(page, exam_id).get_attribute("class") or "")
+    worklist = worklist_pb2_grpc.WorklistStub(stack.channel("cardio2"))  # another reader claims it
+    claim = worklist.ClaimExam(worklist_pb2.ClaimExamRequest(exam_id=exam_id), timeout=10)
+    page.locator(f"[data-testid=critical-alert][data-exam='{exam_id}']").wait_for(state="detached", timeout=10_000)
+    _row(page, exam_id).filter(has_text="dr-rhythm").wait_for(timeout=10_000)  # shown as claimed by them
+    worklist.ReleaseClaim(worklist_pb2.ReleaseClaimRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
+
+
 def test_a_reader_idle_for_the_set_time_is_signed_out(page: Any, clock: FakeMonotonic, station: StationServer) -> None:
     _signed_in(page, "dr-heart")
     clock.offset += 15 * 60 + 1  # fifteen minutes without a key or a click

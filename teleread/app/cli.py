@@ -115,7 +115,9 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from teleread.app.demo import run_demo
 
-    return run_demo(data_dir=Path(args.data_dir) if args.data_dir else None)
+    return run_demo(
+        data_dir=Path(args.data_dir) if args.data_dir else None, station=args.station, station_port=args.port
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the whole path on the embedded defaults and narrate it")
     p.add_argument("--data-dir")
+    p.add_argument(
+        "--station", action="store_true", help="then keep the hub and a reading station running with exams to read"
+    )
+    p.add_argument("--port", type=int, default=8080, help="the station's port with --station (default 8080)")
     p.set_defaults(func=cmd_demo)
 
     _register_optional(sub)

@@ -110,7 +110,9 @@ def _show_findings(console: Console, exam: Any) -> None:
         console.print(f"   • {escape('[' + LEVEL[f.level] + ']')} {escape(f.title)}: {escape(ev)}")
 
 
-def run_demo(data_dir: Path | None = None) -> int:
+def run_demo(data_dir: Path | None = None, *, station: bool = False, station_port: int = 8080) -> int:
+    """The narrated run; with ``station``, the hub, the clinic's gateway and a reading station then
+    keep running with exams to read (more ECGs arrive from the clinic), until interrupted."""
     console = Console()
     root = data_dir or Path(tempfile.mkdtemp(prefix="teleread-demo-"))
     settings = Settings(data_dir=root / "hub")
@@ -124,13 +126,13 @@ def run_demo(data_dir: Path | None = None) -> int:
     address = f"127.0.0.1:{port}"
     console.print(f"1. hub listening on {address}; data in {root} (JSON logs in {root / 'hub.log'})")
     try:
-        return _run(console, hub, address, root)
+        return _run(console, hub, address, root, station_port=station_port if station else None)
     finally:
         server.stop(grace=1)
         hub.close()
 
 
-def _run(console: Console, hub: Any, address: str, root: Path) -> int:
+def _run(console: Console, hub: Any, address: str, root: Path, *, station_port: int | None = None) -> int:
     add_site(hub.engine, code="demo-clinic", name="Demo township clinic", lead_hospital="county-hosp")
     site = add_principal(hub.engine, name="site-demo-clinic", role=Role.SITE, site_code="demo-clinic")
     cardio = add_principal(hub.engine, name="dr-cardio", role=Role.CARDIOLOGIST, hospital="county-hosp")
@@ -145,7 +147,10 @@ def _run(console: Console, hub: Any, address: str, root: Path) -> int:
     watcher.start()
     gateway = _start_gateway(root, address, site)
     try:
-        return _with_gateway(console, gateway, root, site_ch, worklist, radio_ch, alerts, stop)
+        rc = _with_gateway(console, gateway, root, site_ch, worklist, radio_ch, alerts, stop)
+        if rc == 0 and station_port is not None:
+            _keep_serving(console, hub, address, gateway, root, port=station_port)
+        return rc
     finally:
         stop.set()
         gateway.stop()
@@ -244,3 +249,41 @@ def _with_gateway(
 
 def _hub_exam_ids(gateway: Any) -> list[str]:
     return [e.hub_exam_id for e in gateway.outbox.exams(state="committed")]
+
+
+DEMO_PASSWORD_BYTES = 9
+
+
+def _keep_serving(console: Console, hub: Any, address: str, gateway: Any, root: Path, *, port: int) -> None:
+    """The reading station beside the demo's hub: the demo readers get passwords, the clinic sends a
+    few more ECGs (one of them critical), and everything runs until Ctrl+C."""
+    import secrets
+
+    from teleread.models.inference.synthetic import synthetic_ecg, write_wfdb_record
+    from teleread.reader.station.serve import StationServer
+    from teleread.settings import StationSettings
+    from teleread.signin import set_password
+
+    password = secrets.token_urlsafe(DEMO_PASSWORD_BYTES)
+    for name in ("dr-cardio", "dr-radio"):
+        set_password(hub.engine, name=name, password=password)
+    server = StationServer(StationSettings(port=port, hub=address)).start()
+    folder = root / "inputs" / "more"
+    for n, rhythm in enumerate(("normal", "af_rvr", "brady", "stemi", "normal"), start=2):
+        signal, leads = synthetic_ecg(rhythm=rhythm, fs=500, seconds=10.0, seed=100 + n)
+        hea, dat = write_wfdb_record(folder, f"ecg-{n:04d}", signal, 500, leads)
+        for part in (dat, hea):
+            shutil.copy(part, gateway.watch.folder / part.name)
+    console.rule("[bold]reading station")
+    console.print(f"8. reading station on [bold]{server.url}[/] (hub {address})")
+    console.print(
+        f"   sign in as [bold]dr-cardio[/] (ECGs) or [bold]dr-radio[/] (images), password [bold]{password}[/]"
+    )
+    console.print("   the clinic is sending five more ECGs; press Ctrl+C to stop")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        server.stop()

@@ -161,9 +161,19 @@ function stopStream() {
 function onEvent(event) {
   const exam = event.exam;
   switch (event.type) {
-    case "SNAPSHOT": state.exams.set(exam.exam_id, exam); break;
-    case "SNAPSHOT_END": state.snapshotDone = true; break;
-    case "QUEUED": case "RELEASED": state.exams.set(exam.exam_id, { ...exam, claimed_by: "" }); break;
+    case "SNAPSHOT":  // a critical exam already waiting is marked too (it rings once the snapshot is in)
+      state.exams.set(exam.exam_id, exam);
+      if ((exam.triage || {}).level === "LEVEL_CRITICAL" && !exam.claimed_by) state.alerts.add(exam.exam_id);
+      break;
+    case "SNAPSHOT_END":
+      state.snapshotDone = true;
+      if (state.alerts.size) ring();
+      break;
+    case "QUEUED": state.exams.set(exam.exam_id, { ...exam, claimed_by: "" }); break;
+    case "RELEASED":  // back in the queue: a critical one is waiting for a reader again
+      state.exams.set(exam.exam_id, { ...exam, claimed_by: "" });
+      if ((exam.triage || {}).level === "LEVEL_CRITICAL") state.alerts.add(exam.exam_id);
+      break;
     case "CLAIMED":
       state.exams.set(exam.exam_id, exam);
       clearAlert(exam.exam_id);
