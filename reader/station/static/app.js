@@ -185,7 +185,15 @@ function onEvent(event) {
       break;
     default: break;
   }
-  if (state.snapshotDone || event.type === "SNAPSHOT_END") renderWorklist();
+  if (state.snapshotDone) scheduleRender();
+}
+
+// Many events in one frame (a flood of arrivals) draw the worklist once.
+let renderPending = false;
+function scheduleRender() {
+  if (renderPending) return;
+  renderPending = true;
+  requestAnimationFrame(() => { renderPending = false; if (!$("view-worklist").hidden) renderWorklist(); else renderBanner(); });
 }
 
 function raiseAlert(exam) {
@@ -300,12 +308,19 @@ function renderWorklist() {
     el("td", { class: "summary" }, triageSummary(exam)),
     el("td", {}, exam.claimed_by || ""));
     tr.addEventListener("dblclick", () => openExam(exam.exam_id));
-    tr.addEventListener("click", () => { state.selected = i; renderWorklist(); });
+    tr.addEventListener("click", () => select(i));
     return tr;
   }));
   $("empty").hidden = rows.length > 0;
   $("count").textContent = `${rows.length} of ${state.exams.size} exams`;
   renderBanner();
+}
+
+function select(i) {
+  const rows = $("rows").children;
+  if (rows[state.selected]) rows[state.selected].classList.remove("selected");
+  state.selected = i;
+  if (rows[i]) { rows[i].classList.add("selected"); rows[i].scrollIntoView({ block: "nearest" }); }
 }
 
 // The countdown: only the time-left cells change each second.
@@ -530,8 +545,8 @@ document.addEventListener("keydown", (event) => {
     if (typing) return;
     const rows = filtered();
     if (event.key === "n" || event.key === "N") { event.preventDefault(); claimNext(); }
-    else if (event.key === "ArrowDown" || event.key === "j") { event.preventDefault(); state.selected = Math.min(state.selected + 1, rows.length - 1); renderWorklist(); }
-    else if (event.key === "ArrowUp" || event.key === "k") { event.preventDefault(); state.selected = Math.max(state.selected - 1, 0); renderWorklist(); }
+    else if (event.key === "ArrowDown" || event.key === "j") { event.preventDefault(); select(Math.min(state.selected + 1, rows.length - 1)); }
+    else if (event.key === "ArrowUp" || event.key === "k") { event.preventDefault(); select(Math.max(state.selected - 1, 0)); }
     else if (event.key === "Enter" && rows[state.selected]) { event.preventDefault(); openExam(rows[state.selected].exam_id); }
     return;
   }
