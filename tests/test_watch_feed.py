@@ -224,3 +224,48 @@ def test_an_event_committed_after_a_later_one_is_delivered_once(pg_stack: HubSta
     got = next(watch)
     assert (got.type, got.event_id) == (WL.TYPE_QUEUED, early + 2)  # and neither of the two again
     watch.cancel()
+
+
+def test_a_worklist_snapshot_carries_the_whole_queue_not_a_first_page(embedded_stack: HubStack) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from teleread.db.schema import exams
+
+    now = utcnow()
+    with embedded_stack.hub.engine.begin() as conn:
+        site_id = conn.execute(select(sites.c.id).where(sites.c.code == "clinic-a")).scalar_one()
+        conn.execute(
+            insert(exams),
+            [
+                {
+                    "id": f"{n:032x}",
+                    "site_id": site_id,
+                    "client_exam_key": f"bulk-{n}",
+                    "kind": "ecg",
+                    "modality": "ECG",
+                    "state": "queued",
+                    "priority": "routine",
+                    "specialty": "cardiology",
+                    "hospital": "county-hosp",
+                    "level": "routine",
+                    "level_rank": 3,
+                    "deadline": now + timedelta(minutes=n),
+                    "received_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }  # fmt: skip
+                for n in range(1, 1201)
+            ],
+        )
+    call = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("cardio")).Watch(
+        worklist_pb2.WatchWorklistRequest(), timeout=60
+    )
+    snapshot = []
+    for item in call:
+        if item.type == WL.TYPE_SNAPSHOT_END:
+            break
+        snapshot.append(item.exam.exam_id)
+    call.cancel()
+    assert len(snapshot) == 1200 and snapshot[0] == f"{1:032x}" and snapshot[-1] == f"{1200:032x}"  # queue order

@@ -54,7 +54,8 @@ WORKLIST_TYPES = ("queued", "critical", "claimed", "released", "reported", "crit
 RESULT_TYPES = ("reported", "critical_result")
 READ_BATCH = 2000  # event rows per query; a longer backlog is read in several
 RESULTS_PAGE = 200  # results per catch-up query of a results watcher
-SNAPSHOT_LIMIT = 200  # exams in a worklist snapshot (as ListWorklist's default)
+# A worklist snapshot carries the reader's whole queue (a station draws all of it), up to this bound.
+SNAPSHOT_LIMIT = 20_000
 
 
 # ---- what a stream receives ------------------------------------------------------------------

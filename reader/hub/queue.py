@@ -132,6 +132,7 @@ class QueueService:
 
     # ---- worklist ----------------------------------------------------------------------------
     def worklist(self, p: Principal, *, limit: int = 200, include_claimed: bool = True) -> list[dict[str, Any]]:
+        """The reader's queue in queue order, at most ``limit`` exams."""
         hospital, specialty = require_reader(p)
         states = (ExamState.QUEUED, ExamState.IN_READING) if include_claimed else (ExamState.QUEUED,)
         query = (
@@ -139,7 +140,7 @@ class QueueService:
             .select_from(exams.outerjoin(principals, exams.c.claimed_by == principals.c.id))
             .where(self._mine(hospital, specialty), exams.c.state.in_(states))
             .order_by(*queue_order())
-            .limit(max(1, min(limit or 200, 1000)))
+            .limit(max(1, limit))
         )
         with reading(self._db) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]

@@ -31,6 +31,7 @@ EVENT_TYPES = {
     "reported": worklist_pb2.WorklistEvent.TYPE_REPORTED,
     "critical_result": worklist_pb2.WorklistEvent.TYPE_REPORTED,
 }
+LIST_DEFAULT, LIST_MAX = 200, 1000  # ListWorklist's page (the Watch snapshot carries the whole queue)
 MEMO = 4096  # event messages kept: every watcher of one worklist gets the same message
 
 
@@ -68,7 +69,8 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
     def ListWorklist(
         self, request: worklist_pb2.ListWorklistRequest, context: grpc.ServicerContext
     ) -> worklist_pb2.ListWorklistResponse:
-        rows = self._queue.worklist(current_principal(), limit=request.limit, include_claimed=True)
+        limit = max(1, min(request.limit or LIST_DEFAULT, LIST_MAX))
+        rows = self._queue.worklist(current_principal(), limit=limit, include_claimed=True)
         return worklist_pb2.ListWorklistResponse(exams=[self._exam(r) for r in rows])
 
     async def Watch(
