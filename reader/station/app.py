@@ -37,6 +37,7 @@ from teleread.logs import log_context
 from teleread.reader.station.hubclient import HubClient, HubError, as_dict
 from teleread.reader.station.sessions import COOKIE, LOGIN_COOKIE, BrowserSession, BrowserSessions
 from teleread.settings import StationSettings
+from teleread.v1 import worklist_pb2
 
 log = logging.getLogger("teleread.station")
 access = logging.getLogger("teleread.station.access")
@@ -285,11 +286,24 @@ async def events(request: Request, station: Station, session: BrowserSession) ->
 
 
 def _pump(station: Station, session: BrowserSession, inbox: asyncio.Queue[Any]) -> asyncio.Task[None]:
+    """The hub's Watch into the page's inbox: the snapshot as one ``SNAPSHOT`` message with every
+    exam (one message to parse for a queue of thousands), then each change as it comes."""
+
     async def run() -> None:
+        snapshot: list[dict[str, Any]] | None = []
         try:
             async for event in station.hub.watch(session.hub_token):
+                kind = worklist_pb2.WorklistEvent.Type.Name(event.type).removeprefix("TYPE_")
+                if snapshot is not None:
+                    if kind == "SNAPSHOT":
+                        snapshot.append(as_dict(event.exam))
+                        continue
+                    if kind == "SNAPSHOT_END":
+                        inbox.put_nowait({"type": "SNAPSHOT", "exams": snapshot, "event_id": event.event_id})
+                        snapshot = None
+                        continue
                 item = as_dict(event)
-                item["type"] = item.get("type", "TYPE_UNSPECIFIED").removeprefix("TYPE_")
+                item["type"] = kind
                 inbox.put_nowait(item)
         except HubError as err:
             inbox.put_nowait({"type": "hub_error", "reason": err.reason, "message": err.message})

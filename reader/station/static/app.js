@@ -121,8 +121,8 @@ async function signedIn(session) {
   const who = session.identity;
   $("who").textContent = `${who.user} · ${who.specialty} · ${who.hospital}`;
   if ("Notification" in window && Notification.permission === "default") Notification.requestPermission().catch(() => {});
+  startStream();  // the worklist's stream first: the templates load meanwhile
   state.templates = (await api("/api/templates")).templates;
-  startStream();
   route();
 }
 
@@ -147,7 +147,7 @@ function startStream() {
   stopStream();
   const source = new EventSource("/api/worklist/events");
   state.source = source;
-  source.addEventListener("reset", () => { state.exams.clear(); state.snapshotDone = false; $("live").className = "live on"; });
+  source.addEventListener("reset", () => { state.exams.clear(); state.order = null; state.snapshotDone = false; $("live").className = "live on"; });
   source.addEventListener("worklist", (msg) => onEvent(JSON.parse(msg.data)));
   source.addEventListener("signed_out", (msg) => { stopStream(); signedOut(JSON.parse(msg.data).why); });
   source.addEventListener("hub_error", () => { $("live").className = "live off"; });
@@ -160,12 +160,13 @@ function stopStream() {
 
 function onEvent(event) {
   const exam = event.exam;
+  state.order = null;  // the sorted list is made again on the next draw
   switch (event.type) {
-    case "SNAPSHOT":  // a critical exam already waiting is marked too (it rings once the snapshot is in)
-      state.exams.set(exam.exam_id, exam);
-      if ((exam.triage || {}).level === "LEVEL_CRITICAL" && !exam.claimed_by) state.alerts.add(exam.exam_id);
-      break;
-    case "SNAPSHOT_END":
+    case "SNAPSHOT":  // the whole queue at once; a critical exam already waiting is marked too, and rings
+      for (const e of event.exams || []) {
+        state.exams.set(e.exam_id, e);
+        if ((e.triage || {}).level === "LEVEL_CRITICAL" && !e.claimed_by) state.alerts.add(e.exam_id);
+      }
       state.snapshotDone = true;
       if (state.alerts.size) ring();
       break;
@@ -212,14 +213,20 @@ function clearAlert(examId) {
 function renderBanner() {
   const banner = $("banner");
   banner.replaceChildren();
-  const ids = [...state.alerts].filter((id) => state.exams.has(id));
+  const ids = [...state.alerts].filter((id) => state.exams.has(id)).reverse();  // the newest first
   banner.hidden = ids.length === 0;
-  for (const id of ids) {
+  for (const id of ids.slice(0, 3)) {
     const exam = state.exams.get(id);
     const link = el("button", { class: "alert", dataset: { exam: id, testid: "critical-alert" } },
       `CRITICAL · ${exam.modality || ""} · ${exam.site} · ${triageSummary(exam)}`);
     link.addEventListener("click", () => openExam(id));
     banner.append(link);
+  }
+  if (ids.length > 3) {
+    const more = el("button", { class: "alert more", dataset: { testid: "critical-more" } },
+      `${ids.length - 3} more critical exam(s) waiting: show them`);
+    more.addEventListener("click", () => { $("f-level").value = "LEVEL_CRITICAL"; renderWorklist(); });
+    banner.append(more);
   }
 }
 
@@ -249,9 +256,11 @@ function triageSummary(exam) {
 function rank(exam) { return (LEVELS[(exam.triage || {}).level] || ["", 3])[1]; }
 
 function sorted() {
-  return [...state.exams.values()].sort((a, b) =>
+  if (state.order) return state.order;
+  state.order = [...state.exams.values()].sort((a, b) =>
     rank(a) - rank(b) || (a.deadline || "~").localeCompare(b.deadline || "~")
     || (a.received_at || "").localeCompare(b.received_at || "") || a.exam_id.localeCompare(b.exam_id));
+  return state.order;
 }
 
 function filtered() {
@@ -283,44 +292,75 @@ function timeLeft(deadline) {
   return ms < 0 ? [`overdue ${text}`, "overdue"] : [text, ms < 5 * 60_000 ? "soon" : ""];
 }
 
+// The worklist is drawn as a window of rows around what is on screen (fixed-height rows, spacers
+// above and below), so a queue of thousands draws as fast as one of forty, and a burst of events
+// costs one small draw per frame.
+const ROW_PX = 30;
+const OVERSCAN = 15;
+let shown = [];  // the filtered, sorted exams of the last draw
+
 function renderWorklist() {
   const all = [...state.exams.values()];
   fillFilter($("f-site"), new Set(all.map((e) => e.site).filter(Boolean)));
   fillFilter($("f-modality"), new Set(all.map((e) => e.modality).filter(Boolean)));
-  const rows = filtered();
-  state.selected = Math.min(state.selected, Math.max(rows.length - 1, 0));
+  shown = filtered();
+  state.selected = Math.min(state.selected, Math.max(shown.length - 1, 0));
+  const scroller = $("scroller");
+  const first = Math.max(0, Math.floor(scroller.scrollTop / ROW_PX) - OVERSCAN);
+  const last = Math.min(shown.length, Math.ceil((scroller.scrollTop + (scroller.clientHeight || 900)) / ROW_PX) + OVERSCAN);
   const body = $("rows");
-  body.replaceChildren(...rows.map((exam, i) => {
-    const level = (LEVELS[(exam.triage || {}).level] || ["—"])[0];
-    const [left, cls] = timeLeft(exam.deadline);
-    const tr = el("tr", {
-      class: [level, state.alerts.has(exam.exam_id) ? "alerting" : "", i === state.selected ? "selected" : "",
-        exam.claimed_by ? "claimed" : ""].join(" "),
-      dataset: { exam: exam.exam_id, testid: "worklist-row", level },
-    },
-    el("td", {}, el("span", { class: `badge ${level}` }, level)),
-    el("td", { class: `left ${cls}`, dataset: { deadline: exam.deadline || "" } }, left),
-    el("td", {}, exam.site || ""),
-    el("td", {}, exam.modality || ""),
-    el("td", { class: "indication" }, exam.indication || ""),
-    el("td", {}, patientText(exam)),
-    el("td", {}, exam.received_at ? new Date(exam.received_at).toLocaleTimeString() : ""),
-    el("td", { class: "summary" }, triageSummary(exam)),
-    el("td", {}, exam.claimed_by || ""));
-    tr.addEventListener("dblclick", () => openExam(exam.exam_id));
-    tr.addEventListener("click", () => select(i));
-    return tr;
-  }));
-  $("empty").hidden = rows.length > 0;
-  $("count").textContent = `${rows.length} of ${state.exams.size} exams`;
+  const pad = (rows) => {  // (CSSOM, not a style attribute: the page's CSP allows no inline style)
+    const cell = el("td", { colspan: "9" });
+    cell.style.height = `${rows * ROW_PX}px`;
+    return el("tr", { class: "pad", "aria-hidden": "true" }, cell);
+  };
+  body.replaceChildren(pad(first), ...shown.slice(first, last).map((exam, n) => row(exam, first + n)), pad(shown.length - last));
+  $("empty").hidden = shown.length > 0;
+  $("count").textContent = `${shown.length} of ${state.exams.size} exams`;
   renderBanner();
 }
 
+function row(exam, i) {
+  const level = (LEVELS[(exam.triage || {}).level] || ["—"])[0];
+  const [left, cls] = timeLeft(exam.deadline);
+  const summary = triageSummary(exam);
+  return el("tr", {
+    class: [level, state.alerts.has(exam.exam_id) ? "alerting" : "", i === state.selected ? "selected" : "",
+      exam.claimed_by ? "claimed" : ""].join(" "),
+    dataset: { exam: exam.exam_id, testid: "worklist-row", level, index: String(i) },
+  },
+  el("td", {}, el("span", { class: `badge ${level}` }, level)),
+  el("td", { class: `left ${cls}`, dataset: { deadline: exam.deadline || "" } }, left),
+  el("td", {}, exam.site || ""),
+  el("td", {}, exam.modality || ""),
+  el("td", { class: "indication", title: exam.indication || "" }, exam.indication || ""),
+  el("td", {}, patientText(exam)),
+  el("td", {}, exam.received_at ? new Date(exam.received_at).toLocaleTimeString() : ""),
+  el("td", { class: "summary", title: summary }, summary),
+  el("td", {}, exam.claimed_by || ""));
+}
+
+$("scroller").addEventListener("scroll", () => scheduleRender(), { passive: true });
+$("rows").addEventListener("click", (event) => {
+  const tr = event.target.closest("tr[data-exam]");
+  if (tr) select(Number(tr.dataset.index));
+});
+$("rows").addEventListener("dblclick", (event) => {
+  const tr = event.target.closest("tr[data-exam]");
+  if (tr) openExam(tr.dataset.exam);
+});
+
 function select(i) {
-  const rows = $("rows").children;
-  if (rows[state.selected]) rows[state.selected].classList.remove("selected");
+  const body = $("rows");
+  const old = body.querySelector("tr.selected");
+  if (old) old.classList.remove("selected");
   state.selected = i;
-  if (rows[i]) { rows[i].classList.add("selected"); rows[i].scrollIntoView({ block: "nearest" }); }
+  const scroller = $("scroller");
+  const top = i * ROW_PX;
+  if (top < scroller.scrollTop) scroller.scrollTop = top;
+  else if (top + ROW_PX > scroller.scrollTop + scroller.clientHeight) scroller.scrollTop = top + ROW_PX - scroller.clientHeight;
+  const now = body.querySelector(`tr[data-index="${i}"]`);
+  if (now) now.classList.add("selected"); else scheduleRender();
 }
 
 // The countdown: only the time-left cells change each second.
@@ -331,7 +371,7 @@ setInterval(() => {
   }
 }, 1000);
 
-for (const id of ["f-level", "f-site", "f-modality"]) $(id).addEventListener("change", () => { state.selected = 0; renderWorklist(); });
+for (const id of ["f-level", "f-site", "f-modality"]) $(id).addEventListener("change", () => { state.selected = 0; $("scroller").scrollTop = 0; renderWorklist(); });
 
 async function claimNext() {
   try {
@@ -543,7 +583,7 @@ document.addEventListener("keydown", (event) => {
   const typing = ["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement.tagName);
   if (!$("view-worklist").hidden) {
     if (typing) return;
-    const rows = filtered();
+    const rows = shown;
     if (event.key === "n" || event.key === "N") { event.preventDefault(); claimNext(); }
     else if (event.key === "ArrowDown" || event.key === "j") { event.preventDefault(); select(Math.min(state.selected + 1, rows.length - 1)); }
     else if (event.key === "ArrowUp" || event.key === "k") { event.preventDefault(); select(Math.max(state.selected - 1, 0)); }
