@@ -251,6 +251,30 @@ def test_leaving_an_exam_releases_its_claim_and_an_open_exam_keeps_its_lease(
     wait_for(lambda: held().state == "queued" and not held().claimed_by, timeout=10)
 
 
+def test_a_signed_report_is_amended_with_a_reason_from_the_exam_page(page: Any, stack: Any, tmp_path: Path) -> None:
+    write_synthetic_wfdb(tmp_path / "af", rhythm="af_rvr", name="ecg-amend", seed=8)
+    exam_id = _upload(stack, tmp_path / "af")
+    wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_a")), exam_id, "queued")
+    _signed_in(page, "dr-heart")
+    _row(page, exam_id).dblclick()
+    page.get_by_test_id("report-text").fill("Atrial fibrillation, rate 150 bpm.")
+    page.get_by_test_id("sign").click()
+    page.get_by_test_id("recent-exam").first.click()  # back to it from "signed in this session"
+    page.get_by_test_id("amend").wait_for()
+    assert page.get_by_test_id("report-text").is_disabled()  # a signed report is read-only until amended
+    page.get_by_test_id("amend").click()
+    page.get_by_test_id("amend-reason").fill("rate misread")
+    page.get_by_test_id("report-text").fill("Atrial fibrillation, rate 120 bpm.")
+    page.get_by_test_id("sign").click()
+    page.get_by_test_id("recent-exam").filter(has_text="v2").wait_for(timeout=10_000)
+    details = worklist_pb2_grpc.WorklistStub(stack.channel("cardio")).GetExamDetails(
+        worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), timeout=10
+    )
+    [first, second] = [r for r in details.reports if r.status != "draft"]
+    assert (first.version, second.version, second.amends_reason) == (1, 2, "rate misread")
+    assert second.text == "Atrial fibrillation, rate 120 bpm." and second.signed_by == "dr-heart"
+
+
 def test_a_critical_exam_waiting_before_sign_in_is_marked_until_claimed(page: Any, stack: Any, tmp_path: Path) -> None:
     write_synthetic_wfdb(tmp_path / "stemi", rhythm="stemi", name="ecg-stemi", seed=6)
     exam_id = _upload(stack, tmp_path / "stemi", who="site_b")
@@ -265,9 +289,12 @@ def test_a_critical_exam_waiting_before_sign_in_is_marked_until_claimed(page: An
     worklist.ReleaseClaim(worklist_pb2.ReleaseClaimRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
 
 
-def test_a_reader_idle_for_the_set_time_is_signed_out(page: Any, clock: FakeMonotonic, station: StationServer) -> None:
+def test_a_reader_idle_for_the_set_time_is_signed_out(
+    page: Any, clock: FakeMonotonic, station: StationServer, artifacts: Path
+) -> None:
     _signed_in(page, "dr-heart")
     clock.offset += 15 * 60 + 1  # fifteen minutes without a key or a click
     page.get_by_test_id("login-note").filter(has_text="without activity").wait_for(timeout=10_000)
+    page.screenshot(path=str(artifacts / "station-idle-signed-out.png"))
     assert page.get_by_test_id("login-form").is_visible()
     assert page.request.get("/api/templates").status == 401
