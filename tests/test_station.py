@@ -298,3 +298,36 @@ def test_a_reader_idle_for_the_set_time_is_signed_out(
     page.screenshot(path=str(artifacts / "station-idle-signed-out.png"))
     assert page.get_by_test_id("login-form").is_visible()
     assert page.request.get("/api/templates").status == 401
+
+
+def test_with_the_hubs_certificates_the_station_serves_https_and_talks_tls_to_the_hub(tmp_path: Path) -> None:
+    from teleread.tls import make_local_pki
+
+    pki = tmp_path / "pki"
+    make_local_pki(pki, hosts=["localhost", "127.0.0.1"])
+    settings = make_settings(tmp_path / "hub").updated(grpc__tls_cert=pki / "hub.pem", grpc__tls_key=pki / "hub.key")
+    hub = start_stack("embedded", settings)
+    set_password(hub.hub.engine, name="dr-heart", password=PASSWORD)
+    station = StationServer(
+        StationSettings(
+            port=0, hub=hub.address, tls_cert=pki / "hub.pem", tls_key=pki / "hub.key", hub_ca=pki / "ca.pem"
+        )
+    ).start()
+    try:
+        assert station.url.startswith("https://")
+        with httpx.Client(base_url=station.url, verify=str(pki / "ca.pem")) as client:
+            login_csrf = client.get("/api/session").json()["login_csrf"]
+            answer = client.post(
+                "/api/login",
+                json={"user": "dr-heart", "password": PASSWORD},
+                headers={"X-CSRF-Token": login_csrf, "Origin": station.url},
+            )
+            assert answer.status_code == 200  # signed in at the hub over TLS
+            cookie = answer.headers["set-cookie"]
+            assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on the station's port
+            httpx.get(station.url.replace("https://", "http://") + "/api/session", timeout=5)
+    finally:
+        station.stop()
+        hub.server.stop(grace=None)
+        hub.hub.close()
