@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from rich.console import Console
@@ -110,9 +110,16 @@ def _show_findings(console: Console, exam: Any) -> None:
         console.print(f"   • {escape('[' + LEVEL[f.level] + ']')} {escape(f.title)}: {escape(ev)}")
 
 
-def run_demo(data_dir: Path | None = None, *, station: bool = False, station_port: int = 8080) -> int:
+def run_demo(
+    data_dir: Path | None = None,
+    *,
+    station: bool = False,
+    station_port: int = 8080,
+    serving: Callable[[str, str], None] | None = None,
+) -> int:
     """The narrated run; with ``station``, the hub, the clinic's gateway and a reading station then
-    keep running with exams to read (more ECGs arrive from the clinic), until interrupted."""
+    keep running with exams to read (more ECGs arrive from the clinic) while ``serving(url,
+    password)`` runs (by default: until Ctrl+C)."""
     console = Console()
     root = data_dir or Path(tempfile.mkdtemp(prefix="teleread-demo-"))
     settings = Settings(data_dir=root / "hub")
@@ -126,13 +133,21 @@ def run_demo(data_dir: Path | None = None, *, station: bool = False, station_por
     address = f"127.0.0.1:{port}"
     console.print(f"1. hub listening on {address}; data in {root} (JSON logs in {root / 'hub.log'})")
     try:
-        return _run(console, hub, address, root, station_port=station_port if station else None)
+        return _run(console, hub, address, root, station_port=station_port if station else None, serving=serving)
     finally:
         server.stop(grace=1)
         hub.close()
 
 
-def _run(console: Console, hub: Any, address: str, root: Path, *, station_port: int | None = None) -> int:
+def _run(
+    console: Console,
+    hub: Any,
+    address: str,
+    root: Path,
+    *,
+    station_port: int | None = None,
+    serving: Callable[[str, str], None] | None = None,
+) -> int:
     add_site(hub.engine, code="demo-clinic", name="Demo township clinic", lead_hospital="county-hosp")
     site = add_principal(hub.engine, name="site-demo-clinic", role=Role.SITE, site_code="demo-clinic")
     cardio = add_principal(hub.engine, name="dr-cardio", role=Role.CARDIOLOGIST, hospital="county-hosp")
@@ -149,7 +164,9 @@ def _run(console: Console, hub: Any, address: str, root: Path, *, station_port: 
     try:
         rc = _with_gateway(console, gateway, root, site_ch, worklist, radio_ch, alerts, stop)
         if rc == 0 and station_port is not None:
-            _keep_serving(console, hub, address, gateway, root, port=station_port)
+            _keep_serving(
+                console, hub, address, gateway, root, port=station_port, serving=serving or _until_interrupted
+            )
         return rc
     finally:
         stop.set()
@@ -254,7 +271,24 @@ def _hub_exam_ids(gateway: Any) -> list[str]:
 DEMO_PASSWORD_BYTES = 9
 
 
-def _keep_serving(console: Console, hub: Any, address: str, gateway: Any, root: Path, *, port: int) -> None:
+def _until_interrupted(url: str, password: str) -> None:
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+
+
+def _keep_serving(
+    console: Console,
+    hub: Any,
+    address: str,
+    gateway: Any,
+    root: Path,
+    *,
+    port: int,
+    serving: Callable[[str, str], None],
+) -> None:
     """The reading station beside the demo's hub: the demo readers get passwords, the clinic sends a
     few more ECGs (one of them critical), and everything runs until Ctrl+C."""
     import secrets
@@ -281,9 +315,7 @@ def _keep_serving(console: Console, hub: Any, address: str, gateway: Any, root: 
     )
     console.print("   the clinic is sending five more ECGs; press Ctrl+C to stop")
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        console.print("stopping")
+        serving(server.url, password)
     finally:
+        console.print("stopping")
         server.stop()
