@@ -175,9 +175,10 @@ _CLEANERS: dict[str, Callable[[str], str]] = {
 
 
 # ---- WFDB header comments ------------------------------------------------------------------------
-def wfdb_age(text: str) -> str:
-    """An age as WFDB comments write it ("63", "63 years", "8 months", "12d", "063Y") in DICOM AS;
-    '' when it is not one (unknown, negative, above 150 years: PTB-XL writes 300 for ages above 89)."""
+def age_from_text(text: str) -> str:
+    """An age as WFDB comments and people write it ("63", "63 years", "8 months", "12d", "063Y") in
+    DICOM AS; '' when it is not one (unknown, negative, above 150 years: PTB-XL writes 300 for ages
+    above 89)."""
     match = _WFDB_AGE.fullmatch(text.strip())
     if match is None:
         return ""
@@ -193,13 +194,13 @@ def from_wfdb_comments(comments: Sequence[str]) -> PatientContext:
         for key, value in _KEYED.findall(str(line)):
             field = "age" if key.lower() == "age" else "sex"
             if field not in found:
-                clean = wfdb_age(value) if field == "age" else clean_sex(value)
+                clean = age_from_text(value) if field == "age" else clean_sex(value)
                 if clean:
                     found[field] = clean
     if comments and ("age" not in found or "sex" not in found):
         first = _MIT_FIRST_LINE.match(str(comments[0]))
         if first is not None:
-            found.setdefault("age", wfdb_age(first[1]))
+            found.setdefault("age", age_from_text(first[1]))
             found.setdefault("sex", clean_sex(first[2]))
     return PatientContext(age=found.get("age", ""), sex=found.get("sex", ""))
 

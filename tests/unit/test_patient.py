@@ -18,7 +18,7 @@ from teleread.patient import (
     clean_sex,
     cleaned,
     from_wfdb_comments,
-    wfdb_age,
+    age_from_text,
 )
 
 TODAY = date(2026, 12, 3)
@@ -124,8 +124,8 @@ def test_age_and_sex_from_wfdb_comments(comments: list[str], age: str, sex: str)
     assert found.present() == [f for f, v in (("sex", sex), ("age", age)) if v]  # nothing else is read
 
 
-def test_wfdb_ages_in_words_and_letters() -> None:
-    assert [wfdb_age(t) for t in ("63", "63 years", "63.9", "2 weeks", "3mo", "063Y", "", "?", "1000")] == [
+def test_age_from_texts_in_words_and_letters() -> None:
+    assert [age_from_text(t) for t in ("63", "63 years", "63.9", "2 weeks", "3mo", "063Y", "", "?", "1000")] == [
         "063Y", "063Y", "063Y", "002W", "003M", "063Y", "", "", "",
     ]  # fmt: skip
 
