@@ -23,6 +23,7 @@ from conftest import HubStack
 from helpers import wait_for_state, write_synthetic_wfdb
 from teleread.db.engine import utcnow
 from teleread.db.schema import exams, sites
+from teleread.gateway.validate import PATIENT_ATTRIBUTES
 from teleread.patient import age_at
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2
 from teleread.v1 import worklist_pb2_grpc
@@ -39,7 +40,7 @@ def dicom_file(
     attributes (the bundled ones removed first); returns the file and its study UID."""
     ds = pydicom.dcmread(str(get_testdata_file(source)))
     ds.SpecificCharacterSet = "ISO_IR 192"
-    for keyword in ("PatientID", "PatientName", "PatientSex", "PatientAge", "PatientBirthDate", "ReferringPhysicianName"):
+    for keyword in PATIENT_ATTRIBUTES.values():
         if keyword in ds:
             del ds[keyword]
     ds.StudyInstanceUID = study or generate_uid()
