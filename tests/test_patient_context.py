@@ -308,3 +308,51 @@ def test_a_site_never_receives_the_patient_fields(hub_stack: HubStack, tmp_path:
     assert (seen.id, seen.name, seen.referring_physician, seen.patient_class) == (
         "SITE-PHI-ID", "Site^Phi=西^菲", "Ref^Phi", "inpatient",
     )  # fmt: skip
+
+
+def test_of_two_first_instances_stored_at_once_the_first_to_commit_gives_the_patient(hub_stack: HubStack) -> None:
+    """PostgreSQL, read committed: two store transactions of an exam's first instances overlap; the
+    second waits on the exam's row and then sees the first's stored upload, so it leaves the
+    first's values (the rule does not depend on which arrives first at the database)."""
+    import threading
+
+    from teleread.db.schema import uploads
+    from teleread.gateway.hub.patient_context import record_first_instance
+    from teleread.patient import PatientContext
+
+    if hub_stack.name != "postgres_s3":
+        pytest.skip("SQLite serialises write transactions: no overlap to test")
+    engine = hub_stack.hub.engine
+    exam_id = _exam_row(hub_stack, patient_id="", received=utcnow(), state="receiving")
+    now = utcnow()
+    with engine.begin() as conn:
+        site_id = conn.execute(select(exams.c.site_id).where(exams.c.id == exam_id)).scalar_one()
+        for n in (1, 2):
+            conn.execute(
+                insert(uploads).values(
+                    id=f"{n:032x}", exam_id=exam_id, site_id=site_id, sha256=f"{n:064x}", size=1, role="dicom",
+                    state="partial", created_at=now, updated_at=now,
+                )
+            )  # fmt: skip
+    first, second = PatientContext(id="FIRST", name="First^One"), PatientContext(id="SECOND", sex="M")
+    outcome: dict[str, bool] = {}
+    with engine.connect() as one:
+        one.begin()
+        one.execute(uploads.update().where(uploads.c.id == f"{1:032x}").values(state="stored"))
+        assert record_first_instance(one, exam_id=exam_id, upload_id=f"{1:032x}", patient=first)
+
+        def later() -> None:
+            with engine.begin() as two:
+                two.execute(uploads.update().where(uploads.c.id == f"{2:032x}").values(state="stored"))
+                outcome["second"] = record_first_instance(two, exam_id=exam_id, upload_id=f"{2:032x}", patient=second)
+
+        thread = threading.Thread(target=later)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive()  # waiting on the exam's row
+        one.commit()
+    thread.join(timeout=10)
+    assert outcome == {"second": False}
+    with engine.connect() as conn:
+        row = conn.execute(select(exams).where(exams.c.id == exam_id)).one()
+    assert PatientContext.from_row(dict(row._mapping)) == first
