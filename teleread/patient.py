@@ -115,13 +115,19 @@ def cleaned(**raw: Any) -> tuple[PatientContext, list[str]]:
     return PatientContext(**out), dropped
 
 
+_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # control characters, line and paragraph separators
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder shown text
+
+
 def _text(value: Any) -> str:
-    """A value as one line of text: control characters (NUL and DICOM padding too) become spaces,
+    """A value as one line of text: control characters (NUL and DICOM padding too) and line
+    separators become spaces, bidirectional overrides go (they could make a name show as another),
     surrounding spaces go."""
     if value is None:
         return ""
     text = value if isinstance(value, str) else str(value)
-    return "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text).strip()
+    kept = (" " if unicodedata.category(ch) in _LINE_BREAKING else ch for ch in text if ch not in _BIDI_CONTROLS)
+    return "".join(kept).strip()
 
 
 def _bounded(name: str) -> Callable[[str], str]:

@@ -74,6 +74,7 @@ def test_text_is_one_line_kept_as_given_and_cut_to_its_column() -> None:
     context = PatientContext.of(name=f" {pn} \x00", referring_physician="Li^Wei\r\nX", id="A" * 100)
     assert context.name == pn  # the PN's groups (alphabetic = ideographic) as given, DICOM padding gone
     assert context.referring_physician == "Li^Wei  X"  # no line break reaches a column
+    assert PatientContext.of(name="Li\u2028Lei\u202e^Wei").name == "Li Lei^Wei"  # nor a reordering of what is shown
     assert context.id == "A" * MAX_LENGTH["id"]
     long = PatientContext.of(name="张" * 300, referring_physician="x" * 300)
     assert len(long.name) == MAX_LENGTH["name"] and len(long.referring_physician) == MAX_LENGTH["referring_physician"]
