@@ -6,6 +6,10 @@ and identifying UIDs, bounded parsing (huge or truncated lengths, deflate and pi
 before any decode; pixel data is never read), executable preambles, and WFDB header bounds and the
 header/signal size pairing. Every rejection is an :class:`~teleread.errors.InvalidInput` with a
 stable reason and a message that names the problem, never the offending value or a parser's text.
+
+What an accepted file says of its patient (the DICOM patient module and the requesting clinician, a
+WFDB header's age and sex comments) comes back with its identity, cleaned by ``teleread.patient``:
+a patient value never refuses a file, an invalid one is dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,11 +35,13 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from teleread import ecgio
 from teleread.pixels import ensure_decoders
 from teleread.errors import InvalidInput
+from teleread.patient import PatientContext, cleaned, from_wfdb_comments
 
 log = logging.getLogger("teleread.gateway.validate")
 
@@ -63,6 +69,16 @@ MAX_WFDB_SIGNALS = 64
 MAX_WFDB_SAMPLES = 2**31
 MAX_WFDB_FS = 20_000.0
 MAX_WFDB_GAIN = 1e7
+# patient context field -> the DICOM attribute it is read from (the patient class has none: an
+# Admission ID is issued for outpatient visits too, so only the upload request says it)
+PATIENT_ATTRIBUTES = {
+    "id": "PatientID",
+    "name": "PatientName",
+    "sex": "PatientSex",
+    "birth_date": "PatientBirthDate",
+    "age": "PatientAge",
+    "referring_physician": "ReferringPhysicianName",
+}
 
 
 def check_uid(value: str, *, field: str) -> str:
@@ -92,6 +108,8 @@ class DicomInfo:
     columns: int | None
     pixel_bytes: int
     preamble_flag: str | None = None
+    patient: PatientContext = field(default=PatientContext(), repr=False)
+    patient_dropped: tuple[str, ...] = ()  # the patient fields whose value was invalid (names only)
 
 
 class _ClampedReader(io.BufferedReader):
@@ -213,6 +231,7 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> tupl
         pixel_bytes = math.ceil(rows * columns * frames * samples * bits / 8)
     modality = ds.get("Modality")
     modality = modality.strip() if isinstance(modality, str) else None
+    patient, dropped = dicom_patient(ds)
     return top_level, DicomInfo(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
@@ -225,7 +244,25 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> tupl
         rows=rows,
         columns=columns,
         pixel_bytes=pixel_bytes,
+        patient=patient,
+        patient_dropped=tuple(dropped),
     )
+
+
+def dicom_patient(ds: Dataset) -> tuple[PatientContext, list[str]]:
+    """The patient context a dataset carries, and the fields whose value was invalid. A person name
+    keeps its groups as given ("Wang^Xiaoming=王^小明"); of several values the first is taken; a value
+    that cannot be read counts as absent, so it never refuses the file."""
+    raw: dict[str, str] = {}
+    for name, keyword in PATIENT_ATTRIBUTES.items():
+        try:
+            value: Any = ds.get(keyword)
+            if isinstance(value, MultiValue):
+                value = value[0] if len(value) else None
+            raw[name] = "" if value is None else str(value)
+        except Exception:  # noqa: BLE001 - untrusted input; the text may quote the value
+            raw[name] = ""
+    return cleaned(**raw)
 
 
 def _check_inflated_size(fp: BinaryIO, *, limit: int) -> bool:
@@ -590,6 +627,7 @@ class WfdbHeaderInfo:
     fmt: tuple[str, ...]
     gains: tuple[float, ...]
     expected_signal_bytes: int
+    patient: PatientContext = field(default=PatientContext(), repr=False)  # age and sex from the comments
 
 
 def _bad_header(message: str) -> InvalidInput:
@@ -634,7 +672,16 @@ def inspect_wfdb_header(path: Path) -> WfdbHeaderInfo:
         fmt=tuple(str(fmt) for fmt in record.fmt),
         gains=gains,
         expected_signal_bytes=expected_bytes,
+        patient=_wfdb_patient(record),
     )
+
+
+def _wfdb_patient(record: Any) -> PatientContext:
+    """Age and sex from a parsed header's comment lines; none when they cannot be read."""
+    try:
+        return from_wfdb_comments([str(c) for c in record.comments or []])
+    except Exception:  # noqa: BLE001 - wfdb's record is untyped; a comment never refuses a header
+        return PatientContext()
 
 
 def check_wfdb_pair(header: WfdbHeaderInfo, signal_path: Path) -> None:

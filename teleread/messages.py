@@ -1,13 +1,17 @@
-"""Conversion between database rows (mappings) and ``teleread.v1`` messages."""
+"""Conversion between database rows (mappings) and ``teleread.v1`` messages.
+
+An exam's patient context goes into its message only when the caller asks (``patient=True``): the
+reader paths do, what a site gets back from Ingest and Results never does."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Mapping
 
 from google.protobuf import timestamp_pb2
 
 from teleread.db.engine import as_utc
+from teleread.patient import PatientContext, age_at
 from teleread.triage_result import TriageResult
 from teleread.v1 import common_pb2
 from teleread.vocab import ExamKind, Priority
@@ -36,7 +40,35 @@ def triage_message(raw: str) -> common_pb2.Triage | None:
     return TriageResult.from_json(raw).to_proto() if raw else None
 
 
-def exam_message(row: Mapping[str, Any], *, site_code: str = "") -> common_pb2.Exam:
+def exam_date(row: Mapping[str, Any]) -> date | None:
+    """The day (UTC) an exam arrived at the hub, or was opened when it has not arrived yet."""
+    when = as_utc(row.get("received_at")) or as_utc(row.get("created_at"))
+    return when.date() if when is not None else None
+
+
+def patient_message(row: Mapping[str, Any]) -> common_pb2.Patient | None:
+    """The patient context of an exam row (None when it has none). The age is the recorded one, or,
+    with only a birth date, the age on the exam's date (:func:`exam_date`)."""
+    context = PatientContext.from_row(row)
+    if not context:
+        return None
+    age = context.age
+    on = exam_date(row)
+    if not age and context.birth_date and on is not None:
+        age = age_at(context.birth_date, on)
+    return common_pb2.Patient(
+        id=context.id,
+        name=context.name,
+        sex=context.sex,
+        birth_date=context.birth_date,
+        age=age,
+        referring_physician=context.referring_physician,
+        patient_class=context.patient_class,
+    )
+
+
+def exam_message(row: Mapping[str, Any], *, site_code: str = "", patient: bool = False) -> common_pb2.Exam:
+    """The exam as a message; with ``patient`` (readers of the exam only) its patient context."""
     msg = common_pb2.Exam(
         exam_id=row["id"],
         site=site_code,
@@ -70,6 +102,9 @@ def exam_message(row: Mapping[str, Any], *, site_code: str = "") -> common_pb2.E
     triage = triage_message(row["triage_json"] or "")
     if triage is not None:
         msg.triage.CopyFrom(triage)
+    context = patient_message(row) if patient else None
+    if context is not None:
+        msg.patient.CopyFrom(context)
     for field, key in (
         ("received_at", "received_at"),
         ("deadline", "deadline"),

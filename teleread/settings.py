@@ -96,6 +96,7 @@ class GatewaySettings(BaseModel):
     token: SecretStr = SecretStr("")  # the site's token from `teleread sites add`
     quiet_seconds: float = 30.0  # a study with no new instance for this long is complete
     priority: str = "routine"
+    patient_class: str = ""  # where this clinic's patients are seen: outpatient, inpatient or emergency; '': not said
     poll_seconds: float = 0.5
     results_dir: Path | None = None  # signed reports for the clinic; default: <data_dir>/results
     results_poll_seconds: float = 10.0

@@ -1,5 +1,9 @@
 """Patient data never reaches logs or error messages: a canary patient goes through ingest (valid
-and malformed files) and triage, and neither the JSON logs nor the gRPC errors carry it."""
+and malformed files) and triage, and neither the JSON logs nor the gRPC errors carry it.
+
+The canary's name, ID and requesting clinician come in DICOM headers, WFDB header comments and the
+upload request (some of them in fields whose values the hub drops as invalid); the exam's reader
+receives them, and still no log line or error message holds one."""
 
 from __future__ import annotations
 
@@ -13,12 +17,21 @@ import grpc
 import pydicom
 import pytest
 
-from helpers import copy_testdata, error_reason, wait_for
+from helpers import copy_testdata, error_reason, wait_for, write_synthetic_wfdb
 from teleread.logs import configure_logging
-from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
+from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 CANARY = "PHI_CANARY_张三"
 CANARY_ID = "PHI-ID-99887766"
+CANARY_CLINICIAN = "PHI_DOCTOR^李医生"
+WFDB_CANARY = "PHI_CANARY_WFDB_ZHANGSAN"  # wfdb reads headers as ASCII
+REQUEST = common_pb2.Patient(
+    id=CANARY_ID,
+    name=CANARY,
+    referring_physician=CANARY_CLINICIAN,
+    birth_date="PHI_CANARY_DATE",  # invalid: dropped, and the log says so by field name only
+    patient_class="PHI_CANARY_CLASS",
+)
 
 
 def _dicom_with_canary(path: Path, *, corrupt: bool) -> bytes:
@@ -26,6 +39,7 @@ def _dicom_with_canary(path: Path, *, corrupt: bool) -> bytes:
     ds.PatientName = CANARY
     ds.PatientID = CANARY_ID
     ds.PatientBirthDate = "19500101"
+    ds.ReferringPhysicianName = CANARY_CLINICIAN
     ds.SpecificCharacterSet = "ISO_IR 192"
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -36,27 +50,43 @@ def _dicom_with_canary(path: Path, *, corrupt: bool) -> bytes:
     return data
 
 
-def _upload(ingest, key: str, data: bytes) -> grpc.RpcError | ingest_pb2.UploadStatus:
+def _wfdb_with_canary(folder: Path, *, short: bool) -> tuple[bytes, bytes]:
+    """A WFDB record whose comments carry the canary (and an age and sex the hub reads); ``short``
+    cuts the signal file, so the exam is refused at commit with the header in hand."""
+    header, signal = write_synthetic_wfdb(folder, rhythm="normal", name="canary-short" if short else "canary")
+    text = header.read_text() + f"# <age>: 63  <sex>: F\n# patient: {WFDB_CANARY} id: {WFDB_CANARY}-ID\n"
+    data = signal.read_bytes()
+    return text.encode(), data[: len(data) // 2] if short else data
+
+
+def _upload(
+    ingest, key: str, data: bytes, *, role: str = "dicom", more: tuple[tuple[str, bytes], ...] = (),
+    kind: int = common_pb2.EXAM_KIND_IMAGING, patient: common_pb2.Patient | None = None,
+) -> grpc.RpcError | ingest_pb2.UploadStatus:  # fmt: skip
     exam = ingest.OpenExam(
         ingest_pb2.OpenExamRequest(
             client_exam_key=key,
-            kind=common_pb2.EXAM_KIND_IMAGING,
+            kind=kind,
             priority=common_pb2.PRIORITY_ROUTINE,
             indication="fever",
-        ),
-        timeout=10,
-    )
-    status = ingest.BeginUpload(
-        ingest_pb2.BeginUploadRequest(
-            exam_id=exam.exam_id, size=len(data), sha256=hashlib.sha256(data).hexdigest(), role="dicom"
+            patient=patient,
         ),
         timeout=10,
     )
     try:
-        result = ingest.Upload(
-            iter([ingest_pb2.UploadChunk(upload_id=status.upload_id, offset=0, data=data)]), timeout=30
+        for object_role, body in ((role, data), *more):
+            status = ingest.BeginUpload(
+                ingest_pb2.BeginUploadRequest(
+                    exam_id=exam.exam_id, size=len(body), sha256=hashlib.sha256(body).hexdigest(), role=object_role
+                ),
+                timeout=10,
+            )
+            result = ingest.Upload(
+                iter([ingest_pb2.UploadChunk(upload_id=status.upload_id, offset=0, data=body)]), timeout=30
+            )
+        ingest.CommitExam(
+            ingest_pb2.CommitExamRequest(exam_id=exam.exam_id, expected_objects=1 + len(more)), timeout=10
         )
-        ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=exam.exam_id, expected_objects=1), timeout=10)
         wait_for(lambda: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=exam.exam_id), timeout=10).state == "queued")
         return result
     except grpc.RpcError as err:
@@ -69,20 +99,43 @@ def test_no_patient_data_in_logs_or_errors(embedded_stack, tmp_path: Path) -> No
     configure_logging("DEBUG", stream=stream)
     ingest = ingest_pb2_grpc.IngestStub(embedded_stack.channel("site_a"))
     ct, ecg = copy_testdata(tmp_path, "CT_small.dcm", "waveform_ecg.dcm")
+    header, signal = _wfdb_with_canary(tmp_path / "wfdb", short=False)
+    short_header, short_signal = _wfdb_with_canary(tmp_path / "wfdb-short", short=True)
     outcomes = [
-        _upload(ingest, "canary-ok", _dicom_with_canary(ct, corrupt=False)),
+        _upload(ingest, "canary-ok", _dicom_with_canary(ct, corrupt=False), patient=REQUEST),
         _upload(ingest, "canary-ecg", _dicom_with_canary(ecg, corrupt=False)),
-        _upload(ingest, "canary-bad", _dicom_with_canary(ecg, corrupt=True)),
-    ]
+        _upload(ingest, "canary-bad", _dicom_with_canary(ecg, corrupt=True), patient=REQUEST),
+        _upload(ingest, "canary-wfdb", header, role="wfdb_header", more=(("wfdb_signal", signal),),
+                kind=common_pb2.EXAM_KIND_ECG, patient=REQUEST),
+        _upload(ingest, "canary-wfdb-short", short_header, role="wfdb_header", more=(("wfdb_signal", short_signal),),
+                kind=common_pb2.EXAM_KIND_ECG, patient=REQUEST),
+    ]  # fmt: skip
     assert isinstance(outcomes[0], ingest_pb2.UploadStatus)
     assert isinstance(outcomes[2], grpc.RpcError)  # the malformed one was refused
     assert outcomes[2].code() == grpc.StatusCode.INVALID_ARGUMENT and error_reason(outcomes[2]) == "TRUNCATED"
+    assert isinstance(outcomes[3], ingest_pb2.UploadStatus)
+    assert isinstance(outcomes[4], grpc.RpcError)  # the cut record is refused at commit, its header in hand
+    assert error_reason(outcomes[4]) == "WFDB_SIGNAL_SIZE_MISMATCH"
+
+    # The exams' readers receive the canary: from the DICOM headers, and for the WFDB record from the
+    # request (its header gives age and sex only).
+    seen = []
+    for who in ("radio", "cardio"):
+        worklist = worklist_pb2_grpc.WorklistStub(embedded_stack.channel(who))
+        for exam in worklist.ListWorklist(worklist_pb2.ListWorklistRequest(), timeout=10).exams:
+            details = worklist.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=exam.exam_id), timeout=10)
+            seen.append(details.exam.patient)
+    assert len(seen) == 3
+    assert all((p.name, p.id, p.referring_physician) == (CANARY, CANARY_ID, CANARY_CLINICIAN) for p in seen)
+    assert {(p.sex, p.age) for p in seen if p.age == "063Y"} == {("F", "063Y")}  # the WFDB header's
+    assert all(p.patient_class == "" for p in seen)  # the request's invalid class was dropped
     logging.getLogger("teleread.test").warning("flush marker")
     text = stream.getvalue()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     assert any(line.get("rpc") == "Upload" and line.get("status") for line in lines)  # logs were written
     assert all({"ts", "level", "msg"} <= set(line) for line in lines)
-    for needle in (CANARY, CANARY_ID, "19500101", "PHI_CANARY"):
+    assert "PATIENT_VALUE_INVALID" in text  # the dropped request values were logged, by field name
+    for needle in (CANARY, CANARY_ID, CANARY_CLINICIAN, "李医生", WFDB_CANARY, "19500101", "PHI_CANARY", "PHI_DOCTOR"):
         assert needle not in text
         for outcome in outcomes:
             if isinstance(outcome, grpc.RpcError):

@@ -9,7 +9,9 @@ jittered backoff (the outbox's schedule, :class:`teleread.backoff.Backoff`, on t
 clock) before it tries again, so when the link returns the outbox drains in priority order (stat
 first). A failure the hub reported for this exam backs off that exam alone (the outbox counts it).
 The client key of an exam is its outbox id, so an upload cut by a gateway restart re-opens the same
-hub exam and resumes where the hub stopped confirming.
+hub exam and resumes where the hub stopped confirming. Of the patient the gateway knows only what its
+settings say (the patient class of the clinic or department it serves): it goes with every exam's
+request, and the hub reads the rest from the files.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from teleread.gateway.uploader.scan import ScanExam, ScanObject
 from teleread.vocab import ExamKind, ObjectRole
 from teleread.gateway.uploader.client import CHUNK_SIZE, upload_exams
 from teleread.client import RetryPolicy
+from teleread.patient import PatientContext
 
 log = logging.getLogger("teleread.gateway.clinic.forward")
 
@@ -92,8 +95,10 @@ class Forwarder:
         in_flight_bytes: int = IN_FLIGHT_BYTES,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        patient_class: str = "",
     ) -> None:
-        """``clock`` (monotonic seconds) and ``rng`` drive the pause after the link went down."""
+        """``clock`` (monotonic seconds) and ``rng`` drive the pause after the link went down;
+        ``patient_class`` goes with every exam (outpatient, inpatient, emergency, or '': not said)."""
         self.message_bytes = message_bytes
         self.in_flight_bytes = in_flight_bytes
         self.outbox = outbox
@@ -107,6 +112,7 @@ class Forwarder:
         self.clock = clock
         self._link_backoff = Backoff(outbox.backoff.policy, rng=rng, clock=clock)
         self._link_wait_until = 0.0
+        self.patient = PatientContext.of(patient_class=patient_class) or None
 
     def _scan_exam(self, exam: OutboxExam) -> ScanExam:
         objects = [ScanObject(o.path, o.size, o.sha256, ObjectRole(o.role)) for o in self.outbox.objects_of(exam.id)]
@@ -161,6 +167,7 @@ class Forwarder:
                 compression=self.compression,
                 chunk_size=self.message_bytes,
                 in_flight=self.in_flight_bytes,
+                patient=self.patient,
             )
         except Exception as exc:  # anything unexpected: keep the exam, retry later, say what kind
             delay = self.outbox.failed(exam.id, type(exc).__name__)

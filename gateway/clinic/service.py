@@ -30,6 +30,7 @@ from teleread.gateway.clinic.scp_pool import ReceiverPool
 from teleread.gateway.validate import resend_kind
 from teleread.gateway.clinic.watch import REJECTED_DIR, WatchFolder
 from teleread.settings import build, GatewaySettings, Settings
+from teleread.vocab import PatientClass
 
 log = logging.getLogger("teleread.gateway")
 
@@ -63,6 +64,8 @@ class Gateway:
         self.config: GatewaySettings = settings.gateway
         if self.config.compression not in COMPRESSION_MODES:  # settings are checked before anything opens
             raise InvalidInput(f"compression must be one of {', '.join(COMPRESSION_MODES)}", reason="BAD_SETTING")
+        if self.config.patient_class and self.config.patient_class not in set(PatientClass):
+            raise InvalidInput(f"patient_class must be one of {', '.join(PatientClass)} or empty", reason="BAD_SETTING")
         limit = limit_rate(self.config.max_kbps, parse_windows(self.config.limit_windows))
         routine_windows = parse_windows(self.config.routine_windows)
         self.outbox = Outbox(
@@ -98,6 +101,7 @@ class Gateway:
             compression=self.config.compression,
             routine_windows=routine_windows,
             in_flight_bytes=max(0, self.config.in_flight_kib) * 1024,
+            patient_class=self.config.patient_class,
         )
         self._adopt_orphans()
         scp_config = ScpConfig(
@@ -290,7 +294,8 @@ def cmd_gateway_run(args: argparse.Namespace) -> int:
     from teleread.logs import configure_logging
 
     options = {}
-    for key in ("outbox", "watch_dir", "ae_title", "dicom_port", "hub", "token", "quiet_seconds", "priority"):
+    keys = ("outbox", "watch_dir", "ae_title", "dicom_port", "hub", "token", "quiet_seconds", "priority")
+    for key in (*keys, "patient_class"):
         value = getattr(args, key, None)
         if value is not None:
             options[f"gateway__{key}"] = Path(value) if key in ("outbox", "watch_dir") else value
@@ -321,6 +326,10 @@ def add_gateway_parser(sub: Any) -> None:
     a.add_argument("--token", help="the site's token (or TELEREAD_GATEWAY__TOKEN)")
     a.add_argument("--quiet-seconds", dest="quiet_seconds", type=float, help="study stability period")
     a.add_argument("--priority", choices=["stat", "urgent", "routine"])
+    a.add_argument(
+        "--patient-class", dest="patient_class", choices=[str(c) for c in PatientClass],
+        help="where this clinic's patients are seen (sent with every exam)",
+    )  # fmt: skip
     a.set_defaults(func=cmd_gateway_run)
     from teleread.gateway.clinic.dicom_send import add_sender_parsers
 

@@ -1,5 +1,6 @@
 """The hub's ingest service: exams opened, objects received in resumable chunks, verified,
-validated, stored, and exams committed for triage.
+validated, stored, and exams committed for triage; the patient context of each exam is recorded
+from its files and its upload request (``patient_context.py``).
 
 Order of durability: bytes are staged on local disk under a server-generated upload id; when the
 last byte arrives the SHA-256 is checked and the content validated; the object is written to the
@@ -45,8 +46,10 @@ from teleread import lifecycle
 from teleread.events import EventBus, record_event
 from teleread.files import sha256_hex
 from teleread.gateway import validate
+from teleread.gateway.hub import patient_context
 from teleread.gateway.hub.staging import MAX_CHUNK, Staging
 from teleread.storage import ObjectStore, object_key
+from teleread.patient import PatientContext
 from teleread.reader.hub.routing import Routing
 from teleread.vocab import ExamKind, ExamState, ObjectRole, Priority, UploadStatus, is_ecg
 
@@ -130,7 +133,10 @@ class IngestService:
         indication: str,
         study_instance_uid: str,
         follow_up_of: str = "",
+        patient: dict[str, str] | None = None,
     ) -> dict[str, object]:
+        """Open an exam (or find it again by its key). ``patient`` is what the request knows of the
+        patient: its values are cleaned (an invalid one dropped) and the files' values win over them."""
         site_id = require_uploader(p)
         if not _KEY.match(client_exam_key):
             raise InvalidInput("client_exam_key must be 1-128 of [A-Za-z0-9._:-]", reason="BAD_KEY")
@@ -156,6 +162,7 @@ class IngestService:
             earlier = self._earlier_exam(
                 conn, site_id=site_id, follow_up_of=follow_up_of, study_instance_uid=study_instance_uid
             )
+            requested = patient_context.from_request(patient)
             now = utcnow()
             exam_id = new_id()
             lifecycle.open_exam(
@@ -172,6 +179,7 @@ class IngestService:
                     "follow_up_of": earlier,
                     "created_at": now,
                     "updated_at": now,
+                    **requested.columns(),
                 },
                 actor_id=p.id,
                 detail={"follow_up_of": earlier} if earlier else None,
@@ -506,7 +514,7 @@ class IngestService:
             self._staging.discard(u.id)  # the upload stays open: the client re-sends from zero
             raise InvalidInput("object bytes do not match the announced SHA-256", reason="SHA256_MISMATCH")
         try:
-            meta = self._validate(u.role, part, exam_id=u.exam_id, site_id=site_id)
+            meta = self._validate(u.role, part, exam_id=u.exam_id, site_id=site_id, upload_id=u.id)
             stored = self._store_object(p, site_id=site_id, upload=u, part=part, meta=meta)
             self._staging.finished(u.id)
             return stored
@@ -517,18 +525,22 @@ class IngestService:
             self._staging.discard(u.id)
             raise
 
-    def _validate(self, role: str, part: Path, *, exam_id: str, site_id: int) -> dict[str, object]:
+    def _validate(self, role: str, part: Path, *, exam_id: str, site_id: int, upload_id: str) -> dict[str, object]:
         if role == "dicom":
             info = self._cpu.run(validate.check_dicom_instance, part)  # the check every door applies
-            with reading(self._engine) as conn:  # one read: the exam's study, and an earlier copy
+            with reading(self._engine) as conn:  # one read: the exam's study, an earlier copy, its first instance
                 exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
                 existing = conn.execute(
                     select(objects.c.id).where(
                         objects.c.site_id == site_id, objects.c.sop_instance_uid == info.sop_instance_uid
                     )
                 ).first()
+                first = not patient_context.holds_an_object(conn, exam_id=exam_id)
             if exam["study_instance_uid"] and exam["study_instance_uid"] != info.study_instance_uid:
                 raise InvalidInput("instance belongs to another study than the exam", reason="STUDY_MISMATCH")
+            patient_context.check_instance(
+                exam, first=first, patient=info.patient, dropped=info.patient_dropped, upload_id=upload_id
+            )
             return {
                 "sop_instance_uid": info.sop_instance_uid,
                 "existing": existing is not None,
@@ -536,6 +548,7 @@ class IngestService:
                 "series_instance_uid": info.series_instance_uid,
                 "modality": info.modality or "OT",
                 "study_instance_uid": info.study_instance_uid,
+                "patient": info.patient if first else None,  # only a possible first instance records it
             }
         if role == "wfdb_header":
             self._cpu.run(validate.inspect_wfdb_header, part)
@@ -547,8 +560,10 @@ class IngestService:
     ) -> UploadState:
         u = upload
         uid = meta.get("sop_instance_uid")
+        patient = meta.get("patient")
+        first = patient if isinstance(patient, PatientContext) else None
         if uid and meta.get("existing"):
-            dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u, part=part)
+            dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u, part=part, patient=first)
             if dup is not None:
                 part.unlink(missing_ok=True)
                 return dup
@@ -574,11 +589,13 @@ class IngestService:
                 conn.execute(insert(objects).values(**row))
                 self._mark_upload(conn, upload_id=u.id, state=UploadStatus.STORED, object_id=object_id)
                 self._touch_exam(conn, exam_id=u.exam_id, meta=meta)
+                if first is not None:
+                    patient_context.record_first_instance(conn, exam_id=u.exam_id, upload_id=u.id, patient=first)
         except DbIntegrityError:
             # A concurrent upload of the same instance won the race: treat as duplicate/conflict.
             part.unlink(missing_ok=True)
             try:
-                dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u)
+                dup = self._existing_instance(site_id=site_id, uid=str(uid), upload=u, patient=first)
             except AlreadyExists:  # the winner has other bytes: this copy is nobody's
                 self.delete_unreferenced(key)
                 raise
@@ -590,11 +607,13 @@ class IngestService:
         return UploadState(u.id, u.size, u.size, UploadStatus.STORED, row)
 
     def _existing_instance(
-        self, *, site_id: int, uid: str, upload: Row[Any], part: Path | None = None
-    ) -> UploadState | None:
+        self, *, site_id: int, uid: str, upload: Row[Any], part: Path | None = None,
+        patient: PatientContext | None = None,
+    ) -> UploadState | None:  # fmt: skip
         """The answer when the site already stored this SOP Instance UID: a duplicate (the same
         bytes, or the same instance sent again in another transfer syntax, losslessly or lossily:
-        the first copy is kept), or AlreadyExists for a different instance under the same UID."""
+        the first copy is kept; as the exam's first instance it gives the exam its patient context),
+        or AlreadyExists for a different instance under the same UID."""
         u = upload
         query = select(objects).where(objects.c.site_id == site_id, objects.c.sop_instance_uid == uid)
         with reading(self._engine) as conn:
@@ -608,6 +627,8 @@ class IngestService:
                 return None
             if row.sha256 == u.sha256 or (row.id == first.id and resend in validate.KEEP_FIRST):
                 self._mark_upload(conn, upload_id=u.id, state=UploadStatus.DUPLICATE, object_id=row.id)
+                if patient is not None:
+                    patient_context.record_first_instance(conn, exam_id=u.exam_id, upload_id=u.id, patient=patient)
                 if row.sha256 != u.sha256:  # recorded: the first copy answers for the resend
                     record_event(
                         conn, type="instance_resent", exam_id=u.exam_id, site_id=site_id,
@@ -725,6 +746,7 @@ class IngestService:
                     f" the client announced {expected_objects}",
                     reason="OBJECTS_MISSING",
                 )
+            patient: dict[str, str] = {}
             if not done:
                 problem = InvalidInput("none of the exam's objects could be stored", reason="NO_VALID_OBJECTS")
             else:
@@ -735,12 +757,13 @@ class IngestService:
                             raise InvalidInput(
                                 "a WFDB record one of whose files was refused cannot be read", reason="WFDB_INCOMPLETE"
                             )
-                        self._check_wfdb_exam(done)
+                        header = self._check_wfdb_exam(done)
+                        patient = patient_context.committed_record(exam, header.patient)
                 except InvalidInput as exc:
                     problem = exc
             if problem is None:
                 self._commit(conn, p, exam_id=exam_id, site_id=site_id, done=done, refused=len(refused),
-                             modality=modality, kind=kind)  # fmt: skip
+                             modality=modality, kind=kind, patient=patient)  # fmt: skip
                 exam = self._uploader_view(conn, self._site_exam(conn, site_id=site_id, exam_id=exam_id))
         if problem is not None:
             self._reject_exam(site_id=site_id, exam_id=exam_id, error=problem, stored=done)
@@ -751,7 +774,7 @@ class IngestService:
 
     def _commit(
         self, conn: Connection, p: Principal, *, exam_id: str, site_id: int, done: Sequence[Any], refused: int,
-        modality: str, kind: str,
+        modality: str, kind: str, patient: dict[str, str],
     ) -> None:  # fmt: skip
         site = conn.execute(select(sites).where(sites.c.id == site_id)).one()
         now = utcnow()
@@ -775,6 +798,7 @@ class IngestService:
                 total_bytes=sum(int(r.size) for r in done),
                 incomplete=refused > 0,
                 refused_count=refused,
+                **patient,
             ),
         )
 
@@ -813,7 +837,7 @@ class IngestService:
         modality = max(set(mods), key=mods.count) if mods else "OT"
         return modality, ExamKind.ECG if is_ecg(modality=modality) else str(exam["kind"])
 
-    def _check_wfdb_exam(self, done: Sequence[Any]) -> None:
+    def _check_wfdb_exam(self, done: Sequence[Any]) -> validate.WfdbHeaderInfo:
         roles = sorted(r.role for r in done)
         if roles != ["wfdb_header", "wfdb_signal"]:
             raise InvalidInput("a WFDB exam needs exactly one .hea and one .dat", reason="WFDB_INCOMPLETE")
@@ -829,6 +853,7 @@ class IngestService:
                 paths[r.role] = dest
             header = validate.inspect_wfdb_header(paths["wfdb_header"])
             validate.check_wfdb_pair(header, paths["wfdb_signal"])
+            return header
 
 
 def _refusal_error(row: Row[Any]) -> TelereadError:

@@ -17,6 +17,7 @@ import grpc
 
 from teleread.errors import InvalidInput, TelereadError, Unavailable
 from teleread.gateway.hub.ingest import IngestService, UploadState
+from teleread.gateway.hub.patient_context import REQUEST_FIELDS
 from teleread.messages import KIND_NAMES, PRIORITY_NAMES, exam_message, object_message
 from teleread.rpc import ClientStream, current_principal
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
@@ -37,6 +38,10 @@ def _status(state: UploadState) -> ingest_pb2.UploadStatus:
     if state.object_row is not None:
         msg.object.CopyFrom(object_message(state.object_row))
     return msg
+
+
+def _patient_fields(msg: common_pb2.Patient) -> dict[str, str]:
+    return {name: getattr(msg, name) for name in REQUEST_FIELDS}
 
 
 def _log_release_failure(done: asyncio.Future[None]) -> None:
@@ -63,8 +68,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             indication=request.indication,
             study_instance_uid=request.study_instance_uid,
             follow_up_of=request.follow_up_of,
+            patient=_patient_fields(request.patient) if request.HasField("patient") else None,
         )
-        return self._exam(row)
+        return self._exam(row)  # the site's view: never the patient context
 
     def BeginUpload(
         self, request: ingest_pb2.BeginUploadRequest, context: grpc.ServicerContext

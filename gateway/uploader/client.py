@@ -2,7 +2,9 @@
 
 Owns: the resumable chunked upload of the Ingest contract (OpenExam, BeginUpload, Upload,
 GetUploadStatus, CommitExam) with several streams at once, retries with capped backoff, and the
-``teleread upload`` command with its progress bar. Files are read in chunks, never whole.
+``teleread upload`` command with its progress bar. Files are read in chunks, never whole. What the
+technician knows of the patient goes with the exam (the files' own values win at the hub); it is
+never printed or logged here.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from teleread.client import (
 )
 from teleread.errors import TelereadError
 from teleread.files import sha256_hex
+from teleread.gateway.uploader.patient_options import add_patient_options, patient_from_args, patient_message
+from teleread.patient import PatientContext
 from teleread.gateway.uploader.schedule import TokenBucket, worth_compressing
 from teleread.gateway.uploader.scan import (  # re-exported: callers import the client API from here
     ExamKind,
@@ -145,6 +149,7 @@ class _Uploader:
     limiter: TokenBucket | None = None
     compression: str = "off"  # "off" | "gzip" | "auto" (gzip for objects that shrink)
     in_flight: int = 0  # most bytes a stream runs ahead of the hub's confirmed offset; 0: no bound
+    patient: common_pb2.Patient | None = None  # what the request says of the patient (every exam)
     fatal: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -167,6 +172,7 @@ class _Uploader:
             indication=self.indication,
             study_instance_uid=exam.study_instance_uid,
             follow_up_of=exam.follow_up_of,
+            patient=self.patient,
         )
         try:
             opened = self._call("OpenExam", request)
@@ -434,8 +440,10 @@ def upload_exams(
     limiter: TokenBucket | None = None,
     compression: str = "off",
     in_flight: int = 0,
+    patient: PatientContext | None = None,
 ) -> list[ExamOutcome]:
     """Upload every exam (resuming cut streams), committing those whose objects all stored.
+    ``patient`` goes with every exam's request (give it for one patient's exams only).
     ``progress`` receives the number of newly sent bytes (bytes re-sent after a cut count once).
     A rejected object is reported in its exam's errors and that exam is left uncommitted.
     ``parallel`` streams run at once (across the objects of an exam, and across exams). ``limiter``
@@ -453,6 +461,7 @@ def upload_exams(
         limiter=limiter,
         compression=compression,
         in_flight=in_flight,
+        patient=patient_message(patient) if patient else None,
     )
 
     def one(exam: ScanExam) -> ExamOutcome:
@@ -540,6 +549,7 @@ def _upload_with_bar(
             indication=args.indication,
             progress=lambda sent: bar.advance(task, sent),
             timeout=args.timeout,
+            patient=patient_from_args(args),
         )
 
 
@@ -555,6 +565,9 @@ def run_upload_cli(args: argparse.Namespace) -> int:
     if not scan.exams:
         print_error("no DICOM files or WFDB records found")
         return 1
+    if patient_from_args(args) is not None and len(scan.exams) > 1:  # one patient's values on another's exam
+        print_error(f"the patient options describe one patient; these files make {len(scan.exams)} exams")
+        return 2
     channel = connect_or_explain(args, metadata=(("x-teleread-site", args.site),))
     if channel is None:
         return 2
@@ -574,6 +587,7 @@ def add_upload_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--site", required=True, help="your site (checked against the token)")
     parser.add_argument("--priority", choices=sorted(PRIORITIES), default="routine")
     parser.add_argument("--indication", default="", help="clinical question for the reader")
+    add_patient_options(parser)
     add_connection_args(parser)
     parser.set_defaults(func=run_upload_cli)
     return parser

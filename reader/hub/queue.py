@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 from sqlalchemy import Connection, Engine, and_, or_, select
 
@@ -41,6 +41,17 @@ from teleread.vocab import ExamState, Level
 log = logging.getLogger("teleread.queue")
 
 READABLE_STATES = lifecycle.READABLE
+PRIORS_LIMIT = 20  # a patient's earlier exams shown with an exam
+
+
+class ExamDetails(NamedTuple):
+    """What a reader opening an exam sees (rows to show)."""
+
+    exam: dict[str, Any]
+    objects: list[dict[str, Any]]
+    reports: list[ReportRecord]
+    related: list[dict[str, Any]]  # the other exams of the same study (follow-ups)
+    priors: list[dict[str, Any]]  # the same patient's earlier exams (see QueueService.details)
 
 
 class QueueService:
@@ -238,15 +249,17 @@ class QueueService:
         record = None if row is None else ExamRecord.of(dict(row._mapping))
         return dict(readable(record, hospital=hospital, specialty=specialty).row)
 
-    def details(
-        self, p: Principal, *, exam_id: str
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[ReportRecord], list[dict[str, Any]]]:
-        """The exam, its objects, its report versions, and the other exams of the same study from the same
-        site that this reader may read (the exam it follows, and its follow-ups)."""
+    def details(self, p: Principal, *, exam_id: str) -> ExamDetails:
+        """The exam, its objects, its report versions, the other exams of the same study from the same
+        site that this reader may read (the exam it follows, and its follow-ups), and the patient's
+        priors: the same site's earlier exams of the same patient ID that this reader may read."""
         hospital, specialty = require_reader(p)
         with reading(self._db) as conn:
             exam = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
             related = self._related(conn, exam, hospital=hospital, specialty=specialty)
+            priors = self._priors(
+                conn, exam, hospital=hospital, specialty=specialty, besides={str(r["id"]) for r in related}
+            )
             objs = [
                 dict(r._mapping)
                 for r in conn.execute(
@@ -262,7 +275,35 @@ class QueueService:
                 ).scalar()
         with self._db.begin() as conn:  # the access is part of the audit trail
             record_event(conn, type="viewed", exam_id=exam_id, site_id=exam["site_id"], actor_id=p.id)
-        return exam, objs, reps, related
+        return ExamDetails(exam, objs, reps, related, priors)
+
+    @staticmethod
+    def _priors(
+        conn: Connection, exam: dict[str, Any], *, hospital: str, specialty: str, besides: set[str]
+    ) -> list[dict[str, Any]]:
+        """The patient's earlier exams: the same site and (non-empty) patient ID, received before this
+        one, most recent first, at most ``PRIORS_LIMIT``, only those this reader may open (the same
+        hospital and specialty, in a readable state), and not those of ``besides`` (shown as related).
+        A patient ID is the site's own, so another site's exams are never matched by it."""
+        if not exam["patient_id"] or exam["received_at"] is None:
+            return []
+        query = (
+            select(exams)
+            .where(
+                exams.c.site_id == exam["site_id"],
+                exams.c.patient_id == exam["patient_id"],
+                exams.c.id != exam["id"],
+                exams.c.received_at < exam["received_at"],
+                exams.c.hospital == hospital,
+                exams.c.specialty == specialty,
+                exams.c.state.in_(READABLE_STATES),
+            )
+            .order_by(exams.c.received_at.desc(), exams.c.id.desc())
+            .limit(PRIORS_LIMIT)
+        )
+        if besides:
+            query = query.where(exams.c.id.not_in(sorted(besides)))
+        return [dict(r._mapping) for r in conn.execute(query)]
 
     @staticmethod
     def _related(conn: Connection, exam: dict[str, Any], *, hospital: str, specialty: str) -> list[dict[str, Any]]:

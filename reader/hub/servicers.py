@@ -57,7 +57,8 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         self._events = _Memo()  # used on the event loop only
 
     def _exam(self, row: dict[str, Any]) -> common_pb2.Exam:
-        return exam_message(row, site_code=self._directory.site_code(row["site_id"]))
+        """An exam as its reader sees it: with the patient context (never in a site's view)."""
+        return exam_message(row, site_code=self._directory.site_code(row["site_id"]), patient=True)
 
     def _claim(self, row: dict[str, Any]) -> worklist_pb2.Claim:
         msg = worklist_pb2.Claim(exam=self._exam(row), fence=int(row["fence"]))
@@ -81,7 +82,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
 
     def _watch_message(self, item: WorklistItem) -> worklist_pb2.WorklistEvent:
         if isinstance(item, SnapshotExam):
-            exam = exam_message(item.exam, site_code=item.site_code)
+            exam = exam_message(item.exam, site_code=item.site_code, patient=True)
             return worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT, exam=exam)
         if isinstance(item, SnapshotEnd):
             return worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_END, event_id=item.event_id)
@@ -91,7 +92,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
     def _change_message(item: WorklistChange) -> worklist_pb2.WorklistEvent:
         return worklist_pb2.WorklistEvent(
             type=EVENT_TYPES[item.type],
-            exam=exam_message(item.exam, site_code=item.site_code),
+            exam=exam_message(item.exam, site_code=item.site_code, patient=True),  # to the worklist's readers only
             event_id=item.event_id,
             at=ts(item.at),
         )
@@ -128,16 +129,18 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
     def GetExamDetails(
         self, request: worklist_pb2.GetExamDetailsRequest, context: grpc.ServicerContext
     ) -> worklist_pb2.ExamDetails:
-        exam, objs, reps, related = self._queue.details(current_principal(), exam_id=request.exam_id)
+        found = self._queue.details(current_principal(), exam_id=request.exam_id)
+        reps = found.reports
         names = self._directory.principal_names([r.author_id for r in reps] + [r.signed_by for r in reps])
         return worklist_pb2.ExamDetails(
-            exam=self._exam(exam),
-            objects=[object_message(o) for o in objs],
+            exam=self._exam(found.exam),
+            objects=[object_message(o) for o in found.objects],
             reports=[
                 report_message(r.fields(), author=names.get(r.author_id, ""), signer=names.get(r.signed_by or 0, ""))
                 for r in reps
             ],
-            related=[self._exam(r) for r in related],
+            related=[self._exam(r) for r in found.related],
+            priors=[self._exam(r) for r in found.priors],
         )
 
     async def StreamObject(
@@ -192,7 +195,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
 def result_message(result: ResultRecord, *, site_code: str) -> results_pb2.Result:
     msg = results_pb2.Result(
         cursor=result.seq,
-        exam=exam_message(result.exam, site_code=site_code),
+        exam=exam_message(result.exam, site_code=site_code),  # the site's view: no patient context
         report=report_message(result.report.fields(), signer=result.signer_name),
         critical=result.critical,
     )

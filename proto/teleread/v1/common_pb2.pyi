@@ -106,7 +106,7 @@ class StoredObject(_message.Message):
     def __init__(self, object_id: _Optional[str] = ..., role: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., sop_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., modality: _Optional[str] = ..., media_type: _Optional[str] = ...) -> None: ...
 
 class Exam(_message.Message):
-    __slots__ = ("exam_id", "site", "kind", "modality", "state", "priority", "indication", "specialty", "study_instance_uid", "triage", "received_at", "deadline", "object_count", "total_bytes", "claimed_by", "lease_expires_at", "reject_reason", "incomplete", "refused_count", "refused", "follow_up_of", "stored_sha256")
+    __slots__ = ("exam_id", "site", "kind", "modality", "state", "priority", "indication", "specialty", "study_instance_uid", "triage", "received_at", "deadline", "object_count", "total_bytes", "claimed_by", "lease_expires_at", "reject_reason", "incomplete", "refused_count", "refused", "follow_up_of", "stored_sha256", "patient")
     EXAM_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class Exam(_message.Message):
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_UP_OF_FIELD_NUMBER: _ClassVar[int]
     STORED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
     exam_id: str
     site: str
     kind: ExamKind
@@ -151,7 +152,26 @@ class Exam(_message.Message):
     refused: _containers.RepeatedCompositeFieldContainer[RefusedObject]
     follow_up_of: str
     stored_sha256: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, exam_id: _Optional[str] = ..., site: _Optional[str] = ..., kind: _Optional[_Union[ExamKind, str]] = ..., modality: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., indication: _Optional[str] = ..., specialty: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., triage: _Optional[_Union[Triage, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., object_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., claimed_by: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reject_reason: _Optional[str] = ..., incomplete: _Optional[bool] = ..., refused_count: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[RefusedObject, _Mapping]]] = ..., follow_up_of: _Optional[str] = ..., stored_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+    patient: Patient
+    def __init__(self, exam_id: _Optional[str] = ..., site: _Optional[str] = ..., kind: _Optional[_Union[ExamKind, str]] = ..., modality: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., indication: _Optional[str] = ..., specialty: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., triage: _Optional[_Union[Triage, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., object_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., claimed_by: _Optional[str] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reject_reason: _Optional[str] = ..., incomplete: _Optional[bool] = ..., refused_count: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[RefusedObject, _Mapping]]] = ..., follow_up_of: _Optional[str] = ..., stored_sha256: _Optional[_Iterable[str]] = ..., patient: _Optional[_Union[Patient, _Mapping]] = ...) -> None: ...
+
+class Patient(_message.Message):
+    __slots__ = ("id", "name", "sex", "birth_date", "age", "referring_physician", "patient_class")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SEX_FIELD_NUMBER: _ClassVar[int]
+    BIRTH_DATE_FIELD_NUMBER: _ClassVar[int]
+    AGE_FIELD_NUMBER: _ClassVar[int]
+    REFERRING_PHYSICIAN_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_CLASS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    sex: str
+    birth_date: str
+    age: str
+    referring_physician: str
+    patient_class: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., sex: _Optional[str] = ..., birth_date: _Optional[str] = ..., age: _Optional[str] = ..., referring_physician: _Optional[str] = ..., patient_class: _Optional[str] = ...) -> None: ...
 
 class RefusedObject(_message.Message):
     __slots__ = ("role", "sha256", "sop_instance_uid", "reason", "message", "code")

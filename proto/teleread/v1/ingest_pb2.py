@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from teleread.v1 import common_pb2 as teleread_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18teleread/v1/ingest.proto\x12\x0bteleread.v1\x1a\x18teleread/v1/common.proto\"\xbe\x01\n\x0fOpenExamRequest\x12\x17\n\x0f\x63lient_exam_key\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.teleread.v1.ExamKind\x12\'\n\x08priority\x18\x03 \x01(\x0e\x32\x15.teleread.v1.Priority\x12\x12\n\nindication\x18\x04 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x05 \x01(\t\x12\x14\n\x0c\x66ollow_up_of\x18\x06 \x01(\t\"_\n\x12\x42\x65ginUploadRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\x9d\x01\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.teleread.v1.UploadState\x12)\n\x06object\x18\x05 \x01(\x0b\x32\x19.teleread.v1.StoredObject\">\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"+\n\x16GetUploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\">\n\x11\x43ommitExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_objects\x18\x02 \x01(\x05\"!\n\x0eGetExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t*z\n\x0bUploadState\x12\x1c\n\x18UPLOAD_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14UPLOAD_STATE_PARTIAL\x10\x01\x12\x17\n\x13UPLOAD_STATE_STORED\x10\x02\x12\x1a\n\x16UPLOAD_STATE_DUPLICATE\x10\x03\x32\xa0\x03\n\x06Ingest\x12;\n\x08OpenExam\x12\x1c.teleread.v1.OpenExamRequest\x1a\x11.teleread.v1.Exam\x12I\n\x0b\x42\x65ginUpload\x12\x1f.teleread.v1.BeginUploadRequest\x1a\x19.teleread.v1.UploadStatus\x12?\n\x06Upload\x12\x18.teleread.v1.UploadChunk\x1a\x19.teleread.v1.UploadStatus(\x01\x12Q\n\x0fGetUploadStatus\x12#.teleread.v1.GetUploadStatusRequest\x1a\x19.teleread.v1.UploadStatus\x12?\n\nCommitExam\x12\x1e.teleread.v1.CommitExamRequest\x1a\x11.teleread.v1.Exam\x12\x39\n\x07GetExam\x12\x1b.teleread.v1.GetExamRequest\x1a\x11.teleread.v1.Examb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18teleread/v1/ingest.proto\x12\x0bteleread.v1\x1a\x18teleread/v1/common.proto\"\xe5\x01\n\x0fOpenExamRequest\x12\x17\n\x0f\x63lient_exam_key\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.teleread.v1.ExamKind\x12\'\n\x08priority\x18\x03 \x01(\x0e\x32\x15.teleread.v1.Priority\x12\x12\n\nindication\x18\x04 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x05 \x01(\t\x12\x14\n\x0c\x66ollow_up_of\x18\x06 \x01(\t\x12%\n\x07patient\x18\x07 \x01(\x0b\x32\x14.teleread.v1.Patient\"_\n\x12\x42\x65ginUploadRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\x9d\x01\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.teleread.v1.UploadState\x12)\n\x06object\x18\x05 \x01(\x0b\x32\x19.teleread.v1.StoredObject\">\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"+\n\x16GetUploadStatusRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\">\n\x11\x43ommitExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_objects\x18\x02 \x01(\x05\"!\n\x0eGetExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t*z\n\x0bUploadState\x12\x1c\n\x18UPLOAD_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14UPLOAD_STATE_PARTIAL\x10\x01\x12\x17\n\x13UPLOAD_STATE_STORED\x10\x02\x12\x1a\n\x16UPLOAD_STATE_DUPLICATE\x10\x03\x32\xa0\x03\n\x06Ingest\x12;\n\x08OpenExam\x12\x1c.teleread.v1.OpenExamRequest\x1a\x11.teleread.v1.Exam\x12I\n\x0b\x42\x65ginUpload\x12\x1f.teleread.v1.BeginUploadRequest\x1a\x19.teleread.v1.UploadStatus\x12?\n\x06Upload\x12\x18.teleread.v1.UploadChunk\x1a\x19.teleread.v1.UploadStatus(\x01\x12Q\n\x0fGetUploadStatus\x12#.teleread.v1.GetUploadStatusRequest\x1a\x19.teleread.v1.UploadStatus\x12?\n\nCommitExam\x12\x1e.teleread.v1.CommitExamRequest\x1a\x11.teleread.v1.Exam\x12\x39\n\x07GetExam\x12\x1b.teleread.v1.GetExamRequest\x1a\x11.teleread.v1.Examb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'teleread.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPLOADSTATE']._serialized_start=725
-  _globals['_UPLOADSTATE']._serialized_end=847
+  _globals['_UPLOADSTATE']._serialized_start=764
+  _globals['_UPLOADSTATE']._serialized_end=886
   _globals['_OPENEXAMREQUEST']._serialized_start=68
-  _globals['_OPENEXAMREQUEST']._serialized_end=258
-  _globals['_BEGINUPLOADREQUEST']._serialized_start=260
-  _globals['_BEGINUPLOADREQUEST']._serialized_end=355
-  _globals['_UPLOADSTATUS']._serialized_start=358
-  _globals['_UPLOADSTATUS']._serialized_end=515
-  _globals['_UPLOADCHUNK']._serialized_start=517
-  _globals['_UPLOADCHUNK']._serialized_end=579
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=581
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=624
-  _globals['_COMMITEXAMREQUEST']._serialized_start=626
-  _globals['_COMMITEXAMREQUEST']._serialized_end=688
-  _globals['_GETEXAMREQUEST']._serialized_start=690
-  _globals['_GETEXAMREQUEST']._serialized_end=723
-  _globals['_INGEST']._serialized_start=850
-  _globals['_INGEST']._serialized_end=1266
+  _globals['_OPENEXAMREQUEST']._serialized_end=297
+  _globals['_BEGINUPLOADREQUEST']._serialized_start=299
+  _globals['_BEGINUPLOADREQUEST']._serialized_end=394
+  _globals['_UPLOADSTATUS']._serialized_start=397
+  _globals['_UPLOADSTATUS']._serialized_end=554
+  _globals['_UPLOADCHUNK']._serialized_start=556
+  _globals['_UPLOADCHUNK']._serialized_end=618
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=620
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=663
+  _globals['_COMMITEXAMREQUEST']._serialized_start=665
+  _globals['_COMMITEXAMREQUEST']._serialized_end=727
+  _globals['_GETEXAMREQUEST']._serialized_start=729
+  _globals['_GETEXAMREQUEST']._serialized_end=762
+  _globals['_INGEST']._serialized_start=889
+  _globals['_INGEST']._serialized_end=1305
 # @@protoc_insertion_point(module_scope)

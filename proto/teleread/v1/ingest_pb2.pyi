@@ -19,20 +19,22 @@ UPLOAD_STATE_STORED: UploadState
 UPLOAD_STATE_DUPLICATE: UploadState
 
 class OpenExamRequest(_message.Message):
-    __slots__ = ("client_exam_key", "kind", "priority", "indication", "study_instance_uid", "follow_up_of")
+    __slots__ = ("client_exam_key", "kind", "priority", "indication", "study_instance_uid", "follow_up_of", "patient")
     CLIENT_EXAM_KEY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     INDICATION_FIELD_NUMBER: _ClassVar[int]
     STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_UP_OF_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
     client_exam_key: str
     kind: _common_pb2.ExamKind
     priority: _common_pb2.Priority
     indication: str
     study_instance_uid: str
     follow_up_of: str
-    def __init__(self, client_exam_key: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ExamKind, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., indication: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., follow_up_of: _Optional[str] = ...) -> None: ...
+    patient: _common_pb2.Patient
+    def __init__(self, client_exam_key: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ExamKind, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., indication: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., follow_up_of: _Optional[str] = ..., patient: _Optional[_Union[_common_pb2.Patient, _Mapping]] = ...) -> None: ...
 
 class BeginUploadRequest(_message.Message):
     __slots__ = ("exam_id", "size", "sha256", "role", "name")

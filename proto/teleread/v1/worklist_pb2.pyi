@@ -114,16 +114,18 @@ class GetExamDetailsRequest(_message.Message):
     def __init__(self, exam_id: _Optional[str] = ...) -> None: ...
 
 class ExamDetails(_message.Message):
-    __slots__ = ("exam", "objects", "reports", "related")
+    __slots__ = ("exam", "objects", "reports", "related", "priors")
     EXAM_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
     RELATED_FIELD_NUMBER: _ClassVar[int]
+    PRIORS_FIELD_NUMBER: _ClassVar[int]
     exam: _common_pb2.Exam
     objects: _containers.RepeatedCompositeFieldContainer[_common_pb2.StoredObject]
     reports: _containers.RepeatedCompositeFieldContainer[_common_pb2.Report]
     related: _containers.RepeatedCompositeFieldContainer[_common_pb2.Exam]
-    def __init__(self, exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.StoredObject, _Mapping]]] = ..., reports: _Optional[_Iterable[_Union[_common_pb2.Report, _Mapping]]] = ..., related: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ...) -> None: ...
+    priors: _containers.RepeatedCompositeFieldContainer[_common_pb2.Exam]
+    def __init__(self, exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.StoredObject, _Mapping]]] = ..., reports: _Optional[_Iterable[_Union[_common_pb2.Report, _Mapping]]] = ..., related: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ..., priors: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ...) -> None: ...
 
 class StreamObjectRequest(_message.Message):
     __slots__ = ("exam_id", "object_id")
