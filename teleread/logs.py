@@ -34,6 +34,12 @@ _ALLOWED_EXTRA = (
     "state",
     "event",
     "specialty",
+    # the station's access log and sign-in (never a query string, a body or a password)
+    "method",
+    "route",
+    "client",
+    "why",
+    "known_user",
 )
 
 

@@ -331,3 +331,43 @@ def test_with_the_hubs_certificates_the_station_serves_https_and_talks_tls_to_th
         station.stop()
         hub.server.stop(grace=None)
         hub.hub.close()
+
+
+def test_the_patient_is_shown_to_the_reader_and_never_logged_by_the_station(
+    page: Any, stack: Any, tmp_path: Path, artifacts: Path
+) -> None:
+    import io
+
+    from teleread.logs import configure_logging
+    from teleread.patient import PatientContext
+
+    canary = PatientContext.of(
+        id="PHI-STATION-4711", name="PHI_STATION^王小明", sex="F", birth_date="19560304",
+        referring_physician="PHI_STATION_DR^刘", patient_class="outpatient",
+    )  # fmt: skip
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)  # every logger of this process: the hub and the station
+    write_synthetic_wfdb(tmp_path / "first", rhythm="normal", name="ecg-prior", seed=21)
+    prior = _upload(stack, tmp_path / "first", patient=canary)
+    wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_a")), prior, "queued")
+    write_synthetic_wfdb(tmp_path / "second", rhythm="af_rvr", name="ecg-now", seed=22)
+    exam_id = _upload(stack, tmp_path / "second", patient=canary, indication="palpitations")
+    wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_a")), exam_id, "queued")
+    _signed_in(page, "dr-heart")
+    row = _row(page, exam_id)
+    row.wait_for(timeout=10_000)
+    assert "F 70 y" in row.inner_text()  # sex and age (at the exam) in the worklist
+    page.screenshot(path=str(artifacts / "station-worklist.png"))
+    row.dblclick()
+    patient = page.get_by_test_id("patient")
+    patient.filter(has_text="PHI_STATION 王小明").wait_for(timeout=10_000)  # the PN as a reader reads it
+    assert "PHI-STATION-4711" in patient.inner_text() and "outpatient" in patient.inner_text()
+    assert "刘" in page.get_by_test_id("request").inner_text()
+    assert page.get_by_test_id("priors").locator("[data-testid=prior]").count() >= 1  # the earlier exam
+    page.screenshot(path=str(artifacts / "station-exam-patient.png"))
+    page.get_by_test_id("back").click()
+    page.get_by_test_id("worklist").wait_for()
+    logs = stream.getvalue()
+    assert '"route": "/api/exams/{exam_id}"' in logs  # the station's access log ran
+    for needle in ("PHI_STATION", "王小明", "PHI-STATION-4711", "刘", "19560304"):
+        assert needle not in logs, f"{needle!r} reached a log"

@@ -278,9 +278,27 @@ function fillFilter(select, values) {
   select.value = want.includes(current) ? current : "";
 }
 
+// DICOM's ways of writing a person, an age and a date, as a reader reads them.
+function personName(pn) {  // "Wang^Xiaoming=王^小明" -> "王小明 (Wang Xiaoming)"
+  if (!pn) return "";
+  const [alphabetic, ideographic] = pn.split("=");
+  const words = (part) => (part || "").split("^").filter(Boolean);
+  const latin = words(alphabetic).join(" ");
+  const cjk = words(ideographic).join("");
+  return cjk ? (latin ? `${cjk} (${latin})` : cjk) : latin;
+}
+function ageText(as) {  // "063Y" -> "63 y", "008M" -> "8 mo", "012D" -> "12 d"
+  const m = /^(\d{3})([DWMY])$/.exec(as || "");
+  if (!m) return as || "";
+  return `${Number(m[1])} ${{ D: "d", W: "wk", M: "mo", Y: "y" }[m[2]]}`;
+}
+function dateText(da) {  // "19560304" -> "1956-03-04"
+  return /^\d{8}$/.test(da || "") ? `${da.slice(0, 4)}-${da.slice(4, 6)}-${da.slice(6)}` : (da || "");
+}
+
 function patientText(exam) {
   const p = exam.patient || {};
-  return [p.sex, p.age].filter(Boolean).join(" ");
+  return [p.sex, ageText(p.age)].filter(Boolean).join(" ");
 }
 
 function timeLeft(deadline) {
@@ -445,8 +463,9 @@ function renderExam(details, claim) {
   $("exam-title").textContent = `${exam.modality || ""} · ${exam.site} · ${exam.indication || ""}`;
   $("lease").textContent = claim && claim.lease_expires_at ? `claimed until ${new Date(claim.lease_expires_at).toLocaleTimeString()}` : exam.state;
   const p = exam.patient || {};
-  dl($("patient"), [["Name", p.name], ["Sex", p.sex], ["Age", p.age], ["Birth date", p.birth_date], ["Patient ID", p.id], ["Class", p.patient_class]]);
-  dl($("request"), [["Requested by", p.referring_physician], ["Priority", (exam.priority || "").replace("PRIORITY_", "").toLowerCase()],
+  dl($("patient"), [["Name", personName(p.name)], ["Sex", p.sex], ["Age", ageText(p.age)], ["Birth date", dateText(p.birth_date)],
+    ["Patient ID", p.id], ["Class", p.patient_class]]);
+  dl($("request"), [["Requested by", personName(p.referring_physician)], ["Priority", (exam.priority || "").replace("PRIORITY_", "").toLowerCase()],
     ["Indication", exam.indication], ["Arrived", exam.received_at && new Date(exam.received_at).toLocaleString()],
     ["Deadline", exam.deadline && new Date(exam.deadline).toLocaleString()]]);
   const triage = exam.triage || {};
