@@ -269,3 +269,50 @@ def test_a_worklist_snapshot_carries_the_whole_queue_not_a_first_page(embedded_s
         snapshot.append(item.exam.exam_id)
     call.cancel()
     assert len(snapshot) == 1200 and snapshot[0] == f"{1:032x}" and snapshot[-1] == f"{1200:032x}"  # queue order
+
+
+def test_a_snapshot_asked_in_batches_comes_in_queue_order_500_exams_at_a_time(embedded_stack: HubStack) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+
+    from teleread.db.schema import exams
+
+    now = utcnow()
+    with embedded_stack.hub.engine.begin() as conn:
+        site_id = conn.execute(select(sites.c.id).where(sites.c.code == "clinic-a")).scalar_one()
+        conn.execute(
+            insert(exams),
+            [
+                {
+                    "id": f"{n:032x}",
+                    "site_id": site_id,
+                    "client_exam_key": f"batch-{n}",
+                    "kind": "ecg",
+                    "modality": "ECG",
+                    "state": "queued",
+                    "priority": "routine",
+                    "specialty": "cardiology",
+                    "hospital": "county-hosp",
+                    "level": "routine",
+                    "level_rank": 3,
+                    "deadline": now + timedelta(minutes=n),
+                    "received_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }  # fmt: skip
+                for n in range(1, 1201)
+            ],
+        )
+    call = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("cardio")).Watch(
+        worklist_pb2.WatchWorklistRequest(snapshot_batches=True), timeout=60
+    )
+    batches = []
+    for item in call:
+        if item.type == WL.TYPE_SNAPSHOT_END:
+            break
+        assert item.type == WL.TYPE_SNAPSHOT_BATCH and not item.HasField("exam")
+        batches.append([e.exam_id for e in item.exams])
+    call.cancel()
+    assert [len(b) for b in batches] == [500, 500, 200]
+    assert [i for b in batches for i in b] == [f"{n:032x}" for n in range(1, 1201)]

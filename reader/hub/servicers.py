@@ -32,6 +32,7 @@ EVENT_TYPES = {
     "critical_result": worklist_pb2.WorklistEvent.TYPE_REPORTED,
 }
 LIST_DEFAULT, LIST_MAX = 200, 1000  # ListWorklist's page (the Watch snapshot carries the whole queue)
+SNAPSHOT_BATCH = 500  # exams per TYPE_SNAPSHOT_BATCH event (about 1 MB at most, under the 4 MB message limit)
 MEMO = 4096  # event messages kept: every watcher of one worklist gets the same message
 
 
@@ -77,7 +78,17 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
     async def Watch(
         self, request: worklist_pb2.WatchWorklistRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worklist_pb2.WorklistEvent]:
+        batch: list[common_pb2.Exam] = []
         async for item in self._feed.worklist(current_principal()):
+            if request.snapshot_batches and isinstance(item, SnapshotExam):
+                batch.append(exam_message(item.exam, site_code=item.site_code, patient=True))
+                if len(batch) < SNAPSHOT_BATCH:
+                    continue
+            if batch:
+                yield worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_BATCH, exams=batch)
+                batch = []
+                if isinstance(item, SnapshotExam):
+                    continue
             yield self._watch_message(item)
 
     def _watch_message(self, item: WorklistItem) -> worklist_pb2.WorklistEvent:

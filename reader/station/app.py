@@ -295,6 +295,9 @@ def _pump(station: Station, session: BrowserSession, inbox: asyncio.Queue[Any]) 
             async for event in station.hub.watch(session.hub_token):
                 kind = worklist_pb2.WorklistEvent.Type.Name(event.type).removeprefix("TYPE_")
                 if snapshot is not None:
+                    if kind == "SNAPSHOT_BATCH":
+                        snapshot.extend(as_dict(exam) for exam in event.exams)
+                        continue
                     if kind == "SNAPSHOT":
                         snapshot.append(as_dict(event.exam))
                         continue

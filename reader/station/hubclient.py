@@ -131,7 +131,9 @@ class HubClient:
     # ---- the queue -----------------------------------------------------------------------------
     async def watch(self, token: str) -> AsyncIterator[worklist_pb2.WorklistEvent]:
         """The reader's worklist: a snapshot, its end marker, then every change, until cancelled."""
-        call = self._worklist.Watch(worklist_pb2.WatchWorklistRequest(), metadata=self._meta(token))
+        call = self._worklist.Watch(
+            worklist_pb2.WatchWorklistRequest(snapshot_batches=True), metadata=self._meta(token)
+        )
         try:
             async for event in call:
                 yield event

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from teleread.v1 import common_pb2 as teleread_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ateleread/v1/worklist.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"=\n\x13ListWorklistRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x17\n\x0finclude_claimed\x18\x02 \x01(\x08\"8\n\x14ListWorklistResponse\x12 \n\x05\x65xams\x18\x01 \x03(\x0b\x32\x11.teleread.v1.Exam\"\x16\n\x14WatchWorklistRequest\"\xbe\x02\n\rWorklistEvent\x12-\n\x04type\x18\x01 \x01(\x0e\x32\x1f.teleread.v1.WorklistEvent.Type\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\x03\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa2\x01\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rTYPE_SNAPSHOT\x10\x01\x12\x0f\n\x0bTYPE_QUEUED\x10\x02\x12\x10\n\x0cTYPE_CLAIMED\x10\x03\x12\x11\n\rTYPE_RELEASED\x10\x04\x12\x11\n\rTYPE_REPORTED\x10\x05\x12\x11\n\rTYPE_CRITICAL\x10\x06\x12\x15\n\x11TYPE_SNAPSHOT_END\x10\x07\"m\n\x05\x43laim\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x10\x43laimNextRequest\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\"Q\n\x10\x43laimExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x05\x12\x15\n\rfor_amendment\x18\x03 \x01(\x08\"J\n\x11RenewClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"5\n\x13ReleaseClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\x16\n\x14ReleaseClaimResponse\"(\n\x15GetExamDetailsRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\"\xc7\x01\n\x0b\x45xamDetails\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12*\n\x07objects\x18\x02 \x03(\x0b\x32\x19.teleread.v1.StoredObject\x12$\n\x07reports\x18\x03 \x03(\x0b\x32\x13.teleread.v1.Report\x12\"\n\x07related\x18\x04 \x03(\x0b\x32\x11.teleread.v1.Exam\x12!\n\x06priors\x18\x05 \x03(\x0b\x32\x11.teleread.v1.Exam\"9\n\x13StreamObjectRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"I\n\x0bObjectChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"g\n\x11SaveReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\"3\n\x11SignReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"x\n\x12\x41mendReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x03\x32\xa9\x06\n\x08Worklist\x12S\n\x0cListWorklist\x12 .teleread.v1.ListWorklistRequest\x1a!.teleread.v1.ListWorklistResponse\x12H\n\x05Watch\x12!.teleread.v1.WatchWorklistRequest\x1a\x1a.teleread.v1.WorklistEvent0\x01\x12>\n\tClaimNext\x12\x1d.teleread.v1.ClaimNextRequest\x1a\x12.teleread.v1.Claim\x12>\n\tClaimExam\x12\x1d.teleread.v1.ClaimExamRequest\x1a\x12.teleread.v1.Claim\x12@\n\nRenewClaim\x12\x1e.teleread.v1.RenewClaimRequest\x1a\x12.teleread.v1.Claim\x12S\n\x0cReleaseClaim\x12 .teleread.v1.ReleaseClaimRequest\x1a!.teleread.v1.ReleaseClaimResponse\x12N\n\x0eGetExamDetails\x12\".teleread.v1.GetExamDetailsRequest\x1a\x18.teleread.v1.ExamDetails\x12L\n\x0cStreamObject\x12 .teleread.v1.StreamObjectRequest\x1a\x18.teleread.v1.ObjectChunk0\x01\x12\x41\n\nSaveReport\x12\x1e.teleread.v1.SaveReportRequest\x1a\x13.teleread.v1.Report\x12\x41\n\nSignReport\x12\x1e.teleread.v1.SignReportRequest\x1a\x13.teleread.v1.Report\x12\x43\n\x0b\x41mendReport\x12\x1f.teleread.v1.AmendReportRequest\x1a\x13.teleread.v1.Reportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ateleread/v1/worklist.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"=\n\x13ListWorklistRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x17\n\x0finclude_claimed\x18\x02 \x01(\x08\"8\n\x14ListWorklistResponse\x12 \n\x05\x65xams\x18\x01 \x03(\x0b\x32\x11.teleread.v1.Exam\"0\n\x14WatchWorklistRequest\x12\x18\n\x10snapshot_batches\x18\x01 \x01(\x08\"\xf9\x02\n\rWorklistEvent\x12-\n\x04type\x18\x01 \x01(\x0e\x32\x1f.teleread.v1.WorklistEvent.Type\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\x03\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05\x65xams\x18\x05 \x03(\x0b\x32\x11.teleread.v1.Exam\"\xbb\x01\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rTYPE_SNAPSHOT\x10\x01\x12\x0f\n\x0bTYPE_QUEUED\x10\x02\x12\x10\n\x0cTYPE_CLAIMED\x10\x03\x12\x11\n\rTYPE_RELEASED\x10\x04\x12\x11\n\rTYPE_REPORTED\x10\x05\x12\x11\n\rTYPE_CRITICAL\x10\x06\x12\x15\n\x11TYPE_SNAPSHOT_END\x10\x07\x12\x17\n\x13TYPE_SNAPSHOT_BATCH\x10\x08\"m\n\x05\x43laim\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x10\x43laimNextRequest\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\"Q\n\x10\x43laimExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x05\x12\x15\n\rfor_amendment\x18\x03 \x01(\x08\"J\n\x11RenewClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"5\n\x13ReleaseClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\x16\n\x14ReleaseClaimResponse\"(\n\x15GetExamDetailsRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\"\xc7\x01\n\x0b\x45xamDetails\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12*\n\x07objects\x18\x02 \x03(\x0b\x32\x19.teleread.v1.StoredObject\x12$\n\x07reports\x18\x03 \x03(\x0b\x32\x13.teleread.v1.Report\x12\"\n\x07related\x18\x04 \x03(\x0b\x32\x11.teleread.v1.Exam\x12!\n\x06priors\x18\x05 \x03(\x0b\x32\x11.teleread.v1.Exam\"9\n\x13StreamObjectRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"I\n\x0bObjectChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"g\n\x11SaveReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\"3\n\x11SignReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"x\n\x12\x41mendReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x03\x32\xa9\x06\n\x08Worklist\x12S\n\x0cListWorklist\x12 .teleread.v1.ListWorklistRequest\x1a!.teleread.v1.ListWorklistResponse\x12H\n\x05Watch\x12!.teleread.v1.WatchWorklistRequest\x1a\x1a.teleread.v1.WorklistEvent0\x01\x12>\n\tClaimNext\x12\x1d.teleread.v1.ClaimNextRequest\x1a\x12.teleread.v1.Claim\x12>\n\tClaimExam\x12\x1d.teleread.v1.ClaimExamRequest\x1a\x12.teleread.v1.Claim\x12@\n\nRenewClaim\x12\x1e.teleread.v1.RenewClaimRequest\x1a\x12.teleread.v1.Claim\x12S\n\x0cReleaseClaim\x12 .teleread.v1.ReleaseClaimRequest\x1a!.teleread.v1.ReleaseClaimResponse\x12N\n\x0eGetExamDetails\x12\".teleread.v1.GetExamDetailsRequest\x1a\x18.teleread.v1.ExamDetails\x12L\n\x0cStreamObject\x12 .teleread.v1.StreamObjectRequest\x1a\x18.teleread.v1.ObjectChunk0\x01\x12\x41\n\nSaveReport\x12\x1e.teleread.v1.SaveReportRequest\x1a\x13.teleread.v1.Report\x12\x41\n\nSignReport\x12\x1e.teleread.v1.SignReportRequest\x1a\x13.teleread.v1.Report\x12\x43\n\x0b\x41mendReport\x12\x1f.teleread.v1.AmendReportRequest\x1a\x13.teleread.v1.Reportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKLISTRESPONSE']._serialized_start=165
   _globals['_LISTWORKLISTRESPONSE']._serialized_end=221
   _globals['_WATCHWORKLISTREQUEST']._serialized_start=223
-  _globals['_WATCHWORKLISTREQUEST']._serialized_end=245
-  _globals['_WORKLISTEVENT']._serialized_start=248
-  _globals['_WORKLISTEVENT']._serialized_end=566
-  _globals['_WORKLISTEVENT_TYPE']._serialized_start=404
-  _globals['_WORKLISTEVENT_TYPE']._serialized_end=566
-  _globals['_CLAIM']._serialized_start=568
-  _globals['_CLAIM']._serialized_end=677
-  _globals['_CLAIMNEXTREQUEST']._serialized_start=679
-  _globals['_CLAIMNEXTREQUEST']._serialized_end=720
-  _globals['_CLAIMEXAMREQUEST']._serialized_start=722
-  _globals['_CLAIMEXAMREQUEST']._serialized_end=803
-  _globals['_RENEWCLAIMREQUEST']._serialized_start=805
-  _globals['_RENEWCLAIMREQUEST']._serialized_end=879
-  _globals['_RELEASECLAIMREQUEST']._serialized_start=881
-  _globals['_RELEASECLAIMREQUEST']._serialized_end=934
-  _globals['_RELEASECLAIMRESPONSE']._serialized_start=936
-  _globals['_RELEASECLAIMRESPONSE']._serialized_end=958
-  _globals['_GETEXAMDETAILSREQUEST']._serialized_start=960
-  _globals['_GETEXAMDETAILSREQUEST']._serialized_end=1000
-  _globals['_EXAMDETAILS']._serialized_start=1003
-  _globals['_EXAMDETAILS']._serialized_end=1202
-  _globals['_STREAMOBJECTREQUEST']._serialized_start=1204
-  _globals['_STREAMOBJECTREQUEST']._serialized_end=1261
-  _globals['_OBJECTCHUNK']._serialized_start=1263
-  _globals['_OBJECTCHUNK']._serialized_end=1336
-  _globals['_SAVEREPORTREQUEST']._serialized_start=1338
-  _globals['_SAVEREPORTREQUEST']._serialized_end=1441
-  _globals['_SIGNREPORTREQUEST']._serialized_start=1443
-  _globals['_SIGNREPORTREQUEST']._serialized_end=1494
-  _globals['_AMENDREPORTREQUEST']._serialized_start=1496
-  _globals['_AMENDREPORTREQUEST']._serialized_end=1616
-  _globals['_WORKLIST']._serialized_start=1619
-  _globals['_WORKLIST']._serialized_end=2428
+  _globals['_WATCHWORKLISTREQUEST']._serialized_end=271
+  _globals['_WORKLISTEVENT']._serialized_start=274
+  _globals['_WORKLISTEVENT']._serialized_end=651
+  _globals['_WORKLISTEVENT_TYPE']._serialized_start=464
+  _globals['_WORKLISTEVENT_TYPE']._serialized_end=651
+  _globals['_CLAIM']._serialized_start=653
+  _globals['_CLAIM']._serialized_end=762
+  _globals['_CLAIMNEXTREQUEST']._serialized_start=764
+  _globals['_CLAIMNEXTREQUEST']._serialized_end=805
+  _globals['_CLAIMEXAMREQUEST']._serialized_start=807
+  _globals['_CLAIMEXAMREQUEST']._serialized_end=888
+  _globals['_RENEWCLAIMREQUEST']._serialized_start=890
+  _globals['_RENEWCLAIMREQUEST']._serialized_end=964
+  _globals['_RELEASECLAIMREQUEST']._serialized_start=966
+  _globals['_RELEASECLAIMREQUEST']._serialized_end=1019
+  _globals['_RELEASECLAIMRESPONSE']._serialized_start=1021
+  _globals['_RELEASECLAIMRESPONSE']._serialized_end=1043
+  _globals['_GETEXAMDETAILSREQUEST']._serialized_start=1045
+  _globals['_GETEXAMDETAILSREQUEST']._serialized_end=1085
+  _globals['_EXAMDETAILS']._serialized_start=1088
+  _globals['_EXAMDETAILS']._serialized_end=1287
+  _globals['_STREAMOBJECTREQUEST']._serialized_start=1289
+  _globals['_STREAMOBJECTREQUEST']._serialized_end=1346
+  _globals['_OBJECTCHUNK']._serialized_start=1348
+  _globals['_OBJECTCHUNK']._serialized_end=1421
+  _globals['_SAVEREPORTREQUEST']._serialized_start=1423
+  _globals['_SAVEREPORTREQUEST']._serialized_end=1526
+  _globals['_SIGNREPORTREQUEST']._serialized_start=1528
+  _globals['_SIGNREPORTREQUEST']._serialized_end=1579
+  _globals['_AMENDREPORTREQUEST']._serialized_start=1581
+  _globals['_AMENDREPORTREQUEST']._serialized_end=1701
+  _globals['_WORKLIST']._serialized_start=1704
+  _globals['_WORKLIST']._serialized_end=2513
 # @@protoc_insertion_point(module_scope)
