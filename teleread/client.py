@@ -17,7 +17,6 @@ import argparse
 import functools
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -248,8 +247,7 @@ def session_file(client: ClientSettings | None = None) -> Path:
     """Where ``teleread login`` keeps the signed-in person's session (readable by its user only)."""
     if client is not None and client.session_file is not None:
         return client.session_file
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "teleread" / "session.json"
+    return Path.home() / ".config" / "teleread" / "session.json"  # elsewhere: TELEREAD_SESSION_FILE
 
 
 def saved_session(client: ClientSettings | None = None) -> dict[str, str] | None:
