@@ -226,7 +226,9 @@ def test_an_event_committed_after_a_later_one_is_delivered_once(pg_stack: HubSta
     watch.cancel()
 
 
-def test_a_worklist_snapshot_carries_the_whole_queue_not_a_first_page(embedded_stack: HubStack) -> None:
+def _queue_1200(stack: HubStack) -> None:
+    """1,200 queued cardiology exams of clinic-a straight into the database; ids 1..1200 (hex) in
+    queue order (by deadline)."""
     from datetime import timedelta
 
     from sqlalchemy import insert
@@ -234,7 +236,7 @@ def test_a_worklist_snapshot_carries_the_whole_queue_not_a_first_page(embedded_s
     from teleread.db.schema import exams
 
     now = utcnow()
-    with embedded_stack.hub.engine.begin() as conn:
+    with stack.hub.engine.begin() as conn:
         site_id = conn.execute(select(sites.c.id).where(sites.c.code == "clinic-a")).scalar_one()
         conn.execute(
             insert(exams),
@@ -259,6 +261,10 @@ def test_a_worklist_snapshot_carries_the_whole_queue_not_a_first_page(embedded_s
                 for n in range(1, 1201)
             ],
         )
+
+
+def test_a_worklist_snapshot_carries_the_whole_queue_not_a_first_page(embedded_stack: HubStack) -> None:
+    _queue_1200(embedded_stack)
     call = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("cardio")).Watch(
         worklist_pb2.WatchWorklistRequest(), timeout=60
     )
@@ -272,38 +278,7 @@ def test_a_worklist_snapshot_carries_the_whole_queue_not_a_first_page(embedded_s
 
 
 def test_a_snapshot_asked_in_batches_comes_in_queue_order_500_exams_at_a_time(embedded_stack: HubStack) -> None:
-    from datetime import timedelta
-
-    from sqlalchemy import insert
-
-    from teleread.db.schema import exams
-
-    now = utcnow()
-    with embedded_stack.hub.engine.begin() as conn:
-        site_id = conn.execute(select(sites.c.id).where(sites.c.code == "clinic-a")).scalar_one()
-        conn.execute(
-            insert(exams),
-            [
-                {
-                    "id": f"{n:032x}",
-                    "site_id": site_id,
-                    "client_exam_key": f"batch-{n}",
-                    "kind": "ecg",
-                    "modality": "ECG",
-                    "state": "queued",
-                    "priority": "routine",
-                    "specialty": "cardiology",
-                    "hospital": "county-hosp",
-                    "level": "routine",
-                    "level_rank": 3,
-                    "deadline": now + timedelta(minutes=n),
-                    "received_at": now,
-                    "created_at": now,
-                    "updated_at": now,
-                }  # fmt: skip
-                for n in range(1, 1201)
-            ],
-        )
+    _queue_1200(embedded_stack)
     call = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("cardio")).Watch(
         worklist_pb2.WatchWorklistRequest(snapshot_batches=True), timeout=60
     )
