@@ -371,3 +371,31 @@ def test_the_patient_is_shown_to_the_reader_and_never_logged_by_the_station(
     assert '"route": "/api/exams/{exam_id}"' in logs  # the station's access log ran
     for needle in ("PHI_STATION", "王小明", "PHI-STATION-4711", "刘", "19560304"):
         assert needle not in logs, f"{needle!r} reached a log"
+
+
+def test_sign_and_next_signs_the_open_exam_and_opens_the_next_one_claimed(
+    page: Any, stack: Any, tmp_path: Path
+) -> None:
+    exams = []
+    for n in range(2):
+        write_synthetic_wfdb(tmp_path / f"e{n}", rhythm="normal", name=f"ecg-next-{n}", seed=30 + n)
+        exams.append(_upload(stack, tmp_path / f"e{n}"))
+    for exam_id in exams:
+        wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_a")), exam_id, "queued")
+    _signed_in(page, "dr-heart")
+    _row(page, exams[0]).dblclick()
+    page.get_by_test_id("report-text").wait_for()
+    page.get_by_test_id("report-text").fill("Sinus rhythm, normal ECG.")
+    page.keyboard.press("Control+Shift+Enter")
+    page.wait_for_function("(first) => !location.pathname.endsWith(first)", arg=exams[0], timeout=10_000)
+    page.get_by_test_id("report-text").wait_for()
+    assert page.get_by_test_id("report-text").input_value() == ""  # a new, empty report
+    opened = page.evaluate("decodeURIComponent(location.pathname.split('/').pop())")
+    worklist = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))
+    signed = worklist.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=exams[0]), timeout=10)
+    assert signed.exam.state == "reported" and signed.reports[-1].text == "Sinus rhythm, normal ECG."
+    held = worklist.ListWorklist(worklist_pb2.ListWorklistRequest(include_claimed=True), timeout=10).exams
+    assert [(e.state, e.claimed_by) for e in held if e.exam_id == opened] == [("in_reading", "dr-heart")]
+    page.keyboard.press("Escape")  # leave it: released for the next test
+    wait_for(lambda: all(e.exam_id != opened or not e.claimed_by for e in worklist.ListWorklist(
+        worklist_pb2.ListWorklistRequest(include_claimed=True), timeout=10).exams), timeout=10)  # fmt: skip

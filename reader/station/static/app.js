@@ -393,10 +393,15 @@ for (const id of ["f-level", "f-site", "f-modality"]) $(id).addEventListener("ch
 
 async function claimNext() {
   try {
-    const { claim } = await api("/api/claim-next", { method: "POST", body: {} });
-    if (!claim) { toast("The queue is empty."); return; }
-    await openExam(claim.exam.exam_id, claim);
+    await openNext(await api("/api/claim-next", { method: "POST", body: {} }));
   } catch (err) { toast(err.message); }
+}
+
+// What the station answers to claim-next (alone or with a signature): the claim and the exam's page.
+async function openNext(next) {
+  if (next.error) { toast(next.error.message); return; }
+  if (!next.claim) { toast("The queue is empty."); return; }
+  await openExam(next.claim.exam.exam_id, next.claim, { details: next.details });
 }
 $("claim-next").addEventListener("click", claimNext);
 
@@ -408,12 +413,13 @@ function route() {
 }
 window.addEventListener("popstate", () => { releaseOpen().then(route); });
 
-async function openExam(examId, claim = null, { push = true } = {}) {
+async function openExam(examId, claim = null, { push = true, details = null } = {}) {
   await releaseOpen();
-  let details;
-  try {
-    details = await api(`/api/exams/${encodeURIComponent(examId)}`);
-  } catch (err) { toast(err.message); return; }
+  if (!details) {
+    try {
+      details = await api(`/api/exams/${encodeURIComponent(examId)}`);
+    } catch (err) { toast(err.message); return; }
+  }
   const reported = details.exam.state === "reported";
   if (!claim && !reported) {
     try { claim = (await api(`/api/exams/${encodeURIComponent(examId)}/claim`, { method: "POST", body: {} })).claim; }
@@ -549,16 +555,21 @@ async function sign({ next = false } = {}) {
   if (!$("text").value.trim()) { $("report-error").textContent = "the report is empty"; return; }
   clearTimeout(open.saveTimer);
   try {
-    const { report } = open.amend
+    const { report, next: following } = open.amend
       ? await api(`/api/exams/${encodeURIComponent(open.examId)}/amend`, { method: "POST", body: { fence: open.fence, reason: $("amend-reason").value, ...pane() } })
-      : await api(`/api/exams/${encodeURIComponent(open.examId)}/sign`, { method: "POST", body: { fence: open.fence, ...pane() } });
+      : await api(`/api/exams/${encodeURIComponent(open.examId)}/sign`, { method: "POST", body: { fence: open.fence, next, ...pane() } });
     open.signed = true;
     clearInterval(open.renewTimer);
+    // Off the worklist now: the hub has it signed; its REPORTED event, when it comes, changes nothing.
+    if (!open.amend) { state.exams.delete(open.examId); state.order = null; clearAlert(open.examId); }
     state.recent.unshift({ examId: open.examId, version: report.version, critical: report.critical, title: $("exam-title").textContent });
     renderRecent();
     toast(`signed (version ${report.version})`);
     state.open = null;
-    if (next) { await claimNext(); if (state.open) return; }
+    if (next) {
+      if (following) await openNext(following); else await claimNext();  // an amendment signs alone
+      if (state.open) return;
+    }
     history.pushState(null, "", "/");
     show("view-worklist"); renderWorklist();
   } catch (err) { $("report-error").textContent = err.message; }
