@@ -203,7 +203,11 @@ def _measure(
     page.goto("/")
     page.wait_for_selector("#live.on", timeout=30_000)
     page.keyboard.press("n")
-    page.wait_for_selector("#view-exam:not([hidden])", timeout=30_000)
+    try:
+        page.wait_for_selector("#view-exam:not([hidden])", timeout=30_000)
+    except Exception as err:  # say what the page said
+        toast = page.evaluate("document.getElementById('toast').textContent")
+        raise SystemExit(f"claim-next did not open an exam; the page says: {toast!r}") from err
     signs: list[float] = []
     for _ in range(plan.signs):
         before = page.evaluate("location.pathname")

@@ -15,6 +15,7 @@ const state = {
   source: null,
   open: null,              // {examId, fence, amend, renewTimer, dirty, saveTimer, signed}
   templates: [],
+  templatesLoaded: Promise.resolve(),
   recent: [],
   lastActivity: 0,
 };
@@ -122,7 +123,8 @@ async function signedIn(session) {
   $("who").textContent = `${who.user} · ${who.specialty} · ${who.hospital}`;
   if ("Notification" in window && Notification.permission === "default") Notification.requestPermission().catch(() => {});
   startStream();  // the worklist's stream first: the templates load meanwhile
-  state.templates = (await api("/api/templates")).templates;
+  // The worklist (and its keys) are there at once; an exam page waits for the templates.
+  state.templatesLoaded = api("/api/templates").then((answer) => { state.templates = answer.templates; });
   route();
 }
 
@@ -420,6 +422,7 @@ async function openExam(examId, claim = null, { push = true, details = null } = 
       details = await api(`/api/exams/${encodeURIComponent(examId)}`);
     } catch (err) { toast(err.message); return; }
   }
+  await state.templatesLoaded.catch(() => {});  // the report pane offers them
   const reported = details.exam.state === "reported";
   if (!claim && !reported) {
     try { claim = (await api(`/api/exams/${encodeURIComponent(examId)}/claim`, { method: "POST", body: {} })).claim; }
