@@ -28,15 +28,21 @@ class Evidence:
     unit: str = ""
     lead: str = ""
     threshold: float | None = None
+    at_s: float | None = None  # where on the trace, s from the record's start
+    duration_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "value": self.value,
             "unit": self.unit,
             "lead": self.lead,
             "threshold": self.threshold,
         }
+        if self.at_s is not None:
+            out["at_s"] = self.at_s
+            out["duration_s"] = self.duration_s or 0.0
+        return out
 
     @classmethod
     def from_dict(cls, e: Mapping[str, Any]) -> Evidence:
@@ -46,11 +52,58 @@ class Evidence:
             unit=str(e.get("unit") or ""),
             lead=str(e.get("lead") or ""),
             threshold=None if e.get("threshold") is None else float(e["threshold"]),
+            at_s=None if e.get("at_s") is None else float(e["at_s"]),
+            duration_s=None if e.get("duration_s") is None else float(e["duration_s"]),
         )
 
     def to_proto(self) -> common_pb2.Evidence:
         return common_pb2.Evidence(
-            name=self.name, value=self.value, unit=self.unit, lead=self.lead, threshold=self.threshold or 0.0
+            name=self.name,
+            value=self.value,
+            unit=self.unit,
+            lead=self.lead,
+            threshold=self.threshold or 0.0,
+            at_s=self.at_s or 0.0,
+            duration_s=self.duration_s or 0.0,
+        )
+
+
+# The measured values an ECG's triage result keeps (EcgMeasurements in common.proto), ms unless named.
+ECG_VALUES = (
+    "heart_rate_bpm", "rr_ms", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms", "qtc_fridericia_ms",
+    "p_axis_deg", "qrs_axis_deg", "t_axis_deg",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EcgSummary:
+    """An ECG's measurements as readers see them; a value not measured is absent from ``values``."""
+
+    values: Mapping[str, float] = field(default_factory=dict)
+    rhythm_lead: str = ""
+    method: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "values": {k: self.values[k] for k in ECG_VALUES if k in self.values},
+            "rhythm_lead": self.rhythm_lead,
+            "method": self.method,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EcgSummary:
+        values = data.get("values") or {}
+        return cls(
+            values={k: float(values[k]) for k in ECG_VALUES if values.get(k) is not None},
+            rhythm_lead=str(data.get("rhythm_lead") or ""),
+            method=str(data.get("method") or ""),
+        )
+
+    def to_proto(self) -> common_pb2.EcgMeasurements:
+        return common_pb2.EcgMeasurements(
+            **{k: v for k, v in self.values.items() if k in ECG_VALUES},
+            rhythm_lead=self.rhythm_lead,
+            method=self.method,
         )
 
 
@@ -93,9 +146,10 @@ class TriageResult:
     summary: str
     sla_minutes: int
     models: tuple[str, ...] = ()  # name@version of every learned model that contributed
+    ecg: EcgSummary | None = None  # an ECG's measurements
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "level": str(self.level),
             "score": self.score,
             "findings": [f.to_dict() for f in self.findings],
@@ -104,6 +158,9 @@ class TriageResult:
             "sla_minutes": self.sla_minutes,
             "models": list(self.models),
         }
+        if self.ecg is not None:
+            out["ecg"] = self.ecg.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TriageResult:
@@ -115,6 +172,7 @@ class TriageResult:
             summary=str(data.get("summary", "")),
             sla_minutes=int(data.get("sla_minutes", 0)),
             models=tuple(str(m) for m in data.get("models", ())),
+            ecg=None if not data.get("ecg") else EcgSummary.from_dict(data["ecg"]),
         )
 
     def to_json(self) -> str:
@@ -133,4 +191,5 @@ class TriageResult:
             rules_version=self.rules_version,
             summary=self.summary,
             models=list(self.models),
+            ecg=None if self.ecg is None else self.ecg.to_proto(),
         )

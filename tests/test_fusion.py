@@ -208,3 +208,25 @@ def test_batch_equals_one_by_one(tmp_path: Path) -> None:
     for a, b in zip(together, alone):
         assert a["score"] == pytest.approx(b["score"], abs=1e-6)
     assert np.isfinite([r["score"] for r in together]).all()
+
+
+def test_the_pause_is_placed_on_the_trace_and_the_measurements_reach_the_reader(tmp_path: Path) -> None:
+    from teleread.models.inference.synthetic import synthetic_r_peaks
+    from teleread.triage_result import TriageResult
+
+    sig, leads = synthetic_ecg(rhythm="pause", seed=3)
+    hea, dat = write_wfdb_record(tmp_path, "p", sig, 500.0, leads)
+    item = {"files": {"wfdb_header": str(hea), "wfdb_signal": str(dat)}, "priority": "routine", "indication": ""}
+    (raw,) = pipeline.triage_ecg_batch([item])
+    result = TriageResult.from_dict(raw)
+    [pause] = [e for f in result.findings if f.code == "ecg.pause" for e in f.evidence if e.name == "longest_pause_s"]
+    truth = np.asarray(synthetic_r_peaks(rhythm="pause", seed=3))
+    gap = int(np.argmax(np.diff(truth)))
+    assert pause.at_s == pytest.approx(truth[gap], abs=0.02)  # starts at the beat before the pause
+    assert pause.duration_s == pytest.approx(truth[gap + 1] - truth[gap], abs=0.02)
+    assert result.ecg is not None and result.ecg.rhythm_lead == "II"
+    message = TriageResult.from_json(result.to_json()).to_proto()  # kept in triage_json, read by readers
+    assert message.ecg.HasField("qrs_ms") and 60 <= message.ecg.qrs_ms <= 120
+    assert message.ecg.rr_ms == pytest.approx(float(np.median(np.diff(truth))) * 1000, abs=15)
+    [placed] = [e for f in message.findings for e in f.evidence if e.name == "longest_pause_s"]
+    assert (placed.at_s, placed.duration_s) == (pause.at_s, pause.duration_s)

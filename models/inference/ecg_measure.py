@@ -24,6 +24,7 @@ from scipy import signal as sps
 from wfdb import processing as wfdb_processing
 
 from teleread.errors import InvalidInput
+from teleread.triage_result import EcgSummary
 
 log = logging.getLogger("teleread.models.inference.ecg_measure")
 
@@ -36,6 +37,7 @@ IRREGULARITY_THRESHOLD = 0.1
 #: Fewest RR intervals needed before a rhythm may be called irregular.
 MIN_RR_FOR_REGULARITY = 4
 
+INTERVAL_METHOD = "PR, QT and axes from the median beat"
 _BEAT_PRE_S = 0.25
 _BEAT_POST_S = 0.45
 _ST_OFFSET_S = 0.060
@@ -80,6 +82,28 @@ class EcgMeasurements:
     lead_used: str
     duration_s: float
     beat_times_s: np.ndarray = field(compare=False, repr=False)
+    longest_pause_at_s: float | None = None  # where the longest RR interval starts
+    # the median beat's intervals and the frontal axes (pr_ms, qt_ms, p_axis_deg, ...), when delineated
+    intervals: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> EcgSummary:
+        """The measurements readers see with the triage result (teleread.v1.EcgMeasurements)."""
+        values: dict[str, float] = {}
+        if self.n_beats >= 2:
+            values["heart_rate_bpm"] = round(self.heart_rate_bpm, 1)
+            values["rr_ms"] = round(float(np.median(self.rr_intervals_s)) * 1000.0, 1)
+        if self.qrs_duration_ms is not None:
+            values["qrs_ms"] = round(self.qrs_duration_ms, 1)
+        values.update({k: round(v, 1) for k, v in self.intervals.items()})
+        return EcgSummary(
+            values=values,
+            rhythm_lead=self.lead_used,
+            method=self.method,
+        )
+
+    @property
+    def method(self) -> str:
+        return "wfdb XQRS beats; median-beat slope QRS" + (f"; {INTERVAL_METHOD}" if self.intervals else "")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (arrays become lists, numbers are rounded)."""
@@ -109,6 +133,7 @@ class _Rhythm:
     rr_cv: float
     irregularity: float
     regular: bool
+    longest_pause_at_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +172,7 @@ def measure_ecg(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) 
         lead_used=names[lead_idx],
         duration_s=duration,
         beat_times_s=peaks / WORK_FS_HZ,
+        longest_pause_at_s=rhythm.longest_pause_at_s,
     )
 
 
@@ -317,7 +343,7 @@ def _organised(x: np.ndarray, peaks: np.ndarray) -> bool:
 
 def _rhythm(peaks: np.ndarray, *, duration_s: float) -> _Rhythm:
     if peaks.size < 2:
-        return _Rhythm(0.0, np.zeros(0), duration_s, None, 0.0, 0.0, True)
+        return _Rhythm(0.0, np.zeros(0), duration_s, None, 0.0, 0.0, True, longest_pause_at_s=0.0)
     rr = np.diff(peaks) / WORK_FS_HZ
     mean_rr = float(np.mean(rr))
     irregularity = _irregularity(rr)
@@ -329,6 +355,7 @@ def _rhythm(peaks: np.ndarray, *, duration_s: float) -> _Rhythm:
         rr_cv=float(np.std(rr) / mean_rr),
         irregularity=irregularity,
         regular=irregularity < IRREGULARITY_THRESHOLD,
+        longest_pause_at_s=float(peaks[int(np.argmax(rr))]) / WORK_FS_HZ,
     )
 
 

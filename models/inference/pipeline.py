@@ -9,6 +9,8 @@ load is named in the result and triage falls back to the rules, never to silence
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import logging
 import multiprocessing
@@ -91,7 +93,7 @@ def triage_ecg_batch(
         item = items[i]
         scored = triage.ecg_findings(m, rules=rules, priority=item["priority"], indication=item["indication"])
         fused = fusion.fuse_ecg(scored, out, rules=rules, policy=policy, context=triage.ecg_context(m))
-        results[i] = fused.to_dict()
+        results[i] = dataclasses.replace(fused, ecg=m.summary()).to_dict()
     return [r for r in results if r is not None]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from teleread.models.inference.ecg_rules import (
@@ -124,7 +124,7 @@ def _threshold_findings(m: EcgMeasurements, rules: Sequence[ThresholdRule]) -> l
         if any(v is None or not c.holds(v) for v, c in zip(values, rule.when)):
             continue
         evidence = [
-            Evidence(name=c.metric, value=round(float(v), 3), unit=c.unit, threshold=c.value)
+            _placed(m, Evidence(name=c.metric, value=round(float(v), 3), unit=c.unit, threshold=c.value))
             for v, c in zip(values, rule.when)
             if v is not None
         ]
@@ -132,6 +132,13 @@ def _threshold_findings(m: EcgMeasurements, rules: Sequence[ThresholdRule]) -> l
         severity = _severity(evidence[0].value, primary.value)
         fired[rule.code] = _Scored(Finding(rule.code, rule.title, rule.level, evidence), severity)
     return [s for code, s in fired.items() if not any(u in fired for u in _rule(rules, code).unless)]
+
+
+def _placed(m: EcgMeasurements, evidence: Evidence) -> Evidence:
+    """The evidence with its place on the trace, for the values that have one (the longest pause)."""
+    if evidence.name == "longest_pause_s" and m.longest_pause_at_s is not None:
+        return replace(evidence, at_s=round(m.longest_pause_at_s, 3), duration_s=round(m.longest_pause_s, 3))
+    return evidence
 
 
 def _rule(rules: Sequence[ThresholdRule], code: str) -> ThresholdRule:

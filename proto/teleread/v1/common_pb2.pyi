@@ -42,18 +42,50 @@ EXAM_KIND_ECG: ExamKind
 EXAM_KIND_IMAGING: ExamKind
 
 class Evidence(_message.Message):
-    __slots__ = ("name", "value", "unit", "lead", "threshold")
+    __slots__ = ("name", "value", "unit", "lead", "threshold", "at_s", "duration_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     LEAD_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    AT_S_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     value: float
     unit: str
     lead: str
     threshold: float
-    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., unit: _Optional[str] = ..., lead: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+    at_s: float
+    duration_s: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., unit: _Optional[str] = ..., lead: _Optional[str] = ..., threshold: _Optional[float] = ..., at_s: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
+class EcgMeasurements(_message.Message):
+    __slots__ = ("heart_rate_bpm", "rr_ms", "pr_ms", "qrs_ms", "qt_ms", "qtc_bazett_ms", "qtc_fridericia_ms", "p_axis_deg", "qrs_axis_deg", "t_axis_deg", "rhythm_lead", "method")
+    HEART_RATE_BPM_FIELD_NUMBER: _ClassVar[int]
+    RR_MS_FIELD_NUMBER: _ClassVar[int]
+    PR_MS_FIELD_NUMBER: _ClassVar[int]
+    QRS_MS_FIELD_NUMBER: _ClassVar[int]
+    QT_MS_FIELD_NUMBER: _ClassVar[int]
+    QTC_BAZETT_MS_FIELD_NUMBER: _ClassVar[int]
+    QTC_FRIDERICIA_MS_FIELD_NUMBER: _ClassVar[int]
+    P_AXIS_DEG_FIELD_NUMBER: _ClassVar[int]
+    QRS_AXIS_DEG_FIELD_NUMBER: _ClassVar[int]
+    T_AXIS_DEG_FIELD_NUMBER: _ClassVar[int]
+    RHYTHM_LEAD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    heart_rate_bpm: float
+    rr_ms: float
+    pr_ms: float
+    qrs_ms: float
+    qt_ms: float
+    qtc_bazett_ms: float
+    qtc_fridericia_ms: float
+    p_axis_deg: float
+    qrs_axis_deg: float
+    t_axis_deg: float
+    rhythm_lead: str
+    method: str
+    def __init__(self, heart_rate_bpm: _Optional[float] = ..., rr_ms: _Optional[float] = ..., pr_ms: _Optional[float] = ..., qrs_ms: _Optional[float] = ..., qt_ms: _Optional[float] = ..., qtc_bazett_ms: _Optional[float] = ..., qtc_fridericia_ms: _Optional[float] = ..., p_axis_deg: _Optional[float] = ..., qrs_axis_deg: _Optional[float] = ..., t_axis_deg: _Optional[float] = ..., rhythm_lead: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class Finding(_message.Message):
     __slots__ = ("code", "title", "level", "evidence")
@@ -68,7 +100,7 @@ class Finding(_message.Message):
     def __init__(self, code: _Optional[str] = ..., title: _Optional[str] = ..., level: _Optional[_Union[Level, str]] = ..., evidence: _Optional[_Iterable[_Union[Evidence, _Mapping]]] = ...) -> None: ...
 
 class Triage(_message.Message):
-    __slots__ = ("level", "score", "findings", "rules_version", "triaged_at", "summary", "models")
+    __slots__ = ("level", "score", "findings", "rules_version", "triaged_at", "summary", "models", "ecg")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +108,7 @@ class Triage(_message.Message):
     TRIAGED_AT_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    ECG_FIELD_NUMBER: _ClassVar[int]
     level: Level
     score: float
     findings: _containers.RepeatedCompositeFieldContainer[Finding]
@@ -83,7 +116,8 @@ class Triage(_message.Message):
     triaged_at: _timestamp_pb2.Timestamp
     summary: str
     models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, level: _Optional[_Union[Level, str]] = ..., score: _Optional[float] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., rules_version: _Optional[str] = ..., triaged_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., summary: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+    ecg: EcgMeasurements
+    def __init__(self, level: _Optional[_Union[Level, str]] = ..., score: _Optional[float] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., rules_version: _Optional[str] = ..., triaged_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., summary: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., ecg: _Optional[_Union[EcgMeasurements, _Mapping]] = ...) -> None: ...
 
 class StoredObject(_message.Message):
     __slots__ = ("object_id", "role", "sha256", "size", "sop_instance_uid", "series_instance_uid", "modality", "media_type")
