@@ -252,3 +252,50 @@ def test_ptbxl_fold9_measures_with_plausible_qrs_and_rates() -> None:
     assert 80 <= np.median(qrs_a) <= 110
     assert np.mean(rate_ok) >= 0.95
     assert wide_labelled and np.mean(np.array(wide_labelled) >= 120) >= 0.75
+
+
+def test_sinus_rhythm_has_pr_qt_both_qtc_and_the_frontal_axes() -> None:
+    m = _measure_synthetic("normal")
+    values = m.summary().values
+    assert 120 <= values["pr_ms"] <= 240 and 300 <= values["qt_ms"] <= 460
+    rr_s = values["rr_ms"] / 1000.0
+    assert values["qtc_bazett_ms"] == pytest.approx(values["qt_ms"] / rr_s**0.5, abs=0.2)
+    assert values["qtc_fridericia_ms"] == pytest.approx(values["qt_ms"] / rr_s ** (1 / 3), abs=0.2)
+    for axis in ("p_axis_deg", "qrs_axis_deg", "t_axis_deg"):
+        assert 0 <= values[axis] <= 90, axis  # the synthetic heart's vectors point down and to the left
+    assert "neurokit2" in m.summary().method
+
+
+def test_atrial_fibrillation_has_no_pr_interval() -> None:
+    values = _measure_synthetic("af_rvr").summary().values
+    assert "pr_ms" not in values and "p_axis_deg" not in values  # no P wave keeps its place before the QRS
+    assert "qrs_axis_deg" in values
+
+
+@pytest.mark.parametrize(
+    ("lead_i", "lead_avf", "axis"), [(1.0, 0.0, 0.0), (0.0, 1.0, 90.0), (-1.0, 1.0, 135.0), (1.0, -1.0, -45.0)]
+)
+def test_the_qrs_axis_is_the_direction_of_the_net_areas_in_i_and_avf(
+    lead_i: float, lead_avf: float, axis: float
+) -> None:
+    from teleread.models.inference import ecg_intervals
+
+    beat = np.zeros((200, 2))
+    beat[60:80, 0], beat[60:80, 1] = lead_i, lead_avf  # a QRS from sample 60 to 80
+    out = ecg_intervals.intervals(
+        median_beat=beat, r_idx=70, qrs=(60.0, 80.0), p_onset_to_r=None, r_to_t_end=None,
+        rr_s=1.0, names=["I", "aVF"], fs=250,
+    )  # fmt: skip
+    assert out == {"qrs_axis_deg": pytest.approx(axis)}  # no P onset or T end: no PR, QT or their axes
+
+
+def test_without_avf_the_axis_uses_einthovens_law() -> None:
+    from teleread.models.inference import ecg_intervals
+
+    beat = np.zeros((200, 2))
+    beat[60:80, 0], beat[60:80, 1] = 1.0, 1.0  # II = III: I = II - III = 0, aVF = (II + III) / 2 > 0
+    out = ecg_intervals.intervals(
+        median_beat=beat, r_idx=70, qrs=(60.0, 80.0), p_onset_to_r=None, r_to_t_end=None,
+        rr_s=1.0, names=["II", "III"], fs=250,
+    )  # fmt: skip
+    assert out["qrs_axis_deg"] == pytest.approx(90.0)

@@ -24,6 +24,7 @@ from scipy import signal as sps
 from wfdb import processing as wfdb_processing
 
 from teleread.errors import InvalidInput
+from teleread.models.inference import ecg_intervals
 from teleread.triage_result import EcgSummary
 
 log = logging.getLogger("teleread.models.inference.ecg_measure")
@@ -37,7 +38,6 @@ IRREGULARITY_THRESHOLD = 0.1
 #: Fewest RR intervals needed before a rhythm may be called irregular.
 MIN_RR_FOR_REGULARITY = 4
 
-INTERVAL_METHOD = "PR, QT and axes from the median beat"
 _BEAT_PRE_S = 0.25
 _BEAT_POST_S = 0.45
 _ST_OFFSET_S = 0.060
@@ -103,7 +103,7 @@ class EcgMeasurements:
 
     @property
     def method(self) -> str:
-        return "wfdb XQRS beats; median-beat slope QRS" + (f"; {INTERVAL_METHOD}" if self.intervals else "")
+        return "wfdb XQRS beats; median-beat slope QRS" + (f"; {ecg_intervals.METHOD}" if self.intervals else "")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (arrays become lists, numbers are rounded)."""
@@ -140,6 +140,9 @@ class _Rhythm:
 class _Morphology:
     qrs_duration_ms: float | None
     st_deviation_mv: dict[str, float]
+    median_beat: np.ndarray | None = None  # (samples, leads), R at r_idx
+    r_idx: int = 0
+    qrs: tuple[float, float] | None = None  # onset, offset in median-beat samples
 
 
 def measure_ecg(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) -> EcgMeasurements:
@@ -157,6 +160,10 @@ def measure_ecg(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) 
     duration = raw.shape[0] / fs
     rhythm = _rhythm(peaks, duration_s=duration)
     morphology = _morphology(filtered, peaks, names)
+    chosen = [lead_idx] + [
+        names.index(n) for n in ecg_intervals.DELINEATED_LEADS if n in names and n != names[lead_idx]
+    ]
+    measured = _intervals([filtered[:, i] for i in chosen], peaks, morphology, rhythm, names)
     log.debug("ecg measured", extra={"count": int(peaks.size)})
     return EcgMeasurements(
         heart_rate_bpm=rhythm.heart_rate_bpm,
@@ -173,6 +180,26 @@ def measure_ecg(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) 
         duration_s=duration,
         beat_times_s=peaks / WORK_FS_HZ,
         longest_pause_at_s=rhythm.longest_pause_at_s,
+        intervals=measured,
+    )
+
+
+def _intervals(
+    leads: list[np.ndarray], peaks: np.ndarray, morphology: _Morphology, rhythm: _Rhythm, names: Sequence[str]
+) -> dict[str, float]:
+    """PR, QT, QTc and the frontal axes (``ecg_intervals``), when the median beat has a QRS."""
+    if morphology.median_beat is None or morphology.qrs is None or rhythm.rr_s.size == 0:
+        return {}
+    p_to_r, r_to_t = ecg_intervals.wave_bounds(leads, peaks, WORK_FS_HZ)
+    return ecg_intervals.intervals(
+        median_beat=morphology.median_beat,
+        r_idx=morphology.r_idx,
+        qrs=morphology.qrs,
+        p_onset_to_r=p_to_r,
+        r_to_t_end=r_to_t,
+        rr_s=float(np.median(rhythm.rr_s)),
+        names=names,
+        fs=WORK_FS_HZ,
     )
 
 
@@ -383,6 +410,9 @@ def _morphology(x: np.ndarray, peaks: np.ndarray, names: Sequence[str]) -> _Morp
     return _Morphology(
         qrs_duration_ms=(offset - onset) / WORK_FS_HZ * 1000.0,
         st_deviation_mv={name: float(v) for name, v in zip(names, st)},
+        median_beat=median_beat,
+        r_idx=r_idx,
+        qrs=(onset, offset),
     )
 
 

@@ -119,7 +119,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     ingest_workers = default_workers(share=0.5) if auto else settings.cpu_workers
     triage_workers = default_workers(share=1.0) if auto else settings.cpu_workers
     cpu = CpuPool(ingest_workers, log_level=settings.log_level, nice=INGEST_NICE, warm=("teleread.gateway.validate",))
-    warm = ("teleread.models.inference.pipeline", "teleread.models.inference.ecg_measure", "torch")
+    warm = ("teleread.models.inference.pipeline", "teleread.models.inference.ecg_measure", "neurokit2", "torch")
     triage_cpu = CpuPool(triage_workers, log_level=settings.log_level, warm=warm)
     clock = clock_for(engine)  # leases and deadlines on the database's time: several hubs agree
     queue = QueueService(
