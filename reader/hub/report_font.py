@@ -134,3 +134,9 @@ def register_report_font(path: Path) -> str:
     if name is None:
         raise _unusable_font(Path(path), why)
     return name
+
+
+def load_report_font(configured: Path | None = None) -> str:
+    """Find and register the report font now (in the process that will render); its reportlab name.
+    Raises :class:`ReportFontMissing` when there is none."""
+    return register_report_font(find_report_font(configured))

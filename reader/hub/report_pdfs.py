@@ -1,11 +1,14 @@
 """The printed report of every signed version, made once at the hub and kept in the object store.
 
 After a report is signed or amended (the transaction committed), :meth:`ReportPdfService.submit`
-queues that version's rendering on a one-thread executor, so the signature never waits for it and
-never fails because of it. A rendering loads the version, its exam (the patient columns, the site,
-the times) and the names of its reader and signer, lays it out (``reader/hub/report_pdf.py``),
-stores the bytes under ``t<site>/reports/<exam>/v<version>.pdf`` (``report_pdf_key``) and records
-their SHA-256 and size on the version's row. The same version always renders to the same bytes.
+queues that version's rendering on a one-thread executor, 50 ms later (``delay_seconds``), so the
+signature never waits for it, is not slowed by it and never fails because of it; the layout itself
+(15-25 ms of pure-Python CPU) runs in one of the hub's worker processes (``teleread/cpu.py``), so it
+takes no GIL time from the gRPC threads. A rendering loads the version, its exam (the patient
+columns, the site, the times) and the names of its reader and signer, lays it out
+(``reader/hub/report_pdf.py``), stores the bytes under ``t<site>/reports/<exam>/v<version>.pdf``
+(``report_pdf_key``) and records their SHA-256 and size on the version's row. The same version
+always renders to the same bytes.
 
 Nothing is lost when the hub stops between the commit and the rendering: a fetch of a version
 whose PDF is not recorded, or whose stored bytes are missing or do not verify, renders it there and
@@ -41,7 +44,8 @@ from teleread.files import sha256_hex
 from teleread.patient import PatientContext, age_on
 from teleread.reader.hub.claims import ExamRecord, readable
 from teleread.reader.hub.directory import Directory
-from teleread.reader.hub.report_font import ReportFontMissing, find_report_font, register_report_font
+from teleread.cpu import CpuPool
+from teleread.reader.hub.report_font import ReportFontMissing, load_report_font
 from teleread.reader.hub.report_pdf import PrintedReport, report_pdf_bytes
 from teleread.reader.hub.repository import ReportRecord, Tx, UnitOfWork
 from teleread.storage import ObjectStore, report_pdf_key
@@ -71,6 +75,8 @@ class ReportPdfService:
         spool_dir: Path,
         font: Path | None = None,
         zone: ZoneInfo | None = None,
+        cpu: CpuPool | None = None,
+        delay_seconds: float = 0.05,
     ) -> None:
         self._uow = uow
         self._store = store
@@ -78,6 +84,13 @@ class ReportPdfService:
         self._spool = Path(spool_dir)
         self._font = font
         self._zone = zone or ZoneInfo("Asia/Shanghai")
+        # Laying a PDF out is pure Python on the CPU: in a worker process it takes no GIL time from
+        # the gRPC threads (the signing call's answer leaves at once); None: in this thread.
+        self._cpu = cpu or CpuPool(0)
+        # A rendering after a signature starts this long after it, so the signing call's answer
+        # (built and sent by the same process) is not slowed by the rendering's own work.
+        self._delay = delay_seconds
+        self._closing = threading.Event()
         self._executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="report-pdf")
         self._lock = threading.Lock()
         self._pending: set[futures.Future[None]] = set()
@@ -85,7 +98,7 @@ class ReportPdfService:
     # ---- in the background, after a signature ------------------------------------------------------
     def submit(self, exam_id: str, version: int) -> None:
         """Render the version's PDF soon, on the service's thread (after the signature committed)."""
-        self._queue(lambda: self._render_quietly(exam_id, version))
+        self._queue(lambda: self._render_quietly(exam_id, version, after=self._delay))
 
     def warm(self) -> None:
         """Load the font in the background now (the first rendering is then as fast as the others);
@@ -114,15 +127,18 @@ class ReportPdfService:
 
     def close(self) -> None:
         """Finish the rendering under way; the queued ones are left to the clean-up pass."""
+        self._closing.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _check_font(self) -> None:
         try:
-            register_report_font(find_report_font(self._font))
+            self._cpu.run(load_report_font, self._font)
         except ReportFontMissing as exc:
             log.warning("printed reports cannot be rendered: %s", exc.message, extra={"reason": exc.reason})
 
-    def _render_quietly(self, exam_id: str, version: int) -> None:
+    def _render_quietly(self, exam_id: str, version: int, *, after: float) -> None:
+        if self._closing.wait(after):
+            return  # closing: the clean-up pass or the first fetch renders it
         try:
             self.render(exam_id, version)
         except ReportFontMissing as exc:  # the fetch answers it; the clean-up pass tries again
@@ -138,7 +154,7 @@ class ReportPdfService:
             report = _signed_version(tx, exam_id, version) if exam is not None else None
         if exam is None or report is None:
             raise NotFound("no signed report of that version", reason="REPORT_NOT_FOUND")
-        data = report_pdf_bytes(self._printed(exam, report), font=self._font, zone=self._zone)
+        data = self._cpu.run(report_pdf_bytes, self._printed(exam, report), font=self._font, zone=self._zone)
         stored = StoredPdf(
             exam_id=exam_id,
             version=report.version,
