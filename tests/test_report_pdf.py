@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import uuid
 import warnings
 from pathlib import Path
@@ -285,3 +286,12 @@ def test_without_a_font_signing_works_and_the_fetch_says_what_to_install(
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and error_reason(err) == "REPORT_FONT_MISSING"
         assert "TELEREAD_REPORT__FONT" in (err.details() or "") and "fonts-wqy-zenhei" in (err.details() or "")
     assert fontless_stack.hub.janitor.run_once().pdfs_rendered == 0
+
+
+def test_the_hub_warns_at_start_when_it_has_no_font(fontless_stack: HubStack, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="teleread.report_pdfs"):
+        fontless_stack.hub.pdfs.warm()  # what build_hub does at start
+        assert fontless_stack.hub.pdfs.flush(timeout=30)
+    (warning,) = [r for r in caplog.records if r.name == "teleread.report_pdfs"]
+    assert vars(warning)["reason"] == "REPORT_FONT_MISSING"
+    assert "TELEREAD_REPORT__FONT" in warning.getMessage() and "fonts-wqy-zenhei" in warning.getMessage()
