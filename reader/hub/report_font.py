@@ -106,7 +106,7 @@ def _unusable_font(path: Path, why: str) -> ReportFontMissing:
 
 
 def find_report_font(configured: Path | None = None) -> Path:
-    """The font file the report is set in: ``configured`` (the ``report_font`` setting) when set,
+    """The font file the report is set in: ``configured`` (the ``report.font`` setting) when set,
     else the first usable WenQuanYi Zen Hei of ``FONT_SEARCH``, else what ``fc-match`` names if
     usable. Raises :class:`ReportFontMissing` when there is none."""
     if configured is not None:
