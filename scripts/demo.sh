@@ -2,7 +2,7 @@
 # Install teleread and run the whole path once on the embedded defaults (SQLite + local objects).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The clinic's printed reports embed a Chinese font: Debian's fonts-wqy-zenhei.
+# The hub renders the printed reports with a Chinese font it embeds: Debian's fonts-wqy-zenhei.
 if [ ! -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything teleread's tests need on a fresh Debian machine, then run the whole suite.
-# System packages (PostgreSQL, dcmtk, the PDF report's font fonts-wqy-zenhei, poppler-utils to
-# rasterise the PDF in tests, chromium for the reading station's browser tests) come from Debian;
+# System packages (PostgreSQL, dcmtk, fonts-wqy-zenhei that the hub sets the PDF report in,
+# poppler-utils to rasterise the PDF in tests, chromium for the reading station's browser tests)
+# come from Debian;
 # Python packages into .venv (Playwright drives Debian's chromium: it never downloads a browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from google.protobuf import timestamp_pb2
 
 from teleread.db.engine import as_utc
-from teleread.patient import PatientContext, age_at
+from teleread.patient import PatientContext, age_on
 from teleread.triage_result import TriageResult
 from teleread.v1 import common_pb2
 from teleread.vocab import ExamKind, Priority
@@ -52,10 +52,7 @@ def patient_message(row: Mapping[str, Any]) -> common_pb2.Patient | None:
     context = PatientContext.from_row(row)
     if not context:
         return None
-    age = context.age
-    on = exam_date(row)
-    if not age and context.birth_date and on is not None:
-        age = age_at(context.birth_date, on)
+    age = age_on(context, exam_date(row))
     return common_pb2.Patient(
         id=context.id,
         name=context.name,

@@ -211,6 +211,28 @@ def from_wfdb_comments(comments: Sequence[str]) -> PatientContext:
     return PatientContext(age=found.get("age", ""), sex=found.get("sex", ""))
 
 
+# ---- as a reader reads them ------------------------------------------------------------------
+_AGE_UNITS = {"D": "d", "W": "wk", "M": "mo", "Y": "y"}
+
+
+def person_name(pn: str) -> str:
+    """A DICOM PN as a reader reads it (as the reading station shows it): the ideographic group's
+    components joined, the alphabetic one's in brackets after it ("Wang^Xiaoming=王^小明" ->
+    "王小明 (Wang Xiaoming)"); only the alphabetic group, its components with spaces."""
+    groups = (pn or "").split("=")
+    latin = " ".join(part for part in groups[0].split("^") if part)
+    cjk = "".join(part for part in (groups[1] if len(groups) > 1 else "").split("^") if part)
+    if cjk:
+        return f"{cjk} ({latin})" if latin else cjk
+    return latin
+
+
+def age_text(age: str) -> str:
+    """A DICOM AS age as people write it ("063Y" -> "63 y", "008M" -> "8 mo", "012D" -> "12 d")."""
+    match = _AS.fullmatch(age or "")
+    return f"{int(match[1])} {_AGE_UNITS[match[2]]}" if match else (age or "")
+
+
 # ---- the age at a date -----------------------------------------------------------------------
 def age_at(birth_date: str, on: date) -> str:
     """The age on ``on`` of someone born on ``birth_date`` (YYYYMMDD) in DICOM AS: days under one
@@ -231,3 +253,11 @@ def age_at(birth_date: str, on: date) -> str:
     if years < 2:
         return f"{months:03d}M"
     return f"{years:03d}Y" if years <= MAX_AGE_YEARS else ""
+
+
+def age_on(context: PatientContext, on: date | None) -> str:
+    """The patient's age at an exam: the recorded one, or with only a birth date the age on ``on``
+    (the exam's date); '' when neither is known."""
+    if context.age or not context.birth_date or on is None:
+        return context.age
+    return age_at(context.birth_date, on)

@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -101,7 +103,6 @@ class GatewaySettings(BaseModel):
     results_dir: Path | None = None  # signed reports for the clinic; default: <data_dir>/results
     results_poll_seconds: float = 10.0
     critical_hook: str = ""  # a command run with the printable report of each critical result
-    report_font: Path | None = None  # TrueType .ttf/.ttc with Chinese for the PDF; default: fonts-wqy-zenhei
     watch_dir: Path | None = None  # files dropped here (WFDB pairs, DICOM); default: <data_dir>/watch
     watch_settle_seconds: float = 2.0  # a dropped file unchanged for this long is complete
     streams: int = 4  # objects uploaded at once
@@ -121,6 +122,24 @@ class GatewaySettings(BaseModel):
     tls_server_name: str = ""  # the name in the hub's certificate, when the address differs
     insecure: bool = False  # plaintext to a hub that is not on this machine: only when set
     wfdb_wait_minutes: float = 30.0  # a dropped WFDB header whose signal file never comes is set aside after this
+
+
+class ReportSettings(BaseModel):
+    """The printable report the hub renders for every signed version (``TELEREAD_REPORT__*``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    font: Path | None = None  # TrueType .ttf/.ttc with Chinese glyphs; default: Debian's fonts-wqy-zenhei
+    timezone: str = "Asia/Shanghai"  # the zone the PDF's times are printed in (an IANA name; shown beside them)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone name (e.g. Asia/Shanghai)") from None
+        return value
 
 
 class AuthSettings(BaseModel):
@@ -164,6 +183,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     station: StationSettings = Field(default_factory=StationSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     def resolved_database_url(self) -> str:
         return self.database_url.get_secret_value() or f"sqlite:///{(self.data_dir / 'teleread.db').resolve()}"

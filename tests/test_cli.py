@@ -67,6 +67,7 @@ def test_technician_reader_and_site_through_the_cli(embedded_stack, tmp_path: Pa
     assert main(["read", "sign", claimed, *reader]) == 0
     capsys.readouterr()
 
+    assert embedded_stack.hub.pdfs.flush(timeout=30)  # the printed report is rendered after the signature
     out_dir, cursor_file = tmp_path / "results", tmp_path / "cursor"
     pull = [
         "results",
@@ -83,8 +84,16 @@ def test_technician_reader_and_site_through_the_cli(embedded_stack, tmp_path: Pa
     result = json.loads(files[0].read_text())
     assert result["critical"] is True and result["report"]["text"].startswith("AF")
     assert cursor_file.read_text().strip() == "1"
+    pdf = files[0].with_suffix(".pdf")  # the hub's printed report, beside the JSON
+    assert pdf.read_bytes().startswith(b"%PDF") and result["pdf"]["size"] == str(pdf.stat().st_size)
     assert main(pull) == 0  # resumable: nothing new, nothing duplicated
     assert sorted(out_dir.glob("*.json")) == files and cursor_file.read_text().strip() == "1"
+    bare = tmp_path / "no-pdf"
+    assert (
+        main(["results", "pull", "--cursor", "0", "--out", str(bare), "--no-pdf", *_conn(embedded_stack, "site_a")])
+        == 0
+    )
+    assert [p.suffix for p in bare.iterdir()] == [".json"]
 
 
 def test_admin_commands_issue_working_tokens(tmp_path: Path, capsys, monkeypatch) -> None:

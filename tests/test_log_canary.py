@@ -1,5 +1,7 @@
 """Patient data never reaches logs or error messages: a canary patient goes through ingest (valid
-and malformed files) and triage, and neither the JSON logs nor the gRPC errors carry it.
+and malformed files), triage and the printed report (rendered after the signature, fetched by the
+site and the reader, pulled by the gateway, rendered again after a loss and by the clean-up pass),
+and neither the JSON logs nor the gRPC errors carry it.
 
 The canary's name, ID and requesting clinician come in DICOM headers, WFDB header comments and the
 upload request (some of them in fields whose values the hub drops as invalid); the exam's reader
@@ -93,6 +95,44 @@ def _upload(
         return err
 
 
+def _through_the_printed_report(stack, tmp_path: Path) -> str:
+    """Sign the canary CT, and take its printed report through every path: the rendering after the
+    signature, the site's and the reader's fetch, the gateway's pull, a fetch after the stored bytes
+    were lost and the clean-up pass after the row forgot them; the PDF's text."""
+    from sqlalchemy import update
+
+    from teleread.db.schema import reports
+    from teleread.gateway.clinic.results import ResultsInbox
+    from teleread.storage import report_pdf_key
+    from teleread.v1 import results_pb2_grpc
+
+    radio = worklist_pb2_grpc.WorklistStub(stack.channel("radio"))
+    claim = radio.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=120), timeout=10)
+    radio.SaveReport(
+        worklist_pb2.SaveReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence, text="No focal lesion."),
+        timeout=10,
+    )
+    radio.SignReport(worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10)
+    assert stack.hub.pdfs.flush(timeout=30)
+    exam_id = claim.exam.exam_id
+    site = results_pb2_grpc.ResultsStub(stack.channel("site_a"))
+    request = common_pb2.GetReportPdfRequest(exam_id=exam_id)
+    data = b"".join(c.data for c in site.GetReportPdf(request, timeout=30))
+    assert b"".join(c.data for c in radio.GetReportPdf(request, timeout=30)) == data
+    assert ResultsInbox(tmp_path / "results").poll(site) == 1
+    key = report_pdf_key(tenant_id=1, exam_id=exam_id, version=1)
+    assert stack.hub.store.exists(key)
+    stack.hub.store.delete(key)
+    assert not stack.hub.store.exists(key)
+    assert b"".join(c.data for c in site.GetReportPdf(request, timeout=30)) == data
+    with stack.hub.engine.begin() as conn:
+        conn.execute(update(reports).where(reports.c.exam_id == exam_id).values(pdf_sha256=None, pdf_size=None))
+    assert stack.hub.janitor.run_once().pdfs_rendered == 1
+    import pypdf
+
+    return "\n".join(page.extract_text() for page in pypdf.PdfReader(io.BytesIO(data)).pages)
+
+
 @pytest.mark.timeout(120)
 def test_no_patient_data_in_logs_or_errors(embedded_stack, tmp_path: Path) -> None:
     stream = io.StringIO()
@@ -129,6 +169,8 @@ def test_no_patient_data_in_logs_or_errors(embedded_stack, tmp_path: Path) -> No
     assert all((p.name, p.id, p.referring_physician) == (CANARY, CANARY_ID, CANARY_CLINICIAN) for p in seen)
     assert {(p.sex, p.age) for p in seen if p.age == "063Y"} == {("F", "063Y")}  # the WFDB header's
     assert all(p.patient_class == "" for p in seen)  # the request's invalid class was dropped
+    printed = _through_the_printed_report(embedded_stack, tmp_path)
+    assert CANARY in printed and CANARY_ID in printed and "李医生" in printed  # the PDF path carried the canary
     logging.getLogger("teleread.test").warning("flush marker")
     text = stream.getvalue()
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""The printable report's Chinese as a clinic machine without any font installed prints it.
+"""The hub's printed report's Chinese as a clinic machine without any font installed prints it.
 
 Each PDF is rasterised by poppler (``pdftoppm``) with fontconfig pointed at an empty configuration,
 so the renderer has nothing to substitute: what is drawn comes from the fonts embedded in the PDF.
@@ -15,16 +15,17 @@ import os
 import re
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 from PIL import Image
 from reportlab.pdfgen.canvas import Canvas
 
-from teleread.gateway.clinic import report_pdf
-from teleread.v1 import common_pb2, results_pb2
+from teleread.patient import PatientContext
+from teleread.reader.hub import report_font
+from teleread.reader.hub.report_pdf import PrintedReport, report_pdf_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,35 +128,30 @@ def _glyphs(image: np.ndarray, cells: dict[str, tuple[int, int, int, int]], want
     return glyphs
 
 
-def _stamp(text: str) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromJsonString(text)
-    return stamp
-
-
-def _critical_result() -> results_pb2.Result:
-    return results_pb2.Result(
-        cursor=3,
+def _critical_pdf(path: Path) -> Path:
+    report = PrintedReport(
+        exam_id="ex-0042",
+        site_code="site_a",
+        site_name="Township clinic A",
+        version=1,
+        status="final",
+        text="\n".join(FINDINGS) + "\nSinus arrest 3.5 s, 窦性停搏 3.5 秒。",
+        impression="病态窦房结综合征 (sick sinus syndrome)",
         critical=True,
-        published_at=_stamp("2025-03-01T08:31:00Z"),
-        exam=common_pb2.Exam(exam_id="ex-0042", site="site_a", kind=common_pb2.EXAM_KIND_ECG, modality="ECG"),
-        report=common_pb2.Report(
-            exam_id="ex-0042",
-            version=1,
-            status="final",
-            text="\n".join(FINDINGS) + "\nSinus arrest 3.5 s, 窦性停搏 3.5 秒。",
-            impression="病态窦房结综合征 (sick sinus syndrome)",
-            critical=True,
-            signed_by="dr-heart",
-            signed_at=_stamp("2025-03-01T08:30:00Z"),
-            sha256="0123456789abcdef" * 4,
-        ),
+        sha256="0123456789abcdef" * 4,
+        signer="dr-heart",
+        signed_at=datetime(2025, 3, 1, 8, 30, tzinfo=UTC),
+        kind="ecg",
+        modality="ECG",
+        patient=PatientContext(name="Zhang^San=张^三", sex="M", id="MRN-1"),
     )
+    path.write_bytes(report_pdf_bytes(report))
+    return path
 
 
 def _reference_pdf(path: Path) -> Path:
     """One page with the reference characters drawn large, set in the report's Chinese font."""
-    font = report_pdf.register_report_font(report_pdf.find_report_font())
+    font = report_font.register_report_font(report_font.find_report_font())
     canvas = Canvas(str(path), invariant=True)
     canvas.setFont(font, 40)
     for i, char in enumerate(REFERENCE):
@@ -170,8 +166,7 @@ def test_reference_characters_are_drawn_from_the_embedded_font(bare: dict[str, s
 
 
 def test_the_reports_chinese_is_drawn_without_any_installed_font(bare: dict[str, str], tmp_path: Path) -> None:
-    pdf = tmp_path / "critical.pdf"
-    report_pdf.render_report_pdf(_critical_result(), pdf)
+    pdf = _critical_pdf(tmp_path / "critical.pdf")
     image = _page(bare, pdf)
     drawn = _glyphs(image, _cells(bare, pdf, REFERENCE), REFERENCE)
     reference_pdf = _reference_pdf(tmp_path / "reference.pdf")
@@ -182,8 +177,7 @@ def test_the_reports_chinese_is_drawn_without_any_installed_font(bare: dict[str,
 
 
 def test_every_font_in_the_report_is_embedded(bare: dict[str, str], tmp_path: Path) -> None:
-    pdf = tmp_path / "critical.pdf"
-    report_pdf.render_report_pdf(_critical_result(), pdf)
+    pdf = _critical_pdf(tmp_path / "critical.pdf")
     lines = _poppler(bare, "pdffonts", str(pdf)).splitlines()
     # columns as the dashed rule under the header spans them ("Type 1" and "CID TrueType" hold spaces)
     spans = [m.span() for m in re.finditer(r"-+", lines[1])]

@@ -24,7 +24,7 @@ ADAPTERS = {
         "gateway/clinic/scp_reactor.py",
         "gateway/clinic/dicom_send.py",
     },  # logs: identifier logging off; the DICOM receiver and its event-driven acceptor
-    "reportlab": {"gateway/clinic/report_pdf.py"},  # the printable report at the clinic
+    "reportlab": {"reader/hub/report_pdf.py", "reader/hub/report_font.py"},  # the printed report, at the hub
     "imagecodecs": {"teleread/pixels.py"},  # the 12-bit JPEG extended decoder plugin
     # the learned models: the registry loads weights, each model module and its trainer use torch
     "torch": {
@@ -56,13 +56,16 @@ SERVICE_LAYER = [
     "gateway/hub/janitor.py",
     "reader/hub/feed.py",  # the watch feed: the servicers turn what it yields into messages
     "reader/hub/directory.py",
+    "reader/hub/report_pdfs.py",  # the printed reports: the servicers turn what it opens into chunks
+    "reader/hub/report_pdf.py",
+    "reader/hub/report_font.py",
     # every model module: none needs gRPC (the triage result's protobuf form lives in teleread/)
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.py")),
 ]
 # gRPC servicers convert messages and call the services: no SQL of their own
 SERVICERS = ["gateway/hub/servicer.py", "reader/hub/servicers.py"]
 # services that work only through the unit of work of reader/hub/repository.py
-ON_THE_REPOSITORY = ["reader/hub/reports.py", "reader/hub/results.py"]
+ON_THE_REPOSITORY = ["reader/hub/reports.py", "reader/hub/results.py", "reader/hub/report_pdfs.py"]
 
 
 def _imports(path: Path) -> set[str]:

@@ -3,13 +3,12 @@ writes each one where the clinic can read and print it, and raises critical resu
 
 For every result, ``<results dir>/<cursor>-<exam>.json`` (the full result, as ``teleread results
 pull`` writes it), ``<cursor>-<exam>.txt`` (a plain-text report) and ``<cursor>-<exam>.pdf`` (the
-printable A4 report, see ``gateway/clinic/report_pdf.py``) are written atomically before the cursor
-advances, so a crash repeats at most one page and never skips a result. The PDF is a convenience
-copy: when it cannot be rendered the failure is logged at ERROR (its type only) and the JSON and
-text copies, the critical alert and the cursor go on as before. The PDF's font (the ``report_font``
-setting, or Debian's fonts-wqy-zenhei when unset) is looked for once when the inbox is made, and a
-missing one is logged at WARNING then, with the setting and the package to install; it is looked
-for again at every report, so installing the package later needs no restart.
+printed A4 report as the hub rendered it, checked against its size and SHA-256; the gateway renders
+nothing and needs no font) are written atomically before the cursor advances, so a crash repeats at
+most one page and never skips a result. A PDF the hub cannot give (no font at the hub) is logged at
+ERROR with the hub's reason and the JSON and text copies, the critical alert and the cursor go on;
+a fetch the link cut, or bytes that do not verify, stop the poll before the cursor moves, and the
+next poll fetches it again.
 
 A critical result is logged at ERROR and, when configured, passed to a hook command (e.g. a pager
 or a printer script): ``HOOK <report.txt> [<report.pdf>]``, the text report first, then the PDF
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from teleread.client import atomic_write_text
-from teleread.gateway.clinic.report_pdf import ReportFontMissing, find_report_font, render_report_pdf
 from teleread.reader.clients.results_client import pull_results, read_cursor
 
 log = logging.getLogger("teleread.gateway.clinic.results")
@@ -49,34 +47,17 @@ def printable(result: Any) -> str:
 
 
 class ResultsInbox:
-    def __init__(
-        self, folder: Path, *, hook: str = "", hook_timeout: float = 30.0, report_font: Path | None = None
-    ) -> None:
+    def __init__(self, folder: Path, *, hook: str = "", hook_timeout: float = 30.0) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cursor_file = self.folder / ".cursor"
         self.hook = hook
         self.hook_timeout = hook_timeout
-        self.report_font = report_font
-        try:
-            find_report_font(report_font)
-        except ReportFontMissing as exc:  # the JSON and text reports still work: warn, do not stop
-            log.warning("PDF reports will not be written: %s", exc.message, extra={"reason": exc.reason})
 
-    def _on_result(self, result: Any, json_path: Path) -> None:
-        """Write the text and PDF reports beside the JSON; raise a critical result."""
+    def _on_result(self, result: Any, json_path: Path, pdf_path: Path | None) -> None:
+        """Write the text report beside the JSON (and the hub's PDF); raise a critical result."""
         text_path = json_path.with_suffix(".txt")
         atomic_write_text(text_path, printable(result))
-        pdf_path: Path | None = json_path.with_suffix(".pdf")
-        try:
-            render_report_pdf(result, pdf_path, font=self.report_font)
-        except Exception as exc:  # any rendering failure: the JSON and text copies stand
-            # the type only: a library's message can quote the report
-            log.error(
-                "PDF report not written; the JSON and text reports are kept",
-                extra={"exam_id": result.exam.exam_id, "reason": type(exc).__name__},
-            )
-            pdf_path = None
         if not result.critical:
             return
         log.error("CRITICAL RESULT received", extra={"exam_id": result.exam.exam_id})
@@ -95,5 +76,6 @@ class ResultsInbox:
             out_dir=self.folder,
             cursor_file=self.cursor_file,
             on_result=self._on_result,
+            pdf=True,
         )
         return written

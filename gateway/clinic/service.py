@@ -90,7 +90,6 @@ class Gateway:
         self.inbox = ResultsInbox(
             self.config.results_dir or (settings.data_dir / "results"),
             hook=self.config.critical_hook,
-            report_font=self.config.report_font,
         )
         self._next_results = 0.0
         self.forwarder = Forwarder(

@@ -15,6 +15,10 @@ Each pass, in this order:
    than the grace period. A partial upload's file is never touched.
 3. Stored objects that no ``objects`` row names are deleted once older than the grace period (an
    object is written before its row; the period covers that gap).
+4. Signed report versions with no printed report recorded get it rendered (``report_pdfs``, the
+   hub's ``ReportPdfService.render_missing``): the hub stopped between the signature and the
+   rendering, or had no font then. Printed reports live under ``t<site>/reports/``, which step 3
+   never looks at.
 
 Before any stored bytes are deleted the database is asked again, in this order, whether a partial
 upload of the same site and content is under way (its row may be on its way) and whether a row
@@ -65,6 +69,7 @@ class JanitorReport:
     objects_deleted: int = 0  # stored objects of expired exams
     staging_files_deleted: int = 0  # staged files and left-behind temporary folders
     orphans_deleted: int = 0  # stored objects no row named
+    pdfs_rendered: int = 0  # signed report versions that had no printed report
     errors: int = 0  # steps or exams that failed (tried again next pass)
 
     def summary(self) -> str:
@@ -87,6 +92,7 @@ class Janitor:
         interval_seconds: float = 600.0,
         first_seconds: float = 60.0,
         clock: Callable[[], datetime] = utcnow,
+        report_pdfs: Callable[[], int] | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -96,6 +102,7 @@ class Janitor:
         self._interval = interval_seconds
         self._first = first_seconds
         self._clock = clock
+        self._report_pdfs = report_pdfs
         self._stop = threading.Event()
         self._pass_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -135,7 +142,7 @@ class Janitor:
         at = _utc(now if now is not None else self._clock())
         report = JanitorReport()
         with self._pass_lock:
-            for step in (self._expire_abandoned, self._sweep_staging, self._sweep_orphans):
+            for step in (self._expire_abandoned, self._sweep_staging, self._sweep_orphans, self._render_pdfs):
                 try:
                     step(at, report)
                 except _Stopped:
@@ -322,6 +329,12 @@ class Janitor:
                     report.orphans_deleted += self._delete_unreferenced(candidates)
                     candidates = []
             report.orphans_deleted += self._delete_unreferenced(candidates)
+
+    # ---- 4. printed reports ----------------------------------------------------------------------
+    def _render_pdfs(self, now: datetime, report: JanitorReport) -> None:
+        if self._report_pdfs is not None:
+            self._check_stop()
+            report.pdfs_rendered += self._report_pdfs()
 
     def _site_contents(self, site_id: int) -> set[bytes]:
         """The SHA-256 of every object row of the site (32 bytes each: a site's set stays small)."""

@@ -39,6 +39,11 @@ class Directory:
     def site_code(self, site_id: int) -> str:
         return self.site_codes((site_id,)).get(site_id, "")
 
+    def site_name(self, site_id: int) -> str:
+        """The site's name as registered (read each time: a name may be corrected)."""
+        with reading(self._engine) as conn:
+            return str(conn.execute(select(sites.c.name).where(sites.c.id == site_id)).scalar() or "")
+
     def principal_names(self, ids: Iterable[int | None]) -> dict[int, str]:
         wanted = {i for i in ids if i}
         if not wanted:

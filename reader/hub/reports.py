@@ -6,7 +6,8 @@ made by the signer of the latest version (no claim needed, unless another reader
 for amendment), or by another reader of the exam's specialty who claimed the reported exam for
 amendment and presents that claim's fence; the amendment clears the claim. Publishing takes
 the next number of the site's result sequence under a row lock, so a site's result cursor has no
-gaps and commits in order.
+gaps and commits in order. Once a signature or an amendment committed, ``on_signed`` is told the
+exam and version (the hub renders its printed report then, off the signing call's path).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 
 from teleread.auth import Principal
 from teleread.errors import Conflict, InvalidInput, PermissionDenied
@@ -53,10 +55,27 @@ def content_hash(*, exam_id: str, version: int, text: str, impression: str, crit
 class ReportService:
     """Save, sign and amend reports, on the queue's claims, through a unit of work."""
 
-    def __init__(self, *, queue: QueueService, bus: EventBus, uow: UnitOfWork | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        queue: QueueService,
+        bus: EventBus,
+        uow: UnitOfWork | None = None,
+        on_signed: Callable[[str, int], None] | None = None,
+    ) -> None:
         self._queue = queue
         self._uow = uow or queue.uow
         self._bus = bus
+        self._on_signed = on_signed  # (exam id, version) once a signature or amendment committed
+
+    def _signed(self, report: ReportRecord) -> None:
+        """After the commit: the printed report is rendered off the signing call's path."""
+        if self._on_signed is None:
+            return
+        try:
+            self._on_signed(report.exam_id, report.version)
+        except Exception as exc:  # the signature stands; the clean-up pass renders what is missing
+            log.error("printed report not queued", extra={"exam_id": report.exam_id, "reason": type(exc).__name__})
 
     def save(
         self, p: Principal, *, exam_id: str, fence: int, text: str, impression: str = "", critical: bool = False
@@ -108,6 +127,7 @@ class ReportService:
             )
         self._bus.publish()
         log.info("report signed", extra={"exam_id": exam_id})
+        self._signed(report)
         return report
 
     def _check_amender(self, tx: Tx, p: Principal, *, exam_id: str, fence: int) -> tuple[ExamRecord, ReportRecord]:
@@ -187,4 +207,5 @@ class ReportService:
             )
         self._bus.publish()
         log.info("report amended", extra={"exam_id": exam_id})
+        self._signed(report)
         return report

@@ -33,6 +33,7 @@ from teleread.lifecycle import InvalidTransition
 from teleread.reader.hub.claims import CLAIMABLE, ExamRecord, claim_event, claimable
 from teleread.vocab import CriticalState, ExamState, ReportStatus
 
+SIGNED = (ReportStatus.FINAL, ReportStatus.AMENDED)  # versions that are published and printed
 Detail = dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]] | None
 Also = Iterable[tuple[str, dict[str, Any] | None]]
 
@@ -55,6 +56,8 @@ class ReportRecord:
     amends_reason: str
     sha256: str
     created_at: datetime | None
+    pdf_sha256: str = ""  # the printed report's bytes; '' until the hub rendered them
+    pdf_size: int = 0
 
     @classmethod
     def of(cls, row: Mapping[Any, Any]) -> ReportRecord:
@@ -72,11 +75,13 @@ class ReportRecord:
             amends_reason=row["amends_reason"] or "",
             sha256=row["sha256"] or "",
             created_at=as_utc(row["created_at"]),
+            pdf_sha256=row.get("pdf_sha256") or "",
+            pdf_size=int(row.get("pdf_size") or 0),
         )
 
     @property
     def signed(self) -> bool:
-        return self.status in (ReportStatus.FINAL, ReportStatus.AMENDED)
+        return self.status in SIGNED
 
     def fields(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +186,14 @@ class ReportRepository(Protocol):
         self, exam: ExamRecord, report_id: int, target: ReportStatus, *, event: str, source: ReportStatus,
         values: Mapping[str, Any], actor_id: int, record: bool,
     ) -> ReportRecord:  # fmt: skip
+        ...
+
+    def set_pdf(self, report_id: int, *, sha256: str | None, size: int | None) -> None:
+        """Record (or, with None, forget) the printed report of a signed version."""
+        ...
+
+    def without_pdf(self, *, limit: int) -> list[ReportRecord]:
+        """Signed versions whose printed report is not recorded, oldest first."""
         ...
 
 
@@ -315,6 +328,18 @@ class SqlReportRepository:
             record=record,
         )  # fmt: skip
         return self._one(report_id)
+
+    def set_pdf(self, report_id: int, *, sha256: str | None, size: int | None) -> None:
+        self.conn.execute(update(reports).where(reports.c.id == report_id).values(pdf_sha256=sha256, pdf_size=size))
+
+    def without_pdf(self, *, limit: int) -> list[ReportRecord]:
+        query = (
+            select(reports)
+            .where(reports.c.status.in_(SIGNED), reports.c.pdf_sha256.is_(None))
+            .order_by(reports.c.id)
+            .limit(limit)
+        )
+        return [ReportRecord.of(r._mapping) for r in self.conn.execute(query)]
 
 
 class SqlResultRepository:
@@ -480,6 +505,13 @@ class MemoryReportRepository:
         if record:
             self._s.event(event, exam.id, actor_id, {"report": report_id})
         return ReportRecord.of(row)
+
+    def set_pdf(self, report_id: int, *, sha256: str | None, size: int | None) -> None:
+        self._s.reports[report_id].update(pdf_sha256=sha256, pdf_size=size)
+
+    def without_pdf(self, *, limit: int) -> list[ReportRecord]:
+        rows = [r for _, r in sorted(self._s.reports.items()) if r["status"] in SIGNED and not r.get("pdf_sha256")]
+        return [ReportRecord.of(r) for r in rows[:limit]]
 
 
 class MemoryResultRepository:

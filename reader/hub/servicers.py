@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Any, AsyncIterator
+from contextlib import AbstractContextManager
+from typing import Any, AsyncIterator, BinaryIO
 
 import grpc
 
@@ -16,6 +17,7 @@ from teleread.messages import exam_message, object_message, report_message, ts
 from teleread.reader.hub.directory import Directory
 from teleread.reader.hub.feed import ResultsLive, SnapshotEnd, SnapshotExam, WatchFeed, WorklistChange, WorklistItem
 from teleread.reader.hub.queue import QueueService
+from teleread.reader.hub.report_pdfs import ReportPdfService, StoredPdf
 from teleread.reader.hub.reports import ReportService
 from teleread.reader.hub.repository import ReportRecord, ResultRecord
 from teleread.reader.hub.results import ResultsService
@@ -23,6 +25,7 @@ from teleread.rpc import current_principal, in_thread
 from teleread.v1 import common_pb2, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 CHUNK = 1024 * 1024
+PDF_CHUNK = 256 * 1024
 EVENT_TYPES = {
     "queued": worklist_pb2.WorklistEvent.TYPE_QUEUED,
     "critical": worklist_pb2.WorklistEvent.TYPE_CRITICAL,
@@ -49,10 +52,34 @@ class _Memo(OrderedDict[Any, Any]):
         return value
 
 
+async def pdf_chunks(
+    opened: AbstractContextManager[tuple[StoredPdf, BinaryIO]],
+) -> AsyncIterator[common_pb2.ReportPdfChunk]:
+    """A printed report's bytes in chunks; the first names the whole PDF's SHA-256, size and version.
+    Opening it (rendering it first when needed) runs in the stream pool."""
+    async with in_thread(opened) as (stored, fh):
+        offset = 0
+        while block := await asyncio.to_thread(fh.read, PDF_CHUNK):
+            chunk = common_pb2.ReportPdfChunk(data=block, offset=offset)
+            if offset == 0:
+                chunk.sha256, chunk.size, chunk.version = stored.sha256, stored.size, stored.version
+            yield chunk
+            offset += len(block)
+
+
 class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
-    def __init__(self, *, queue: QueueService, reports: ReportService, directory: Directory, feed: WatchFeed) -> None:
+    def __init__(
+        self,
+        *,
+        queue: QueueService,
+        reports: ReportService,
+        directory: Directory,
+        feed: WatchFeed,
+        pdfs: ReportPdfService,
+    ) -> None:
         self._queue = queue
         self._reports = reports
+        self._pdfs = pdfs
         self._directory = directory
         self._feed = feed
         self._events = _Memo()  # used on the event loop only
@@ -202,6 +229,13 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
             )
         )
 
+    async def GetReportPdf(
+        self, request: common_pb2.GetReportPdfRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.ReportPdfChunk]:
+        opened = self._pdfs.open_for_reader(current_principal(), exam_id=request.exam_id, version=request.version)
+        async for chunk in pdf_chunks(opened):
+            yield chunk
+
 
 def result_message(result: ResultRecord, *, site_code: str) -> results_pb2.Result:
     msg = results_pb2.Result(
@@ -213,13 +247,16 @@ def result_message(result: ResultRecord, *, site_code: str) -> results_pb2.Resul
     stamp = ts(result.published_at)
     if stamp is not None:
         msg.published_at.CopyFrom(stamp)
+    if result.report.pdf_sha256:
+        msg.pdf.CopyFrom(common_pb2.ReportPdf(sha256=result.report.pdf_sha256, size=result.report.pdf_size))
     return msg
 
 
 class ResultsServicer(results_pb2_grpc.ResultsServicer):
-    def __init__(self, service: ResultsService, *, feed: WatchFeed) -> None:
+    def __init__(self, service: ResultsService, *, feed: WatchFeed, pdfs: ReportPdfService) -> None:
         self._svc = service
         self._feed = feed
+        self._pdfs = pdfs
 
     def ListResults(
         self, request: results_pb2.ListResultsRequest, context: grpc.ServicerContext
@@ -246,3 +283,10 @@ class ResultsServicer(results_pb2_grpc.ResultsServicer):
     def GetResult(self, request: results_pb2.GetResultRequest, context: grpc.ServicerContext) -> results_pb2.Result:
         p = current_principal()
         return result_message(self._svc.get(p, exam_id=request.exam_id), site_code=p.site_code or "")
+
+    async def GetReportPdf(
+        self, request: common_pb2.GetReportPdfRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.ReportPdfChunk]:
+        opened = self._pdfs.open_for_site(current_principal(), exam_id=request.exam_id, version=request.version)
+        async for chunk in pdf_chunks(opened):
+            yield chunk

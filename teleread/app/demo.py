@@ -5,8 +5,9 @@ clinic, a cardiologist and a radiologist are registered; the clinic's gateway st
 receiver on a free port, its outbox and watch folder under the demo folder). A modality pushes
 pydicom's bundled CT, MR and 12-lead ECG files to the gateway by C-STORE, and an ECG cart drops a
 generated WFDB ECG with a dangerous pause into the watch folder; the gateway forwards them through
-gRPC; they are triaged, queued, claimed, reported and signed, and the gateway writes the signed
-reports (JSON, text, PDF) into the clinic's results folder.
+gRPC; they are triaged, queued, claimed, reported and signed, the hub renders each signed report's
+PDF, and the gateway writes the signed reports (JSON, text, and the hub's PDF) into the clinic's
+results folder.
 """
 
 from __future__ import annotations

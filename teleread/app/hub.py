@@ -1,9 +1,10 @@
 """Composition root of the hub: builds the adapters and services from settings and serves gRPC.
 
-``build_hub(settings)`` wires the database, object store, event bus, ingest, queue, reports,
-results, the watch feed (``reader/hub/feed.py``), the triage workers and the clean-up thread
-(``gateway/hub/janitor.py``); ``create_server(hub)`` returns a ready-to-start gRPC server and its port
-(port 0 picks a free one, as tests do); ``serve(settings)`` runs until interrupted.
+``build_hub(settings)`` wires the database, object store, event bus, ingest, queue, reports, the
+printed reports (``reader/hub/report_pdfs.py``), results, the watch feed (``reader/hub/feed.py``),
+the triage workers and the clean-up thread (``gateway/hub/janitor.py``); ``create_server(hub)``
+returns a ready-to-start gRPC server and its port (port 0 picks a free one, as tests do);
+``serve(settings)`` runs until interrupted.
 
 The server is gRPC's asyncio server on an event loop of its own thread (:class:`HubServer`, with
 the synchronous ``start``/``stop``/``wait_for_termination`` of ``grpc.Server``). Unary handlers
@@ -23,6 +24,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +43,7 @@ from teleread.models.inference.worker import TriageWorker
 from teleread.reader.hub.directory import Directory
 from teleread.reader.hub.feed import WatchFeed
 from teleread.reader.hub.queue import QueueService
+from teleread.reader.hub.report_pdfs import ReportPdfService
 from teleread.reader.hub.reports import ReportService
 from teleread.reader.hub.results import ResultsService
 from teleread.reader.hub.routing import load_routing
@@ -93,9 +96,11 @@ class Hub:
     cpu: CpuPool
     triage_cpu: CpuPool
     janitor: Janitor
+    pdfs: ReportPdfService
 
     def close(self) -> None:
         self.janitor.stop()
+        self.pdfs.close()
         self.feed.close()
         self.bus.close()
         self.triage.shutdown()
@@ -151,9 +156,18 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         max_object_bytes=settings.max_object_bytes,
         cpu=cpu,
     )
-    reports = ReportService(queue=queue, bus=bus)
-    results = ResultsService(uow=queue.uow, bus=bus)
     directory = Directory(engine)
+    pdfs = ReportPdfService(
+        uow=queue.uow,
+        store=store,
+        directory=directory,
+        spool_dir=settings.staging_dir(),
+        font=settings.report.font,
+        zone=ZoneInfo(settings.report.timezone),
+        cpu=cpu,  # the niced pool: a printed report can wait for a moment, triage cannot
+    )
+    reports = ReportService(queue=queue, bus=bus, on_signed=pdfs.submit)
+    results = ResultsService(uow=queue.uow, bus=bus)
     feed = WatchFeed(
         engine=engine,
         bus=bus,
@@ -170,6 +184,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         grace=timedelta(seconds=settings.ingest.orphan_grace_seconds),
         interval_seconds=settings.ingest.janitor_interval_seconds,
         first_seconds=settings.ingest.janitor_first_seconds,
+        report_pdfs=pdfs.render_missing,
     )
     sessions = Sessions(
         engine,
@@ -194,7 +209,9 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         cpu=cpu,
         triage_cpu=triage_cpu,
         janitor=janitor,
+        pdfs=pdfs,
     )
+    pdfs.warm()
     recovered = triage.recover()
     if recovered:
         log.info("re-queued committed exams for triage", extra={"count": recovered})
@@ -266,9 +283,14 @@ class HubServer:
             IngestServicer(hub.ingest, idle_seconds=cfg.upload_idle_seconds), server
         )
         worklist_pb2_grpc.add_WorklistServicer_to_server(
-            WorklistServicer(queue=hub.queue, reports=hub.reports, directory=hub.directory, feed=hub.feed), server
+            WorklistServicer(
+                queue=hub.queue, reports=hub.reports, directory=hub.directory, feed=hub.feed, pdfs=hub.pdfs
+            ),
+            server,
         )
-        results_pb2_grpc.add_ResultsServicer_to_server(ResultsServicer(hub.results, feed=hub.feed), server)
+        results_pb2_grpc.add_ResultsServicer_to_server(
+            ResultsServicer(hub.results, feed=hub.feed, pdfs=hub.pdfs), server
+        )
         auth_pb2_grpc.add_AuthServicer_to_server(
             AuthServicer(hub.sessions, on_end=hub.authenticator.forget_session), server
         )

@@ -230,6 +230,10 @@ reports = Table(
     Column("amends_reason", Text, nullable=False, default=""),
     Column("sha256", String(64), nullable=False, default=""),
     Column("created_at", UtcDateTime, nullable=False),
+    # the printed report of a signed version, rendered by the hub after the signature and kept in the
+    # object store under a key made of the exam id and the version; NULL until it is rendered
+    Column("pdf_sha256", String(64), nullable=True),
+    Column("pdf_size", BigInteger, nullable=True),
     UniqueConstraint("exam_id", "version", name="uq_reports_exam_version"),
 )
 

@@ -1,7 +1,8 @@
 """Object storage port: one interface, two adapters (local directory, S3 via the minio SDK).
 
-Keys are built only by :func:`object_key` from server-side identifiers (tenant id and content
-hash), never from user strings. Every write and every read checks the object's SHA-256.
+Keys are built only by :func:`object_key` (tenant id and content hash) and :func:`report_pdf_key`
+(tenant id, exam id and report version) from server-side identifiers, never from user strings.
+Every write and every read checks the object's SHA-256.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_EXAM_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
 def object_key(*, tenant_id: int, sha256: str) -> str:
@@ -23,6 +25,18 @@ def object_key(*, tenant_id: int, sha256: str) -> str:
     if not _HEX64.match(sha256):
         raise ValueError("sha256 must be 64 lowercase hex digits")
     return f"t{tenant_id}/objects/{sha256[:2]}/{sha256}"
+
+
+def report_pdf_key(*, tenant_id: int, exam_id: str, version: int) -> str:
+    """The storage key of a report version's printed PDF: tenant prefix, the exam's server-made id
+    and the version (outside ``objects/``, which holds uploaded objects only)."""
+    if not isinstance(tenant_id, int) or tenant_id <= 0:
+        raise ValueError("tenant id must be a positive integer")
+    if not _EXAM_ID.match(exam_id):
+        raise ValueError("exam id must be a server-made id")
+    if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
+        raise ValueError("version must be a positive integer")
+    return f"t{tenant_id}/reports/{exam_id}/v{version}.pdf"
 
 
 class ObjectStore(Protocol):

@@ -248,3 +248,33 @@ class Report(_message.Message):
     amends_reason: str
     sha256: str
     def __init__(self, exam_id: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ..., author: _Optional[str] = ..., signed_by: _Optional[str] = ..., signed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., amends_reason: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ReportPdf(_message.Message):
+    __slots__ = ("sha256", "size")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class GetReportPdfRequest(_message.Message):
+    __slots__ = ("exam_id", "version")
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    version: int
+    def __init__(self, exam_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ReportPdfChunk(_message.Message):
+    __slots__ = ("data", "offset", "sha256", "size", "version")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    sha256: str
+    size: int
+    version: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...

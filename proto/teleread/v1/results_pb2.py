@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from teleread.v1 import common_pb2 as teleread_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19teleread/v1/results.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"\xa2\x01\n\x06Result\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12#\n\x06report\x18\x03 \x01(\x0b\x32\x13.teleread.v1.Report\x12\x10\n\x08\x63ritical\x18\x04 \x01(\x08\x12\x30\n\x0cpublished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x12ListResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x05\"P\n\x13ListResultsResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.teleread.v1.Result\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x03\"+\n\x13WatchResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\"#\n\x10GetResultRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t2\xe5\x01\n\x07Results\x12P\n\x0bListResults\x12\x1f.teleread.v1.ListResultsRequest\x1a .teleread.v1.ListResultsResponse\x12G\n\x0cWatchResults\x12 .teleread.v1.WatchResultsRequest\x1a\x13.teleread.v1.Result0\x01\x12?\n\tGetResult\x12\x1d.teleread.v1.GetResultRequest\x1a\x13.teleread.v1.Resultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19teleread/v1/results.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"\xc7\x01\n\x06Result\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12#\n\x06report\x18\x03 \x01(\x0b\x32\x13.teleread.v1.Report\x12\x10\n\x08\x63ritical\x18\x04 \x01(\x08\x12\x30\n\x0cpublished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x03pdf\x18\x06 \x01(\x0b\x32\x16.teleread.v1.ReportPdf\"9\n\x12ListResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x05\"P\n\x13ListResultsResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.teleread.v1.Result\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x03\"+\n\x13WatchResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\"#\n\x10GetResultRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t2\xb6\x02\n\x07Results\x12P\n\x0bListResults\x12\x1f.teleread.v1.ListResultsRequest\x1a .teleread.v1.ListResultsResponse\x12G\n\x0cWatchResults\x12 .teleread.v1.WatchResultsRequest\x1a\x13.teleread.v1.Result0\x01\x12?\n\tGetResult\x12\x1d.teleread.v1.GetResultRequest\x1a\x13.teleread.v1.Result\x12O\n\x0cGetReportPdf\x12 .teleread.v1.GetReportPdfRequest\x1a\x1b.teleread.v1.ReportPdfChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'teleread.v1.results_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESULT']._serialized_start=102
-  _globals['_RESULT']._serialized_end=264
-  _globals['_LISTRESULTSREQUEST']._serialized_start=266
-  _globals['_LISTRESULTSREQUEST']._serialized_end=323
-  _globals['_LISTRESULTSRESPONSE']._serialized_start=325
-  _globals['_LISTRESULTSRESPONSE']._serialized_end=405
-  _globals['_WATCHRESULTSREQUEST']._serialized_start=407
-  _globals['_WATCHRESULTSREQUEST']._serialized_end=450
-  _globals['_GETRESULTREQUEST']._serialized_start=452
-  _globals['_GETRESULTREQUEST']._serialized_end=487
-  _globals['_RESULTS']._serialized_start=490
-  _globals['_RESULTS']._serialized_end=719
+  _globals['_RESULT']._serialized_end=301
+  _globals['_LISTRESULTSREQUEST']._serialized_start=303
+  _globals['_LISTRESULTSREQUEST']._serialized_end=360
+  _globals['_LISTRESULTSRESPONSE']._serialized_start=362
+  _globals['_LISTRESULTSRESPONSE']._serialized_end=442
+  _globals['_WATCHRESULTSREQUEST']._serialized_start=444
+  _globals['_WATCHRESULTSREQUEST']._serialized_end=487
+  _globals['_GETRESULTREQUEST']._serialized_start=489
+  _globals['_GETRESULTREQUEST']._serialized_end=524
+  _globals['_RESULTS']._serialized_start=527
+  _globals['_RESULTS']._serialized_end=837
 # @@protoc_insertion_point(module_scope)

@@ -11,18 +11,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Result(_message.Message):
-    __slots__ = ("cursor", "exam", "report", "critical", "published_at")
+    __slots__ = ("cursor", "exam", "report", "critical", "published_at", "pdf")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     EXAM_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     CRITICAL_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    PDF_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     exam: _common_pb2.Exam
     report: _common_pb2.Report
     critical: bool
     published_at: _timestamp_pb2.Timestamp
-    def __init__(self, cursor: _Optional[int] = ..., exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., report: _Optional[_Union[_common_pb2.Report, _Mapping]] = ..., critical: _Optional[bool] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    pdf: _common_pb2.ReportPdf
+    def __init__(self, cursor: _Optional[int] = ..., exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., report: _Optional[_Union[_common_pb2.Report, _Mapping]] = ..., critical: _Optional[bool] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pdf: _Optional[_Union[_common_pb2.ReportPdf, _Mapping]] = ...) -> None: ...
 
 class ListResultsRequest(_message.Message):
     __slots__ = ("after_cursor", "limit")

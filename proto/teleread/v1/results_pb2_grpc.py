@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from teleread.v1 import common_pb2 as teleread_dot_v1_dot_common__pb2
 from teleread.v1 import results_pb2 as teleread_dot_v1_dot_results__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -49,6 +50,11 @@ class ResultsStub:
                 request_serializer=teleread_dot_v1_dot_results__pb2.GetResultRequest.SerializeToString,
                 response_deserializer=teleread_dot_v1_dot_results__pb2.Result.FromString,
                 _registered_method=True)
+        self.GetReportPdf = channel.unary_stream(
+                '/teleread.v1.Results/GetReportPdf',
+                request_serializer=teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.SerializeToString,
+                response_deserializer=teleread_dot_v1_dot_common__pb2.ReportPdfChunk.FromString,
+                _registered_method=True)
 
 
 class ResultsServicer:
@@ -75,6 +81,13 @@ class ResultsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReportPdf(self, request, context):
+        """The printed report (PDF) of a signed version of one of the caller's site's exams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResultsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ResultsServicer_to_server(servicer, server):
                     servicer.GetResult,
                     request_deserializer=teleread_dot_v1_dot_results__pb2.GetResultRequest.FromString,
                     response_serializer=teleread_dot_v1_dot_results__pb2.Result.SerializeToString,
+            ),
+            'GetReportPdf': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetReportPdf,
+                    request_deserializer=teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.FromString,
+                    response_serializer=teleread_dot_v1_dot_common__pb2.ReportPdfChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class Results:
             '/teleread.v1.Results/GetResult',
             teleread_dot_v1_dot_results__pb2.GetResultRequest.SerializeToString,
             teleread_dot_v1_dot_results__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReportPdf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/teleread.v1.Results/GetReportPdf',
+            teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.SerializeToString,
+            teleread_dot_v1_dot_common__pb2.ReportPdfChunk.FromString,
             options,
             channel_credentials,
             insecure,

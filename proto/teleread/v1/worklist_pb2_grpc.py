@@ -90,6 +90,11 @@ class WorklistStub:
                 request_serializer=teleread_dot_v1_dot_worklist__pb2.AmendReportRequest.SerializeToString,
                 response_deserializer=teleread_dot_v1_dot_common__pb2.Report.FromString,
                 _registered_method=True)
+        self.GetReportPdf = channel.unary_stream(
+                '/teleread.v1.Worklist/GetReportPdf',
+                request_serializer=teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.SerializeToString,
+                response_deserializer=teleread_dot_v1_dot_common__pb2.ReportPdfChunk.FromString,
+                _registered_method=True)
 
 
 class WorklistServicer:
@@ -173,6 +178,13 @@ class WorklistServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReportPdf(self, request, context):
+        """The printed report (PDF) of a signed version of an exam the caller may open (as GetExamDetails).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorklistServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +242,11 @@ def add_WorklistServicer_to_server(servicer, server):
                     servicer.AmendReport,
                     request_deserializer=teleread_dot_v1_dot_worklist__pb2.AmendReportRequest.FromString,
                     response_serializer=teleread_dot_v1_dot_common__pb2.Report.SerializeToString,
+            ),
+            'GetReportPdf': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetReportPdf,
+                    request_deserializer=teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.FromString,
+                    response_serializer=teleread_dot_v1_dot_common__pb2.ReportPdfChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +546,33 @@ class Worklist:
             '/teleread.v1.Worklist/AmendReport',
             teleread_dot_v1_dot_worklist__pb2.AmendReportRequest.SerializeToString,
             teleread_dot_v1_dot_common__pb2.Report.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReportPdf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/teleread.v1.Worklist/GetReportPdf',
+            teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.SerializeToString,
+            teleread_dot_v1_dot_common__pb2.ReportPdfChunk.FromString,
             options,
             channel_credentials,
             insecure,
