@@ -275,6 +275,61 @@ def test_a_signed_report_is_amended_with_a_reason_from_the_exam_page(page: Any, 
     assert second.text == "Atrial fibrillation, rate 120 bpm." and second.signed_by == "dr-heart"
 
 
+def test_each_signed_version_shows_the_printed_report_the_hub_rendered_for_the_clinic(
+    page: Any, stack: Any, tmp_path: Path, artifacts: Path
+) -> None:
+    import subprocess
+
+    import pypdf
+
+    from teleread.reader.clients.results_client import fetch_report_pdf
+
+    from teleread.patient import PatientContext
+
+    patient = PatientContext.of(
+        id="SYN-0042",
+        name="ZHANG^SAN=张^三",
+        sex="M",
+        birth_date="19610215",
+        referring_physician="LI^SI=李^四",
+        patient_class="outpatient",
+    )  # fmt: skip  (synthetic)
+    write_synthetic_wfdb(tmp_path / "e", rhythm="normal", name="ecg-print", seed=12)
+    exam_id = _upload(stack, tmp_path / "e", indication="pre-operative ECG", patient=patient)
+    wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_a")), exam_id, "queued")
+    _signed_in(page, "dr-heart")
+    _row(page, exam_id).dblclick()
+    page.get_by_test_id("report-text").fill("Sinus rhythm 72 bpm. Normal ECG. 正常心电图。")
+    page.get_by_test_id("sign").click()
+    page.get_by_test_id("recent-exam").first.wait_for(timeout=10_000)
+    page.goto(f"/exam/{exam_id}")
+    link = page.get_by_test_id("report-pdf")
+    link.wait_for(timeout=10_000)
+    href = link.get_attribute("href") or ""
+    assert href.endswith(f"/api/exams/{exam_id}/report.pdf?version=1") and link.get_attribute("target") == "_blank"
+    answer = page.request.get(href)  # with the reader's cookie, as the link opens it
+    assert answer.status == 200 and answer.headers["content-type"] == "application/pdf"
+    assert answer.headers["cache-control"] == "no-store"
+    shown = answer.body()
+    stored = tmp_path / "hub.pdf"
+    fetch_report_pdf(worklist_pb2_grpc.WorklistStub(stack.channel("cardio")), exam_id=exam_id, version=1, path=stored)
+    assert shown == stored.read_bytes()  # the very PDF the clinic files
+    text = "\n".join(p.extract_text() for p in pypdf.PdfReader(stored).pages)
+    assert "正常心电图" in text and "dr-heart" in text and "clinic-a" in text.lower()
+    assert "张三" in text.replace(" ", "") and "SYN-0042" in text  # the header the clinic files
+    picture = artifacts / "station-printed-report"
+    subprocess.run(
+        ["pdftoppm", "-r", "90", "-f", "1", "-l", "1", "-png", "-singlefile", str(stored), str(picture)], check=True
+    )
+    assert picture.with_suffix(".png").stat().st_size > 10_000
+    page.get_by_test_id("signout").click()
+    page.get_by_test_id("login-form").wait_for()
+    assert page.request.get(href).status == 401  # signed out: nothing
+    _signed_in(page, "dr-city")  # a cardiologist of another hospital: not theirs to see
+    refused = page.request.get(href)
+    assert (refused.status, refused.json()["error"]["reason"]) == (404, "EXAM_NOT_FOUND")
+
+
 def test_a_critical_exam_waiting_before_sign_in_is_marked_until_claimed(page: Any, stack: Any, tmp_path: Path) -> None:
     write_synthetic_wfdb(tmp_path / "stemi", rhythm="stemi", name="ecg-stemi", seed=6)
     exam_id = _upload(stack, tmp_path / "stemi", who="site_b")

@@ -416,6 +416,21 @@ async def amend(request: Request, station: Station, session: BrowserSession) -> 
     return JSONResponse({"report": as_dict(report)})
 
 
+@signed_in(state_changing=False)
+async def report_pdf(request: Request, station: Station, session: BrowserSession) -> Response:
+    """A signed version's printed report, as the hub rendered it for the clinic (``?version=N``;
+    none: the latest), shown in the browser's PDF viewer."""
+    exam_id = request.path_params["exam_id"]
+    try:
+        wanted = int(request.query_params.get("version", "0"))
+    except ValueError:
+        return _error(400, "BAD_VERSION", "the version must be a number")
+    version, data = await station.hub.report_pdf(session.hub_token, exam_id, wanted)
+    name = f"report-{exam_id}-v{version}.pdf"
+    headers = {"Content-Disposition": f'inline; filename="{name}"', "Cache-Control": "no-store"}
+    return Response(data, media_type="application/pdf", headers=headers)
+
+
 async def _json(request: Request) -> dict[str, Any]:
     if not request.headers.get("content-type", "").startswith("application/json"):
         return {}
@@ -469,6 +484,7 @@ def create_app(station: Station) -> Starlette:
         Route("/api/exams/{exam_id}/report", save, methods=["POST"]),
         Route("/api/exams/{exam_id}/sign", sign, methods=["POST"]),
         Route("/api/exams/{exam_id}/amend", amend, methods=["POST"]),
+        Route("/api/exams/{exam_id}/report.pdf", report_pdf),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
         Route("/login", lambda request: RedirectResponse("/")),
     ]

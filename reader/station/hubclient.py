@@ -9,6 +9,7 @@ to the browser as a JSON error with a matching HTTP status.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from teleread.client import CHANNEL_OPTIONS
-from teleread.v1 import auth_pb2, auth_pb2_grpc, worklist_pb2, worklist_pb2_grpc
+from teleread.v1 import auth_pb2, auth_pb2_grpc, common_pb2, worklist_pb2, worklist_pb2_grpc
 
 UNARY_TIMEOUT = 15.0
+PDF_TIMEOUT = 60.0  # a printed report rendered on its first fetch
+MAX_PDF_BYTES = 32 * 1024 * 1024
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 409,
@@ -186,3 +189,33 @@ class HubClient:
             exam_id=exam_id, fence=fence, reason=reason, text=text, impression=impression, critical=critical
         )
         return await self._unary(self._worklist.AmendReport, request, token)
+
+    async def report_pdf(self, token: str, exam_id: str, version: int = 0) -> tuple[int, bytes]:
+        """A signed version's printed report (0: the latest) as the hub rendered it: (version,
+        bytes), checked against the size and SHA-256 the hub sent with it."""
+        call = self._worklist.GetReportPdf(
+            common_pb2.GetReportPdfRequest(exam_id=exam_id, version=version),
+            timeout=PDF_TIMEOUT,
+            metadata=self._meta(token),
+        )
+        parts: list[bytes] = []
+        sha256, size, of_version, received = "", 0, 0, 0
+        try:
+            async for chunk in call:
+                if not parts and chunk.sha256:
+                    sha256, size, of_version = chunk.sha256, int(chunk.size), int(chunk.version)
+                received += len(chunk.data)
+                if received > MAX_PDF_BYTES:
+                    call.cancel()
+                    raise HubError(
+                        grpc.StatusCode.OUT_OF_RANGE, "REPORT_PDF_TOO_LARGE", "the printed report is too large"
+                    )
+                parts.append(chunk.data)
+        except grpc.RpcError as err:
+            raise HubError.of(err) from None
+        data = b"".join(parts)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            raise HubError(
+                grpc.StatusCode.DATA_LOSS, "REPORT_PDF_CORRUPT", "the printed report arrived damaged; try again"
+            )
+        return of_version, data

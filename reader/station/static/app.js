@@ -496,8 +496,17 @@ function renderExam(details, claim) {
     return li;
   }));
   if (!(details.priors || []).length) $("priors").append(el("li", { class: "note" }, "none at this site"));
-  $("reports").replaceChildren(...(details.reports || []).map((r) => el("li", { dataset: { testid: "report-version" } },
-    `v${r.version} ${r.status}${r.signed_by ? ` · ${r.signed_by}` : ""}${r.amends_reason ? ` · amended: ${r.amends_reason}` : ""}`)));
+  $("reports").replaceChildren(...(details.reports || []).map((r) => {
+    const item = el("li", { dataset: { testid: "report-version" } },
+      `v${r.version} ${r.status}${r.signed_by ? ` · ${r.signed_by}` : ""}${r.amends_reason ? ` · amended: ${r.amends_reason}` : ""}`);
+    if (r.status !== "draft") {  // a signed version: its printed report, as the clinic files it
+      item.append(" · ", el("a", {
+        href: `/api/exams/${encodeURIComponent(details.exam.exam_id)}/report.pdf?version=${r.version}`,
+        target: "_blank", rel: "noopener", dataset: { testid: "report-pdf" },
+      }, "printed report (PDF)"));
+    }
+    return item;
+  }));
   const draft = (details.reports || []).filter((r) => r.status === "draft").pop();
   const last = (details.reports || []).filter((r) => r.status !== "draft").pop();
   $("text").value = (draft || last || {}).text || "";
