@@ -297,7 +297,7 @@ def test_calipers_between_two_r_peaks_read_the_rr_interval_and_march_it_out(
     g = _geometry(page)
     rhythm = _cell(g, "II", rhythm=True)
     truth = synthetic_r_peaks(rhythm="normal", seconds=10.0, seed=44)
-    box = page.get_by_test_id("ecg-overlay").first.bounding_box()
+    box = page.get_by_test_id("ecg-trace").bounding_box()
     y = box["y"] + rhythm["y0"] - 10  # CSS px = device px at scale 1
     a, b = (box["x"] + rhythm["x0"] + t * g["px_per_s"] for t in truth[2:4])
     page.mouse.move(a, y)
@@ -366,7 +366,7 @@ def test_a_pause_is_marked_where_it_is_and_a_finding_takes_the_reader_there(
     zs = np.nonzero((zrgb[:, 0] - zrgb[:, 2] > 60) & (zrgb[:, 1] - zrgb[:, 2] > 40))[0]
     assert abs(float(t0) + zs.min() / zoom["px_per_s"] - start) <= 0.02  # the zoom shows it magnified
 
-    box = page.get_by_test_id("ecg-overlay").first.bounding_box()  # calipers on the pause, for the picture
+    box = page.get_by_test_id("ecg-trace").bounding_box()  # calipers on the pause, for the picture
     y = box["y"] + rhythm["y0"] - 20
     page.mouse.move(box["x"] + rhythm["x0"] + start * g["px_per_s"], y)
     page.mouse.down()

@@ -512,8 +512,10 @@ export class EcgViewer {
   }
 
   // ---- calipers, march-out, zoom by drag ----------------------------------------------------
+  // (on the trace's canvas: the overlay above it takes no pointer events, and has a size only
+  // while something is drawn on it: a canvas as large as the sheet costs a frame to composite)
   bindPointer(name, surface) {
-    const overlay = surface.overlay;
+    const overlay = surface.canvas;
     const at = (event) => {
       const scale = overlay.width / overlay.clientWidth;
       return { x: event.offsetX * scale, y: event.offsetY * scale };
@@ -573,10 +575,13 @@ export class EcgViewer {
   drawOverlays() {
     for (const [name, s] of Object.entries(this.surfaces)) {
       const o = s.overlay;
-      if (o.width !== s.canvas.width || o.height !== s.canvas.height) {
-        o.width = s.canvas.width; o.height = s.canvas.height;
-        o.style.width = s.canvas.style.width; o.style.height = s.canvas.style.height;
+      const used = Boolean((this.flash && this.flash.surface === name) || (this.caliper && this.caliper.surface === name));
+      const [w, h] = used ? [s.canvas.width, s.canvas.height] : [0, 0];
+      if (o.width !== w || o.height !== h) {
+        o.width = w; o.height = h;
+        o.style.width = used ? s.canvas.style.width : "0px"; o.style.height = used ? s.canvas.style.height : "0px";
       }
+      if (!used) continue;
       const ctx = o.getContext("2d");
       ctx.clearRect(0, 0, o.width, o.height);
       if (this.flash && this.flash.surface === name) {
