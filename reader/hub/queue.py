@@ -12,7 +12,7 @@ transaction is serialised by ``BEGIN IMMEDIATE``.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from typing import Any, BinaryIO, Iterator, NamedTuple
 
@@ -36,7 +36,7 @@ from teleread.reader.hub.repository import (
 )
 from teleread.reader.hub.routing import Routing
 from teleread.triage_result import TriageResult
-from teleread.vocab import ExamState, Level
+from teleread.vocab import ExamKind, ExamState, Level
 
 log = logging.getLogger("teleread.queue")
 
@@ -325,6 +325,21 @@ class QueueService:
             .order_by(exams.c.received_at, exams.c.id)
         )
         return [dict(r._mapping) for r in conn.execute(query)]
+
+    def ecg_objects(self, p: Principal, *, exam_id: str) -> list[dict[str, Any]]:
+        """The stored objects of an ECG exam this reader may read (the same check as :meth:`details`),
+        oldest first; Conflict ``NOT_AN_ECG`` for an exam of another kind."""
+        hospital, specialty = require_reader(p)
+        with reading(self._db) as conn:
+            exam = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
+            if exam["kind"] != ExamKind.ECG:
+                raise Conflict("this exam is not an ECG", reason="NOT_AN_ECG")
+            query = select(objects).where(objects.c.exam_id == exam_id).order_by(objects.c.created_at, objects.c.id)
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def open_stored(self, row: dict[str, Any]) -> AbstractContextManager[BinaryIO]:
+        """An object row's bytes, hash-verified (for rows :meth:`ecg_objects` handed out)."""
+        return self._store.open_verified(row["storage_key"], sha256=row["sha256"], size=int(row["size"]))
 
     @contextmanager
     def open_object(self, p: Principal, *, exam_id: str, object_id: str) -> Iterator[tuple[dict[str, Any], BinaryIO]]:

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from typing import Any, AsyncIterator, BinaryIO
 
 import grpc
+import numpy as np
 
 from teleread.errors import NotFound
 from teleread.messages import exam_message, object_message, report_message, ts
@@ -21,6 +22,7 @@ from teleread.reader.hub.report_pdfs import ReportPdfService, StoredPdf
 from teleread.reader.hub.reports import ReportService
 from teleread.reader.hub.repository import ReportRecord, ResultRecord
 from teleread.reader.hub.results import ResultsService
+from teleread.reader.hub.waveform import EcgWaveforms
 from teleread.rpc import current_principal, in_thread
 from teleread.v1 import common_pb2, results_pb2, results_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
@@ -82,6 +84,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         self._pdfs = pdfs
         self._directory = directory
         self._feed = feed
+        self._waveforms = EcgWaveforms(queue)
         self._events = _Memo()  # used on the event loop only
 
     def _exam(self, row: dict[str, Any]) -> common_pb2.Exam:
@@ -194,6 +197,18 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                     chunk.sha256, chunk.size, first = row["sha256"], int(row["size"]), False
                 yield chunk
                 offset += len(block)
+
+    def GetEcgWaveform(
+        self, request: worklist_pb2.GetEcgWaveformRequest, context: grpc.ServicerContext
+    ) -> worklist_pb2.EcgWaveform:
+        found = self._waveforms.waveform(current_principal(), exam_id=request.exam_id)
+        signal = found.signal
+        microvolts = np.rint(signal.signal_mv.astype(np.float64) * 1000.0).astype(np.int32)
+        leads = [
+            worklist_pb2.EcgLead(name=name, microvolts=microvolts[:, i].tolist())
+            for i, name in enumerate(signal.lead_names)
+        ]
+        return worklist_pb2.EcgWaveform(fs=signal.fs, leads=leads, duration_s=signal.duration_s, source=found.source)
 
     def _report(self, report: ReportRecord) -> common_pb2.Report:
         names = self._directory.principal_names((report.author_id, report.signed_by))

@@ -34,6 +34,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from teleread.logs import log_context
+from teleread.reader.station import ecg
 from teleread.reader.station.hubclient import HubClient, HubError, as_dict
 from teleread.reader.station.sessions import COOKIE, LOGIN_COOKIE, BrowserSession, BrowserSessions
 from teleread.settings import StationSettings
@@ -478,6 +479,7 @@ def create_app(station: Station) -> Starlette:
         Route("/api/worklist/events", events),
         Route("/api/claim-next", claim_next, methods=["POST"]),
         Route("/api/exams/{exam_id}", details),
+        Route("/api/exams/{exam_id}/ecg", signed_in(state_changing=False)(ecg.waveform)),
         Route("/api/exams/{exam_id}/claim", claim, methods=["POST"]),
         Route("/api/exams/{exam_id}/renew", renew, methods=["POST"]),
         Route("/api/exams/{exam_id}/release", release, methods=["POST"]),

@@ -171,6 +171,11 @@ class HubClient:
             self._worklist.GetExamDetails, worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), token
         )
 
+    async def ecg_waveform(self, token: str, exam_id: str) -> worklist_pb2.EcgWaveform:
+        return await self._unary(
+            self._worklist.GetEcgWaveform, worklist_pb2.GetEcgWaveformRequest(exam_id=exam_id), token
+        )
+
     async def save(self, token: str, exam_id: str, fence: int, *, text: str, impression: str, critical: bool) -> Any:
         request = worklist_pb2.SaveReportRequest(
             exam_id=exam_id, fence=fence, text=text, impression=impression, critical=critical

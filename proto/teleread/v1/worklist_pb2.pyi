@@ -153,6 +153,32 @@ class ObjectChunk(_message.Message):
     size: int
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
+class GetEcgWaveformRequest(_message.Message):
+    __slots__ = ("exam_id",)
+    EXAM_ID_FIELD_NUMBER: _ClassVar[int]
+    exam_id: str
+    def __init__(self, exam_id: _Optional[str] = ...) -> None: ...
+
+class EcgLead(_message.Message):
+    __slots__ = ("name", "microvolts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MICROVOLTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    microvolts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., microvolts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EcgWaveform(_message.Message):
+    __slots__ = ("fs", "leads", "duration_s", "source")
+    FS_FIELD_NUMBER: _ClassVar[int]
+    LEADS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    fs: float
+    leads: _containers.RepeatedCompositeFieldContainer[EcgLead]
+    duration_s: float
+    source: str
+    def __init__(self, fs: _Optional[float] = ..., leads: _Optional[_Iterable[_Union[EcgLead, _Mapping]]] = ..., duration_s: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+
 class SaveReportRequest(_message.Message):
     __slots__ = ("exam_id", "fence", "text", "impression", "critical")
     EXAM_ID_FIELD_NUMBER: _ClassVar[int]

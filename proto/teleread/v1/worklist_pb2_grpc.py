@@ -75,6 +75,11 @@ class WorklistStub:
                 request_serializer=teleread_dot_v1_dot_worklist__pb2.StreamObjectRequest.SerializeToString,
                 response_deserializer=teleread_dot_v1_dot_worklist__pb2.ObjectChunk.FromString,
                 _registered_method=True)
+        self.GetEcgWaveform = channel.unary_unary(
+                '/teleread.v1.Worklist/GetEcgWaveform',
+                request_serializer=teleread_dot_v1_dot_worklist__pb2.GetEcgWaveformRequest.SerializeToString,
+                response_deserializer=teleread_dot_v1_dot_worklist__pb2.EcgWaveform.FromString,
+                _registered_method=True)
         self.SaveReport = channel.unary_unary(
                 '/teleread.v1.Worklist/SaveReport',
                 request_serializer=teleread_dot_v1_dot_worklist__pb2.SaveReportRequest.SerializeToString,
@@ -156,6 +161,15 @@ class WorklistServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEcgWaveform(self, request, context):
+        """An ECG exam's samples, decoded at the hub from its stored objects (WFDB or DICOM waveform), for
+        the reading station's viewer: FAILED_PRECONDITION NOT_AN_ECG for another kind of exam, and
+        FAILED_PRECONDITION with the loader's reason (e.g. ECG_UNREADABLE) when the object cannot be decoded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SaveReport(self, request, context):
         """Save a draft report (needs a live claim).
         """
@@ -227,6 +241,11 @@ def add_WorklistServicer_to_server(servicer, server):
                     servicer.StreamObject,
                     request_deserializer=teleread_dot_v1_dot_worklist__pb2.StreamObjectRequest.FromString,
                     response_serializer=teleread_dot_v1_dot_worklist__pb2.ObjectChunk.SerializeToString,
+            ),
+            'GetEcgWaveform': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEcgWaveform,
+                    request_deserializer=teleread_dot_v1_dot_worklist__pb2.GetEcgWaveformRequest.FromString,
+                    response_serializer=teleread_dot_v1_dot_worklist__pb2.EcgWaveform.SerializeToString,
             ),
             'SaveReport': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveReport,
@@ -465,6 +484,33 @@ class Worklist:
             '/teleread.v1.Worklist/StreamObject',
             teleread_dot_v1_dot_worklist__pb2.StreamObjectRequest.SerializeToString,
             teleread_dot_v1_dot_worklist__pb2.ObjectChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEcgWaveform(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/teleread.v1.Worklist/GetEcgWaveform',
+            teleread_dot_v1_dot_worklist__pb2.GetEcgWaveformRequest.SerializeToString,
+            teleread_dot_v1_dot_worklist__pb2.EcgWaveform.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,7 @@
 // The reading station's page: sign-in, the live worklist, the exam page with its report pane.
 // Everything the hub sends is shown with textContent (never as HTML): names and indications come
 // from clinics and may hold anything.
+import { EcgViewer, fetchEcg } from "./ecg.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -14,6 +15,7 @@ const state = {
   selected: 0,
   source: null,
   open: null,              // {examId, fence, amend, renewTimer, dirty, saveTimer, signed}
+  viewer: null,            // the open ECG's viewer (ecg.js)
   templates: [],
   templatesLoaded: Promise.resolve(),
   recent: [],
@@ -416,6 +418,9 @@ function route() {
 window.addEventListener("popstate", () => { releaseOpen().then(route); });
 
 async function openExam(examId, claim = null, { push = true, details = null } = {}) {
+  // An ECG from the worklist: its samples are on their way while the page asks for the rest.
+  const samples = (state.exams.get(examId) || {}).kind === "EXAM_KIND_ECG" ? fetchEcg(examId) : null;
+  if (samples) samples.catch(() => {});  // (shown by the viewer; an exam that does not open drops it)
   await releaseOpen();
   if (!details) {
     try {
@@ -429,10 +434,11 @@ async function openExam(examId, claim = null, { push = true, details = null } = 
     catch (err) { toast(err.message); return; }
   }
   state.open = { examId, fence: claim ? Number(claim.fence) : 0, amend: false, dirty: false, signed: reported,
-    renewTimer: null, saveTimer: null, kind: details.exam.kind, modality: details.exam.modality };
+    renewTimer: null, saveTimer: null, kind: details.exam.kind, modality: details.exam.modality,
+    findings: (details.exam.triage || {}).findings || [] };
   if (claim) clearAlert(examId);  // claimed: no longer waiting for a reader
   if (push) history.pushState(null, "", `/exam/${encodeURIComponent(examId)}`);
-  renderExam(details, claim);
+  renderExam(details, claim, samples);
   show("view-exam");
   if (claim) startRenewal();
   $("text").focus();
@@ -450,6 +456,7 @@ function startRenewal() {
 
 async function releaseOpen({ keepalive = false } = {}) {
   const open = state.open;
+  if (state.viewer) { state.viewer.destroy(); state.viewer = null; }
   if (!open) return;
   state.open = null;
   clearInterval(open.renewTimer);
@@ -465,7 +472,7 @@ function dl(target, pairs) {
   target.replaceChildren(...pairs.filter(([, v]) => v).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
 }
 
-function renderExam(details, claim) {
+function renderExam(details, claim, samples = null) {
   const exam = details.exam;
   const level = (LEVELS[(exam.triage || {}).level] || ["—"])[0];
   $("exam-level").textContent = level; $("exam-level").className = `badge ${level}`;
@@ -480,11 +487,18 @@ function renderExam(details, claim) {
   const triage = exam.triage || {};
   $("triage-summary").textContent = triage.summary || "";
   const objects = details.objects || [];
-  $("viewer").replaceChildren(el("p", { class: "note" }, objects.length
-    ? `${objects.length} object(s): ${[...new Set(objects.map((o) => o.role))].join(", ")}`
-    : "no objects"));
-  $("findings").replaceChildren(...(triage.findings || []).flatMap((f) => [
-    el("tr", { class: "finding" }, el("th", { colspan: "3" }, `${f.title} (${(LEVELS[f.level] || ["—"])[0]})`)),
+  const ecg = exam.kind === "EXAM_KIND_ECG" && objects.length > 0;
+  $("view-exam").querySelector(".exam").classList.toggle("ecg", ecg);
+  if (state.viewer) { state.viewer.destroy(); state.viewer = null; }
+  if (ecg) state.viewer = new EcgViewer($("viewer"), { exam, priors: details.priors, samples: samples || fetchEcg(exam.exam_id) });
+  else {
+    $("viewer").replaceChildren(el("p", { class: "note" }, objects.length
+      ? `${objects.length} object(s): ${[...new Set(objects.map((o) => o.role))].join(", ")}`
+      : "no objects"));
+  }
+  $("findings").replaceChildren(...(triage.findings || []).flatMap((f, i) => [
+    el("tr", { class: "finding", dataset: { testid: "finding", index: String(i), code: f.code || "" },
+      title: ecg ? "show it on the trace" : "" }, el("th", { colspan: "3" }, `${f.title} (${(LEVELS[f.level] || ["—"])[0]})`)),
     ...(f.evidence || []).map((e) => el("tr", {}, el("td", {}, e.name + (e.lead ? ` [${e.lead}]` : "")),
       el("td", {}, `${Number(e.value ?? 0).toFixed(3).replace(/\.?0+$/, "")} ${e.unit || ""}`),
       el("td", { class: "note" }, e.threshold !== undefined ? `threshold ${e.threshold}` : ""))),
@@ -535,6 +549,14 @@ function applyTemplate(id) {
   $("text").focus();
 }
 $("template").addEventListener("change", () => applyTemplate($("template").value));
+
+// A finding of the triage, clicked: its place on the trace (scrolled to, zoomed, the lead flashed).
+$("findings").addEventListener("click", (event) => {
+  const row = event.target.closest("tr.finding");
+  if (!row || !state.viewer || !state.open) return;
+  const found = state.open.findings || [];
+  if (found[Number(row.dataset.index)]) state.viewer.focus(found[Number(row.dataset.index)]);
+});
 
 function changed() {
   const open = state.open;
@@ -637,6 +659,7 @@ document.addEventListener("keydown", (event) => {
     else if ((event.ctrlKey || event.metaKey) && event.key === "Enter") { event.preventDefault(); sign({ next: event.shiftKey }); }
     else if ((event.ctrlKey || event.metaKey) && (event.key === "s" || event.key === "S")) { event.preventDefault(); saveDraft().catch((err) => { $("report-error").textContent = err.message; }); }
     else if (event.altKey && (event.key === "c" || event.key === "C" || event.code === "KeyC")) { event.preventDefault(); $("critical").checked = !$("critical").checked; changed(); }
+    else if (state.viewer && state.viewer.handleKey(event)) event.preventDefault();
     else if (event.altKey && /^Digit[1-9]$/.test(event.code)) {
       event.preventDefault();
       const option = $("template").options[Number(event.code.slice(5))];
