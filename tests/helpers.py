@@ -131,3 +131,14 @@ def error_reason(err: grpc.RpcError) -> str:
             detail.Unpack(info)
             return info.reason
     return ""
+
+
+def run_coroutine(coro: Any) -> Any:
+    """``asyncio.run`` on a thread of its own. A pytest-xdist worker that ran a browser test keeps
+    Playwright's event loop running on its main thread for the rest of the session (the one
+    browser is session-scoped), where ``asyncio.run`` refuses to start another."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -10,6 +10,8 @@ Screenshots go to the test artefacts folder (``$TELEREAD_TEST_ARTIFACTS``)."""
 
 from __future__ import annotations
 
+import math
+
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,7 +356,13 @@ def test_a_pause_is_marked_where_it_is_and_a_finding_takes_the_reader_there(
     assert not ((row[:, 0] - row[:, 2] > 60) & (row[:, 1] - row[:, 2] > 40)).any()  # on the rhythm strip only
 
     header = page.get_by_test_id("ecg-measurements").inner_text()
-    assert "bpm" in header and "QRS" in header and "—" in header  # PR, QT and axes not measured yet
+    measured = worklist_pb2_grpc.WorklistStub(stack.channel("cardio")).GetExamDetails(
+        worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), timeout=10
+    ).exam.triage.ecg  # fmt: skip
+    assert measured.HasField("pr_ms") and measured.HasField("qt_ms")
+    for label, value in (("PR", measured.pr_ms), ("QT", measured.qt_ms), ("QTc B", measured.qtc_bazett_ms)):
+        assert f"{label}\n{math.floor(value + 0.5)} ms" in header, (label, header)  # the hub's, as measured
+    assert f"{math.floor(measured.qrs_axis_deg + 0.5)}°" in header
 
     page.locator("[data-testid=finding]", has_text="ause").first.click()
     viewer = page.get_by_test_id("viewer")

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import event, func, select
 
 from conftest import HubStack, make_settings, start_stack
-from helpers import error_reason, wait_for
+from helpers import error_reason, run_coroutine, wait_for
 from teleread.db.engine import utcnow
 from teleread.db.schema import events, sites
 from teleread.errors import Unavailable
@@ -64,7 +64,7 @@ def test_a_watcher_that_falls_behind_is_told_to_watch_again() -> None:
             await sub.take()
         assert behind.value.reason == "WATCH_BEHIND" and behind.value.retryable
 
-    asyncio.run(scenario())
+    run_coroutine(scenario())  # not asyncio.run: see its docstring
 
 
 def _claim_and_release(stack: HubStack, times: int) -> None:
