@@ -227,6 +227,10 @@ def test_the_pause_is_placed_on_the_trace_and_the_measurements_reach_the_reader(
     assert result.ecg is not None and result.ecg.rhythm_lead == "II"
     message = TriageResult.from_json(result.to_json()).to_proto()  # kept in triage_json, read by readers
     assert message.ecg.HasField("qrs_ms") and 60 <= message.ecg.qrs_ms <= 120
+    assert not message.ecg.HasField("pr_ms")  # the second pass measures PR, QT and the axes
+    [full] = pipeline.ecg_intervals_batch([item])
+    assert full is not None and {"pr_ms", "qt_ms", "qtc_bazett_ms", "qrs_axis_deg"} <= set(full["values"])
+    assert full["values"]["qrs_ms"] == message.ecg.qrs_ms and full["rhythm_lead"] == "II"
     assert message.ecg.rr_ms == pytest.approx(float(np.median(np.diff(truth))) * 1000, abs=15)
     [placed] = [e for f in message.findings for e in f.evidence if e.name == "longest_pause_s"]
     assert (placed.at_s, placed.duration_s) == (pause.at_s, pause.duration_s)

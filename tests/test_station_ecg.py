@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import make_settings, start_stack
-from helpers import copy_testdata, error_reason, wait_for_state, write_synthetic_wfdb
+from helpers import copy_testdata, error_reason, wait_for, wait_for_state, write_synthetic_wfdb
 from teleread.gateway.uploader.client import scan_paths, upload_exams
 from teleread.models.inference.synthetic import synthetic_ecg, synthetic_r_peaks, write_wfdb_record
 from teleread.reader.station.serve import StationServer
@@ -341,6 +341,13 @@ def test_a_pause_is_marked_where_it_is_and_a_finding_takes_the_reader_there(
     page: Any, stack: Any, tmp_path: Path, artifacts: Path
 ) -> None:
     exam_id, _ = _synthetic(stack, tmp_path, "pause", seed=45, priority="stat")
+    cardio = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))
+
+    def measured() -> Any:  # triage's second pass: PR, QT and the axes arrive after the exam is queued
+        ecg = cardio.GetExamDetails(worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), timeout=10).exam.triage.ecg
+        return ecg if ecg.HasField("pr_ms") else None
+
+    wait_for(measured, timeout=30)
     _open(page, exam_id)
     g = _geometry(page)
     rhythm = _cell(g, "II", rhythm=True)
@@ -356,13 +363,11 @@ def test_a_pause_is_marked_where_it_is_and_a_finding_takes_the_reader_there(
     assert not ((row[:, 0] - row[:, 2] > 60) & (row[:, 1] - row[:, 2] > 40)).any()  # on the rhythm strip only
 
     header = page.get_by_test_id("ecg-measurements").inner_text()
-    measured = worklist_pb2_grpc.WorklistStub(stack.channel("cardio")).GetExamDetails(
-        worklist_pb2.GetExamDetailsRequest(exam_id=exam_id), timeout=10
-    ).exam.triage.ecg  # fmt: skip
-    assert measured.HasField("pr_ms") and measured.HasField("qt_ms")
-    for label, value in (("PR", measured.pr_ms), ("QT", measured.qt_ms), ("QTc B", measured.qtc_bazett_ms)):
+    ecg = measured()
+    assert ecg.HasField("qt_ms")
+    for label, value in (("PR", ecg.pr_ms), ("QT", ecg.qt_ms), ("QTc B", ecg.qtc_bazett_ms)):
         assert f"{label}\n{math.floor(value + 0.5)} ms" in header, (label, header)  # the hub's, as measured
-    assert f"{math.floor(measured.qrs_axis_deg + 0.5)}°" in header
+    assert f"{math.floor(ecg.qrs_axis_deg + 0.5)}°" in header
 
     page.locator("[data-testid=finding]", has_text="ause").first.click()
     viewer = page.get_by_test_id("viewer")

@@ -145,8 +145,12 @@ class _Morphology:
     qrs: tuple[float, float] | None = None  # onset, offset in median-beat samples
 
 
-def measure_ecg(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) -> EcgMeasurements:
-    """Measure an ECG given as (n_samples, n_leads) millivolts sampled at ``fs`` Hz."""
+def measure_ecg(
+    signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str], intervals: bool = True
+) -> EcgMeasurements:
+    """Measure an ECG given as (n_samples, n_leads) millivolts sampled at ``fs`` Hz; without
+    ``intervals``, what triage needs only (no PR, QT or axes: their delineation costs about four
+    times the rest, and triage runs on the clinical clock)."""
     raw = _validated(signal_mv, fs=fs, lead_names=lead_names)
     names = [canonical_lead_name(n) for n in lead_names]
     work = _resample(raw - np.median(raw, axis=0), fs)
@@ -163,7 +167,7 @@ def measure_ecg(signal_mv: np.ndarray, *, fs: float, lead_names: Sequence[str]) 
     chosen = [lead_idx] + [
         names.index(n) for n in ecg_intervals.DELINEATED_LEADS if n in names and n != names[lead_idx]
     ]
-    measured = _intervals([filtered[:, i] for i in chosen], peaks, morphology, rhythm, names)
+    measured = _intervals([filtered[:, i] for i in chosen], peaks, morphology, rhythm, names) if intervals else {}
     log.debug("ecg measured", extra={"count": int(peaks.size)})
     return EcgMeasurements(
         heart_rate_bpm=rhythm.heart_rate_bpm,

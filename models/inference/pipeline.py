@@ -82,7 +82,7 @@ def triage_ecg_batch(
     for i, item in enumerate(items):
         try:
             signal = _load(item["files"])
-            m = ecg_measure.measure_ecg(signal.signal_mv, fs=signal.fs, lead_names=signal.lead_names)
+            m = ecg_measure.measure_ecg(signal.signal_mv, fs=signal.fs, lead_names=signal.lead_names, intervals=False)
         except TelereadError as exc:
             log.warning("ECG not measurable", extra={"reason": exc.reason})
             results[i] = triage.unmeasurable_ecg(priority=item["priority"], reason=exc.reason, rules=rules).to_dict()
@@ -95,6 +95,24 @@ def triage_ecg_batch(
         fused = fusion.fuse_ecg(scored, out, rules=rules, policy=policy, context=triage.ecg_context(m))
         results[i] = dataclasses.replace(fused, ecg=m.summary()).to_dict()
     return [r for r in results if r is not None]
+
+
+def ecg_intervals_batch(items: Sequence[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """The full measurements of ECGs already triaged (``files``: role -> path), with PR, QT, QTc and
+    the axes, as ``EcgSummary`` dicts; None for one that cannot be measured (triage said so)."""
+    from teleread.models.inference import ecg_measure
+
+    out: list[dict[str, Any] | None] = []
+    for item in items:
+        try:
+            signal = _load(item["files"])
+            m = ecg_measure.measure_ecg(signal.signal_mv, fs=signal.fs, lead_names=signal.lead_names)
+        except TelereadError as exc:
+            log.info("ECG intervals not measurable", extra={"reason": exc.reason})
+            out.append(None)
+            continue
+        out.append(m.summary().to_dict())
+    return out
 
 
 def ecg_model_outputs(signals: Sequence[Any], *, policy: fusion.FusionPolicy) -> list[fusion.ModelOutputs]:

@@ -51,6 +51,8 @@ class TriageWorker:
         policy_path: Path | None = None,
         cpu: CpuPool | None = None,
         max_batch: int = MAX_BATCH,
+        on_measured: Callable[[str, dict[str, Any]], None] | None = None,
+        measure_cpu: CpuPool | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -65,6 +67,13 @@ class TriageWorker:
         self._threads = [
             threading.Thread(target=self._dispatch, name=f"triage-{i}", daemon=True) for i in range(max(1, workers))
         ]
+        # The second pass: an ECG's PR, QT and axes for the reader, after it is queued, on the
+        # (lower-priority) pool given, so a flood of ECGs never delays the next one's triage.
+        self._on_measured = on_measured
+        self._measure_cpu = measure_cpu or self._cpu
+        self._measuring: queue.Queue[list[str] | None] = queue.Queue()
+        if on_measured is not None:
+            self._threads.append(threading.Thread(target=self._measure, name="ecg-intervals", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -82,8 +91,33 @@ class TriageWorker:
     def shutdown(self) -> None:
         for _ in self._threads:
             self._waiting.put(None)
+        self._measuring.put(None)
         for t in self._threads:
             t.join()
+
+    def _measure(self) -> None:
+        while (exam_ids := self._measuring.get()) is not None:
+            try:
+                self.measure_intervals(exam_ids)
+            except Exception as exc:  # the exam is queued and readable; only its PR/QT/axes are missing
+                log.warning("ECG intervals failed", extra={"count": len(exam_ids), "reason": type(exc).__name__})
+
+    def measure_intervals(self, exam_ids: Sequence[str]) -> None:
+        """Measure triaged ECGs in full (PR, QT, QTc, axes) and hand the results to ``on_measured``."""
+        assert self._on_measured is not None
+        with reading(self._engine) as conn:
+            rows = conn.execute(select(exams).where(exams.c.id.in_(list(exam_ids)), exams.c.kind == "ecg")).all()
+            objs: dict[str, list[Any]] = {r.id: [] for r in rows}
+            for o in conn.execute(select(objects).where(objects.c.exam_id.in_(list(objs)))):
+                objs[o.exam_id].append(o)
+        if not rows:
+            return
+        with tempfile.TemporaryDirectory(prefix="teleread-intervals-") as tmp:
+            items = [{"files": self._fetch_ecg(objs[r.id], Path(tmp))} for r in rows]
+            out = self._measure_cpu.run(pipeline.ecg_intervals_batch, items)
+        for row, summary in zip(rows, out):
+            if summary is not None:
+                self._on_measured(row.id, summary)
 
     def _dispatch(self) -> None:
         while True:
@@ -136,7 +170,10 @@ class TriageWorker:
         for group, fn in ((ecg, pipeline.triage_ecg_batch), (chest, pipeline.triage_chest_batch)):
             if group:
                 results.update(self._run_group(group, objs, fn))
-        return {exam.id: self._on_triaged(exam, results[exam.id]) for exam in rows}
+        queued = {exam.id: self._on_triaged(exam, results[exam.id]) for exam in rows}
+        if self._on_measured is not None and ecg:
+            self._measuring.put([exam.id for exam in ecg])
+        return queued
 
     def _run_group(self, group: Sequence[Any], objs: dict[str, list[Any]], fn: Any) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="teleread-triage-") as tmp:

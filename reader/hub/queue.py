@@ -11,12 +11,13 @@ transaction is serialised by ``BEGIN IMMEDIATE``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from typing import Any, BinaryIO, Iterator, NamedTuple
 
-from sqlalchemy import Connection, Engine, and_, or_, select
+from sqlalchemy import Connection, Engine, and_, or_, select, update
 
 from teleread.auth import Principal, require_reader
 from teleread.db.engine import as_utc, reading
@@ -35,7 +36,7 @@ from teleread.reader.hub.repository import (
     queue_order,
 )
 from teleread.reader.hub.routing import Routing
-from teleread.triage_result import TriageResult
+from teleread.triage_result import EcgSummary, TriageResult
 from teleread.vocab import ExamKind, ExamState, Level
 
 log = logging.getLogger("teleread.queue")
@@ -140,6 +141,19 @@ class QueueService:
         self._bus.publish()
         log.info("exam queued", extra={"exam_id": exam.id, "level": level})
         return {"level": level, "deadline": deadline}
+
+    def record_ecg_measurements(self, exam_id: str, summary: dict[str, Any]) -> bool:
+        """Keep an ECG's full measurements (triage's second pass: PR, QT, QTc, axes) in its triage
+        result. Not a change of state; an exam not yet triaged, or rejected, is left as it is."""
+        with self._db.begin() as conn:
+            row = conn.execute(
+                select(exams.c.triage_json, exams.c.state).where(exams.c.id == exam_id).with_for_update()
+            ).first()
+            if row is None or not row.triage_json or row.state in (ExamState.RECEIVED, ExamState.REJECTED):
+                return False
+            result = dataclasses.replace(TriageResult.from_json(row.triage_json), ecg=EcgSummary.from_dict(summary))
+            conn.execute(update(exams).where(exams.c.id == exam_id).values(triage_json=result.to_json()))
+        return True
 
     # ---- worklist ----------------------------------------------------------------------------
     def worklist(self, p: Principal, *, limit: int = 200, include_claimed: bool = True) -> list[dict[str, Any]]:

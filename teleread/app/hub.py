@@ -123,8 +123,10 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     auto = settings.cpu_workers < 0
     ingest_workers = default_workers(share=0.5) if auto else settings.cpu_workers
     triage_workers = default_workers(share=1.0) if auto else settings.cpu_workers
-    cpu = CpuPool(ingest_workers, log_level=settings.log_level, nice=INGEST_NICE, warm=("teleread.gateway.validate",))
-    warm = ("teleread.models.inference.pipeline", "teleread.models.inference.ecg_measure", "neurokit2", "torch")
+    # The ingest pool also takes triage's second pass (an ECG's PR, QT and axes, after it is queued).
+    warm_ingest = ("teleread.gateway.validate", "teleread.models.inference.pipeline", "neurokit2")
+    cpu = CpuPool(ingest_workers, log_level=settings.log_level, nice=INGEST_NICE, warm=warm_ingest)
+    warm = ("teleread.models.inference.pipeline", "teleread.models.inference.ecg_measure", "torch")
     triage_cpu = CpuPool(triage_workers, log_level=settings.log_level, warm=warm)
     clock = clock_for(engine)  # leases and deadlines on the database's time: several hubs agree
     queue = QueueService(
@@ -142,6 +144,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         on_triaged=queue.enqueue_triaged,
         workers=max(settings.queue.triage_workers, triage_workers),
         cpu=triage_cpu,
+        on_measured=queue.record_ecg_measurements,
+        measure_cpu=cpu,
         rules_path=settings.queue.rules_file,
         policy_path=settings.queue.fusion_policy,
     )
