@@ -477,3 +477,31 @@ def test_the_viewer_keys_switch_layout_speed_and_gain_and_are_listed(page: Any, 
     keys = page.get_by_test_id("ecg-keys").inner_text()
     for key in ("Alt+L", "Alt+P", "Alt+G", "Alt+T", "Alt+M"):
         assert key in keys
+
+
+def test_the_one_time_calibration_sets_the_scale_and_is_kept_by_the_browser(
+    browser: Any, station: StationServer, stack: Any, tmp_path: Path
+) -> None:
+    exam_id, _ = _synthetic(stack, tmp_path, "normal", seed=47)
+    context = _context(browser, station, scale=2.0, calibration=None)  # never calibrated
+    try:
+        page = context.new_page()
+        _open(page, exam_id)
+        viewer = page.get_by_test_id("viewer")
+        default = 96 / 25.4 * 2  # 96 dpi CSS pixels at a devicePixelRatio of 2
+        assert float(viewer.get_attribute("data-mm-px")) == pytest.approx(default, abs=1e-3)
+        page.get_by_test_id("ecg-calibrate").click()
+        bar = page.get_by_test_id("ecg-card-bar")
+        assert bar.bounding_box()["width"] == pytest.approx(85.6 * default / 2, abs=0.6)  # the card, at 96 dpi
+        page.get_by_test_id("ecg-px-per-mm").fill("9.5")
+        page.get_by_test_id("ecg-px-per-mm").dispatch_event("change")
+        assert bar.bounding_box()["width"] == pytest.approx(85.6 * 9.5 / 2, abs=0.6)  # CSS px of 2 device px
+        page.get_by_test_id("ecg-calibration-save").click()
+        page.wait_for_function("document.querySelector('[data-testid=viewer]').dataset.mmPx === '9.5'")
+        assert float(page.get_by_test_id("ecg-trace").get_attribute("data-px-per-s")) == pytest.approx(25 * 9.5)
+        assert page.evaluate("localStorage.getItem('teleread.ecg.devicePxPerMm')") == "9.5"
+        page.reload()  # kept by this browser: the next ECG is drawn at the reader's scale
+        page.locator("[data-testid=viewer][data-state=drawn]").wait_for(timeout=15_000)
+        assert float(page.get_by_test_id("viewer").get_attribute("data-mm-px")) == 9.5
+    finally:
+        context.close()
