@@ -67,7 +67,7 @@ def test_the_installed_package_holds_its_data_and_no_top_level_capability_packag
         "print(json.dumps({'teleread': teleread.__file__, 'weights': weights,"
         " 'rules': ecg_rules.DEFAULT_RULES_PATH.is_file(), 'fusion': fusion.DEFAULT_POLICY_PATH.is_file(),"
         " 'routing': DEFAULT_ROUTING.is_file(), 'migrations': len(list((MIGRATIONS / 'versions').glob('0*.py'))),"
-        " 'station': [(station.STATIC / f).is_file() for f in ('index.html', 'app.js', 'app.css')]"
+        " 'station': [(station.STATIC / f).is_file() for f in ('index.html', 'app.js', 'app.css', 'dom.js', 'ecg.js', 'ecg.css')]"
         " + [len(station.load_templates())],"
         " 'contract': c.__file__, 'top': [n for n in ('gateway', 'reader', 'models', 'proto') if u.find_spec(n)]}))\n"
     )
@@ -81,7 +81,7 @@ def test_the_installed_package_holds_its_data_and_no_top_level_capability_packag
     assert found["weights"] == ["chest_pneumonia.pt", "ecg_12lead.pt", "ecg_rhythm.pt"]
     assert found["rules"] and found["fusion"] and found["routing"] and found["migrations"] >= 5
     assert found["top"] == []
-    assert found["station"][:3] == [True, True, True] and found["station"][3] >= 10  # the page and its templates
+    assert found["station"][:6] == [True] * 6 and found["station"][6] >= 10  # the page, its scripts and templates
     help_text = subprocess.run([installed / "bin" / "teleread", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert help_text.returncode == 0 and "serve" in help_text.stdout
 

@@ -2,6 +2,7 @@
 // Everything the hub sends is shown with textContent (never as HTML): names and indications come
 // from clinics and may hold anything.
 import { EcgViewer, fetchEcg } from "./ecg.js";
+import { el } from "./dom.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -57,16 +58,6 @@ function toast(text) {
   toast.timer = setTimeout(() => { el.hidden = true; }, 4000);
 }
 
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "dataset") Object.assign(node.dataset, v);
-    else node.setAttribute(k, v);
-  }
-  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(child ?? ""));
-  return node;
-}
 
 // ---- sign-in -------------------------------------------------------------------------------
 async function start() {

@@ -8,6 +8,8 @@
 // devicePixelRatio) does not change the size on the screen. Without a calibration: 96 dpi CSS
 // pixels (3.78 CSS px per mm) times devicePixelRatio.
 
+import { el } from "./dom.js";
+
 export const CALIBRATION_KEY = "teleread.ecg.devicePxPerMm";
 const OPTIONS_KEY = "teleread.ecg.options";
 export const CARD_MM = 85.6;
@@ -291,16 +293,6 @@ function measurementsText(m = {}) {
 }
 
 // ---- the viewer ----------------------------------------------------------------------------------
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "dataset") Object.assign(node.dataset, v);
-    else node.setAttribute(k, v);
-  }
-  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(child ?? ""));
-  return node;
-}
 
 function select(testid, title, values, current, label) {
   const s = el("select", { dataset: { testid }, title });
