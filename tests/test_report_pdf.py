@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
 from conftest import HubStack, make_settings, start_stack
-from helpers import error_reason, wait_for_state
+from helpers import error_reason, wait_for, wait_for_state
 from teleread.db.schema import reports
 from teleread.storage import report_pdf_key
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2
@@ -79,7 +79,15 @@ def upload_ecg(stack: HubStack, tmp_path: Path, *, site: str = "site_a", patient
     ingest.Upload(iter([ingest_pb2.UploadChunk(upload_id=begun.upload_id, data=data)]), timeout=30)
     ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=opened.exam_id, expected_objects=1), timeout=10)
     wait_for_state(ingest, opened.exam_id, "queued")
+    wait_for(lambda: '"qt_ms"' in (triage_json(stack, opened.exam_id) or ""), timeout=60)  # the second pass
     return str(opened.exam_id)
+
+
+def triage_json(stack: HubStack, exam_id: str) -> str | None:
+    from teleread.db.schema import exams
+
+    with stack.hub.engine.connect() as conn:
+        return conn.execute(select(exams.c.triage_json).where(exams.c.id == exam_id)).scalar_one()
 
 
 def sign(
