@@ -59,7 +59,7 @@ MEASUREMENTS = (  # (label, the EcgSummary values' key(s), unit)
     ("QT", ("qt_ms",), "ms"),
     ("QTc Bazett", ("qtc_bazett_ms",), "ms"),
     ("QTc Fridericia", ("qtc_fridericia_ms",), "ms"),
-    ("P / QRS / T axes 电轴", ("p_axis_deg", "qrs_axis_deg", "t_axis_deg"), "°"),
+    ("Axes 电轴", ("p_axis_deg", "qrs_axis_deg", "t_axis_deg"), "°"),
 )
 DASH = "\u2014"
 
@@ -102,8 +102,8 @@ def measurement_pairs(values: Mapping[str, float] | None) -> list[tuple[str, str
     pairs = []
     for label, keys, unit in MEASUREMENTS:
         printed = [one(k) for k in keys]
-        if unit == "°":
-            text = " / ".join(p if p == DASH else p + unit for p in printed)
+        if unit == "°":  # P 60° / QRS 45° / T —
+            text = " / ".join(f"{wave} {p if p == DASH else p + unit}" for wave, p in zip(("P", "QRS", "T"), printed))
         else:
             text = printed[0] if printed[0] == DASH else f"{printed[0]} {unit}"
         pairs.append((label, text))
