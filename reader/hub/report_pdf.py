@@ -23,8 +23,6 @@ font and zone always give the same bytes (``invariant``). Nothing here logs.
 
 from __future__ import annotations
 
-import functools
-import io
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,40 +34,19 @@ from zoneinfo import ZoneInfo
 
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
-from reportlab.lib.pagesizes import A4, landscape
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
-from reportlab.pdfgen.canvas import Canvas
-from reportlab.platypus import (
-    BaseDocTemplate,
-    Frame,
-    KeepTogether,
-    NextPageTemplate,
-    PageBreak,
-    PageTemplate,
-    Paragraph,
-    Spacer,
-    Table,
-    TableStyle,
-)
+from reportlab.platypus import KeepTogether, NextPageTemplate, PageBreak, Paragraph, Spacer, Table, TableStyle
 
 from teleread.ecgio import EcgSignal
 from teleread.patient import PatientContext, age_text, person_name
 from teleread.reader.hub import report_ecg
 from teleread.reader.hub.report_ecg import EcgFiles, NoTracing
 from teleread.reader.hub.report_font import find_report_font, register_report_font
+from teleread.reader.hub.report_pages import CRITICAL_RED, MARGIN_X, PAGE_SIZE, TITLE, build_pdf
 
-PAGE_SIZE = A4
-TRACING_PAGE = landscape(A4)
-TRACING_MARGIN_TOP = 14 * mm
-TRACING_MARGIN_BOTTOM = 12 * mm
-MARGIN_X = 18 * mm
-MARGIN_TOP = 24 * mm
-MARGIN_BOTTOM = 20 * mm
-CRITICAL_RED = colors.HexColor("#C00000")
 AMENDED_AMBER = colors.HexColor("#B45F06")
-TITLE = "teleread \u2014 Signed report"
 SEX = {"M": "Male 男", "F": "Female 女", "O": "Other 其他"}
 PATIENT_CLASS = {"outpatient": "Outpatient 门诊", "inpatient": "Inpatient 住院", "emergency": "Emergency 急诊"}
 _ACRONYMS = {"ecg": "ECG", "stat": "STAT"}
@@ -275,7 +252,7 @@ def _signature(report: PrintedReport, styles: _Styles, zone: ZoneInfo) -> list[A
     ]
     if report.reader and report.reader != report.signer:
         out.append(Paragraph(f"Written by {_markup(report.reader)}", styles.body))
-    return [KeepTogether(out)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -332,70 +309,11 @@ def _story(report: PrintedReport, styles: _Styles, zone: ZoneInfo, ecg: _Ecg) ->
     if report.indication.strip():
         story += [Paragraph("Clinical indication", styles.section), *_text_block(report.indication, styles.body)]
     story += [Paragraph("Findings 检查所见", styles.section), *_text_block(report.text, styles.body)]
-    story += [Paragraph("Impression 诊断意见", styles.section), *_text_block(report.impression, styles.body)]
-    story += _signature(report, styles, zone)
+    impression = [Paragraph("Impression 诊断意见", styles.section), *_text_block(report.impression, styles.body)]
+    story += [*impression[:-1], KeepTogether([impression[-1], *_signature(report, styles, zone)])]  # never alone
     if isinstance(ecg.tracing, EcgSignal):
         story += _tracing_page(ecg.tracing, ecg, styles)
     return story
-
-
-class _Decorations:
-    """Header and foot of every page; the page count is drawn by ``_NumberedCanvas``."""
-
-    def __init__(self, report: PrintedReport, font: str, *, page: tuple[float, float] = PAGE_SIZE) -> None:
-        self.font = font
-        self.page = page
-        self.top_margin = MARGIN_TOP if page == PAGE_SIZE else TRACING_MARGIN_TOP + 2 * mm
-        self.bottom_margin = MARGIN_BOTTOM if page == PAGE_SIZE else TRACING_MARGIN_BOTTOM + 3 * mm
-        self.ids = _clean(f"Site {report.site_code or '-'}   Exam {report.exam_id or '-'}")
-        self.sha256 = _clean(f"Report SHA-256: {report.sha256 or '-'}")
-        self.critical = report.critical
-
-    def __call__(self, canvas: Any, doc: Any) -> None:
-        width, height = self.page
-        top = height - self.top_margin + 8 * mm
-        canvas.saveState()
-        canvas.setFont(self.font, 9)
-        canvas.drawString(MARGIN_X, top, TITLE)
-        if self.critical:
-            canvas.setFillColor(CRITICAL_RED)
-            canvas.drawString(MARGIN_X + pdfmetrics.stringWidth(TITLE, self.font, 9) + 4 * mm, top, "CRITICAL RESULT")
-            canvas.setFillColor(colors.black)
-        canvas.drawRightString(width - MARGIN_X, top, self.ids)
-        canvas.setStrokeColor(colors.grey)
-        canvas.setLineWidth(0.5)
-        canvas.line(MARGIN_X, top - 2 * mm, width - MARGIN_X, top - 2 * mm)
-        bottom = self.bottom_margin - 10 * mm
-        canvas.line(MARGIN_X, bottom + 4 * mm, width - MARGIN_X, bottom + 4 * mm)
-        canvas.setFont(self.font, 6.5)
-        canvas.setFillColor(colors.grey)
-        canvas.drawString(MARGIN_X, bottom, self.sha256)
-        canvas.restoreState()
-
-
-class _NumberedCanvas(Canvas):
-    """Keeps every page until the document ends, so each one can say "page X of Y"."""
-
-    def __init__(self, *args: Any, font: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._font = font
-        self._held_pages: list[dict[str, Any]] = []
-
-    def showPage(self) -> None:  # noqa: N802 (reportlab's name)
-        self._held_pages.append(dict(self.__dict__))
-        self._startPage()
-
-    def save(self) -> None:
-        total = len(self._held_pages)
-        for number, state in enumerate(self._held_pages, start=1):
-            self.__dict__.update(state)
-            self.setFont(self._font, 7.5)
-            self.setFillColor(colors.grey)
-            width = self._pagesize[0]  # this page's (the tracing page is landscape)
-            bottom = MARGIN_BOTTOM if width == PAGE_SIZE[0] else TRACING_MARGIN_BOTTOM + 3 * mm
-            self.drawRightString(width - MARGIN_X, bottom - 10 * mm, f"page {number} of {total}")
-            super().showPage()
-        super().save()
 
 
 def render_report(
@@ -434,33 +352,11 @@ def report_pdf_bytes(
     name = register_report_font(find_report_font(font))
     zone = zone or ZoneInfo("UTC")
     styles = _Styles(name)
-    buffer = io.BytesIO()
-    doc = BaseDocTemplate(
-        buffer,
-        pagesize=PAGE_SIZE,
+    return build_pdf(
+        _story(report, styles, zone, _Ecg(tracing, measurements, statements)),
+        font=name,
         title=f"teleread signed report, exam {_clean(report.exam_id)}, version {report.version}",
-        author="teleread",
-        creator="teleread",
-        invariant=True,  # the same report always gives the same bytes
-        initialFontName=name,  # else every page names a Helvetica that is never embedded
+        head=_clean(f"Site {report.site_code or '-'}   Exam {report.exam_id or '-'}"),
+        foot=_clean(f"Report SHA-256: {report.sha256 or '-'}"),
+        critical=report.critical,
     )
-    decorate = _Decorations(report, name)
-    width, height = PAGE_SIZE
-    body = Frame(MARGIN_X, MARGIN_BOTTOM, width - 2 * MARGIN_X, height - MARGIN_TOP - MARGIN_BOTTOM, id="body")
-    wide, low = TRACING_PAGE
-    left = (wide - report_ecg.GRID_WIDTH_MM * mm) / 2
-    sheet = Frame(
-        left, TRACING_MARGIN_BOTTOM, wide - 2 * left, low - TRACING_MARGIN_TOP - TRACING_MARGIN_BOTTOM,
-        leftPadding=0, rightPadding=0, topPadding=0, bottomPadding=0, id="sheet",
-    )  # fmt: skip
-    doc.addPageTemplates(
-        [
-            PageTemplate("report", [body], onPage=decorate, pagesize=PAGE_SIZE, autoNextPageTemplate="report"),
-            PageTemplate(
-                "tracing", [sheet], onPage=_Decorations(report, name, page=TRACING_PAGE), pagesize=TRACING_PAGE
-            ),
-        ]
-    )
-    canvas = functools.partial(_NumberedCanvas, font=name)
-    doc.build(_story(report, styles, zone, _Ecg(tracing, measurements, statements)), canvasmaker=canvas)
-    return buffer.getvalue()
