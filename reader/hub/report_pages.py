@@ -4,7 +4,8 @@ report's content SHA-256, "page X of Y"), and :func:`build_pdf` that lays a stor
 
 The story moves to the tracing page with ``NextPageTemplate("tracing")``; the tracing page's frame
 is the grid's width (``report_ecg.GRID_WIDTH_MM``) centred, with no padding, so the grid is drawn at
-true scale. The same story always gives the same bytes (``invariant``). Nothing here logs.
+true scale. The same story always gives the same bytes (``invariant``); streams are deflated
+without ASCII85 (``rl_config.useA85``, set when this module is imported). Nothing here logs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import io
 from typing import Any
 
+from reportlab import rl_config
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4, landscape
 from reportlab.lib.units import mm
@@ -31,6 +33,10 @@ TRACING_MARGIN_TOP = 14 * mm
 TRACING_MARGIN_BOTTOM = 12 * mm
 CRITICAL_RED = colors.HexColor("#C00000")
 TITLE = "teleread \u2014 Signed report"
+
+# Streams (the pages, the font subsets) deflated only: reportlab's default ASCII85 wrapping makes
+# them a quarter bigger and, without its C accelerator, takes most of a tracing page's render time.
+rl_config.useA85 = 0
 
 
 def _margins(page: tuple[float, float]) -> tuple[float, float]:
