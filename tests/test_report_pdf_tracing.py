@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -26,7 +27,7 @@ from teleread import ecgio
 from teleread.models.inference.synthetic import synthetic_ecg, synthetic_r_peaks, write_wfdb_record
 from teleread.reader.hub import report_ecg
 from teleread.reader.hub.report_ecg import EcgFiles
-from teleread.reader.hub.report_pdf import render_report
+from teleread.reader.hub.report_pdf import render_report, report_pdf_bytes
 from test_report_pdf_render import printed
 
 pytestmark = pytest.mark.timeout(120)
@@ -261,3 +262,18 @@ def test_the_tracing_is_small_quick_and_the_same_every_time(tmp_path: Path) -> N
     plain = render_report(replace(printed(), kind="imaging"))
     assert len(first) - len(plain) < 80_000, len(first)  # about 50 KB for the tracing page
     assert sorted(timings)[2] < 0.4, timings  # the median: about 50 ms here, decoding included
+
+
+def test_a_gap_in_the_samples_is_bridged_not_printed_as_nan(tmp_path: Path) -> None:
+    signal, leads = synthetic_ecg(rhythm="normal", fs=500, seconds=10.0, seed=4)
+    signal = signal.astype(np.float32)
+    signal[1000:1200, :] = np.nan
+    ecg = ecgio.EcgSignal(signal_mv=signal, fs=500.0, lead_names=leads)
+    data = report_pdf_bytes(printed(), tracing=ecg)
+    content = pages(data)[1]["/Contents"].get_object().get_data()
+    assert b"nan" not in content.lower() and b"inf" not in content.lower()
+    traces = b"".join(re.findall(rb" cm [\d.]+ w\n(.*?)S Q", content, flags=re.DOTALL))
+    numbers = [abs(float(n)) for n in re.findall(rb"-?\d+(?:\.\d+)?", traces)]
+    assert len(numbers) > 10_000
+    assert max(numbers) < 1e5  # no sample turned into a huge coordinate
+    Sheet(raster(data, tmp_path, 2))  # poppler draws it

@@ -51,15 +51,15 @@ MAJOR_WIDTH_MM = 0.25
 TRACE_WIDTH_MM = 0.25
 STANDARD_COLUMNS = (("I", "II", "III"), ("aVR", "aVL", "aVF"), ("V1", "V2", "V3"), ("V4", "V5", "V6"))
 RHYTHM_LEAD = "II"
-MEASUREMENTS = (  # (label, the EcgSummary values' key(s), unit)
-    ("Rate 心率", ("heart_rate_bpm",), "bpm"),
-    ("RR", ("rr_ms",), "ms"),
-    ("PR", ("pr_ms",), "ms"),
-    ("QRS", ("qrs_ms",), "ms"),
-    ("QT", ("qt_ms",), "ms"),
-    ("QTc Bazett", ("qtc_bazett_ms",), "ms"),
-    ("QTc Fridericia", ("qtc_fridericia_ms",), "ms"),
-    ("Axes 电轴", ("p_axis_deg", "qrs_axis_deg", "t_axis_deg"), "°"),
+MEASUREMENTS = (  # (label, on the tracing page's head, the EcgSummary values' key(s), unit)
+    ("Rate 心率", "Rate", ("heart_rate_bpm",), "bpm"),
+    ("RR", "RR", ("rr_ms",), "ms"),
+    ("PR", "PR", ("pr_ms",), "ms"),
+    ("QRS", "QRS", ("qrs_ms",), "ms"),
+    ("QT", "QT", ("qt_ms",), "ms"),
+    ("QTc Bazett", "QTc Bazett", ("qtc_bazett_ms",), "ms"),
+    ("QTc Fridericia", "QTc Fridericia", ("qtc_fridericia_ms",), "ms"),
+    ("Axes 电轴", "Axes", ("p_axis_deg", "qrs_axis_deg", "t_axis_deg"), "°"),
 )
 DASH = "\u2014"
 
@@ -79,20 +79,21 @@ class NoTracing:
     reason: str
 
 
-def decode_ecg(files: EcgFiles) -> ecgio.EcgSignal | NoTracing:
-    """The exam's ECG in mV, or why it cannot be drawn (logged with the reason only)."""
+def decode_ecg(files: EcgFiles, *, exam_id: str = "") -> ecgio.EcgSignal | NoTracing:
+    """The exam's ECG in mV, or why it cannot be drawn (logged with the exam id and the reason)."""
     try:
         if files.source == "wfdb":
             return ecgio.load_ecg_wfdb(files.paths[0], files.paths[1])
         return ecgio.load_ecg_dicom(files.paths[0])
     except InvalidInput as exc:
-        log.warning("ECG tracing not drawn", extra={"reason": exc.reason})
+        log.warning("ECG tracing not drawn", extra={"exam_id": exam_id, "reason": exc.reason})
         return NoTracing(exc.reason)
 
 
 # ---- the measurements block ----------------------------------------------------------------------
-def measurement_pairs(values: Mapping[str, float] | None) -> list[tuple[str, str]]:
-    """(label, printed value) for rate, RR, PR, QRS, QT, both QTc and the axes; "—" where absent."""
+def measurement_pairs(values: Mapping[str, float] | None, *, short: bool = False) -> list[tuple[str, str]]:
+    """(label, printed value) for rate, RR, PR, QRS, QT, both QTc and the axes; "—" where absent;
+    ``short``: the labels without their Chinese (the tracing page's head)."""
     values = values or {}
 
     def one(key: str) -> str:
@@ -100,19 +101,19 @@ def measurement_pairs(values: Mapping[str, float] | None) -> list[tuple[str, str
         return DASH if value is None or not np.isfinite(value) else f"{value:.0f}"
 
     pairs = []
-    for label, keys, unit in MEASUREMENTS:
+    for label, brief, keys, unit in MEASUREMENTS:
         printed = [one(k) for k in keys]
         if unit == "°":  # P 60° / QRS 45° / T —
             text = " / ".join(f"{wave} {p if p == DASH else p + unit}" for wave, p in zip(("P", "QRS", "T"), printed))
         else:
             text = printed[0] if printed[0] == DASH else f"{printed[0]} {unit}"
-        pairs.append((label, text))
+        pairs.append((brief if short else label, text))
     return pairs
 
 
 def measurement_line(values: Mapping[str, float] | None) -> str:
     """The measurements on one line, for the tracing page's head."""
-    return "   ".join(f"{label.split(' 心')[0].split(' 电')[0]} {text}" for label, text in measurement_pairs(values))
+    return "   ".join(f"{label} {text}" for label, text in measurement_pairs(values, short=True))
 
 
 def statement_lines(statements: Sequence[tuple[str, str]] | None) -> list[str]:
@@ -235,8 +236,11 @@ class Tracing(Flowable):  # type: ignore[misc] # reportlab is untyped
             if last - first < 2:
                 continue
             times, mv = decimated(self.signal.signal_mv[first:last, lead], fs)
-            xs = left + times * SPEED_MM_S * mm
-            ys = baseline + mv * GAIN_MM_MV * mm
+            finite = np.isfinite(mv)  # a gap in the samples is bridged, never drawn as "nan"
+            if finite.sum() < 2:
+                continue
+            xs = left + times[finite] * SPEED_MM_S * mm
+            ys = baseline + np.clip(mv[finite], -100.0, 100.0) * GAIN_MM_MV * mm
             canvas.addLiteral(_path_operators(xs, ys))
 
 

@@ -279,7 +279,7 @@ def _ecg_block(ecg: _Ecg, styles: _Styles) -> list[Any]:
         note = f"The ECG tracing could not be drawn ({ecg.tracing.reason}); see the original record."
         out.append(Paragraph(_markup(note) + " 心电图波形无法绘制。", styles.note))
     elif isinstance(ecg.tracing, EcgSignal):
-        out.append(Paragraph("The 12-lead tracing is printed on the last page. 心电图波形见末页。", styles.label))
+        out.append(Paragraph("The tracing is printed on the last page. 心电图波形见末页。", styles.label))
     return out
 
 
@@ -328,7 +328,7 @@ def render_report(
     """What the hub's worker process runs: decode the exam's ECG objects (``ecg``; a
     :class:`NoTracing` when they could not be copied out, None for an imaging exam) and lay the
     report out (:func:`report_pdf_bytes`)."""
-    tracing = report_ecg.decode_ecg(ecg) if isinstance(ecg, EcgFiles) else ecg
+    tracing = report_ecg.decode_ecg(ecg, exam_id=report.exam_id) if isinstance(ecg, EcgFiles) else ecg
     return report_pdf_bytes(
         report, tracing=tracing, measurements=measurements, statements=statements, font=font, zone=zone
     )
