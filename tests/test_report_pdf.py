@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import uuid
 import warnings
@@ -24,7 +25,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
 from conftest import HubStack, make_settings, start_stack
-from helpers import error_reason, wait_for_state
+from helpers import error_reason, wait_for, wait_for_state
 from teleread.db.schema import reports
 from teleread.storage import report_pdf_key
 from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc, worklist_pb2
@@ -60,12 +61,20 @@ def ecg_with_patient(folder: Path, **values: object) -> Path:
 
 
 def upload_ecg(stack: HubStack, tmp_path: Path, *, site: str = "site_a", patient_class: str = "emergency") -> str:
-    """A queued DICOM ECG of ``site`` carrying :data:`PATIENT` (the class from the request)."""
-    ingest = ingest_pb2_grpc.IngestStub(stack.channel(site))
+    """A queued DICOM ECG of ``site`` carrying :data:`PATIENT` (the class from the request), once
+    triage's second pass has measured it (so the printed measurements are the final ones)."""
     data = ecg_with_patient(tmp_path, **PATIENT).read_bytes()
+    exam_id = upload(stack, data, kind=common_pb2.EXAM_KIND_ECG, site=site, patient_class=patient_class)
+    wait_for(lambda: '"qt_ms"' in (triage_json(stack, exam_id) or ""), timeout=60)
+    return exam_id
+
+
+def upload(stack: HubStack, data: bytes, *, kind: int, site: str = "site_a", patient_class: str = "emergency") -> str:
+    """A queued exam of one DICOM object."""
+    ingest = ingest_pb2_grpc.IngestStub(stack.channel(site))
     opened = ingest.OpenExam(
         ingest_pb2.OpenExamRequest(
-            client_exam_key=uuid.uuid4().hex, kind=common_pb2.EXAM_KIND_ECG, priority=common_pb2.PRIORITY_STAT,
+            client_exam_key=uuid.uuid4().hex, kind=kind, priority=common_pb2.PRIORITY_STAT,
             indication="胸闷 2 小时", patient=common_pb2.Patient(patient_class=patient_class),
         ),
         timeout=10,
@@ -80,6 +89,13 @@ def upload_ecg(stack: HubStack, tmp_path: Path, *, site: str = "site_a", patient
     ingest.CommitExam(ingest_pb2.CommitExamRequest(exam_id=opened.exam_id, expected_objects=1), timeout=10)
     wait_for_state(ingest, opened.exam_id, "queued")
     return str(opened.exam_id)
+
+
+def triage_json(stack: HubStack, exam_id: str) -> str | None:
+    from teleread.db.schema import exams
+
+    with stack.hub.engine.connect() as conn:
+        return conn.execute(select(exams.c.triage_json).where(exams.c.id == exam_id)).scalar_one()
 
 
 def sign(
@@ -171,6 +187,12 @@ def test_the_hub_renders_stores_and_serves_the_signed_report(hub_stack: HubStack
         "窦性停搏 3.5 秒。", "病态窦房结综合征", "胸闷 2 小时", f"Exam {exam_id}",
     ):  # fmt: skip
         assert expected in text, expected
+    pdf_pages = pypdf.PdfReader(io.BytesIO(data)).pages  # the report, then the tracing on A4 landscape
+    assert len(pdf_pages) == 2 and pdf_pages[1].mediabox.width > pdf_pages[1].mediabox.height
+    assert "/XObject" not in pdf_pages[1]["/Resources"]  # drawn, not a picture
+    measured = json.loads(triage_json(hub_stack, exam_id) or "{}")["ecg"]["values"]
+    assert f"QT {measured['qt_ms']:.0f} ms" in text and f"QTc Fridericia {measured['qtc_fridericia_ms']:.0f} ms" in text
+    assert "25 mm/s 10 mm/mV 12-lead" in text and "could not be drawn" not in text
     assert "年龄 Age " in text and " y " in text.split("年龄 Age ", 1)[1][:8]  # the age at the exam
     assert text.count("CST (Asia/Shanghai)") >= 3  # exam time, signed time, the signature line
     assert "Amended" not in text
@@ -257,6 +279,27 @@ def test_a_lost_or_unrecorded_pdf_is_rendered_again(hub_stack: HubStack, tmp_pat
     assert hub.janitor.run_once().pdfs_rendered == 1
     assert stored(hub_stack, exam_id, 1) == original
     assert hub.janitor.run_once().pdfs_rendered == 0
+
+
+def test_an_imaging_report_has_no_tracing_and_a_lost_ecg_object_prints_a_note(
+    hub_stack: HubStack, tmp_path: Path
+) -> None:
+    ct = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
+    imaging = upload(hub_stack, ct, kind=common_pb2.EXAM_KIND_IMAGING)
+    sign(hub_stack, imaging, critical=False, who="radio")
+    exam_id = upload_ecg(hub_stack, tmp_path)
+    hub = hub_stack.hub
+    for row in hub.queue.stored_objects(exam_id):  # the ECG's object gone from the store
+        hub.store.delete(row["storage_key"])
+    sign(hub_stack, exam_id)
+    assert hub.pdfs.flush(timeout=30)
+    image_pdf = pypdf.PdfReader(io.BytesIO(stored(hub_stack, imaging, 1)))
+    assert len(image_pdf.pages) == 1 and "ECG measurements" not in text_of(stored(hub_stack, imaging, 1))
+    lost = stored(hub_stack, exam_id, 1)
+    assert len(pypdf.PdfReader(io.BytesIO(lost)).pages) == 1  # printed all the same, without the tracing
+    text = text_of(lost)
+    assert "The ECG tracing could not be drawn (OBJECT_NOT_FOUND)" in text
+    assert "ECG measurements 心电图测量" in text and "QT " in text and "窦性停搏 3.5 秒。" in text
 
 
 @pytest.fixture

@@ -24,7 +24,12 @@ ADAPTERS = {
         "gateway/clinic/scp_reactor.py",
         "gateway/clinic/dicom_send.py",
     },  # logs: identifier logging off; the DICOM receiver and its event-driven acceptor
-    "reportlab": {"reader/hub/report_pdf.py", "reader/hub/report_font.py"},  # the printed report, at the hub
+    "reportlab": {  # the printed report, at the hub
+        "reader/hub/report_pdf.py",
+        "reader/hub/report_font.py",
+        "reader/hub/report_pages.py",
+        "reader/hub/report_ecg.py",
+    },
     "imagecodecs": {"teleread/pixels.py"},  # the 12-bit JPEG extended decoder plugin
     # the learned models: the registry loads weights, each model module and its trainer use torch
     "torch": {

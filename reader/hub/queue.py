@@ -351,6 +351,13 @@ class QueueService:
             query = select(objects).where(objects.c.exam_id == exam_id).order_by(objects.c.created_at, objects.c.id)
             return [dict(r._mapping) for r in conn.execute(query)]
 
+    def stored_objects(self, exam_id: str) -> list[dict[str, Any]]:
+        """An exam's stored object rows, oldest first, for the hub's own work (the printed report's
+        tracing): no reader's check, the caller is the hub."""
+        with reading(self._db) as conn:
+            query = select(objects).where(objects.c.exam_id == exam_id).order_by(objects.c.created_at, objects.c.id)
+            return [dict(r._mapping) for r in conn.execute(query)]
+
     def open_stored(self, row: dict[str, Any]) -> AbstractContextManager[BinaryIO]:
         """An object row's bytes, hash-verified (for rows :meth:`ecg_objects` handed out)."""
         return self._store.open_verified(row["storage_key"], sha256=row["sha256"], size=int(row["size"]))

@@ -8,7 +8,11 @@ at the exam, the site's patient ID, birth date, patient class; the requesting cl
 the exam's and the report's times in the configured zone, the zone named; the reader, the signer
 and the report version), an "Amended report" note with its reason when the version replaces an
 earlier one, the exam details, Findings and Impression with their line breaks kept, and the
-signature.
+signature. An ECG exam's report also carries the measurements block (rate, RR, PR, QRS, QT,
+QTc Bazett and Fridericia, the P/QRS/T axes; "—" where absent), a Statements list when given, and
+the 12-lead tracing on an A4 landscape page of its own (``reader/hub/report_ecg.py``), or a line
+saying the tracing could not be drawn. :func:`render_report` is what the hub's worker process runs:
+it decodes the exam's ECG objects and lays the report out.
 
 Report text is often Chinese and the clinic's viewer or printer may have no Chinese font: every
 piece of text is set in one TrueType font with Chinese glyphs (``reader/hub/report_font.py``),
@@ -19,9 +23,8 @@ font and zone always give the same bytes (``invariant``). Nothing here logs.
 
 from __future__ import annotations
 
-import functools
-import io
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,23 +34,19 @@ from zoneinfo import ZoneInfo
 
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
-from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
-from reportlab.pdfgen.canvas import Canvas
-from reportlab.platypus import KeepTogether, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+from reportlab.platypus import KeepTogether, NextPageTemplate, PageBreak, Paragraph, Spacer, Table, TableStyle
 
+from teleread.ecgio import EcgSignal
 from teleread.patient import PatientContext, age_text, person_name
+from teleread.reader.hub import report_ecg
+from teleread.reader.hub.report_ecg import EcgFiles, NoTracing
 from teleread.reader.hub.report_font import find_report_font, register_report_font
+from teleread.reader.hub.report_pages import CRITICAL_RED, MARGIN_X, PAGE_SIZE, TITLE, build_pdf
 
-PAGE_SIZE = A4
-MARGIN_X = 18 * mm
-MARGIN_TOP = 24 * mm
-MARGIN_BOTTOM = 20 * mm
-CRITICAL_RED = colors.HexColor("#C00000")
 AMENDED_AMBER = colors.HexColor("#B45F06")
-TITLE = "teleread \u2014 Signed report"
 SEX = {"M": "Male 男", "F": "Female 女", "O": "Other 其他"}
 PATIENT_CLASS = {"outpatient": "Outpatient 门诊", "inpatient": "Inpatient 住院", "emergency": "Emergency 急诊"}
 _ACRONYMS = {"ecg": "ECG", "stat": "STAT"}
@@ -253,10 +252,50 @@ def _signature(report: PrintedReport, styles: _Styles, zone: ZoneInfo) -> list[A
     ]
     if report.reader and report.reader != report.signer:
         out.append(Paragraph(f"Written by {_markup(report.reader)}", styles.body))
-    return [KeepTogether(out)]
+    return out
 
 
-def _story(report: PrintedReport, styles: _Styles, zone: ZoneInfo) -> list[Any]:
+@dataclass(frozen=True)
+class _Ecg:
+    """The ECG parts of one printed report."""
+
+    tracing: EcgSignal | NoTracing | None
+    measurements: Mapping[str, float] | None
+    statements: Sequence[tuple[str, str]] | None
+
+    def shown(self, report: PrintedReport) -> bool:
+        return report.kind.lower() == "ecg" or self.tracing is not None or bool(self.measurements or self.statements)
+
+
+def _ecg_block(ecg: _Ecg, styles: _Styles) -> list[Any]:
+    """The measurements, the statements when given, and the note when the tracing is not drawn."""
+    out: list[Any] = [Paragraph("ECG measurements 心电图测量", styles.section)]
+    out.append(_pairs_table(report_ecg.measurement_pairs(ecg.measurements), styles))
+    if ecg.statements:
+        out.append(Paragraph("Statements 心电图诊断", styles.section))
+        out += [Paragraph(_markup(line), styles.body) for line in report_ecg.statement_lines(ecg.statements)]
+    if isinstance(ecg.tracing, NoTracing):
+        out.append(Spacer(1, 2 * mm))
+        note = f"The ECG tracing could not be drawn ({ecg.tracing.reason}); see the original record."
+        out.append(Paragraph(_markup(note) + " 心电图波形无法绘制。", styles.note))
+    elif isinstance(ecg.tracing, EcgSignal):
+        out.append(Paragraph("The tracing is printed on the last page. 心电图波形见末页。", styles.label))
+    return out
+
+
+def _tracing_page(signal: EcgSignal, ecg: _Ecg, styles: _Styles) -> list[Any]:
+    head = ParagraphStyle("tracing", parent=styles.value, fontSize=9, leading=12)
+    return [
+        NextPageTemplate("tracing"),
+        PageBreak(),
+        Paragraph(_markup("ECG 心电图   " + report_ecg.scale_line(signal)), head),
+        Paragraph(_markup(report_ecg.measurement_line(ecg.measurements)), head),
+        Spacer(1, 2 * mm),
+        report_ecg.Tracing(signal, font=styles.font),
+    ]
+
+
+def _story(report: PrintedReport, styles: _Styles, zone: ZoneInfo, ecg: _Ecg) -> list[Any]:
     story: list[Any] = []
     if report.critical:
         story += [_critical_banner(styles), Spacer(1, 4 * mm)]
@@ -265,90 +304,59 @@ def _story(report: PrintedReport, styles: _Styles, zone: ZoneInfo) -> list[Any]:
     if report.amends_reason or report.status == "amended" or report.version > 1:
         story += [_amended_note(report, styles), Spacer(1, 3 * mm)]
     story.append(_details(report, styles))
+    if ecg.shown(report):
+        story += _ecg_block(ecg, styles)
     if report.indication.strip():
         story += [Paragraph("Clinical indication", styles.section), *_text_block(report.indication, styles.body)]
     story += [Paragraph("Findings 检查所见", styles.section), *_text_block(report.text, styles.body)]
-    story += [Paragraph("Impression 诊断意见", styles.section), *_text_block(report.impression, styles.body)]
-    story += _signature(report, styles, zone)
+    impression = [Paragraph("Impression 诊断意见", styles.section), *_text_block(report.impression, styles.body)]
+    story += [*impression[:-1], KeepTogether([impression[-1], *_signature(report, styles, zone)])]  # never alone
+    if isinstance(ecg.tracing, EcgSignal):
+        story += _tracing_page(ecg.tracing, ecg, styles)
     return story
 
 
-class _Decorations:
-    """Header and foot of every page; the page count is drawn by ``_NumberedCanvas``."""
-
-    def __init__(self, report: PrintedReport, font: str) -> None:
-        self.font = font
-        self.ids = _clean(f"Site {report.site_code or '-'}   Exam {report.exam_id or '-'}")
-        self.sha256 = _clean(f"Report SHA-256: {report.sha256 or '-'}")
-        self.critical = report.critical
-
-    def __call__(self, canvas: Any, doc: Any) -> None:
-        width, height = PAGE_SIZE
-        top = height - MARGIN_TOP + 8 * mm
-        canvas.saveState()
-        canvas.setFont(self.font, 9)
-        canvas.drawString(MARGIN_X, top, TITLE)
-        if self.critical:
-            canvas.setFillColor(CRITICAL_RED)
-            canvas.drawString(MARGIN_X + pdfmetrics.stringWidth(TITLE, self.font, 9) + 4 * mm, top, "CRITICAL RESULT")
-            canvas.setFillColor(colors.black)
-        canvas.drawRightString(width - MARGIN_X, top, self.ids)
-        canvas.setStrokeColor(colors.grey)
-        canvas.setLineWidth(0.5)
-        canvas.line(MARGIN_X, top - 2 * mm, width - MARGIN_X, top - 2 * mm)
-        bottom = MARGIN_BOTTOM - 10 * mm
-        canvas.line(MARGIN_X, bottom + 4 * mm, width - MARGIN_X, bottom + 4 * mm)
-        canvas.setFont(self.font, 6.5)
-        canvas.setFillColor(colors.grey)
-        canvas.drawString(MARGIN_X, bottom, self.sha256)
-        canvas.restoreState()
+def render_report(
+    report: PrintedReport,
+    *,
+    ecg: EcgFiles | NoTracing | None = None,
+    measurements: Mapping[str, float] | None = None,
+    statements: Sequence[tuple[str, str]] | None = None,
+    font: Path | None = None,
+    zone: ZoneInfo | None = None,
+) -> bytes:
+    """What the hub's worker process runs: decode the exam's ECG objects (``ecg``; a
+    :class:`NoTracing` when they could not be copied out, None for an imaging exam) and lay the
+    report out (:func:`report_pdf_bytes`)."""
+    tracing = report_ecg.decode_ecg(ecg, exam_id=report.exam_id) if isinstance(ecg, EcgFiles) else ecg
+    return report_pdf_bytes(
+        report, tracing=tracing, measurements=measurements, statements=statements, font=font, zone=zone
+    )
 
 
-class _NumberedCanvas(Canvas):
-    """Keeps every page until the document ends, so each one can say "page X of Y"."""
-
-    def __init__(self, *args: Any, font: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._font = font
-        self._held_pages: list[dict[str, Any]] = []
-
-    def showPage(self) -> None:  # noqa: N802 (reportlab's name)
-        self._held_pages.append(dict(self.__dict__))
-        self._startPage()
-
-    def save(self) -> None:
-        total = len(self._held_pages)
-        for number, state in enumerate(self._held_pages, start=1):
-            self.__dict__.update(state)
-            self.setFont(self._font, 7.5)
-            self.setFillColor(colors.grey)
-            self.drawRightString(PAGE_SIZE[0] - MARGIN_X, MARGIN_BOTTOM - 10 * mm, f"page {number} of {total}")
-            super().showPage()
-        super().save()
-
-
-def report_pdf_bytes(report: PrintedReport, *, font: Path | None = None, zone: ZoneInfo | None = None) -> bytes:
+def report_pdf_bytes(
+    report: PrintedReport,
+    *,
+    tracing: EcgSignal | NoTracing | None = None,
+    measurements: Mapping[str, float] | None = None,
+    statements: Sequence[tuple[str, str]] | None = None,
+    font: Path | None = None,
+    zone: ZoneInfo | None = None,
+) -> bytes:
     """The printed report as PDF bytes, set in the font file ``font`` (the ``report.font``
     setting; None: the one :func:`find_report_font` finds), times in ``zone`` (UTC when None).
-    Raises ``ReportFontMissing`` without a usable font."""
+    An ECG's ``tracing`` is drawn on a landscape page of its own (a :class:`NoTracing` prints a
+    note instead); ``measurements`` (``EcgSummary.values`` keys: the triage's, or the reader's
+    confirmed ones) and ``statements`` ((code, text) pairs) fill the ECG block. Raises
+    ``ReportFontMissing`` without a usable font."""
     name = register_report_font(find_report_font(font))
     zone = zone or ZoneInfo("UTC")
     styles = _Styles(name)
-    buffer = io.BytesIO()
-    doc = SimpleDocTemplate(
-        buffer,
-        pagesize=PAGE_SIZE,
-        leftMargin=MARGIN_X,
-        rightMargin=MARGIN_X,
-        topMargin=MARGIN_TOP,
-        bottomMargin=MARGIN_BOTTOM,
+    return build_pdf(
+        _story(report, styles, zone, _Ecg(tracing, measurements, statements)),
+        font=name,
         title=f"teleread signed report, exam {_clean(report.exam_id)}, version {report.version}",
-        author="teleread",
-        creator="teleread",
-        invariant=True,  # the same report always gives the same bytes
-        initialFontName=name,  # else every page names a Helvetica that is never embedded
+        head=_clean(f"Site {report.site_code or '-'}   Exam {report.exam_id or '-'}"),
+        foot=_clean(f"Report SHA-256: {report.sha256 or '-'}"),
+        critical=report.critical,
     )
-    decorate = _Decorations(report, name)
-    canvas = functools.partial(_NumberedCanvas, font=name)
-    doc.build(_story(report, styles, zone), onFirstPage=decorate, onLaterPages=decorate, canvasmaker=canvas)
-    return buffer.getvalue()

@@ -6,9 +6,11 @@ signature never waits for it, is not slowed by it and never fails because of it;
 (15-25 ms of pure-Python CPU) runs in one of the hub's worker processes (``teleread/cpu.py``), so it
 takes no GIL time from the gRPC threads. A rendering loads the version, its exam (the patient
 columns, the site, the times) and the names of its reader and signer, lays it out
-(``reader/hub/report_pdf.py``), stores the bytes under ``t<site>/reports/<exam>/v<version>.pdf``
-(``report_pdf_key``) and records their SHA-256 and size on the version's row. The same version
-always renders to the same bytes.
+(``reader/hub/report_pdf.py``; an ECG exam's stored objects, WFDB header and signal else the first
+DICOM waveform as the viewer chooses them, are copied out hash-verified and decoded in the worker
+for the tracing page, its triage measurements printed beside it), stores the bytes under
+``t<site>/reports/<exam>/v<version>.pdf`` (``report_pdf_key``) and records their SHA-256 and size
+on the version's row. The same version always renders to the same bytes.
 
 Nothing is lost when the hub stops between the commit and the rendering: a fetch of a version
 whose PDF is not recorded, or whose stored bytes are missing or do not verify, renders it there and
@@ -25,30 +27,35 @@ Who may fetch: a site its own exams' signed versions (another site's exam looks 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from zoneinfo import ZoneInfo
 
 from teleread.auth import Principal, require_reader, require_result_reader
-from teleread.errors import IntegrityError, InvalidInput, NotFound, ObjectNotFound
+from teleread.errors import Conflict, IntegrityError, InvalidInput, NotFound, ObjectNotFound
 from teleread.files import sha256_hex
 from teleread.patient import PatientContext, age_on
 from teleread.reader.hub.claims import ExamRecord, readable
 from teleread.reader.hub.directory import Directory
 from teleread.cpu import CpuPool
 from teleread.reader.hub.report_font import ReportFontMissing, load_report_font
-from teleread.reader.hub.report_pdf import PrintedReport, report_pdf_bytes
+from teleread.reader.hub.report_ecg import EcgFiles, NoTracing
+from teleread.reader.hub.report_pdf import PrintedReport, render_report
+from teleread.reader.hub.waveform import chosen_objects
 from teleread.reader.hub.repository import ReportRecord, Tx, UnitOfWork
 from teleread.storage import ObjectStore, report_pdf_key
+from teleread.triage_result import EcgSummary
+from teleread.vocab import ExamKind
 
 log = logging.getLogger("teleread.report_pdfs")
 REPAIR_BATCH = 100  # signed versions without a PDF rendered per clean-up pass
@@ -77,6 +84,7 @@ class ReportPdfService:
         zone: ZoneInfo | None = None,
         cpu: CpuPool | None = None,
         delay_seconds: float = 0.05,
+        ecg_objects: Callable[[str], list[dict[str, Any]]] | None = None,
     ) -> None:
         self._uow = uow
         self._store = store
@@ -90,6 +98,9 @@ class ReportPdfService:
         # A rendering after a signature starts this long after it, so the signing call's answer
         # (built and sent by the same process) is not slowed by the rendering's own work.
         self._delay = delay_seconds
+        # An exam's stored object rows (QueueService.stored_objects): an ECG's tracing is drawn from
+        # them; None: no tracing (unit tests of the rest).
+        self._ecg_objects = ecg_objects
         self._closing = threading.Event()
         self._executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="report-pdf")
         self._lock = threading.Lock()
@@ -154,7 +165,13 @@ class ReportPdfService:
             report = _signed_version(tx, exam_id, version) if exam is not None else None
         if exam is None or report is None:
             raise NotFound("no signed report of that version", reason="REPORT_NOT_FOUND")
-        data = self._cpu.run(report_pdf_bytes, self._printed(exam, report), font=self._font, zone=self._zone)
+        printed = self._printed(exam, report)
+        self._spool.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="report-ecg-", dir=self._spool) as tmp:
+            data = self._cpu.run(
+                render_report, printed, ecg=self._ecg_files(exam, Path(tmp)),
+                measurements=_ecg_values(exam.row), font=self._font, zone=self._zone,
+            )  # fmt: skip
         stored = StoredPdf(
             exam_id=exam_id,
             version=report.version,
@@ -167,6 +184,25 @@ class ReportPdfService:
             tx.reports.set_pdf(report.id, sha256=stored.sha256, size=stored.size)
         log.info("printed report rendered", extra={"exam_id": exam_id, "bytes": stored.size})
         return stored
+
+    def _ecg_files(self, exam: ExamRecord, folder: Path) -> EcgFiles | NoTracing | None:
+        """An ECG exam's objects to draw, copied hash-verified into ``folder``; why not, when they
+        cannot be; None for an exam of another kind."""
+        if self._ecg_objects is None or exam.row.get("kind") != ExamKind.ECG:
+            return None
+        try:
+            rows, source = chosen_objects(self._ecg_objects(exam.id))
+            paths = []
+            for n, row in enumerate(rows):
+                paths.append(folder / f"{n}.{row['role']}")
+                with self._store.open_verified(row["storage_key"], sha256=row["sha256"], size=int(row["size"])) as src:
+                    with paths[-1].open("wb") as out:
+                        while block := src.read(1024 * 1024):
+                            out.write(block)
+        except (Conflict, ObjectNotFound, IntegrityError) as exc:
+            log.warning("ECG tracing not drawn", extra={"exam_id": exam.id, "reason": exc.reason})
+            return NoTracing(exc.reason)
+        return EcgFiles(tuple(paths), source)
 
     def _put(self, stored: StoredPdf, data: bytes) -> None:
         self._spool.mkdir(parents=True, exist_ok=True)
@@ -273,6 +309,18 @@ def _utc(value: object) -> datetime | None:
     if not isinstance(value, datetime):
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ecg_values(row: Mapping[str, Any]) -> dict[str, float] | None:
+    """The hub's measurements of an ECG (the triage result's ``ecg``), None when there are none."""
+    raw = row.get("triage_json")
+    if not raw:
+        return None
+    try:
+        summary = json.loads(str(raw)).get("ecg")
+        return dict(EcgSummary.from_dict(summary).values) if summary else None
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def _recorded(exam: ExamRecord, report: ReportRecord) -> StoredPdf | None:

@@ -52,7 +52,7 @@ class EcgWaveforms:
 
     def waveform(self, p: Principal, *, exam_id: str) -> EcgWaveform:
         rows = self._queue.ecg_objects(p, exam_id=exam_id)  # the access check, every time
-        chosen, source = _chosen(rows)
+        chosen, source = chosen_objects(rows)
         key = tuple(str(r["sha256"]) for r in chosen)
         with self._lock:
             hit = self._cache.get(key)
@@ -85,7 +85,7 @@ class EcgWaveforms:
         return dest
 
 
-def _chosen(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+def chosen_objects(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """The objects to decode: the WFDB header and signal, else the first DICOM waveform."""
     by_role: dict[str, dict[str, Any]] = {}
     for row in rows:

@@ -169,6 +169,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         font=settings.report.font,
         zone=ZoneInfo(settings.report.timezone),
         cpu=cpu,  # the niced pool: a printed report can wait for a moment, triage cannot
+        ecg_objects=queue.stored_objects,
     )
     reports = ReportService(queue=queue, bus=bus, on_signed=pdfs.submit)
     results = ResultsService(uow=queue.uow, bus=bus)
