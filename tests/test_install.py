@@ -67,7 +67,8 @@ def test_the_installed_package_holds_its_data_and_no_top_level_capability_packag
         "print(json.dumps({'teleread': teleread.__file__, 'weights': weights,"
         " 'rules': ecg_rules.DEFAULT_RULES_PATH.is_file(), 'fusion': fusion.DEFAULT_POLICY_PATH.is_file(),"
         " 'routing': DEFAULT_ROUTING.is_file(), 'migrations': len(list((MIGRATIONS / 'versions').glob('0*.py'))),"
-        " 'station': [(station.STATIC / f).is_file() for f in ('index.html', 'app.js', 'app.css', 'dom.js', 'ecg.js', 'ecg.css')]"
+        " 'station': [(station.STATIC / f).is_file()"
+        " for f in ('index.html', 'app.js', 'app.css', 'dom.js', 'ecg.js', 'ecg.css')]"
         " + [len(station.load_templates())],"
         " 'contract': c.__file__, 'top': [n for n in ('gateway', 'reader', 'models', 'proto') if u.find_spec(n)]}))\n"
     )
