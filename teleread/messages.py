@@ -5,6 +5,7 @@ reader paths do, what a site gets back from Ingest and Results never does."""
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime
 from typing import Any, Mapping
 
@@ -147,4 +148,29 @@ def report_message(row: Mapping[str, Any], *, author: str = "", signer: str = ""
     stamp = ts(row.get("signed_at"))
     if stamp is not None:
         msg.signed_at.CopyFrom(stamp)
+    for s in json.loads(row.get("statements_json") or "[]"):
+        msg.statements.add(**statement_fields(s))
+    measured = json.loads(row.get("measurements_json") or "{}")
+    if measured.get("values"):
+        msg.measurements.CopyFrom(common_pb2.EcgMeasurements(**measured["values"], method="reader"))
+        msg.measurements_edited.extend(measured.get("edited") or ())
     return msg
+
+
+def statement_fields(s: Mapping[str, Any]) -> dict[str, Any]:
+    """A report statement's fields (``teleread.v1.ReportStatement``) from its stored form."""
+    return {
+        "code": str(s["code"]),
+        "text": str(s.get("text") or ""),
+        "text_zh": str(s.get("text_zh") or ""),
+        "source": str(s.get("source") or "reader"),
+        "confirmed": bool(s.get("confirmed")),
+    }
+
+
+def measurement_values(msg: common_pb2.EcgMeasurements | None) -> dict[str, float]:
+    """The values set in an ``EcgMeasurements`` (absent ones left out), by field name."""
+    if msg is None:
+        return {}
+    names = [f.name for f in msg.DESCRIPTOR.fields if f.has_presence and f.type == f.TYPE_DOUBLE]
+    return {n: float(getattr(msg, n)) for n in names if msg.HasField(n)}

@@ -58,6 +58,8 @@ class ReportRecord:
     created_at: datetime | None
     pdf_sha256: str = ""  # the printed report's bytes; '' until the hub rendered them
     pdf_size: int = 0
+    statements_json: str = ""  # an ECG report's statements (JSON list); '' when none
+    measurements_json: str = ""  # the reader's measurements (JSON: values and which were edited); '' when none
 
     @classmethod
     def of(cls, row: Mapping[Any, Any]) -> ReportRecord:
@@ -77,6 +79,8 @@ class ReportRecord:
             created_at=as_utc(row["created_at"]),
             pdf_sha256=row.get("pdf_sha256") or "",
             pdf_size=int(row.get("pdf_size") or 0),
+            statements_json=row.get("statements_json") or "",
+            measurements_json=row.get("measurements_json") or "",
         )
 
     @property

@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 
 from teleread.errors import NotFound
-from teleread.messages import exam_message, object_message, report_message, ts
+from teleread.messages import exam_message, measurement_values, object_message, report_message, triage_message, ts
 from teleread.reader.hub.directory import Directory
 from teleread.reader.hub.feed import ResultsLive, SnapshotEnd, SnapshotExam, WatchFeed, WorklistChange, WorklistItem
 from teleread.reader.hub.queue import QueueService
 from teleread.reader.hub.report_pdfs import ReportPdfService, StoredPdf
-from teleread.reader.hub.reports import ReportService
+from teleread.reader.hub.reports import EcgContent, ReportService
 from teleread.reader.hub.repository import ReportRecord, ResultRecord
 from teleread.reader.hub.results import ResultsService
 from teleread.reader.hub.waveform import EcgWaveforms
@@ -182,6 +182,9 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
             ],
             related=[self._exam(r) for r in found.related],
             priors=[self._exam(r) for r in found.priors],
+            suggested_statements=[
+                common_pb2.ReportStatement(**s.to_dict()) for s in self._reports.library.suggest(_findings(found.exam))
+            ],
         )
 
     async def StreamObject(
@@ -225,6 +228,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                 text=request.text,
                 impression=request.impression,
                 critical=request.critical,
+                ecg=_ecg_content(request),
             )
         )
 
@@ -241,7 +245,24 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
                 impression=request.impression,
                 critical=request.critical,
                 fence=request.fence,
+                ecg=_ecg_content(request),
             )
+        )
+
+    def ListStatements(
+        self, request: worklist_pb2.ListStatementsRequest, context: grpc.ServicerContext
+    ) -> worklist_pb2.StatementLibrary:
+        current_principal()  # signed-in callers only (the interceptor already checked)
+        lib = self._reports.library
+        return worklist_pb2.StatementLibrary(
+            version=lib.version,
+            groups=[worklist_pb2.StatementGroup(code=g.code, title=g.title, title_zh=g.title_zh) for g in lib.groups],
+            statements=[
+                worklist_pb2.LibraryStatement(
+                    code=s.code, group=s.group, text=s.text, text_zh=s.text_zh, suggested_by=s.suggested_by
+                )
+                for s in lib.statements
+            ],
         )
 
     async def GetReportPdf(
@@ -250,6 +271,24 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         opened = self._pdfs.open_for_reader(current_principal(), exam_id=request.exam_id, version=request.version)
         async for chunk in pdf_chunks(opened):
             yield chunk
+
+
+def _findings(exam: Any) -> list[dict[str, Any]]:
+    """An exam's triage findings as plain values (code and evidence leads), for the suggestions."""
+    triage = triage_message(exam.get("triage_json") or "")
+    if triage is None:
+        return []
+    return [{"code": f.code, "evidence": [{"lead": e.lead} for e in f.evidence]} for f in triage.findings]
+
+
+def _ecg_content(request: worklist_pb2.SaveReportRequest | worklist_pb2.AmendReportRequest) -> EcgContent:
+    return EcgContent(
+        statements=[
+            {"code": s.code, "source": s.source or "reader", "confirmed": s.confirmed} for s in request.statements
+        ],
+        measurements=measurement_values(request.measurements if request.HasField("measurements") else None),
+        measurements_edited=list(request.measurements_edited),
+    )
 
 
 def result_message(result: ResultRecord, *, site_code: str) -> results_pb2.Result:

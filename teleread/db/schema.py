@@ -234,6 +234,10 @@ reports = Table(
     # object store under a key made of the exam id and the version; NULL until it is rendered
     Column("pdf_sha256", String(64), nullable=True),
     Column("pdf_size", BigInteger, nullable=True),
+    # an ECG report's statements (a JSON list of {code, text, text_zh, source, confirmed}) and the
+    # reader's measurements (a JSON object {"values": {name: value}, "edited": [name...]}); NULL: none
+    Column("statements_json", Text, nullable=True),
+    Column("measurements_json", Text, nullable=True),
     UniqueConstraint("exam_id", "version", name="uq_reports_exam_version"),
 )
 

@@ -224,7 +224,7 @@ class RefusedObject(_message.Message):
     def __init__(self, role: _Optional[str] = ..., sha256: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("exam_id", "version", "status", "text", "impression", "critical", "author", "signed_by", "signed_at", "amends_reason", "sha256")
+    __slots__ = ("exam_id", "version", "status", "text", "impression", "critical", "author", "signed_by", "signed_at", "amends_reason", "sha256", "statements", "measurements", "measurements_edited")
     EXAM_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,9 @@ class Report(_message.Message):
     SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
     AMENDS_REASON_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENTS_EDITED_FIELD_NUMBER: _ClassVar[int]
     exam_id: str
     version: int
     status: str
@@ -247,7 +250,24 @@ class Report(_message.Message):
     signed_at: _timestamp_pb2.Timestamp
     amends_reason: str
     sha256: str
-    def __init__(self, exam_id: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ..., author: _Optional[str] = ..., signed_by: _Optional[str] = ..., signed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., amends_reason: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+    statements: _containers.RepeatedCompositeFieldContainer[ReportStatement]
+    measurements: EcgMeasurements
+    measurements_edited: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, exam_id: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ..., author: _Optional[str] = ..., signed_by: _Optional[str] = ..., signed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., amends_reason: _Optional[str] = ..., sha256: _Optional[str] = ..., statements: _Optional[_Iterable[_Union[ReportStatement, _Mapping]]] = ..., measurements: _Optional[_Union[EcgMeasurements, _Mapping]] = ..., measurements_edited: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReportStatement(_message.Message):
+    __slots__ = ("code", "text", "text_zh", "source", "confirmed")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ZH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    text: str
+    text_zh: str
+    source: str
+    confirmed: bool
+    def __init__(self, code: _Optional[str] = ..., text: _Optional[str] = ..., text_zh: _Optional[str] = ..., source: _Optional[str] = ..., confirmed: _Optional[bool] = ...) -> None: ...
 
 class ReportPdf(_message.Message):
     __slots__ = ("sha256", "size")

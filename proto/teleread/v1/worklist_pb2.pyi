@@ -120,18 +120,20 @@ class GetExamDetailsRequest(_message.Message):
     def __init__(self, exam_id: _Optional[str] = ...) -> None: ...
 
 class ExamDetails(_message.Message):
-    __slots__ = ("exam", "objects", "reports", "related", "priors")
+    __slots__ = ("exam", "objects", "reports", "related", "priors", "suggested_statements")
     EXAM_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
     RELATED_FIELD_NUMBER: _ClassVar[int]
     PRIORS_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTED_STATEMENTS_FIELD_NUMBER: _ClassVar[int]
     exam: _common_pb2.Exam
     objects: _containers.RepeatedCompositeFieldContainer[_common_pb2.StoredObject]
     reports: _containers.RepeatedCompositeFieldContainer[_common_pb2.Report]
     related: _containers.RepeatedCompositeFieldContainer[_common_pb2.Exam]
     priors: _containers.RepeatedCompositeFieldContainer[_common_pb2.Exam]
-    def __init__(self, exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.StoredObject, _Mapping]]] = ..., reports: _Optional[_Iterable[_Union[_common_pb2.Report, _Mapping]]] = ..., related: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ..., priors: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ...) -> None: ...
+    suggested_statements: _containers.RepeatedCompositeFieldContainer[_common_pb2.ReportStatement]
+    def __init__(self, exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., objects: _Optional[_Iterable[_Union[_common_pb2.StoredObject, _Mapping]]] = ..., reports: _Optional[_Iterable[_Union[_common_pb2.Report, _Mapping]]] = ..., related: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ..., priors: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ..., suggested_statements: _Optional[_Iterable[_Union[_common_pb2.ReportStatement, _Mapping]]] = ...) -> None: ...
 
 class StreamObjectRequest(_message.Message):
     __slots__ = ("exam_id", "object_id")
@@ -180,18 +182,24 @@ class EcgWaveform(_message.Message):
     def __init__(self, fs: _Optional[float] = ..., leads: _Optional[_Iterable[_Union[EcgLead, _Mapping]]] = ..., duration_s: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class SaveReportRequest(_message.Message):
-    __slots__ = ("exam_id", "fence", "text", "impression", "critical")
+    __slots__ = ("exam_id", "fence", "text", "impression", "critical", "statements", "measurements", "measurements_edited")
     EXAM_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMPRESSION_FIELD_NUMBER: _ClassVar[int]
     CRITICAL_FIELD_NUMBER: _ClassVar[int]
+    STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENTS_EDITED_FIELD_NUMBER: _ClassVar[int]
     exam_id: str
     fence: int
     text: str
     impression: str
     critical: bool
-    def __init__(self, exam_id: _Optional[str] = ..., fence: _Optional[int] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ...) -> None: ...
+    statements: _containers.RepeatedCompositeFieldContainer[_common_pb2.ReportStatement]
+    measurements: _common_pb2.EcgMeasurements
+    measurements_edited: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, exam_id: _Optional[str] = ..., fence: _Optional[int] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ..., statements: _Optional[_Iterable[_Union[_common_pb2.ReportStatement, _Mapping]]] = ..., measurements: _Optional[_Union[_common_pb2.EcgMeasurements, _Mapping]] = ..., measurements_edited: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SignReportRequest(_message.Message):
     __slots__ = ("exam_id", "fence")
@@ -202,17 +210,61 @@ class SignReportRequest(_message.Message):
     def __init__(self, exam_id: _Optional[str] = ..., fence: _Optional[int] = ...) -> None: ...
 
 class AmendReportRequest(_message.Message):
-    __slots__ = ("exam_id", "reason", "text", "impression", "critical", "fence")
+    __slots__ = ("exam_id", "reason", "text", "impression", "critical", "fence", "statements", "measurements", "measurements_edited")
     EXAM_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMPRESSION_FIELD_NUMBER: _ClassVar[int]
     CRITICAL_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
+    STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENTS_EDITED_FIELD_NUMBER: _ClassVar[int]
     exam_id: str
     reason: str
     text: str
     impression: str
     critical: bool
     fence: int
-    def __init__(self, exam_id: _Optional[str] = ..., reason: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ..., fence: _Optional[int] = ...) -> None: ...
+    statements: _containers.RepeatedCompositeFieldContainer[_common_pb2.ReportStatement]
+    measurements: _common_pb2.EcgMeasurements
+    measurements_edited: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, exam_id: _Optional[str] = ..., reason: _Optional[str] = ..., text: _Optional[str] = ..., impression: _Optional[str] = ..., critical: _Optional[bool] = ..., fence: _Optional[int] = ..., statements: _Optional[_Iterable[_Union[_common_pb2.ReportStatement, _Mapping]]] = ..., measurements: _Optional[_Union[_common_pb2.EcgMeasurements, _Mapping]] = ..., measurements_edited: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListStatementsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatementGroup(_message.Message):
+    __slots__ = ("code", "title", "title_zh")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_ZH_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    title: str
+    title_zh: str
+    def __init__(self, code: _Optional[str] = ..., title: _Optional[str] = ..., title_zh: _Optional[str] = ...) -> None: ...
+
+class LibraryStatement(_message.Message):
+    __slots__ = ("code", "group", "text", "text_zh", "suggested_by")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ZH_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    group: str
+    text: str
+    text_zh: str
+    suggested_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, code: _Optional[str] = ..., group: _Optional[str] = ..., text: _Optional[str] = ..., text_zh: _Optional[str] = ..., suggested_by: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatementLibrary(_message.Message):
+    __slots__ = ("version", "groups", "statements")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    STATEMENTS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    groups: _containers.RepeatedCompositeFieldContainer[StatementGroup]
+    statements: _containers.RepeatedCompositeFieldContainer[LibraryStatement]
+    def __init__(self, version: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[StatementGroup, _Mapping]]] = ..., statements: _Optional[_Iterable[_Union[LibraryStatement, _Mapping]]] = ...) -> None: ...

@@ -100,6 +100,11 @@ class WorklistStub:
                 request_serializer=teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.SerializeToString,
                 response_deserializer=teleread_dot_v1_dot_common__pb2.ReportPdfChunk.FromString,
                 _registered_method=True)
+        self.ListStatements = channel.unary_unary(
+                '/teleread.v1.Worklist/ListStatements',
+                request_serializer=teleread_dot_v1_dot_worklist__pb2.ListStatementsRequest.SerializeToString,
+                response_deserializer=teleread_dot_v1_dot_worklist__pb2.StatementLibrary.FromString,
+                _registered_method=True)
 
 
 class WorklistServicer:
@@ -199,6 +204,13 @@ class WorklistServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListStatements(self, request, context):
+        """The hub's library of ECG report statements, grouped, with the triage findings that suggest each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorklistServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -266,6 +278,11 @@ def add_WorklistServicer_to_server(servicer, server):
                     servicer.GetReportPdf,
                     request_deserializer=teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.FromString,
                     response_serializer=teleread_dot_v1_dot_common__pb2.ReportPdfChunk.SerializeToString,
+            ),
+            'ListStatements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStatements,
+                    request_deserializer=teleread_dot_v1_dot_worklist__pb2.ListStatementsRequest.FromString,
+                    response_serializer=teleread_dot_v1_dot_worklist__pb2.StatementLibrary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -619,6 +636,33 @@ class Worklist:
             '/teleread.v1.Worklist/GetReportPdf',
             teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.SerializeToString,
             teleread_dot_v1_dot_common__pb2.ReportPdfChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStatements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/teleread.v1.Worklist/ListStatements',
+            teleread_dot_v1_dot_worklist__pb2.ListStatementsRequest.SerializeToString,
+            teleread_dot_v1_dot_worklist__pb2.StatementLibrary.FromString,
             options,
             channel_credentials,
             insecure,
