@@ -34,7 +34,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from teleread.logs import log_context
-from teleread.reader.station import ecg
+from teleread.reader.station import ecg, statements
 from teleread.reader.station.hubclient import HubClient, HubError, as_dict
 from teleread.reader.station.sessions import COOKIE, LOGIN_COOKIE, BrowserSession, BrowserSessions
 from teleread.settings import StationSettings
@@ -371,6 +371,7 @@ async def save(request: Request, station: Station, session: BrowserSession) -> R
         text=str(body.get("text", "")),
         impression=str(body.get("impression", "")),
         critical=bool(body.get("critical")),
+        ecg=statements.report_fields(body),
     )
     return JSONResponse({"report": as_dict(report)})
 
@@ -388,6 +389,7 @@ async def sign(request: Request, station: Station, session: BrowserSession) -> R
             text=str(body.get("text", "")),
             impression=str(body.get("impression", "")),
             critical=bool(body.get("critical")),
+            ecg=statements.report_fields(body),
         )
     report = await station.hub.sign(session.hub_token, exam_id, fence)
     session.claims.pop(exam_id, None)  # signing ends the claim
@@ -412,6 +414,7 @@ async def amend(request: Request, station: Station, session: BrowserSession) -> 
         text=str(body.get("text", "")),
         impression=str(body.get("impression", "")),
         critical=bool(body.get("critical")),
+        ecg=statements.report_fields(body),
     )
     session.claims.pop(exam_id, None)
     return JSONResponse({"report": as_dict(report)})
@@ -476,6 +479,7 @@ def create_app(station: Station) -> Starlette:
         Route("/api/logout", logout, methods=["POST"]),
         Route("/api/activity", activity, methods=["POST"]),
         Route("/api/templates", templates),
+        Route("/api/statements", signed_in(activity=False, state_changing=False)(statements.library)),
         Route("/api/worklist/events", events),
         Route("/api/claim-next", claim_next, methods=["POST"]),
         Route("/api/exams/{exam_id}", details),

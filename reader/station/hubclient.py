@@ -176,9 +176,23 @@ class HubClient:
             self._worklist.GetEcgWaveform, worklist_pb2.GetEcgWaveformRequest(exam_id=exam_id), token
         )
 
-    async def save(self, token: str, exam_id: str, fence: int, *, text: str, impression: str, critical: bool) -> Any:
+    async def statements(self, token: str) -> worklist_pb2.StatementLibrary:
+        return await self._unary(self._worklist.ListStatements, worklist_pb2.ListStatementsRequest(), token)
+
+    async def save(
+        self,
+        token: str,
+        exam_id: str,
+        fence: int,
+        *,
+        text: str,
+        impression: str,
+        critical: bool,
+        ecg: dict[str, Any] | None = None,
+    ) -> Any:
+        """``ecg``: an ECG report's statements and measurements (``statements.report_fields``)."""
         request = worklist_pb2.SaveReportRequest(
-            exam_id=exam_id, fence=fence, text=text, impression=impression, critical=critical
+            exam_id=exam_id, fence=fence, text=text, impression=impression, critical=critical, **(ecg or {})
         )
         return await self._unary(self._worklist.SaveReport, request, token)
 
@@ -188,10 +202,25 @@ class HubClient:
         )
 
     async def amend(
-        self, token: str, exam_id: str, *, fence: int, reason: str, text: str, impression: str, critical: bool
+        self,
+        token: str,
+        exam_id: str,
+        *,
+        fence: int,
+        reason: str,
+        text: str,
+        impression: str,
+        critical: bool,
+        ecg: dict[str, Any] | None = None,
     ) -> Any:
         request = worklist_pb2.AmendReportRequest(
-            exam_id=exam_id, fence=fence, reason=reason, text=text, impression=impression, critical=critical
+            exam_id=exam_id,
+            fence=fence,
+            reason=reason,
+            text=text,
+            impression=impression,
+            critical=critical,
+            **(ecg or {}),
         )
         return await self._unary(self._worklist.AmendReport, request, token)
 

@@ -3,6 +3,7 @@
 // from clinics and may hold anything.
 import { EcgViewer, fetchEcg } from "./ecg.js";
 import { el } from "./dom.js";
+import { StatementPane } from "./statements.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -117,7 +118,10 @@ async function signedIn(session) {
   if ("Notification" in window && Notification.permission === "default") Notification.requestPermission().catch(() => {});
   startStream();  // the worklist's stream first: the templates load meanwhile
   // The worklist (and its keys) are there at once; an exam page waits for the templates.
-  state.templatesLoaded = api("/api/templates").then((answer) => { state.templates = answer.templates; });
+  state.templatesLoaded = Promise.all([
+    api("/api/templates").then((answer) => { state.templates = answer.templates; }),
+    api("/api/statements").then((answer) => stmts.setLibrary(answer)).catch(() => {}),  // an ECG page without the library: no search
+  ]);
   route();
 }
 
@@ -518,6 +522,9 @@ function renderExam(details, claim, samples = null) {
   $("impression").value = (draft || last || {}).impression || "";
   $("critical").checked = Boolean((draft || last || {}).critical);
   $("draft-state").textContent = draft ? "draft saved" : "";
+  stmts.load({ ecg: exam.kind === "EXAM_KIND_ECG", report: draft || last, suggested: details.suggested_statements,
+    measurements: triage.ecg, enabled: exam.state !== "reported" });
+  if (ecg && stmts.missing()) refetchMeasurements(exam.exam_id);
   $("report-error").textContent = "";
   const reported = exam.state === "reported";
   for (const id of ["save", "sign", "sign-next"]) $(id).hidden = reported;
@@ -531,11 +538,26 @@ function renderExam(details, claim, samples = null) {
   $("template").disabled = reported;
 }
 
+// Measurements come in a second triage pass: fetch the details again a few times to fill them in.
+function refetchMeasurements(examId, tries = 5) {
+  setTimeout(async () => {
+    if (!state.open || state.open.examId !== examId) return;
+    try {
+      const again = await api(`/api/exams/${encodeURIComponent(examId)}`);
+      if (!state.open || state.open.examId !== examId) return;
+      stmts.refresh((again.exam.triage || {}).ecg);
+      if (state.viewer && state.viewer.setMeasurements) state.viewer.setMeasurements((again.exam.triage || {}).ecg);
+    } catch { /* shown when the reader acts */ }
+    if (tries > 1 && stmts.missing()) refetchMeasurements(examId, tries - 1);
+  }, 3000);
+}
+
 function applyTemplate(id) {
   const t = state.templates.find((x) => x.id === id);
   if (!t) return;
   $("template").value = id;
   $("text").value = t.text; $("impression").value = t.impression; $("critical").checked = Boolean(t.critical);
+  stmts.block = ""; stmts.sync();  // the confirmed statements open the template's text
   changed();
   $("text").focus();
 }
@@ -561,8 +583,10 @@ for (const id of ["text", "impression"]) $(id).addEventListener("input", changed
 $("critical").addEventListener("change", changed);
 
 function pane() {
-  return { text: $("text").value, impression: $("impression").value, critical: $("critical").checked };
+  return { text: $("text").value, impression: $("impression").value, critical: $("critical").checked, ...stmts.body() };
 }
+
+const stmts = new StatementPane($("ecg-report"), { text: $("text"), onChange: () => changed() });
 
 async function saveDraft(open = state.open, { keepalive = false } = {}) {
   if (!open || open.signed) return;
@@ -608,6 +632,7 @@ $("amend").addEventListener("click", async () => {
     const { claim } = await api(`/api/exams/${encodeURIComponent(open.examId)}/claim`, { method: "POST", body: { for_amendment: true } });
     Object.assign(open, { fence: Number(claim.fence), amend: true, signed: false });
     for (const id of ["text", "impression", "critical", "template"]) $(id).disabled = false;
+    stmts.setEnabled(true);
     $("amend").hidden = true; $("sign").hidden = false; $("amend-reason-row").hidden = false;
     $("amend-reason").focus();
     startRenewal();
@@ -650,6 +675,8 @@ document.addEventListener("keydown", (event) => {
     else if ((event.ctrlKey || event.metaKey) && event.key === "Enter") { event.preventDefault(); sign({ next: event.shiftKey }); }
     else if ((event.ctrlKey || event.metaKey) && (event.key === "s" || event.key === "S")) { event.preventDefault(); saveDraft().catch((err) => { $("report-error").textContent = err.message; }); }
     else if (event.altKey && (event.key === "c" || event.key === "C" || event.code === "KeyC")) { event.preventDefault(); $("critical").checked = !$("critical").checked; changed(); }
+    else if (event.altKey && event.code === "KeyS" && !$("ecg-report").hidden) { event.preventDefault(); stmts.focusSearch(); }
+    else if (event.altKey && event.code === "KeyY" && !$("ecg-report").hidden) { event.preventDefault(); stmts.confirmAll(); }
     else if (state.viewer && state.viewer.handleKey(event)) event.preventDefault();
     else if (event.altKey && /^Digit[1-9]$/.test(event.code)) {
       event.preventDefault();
