@@ -233,3 +233,59 @@ def test_a_draft_keeps_the_unconfirmed_statements_and_the_readers_values(page: A
     page.keyboard.press("Alt+y")  # confirm all the machine's statements
     page.locator("[data-testid=ecg-report][data-unconfirmed='0']").wait_for()
     assert AF_LINE in page.get_by_test_id("report-text").input_value()
+
+
+def test_each_version_keeps_its_statements_and_measurements_on_both_databases(hub_stack: Any, tmp_path: Path) -> None:
+    exam_id = _af_exam(hub_stack, tmp_path / "af", seed=23)
+    reader = worklist_pb2_grpc.WorklistStub(hub_stack.channel("cardio"))
+    claim = reader.ClaimExam(worklist_pb2.ClaimExamRequest(exam_id=exam_id, lease_seconds=300), timeout=10)
+    statements = [
+        common_pb2.ReportStatement(code="rhythm.af_rvr", source="machine", confirmed=True),
+        common_pb2.ReportStatement(code="rhythm.long_pause", source="machine", confirmed=False),
+        common_pb2.ReportStatement(code="axis.normal", source="reader"),
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        reader.SaveReport(
+            worklist_pb2.SaveReportRequest(
+                exam_id=exam_id,
+                fence=claim.fence,
+                text="AF.",
+                statements=[*statements, common_pb2.ReportStatement(code="rhythm.nope")],
+            ),
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rhythm.nope" in (err.value.details() or "")
+    draft = reader.SaveReport(
+        worklist_pb2.SaveReportRequest(
+            exam_id=exam_id,
+            fence=claim.fence,
+            text="AF.",
+            statements=statements,
+            measurements=common_pb2.EcgMeasurements(heart_rate_bpm=148, qtc_bazett_ms=455),
+            measurements_edited=["heart_rate_bpm"],
+        ),
+        timeout=10,
+    )
+    assert [s.confirmed for s in draft.statements] == [True, False, True]  # the draft keeps the unconfirmed
+    signed = reader.SignReport(worklist_pb2.SignReportRequest(exam_id=exam_id, fence=claim.fence), timeout=10)
+    assert [s.code for s in signed.statements] == ["rhythm.af_rvr", "axis.normal"]
+    assert signed.statements[1].text == "Normal QRS axis" and signed.statements[1].text_zh == "电轴正常"
+    amended = reader.AmendReport(
+        worklist_pb2.AmendReportRequest(
+            exam_id=exam_id,
+            reason="axis reread",
+            text="AF, left axis.",
+            statements=[
+                common_pb2.ReportStatement(code="rhythm.af_rvr", source="machine", confirmed=True),
+                common_pb2.ReportStatement(code="axis.left", source="reader"),
+            ],
+        ),
+        timeout=10,
+    )
+    assert amended.sha256 != signed.sha256
+    first, second = _details(hub_stack, exam_id).reports
+    assert [s.code for s in first.statements] == ["rhythm.af_rvr", "axis.normal"]
+    assert first.measurements.heart_rate_bpm == 148 and first.measurements.qtc_bazett_ms == 455
+    assert list(first.measurements_edited) == ["heart_rate_bpm"]
+    assert [s.code for s in second.statements] == ["rhythm.af_rvr", "axis.left"]
+    assert not second.HasField("measurements")  # the amendment gave none: its own, not the first's
