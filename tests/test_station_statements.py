@@ -217,8 +217,25 @@ def test_machine_statements_are_confirmed_statements_added_and_the_signed_report
 
 def test_a_draft_keeps_the_unconfirmed_statements_and_the_readers_values(page: Any, stack: Any, tmp_path: Path) -> None:
     exam_id = _af_exam(stack, tmp_path / "af", seed=22)
+    calls = []
+
+    def first_without_the_rate(route: Any) -> None:  # as if the measurements' pass had not finished yet
+        response = route.fetch()
+        body = response.json()
+        calls.append(1)
+        if len(calls) == 1:
+            body["exam"]["triage"]["ecg"].pop("heart_rate_bpm", None)
+        route.fulfill(response=response, json=body)
+
+    page.route(f"**/api/exams/{exam_id}", first_without_the_rate)
     _open(page, exam_id)
     _statement(page, "rhythm.af_rvr").wait_for(timeout=10_000)
+    rate = page.get_by_test_id("measure-heart_rate_bpm")
+    assert rate.input_value() == "" and rate.get_attribute("data-source") == ""  # absent: shown empty
+    page.locator("[data-testid=measure-heart_rate_bpm][data-source=hub]").wait_for(timeout=8_000)  # fetched again
+    assert float(rate.input_value()) > 100
+    page.unroute(f"**/api/exams/{exam_id}")
+
     page.get_by_test_id("report-text").fill("Draft.")
     page.get_by_test_id("measure-pr_ms").fill("180")
     page.get_by_test_id("draft-state").filter(has_text="draft saved").wait_for(timeout=10_000)
@@ -233,6 +250,24 @@ def test_a_draft_keeps_the_unconfirmed_statements_and_the_readers_values(page: A
     page.keyboard.press("Alt+y")  # confirm all the machine's statements
     page.locator("[data-testid=ecg-report][data-unconfirmed='0']").wait_for()
     assert AF_LINE in page.get_by_test_id("report-text").input_value()
+    # "change": the search replaces the statement in place; "✕" removes it
+    items = page.get_by_test_id("statements").locator("[data-testid=statement]")
+    before = [items.nth(i).get_attribute("data-code") for i in range(items.count())]
+    text_before = page.get_by_test_id("report-text").input_value()
+    page.locator("[data-testid=statement][data-code='rhythm.af_rvr'] [data-testid=statement-change]").click()
+    search = page.get_by_test_id("statement-search")
+    search.fill("")
+    search.type("房扑")
+    page.locator("[data-testid=statement-option][data-code='rhythm.flutter']").wait_for()
+    page.keyboard.press("Enter")
+    _statement(page, "rhythm.flutter").wait_for()
+    after = [items.nth(i).get_attribute("data-code") for i in range(items.count())]
+    assert after == [("rhythm.flutter" if c == "rhythm.af_rvr" else c) for c in before]
+    flutter_line = "心房扑动（Atrial flutter）"
+    assert page.get_by_test_id("report-text").input_value() == text_before.replace(AF_LINE, flutter_line)
+    page.locator("[data-testid=statement][data-code='rhythm.flutter'] [data-testid=statement-remove]").click()
+    assert _statement(page, "rhythm.flutter").count() == 0
+    assert page.get_by_test_id("report-text").input_value() == text_before.replace(AF_LINE + "\n", "")
 
 
 def test_each_version_keeps_its_statements_and_measurements_on_both_databases(hub_stack: Any, tmp_path: Path) -> None:

@@ -331,6 +331,11 @@ export class EcgViewer {
     });
   }
 
+  // The hub's measurements in the header (again when a second triage pass brought more).
+  setMeasurements(m) {
+    this.header.replaceChildren(...measurementsText(m || {}).map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
+  }
+
   build() {
     const r = this.root;
     r.replaceChildren();
@@ -338,7 +343,8 @@ export class EcgViewer {
     r.dataset.state = "loading";
     r.dataset.testid = "viewer";
     const header = el("dl", { class: "ecg-measurements", dataset: { testid: "ecg-measurements" } });
-    for (const [k, v] of measurementsText((this.exam.triage || {}).ecg)) header.append(el("div", {}, el("dt", {}, k), el("dd", {}, v)));
+    this.header = header;
+    this.setMeasurements((this.exam.triage || {}).ecg);
     const [layoutLabel, layout] = select("ecg-layout", "layout (Alt+L)", [["3x4", "3×4 + II"], ["12x1", "12×1"]], this.options.layout, "Layout ");
     const [speedLabel, speed] = select("ecg-speed", "paper speed (Alt+P)", SPEEDS.map((s) => [s, `${s} mm/s`]), this.options.speed, "Speed ");
     const [gainLabel, gain] = select("ecg-gain", "gain (Alt+G)", GAINS.map((g) => [g, `${g} mm/mV`]), this.options.gain, "Gain ");
