@@ -62,14 +62,15 @@ def test_the_installed_package_holds_its_data_and_no_top_level_capability_packag
         "from teleread.db.engine import MIGRATIONS\n"
         "import teleread.v1.common_pb2 as c\n"
         "from teleread.reader.station import app as station\n"
+        "from teleread.reader.hub.statements import load_library\n"
         "import importlib.util as u\n"
         "weights = sorted(p.name for p in registry.WEIGHTS_DIR.glob('*.pt'))\n"
         "print(json.dumps({'teleread': teleread.__file__, 'weights': weights,"
         " 'rules': ecg_rules.DEFAULT_RULES_PATH.is_file(), 'fusion': fusion.DEFAULT_POLICY_PATH.is_file(),"
         " 'routing': DEFAULT_ROUTING.is_file(), 'migrations': len(list((MIGRATIONS / 'versions').glob('0*.py'))),"
-        " 'station': [(station.STATIC / f).is_file()"
-        " for f in ('index.html', 'app.js', 'app.css', 'dom.js', 'ecg.js', 'ecg.css')]"
-        " + [len(station.load_templates())],"
+        " 'station': [(station.STATIC / f).is_file() for f in"
+        " ('index.html', 'app.js', 'app.css', 'dom.js', 'ecg.js', 'ecg.css', 'statements.js')]"
+        " + [len(station.load_templates())], 'statements': len(load_library().statements),"
         " 'contract': c.__file__, 'top': [n for n in ('gateway', 'reader', 'models', 'proto') if u.find_spec(n)]}))\n"
     )
     out = _run(installed, "-c", probe)
@@ -82,7 +83,8 @@ def test_the_installed_package_holds_its_data_and_no_top_level_capability_packag
     assert found["weights"] == ["chest_pneumonia.pt", "ecg_12lead.pt", "ecg_rhythm.pt"]
     assert found["rules"] and found["fusion"] and found["routing"] and found["migrations"] >= 5
     assert found["top"] == []
-    assert found["station"][:6] == [True] * 6 and found["station"][6] >= 10  # the page, its scripts and templates
+    assert found["station"][:7] == [True] * 7 and found["station"][7] >= 10  # the page, its scripts and templates
+    assert found["statements"] >= 60  # the ECG statement library ships with the hub
     help_text = subprocess.run([installed / "bin" / "teleread", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert help_text.returncode == 0 and "serve" in help_text.stdout
 

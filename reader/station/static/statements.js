@@ -1,4 +1,4 @@
-// The ECG report's statements and measurements, in the report pane (see ARCHITECTURE.md, "Report pane").
+// The ECG report's statements and measurements, in the report pane (ARCHITECTURE.md, "ECG statements and measurements").
 // Statements come from the hub's library (/api/statements); the machine's (the triage's suggestions)
 // are shown unconfirmed until the reader confirms (click, Enter on it, Alt+Y for all) or removes or
 // changes them; the confirmed ones, in order, build the Findings text (editable). The measurements
