@@ -183,6 +183,13 @@ def test_machine_statements_are_confirmed_statements_added_and_the_signed_report
     assert [s["code"] for s in report["statements"]] == ["rhythm.af_rvr", "repol.nonspecific_st_t", "overall.abnormal"]
     assert report["statements"][0]["textZh"] == "心房颤动伴快速心室率"
     assert report["measurements"]["qrsMs"] == 96.0 and report["measurementsEdited"] == ["qrs_ms"]
+    import pypdf  # the printed report beside it says what the reader signed
+
+    [pdf] = [p for p in out.glob("*.pdf") if exam_id in p.name]
+    printed = "".join(page.extract_text() for page in pypdf.PdfReader(pdf).pages).replace(" ", "")
+    assert "心房颤动伴快速心室率" in printed and "rhythm.af_rvr" in printed
+    assert "overall.abnormal" in printed
+    assert "96ms" in printed  # the reader's QRS, not the hub's
 
     # An amendment keeps its own statements; the signed version 1 is unchanged.
     worklist = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))

@@ -170,7 +170,8 @@ class ReportPdfService:
         with tempfile.TemporaryDirectory(prefix="report-ecg-", dir=self._spool) as tmp:
             data = self._cpu.run(
                 render_report, printed, ecg=self._ecg_files(exam, Path(tmp)),
-                measurements=_ecg_values(exam.row), font=self._font, zone=self._zone,
+                measurements=_reader_values(report) or _ecg_values(exam.row),
+                statements=_confirmed_statements(report), font=self._font, zone=self._zone,
             )  # fmt: skip
         stored = StoredPdf(
             exam_id=exam_id,
@@ -321,6 +322,35 @@ def _ecg_values(row: Mapping[str, Any]) -> dict[str, float] | None:
         return dict(EcgSummary.from_dict(summary).values) if summary else None
     except (ValueError, TypeError, AttributeError):
         return None
+
+
+def _reader_values(report: ReportRecord) -> dict[str, float] | None:
+    """The measurements the reader signed with this version (``measurements_json``), if any: they,
+    not the hub's, are what the report says."""
+    if not report.measurements_json:
+        return None
+    try:
+        values = json.loads(report.measurements_json).get("values") or {}
+        return {str(k): float(v) for k, v in values.items()} or None
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _confirmed_statements(report: ReportRecord) -> list[tuple[str, str]] | None:
+    """The version's confirmed statements as (code, text) for the printed list: Chinese first, as
+    the report pane writes them, with the English beside it."""
+    if not report.statements_json:
+        return None
+    try:
+        raw = json.loads(report.statements_json)
+    except ValueError:
+        return None
+    shown = [
+        (str(s.get("code", "")), f"{s['text_zh']}（{s['text']}）" if s.get("text_zh") else str(s.get("text", "")))
+        for s in raw
+        if isinstance(s, dict) and s.get("confirmed", True)
+    ]
+    return shown or None
 
 
 def _recorded(exam: ExamRecord, report: ReportRecord) -> StoredPdf | None:
