@@ -1,12 +1,12 @@
-"""The life cycles, as data: which states an exam, a report, a critical result and an upload pass
-through, and the only moves allowed between them.
-
-Every state change in the hub goes through this module. ``open_exam`` and ``move_exam`` write the
-exam's new state and its event in the caller's transaction, so the event table (the audit trail and
-the feed of the live streams) never disagrees with the rows. A move the table does not allow raises
-:class:`InvalidTransition`, naming both states. ``tests/test_static.py`` checks that no other module
-assigns ``state`` or ``status`` on these tables, and ``ARCHITECTURE.md`` shows the diagrams that
-:func:`mermaid` draws from the tables (``tests/test_lifecycle.py`` fails when they drift).
+"""The hub's life-cycle mover: every state change of an exam, a report, a critical result and an
+upload in the hub's database goes through this module, by the tables of :mod:`teleread.tracks`
+(which it re-exports). ``open_exam`` and ``move_exam`` write the exam's new state and its event in
+the caller's transaction, so the event table (the audit trail and the feed of the live streams)
+never disagrees with the rows. A move the table does not allow raises :class:`InvalidTransition`,
+naming both states. ``tests/test_lifecycle.py`` checks that no module but this one and
+:mod:`teleread.tracks` (whose SQLite mover serves the clinic outbox) assigns ``state``, ``status``
+or ``critical_state``, and ``ARCHITECTURE.md`` shows the diagrams drawn from the tables
+(``python -m teleread.lifecycle``; ``tests/test_lifecycle.py`` fails when they drift).
 
 A move is made by one conditional ``UPDATE ... WHERE state IN (allowed sources) RETURNING``, so two
 hub processes racing for the same exam cannot both move it: the loser sees no row. With ``expect``
@@ -18,168 +18,35 @@ a state the move does not start from is an :class:`InvalidTransition`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Table, insert, select, update
 
 from teleread.db.engine import utcnow
 from teleread.db.schema import exams, reports, results, uploads
-from teleread.errors import Conflict, NotFound
+from teleread.errors import NotFound
 from teleread.events import record_event
+from teleread.tracks import (  # noqa: F401  (the tables, re-exported for the hub's services)
+    COMMITTED,
+    CRITICAL,
+    EXAM,
+    HOLDING_UPLOADS,
+    OUTBOX,
+    READABLE,
+    REFUSED_UPLOADS,
+    REPORT,
+    SIGNED,
+    TRACKS,
+    UPLOAD,
+    Edge,
+    InvalidTransition,
+    Track,
+    diagrams,
+    mermaid,
+)
 from teleread.vocab import CriticalState, ExamState, ReportStatus, UploadStatus
 
-
-class InvalidTransition(Conflict):
-    """A state change the life cycle does not allow (``FAILED_PRECONDITION`` / ``INVALID_TRANSITION``)."""
-
-    def __init__(self, track: str, source: str | None, target: str, event: str | None = None) -> None:
-        what = f" by {event}" if event else ""
-        super().__init__(
-            f"{track}: no move from {source or 'nothing'} to {target}{what}",
-            reason="INVALID_TRANSITION",
-            metadata={"track": track, "from": source or "", "to": target},
-        )
-        self.source = source
-        self.target = target
-
-
-@dataclass(frozen=True)
-class Edge:
-    """One allowed move. ``source`` None: the state a new row starts in. ``event`` is the type of
-    the event row the move writes (None on the upload track, whose rows carry their own times)."""
-
-    source: str | None
-    target: str
-    event: str | None
-    label: str = ""
-
-
-@dataclass(frozen=True)
-class Track:
-    name: str
-    states: type[StrEnum]
-    edges: tuple[Edge, ...]
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        names = {str(s) for s in self.states}
-        for e in self.edges:
-            if e.target not in names or (e.source is not None and e.source not in names):
-                raise ValueError(f"{self.name}: edge {e} names a state outside {self.states.__name__}")
-
-    def edge(self, source: str | None, target: str, event: str | None) -> Edge:
-        """The edge for this move, or :class:`InvalidTransition`."""
-        for e in self.edges:
-            if e.source == source and e.target == target and e.event == event:
-                return e
-        raise InvalidTransition(self.name, source, target, event)
-
-    def sources(self, target: str, event: str | None) -> tuple[str, ...]:
-        """The states a move to ``target`` by ``event`` may start from."""
-        return tuple(e.source for e in self.edges if e.target == target and e.event == event and e.source)
-
-    def initial(self, state: str, event: str | None) -> None:
-        self.edge(None, state, event)
-
-    def mermaid(self) -> str:
-        lines = ["stateDiagram-v2"]
-        for e in self.edges:
-            source = "[*]" if e.source is None else e.source
-            text = e.label or e.event or ""
-            lines.append(f"    {source} --> {e.target}" + (f": {text}" if text else ""))
-        return "\n".join(lines)
-
-
 S, R, C, U = ExamState, ReportStatus, CriticalState, UploadStatus
-
-EXAM = Track(
-    "exam",
-    ExamState,
-    (
-        Edge(None, S.RECEIVING, "opened"),
-        Edge(S.RECEIVING, S.RECEIVED, "received", "received (committed, all objects verified)"),
-        Edge(S.RECEIVING, S.REJECTED, "rejected", "rejected (no valid object, or an incomplete record)"),
-        Edge(S.RECEIVING, S.EXPIRED, "expired", "expired (abandoned)"),
-        Edge(S.RECEIVED, S.TRIAGED, "triaged", "triaged (level, score, findings)"),
-        Edge(S.TRIAGED, S.QUEUED, "queued", "queued (deadline set)"),
-        Edge(S.QUEUED, S.IN_READING, "claimed"),
-        Edge(S.IN_READING, S.IN_READING, "claimed", "claimed (a lapsed claim taken over)"),
-        Edge(S.IN_READING, S.QUEUED, "released"),
-        Edge(S.IN_READING, S.REPORTED, "reported", "reported (signed)"),
-        Edge(S.IN_READING, S.REPORTED, "critical_result", "critical_result (signed critical)"),
-        Edge(S.REPORTED, S.REPORTED, "amendment_claimed"),
-        Edge(S.REPORTED, S.REPORTED, "amendment_released"),
-        Edge(S.REPORTED, S.REPORTED, "amended", "amended (a new version)"),
-        Edge(S.REPORTED, S.DELIVERED, "delivered", "delivered (the clinic fetched it)"),
-        Edge(S.DELIVERED, S.ACKNOWLEDGED, "acknowledged", "acknowledged (a named person read it)"),
-        Edge(S.DELIVERED, S.REPORTED, "amended", "amended (delivered again)"),
-        Edge(S.ACKNOWLEDGED, S.REPORTED, "amended", "amended (delivered again)"),
-    ),
-    note="delivered and acknowledged are reached by result acknowledgement, not yet built",
-)
-
-REPORT = Track(
-    "report",
-    ReportStatus,
-    (
-        Edge(None, R.DRAFT, "drafted"),
-        Edge(R.DRAFT, R.DRAFT, "draft_saved"),
-        Edge(R.DRAFT, R.FINAL, "signed"),
-        Edge(R.DRAFT, R.PRELIMINARY, "preliminary"),
-        Edge(R.PRELIMINARY, R.FINAL, "signed"),
-        Edge(R.DRAFT, R.AWAITING_COUNTERSIGNATURE, "submitted", "submitted (a trainee's report)"),
-        Edge(R.AWAITING_COUNTERSIGNATURE, R.FINAL, "countersigned"),
-        Edge(R.AWAITING_COUNTERSIGNATURE, R.DRAFT, "returned"),
-        Edge(R.DRAFT, R.SECOND_READER_CHECK, "second_check_requested"),
-        Edge(R.SECOND_READER_CHECK, R.FINAL, "second_check_passed"),
-        Edge(R.SECOND_READER_CHECK, R.DRAFT, "returned"),
-        Edge(R.FINAL, R.AMENDED, "amended", "amended (a new version; every version kept)"),
-        Edge(R.AMENDED, R.AMENDED, "amended", "amended again"),
-    ),
-    note="the status is that of the report's latest version; signed versions are never changed",
-)
-
-CRITICAL = Track(
-    "critical result",
-    CriticalState,
-    (
-        Edge(None, C.NOTIFIED, "critical_result", "published critical"),
-        Edge(C.NOTIFIED, C.ACKNOWLEDGED, "critical_acknowledged", "read back by a named person"),
-        Edge(C.NOTIFIED, C.ESCALATED, "critical_escalated", "deadline passed"),
-        Edge(C.ESCALATED, C.ESCALATED, "critical_escalated", "next step of the escalation"),
-        Edge(C.ESCALATED, C.ACKNOWLEDGED, "critical_acknowledged"),
-    ),
-    note="one per critical result version; acknowledgement and escalation are not yet built",
-)
-
-UPLOAD = Track(
-    "upload",
-    UploadStatus,
-    (
-        Edge(None, U.PARTIAL, None, "begun"),
-        Edge(U.PARTIAL, U.STORED, None, "stored"),
-        Edge(U.PARTIAL, U.DUPLICATE, None, "duplicate"),
-        Edge(U.PARTIAL, U.REFUSED, None, "refused"),
-        Edge(U.PARTIAL, U.REJECTED, None, "rejected"),
-        Edge(U.STORED, U.REFUSED, None, "exam rejected"),
-        Edge(U.DUPLICATE, U.REFUSED, None, "exam rejected"),
-        Edge(U.PARTIAL, U.EXPIRED, None, "exam expired"),
-        Edge(U.STORED, U.EXPIRED, None, "exam expired"),
-        Edge(U.DUPLICATE, U.EXPIRED, None, "exam expired"),
-    ),
-    note="no event per object: the exam's events say what happened to its objects",
-)
-
-TRACKS = (EXAM, REPORT, CRITICAL, UPLOAD)
-
-# Exam states grouped by what they mean to the services.
-READABLE = (S.QUEUED, S.IN_READING, S.REPORTED, S.DELIVERED, S.ACKNOWLEDGED)  # a reader may open it
-SIGNED = (S.REPORTED, S.DELIVERED, S.ACKNOWLEDGED)  # a signed report exists
-COMMITTED = (S.RECEIVED, S.TRIAGED, S.QUEUED, S.IN_READING, *SIGNED)  # its objects are all in
-REFUSED_UPLOADS = (U.REJECTED, U.REFUSED)  # an upload whose bytes are gone, with a refusal record
-HOLDING_UPLOADS = (U.STORED, U.DUPLICATE)  # an upload that points to an object row
 
 
 def open_exam(
@@ -351,18 +218,6 @@ def new_result(conn: Connection, *, values: Mapping[str, Any], critical: bool) -
     if critical:
         CRITICAL.initial(C.NOTIFIED, "critical_result")
     conn.execute(insert(results).values(**values, critical=critical, critical_state=C.NOTIFIED if critical else ""))
-
-
-def mermaid(track: Track) -> str:
-    return track.mermaid()
-
-
-def diagrams() -> str:
-    """The ``ARCHITECTURE.md`` block: one mermaid diagram per track."""
-    parts = []
-    for track in TRACKS:
-        parts.append(f"**{track.name}** ({track.note})\n\n```mermaid\n{track.mermaid()}\n```")
-    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":  # python -m teleread.lifecycle: the ARCHITECTURE.md block

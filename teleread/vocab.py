@@ -125,6 +125,16 @@ class UploadStatus(StrEnum):
     EXPIRED = "expired"
 
 
+class OutboxState(StrEnum):
+    """An exam in a clinic gateway's outbox (its own SQLite ledger, not the hub's database)."""
+
+    COLLECTING = "collecting"  # objects still arriving
+    READY = "ready"  # complete, waiting for the forwarder (or for its next try)
+    UPLOADING = "uploading"  # the forwarder's claim: being sent to the hub
+    COMMITTED = "committed"  # the hub committed it
+    REJECTED = "rejected"  # the hub refused it for good; kept for a person to look at
+
+
 class Role(StrEnum):
     """What a person or a machine identity may do."""
 

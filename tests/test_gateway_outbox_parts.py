@@ -14,10 +14,11 @@ import pytest
 
 from teleread.backoff import Backoff
 from teleread.clock import FakeClock
-from teleread.errors import Conflict, ResourceExhausted
+from teleread.errors import Conflict, NotFound, ResourceExhausted
 from teleread.gateway.clinic.outbox_files import REASON_SUFFIX, RESERVE_BYTES, FileStore, typed_disk_full
 from teleread.gateway.clinic.outbox_ledger import Ledger, Refused, iso
 from teleread.gateway.clinic.outbox_schedule import Scheduler
+from teleread.tracks import InvalidTransition
 
 T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=dt.timezone.utc)
 
@@ -117,4 +118,34 @@ def test_the_scheduler_counts_attempts_and_sets_next_tries_on_its_clock(tmp_path
     assert ceilings == [4.0, 8.0, 16.0, 16.0]
     assert scheduler.committed(exam.id, "hub-9", refused=[Refused("c" * 64, "BAD_UID", "x")]) == iso(clock.now())
     assert ledger.status(refusals_since=iso(T0)).incomplete == 1
+    ledger.close()
+
+
+def test_the_outbox_moves_by_its_track_and_names_both_states_when_a_move_is_not_allowed(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "outbox.db", path_of=lambda sha: tmp_path / sha)
+    scheduler = Scheduler(ledger, Backoff(base_s=1.0, cap_s=1.0), clock=FakeClock(T0))
+    fields = {"role": "dicom", "kind": "image", "indication": "", "size": 1, "priority": "routine"}
+    with ledger.write() as db:
+        obj = ledger.record(db, sha="d" * 64, group_key="1.3", instance_key="1.3.1", at=iso(T0), **fields)
+    for outcome in (
+        lambda: scheduler.committed(obj.exam_id, "hub-1"),
+        lambda: scheduler.rejected(obj.exam_id, "INVALID_ARGUMENT"),
+        lambda: scheduler.failed(obj.exam_id, "UNAVAILABLE"),
+    ):  # an outcome for an exam nobody is uploading is a bug of the caller
+        with pytest.raises(InvalidTransition) as err:
+            outcome()
+        assert err.value.reason == "INVALID_TRANSITION"
+        assert (err.value.source, err.value.target) == ("collecting", err.value.metadata["to"])
+        assert "outbox exam: no move from collecting to" in str(err.value)
+    assert ledger.exam(obj.exam_id).state == "collecting" and ledger.exam(obj.exam_id).attempts == 0
+    with pytest.raises(NotFound):
+        scheduler.release("0" * 32, "UNAVAILABLE")
+    scheduler.complete("1.3")
+    assert scheduler.recover() == 0  # nothing was uploading
+    exam = scheduler.claim_next()
+    assert exam is not None and exam.state == "uploading"
+    with ledger.write() as db:  # a late object of that study opens a follow-up instead of moving it back
+        late = ledger.record(db, sha="e" * 64, group_key="1.3", instance_key="1.3.2", at=iso(T0), **fields)
+    assert late.exam_id != exam.id and ledger.exam(late.exam_id).state == "collecting"
+    assert scheduler.recover() == 1 and ledger.exam(exam.id).state == "ready"
     ledger.close()

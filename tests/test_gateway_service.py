@@ -51,6 +51,9 @@ def test_status_exit_code_names_what_needs_a_person(tmp_path: Path, capsys) -> N
     box = Outbox(tmp_path / "gw")
 
     obj = box.receive(io.BytesIO(b"x"), group_key="1.2", instance_key="1.2.1")
+    box.complete("1.2")
+    taken = box.claim_next()
+    assert taken is not None and taken.id == obj.exam_id
     box.rejected(obj.exam_id, "INVALID_ARGUMENT: not DICOM")
     box.close()
     assert main(["gateway", "status", "--outbox", str(tmp_path / "gw")]) == 1

@@ -31,15 +31,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from teleread.errors import Conflict, InvalidInput, ResourceExhausted
-from teleread.vocab import Priority
+from teleread.tracks import OUTBOX, move_sqlite, open_sqlite
+from teleread.vocab import OutboxState, Priority
 
 log = logging.getLogger("teleread.gateway.clinic.outbox")
 
 DB_NAME = "outbox.db"
 PRIORITY_RANK = {str(p): p.rank for p in Priority}
-STATES = ("collecting", "ready", "uploading", "committed", "rejected")
-OPEN_STATES = ("collecting", "ready")  # an exam that still takes new objects
-WAITING_STATES = ("collecting", "ready", "uploading")  # not yet at the hub
+STATES = tuple(str(s) for s in OutboxState)
+OPEN_STATES = (str(OutboxState.COLLECTING), str(OutboxState.READY))  # an exam that still takes new objects
+WAITING_STATES = (*OPEN_STATES, str(OutboxState.UPLOADING))  # not yet at the hub
 ERROR_CHARS = 300  # of an error kept in last_error
 REASON_CHARS = 64  # of a refusal's reason
 
@@ -292,18 +293,18 @@ class Ledger:
                 "SELECT id FROM exams WHERE group_key=? ORDER BY rowid DESC LIMIT 1", (group_key,)
             ).fetchone()
             exam_id = uuid.uuid4().hex
-            db.execute(
-                "INSERT INTO exams (id, group_key, kind, priority, priority_rank, indication, state, created_at,"
-                " last_object_at, follow_up_of) VALUES (?, ?, ?, ?, ?, ?, 'collecting', ?, ?, ?)",
-                (exam_id, group_key, kind, priority, rank, indication, at, at, last[0] if last else ""),
-            )
+            values: dict[str, object] = {"id": exam_id, "group_key": group_key, "kind": kind, "priority": priority}
+            values |= {"priority_rank": rank, "indication": indication, "created_at": at, "last_object_at": at}
+            values["follow_up_of"] = last[0] if last else ""
+            open_sqlite(db, OUTBOX, "exams", OutboxState.COLLECTING, event="collected", values=values)
         else:
             (exam_id,) = row
-            db.execute(
-                "UPDATE exams SET last_object_at=?, state='collecting', priority=CASE WHEN ? < priority_rank"
-                " THEN ? ELSE priority END, priority_rank=MIN(priority_rank, ?) WHERE id=?",
-                (at, rank, priority, rank, exam_id),
-            )
+            move_sqlite(
+                db, OUTBOX, "exams", OutboxState.COLLECTING, event="collected", where="id=?", params=(exam_id,),
+                sets="last_object_at=?, priority=CASE WHEN ? < priority_rank THEN ? ELSE priority END,"
+                " priority_rank=MIN(priority_rank, ?)",
+                set_params=(at, rank, priority, rank),
+            )  # fmt: skip
         object_id = uuid.uuid4().hex
         db.execute(
             "INSERT INTO objects (id, exam_id, instance_key, role, sha256, size, received_at)"

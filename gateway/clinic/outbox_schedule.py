@@ -28,10 +28,32 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import sqlite3
 from typing import Protocol, Sequence
 
 from teleread.backoff import Backoff
 from teleread.gateway.clinic.outbox_ledger import ERROR_CHARS, PRIORITY_RANK, Ledger, OutboxExam, Refused, iso
+from teleread.tracks import OUTBOX, move_sqlite
+from teleread.vocab import OutboxState as B
+
+
+def _move(
+    db: sqlite3.Connection,
+    target: B,
+    event: str,
+    *,
+    where: str = "id=?",
+    params: Sequence[object] = (),
+    expect: B | None = None,
+    strict: bool = True,
+    sets: str = "",
+    set_params: Sequence[object] = (),
+) -> int:
+    """One move of outbox exams by the outbox track (see :func:`teleread.tracks.move_sqlite`)."""
+    return move_sqlite(
+        db, OUTBOX, "exams", target, event=event, where=where, params=params, expect=expect, strict=strict,
+        sets=sets, set_params=set_params,
+    )  # fmt: skip
 
 
 class Clock(Protocol):
@@ -61,18 +83,15 @@ class Scheduler:
     def complete(self, group_key: str) -> None:
         """The sender says the study is complete: it may be uploaded now."""
         with self.ledger.write() as db:
-            db.execute("UPDATE exams SET state='ready' WHERE group_key=? AND state='collecting'", (group_key,))
+            _move(db, B.READY, "completed", where="group_key=?", params=(group_key,), expect=B.COLLECTING, strict=False)
 
     def settle(self, *, quiet_s: float, now: dt.datetime | None = None) -> int:
         """Mark studies with no new object for ``quiet_s`` seconds ready; return how many."""
         cutoff = iso(self._now(now) - dt.timedelta(seconds=quiet_s))
         with self.ledger.write() as db:
-            return db.execute(
-                # a WFDB record is completed by whoever took both its files, never by the clock
-                "UPDATE exams SET state='ready' WHERE state='collecting' AND last_object_at <= ?"
-                " AND group_key NOT LIKE 'wfdb:%'",
-                (cutoff,),
-            ).rowcount
+            # a WFDB record is completed by whoever took both its files, never by the clock
+            where = "last_object_at <= ? AND group_key NOT LIKE 'wfdb:%'"
+            return _move(db, B.READY, "completed", where=where, params=(cutoff,), expect=B.COLLECTING, strict=False)
 
     def claim_next(self, now: dt.datetime | None = None, *, routine: bool = True) -> OutboxExam | None:
         """The most urgent, oldest ready exam whose retry time has come, marked uploading
@@ -87,7 +106,7 @@ class Scheduler:
             ).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE exams SET state='uploading' WHERE id=?", (row[0],))
+            _move(db, B.UPLOADING, "claimed", params=(row[0],))
         return self.ledger.exam(row[0])
 
     def failed(
@@ -99,22 +118,20 @@ class Scheduler:
             (attempts,) = db.execute("SELECT attempts FROM exams WHERE id=?", (exam_id,)).fetchone()
             delay = self.backoff.delay(attempts + 1, rng)
             when = iso(start + dt.timedelta(seconds=delay))
-            db.execute(
-                "UPDATE exams SET state='ready', attempts=attempts+1, next_attempt_at=?, last_error=? WHERE id=?",
-                (when, error[:ERROR_CHARS], exam_id),
-            )
+            sets, values = "attempts=attempts+1, next_attempt_at=?, last_error=?", (when, error[:ERROR_CHARS])
+            _move(db, B.READY, "failed", params=(exam_id,), sets=sets, set_params=values)
         return delay
 
     def release(self, exam_id: str, error: str) -> None:
         """The link was down: the exam is ready again at once, with no backoff of its own (the
         forwarder waits for the link, then takes exams in priority order again)."""
         with self.ledger.write() as db:
-            db.execute("UPDATE exams SET state='ready', last_error=? WHERE id=?", (error[:ERROR_CHARS], exam_id))
+            _move(db, B.READY, "released", params=(exam_id,), sets="last_error=?", set_params=(error[:ERROR_CHARS],))
 
     def rejected(self, exam_id: str, error: str) -> None:
         """The hub refused the exam for good (bad input): keep it for a person to look at."""
         with self.ledger.write() as db:
-            db.execute("UPDATE exams SET state='rejected', last_error=? WHERE id=?", (error[:ERROR_CHARS], exam_id))
+            _move(db, B.REJECTED, "rejected", params=(exam_id,), sets="last_error=?", set_params=(error[:ERROR_CHARS],))
 
     def committed(
         self, exam_id: str, hub_exam_id: str, *, refused: Sequence[Refused] = (), now: dt.datetime | None = None
@@ -123,10 +140,9 @@ class Scheduler:
         each refusal is recorded); return the time recorded."""
         at = iso(self._now(now))
         with self.ledger.write() as db:
-            db.execute(
-                "UPDATE exams SET state='committed', hub_exam_id=?, committed_at=?, last_error='', refused_count=?"
-                " WHERE id=?",
-                (hub_exam_id, at, len(refused), exam_id),
+            sets = "hub_exam_id=?, committed_at=?, last_error='', refused_count=?"
+            _move(
+                db, B.COMMITTED, "committed", params=(exam_id,), sets=sets, set_params=(hub_exam_id, at, len(refused))
             )
             for r in refused:
                 self.ledger.add_refusal(db, at=at, source="hub", reason=r.reason, exam_id=exam_id)
@@ -136,4 +152,4 @@ class Scheduler:
         """Leases left by an attempt that could not record its outcome are ready again (call only
         when no upload is under way); return how many."""
         with self.ledger.write() as db:
-            return db.execute("UPDATE exams SET state='ready' WHERE state='uploading'").rowcount
+            return _move(db, B.READY, "recovered", where="1=1", strict=False)
