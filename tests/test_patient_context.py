@@ -356,3 +356,73 @@ def test_of_two_first_instances_stored_at_once_the_first_to_commit_gives_the_pat
     with engine.connect() as conn:
         row = conn.execute(select(exams).where(exams.c.id == exam_id)).one()
     assert PatientContext.from_row(dict(row._mapping)) == first
+
+
+def test_an_objects_store_never_waits_on_another_stream_of_its_exam(hub_stack: HubStack) -> None:
+    """PostgreSQL: every stored object's transaction references the exam's row (the object's foreign
+    key takes a KEY SHARE lock on it) and the possible first instance then locks that row. Locking it
+    FOR UPDATE waited on each other stream's open transaction, and two of them deadlocked (a 16-slice
+    CT over 4 streams took 13-15 s instead of 0.6 s); the store must lock only what the others' key
+    checks let through."""
+    import threading
+
+    from teleread.db.schema import objects, uploads
+    from teleread.gateway.hub.ingest import IngestService
+    from teleread.gateway.hub.patient_context import record_first_instance
+    from teleread.patient import PatientContext
+
+    if hub_stack.name != "postgres_s3":
+        pytest.skip("SQLite serialises write transactions: no overlap to test")
+    engine = hub_stack.hub.engine
+    exam_id = _exam_row(hub_stack, patient_id="", received=utcnow(), state="receiving")
+    now = utcnow()
+    with engine.begin() as conn:
+        site_id = conn.execute(select(exams.c.site_id).where(exams.c.id == exam_id)).scalar_one()
+        for n in (1, 2):
+            conn.execute(
+                insert(uploads).values(
+                    id=f"{n:032x}", exam_id=exam_id, site_id=site_id, sha256=f"{n:064x}", size=1, role="dicom",
+                    state="partial", created_at=now, updated_at=now,
+                )
+            )  # fmt: skip
+
+    def object_row(n: int) -> dict[str, object]:
+        return {
+            "id": f"{n:032x}", "exam_id": exam_id, "site_id": site_id, "role": "dicom", "sha256": f"{n:064x}",
+            "size": 1, "storage_key": f"k{n}", "sop_instance_uid": f"1.2.3.{n}", "series_instance_uid": "1.2.3",
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "modality": "CT", "created_at": now,
+        }  # fmt: skip
+
+    first = PatientContext(id="FIRST", name="First^One")
+    done: dict[str, Any] = {}
+    with engine.connect() as other:
+        other.begin()  # another stream of the exam, its transaction open after its object's insert
+        other.execute(insert(objects).values(**object_row(2)))
+
+        def store() -> None:
+            try:
+                with engine.begin() as conn:
+                    meta = {"study_instance_uid": "1.2.3", "patient": first}
+                    IngestService._record_stored(conn, row=object_row(1), upload_id=f"{1:032x}", meta=meta, first=first)
+                done["stored"] = True
+            except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+                done["error"] = exc
+
+        thread = threading.Thread(target=store)
+        thread.start()
+        thread.join(timeout=5.0)
+        blocked = thread.is_alive()
+        if not blocked:  # the other stream finishes: it sees the first one's stored upload
+            other.execute(uploads.update().where(uploads.c.id == f"{2:032x}").values(state="stored"))
+            assert not record_first_instance(
+                other, exam_id=exam_id, upload_id=f"{2:032x}", patient=PatientContext(id="X")
+            )
+            other.commit()
+        else:
+            other.rollback()
+    thread.join(timeout=10)
+    assert not blocked, "the store waited on another stream's open transaction"
+    assert done == {"stored": True}
+    with engine.connect() as conn:
+        row = conn.execute(select(exams).where(exams.c.id == exam_id)).one()
+    assert PatientContext.from_row(dict(row._mapping)) == first and row.study_instance_uid == "1.2.3"

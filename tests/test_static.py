@@ -142,3 +142,16 @@ def test_no_file_names_a_fixed_machine_path() -> None:
     }
     assert found <= FIXED_PATH_PENDING, sorted(found - FIXED_PATH_PENDING)
     assert found == FIXED_PATH_PENDING, f"fixed, remove from FIXED_PATH_PENDING: {sorted(FIXED_PATH_PENDING - found)}"
+
+
+def test_row_locks_are_taken_in_one_place() -> None:
+    """``FOR UPDATE`` waits on rows other transactions merely reference (and deadlocked two streams
+    of one upload): every row lock goes through ``teleread.db.engine.locked_for_change``."""
+    found = []
+    for folder in ("gateway", "reader", "models", "teleread"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            text = path.read_text(encoding="utf-8")
+            if rel != "teleread/db/engine.py" and (".with_for_update(" in text or "FOR UPDATE" in text.upper()):
+                found.append(rel)
+    assert found == []

@@ -583,14 +583,9 @@ class IngestService:
             "modality": meta.get("modality", ""),
             "created_at": utcnow(),
         }
-        object_id = str(row["id"])
         try:
             with self._engine.begin() as conn:
-                conn.execute(insert(objects).values(**row))
-                self._mark_upload(conn, upload_id=u.id, state=UploadStatus.STORED, object_id=object_id)
-                self._touch_exam(conn, exam_id=u.exam_id, meta=meta)
-                if first is not None:
-                    patient_context.record_first_instance(conn, exam_id=u.exam_id, upload_id=u.id, patient=first)
+                self._record_stored(conn, row=row, upload_id=u.id, meta=meta, first=first)
         except DbIntegrityError:
             # A concurrent upload of the same instance won the race: treat as duplicate/conflict.
             part.unlink(missing_ok=True)
@@ -659,6 +654,21 @@ class IngestService:
             )  # fmt: skip
         log.warning("instance UID conflict refused", extra={"upload_id": u.id, "reason": "INSTANCE_UID_CONFLICT"})
         raise error
+
+    @classmethod
+    def _record_stored(
+        cls, conn: Connection, *, row: dict[str, object], upload_id: str, meta: dict[str, object],
+        first: PatientContext | None,
+    ) -> None:  # fmt: skip
+        """The rows of an object just stored, in the caller's transaction: the object, its upload
+        stored, the exam's study and, for a possible first instance, its patient. Several of these
+        run at once for one exam (an upload's streams); each takes the exam's row only in the lock
+        modes that let the others' foreign-key checks through (see ``record_first_instance``)."""
+        conn.execute(insert(objects).values(**row))
+        cls._mark_upload(conn, upload_id=upload_id, state=UploadStatus.STORED, object_id=str(row["id"]))
+        cls._touch_exam(conn, exam_id=str(row["exam_id"]), meta=meta)
+        if first is not None:
+            patient_context.record_first_instance(conn, exam_id=str(row["exam_id"]), upload_id=upload_id, patient=first)
 
     @staticmethod
     def _mark_upload(conn: Connection, *, upload_id: str, state: UploadStatus, object_id: str | None) -> None:

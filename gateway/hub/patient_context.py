@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from sqlalchemy import Connection, select, update
 
 from teleread import lifecycle
+from teleread.db.engine import locked_for_change
 from teleread.db.schema import exams, uploads
 from teleread.patient import COLUMNS, PatientContext, cleaned
 
@@ -64,8 +65,11 @@ def check_instance(
 def record_first_instance(conn: Connection, *, exam_id: str, upload_id: str, patient: PatientContext) -> bool:
     """In the transaction that stores an upload: when no other upload of the exam is stored, the
     upload's values go over the exam's (the request's). The exam's row is locked first, so of two
-    first instances stored at once the second sees the first (True when these values were taken)."""
-    row = conn.execute(select(exams).where(exams.c.id == exam_id).with_for_update()).first()
+    first instances stored at once the second sees the first (True when these values were taken).
+
+    Every other stream's store holds a KEY SHARE lock on this row from its object's foreign key: the
+    lock here lets it through (``locked_for_change``)."""
+    row = conn.execute(locked_for_change(select(exams).where(exams.c.id == exam_id))).first()
     if row is None:
         return False
     earlier = conn.execute(

@@ -5,7 +5,7 @@ claimed for amendment (explicitly, by id): it stays ``reported``, so it never re
 claim-next, and a lapsed amendment claim simply expires. Each claim increments the exam's fence;
 every later act on the claim (renew, release, save, sign, amend) presents the fence and is refused
 when it is stale or the lease has lapsed. On PostgreSQL claim-next locks the chosen row with
-``FOR UPDATE SKIP LOCKED`` so concurrent readers never wait on each other; on SQLite the write
+``FOR NO KEY UPDATE SKIP LOCKED`` so concurrent readers never wait on each other; on SQLite the write
 transaction is serialised by ``BEGIN IMMEDIATE``.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Iterator, NamedTuple
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 
 from teleread.auth import Principal, require_reader
-from teleread.db.engine import as_utc, reading
+from teleread.db.engine import as_utc, locked_for_change, reading
 from teleread.db.schema import exams, objects, principals
 from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound
 from teleread import lifecycle
@@ -147,7 +147,7 @@ class QueueService:
         result. Not a change of state; an exam not yet triaged, or rejected, is left as it is."""
         with self._db.begin() as conn:
             row = conn.execute(
-                select(exams.c.triage_json, exams.c.state).where(exams.c.id == exam_id).with_for_update()
+                locked_for_change(select(exams.c.triage_json, exams.c.state).where(exams.c.id == exam_id))
             ).first()
             if row is None or not row.triage_json or row.state in (ExamState.RECEIVED, ExamState.REJECTED):
                 return False

@@ -5,7 +5,7 @@ The queue, report and results services take a :class:`UnitOfWork` and never see 
 ``with uow() as tx`` opens one write transaction, ``with uow.read() as tx`` a read-only one, and
 ``tx.exams``, ``tx.reports`` and ``tx.results`` are the three repositories in it. Every state change
 they make goes through ``teleread.lifecycle`` with its event. :class:`SqlUnitOfWork` works on the
-database (claim-next locks its row with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, a site's next
+database (claim-next locks its row with ``FOR NO KEY UPDATE SKIP LOCKED`` on PostgreSQL, a site's next
 result number is taken under the site's row lock); :class:`MemoryUnitOfWork` keeps plain rows for
 unit tests, checks every move against the same life-cycle tables, and undoes what a transaction
 changed when it raises.
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, Select, or_, select, update
 
 from teleread import lifecycle
-from teleread.db.engine import as_utc, is_postgres, reading
+from teleread.db.engine import as_utc, is_postgres, locked_for_change, reading
 from teleread.db.schema import exams, principals, reports, results, sites
 from teleread.errors import NotFound
 from teleread.lifecycle import InvalidTransition
@@ -236,7 +236,7 @@ class SqlExamRepository:
     def get(self, exam_id: str, *, lock: bool = False) -> ExamRecord | None:
         query = select(exams).where(exams.c.id == exam_id)
         if lock and self._pg:
-            query = query.with_for_update()
+            query = locked_for_change(query)
         row = self.conn.execute(query).first()
         return None if row is None else ExamRecord.of(dict(row._mapping))
 
@@ -253,7 +253,7 @@ class SqlExamRepository:
             .limit(1)
         )
         if self._pg:
-            pick = pick.with_for_update(skip_locked=True)
+            pick = locked_for_change(pick, skip_locked=True)
         row = self.conn.execute(pick).first()
         return None if row is None else ExamRecord.of(dict(row._mapping))
 

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Select, create_engine, event
 from sqlalchemy.engine import make_url
 
 from teleread.errors import Unavailable
@@ -162,6 +162,15 @@ def _raw(conn: Any) -> Any:
 def reading(engine: Engine) -> Connection:
     """A connection for reads only (on SQLite its transaction does not take the write lock)."""
     return engine.connect().execution_options(teleread_read_only=True)
+
+
+def locked_for_change(query: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
+    """``query`` taking its rows' locks to change them: ``FOR NO KEY UPDATE`` on PostgreSQL (the
+    one row lock the hub takes; SQLite ignores it). Not ``FOR UPDATE``: that also waits on (and,
+    with ``skip_locked``, skips) every row another transaction merely references through a foreign
+    key (an object, an upload, a report or a result inserted for the exam holds ``KEY SHARE`` on
+    it), and two such waits deadlock. The hub changes no key of a locked row."""
+    return query.with_for_update(key_share=True, skip_locked=skip_locked)
 
 
 def is_postgres(engine: Engine) -> bool:
