@@ -58,6 +58,7 @@ class Plan:
     watchers: int = 2000  # worklist + results watch streams
     results_share: float = 0.4  # of the watchers, results watches
     hot: int = 16  # worklist watches in the readers' own queue (every claim reaches them)
+    change_batches: bool = True  # the watches ask for change batches, as the station and the CLI do
     uploads: int = 200
     readers: int = 8
     claims: int = 2000
@@ -105,9 +106,10 @@ class Tally:
     live: Counter[str] = field(default_factory=Counter)  # streams the hub answered (snapshot end / headers)
     failed: Counter[str] = field(default_factory=Counter)  # kind:code of streams that ended
     events: int = 0  # worklist events received after the snapshots
+    messages: int = 0  # the messages that carried them (several per message with change batches)
 
 
-async def _hold(address: str, spec: dict[str, list[dict[str, Any]]]) -> None:
+async def _hold(address: str, spec: dict[str, list[dict[str, Any]]], *, batches: bool) -> None:
     from teleread.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc, results_pb2, results_pb2_grpc
     from teleread.v1 import worklist_pb2, worklist_pb2_grpc
 
@@ -122,14 +124,16 @@ async def _hold(address: str, spec: dict[str, list[dict[str, Any]]]) -> None:
         return (("authorization", f"Bearer {token}"),)
 
     async def watch(stub: Any, token: str, kind: str) -> None:
-        call = stub.Watch(worklist_pb2.WatchWorklistRequest(), metadata=auth(token), timeout=7200)
+        request = worklist_pb2.WatchWorklistRequest(snapshot_batches=True, change_batches=batches)
+        call = stub.Watch(request, metadata=auth(token), timeout=7200)
         live = False
         try:
             async for event in call:
                 if event.type == worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_END:
                     tally.live[kind], live = tally.live[kind] + 1, True
                 elif live:
-                    tally.events += 1
+                    tally.events += len(event.changes) or 1
+                    tally.messages += 1
         except grpc.aio.AioRpcError as err:
             tally.failed[f"{kind}:{err.code().name}"] += 1
             tally.live[kind] -= int(live)
@@ -192,7 +196,10 @@ async def _hold(address: str, spec: dict[str, list[dict[str, Any]]]) -> None:
     wanted = {kind: sum(i["streams"] for i in spec[kind]) for kind in spec}
 
     def snapshot() -> dict[str, Any]:
-        return {"live": dict(tally.live), "failed": dict(tally.failed), "events": tally.events, "wanted": wanted}
+        return {
+            "live": dict(tally.live), "failed": dict(tally.failed), "events": tally.events, "messages": tally.messages,
+            "wanted": wanted,
+        }  # fmt: skip
 
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -216,20 +223,21 @@ async def _hold(address: str, spec: dict[str, list[dict[str, Any]]]) -> None:
 
 def hold_main(args: argparse.Namespace) -> None:
     spec = json.loads(Path(args.spec).read_text())
-    asyncio.run(_hold(args.address, spec))
+    asyncio.run(_hold(args.address, spec, batches=not args.single_events))
 
 
 class Holder:
     """The stream-holding process, started with the identities' tokens in a private file."""
 
-    def __init__(self, address: str, spec: dict[str, Any], run_dir: Path) -> None:
+    def __init__(self, address: str, spec: dict[str, Any], run_dir: Path, *, batches: bool = True) -> None:
         spec_file = run_dir / "streams.json"
         spec_file.touch(mode=0o600)
         spec_file.write_text(json.dumps(spec))
         self._log = open(run_dir / "holder.log", "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TELEREAD_")}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.streams", "hold", "--address", address, "--spec", str(spec_file)],
+            [sys.executable, "-m", "bench.streams", "hold", "--address", address, "--spec", str(spec_file)]
+            + ([] if batches else ["--single-events"]),
             cwd=_hubproc.REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -357,7 +365,7 @@ def run(
         try:
             bulk_insert_queued(url, site_id=int(hub.info["site_id"]), count=plan.queued)
             spec = make_identities(url, plan)
-            holder = Holder(hub.address, spec, run_dir)
+            holder = Holder(hub.address, spec, run_dir, batches=plan.change_batches)
             try:
                 console.log("opening the streams")
                 opened = time.perf_counter()
@@ -410,7 +418,10 @@ def run(
     )
     figures.append(live)
     fanned = Figure("worklist events to watchers", "postgresql", plan.hot, end["events"], "events", str(end["events"]))
-    fanned.note = f"to the {plan.hot} watches of the readers' queue during the claims"
+    how = "in change batches" if plan.change_batches else "one event per message"
+    fanned.note = (
+        f"to the {plan.hot} watches of the readers' queue during the claims, {how}: {end.get('messages', 0)} messages"
+    )
     figures.append(fanned)
     extra.update(
         plan=plan.__dict__,
@@ -458,10 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     hold = sub.add_parser("hold", help=argparse.SUPPRESS)
     hold.add_argument("--address", required=True)
     hold.add_argument("--spec", required=True)
+    hold.add_argument("--single-events", action="store_true")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="save the results here")
     parser.add_argument("--watchers", type=int, default=Plan.watchers, help="watch streams (worklist + results)")
     parser.add_argument("--uploads", type=int, default=Plan.uploads, help="idle upload streams")
     parser.add_argument("--hot", type=int, default=Plan.hot, help="watches of the readers' own queue")
+    parser.add_argument(
+        "--single-events", action="store_true", help="the watches ask for one event per message (no change batches)"
+    )
     parser.add_argument("--claims", type=int, default=Plan.claims, help="claims by all readers together")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
     parser.add_argument("--logs", type=Path, default=None, metavar="DIR", help="keep the hub's and clients' logs here")
@@ -470,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "hold":
         hold_main(args)
         return 0
-    plan = Plan(watchers=args.watchers, uploads=args.uploads, hot=args.hot, claims=args.claims)
+    plan = Plan(
+        watchers=args.watchers, uploads=args.uploads, hot=args.hot, claims=args.claims,
+        change_batches=not args.single_events,
+    )  # fmt: skip
     info = machine()
     info["upload_parallel"] = "n/a (idle uploads: one message each)"
     with tempfile.TemporaryDirectory(prefix="teleread-bench-streams-", dir=args.workdir) as tmp:

@@ -35,6 +35,7 @@ from teleread.settings import ClientSettings
 from teleread.errors import TelereadError
 from teleread.files import atomic_write_bytes as atomic_write_bytes
 from teleread.files import atomic_write_text as atomic_write_text
+from teleread.v1 import worklist_pb2
 
 log = logging.getLogger("teleread.client")
 
@@ -107,6 +108,14 @@ class _MetadataInterceptor(
 
     def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return continuation(self._details(details), requests)
+
+
+def worklist_changes(event: Any) -> Sequence[Any]:
+    """The worklist events a Watch message carries: the changes of a ``TYPE_CHANGES`` message (asked
+    for with ``change_batches``), or the message itself."""
+    if event.type == worklist_pb2.WorklistEvent.TYPE_CHANGES:
+        return list(event.changes)
+    return (event,)
 
 
 def open_channel(

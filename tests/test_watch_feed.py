@@ -291,3 +291,23 @@ def test_a_snapshot_asked_in_batches_comes_in_queue_order_500_exams_at_a_time(em
     call.cancel()
     assert [len(b) for b in batches] == [500, 500, 200]
     assert [i for b in batches for i in b] == [f"{n:032x}" for n in range(1, 1201)]
+
+
+def test_changes_asked_in_batches_come_as_one_message_per_read_with_the_same_events(embedded_stack: HubStack) -> None:
+    stack = embedded_stack
+    queued_exam(stack)
+    single = open_watch(stack, stack.channel("cardio"))
+    batched = worklist_pb2_grpc.WorklistStub(stack.channel("cardio2")).Watch(
+        worklist_pb2.WatchWorklistRequest(change_batches=True), timeout=60
+    )
+    assert next(batched).type == WL.TYPE_SNAPSHOT and next(batched).type == WL.TYPE_SNAPSHOT_END
+    with stack.hub.feed._reading:  # the feed reads the six commits together, once they are all in
+        _claim_and_release(stack, 3)
+    message = next(batched)
+    assert message.type == WL.TYPE_CHANGES and not message.HasField("exam")
+    assert [e.type for e in message.changes] == [WL.TYPE_CLAIMED, WL.TYPE_RELEASED] * 3
+    assert message.event_id == message.changes[-1].event_id and message.at == message.changes[-1].at
+    one_by_one = [next(single) for _ in range(6)]  # the same events, byte for byte, one message each
+    assert [e.SerializeToString() for e in one_by_one] == [e.SerializeToString() for e in message.changes]
+    single.cancel()
+    batched.cancel()

@@ -24,7 +24,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from teleread.client import add_connection_args, atomic_write_text, ring_alert, rpc_command, watch_with_reconnect
+from teleread.client import (
+    add_connection_args,
+    atomic_write_text,
+    ring_alert,
+    rpc_command,
+    watch_with_reconnect,
+    worklist_changes,
+)
 from teleread.errors import IntegrityError, TelereadError
 from teleread.files import HashingWriter, atomic_file
 from teleread.v1 import common_pb2, worklist_pb2, worklist_pb2_grpc
@@ -341,7 +348,7 @@ def _follow(
 ) -> bool:
     """Print one Watch stream; True once the requested output is complete."""
     snapshot: list[common_pb2.Exam] = []
-    for event in stream:
+    for event in (change for message in stream for change in worklist_changes(message)):
         if event.type == _Event.TYPE_SNAPSHOT:
             snapshot.append(event.exam)
         elif event.type == _Event.TYPE_SNAPSHOT_END:
@@ -362,7 +369,7 @@ def watch_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     """Follow the queue; reconnects (new snapshot) after a cut with capped backoff."""
     console, seen = Console(), [0]
     return watch_with_reconnect(
-        lambda: _stub(channel).Watch(worklist_pb2.WatchWorklistRequest(), timeout=args.deadline),
+        lambda: _stub(channel).Watch(worklist_pb2.WatchWorklistRequest(change_batches=True), timeout=args.deadline),
         lambda stream, progressed: _follow(stream, console, args=args, seen=seen, progressed=progressed),
         console=console,
         what="watch",

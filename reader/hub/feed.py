@@ -85,7 +85,14 @@ class WorklistChange:
     site_code: str
 
 
-WorklistItem = SnapshotExam | SnapshotEnd | WorklistChange
+@dataclass(frozen=True)
+class WorklistChanges:
+    """Changes of a worklist read together (with ``batched``), oldest first."""
+
+    changes: tuple[WorklistChange, ...]
+
+
+WorklistItem = SnapshotExam | SnapshotEnd | WorklistChange | WorklistChanges
 
 
 @dataclass(frozen=True)
@@ -440,9 +447,11 @@ class WatchFeed:
         codes = self._directory.site_codes({int(r["site_id"]) for r in rows})
         return [SnapshotExam(exam=r, site_code=codes.get(int(r["site_id"]), "")) for r in rows]
 
-    async def worklist(self, p: Principal) -> AsyncIterator[WorklistItem]:
+    async def worklist(self, p: Principal, *, batched: bool = False) -> AsyncIterator[WorklistItem]:
         """A reader's worklist: the snapshot, its end with the feed's event id, then every event
-        of the reader's hospital and specialty read after that, until the feed closes."""
+        of the reader's hospital and specialty read after that, until the feed closes; with
+        ``batched``, the events waiting for the stream as one :class:`WorklistChanges` (one write
+        to the client for a burst instead of one per event)."""
         hospital, specialty = require_reader(p)
         sub = self._subscribe(("worklist", hospital, specialty))  # before the snapshot: nothing falls between
         try:
@@ -450,6 +459,9 @@ class WatchFeed:
                 yield item
             yield SnapshotEnd(event_id=sub.floor)
             while (batch := await sub.take()) is not None:
+                if batched:
+                    yield WorklistChanges(tuple(batch))
+                    continue
                 for change in batch:
                     yield change
         finally:

@@ -16,7 +16,15 @@ import numpy as np
 from teleread.errors import NotFound
 from teleread.messages import exam_message, measurement_values, object_message, report_message, triage_message, ts
 from teleread.reader.hub.directory import Directory
-from teleread.reader.hub.feed import ResultsLive, SnapshotEnd, SnapshotExam, WatchFeed, WorklistChange, WorklistItem
+from teleread.reader.hub.feed import (
+    ResultsLive,
+    SnapshotEnd,
+    SnapshotExam,
+    WatchFeed,
+    WorklistChange,
+    WorklistChanges,
+    WorklistItem,
+)
 from teleread.reader.hub.queue import QueueService
 from teleread.reader.hub.report_pdfs import ReportPdfService, StoredPdf
 from teleread.reader.hub.reports import EcgContent, ReportService
@@ -109,7 +117,7 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
         self, request: worklist_pb2.WatchWorklistRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worklist_pb2.WorklistEvent]:
         batch: list[common_pb2.Exam] = []
-        async for item in self._feed.worklist(current_principal()):
+        async for item in self._feed.worklist(current_principal(), batched=request.change_batches):
             if request.snapshot_batches and isinstance(item, SnapshotExam):
                 batch.append(exam_message(item.exam, site_code=item.site_code, patient=True))
                 if len(batch) < SNAPSHOT_BATCH:
@@ -127,7 +135,17 @@ class WorklistServicer(worklist_pb2_grpc.WorklistServicer):
             return worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT, exam=exam)
         if isinstance(item, SnapshotEnd):
             return worklist_pb2.WorklistEvent(type=worklist_pb2.WorklistEvent.TYPE_SNAPSHOT_END, event_id=item.event_id)
+        if isinstance(item, WorklistChanges):  # every watcher of the worklist gets the same read
+            ids = tuple(c.event_id for c in item.changes)
+            return self._events.get_or(ids, lambda: self._changes_message(item))
         return self._events.get_or(item.event_id, lambda: self._change_message(item))
+
+    def _changes_message(self, item: WorklistChanges) -> worklist_pb2.WorklistEvent:
+        changes = [self._events.get_or(c.event_id, lambda c=c: self._change_message(c)) for c in item.changes]
+        last = item.changes[-1]
+        return worklist_pb2.WorklistEvent(
+            type=worklist_pb2.WorklistEvent.TYPE_CHANGES, changes=changes, event_id=last.event_id, at=ts(last.at)
+        )
 
     @staticmethod
     def _change_message(item: WorklistChange) -> worklist_pb2.WorklistEvent:

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from google.rpc import error_details_pb2, status_pb2
 
-from teleread.client import CHANNEL_OPTIONS
+from teleread.client import CHANNEL_OPTIONS, worklist_changes
 from teleread.v1 import auth_pb2, auth_pb2_grpc, common_pb2, worklist_pb2, worklist_pb2_grpc
 
 UNARY_TIMEOUT = 15.0
@@ -135,11 +135,12 @@ class HubClient:
     async def watch(self, token: str) -> AsyncIterator[worklist_pb2.WorklistEvent]:
         """The reader's worklist: a snapshot, its end marker, then every change, until cancelled."""
         call = self._worklist.Watch(
-            worklist_pb2.WatchWorklistRequest(snapshot_batches=True), metadata=self._meta(token)
+            worklist_pb2.WatchWorklistRequest(snapshot_batches=True, change_batches=True), metadata=self._meta(token)
         )
         try:
-            async for event in call:
-                yield event
+            async for message in call:
+                for event in worklist_changes(message):
+                    yield event
         except grpc.RpcError as err:
             raise HubError.of(err) from None
         finally:

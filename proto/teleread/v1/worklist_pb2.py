@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from teleread.v1 import common_pb2 as teleread_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ateleread/v1/worklist.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"=\n\x13ListWorklistRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x17\n\x0finclude_claimed\x18\x02 \x01(\x08\"8\n\x14ListWorklistResponse\x12 \n\x05\x65xams\x18\x01 \x03(\x0b\x32\x11.teleread.v1.Exam\"0\n\x14WatchWorklistRequest\x12\x18\n\x10snapshot_batches\x18\x01 \x01(\x08\"\xf9\x02\n\rWorklistEvent\x12-\n\x04type\x18\x01 \x01(\x0e\x32\x1f.teleread.v1.WorklistEvent.Type\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\x03\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05\x65xams\x18\x05 \x03(\x0b\x32\x11.teleread.v1.Exam\"\xbb\x01\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rTYPE_SNAPSHOT\x10\x01\x12\x0f\n\x0bTYPE_QUEUED\x10\x02\x12\x10\n\x0cTYPE_CLAIMED\x10\x03\x12\x11\n\rTYPE_RELEASED\x10\x04\x12\x11\n\rTYPE_REPORTED\x10\x05\x12\x11\n\rTYPE_CRITICAL\x10\x06\x12\x15\n\x11TYPE_SNAPSHOT_END\x10\x07\x12\x17\n\x13TYPE_SNAPSHOT_BATCH\x10\x08\"m\n\x05\x43laim\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x10\x43laimNextRequest\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\"Q\n\x10\x43laimExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x05\x12\x15\n\rfor_amendment\x18\x03 \x01(\x08\"J\n\x11RenewClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"5\n\x13ReleaseClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\x16\n\x14ReleaseClaimResponse\"(\n\x15GetExamDetailsRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\"\x83\x02\n\x0b\x45xamDetails\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12*\n\x07objects\x18\x02 \x03(\x0b\x32\x19.teleread.v1.StoredObject\x12$\n\x07reports\x18\x03 \x03(\x0b\x32\x13.teleread.v1.Report\x12\"\n\x07related\x18\x04 \x03(\x0b\x32\x11.teleread.v1.Exam\x12!\n\x06priors\x18\x05 \x03(\x0b\x32\x11.teleread.v1.Exam\x12:\n\x14suggested_statements\x18\x06 \x03(\x0b\x32\x1c.teleread.v1.ReportStatement\"9\n\x13StreamObjectRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"I\n\x0bObjectChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"(\n\x15GetEcgWaveformRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\"+\n\x07\x45\x63gLead\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmicrovolts\x18\x02 \x03(\x11\"b\n\x0b\x45\x63gWaveform\x12\n\n\x02\x66s\x18\x01 \x01(\x01\x12#\n\x05leads\x18\x02 \x03(\x0b\x32\x14.teleread.v1.EcgLead\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xea\x01\n\x11SaveReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\x12\x30\n\nstatements\x18\x06 \x03(\x0b\x32\x1c.teleread.v1.ReportStatement\x12\x32\n\x0cmeasurements\x18\x07 \x01(\x0b\x32\x1c.teleread.v1.EcgMeasurements\x12\x1b\n\x13measurements_edited\x18\x08 \x03(\t\"3\n\x11SignReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\xfb\x01\n\x12\x41mendReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x03\x12\x30\n\nstatements\x18\x07 \x03(\x0b\x32\x1c.teleread.v1.ReportStatement\x12\x32\n\x0cmeasurements\x18\x08 \x01(\x0b\x32\x1c.teleread.v1.EcgMeasurements\x12\x1b\n\x13measurements_edited\x18\t \x03(\t\"\x17\n\x15ListStatementsRequest\"?\n\x0eStatementGroup\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08title_zh\x18\x03 \x01(\t\"d\n\x10LibraryStatement\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07text_zh\x18\x04 \x01(\t\x12\x14\n\x0csuggested_by\x18\x05 \x03(\t\"\x83\x01\n\x10StatementLibrary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12+\n\x06groups\x18\x02 \x03(\x0b\x32\x1b.teleread.v1.StatementGroup\x12\x31\n\nstatements\x18\x03 \x03(\x0b\x32\x1d.teleread.v1.LibraryStatement2\x9f\x08\n\x08Worklist\x12S\n\x0cListWorklist\x12 .teleread.v1.ListWorklistRequest\x1a!.teleread.v1.ListWorklistResponse\x12H\n\x05Watch\x12!.teleread.v1.WatchWorklistRequest\x1a\x1a.teleread.v1.WorklistEvent0\x01\x12>\n\tClaimNext\x12\x1d.teleread.v1.ClaimNextRequest\x1a\x12.teleread.v1.Claim\x12>\n\tClaimExam\x12\x1d.teleread.v1.ClaimExamRequest\x1a\x12.teleread.v1.Claim\x12@\n\nRenewClaim\x12\x1e.teleread.v1.RenewClaimRequest\x1a\x12.teleread.v1.Claim\x12S\n\x0cReleaseClaim\x12 .teleread.v1.ReleaseClaimRequest\x1a!.teleread.v1.ReleaseClaimResponse\x12N\n\x0eGetExamDetails\x12\".teleread.v1.GetExamDetailsRequest\x1a\x18.teleread.v1.ExamDetails\x12L\n\x0cStreamObject\x12 .teleread.v1.StreamObjectRequest\x1a\x18.teleread.v1.ObjectChunk0\x01\x12N\n\x0eGetEcgWaveform\x12\".teleread.v1.GetEcgWaveformRequest\x1a\x18.teleread.v1.EcgWaveform\x12\x41\n\nSaveReport\x12\x1e.teleread.v1.SaveReportRequest\x1a\x13.teleread.v1.Report\x12\x41\n\nSignReport\x12\x1e.teleread.v1.SignReportRequest\x1a\x13.teleread.v1.Report\x12\x43\n\x0b\x41mendReport\x12\x1f.teleread.v1.AmendReportRequest\x1a\x13.teleread.v1.Report\x12O\n\x0cGetReportPdf\x12 .teleread.v1.GetReportPdfRequest\x1a\x1b.teleread.v1.ReportPdfChunk0\x01\x12S\n\x0eListStatements\x12\".teleread.v1.ListStatementsRequest\x1a\x1d.teleread.v1.StatementLibraryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ateleread/v1/worklist.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"=\n\x13ListWorklistRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x17\n\x0finclude_claimed\x18\x02 \x01(\x08\"8\n\x14ListWorklistResponse\x12 \n\x05\x65xams\x18\x01 \x03(\x0b\x32\x11.teleread.v1.Exam\"H\n\x14WatchWorklistRequest\x12\x18\n\x10snapshot_batches\x18\x01 \x01(\x08\x12\x16\n\x0e\x63hange_batches\x18\x02 \x01(\x08\"\xb8\x03\n\rWorklistEvent\x12-\n\x04type\x18\x01 \x01(\x0e\x32\x1f.teleread.v1.WorklistEvent.Type\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\x03\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05\x65xams\x18\x05 \x03(\x0b\x32\x11.teleread.v1.Exam\x12+\n\x07\x63hanges\x18\x06 \x03(\x0b\x32\x1a.teleread.v1.WorklistEvent\"\xcd\x01\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rTYPE_SNAPSHOT\x10\x01\x12\x0f\n\x0bTYPE_QUEUED\x10\x02\x12\x10\n\x0cTYPE_CLAIMED\x10\x03\x12\x11\n\rTYPE_RELEASED\x10\x04\x12\x11\n\rTYPE_REPORTED\x10\x05\x12\x11\n\rTYPE_CRITICAL\x10\x06\x12\x15\n\x11TYPE_SNAPSHOT_END\x10\x07\x12\x17\n\x13TYPE_SNAPSHOT_BATCH\x10\x08\x12\x10\n\x0cTYPE_CHANGES\x10\t\"m\n\x05\x43laim\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x10\x43laimNextRequest\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\"Q\n\x10\x43laimExamRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x05\x12\x15\n\rfor_amendment\x18\x03 \x01(\x08\"J\n\x11RenewClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"5\n\x13ReleaseClaimRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\x16\n\x14ReleaseClaimResponse\"(\n\x15GetExamDetailsRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\"\x83\x02\n\x0b\x45xamDetails\x12\x1f\n\x04\x65xam\x18\x01 \x01(\x0b\x32\x11.teleread.v1.Exam\x12*\n\x07objects\x18\x02 \x03(\x0b\x32\x19.teleread.v1.StoredObject\x12$\n\x07reports\x18\x03 \x03(\x0b\x32\x13.teleread.v1.Report\x12\"\n\x07related\x18\x04 \x03(\x0b\x32\x11.teleread.v1.Exam\x12!\n\x06priors\x18\x05 \x03(\x0b\x32\x11.teleread.v1.Exam\x12:\n\x14suggested_statements\x18\x06 \x03(\x0b\x32\x1c.teleread.v1.ReportStatement\"9\n\x13StreamObjectRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x11\n\tobject_id\x18\x02 \x01(\t\"I\n\x0bObjectChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\"(\n\x15GetEcgWaveformRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\"+\n\x07\x45\x63gLead\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmicrovolts\x18\x02 \x03(\x11\"b\n\x0b\x45\x63gWaveform\x12\n\n\x02\x66s\x18\x01 \x01(\x01\x12#\n\x05leads\x18\x02 \x03(\x0b\x32\x14.teleread.v1.EcgLead\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xea\x01\n\x11SaveReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\x12\x30\n\nstatements\x18\x06 \x03(\x0b\x32\x1c.teleread.v1.ReportStatement\x12\x32\n\x0cmeasurements\x18\x07 \x01(\x0b\x32\x1c.teleread.v1.EcgMeasurements\x12\x1b\n\x13measurements_edited\x18\x08 \x03(\t\"3\n\x11SignReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\xfb\x01\n\x12\x41mendReportRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x12\n\nimpression\x18\x04 \x01(\t\x12\x10\n\x08\x63ritical\x18\x05 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x06 \x01(\x03\x12\x30\n\nstatements\x18\x07 \x03(\x0b\x32\x1c.teleread.v1.ReportStatement\x12\x32\n\x0cmeasurements\x18\x08 \x01(\x0b\x32\x1c.teleread.v1.EcgMeasurements\x12\x1b\n\x13measurements_edited\x18\t \x03(\t\"\x17\n\x15ListStatementsRequest\"?\n\x0eStatementGroup\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08title_zh\x18\x03 \x01(\t\"d\n\x10LibraryStatement\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07text_zh\x18\x04 \x01(\t\x12\x14\n\x0csuggested_by\x18\x05 \x03(\t\"\x83\x01\n\x10StatementLibrary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12+\n\x06groups\x18\x02 \x03(\x0b\x32\x1b.teleread.v1.StatementGroup\x12\x31\n\nstatements\x18\x03 \x03(\x0b\x32\x1d.teleread.v1.LibraryStatement2\x9f\x08\n\x08Worklist\x12S\n\x0cListWorklist\x12 .teleread.v1.ListWorklistRequest\x1a!.teleread.v1.ListWorklistResponse\x12H\n\x05Watch\x12!.teleread.v1.WatchWorklistRequest\x1a\x1a.teleread.v1.WorklistEvent0\x01\x12>\n\tClaimNext\x12\x1d.teleread.v1.ClaimNextRequest\x1a\x12.teleread.v1.Claim\x12>\n\tClaimExam\x12\x1d.teleread.v1.ClaimExamRequest\x1a\x12.teleread.v1.Claim\x12@\n\nRenewClaim\x12\x1e.teleread.v1.RenewClaimRequest\x1a\x12.teleread.v1.Claim\x12S\n\x0cReleaseClaim\x12 .teleread.v1.ReleaseClaimRequest\x1a!.teleread.v1.ReleaseClaimResponse\x12N\n\x0eGetExamDetails\x12\".teleread.v1.GetExamDetailsRequest\x1a\x18.teleread.v1.ExamDetails\x12L\n\x0cStreamObject\x12 .teleread.v1.StreamObjectRequest\x1a\x18.teleread.v1.ObjectChunk0\x01\x12N\n\x0eGetEcgWaveform\x12\".teleread.v1.GetEcgWaveformRequest\x1a\x18.teleread.v1.EcgWaveform\x12\x41\n\nSaveReport\x12\x1e.teleread.v1.SaveReportRequest\x1a\x13.teleread.v1.Report\x12\x41\n\nSignReport\x12\x1e.teleread.v1.SignReportRequest\x1a\x13.teleread.v1.Report\x12\x43\n\x0b\x41mendReport\x12\x1f.teleread.v1.AmendReportRequest\x1a\x13.teleread.v1.Report\x12O\n\x0cGetReportPdf\x12 .teleread.v1.GetReportPdfRequest\x1a\x1b.teleread.v1.ReportPdfChunk0\x01\x12S\n\x0eListStatements\x12\".teleread.v1.ListStatementsRequest\x1a\x1d.teleread.v1.StatementLibraryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,51 +38,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKLISTRESPONSE']._serialized_start=165
   _globals['_LISTWORKLISTRESPONSE']._serialized_end=221
   _globals['_WATCHWORKLISTREQUEST']._serialized_start=223
-  _globals['_WATCHWORKLISTREQUEST']._serialized_end=271
-  _globals['_WORKLISTEVENT']._serialized_start=274
-  _globals['_WORKLISTEVENT']._serialized_end=651
-  _globals['_WORKLISTEVENT_TYPE']._serialized_start=464
-  _globals['_WORKLISTEVENT_TYPE']._serialized_end=651
-  _globals['_CLAIM']._serialized_start=653
-  _globals['_CLAIM']._serialized_end=762
-  _globals['_CLAIMNEXTREQUEST']._serialized_start=764
-  _globals['_CLAIMNEXTREQUEST']._serialized_end=805
-  _globals['_CLAIMEXAMREQUEST']._serialized_start=807
-  _globals['_CLAIMEXAMREQUEST']._serialized_end=888
-  _globals['_RENEWCLAIMREQUEST']._serialized_start=890
-  _globals['_RENEWCLAIMREQUEST']._serialized_end=964
-  _globals['_RELEASECLAIMREQUEST']._serialized_start=966
-  _globals['_RELEASECLAIMREQUEST']._serialized_end=1019
-  _globals['_RELEASECLAIMRESPONSE']._serialized_start=1021
-  _globals['_RELEASECLAIMRESPONSE']._serialized_end=1043
-  _globals['_GETEXAMDETAILSREQUEST']._serialized_start=1045
-  _globals['_GETEXAMDETAILSREQUEST']._serialized_end=1085
-  _globals['_EXAMDETAILS']._serialized_start=1088
-  _globals['_EXAMDETAILS']._serialized_end=1347
-  _globals['_STREAMOBJECTREQUEST']._serialized_start=1349
-  _globals['_STREAMOBJECTREQUEST']._serialized_end=1406
-  _globals['_OBJECTCHUNK']._serialized_start=1408
-  _globals['_OBJECTCHUNK']._serialized_end=1481
-  _globals['_GETECGWAVEFORMREQUEST']._serialized_start=1483
-  _globals['_GETECGWAVEFORMREQUEST']._serialized_end=1523
-  _globals['_ECGLEAD']._serialized_start=1525
-  _globals['_ECGLEAD']._serialized_end=1568
-  _globals['_ECGWAVEFORM']._serialized_start=1570
-  _globals['_ECGWAVEFORM']._serialized_end=1668
-  _globals['_SAVEREPORTREQUEST']._serialized_start=1671
-  _globals['_SAVEREPORTREQUEST']._serialized_end=1905
-  _globals['_SIGNREPORTREQUEST']._serialized_start=1907
-  _globals['_SIGNREPORTREQUEST']._serialized_end=1958
-  _globals['_AMENDREPORTREQUEST']._serialized_start=1961
-  _globals['_AMENDREPORTREQUEST']._serialized_end=2212
-  _globals['_LISTSTATEMENTSREQUEST']._serialized_start=2214
-  _globals['_LISTSTATEMENTSREQUEST']._serialized_end=2237
-  _globals['_STATEMENTGROUP']._serialized_start=2239
-  _globals['_STATEMENTGROUP']._serialized_end=2302
-  _globals['_LIBRARYSTATEMENT']._serialized_start=2304
-  _globals['_LIBRARYSTATEMENT']._serialized_end=2404
-  _globals['_STATEMENTLIBRARY']._serialized_start=2407
-  _globals['_STATEMENTLIBRARY']._serialized_end=2538
-  _globals['_WORKLIST']._serialized_start=2541
-  _globals['_WORKLIST']._serialized_end=3596
+  _globals['_WATCHWORKLISTREQUEST']._serialized_end=295
+  _globals['_WORKLISTEVENT']._serialized_start=298
+  _globals['_WORKLISTEVENT']._serialized_end=738
+  _globals['_WORKLISTEVENT_TYPE']._serialized_start=533
+  _globals['_WORKLISTEVENT_TYPE']._serialized_end=738
+  _globals['_CLAIM']._serialized_start=740
+  _globals['_CLAIM']._serialized_end=849
+  _globals['_CLAIMNEXTREQUEST']._serialized_start=851
+  _globals['_CLAIMNEXTREQUEST']._serialized_end=892
+  _globals['_CLAIMEXAMREQUEST']._serialized_start=894
+  _globals['_CLAIMEXAMREQUEST']._serialized_end=975
+  _globals['_RENEWCLAIMREQUEST']._serialized_start=977
+  _globals['_RENEWCLAIMREQUEST']._serialized_end=1051
+  _globals['_RELEASECLAIMREQUEST']._serialized_start=1053
+  _globals['_RELEASECLAIMREQUEST']._serialized_end=1106
+  _globals['_RELEASECLAIMRESPONSE']._serialized_start=1108
+  _globals['_RELEASECLAIMRESPONSE']._serialized_end=1130
+  _globals['_GETEXAMDETAILSREQUEST']._serialized_start=1132
+  _globals['_GETEXAMDETAILSREQUEST']._serialized_end=1172
+  _globals['_EXAMDETAILS']._serialized_start=1175
+  _globals['_EXAMDETAILS']._serialized_end=1434
+  _globals['_STREAMOBJECTREQUEST']._serialized_start=1436
+  _globals['_STREAMOBJECTREQUEST']._serialized_end=1493
+  _globals['_OBJECTCHUNK']._serialized_start=1495
+  _globals['_OBJECTCHUNK']._serialized_end=1568
+  _globals['_GETECGWAVEFORMREQUEST']._serialized_start=1570
+  _globals['_GETECGWAVEFORMREQUEST']._serialized_end=1610
+  _globals['_ECGLEAD']._serialized_start=1612
+  _globals['_ECGLEAD']._serialized_end=1655
+  _globals['_ECGWAVEFORM']._serialized_start=1657
+  _globals['_ECGWAVEFORM']._serialized_end=1755
+  _globals['_SAVEREPORTREQUEST']._serialized_start=1758
+  _globals['_SAVEREPORTREQUEST']._serialized_end=1992
+  _globals['_SIGNREPORTREQUEST']._serialized_start=1994
+  _globals['_SIGNREPORTREQUEST']._serialized_end=2045
+  _globals['_AMENDREPORTREQUEST']._serialized_start=2048
+  _globals['_AMENDREPORTREQUEST']._serialized_end=2299
+  _globals['_LISTSTATEMENTSREQUEST']._serialized_start=2301
+  _globals['_LISTSTATEMENTSREQUEST']._serialized_end=2324
+  _globals['_STATEMENTGROUP']._serialized_start=2326
+  _globals['_STATEMENTGROUP']._serialized_end=2389
+  _globals['_LIBRARYSTATEMENT']._serialized_start=2391
+  _globals['_LIBRARYSTATEMENT']._serialized_end=2491
+  _globals['_STATEMENTLIBRARY']._serialized_start=2494
+  _globals['_STATEMENTLIBRARY']._serialized_end=2625
+  _globals['_WORKLIST']._serialized_start=2628
+  _globals['_WORKLIST']._serialized_end=3683
 # @@protoc_insertion_point(module_scope)

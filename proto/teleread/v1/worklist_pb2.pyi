@@ -26,13 +26,15 @@ class ListWorklistResponse(_message.Message):
     def __init__(self, exams: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ...) -> None: ...
 
 class WatchWorklistRequest(_message.Message):
-    __slots__ = ("snapshot_batches",)
+    __slots__ = ("snapshot_batches", "change_batches")
     SNAPSHOT_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     snapshot_batches: bool
-    def __init__(self, snapshot_batches: _Optional[bool] = ...) -> None: ...
+    change_batches: bool
+    def __init__(self, snapshot_batches: _Optional[bool] = ..., change_batches: _Optional[bool] = ...) -> None: ...
 
 class WorklistEvent(_message.Message):
-    __slots__ = ("type", "exam", "event_id", "at", "exams")
+    __slots__ = ("type", "exam", "event_id", "at", "exams", "changes")
     class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         TYPE_UNSPECIFIED: _ClassVar[WorklistEvent.Type]
@@ -44,6 +46,7 @@ class WorklistEvent(_message.Message):
         TYPE_CRITICAL: _ClassVar[WorklistEvent.Type]
         TYPE_SNAPSHOT_END: _ClassVar[WorklistEvent.Type]
         TYPE_SNAPSHOT_BATCH: _ClassVar[WorklistEvent.Type]
+        TYPE_CHANGES: _ClassVar[WorklistEvent.Type]
     TYPE_UNSPECIFIED: WorklistEvent.Type
     TYPE_SNAPSHOT: WorklistEvent.Type
     TYPE_QUEUED: WorklistEvent.Type
@@ -53,17 +56,20 @@ class WorklistEvent(_message.Message):
     TYPE_CRITICAL: WorklistEvent.Type
     TYPE_SNAPSHOT_END: WorklistEvent.Type
     TYPE_SNAPSHOT_BATCH: WorklistEvent.Type
+    TYPE_CHANGES: WorklistEvent.Type
     TYPE_FIELD_NUMBER: _ClassVar[int]
     EXAM_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     EXAMS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
     type: WorklistEvent.Type
     exam: _common_pb2.Exam
     event_id: int
     at: _timestamp_pb2.Timestamp
     exams: _containers.RepeatedCompositeFieldContainer[_common_pb2.Exam]
-    def __init__(self, type: _Optional[_Union[WorklistEvent.Type, str]] = ..., exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., event_id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exams: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ...) -> None: ...
+    changes: _containers.RepeatedCompositeFieldContainer[WorklistEvent]
+    def __init__(self, type: _Optional[_Union[WorklistEvent.Type, str]] = ..., exam: _Optional[_Union[_common_pb2.Exam, _Mapping]] = ..., event_id: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exams: _Optional[_Iterable[_Union[_common_pb2.Exam, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[WorklistEvent, _Mapping]]] = ...) -> None: ...
 
 class Claim(_message.Message):
     __slots__ = ("exam", "fence", "lease_expires_at")
