@@ -7,12 +7,14 @@ synthetic 10 s 12-lead ECGs uploaded by the real upload client (WFDB, 16-bit), h
 half at 1 kHz; the reading station runs in this process against it; one Chromium page
 (1600 x 1000, device scale 1) signs in as a cardiologist. Measured, in the page (``performance.now()``):
 
-- **ECG opened to fully drawn**: from the double-click on the exam's worklist row (which claims it
-  and opens the exam page) until the viewer has drawn all 12 leads and the rhythm strip and the
-  frame after it was painted; each exam opened once (the hub decodes its stored objects on that
-  first open), then left with Esc (released). Target p95 <= 300 ms, at 500 Hz and at 1 kHz.
-- **switching layout, speed or gain**: from the key (Alt+L, Alt+P, Alt+G in turn) until the whole
-  sheet is drawn again and painted. Target p95 <= 100 ms.
+- **ECG opened to drawn**: from the double-click on the exam's worklist row (which claims it
+  and opens the exam page) until the viewer has drawn the sheet in view (all 12 leads and the
+  rhythm strip at 25 mm/s and 10 mm/mV on this page) and the frame after it was painted; each
+  exam opened once (the hub decodes its stored objects on that first open), then left with Esc
+  (released). Target p95 <= 300 ms, at 500 Hz and at 1 kHz.
+- **switching layout, speed or gain**: from the key (Alt+L, Alt+P, Alt+G in turn) until the sheet
+  is laid out again and the part of it in the scroll box (the tiles in view) is drawn and painted;
+  the rest of a sheet larger than the box is painted as it scrolls in. Target p95 <= 100 ms.
 
 - **anchor** (with ``--anchor``, after ``npm ci`` in ``bench/ecg_anchor``: the lockfile pins
   @cornerstonejs/core 5.14.0 and esbuild; nothing comes from a CDN): Cornerstone3D's ECG viewport
@@ -150,6 +152,8 @@ def run(plan: Plan, work: Path) -> tuple[list[Figure], dict[str, Any]]:
 
 
 def _measure(plan: Plan, browser: Any, url: str, exams: dict[int, list[str]]) -> tuple[list[Figure], dict[str, Any]]:
+    from playwright.sync_api import Error as PlaywrightError
+
     # wait_for_function evaluates its predicate, which the station's CSP forbids: this page only bypasses it
     context = browser.new_context(base_url=url, viewport={"width": 1600, "height": 1000}, bypass_csp=True)
     context.add_init_script(OBSERVER)
@@ -165,8 +169,14 @@ def _measure(plan: Plan, browser: Any, url: str, exams: dict[int, list[str]]) ->
         for exam_id in ids:
             row = page.locator(f"tr[data-exam='{exam_id}']")
             row.wait_for(timeout=60_000)  # triaged and queued
-            row.scroll_into_view_if_needed()
-            row.dblclick()
+            for attempt in range(5):  # the worklist redraws its rows as events arrive: find it again
+                try:
+                    row.scroll_into_view_if_needed(timeout=5_000)
+                    row.dblclick(timeout=5_000)
+                    break
+                except PlaywrightError:
+                    if attempt == 4:
+                        raise
             page.wait_for_function(drawn, timeout=30_000, polling="raf")
             opened.setdefault(fs, []).append(float(page.evaluate("window.__ecg.drawn - window.__ecg.opened")))
             page.keyboard.press("Escape")

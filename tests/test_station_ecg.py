@@ -123,13 +123,38 @@ def _geometry(page: Any, testid: str = "ecg-trace") -> dict[str, Any]:
     }
 
 
-def _pixels(page: Any, *, x: int, y: int, w: int, h: int, testid: str = "ecg-trace") -> np.ndarray:
+def _rgba(page: Any, *, x: int, y: int, w: int, h: int, testid: str = "ecg-trace") -> np.ndarray:
     data = page.evaluate(
         """([id, x, y, w, h]) => Array.from(document.querySelector(`[data-testid=${id}]`)
              .getContext('2d').getImageData(x, y, w, h).data)""",
         [testid, x, y, w, h],
     )
-    return np.array(data, dtype=np.uint8).reshape(h, w, 4)[:, :, :3].astype(int)
+    return np.array(data, dtype=np.uint8).reshape(h, w, 4).astype(int)
+
+
+def _pixels(page: Any, *, x: int, y: int, w: int, h: int, testid: str = "ecg-trace") -> np.ndarray:
+    rgba = _rgba(page, x=x, y=y, w=w, h=h, testid=testid)
+    rgba[rgba[:, :, 3] == 0, :3] = 255  # a tile not painted yet (out of view) is blank, not black
+    return rgba[:, :, :3]
+
+
+def _show(page: Any, cell: dict[str, Any], testid: str = "ecg-trace") -> None:
+    """Scroll the sheet as a reader would, so that ``cell`` starts at the top left of the view, and
+    wait for the frame that paints the tiles now in view (only those are drawn)."""
+    page.evaluate(
+        """([id, left, top]) => new Promise((done) => {
+             const canvas = document.querySelector(`[data-testid=${id}]`);
+             const scroller = canvas.closest('.ecg-scroll');
+             const dpr = window.devicePixelRatio || 1;
+             if (scroller) {
+               const c = canvas.getBoundingClientRect(); const s = scroller.getBoundingClientRect();
+               scroller.scrollLeft += c.left - s.left + left / dpr;
+               scroller.scrollTop += c.top - s.top + top / dpr;
+             }
+             requestAnimationFrame(() => requestAnimationFrame(done));
+           })""",
+        [testid, cell["left"], cell["top"]],
+    )
 
 
 def _dark(rgb: np.ndarray) -> np.ndarray:
@@ -142,13 +167,17 @@ def _cell(geometry: dict[str, Any], lead: str, *, rhythm: bool) -> dict[str, Any
 
 def _check_trace(page: Any, cell: dict[str, Any], geometry: dict[str, Any], mv: np.ndarray, fs: float) -> float:
     """The share of columns of ``cell`` whose drawn trace passes within 2 px of the row its sample says."""
+    _show(page, cell)
     top, bottom = cell["top"], cell["bottom"]
     x_start = cell["x0"] + 2
     width = cell["right"] - x_start - 2
-    rgb = _pixels(page, x=x_start, y=top, w=width, h=bottom - top)
-    dark = _dark(rgb)
+    rgba = _rgba(page, x=x_start, y=top, w=width, h=bottom - top)
+    dark = _dark(rgba[:, :, :3])
+    painted = (rgba[:, :, 3] > 0).all(axis=0)  # the columns in view (the others are not drawn yet)
     hits, tried = 0, 0
     for col in range(0, width, 3):
+        if not painted[col]:
+            continue
         t = cell["t0"] + (x_start + col - cell["x0"]) / geometry["px_per_s"]
         i = int(round(t * fs))
         if i >= len(mv):
@@ -162,7 +191,9 @@ def _check_trace(page: Any, cell: dict[str, Any], geometry: dict[str, Any], mv: 
 
 
 def _peaks(page: Any, cell: dict[str, Any], geometry: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """R peaks found in the pixels of a cell: (x of each, its height above the baseline in px)."""
+    """R peaks found in the pixels of a cell (those in view once it is scrolled to): (x of each, its
+    height above the baseline in px)."""
+    _show(page, cell)
     top, bottom = cell["top"], cell["bottom"]
     rgb = _pixels(page, x=cell["x0"], y=top, w=cell["right"] - cell["x0"], h=bottom - top)
     dark = _dark(rgb)
@@ -289,6 +320,33 @@ def test_lead_ii_is_drawn_where_its_samples_say_and_speed_and_gain_scale_it(
     assert np.allclose(np.array(heights20), 2 * np.array(heights10), atol=3)  # twice as tall
     assert _check_trace(page, _cell(g20, "II", rhythm=True), g20, lead_ii, 500.0) >= 0.97
     page.get_by_test_id("viewer").screenshot(path=str(artifacts / "station-ecg-gain-20.png"))
+
+
+def test_a_large_sheet_paints_the_tiles_in_view_and_the_others_as_they_scroll_in(
+    page: Any, stack: Any, tmp_path: Path
+) -> None:
+    exam_id, signal = _synthetic(stack, tmp_path, "normal", seed=46)
+    _open(page, exam_id)
+    before = _draws(page)
+    page.get_by_test_id("ecg-speed").select_option("50")
+    _redrawn(page, before)
+    page.get_by_test_id("ecg-gain").select_option("20")
+    _redrawn(page, before + 1)
+    canvas = page.get_by_test_id("ecg-trace")
+    width, height = page.evaluate(
+        "(() => { const c = document.querySelector('[data-testid=ecg-trace]'); return [c.width, c.height]; })()"
+    )
+    total = -(-width // 512) * -(-height // 512)
+    painted = int(canvas.get_attribute("data-tiles"))
+    assert 0 < painted < total and canvas.get_attribute("data-complete") == "false"  # 2,000 px wide: not all in view
+    g = _geometry(page)
+    rhythm = _cell(g, "II", rhythm=True)
+    end_x, row_y = rhythm["right"] - 20, (rhythm["top"] + rhythm["bottom"]) // 2
+    assert _rgba(page, x=end_x, y=row_y, w=1, h=1)[0, 0, 3] == 0  # the strip's end: out of view, not drawn
+    _show(page, dict(rhythm, left=rhythm["right"] - 400))  # the reader scrolls to the end of the strip
+    assert _rgba(page, x=end_x, y=row_y, w=1, h=1)[0, 0, 3] == 255
+    assert int(canvas.get_attribute("data-tiles")) > painted
+    assert _check_trace(page, rhythm, g, signal[:, 1], 500.0) >= 0.97  # start and end, where the samples say
 
 
 def test_calipers_between_two_r_peaks_read_the_rr_interval_and_march_it_out(

@@ -179,22 +179,63 @@ function pulse(ctx, { x, y, speed, pxPerMv, mmPx, lineWidth }) {
   ctx.stroke();
 }
 
-// One sheet: grid, evidence, pulses, traces, labels. Returns the geometry in device pixels.
-function drawSheet(canvas, ecg, options, marks, { color = COLORS.trace, title = "" } = {}) {
+// One sheet: sized and laid out at once (its geometry, in device pixels), painted by tiles: only
+// the tiles in view (and a margin) are drawn, the others when they scroll into view. Chromium
+// rasterises a canvas's drawing when the frame is painted, so a sheet drawn whole cost its full
+// area (2,000 x 1,800 pixels at 50 mm/s and 20 mm/mV) on every switch of speed or gain.
+const TILE = 512;  // device px
+
+function layoutSheet(canvas, ecg, options, marks, { color = COLORS.trace, title = "" } = {}) {
   const mmPx = devicePxPerMm();
   const p = plan(ecg, options);
   sizeCanvas(canvas, p.width * mmPx, p.height * mmPx);
-  const ctx = canvas.getContext("2d");
-  drawGrid(ctx, canvas.width, canvas.height, mmPx);
   const pxPerS = options.speed * mmPx;
   const pxPerMv = options.gain * mmPx;
-  const dpr = window.devicePixelRatio || 1;
-  const lineWidth = 1.25 * dpr;
   const cells = p.cells.map((c) => ({
     lead: c.lead, row: c.row, rhythm: Boolean(c.rhythm), t0: c.t0, t1: c.t1,
     x0: Math.round(c.x * mmPx), y0: Math.round(c.y * mmPx), left: Math.round(c.x * mmPx),
     right: Math.round((c.x + c.width) * mmPx), top: Math.round(c.top * mmPx), bottom: Math.round((c.top + c.height) * mmPx),
   }));
+  const geometry = { mmPx, pxPerS, pxPerMv, cells, fs: ecg.fs };
+  canvas.dataset.cells = JSON.stringify(cells);
+  canvas.dataset.pxPerS = String(pxPerS); canvas.dataset.pxPerMv = String(pxPerMv); canvas.dataset.mmPx = String(mmPx);
+  canvas.dataset.tiles = "0";
+  const columns = Math.ceil(canvas.width / TILE); const rows = Math.ceil(canvas.height / TILE);
+  return { canvas, ecg, options, marks, color, title, rows: p.rows, geometry, columns, tileRows: rows, painted: new Set() };
+}
+
+// Paint the sheet's tiles that intersect `rect` (device px) and are not painted yet; true if any.
+function paintTiles(sheet, rect) {
+  const { canvas } = sheet;
+  const want = [];
+  const cx0 = Math.max(0, Math.floor(rect.x0 / TILE)); const cx1 = Math.min(sheet.columns - 1, Math.floor((rect.x1 - 1) / TILE));
+  const cy0 = Math.max(0, Math.floor(rect.y0 / TILE)); const cy1 = Math.min(sheet.tileRows - 1, Math.floor((rect.y1 - 1) / TILE));
+  for (let ty = cy0; ty <= cy1; ty += 1) {
+    for (let tx = cx0; tx <= cx1; tx += 1) if (!sheet.painted.has(ty * sheet.columns + tx)) want.push([tx, ty]);
+  }
+  if (!want.length) return false;
+  const ctx = canvas.getContext("2d");
+  ctx.save();
+  ctx.beginPath();
+  for (const [tx, ty] of want) {
+    ctx.rect(tx * TILE, ty * TILE, TILE, TILE);
+    sheet.painted.add(ty * sheet.columns + tx);
+  }
+  ctx.clip();
+  paintSheet(ctx, sheet);
+  ctx.restore();
+  canvas.dataset.tiles = String(sheet.painted.size);
+  canvas.dataset.complete = String(sheet.painted.size === sheet.columns * sheet.tileRows);
+  return true;
+}
+
+// Grid, evidence, pulses, traces and labels (clipped by the caller to the tiles being painted).
+function paintSheet(ctx, sheet) {
+  const { canvas, ecg, options, marks, color, title, geometry: g } = sheet;
+  const { mmPx, pxPerS, pxPerMv, cells } = g;
+  drawGrid(ctx, canvas.width, canvas.height, mmPx);
+  const dpr = window.devicePixelRatio || 1;
+  const lineWidth = 1.25 * dpr;
   // a pause (evidence placed on the trace): shaded where it is, on the rhythm strips
   for (const m of marks.spans) {
     for (const c of cells.filter((cell) => cell.rhythm)) {
@@ -206,7 +247,7 @@ function drawSheet(canvas, ecg, options, marks, { color = COLORS.trace, title = 
       ctx.fillText(`${m.label} ${m.duration.toFixed(2)} s`, a + 3 * dpr, c.bottom - 4 * dpr);
     }
   }
-  for (const r of p.rows) pulse(ctx, { x: 0, y: Math.round(r.base * mmPx), speed: options.speed, pxPerMv, mmPx, lineWidth });
+  for (const r of sheet.rows) pulse(ctx, { x: 0, y: Math.round(r.base * mmPx), speed: options.speed, pxPerMv, mmPx, lineWidth });
   ctx.font = `${11 * dpr}px system-ui, sans-serif`;
   for (const c of cells) {
     const lead = ecg.leads.find((l) => l.name === c.lead);
@@ -230,10 +271,16 @@ function drawSheet(canvas, ecg, options, marks, { color = COLORS.trace, title = 
     ctx.fillStyle = COLORS.label; ctx.font = `bold ${12 * dpr}px system-ui, sans-serif`;
     ctx.fillText(title, canvas.width - ctx.measureText(title).width - 6 * dpr, 14 * dpr);
   }
-  const geometry = { mmPx, pxPerS, pxPerMv, cells, fs: ecg.fs };
-  canvas.dataset.cells = JSON.stringify(cells);
-  canvas.dataset.pxPerS = String(pxPerS); canvas.dataset.pxPerMv = String(pxPerMv); canvas.dataset.mmPx = String(mmPx);
-  return geometry;
+}
+
+// The part of `canvas` in view inside `scroller` and the window, in the canvas's device pixels
+// (the tiles reach past it by up to a tile; a margin of half a view cost 30-50 ms more per switch).
+function inView(canvas, scroller) {
+  const dpr = window.devicePixelRatio || 1;
+  const c = canvas.getBoundingClientRect(); const s = scroller.getBoundingClientRect();
+  const left = Math.max(s.left, 0); const right = Math.min(s.right, window.innerWidth);
+  const top = Math.max(s.top, 0); const bottom = Math.min(s.bottom, window.innerHeight);
+  return { x0: (left - c.left) * dpr, x1: (right - c.left) * dpr, y0: (top - c.top) * dpr, y1: (bottom - c.top) * dpr };
 }
 
 // A zoomed window of one lead: the grid and the trace magnified `factor` times.
@@ -402,6 +449,10 @@ export class EcgViewer {
       zoom: { canvas: this.zoomCanvas, overlay: this.zoomOverlay, geometry: null },
     };
     for (const [name, s] of Object.entries(this.surfaces)) this.bindPointer(name, s);
+    this.paints = 0;
+    this.scroller.addEventListener("scroll", () => this.onScroll(), { passive: true });
+    window.addEventListener("scroll", () => this.onScroll(), { passive: true });
+    new ResizeObserver(() => this.onScroll()).observe(this.scroller);  // shown, or the window resized
     this.setTool("time");
   }
 
@@ -441,19 +492,43 @@ export class EcgViewer {
     const twelve = hasTwelve(ecg);
     this.controls.layout.disabled = !twelve;
     const options = { ...this.options, layout: twelve ? this.options.layout : "stacked" };
-    this.surfaces.main.geometry = drawSheet(this.canvas, ecg, options, this.marks);
+    const main = this.surfaces.main;
+    main.sheet = layoutSheet(this.canvas, ecg, options, this.marks);
+    main.geometry = main.sheet.geometry;
+    const prior = this.surfaces.prior;
     if (this.prior && this.prior.ecg) {
       this.priorSheet.hidden = false;
       const when = this.prior.exam.received_at ? new Date(this.prior.exam.received_at).toLocaleDateString() : "";
-      this.surfaces.prior.geometry = drawSheet(this.priorCanvas, this.prior.ecg, { ...options, layout: hasTwelve(this.prior.ecg) ? this.options.layout : "stacked" },
+      prior.sheet = layoutSheet(this.priorCanvas, this.prior.ecg, { ...options, layout: hasTwelve(this.prior.ecg) ? this.options.layout : "stacked" },
         evidenceMarks(((this.prior.exam.triage || {}).findings)), { color: COLORS.prior, title: `prior ${when}` });
-    } else this.priorSheet.hidden = true;
+      prior.geometry = prior.sheet.geometry;
+    } else { this.priorSheet.hidden = true; prior.sheet = null; }
+    this.paintInView();
     if (this.zoom) this.drawZoomPanel();
     this.drawOverlays();
     this.draws += 1;
     const r = this.root.dataset;
     Object.assign(r, { state: "drawn", draws: String(this.draws), layout: options.layout, speed: String(options.speed),
       gain: String(options.gain), mmPx: String(this.surfaces.main.geometry.mmPx), drawMs: (performance.now() - started).toFixed(1) });
+  }
+
+  // Paint the tiles of the sheets that are in view (after a draw, a scroll or a resize).
+  paintInView() {
+    let painted = false;
+    for (const name of ["main", "prior"]) {
+      const sheet = this.surfaces[name].sheet;
+      if (sheet) painted = paintTiles(sheet, inView(sheet.canvas, this.scroller)) || painted;
+    }
+    return painted;
+  }
+
+  onScroll() {
+    if (this.scrollPending || !this.ecg) return;
+    this.scrollPending = true;
+    requestAnimationFrame(() => {
+      this.scrollPending = false;
+      if (this.paintInView()) { this.paints += 1; this.root.dataset.paints = String(this.paints); }
+    });
   }
 
   drawZoomPanel() {
