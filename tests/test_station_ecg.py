@@ -437,6 +437,7 @@ def test_a_pause_is_marked_where_it_is_and_a_finding_takes_the_reader_there(
     zs = np.nonzero((zrgb[:, 0] - zrgb[:, 2] > 60) & (zrgb[:, 1] - zrgb[:, 2] > 40))[0]
     assert abs(float(t0) + zs.min() / zoom["px_per_s"] - start) <= 0.02  # the zoom shows it magnified
 
+    _show(page, {"left": 0, "top": 0})  # the sheet from its start (pulses and lead names), for the picture
     box = page.get_by_test_id("ecg-trace").bounding_box()  # calipers on the pause, for the picture
     y = box["y"] + rhythm["y0"] - 20
     page.mouse.move(box["x"] + rhythm["x0"] + start * g["px_per_s"], y)

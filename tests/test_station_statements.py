@@ -112,7 +112,7 @@ def test_machine_statements_are_confirmed_statements_added_and_the_signed_report
     hub = _details(stack, exam_id)
     suggested = [s.code for s in hub.suggested_statements]
     assert "rhythm.af_rvr" in suggested and all(s.source == "machine" for s in hub.suggested_statements)
-    hub_rate = hub.exam.triage.ecg.heart_rate_bpm
+    hub_rate, hub_rr = hub.exam.triage.ecg.heart_rate_bpm, hub.exam.triage.ecg.rr_ms
     _open(page, exam_id)
 
     af = _statement(page, "rhythm.af_rvr")
@@ -174,6 +174,7 @@ def test_machine_statements_are_confirmed_statements_added_and_the_signed_report
     assert signed.text == "\n".join([AF_LINE, ST_T_LINE, ABNORMAL_LINE, "Rate about 150 bpm."])
     assert signed.measurements.qrs_ms == 96.0 and list(signed.measurements_edited) == ["qrs_ms"]
     assert abs(signed.measurements.heart_rate_bpm - hub_rate) <= 0.05
+    assert hub_rr > 0 and abs(signed.measurements.rr_ms - hub_rr) <= 0.5  # the RR too: the printed report shows it
 
     out = tmp_path / "results"
     assert main(["results", "pull", "--hub", stack.address, "--token", stack.tokens["site_a"], "--out", str(out)]) == 0

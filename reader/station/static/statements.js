@@ -8,7 +8,7 @@
 import { el } from "./dom.js";
 
 export const MEASUREMENTS = [
-  ["heart_rate_bpm", "Rate", "bpm"], ["pr_ms", "PR", "ms"], ["qrs_ms", "QRS", "ms"], ["qt_ms", "QT", "ms"],
+  ["heart_rate_bpm", "Rate", "bpm"], ["rr_ms", "RR", "ms"], ["pr_ms", "PR", "ms"], ["qrs_ms", "QRS", "ms"], ["qt_ms", "QT", "ms"],
   ["qtc_bazett_ms", "QTc Bazett", "ms"], ["qtc_fridericia_ms", "QTc Fridericia", "ms"],
   ["p_axis_deg", "P axis", "°"], ["qrs_axis_deg", "QRS axis", "°"], ["t_axis_deg", "T axis", "°"],
 ];
