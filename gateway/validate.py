@@ -39,6 +39,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from teleread import ecgio
+from teleread.dicom_index import DicomIndex, index_of
 from teleread.pixels import ensure_decoders
 from teleread.errors import InvalidInput
 from teleread.patient import PatientContext, cleaned, from_wfdb_comments
@@ -110,6 +111,7 @@ class DicomInfo:
     preamble_flag: str | None = None
     patient: PatientContext = field(default=PatientContext(), repr=False)
     patient_dropped: tuple[str, ...] = ()  # the patient fields whose value was invalid (names only)
+    index: DicomIndex = field(default=DicomIndex(), repr=False)  # study and series values for DICOMweb
 
 
 class _ClampedReader(io.BufferedReader):
@@ -246,6 +248,7 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> tupl
         pixel_bytes=pixel_bytes,
         patient=patient,
         patient_dropped=tuple(dropped),
+        index=index_of(ds),
     )
 
 

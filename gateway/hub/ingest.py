@@ -46,7 +46,8 @@ from teleread import lifecycle
 from teleread.events import EventBus, record_event
 from teleread.files import sha256_hex
 from teleread.gateway import validate
-from teleread.gateway.hub import patient_context
+from teleread.dicom_index import DicomIndex
+from teleread.gateway.hub import dicom_index, patient_context
 from teleread.gateway.hub.staging import MAX_CHUNK, Staging
 from teleread.storage import ObjectStore, object_key
 from teleread.patient import PatientContext
@@ -549,6 +550,15 @@ class IngestService:
                 "modality": info.modality or "OT",
                 "study_instance_uid": info.study_instance_uid,
                 "patient": info.patient if first else None,  # only a possible first instance records it
+                "index": info.index,
+                "object": {
+                    "study_instance_uid": info.study_instance_uid,
+                    "instance_number": info.index.instance_number,
+                    "pixel_rows": info.rows,
+                    "pixel_columns": info.columns,
+                    "number_of_frames": info.number_of_frames if info.rows is not None else None,
+                    "transfer_syntax_uid": info.transfer_syntax_uid,
+                },  # fmt: skip
             }
         if role == "wfdb_header":
             self._cpu.run(validate.inspect_wfdb_header, part)
@@ -582,6 +592,7 @@ class IngestService:
             "series_instance_uid": meta.get("series_instance_uid", ""),
             "modality": meta.get("modality", ""),
             "created_at": utcnow(),
+            **dict(meta.get("object") or {}),  # type: ignore[call-overload]
         }
         try:
             with self._engine.begin() as conn:
@@ -667,6 +678,9 @@ class IngestService:
         conn.execute(insert(objects).values(**row))
         cls._mark_upload(conn, upload_id=upload_id, state=UploadStatus.STORED, object_id=str(row["id"]))
         cls._touch_exam(conn, exam_id=str(row["exam_id"]), meta=meta)
+        index = meta.get("index")
+        if isinstance(index, DicomIndex) and row.get("series_instance_uid"):
+            dicom_index.record(conn, row=row, index=index)
         if first is not None:
             patient_context.record_first_instance(conn, exam_id=str(row["exam_id"]), upload_id=upload_id, patient=first)
 

@@ -172,9 +172,55 @@ objects = Table(
     Column("series_instance_uid", String(64), nullable=False, default=""),
     Column("modality", String(16), nullable=False, default=""),
     Column("created_at", UtcDateTime, nullable=False),
+    # A DICOM instance's attributes for DICOMweb queries (None: not given, or not DICOM)
+    Column("study_instance_uid", String(64), nullable=False, default=""),
+    Column("instance_number", Integer, nullable=True),
+    Column("pixel_rows", Integer, nullable=True),
+    Column("pixel_columns", Integer, nullable=True),
+    Column("number_of_frames", Integer, nullable=True),
+    Column("transfer_syntax_uid", String(64), nullable=False, default=""),
     UniqueConstraint("site_id", "sop_instance_uid", name="uq_objects_site_instance"),
     Index("ix_objects_exam", "exam_id"),
     Index("ix_objects_storage_key", "storage_key"),
+    Index("ix_objects_site_series", "site_id", "series_instance_uid"),
+    Index("ix_objects_site_study", "site_id", "study_instance_uid"),
+)
+
+# The DICOM study and series a site's instances belong to, as their first stored instance says
+# (the DICOMweb query index; a study may span several exams of the site: its follow-ups).
+dicom_studies = Table(
+    "dicom_studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("exam_id", String(32), ForeignKey("exams.id"), nullable=False),  # the first exam of the study
+    Column("study_date", String(8), nullable=False, default=""),  # DA, '' when absent or invalid
+    Column("study_time", String(16), nullable=False, default=""),  # TM
+    Column("accession_number", String(16), nullable=False, default=""),
+    Column("study_description", String(64), nullable=False, default=""),
+    Column("study_id", String(16), nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("site_id", "study_instance_uid", name="uq_dicom_studies_site_study"),
+    Index("ix_dicom_studies_site_date", "site_id", "study_date"),
+)
+
+dicom_series = Table(
+    "dicom_series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("site_id", Integer, ForeignKey("sites.id"), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("series_instance_uid", String(64), nullable=False),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("series_number", Integer, nullable=True),
+    Column("series_description", String(64), nullable=False, default=""),
+    Column("body_part_examined", String(16), nullable=False, default=""),
+    Column("series_date", String(8), nullable=False, default=""),
+    Column("series_time", String(16), nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("site_id", "series_instance_uid", name="uq_dicom_series_site_series"),
+    Index("ix_dicom_series_site_study", "site_id", "study_instance_uid"),
 )
 
 conflicts = Table(
