@@ -60,6 +60,15 @@ class GrpcSettings(BaseModel):
     chunk_size: int = 1024 * 1024
 
 
+class HttpSettings(BaseModel):
+    """The hub's HTTP port: DICOMweb under /dicomweb (QIDO-RS), same identities as the gRPC API."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8081  # 0: any free port; -1: no HTTP port
+
+
 class QueueSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -178,6 +187,7 @@ class Settings(BaseSettings):
     cpu_workers: int = -1  # processes for parsing and triage; -1: one per core (max 4); 0: in-thread
     storage: StorageSettings = Field(default_factory=StorageSettings)
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)

@@ -175,14 +175,18 @@ def test_killed_hub_leaves_no_worker_processes(tmp_path: Path) -> None:
     import sys
     import time
 
+    import httpx
     import psutil
 
     env = dict(os.environ, TELEREAD_DATA_DIR=str(tmp_path), TELEREAD_GRPC__PORT="0", TELEREAD_CPU_WORKERS="2")
+    env["TELEREAD_HTTP__PORT"] = "0"
     hub = subprocess.Popen(
         [sys.executable, "-m", "teleread.app.cli", "serve"], env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         assert "listening" in hub.stdout.readline()
+        dicomweb = hub.stdout.readline().split("DICOMweb at ", 1)[1].strip()  # the hub's HTTP port, served
+        assert httpx.get(f"{dicomweb}/studies", timeout=10).status_code == 401  # and closed without a token
         workers = psutil.Process(hub.pid).children()
         assert len(workers) >= 2
     finally:

@@ -134,6 +134,7 @@ class HubProcess:
             **os.environ,
             "TELEREAD_CPU_WORKERS": "0",
             "TELEREAD_LOG_LEVEL": "WARNING",
+            "TELEREAD_HTTP__PORT": "0",  # several hubs run at once in the suite
             "TELEREAD_GRPC__TLS_CERT": str(self.pki / "hub.pem"),
             "TELEREAD_GRPC__TLS_KEY": str(self.pki / "hub.key"),
             "TELEREAD_GRPC__TLS_CA": str(self.pki / "ca.pem"),  # client certificates required

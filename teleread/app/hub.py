@@ -43,6 +43,8 @@ from teleread.models.inference.worker import TriageWorker
 from teleread.reader.hub.directory import Directory
 from teleread.reader.hub.feed import WatchFeed
 from teleread.reader.hub.queue import QueueService
+from teleread.reader.hub.dicomweb import DicomwebServer
+from teleread.reader.hub.dicomweb import create_app as create_dicomweb_app
 from teleread.reader.hub.report_pdfs import ReportPdfService
 from teleread.reader.hub.reports import ReportService
 from teleread.reader.hub.results import ResultsService
@@ -370,17 +372,32 @@ def create_server(hub: Hub, *, host: str | None = None, port: int | None = None)
     return server, server.port
 
 
+def create_dicomweb(hub: Hub) -> DicomwebServer | None:
+    """The hub's HTTP port (DICOMweb), bound and not yet started; None when it is turned off."""
+    cfg = hub.settings.http
+    if cfg.port < 0:
+        return None
+    app = create_dicomweb_app(hub.engine, hub.authenticator.authenticate)
+    return DicomwebServer(app, host=cfg.host, port=cfg.port)
+
+
 def serve(settings: Settings, *, ready: threading.Event | None = None) -> None:
     hub = build_hub(settings)
     server, port = create_server(hub)
     server.start()
     log.info("hub serving", extra={"count": port})
     print(f"teleread hub listening on {settings.grpc.host}:{port}", flush=True)
+    web = create_dicomweb(hub)
+    if web is not None:
+        web.start()
+        print(f"teleread hub DICOMweb at {web.url}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     if ready is not None:
         ready.set()
     stop.wait()
+    if web is not None:
+        web.stop()
     server.stop(grace=5).wait()
     hub.close()

@@ -1,0 +1,125 @@
+"""QIDO-RS at the hub's HTTP port, read with dicomweb-client (PyPI) on both databases: studies,
+series and instances with attribute matching, wildcards, date ranges and paging; another site's
+and another specialty's studies are not reachable; refused queries say why."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import generate_uid
+
+from conftest import HubStack
+from helpers import wait_for_state
+from teleread.reader.hub.dicomweb import DicomwebServer, create_app
+from teleread.v1 import common_pb2, ingest_pb2_grpc
+from test_dicom_index_ingest import _instance
+from test_patient_context import upload
+
+
+@pytest.fixture
+def dicomweb(hub_stack: HubStack) -> Iterator[DicomwebServer]:
+    hub = hub_stack.hub
+    server = DicomwebServer(create_app(hub.engine, hub.authenticator.authenticate), host="127.0.0.1", port=0)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _client(server: DicomwebServer, token: str) -> DICOMwebClient:
+    return DICOMwebClient(url=server.url, headers={"Authorization": f"Bearer {token}"})
+
+
+def _study(stack: HubStack, folder: Path, site: str, *, date: str, name: str, accession: str, slices: int = 2) -> str:
+    study, series = generate_uid(), generate_uid()
+    values = {"StudyDate": date, "AccessionNumber": accession, "StudyDescription": "CT CHEST", "PatientName": name,
+              "PatientID": f"P-{accession}", "SeriesNumber": 4, "SeriesDescription": "Lung"}  # fmt: skip
+    files = [_instance(folder / accession, f"{n}.dcm", study=study, series=series, number=n, **values)
+             for n in range(1, slices + 1)]  # fmt: skip
+    ingest = ingest_pb2_grpc.IngestStub(stack.channel(site))
+    exam = upload(ingest, [(f, "dicom") for f in files], kind=common_pb2.EXAM_KIND_IMAGING, study=study)
+    wait_for_state(ingest, exam.exam_id, "queued")
+    return study
+
+
+def _value(dataset: dict[str, Any], tag: str) -> Any:
+    values = dataset.get(tag, {}).get("Value") or [None]
+    return values[0]
+
+
+def test_studies_series_and_instances_are_found_matched_and_paged(
+    hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
+) -> None:
+    older = _study(hub_stack, tmp_path, "site_a", date="20261201", name="Doe^Jane", accession="ACC-1")
+    newer = _study(hub_stack, tmp_path, "site_a", date="20261203", name="Roe^Richard", accession="ACC-2", slices=3)
+    other_site = _study(hub_stack, tmp_path, "site_b", date="20261202", name="Doe^John", accession="ACC-3")
+    site = _client(dicomweb, hub_stack.tokens["site_a"])
+
+    found = site.search_for_studies()
+    assert [_value(s, "0020000D") for s in found] == [newer, older]  # newest first; not clinic B's
+    first = found[0]
+    assert (_value(first, "00080020"), _value(first, "00080050"), _value(first, "00081030")) == (
+        "20261203", "ACC-2", "CT CHEST",
+    )  # fmt: skip
+    assert _value(first, "00100010") == {"Alphabetic": "Roe^Richard"} and _value(first, "00100020") == "P-ACC-2"
+    assert first["00080061"]["Value"] == ["CT"]
+    assert (_value(first, "00201206"), _value(first, "00201208")) == (1, 3)  # series and instances of the study
+    assert _value(first, "00081190").endswith(f"/dicomweb/studies/{newer}")
+
+    def uids(**filters: Any) -> list[str]:
+        return [_value(s, "0020000D") for s in site.search_for_studies(**filters)]
+
+    assert uids(search_filters={"StudyDate": "20261202-"}) == [newer]
+    assert uids(search_filters={"StudyDate": "-20261202"}) == [older]
+    assert uids(search_filters={"PatientName": "Doe*"}) == [older]
+    assert uids(search_filters={"00080050": "ACC-1"}) == [older]  # by tag as well as by keyword
+    assert uids(search_filters={"ModalitiesInStudy": "MR"}) == []
+    assert uids(search_filters={"StudyInstanceUID": f"{older},{other_site}"}) == [older]
+    assert uids(limit=1) == [newer] and uids(limit=1, offset=1) == [older]
+
+    [series] = site.search_for_series(newer)
+    assert (_value(series, "00080060"), _value(series, "00200011"), _value(series, "0008103E")) == ("CT", 4, "Lung")
+    assert _value(series, "00201209") == 3
+    instances = site.search_for_instances(newer, _value(series, "0020000E"))
+    assert [_value(i, "00200013") for i in instances] == [1, 2, 3]
+    assert {(_value(i, "00280010"), _value(i, "00280011")) for i in instances} == {(128, 128)}
+
+    reader = _client(dicomweb, hub_stack.tokens["radio"])  # county-hosp radiology: both clinics' CTs
+    assert {_value(s, "0020000D") for s in reader.search_for_studies()} == {older, newer, other_site}
+    assert _client(dicomweb, hub_stack.tokens["cardio"]).search_for_studies() == []  # not cardiology's
+
+
+def test_another_sites_study_is_not_reachable_and_bad_queries_say_why(
+    hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
+) -> None:
+    theirs = _study(hub_stack, tmp_path, "site_b", date="20261202", name="Doe^John", accession="ACC-9")
+    site = _client(dicomweb, hub_stack.tokens["site_a"])
+    with pytest.raises(requests.HTTPError) as err:
+        site.search_for_series(theirs)
+    assert err.value.response.status_code == 404  # as if it did not exist
+    assert _client(dicomweb, hub_stack.tokens["cardio_city"]).search_for_studies() == []
+
+    base = dicomweb.url
+    assert httpx.get(f"{base}/studies").status_code == 401
+    assert httpx.get(f"{base}/studies", headers={"Authorization": "Bearer nope"}).status_code == 401
+    admin = {"Authorization": f"Bearer {hub_stack.tokens['admin']}"}
+    assert httpx.get(f"{base}/studies", headers=admin).json()["reason"] == "ROLE_DENIED"
+    auth = {"Authorization": f"Bearer {hub_stack.tokens['site_a']}"}
+    for query, reason in (
+        ("PatientWeight=70", "QIDO_UNKNOWN_ATTRIBUTE"),
+        ("StudyDate=2026-12-02", "QIDO_BAD_DATE"),
+        ("StudyInstanceUID=1.2.abc", "BAD_UID"),
+        ("limit=ten", "QIDO_BAD_PAGING"),
+    ):
+        answer = httpx.get(f"{base}/studies?{query}", headers=auth)
+        assert (answer.status_code, answer.json()["reason"]) == (400, reason), query
+    fuzzy = httpx.get(f"{base}/studies?PatientName=doe&fuzzymatching=true", headers=auth)
+    assert fuzzy.status_code == 200 and "fuzzymatching" in fuzzy.headers["warning"] and fuzzy.json() == []
+    assert httpx.get(f"{base}/studies", headers={**auth, "Accept": "image/png"}).status_code == 406
