@@ -12,6 +12,8 @@ import httpx
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+import pydicom
+from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from conftest import HubStack
@@ -25,7 +27,8 @@ from test_patient_context import upload
 @pytest.fixture
 def dicomweb(hub_stack: HubStack) -> Iterator[DicomwebServer]:
     hub = hub_stack.hub
-    server = DicomwebServer(create_app(hub.engine, hub.authenticator.authenticate), host="127.0.0.1", port=0)
+    app = create_app(hub.engine, hub.authenticator.authenticate, hub.store)
+    server = DicomwebServer(app, host="127.0.0.1", port=0)
     server.start()
     try:
         yield server
@@ -71,7 +74,7 @@ def test_studies_series_and_instances_are_found_matched_and_paged(
     assert _value(first, "00100010") == {"Alphabetic": "Roe^Richard"} and _value(first, "00100020") == "P-ACC-2"
     assert first["00080061"]["Value"] == ["CT"]
     assert (_value(first, "00201206"), _value(first, "00201208")) == (1, 3)  # series and instances of the study
-    assert _value(first, "00081190").endswith(f"/dicomweb/studies/{newer}")
+    assert _value(first, "00081190") == f"/dicomweb/studies/{newer}"
 
     def uids(**filters: Any) -> list[str]:
         return [_value(s, "0020000D") for s in site.search_for_studies(**filters)]
@@ -123,3 +126,80 @@ def test_another_sites_study_is_not_reachable_and_bad_queries_say_why(
     fuzzy = httpx.get(f"{base}/studies?PatientName=doe&fuzzymatching=true", headers=auth)
     assert fuzzy.status_code == 200 and "fuzzymatching" in fuzzy.headers["warning"] and fuzzy.json() == []
     assert httpx.get(f"{base}/studies", headers={**auth, "Accept": "image/png"}).status_code == 406
+
+
+def test_wado_rs_returns_the_stored_instances_and_their_metadata_to_whoever_may_see_them(
+    hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
+) -> None:
+    study = _study(hub_stack, tmp_path, "site_a", date="20261203", name="Roe^Richard", accession="ACC-5", slices=2)
+    site = _client(dicomweb, hub_stack.tokens["site_a"])
+    [series] = site.search_for_series(study)
+    series_uid = _value(series, "0020000E")
+    metadata = site.retrieve_series_metadata(study, series_uid)
+    assert sorted(_value(m, "00200013") for m in metadata) == [1, 2]
+    first = next(m for m in metadata if _value(m, "00200013") == 1)
+    assert _value(first, "00100010") == {"Alphabetic": "Roe^Richard"} and _value(first, "00080050") == "ACC-5"
+    assert "InlineBinary" not in first["7FE00010"] and first["7FE00010"]["BulkDataURI"].endswith("/frames/1")
+    instance_uid = _value(first, "00080018")
+    # from the origin, so that it resolves wherever the browser reaches /dicomweb (the station passes it on)
+    assert first["7FE00010"]["BulkDataURI"].startswith(f"/dicomweb/studies/{study}/series/{series_uid}/")
+
+    stored = site.retrieve_instance(study, series_uid, instance_uid)  # the bytes the hub keeps, as a dataset
+    original = next(
+        pydicom.dcmread(p)
+        for p in (tmp_path / "ACC-5").glob("*.dcm")
+        if pydicom.dcmread(p).SOPInstanceUID == instance_uid
+    )
+    assert stored.SOPInstanceUID == instance_uid and stored.PixelData == original.PixelData
+    assert len(site.retrieve_study(study)) == 2
+
+    theirs = _client(dicomweb, hub_stack.tokens["site_b"])
+    with pytest.raises(requests.HTTPError) as err:
+        theirs.retrieve_instance(study, series_uid, instance_uid)
+    assert err.value.response.status_code == 404 and err.value.response.json()["reason"] == "NO_INSTANCE"
+    with pytest.raises(requests.HTTPError) as err:
+        theirs.retrieve_series_metadata(study, series_uid)
+    assert err.value.response.status_code == 404
+
+
+def test_frames_come_uncompressed_or_as_stored_as_asked(
+    hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
+) -> None:
+    from pydicom.encaps import generate_frames
+    from pydicom.pixels import pixel_array
+
+    ct_study = _study(hub_stack, tmp_path, "site_a", date="20261203", name="Roe^Richard", accession="ACC-6", slices=1)
+    ds = pydicom.dcmread(str(get_testdata_file("MR_small_jp2klossless.dcm")))  # JPEG 2000 lossless
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    mr = tmp_path / "mr.dcm"
+    ds.save_as(mr, enforce_file_format=True)
+    ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
+    exam = upload(ingest, [(mr, "dicom")], kind=common_pb2.EXAM_KIND_IMAGING, study=str(ds.StudyInstanceUID))
+    wait_for_state(ingest, exam.exam_id, "queued")
+    site = _client(dicomweb, hub_stack.tokens["site_a"])
+
+    [ct_series] = site.search_for_series(ct_study)
+    [ct] = site.search_for_instances(ct_study, _value(ct_series, "0020000E"))
+    ct_path = next((tmp_path / "ACC-6").glob("*.dcm"))
+    [frame] = site.retrieve_instance_frames(
+        ct_study, _value(ct_series, "0020000E"), _value(ct, "00080018"), frame_numbers=[1]
+    )
+    assert frame == pydicom.dcmread(ct_path).PixelData  # native: the stored bytes of the frame
+
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    [plain] = site.retrieve_instance_frames(*uids, frame_numbers=[1])  # uncompressed, as asked by default
+    expected = pixel_array(pydicom.dcmread(mr), index=0, raw=True)
+    assert plain == expected.astype(expected.dtype.newbyteorder("<")).tobytes()
+    [as_stored] = site.retrieve_instance_frames(
+        *uids, frame_numbers=[1], media_types=(("application/octet-stream", "*"),)
+    )
+    assert as_stored == next(generate_frames(pydicom.dcmread(mr).PixelData, number_of_frames=1))
+    assert as_stored != plain
+
+    with pytest.raises(requests.HTTPError) as err:
+        site.retrieve_instance_frames(*uids, frame_numbers=[2])
+    assert err.value.response.status_code == 404 and err.value.response.json()["reason"] == "NO_FRAME"
+    with pytest.raises(requests.HTTPError) as err:
+        _client(dicomweb, hub_stack.tokens["site_b"]).retrieve_instance_frames(*uids, frame_numbers=[1])
+    assert err.value.response.status_code == 404

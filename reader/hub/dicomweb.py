@@ -17,7 +17,13 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable
+import uuid
+from typing import Any, BinaryIO, Callable
+
+import pydicom
+import pydicom.dataset
+from pydicom.encaps import generate_frames
+from pydicom.pixels import pixel_array
 
 import uvicorn
 from starlette.applications import Starlette
@@ -28,7 +34,7 @@ from starlette.routing import Route
 
 from teleread.auth import Principal
 from teleread.db.engine import reading
-from teleread.errors import NotFound, TelereadError
+from teleread.errors import InvalidInput, NotFound, TelereadError
 from teleread.reader.hub import qido
 
 log = logging.getLogger("teleread.dicomweb")
@@ -36,6 +42,7 @@ PREFIX = "/dicomweb"
 MEDIA = "application/dicom+json"
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404}
 ACCEPTED = ("application/dicom+json", "application/json", "*/*", "application/*")
+BULK_BYTES = 1024  # a binary value larger than this is bulk data in metadata
 
 
 def _error(exc: TelereadError) -> Response:
@@ -50,8 +57,110 @@ def _accepts(request: Request) -> bool:
     return any(part.split(";")[0].strip() in ACCEPTED for part in header.split(","))
 
 
-def create_app(engine: Any, authenticate: Callable[[str | None], Principal]) -> Starlette:
-    """The DICOMweb routes over ``engine``'s index, callers resolved by ``authenticate``."""
+def _metadata(raw: BinaryIO, url: str) -> dict[str, Any]:
+    """An instance's DICOM JSON without its bulk data: pixel data (and any value over 1 KiB that
+    is bytes) becomes a BulkDataURI under the instance's URL."""
+    ds = pydicom.dcmread(raw, stop_before_pixels=False, defer_size=BULK_BYTES)
+    ds.file_meta = pydicom.dataset.FileMetaDataset()  # the file meta group is not part of the dataset
+
+    def bulk(element: Any) -> str:
+        return f"{url}/bulkdata/{element.tag:08X}"
+
+    out: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=BULK_BYTES, bulk_data_element_handler=bulk)
+    if "7FE00010" in out:  # a frame is retrieved by its number, as viewers ask for it
+        out["7FE00010"] = {"vr": out["7FE00010"].get("vr", "OW"), "BulkDataURI": f"{url}/frames/1"}
+    return out
+
+
+def _multipart(parts: list[bytes], media: str) -> Response:
+    boundary = uuid.uuid4().hex
+    body = (
+        b"".join(
+            b"--" + boundary.encode() + b"\r\nContent-Type: " + media.encode() + b"\r\n\r\n" + part + b"\r\n"
+            for part in parts
+        )
+        + b"--"
+        + boundary.encode()
+        + b"--\r\n"
+    )
+    return Response(body, media_type=f'multipart/related; type="{media}"; boundary={boundary}')
+
+
+def _frame_numbers(text: str, count: int) -> list[int]:
+    try:
+        numbers = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise InvalidInput("WADO: frame numbers are whole numbers", reason="WADO_BAD_FRAME") from None
+    if not numbers or any(n < 1 or n > count for n in numbers):
+        raise NotFound(f"WADO: the instance has {count} frame(s)", reason="NO_FRAME")
+    return numbers
+
+
+def _wants_stored(request: Request) -> bool:
+    """Whether the client takes the frames as stored (``transfer-syntax=*``) rather than uncompressed."""
+    accept = request.headers.get("accept", "").lower().replace(" ", "")
+    return "transfer-syntax=*" in accept
+
+
+def _frames(raw: BinaryIO, numbers_text: str, *, stored: bool) -> tuple[list[bytes], str]:
+    """The frames asked for, as stored (an encapsulated syntax's own bytes, and its media type) or
+    uncompressed (little endian, as PS3.18 8.7.3.5 says: ``application/octet-stream``)."""
+    ds = pydicom.dcmread(raw)
+    syntax = ds.file_meta.TransferSyntaxUID
+    count = int(ds.get("NumberOfFrames") or 1)
+    numbers = _frame_numbers(numbers_text, count)
+    if syntax.is_compressed and stored:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+        return [frames[n - 1] for n in numbers], f"application/octet-stream; transfer-syntax={syntax}"
+    if not syntax.is_compressed:
+        size = len(ds.PixelData) // count
+        return [bytes(ds.PixelData[(n - 1) * size : n * size]) for n in numbers], "application/octet-stream"
+    decoded = [pixel_array(ds, index=n - 1, raw=True) for n in numbers]  # the stored values, not rescaled
+    return [a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in decoded], "application/octet-stream"
+
+
+def create_app(engine: Any, authenticate: Callable[[str | None], Principal], store: Any = None) -> Starlette:
+    """The DICOMweb routes over ``engine``'s index (and ``store``'s objects for WADO-RS), callers
+    resolved by ``authenticate``."""
+
+    def retrieve(request: Request, what: str) -> Response:
+        principal: Principal | None = None
+        try:
+            principal = authenticate(request.headers.get("authorization"))
+            study = request.path_params["study"]
+            series = request.path_params.get("series", "")
+            instance = request.path_params.get("instance", "")
+            with reading(engine) as conn:
+                found = qido.stored_instances(conn, principal, study=study, series=series, instance=instance)
+            if not found:
+                raise NotFound("no such study, series or instance", reason="NO_INSTANCE")
+            base = f"{PREFIX}/studies/{study}"  # from the origin, as the retrieve URLs
+            parts: list[Any] = []
+            for row in found:
+                with store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as raw:
+                    if what == "metadata":
+                        url = f"{base}/series/{row.series_instance_uid}/instances/{row.sop_instance_uid}"
+                        parts.append(_metadata(raw, url))
+                    elif what == "frames":
+                        frames, media = _frames(raw, request.path_params["frames"], stored=_wants_stored(request))
+                        return _multipart(frames, media)
+                    else:
+                        parts.append(raw.read())
+            route = request.scope.get("route")
+            log.info("dicomweb retrieve", extra={"user": principal.name, "route": getattr(route, "path", ""),
+                                                 "count": len(found)})  # fmt: skip
+            if what == "metadata":
+                return Response(json.dumps(parts), media_type=MEDIA)
+            return _multipart(parts, "application/dicom")
+        except TelereadError as exc:
+            route = request.scope.get("route")
+            log.info("dicomweb refused", extra={"user": principal.name if principal else "", "reason": exc.reason,
+                                                "route": getattr(route, "path", "")})  # fmt: skip
+            return _error(exc)
+        except Exception as exc:  # noqa: BLE001 - answered 500; the type is logged, never a value
+            log.error("dicomweb failed", extra={"reason": type(exc).__name__})
+            return Response(json.dumps({"reason": "INTERNAL", "message": "internal error"}), status_code=500,
+                            media_type="application/json")  # fmt: skip
 
     def answer(request: Request, level: str) -> Response:
         started = time.perf_counter()
@@ -63,7 +172,7 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal]) -> 
             study = request.path_params.get("study", "")
             series = request.path_params.get("series", "")
             q = qido.parse(level, list(request.query_params.multi_items()), study=study, series=series)
-            base = f"{str(request.base_url).rstrip('/')}{PREFIX}"
+            base = PREFIX  # URIs from the origin: they resolve wherever the browser reaches /dicomweb
             with reading(engine) as conn:
                 if study and not qido.any_visible(conn, principal, study):
                     raise NotFound("no such study", reason="NO_STUDY")
@@ -92,11 +201,26 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal]) -> 
 
         return endpoint
 
+    def wado(what: str) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            return await run_in_threadpool(retrieve, request, what)
+
+        return endpoint
+
+    study, series, instance = f"{PREFIX}/studies/{{study}}", "/series/{series}", "/instances/{instance}"
+
     return Starlette(
         routes=[
             Route(f"{PREFIX}/studies", route("studies")),
             Route(f"{PREFIX}/studies/{{study}}/series", route("series")),
             Route(f"{PREFIX}/studies/{{study}}/series/{{series}}/instances", route("instances")),
+            Route(f"{study}/metadata", wado("metadata")),
+            Route(f"{study}{series}/metadata", wado("metadata")),
+            Route(f"{study}{series}{instance}/metadata", wado("metadata")),
+            Route(f"{study}{series}{instance}/frames/{{frames}}", wado("frames")),
+            Route(study, wado("instances")),
+            Route(f"{study}{series}", wado("instances")),
+            Route(f"{study}{series}{instance}", wado("instances")),
         ]
     )
 

@@ -335,3 +335,37 @@ def any_visible(conn: Connection, p: Principal, study: str) -> bool:
 
 
 __all__ = ["Query", "parse", "search", "any_visible"]
+
+
+def stored_instances(conn: Connection, p: Principal, *, study: str, series: str = "", instance: str = "") -> list[Any]:
+    """The stored DICOM objects of a study (a series, an instance) that ``p`` may see, in series
+    and instance order: their storage key, digest, size and UIDs, for WADO-RS."""
+    for uid in (study, series, instance):
+        if uid and not _UID.match(uid):
+            raise InvalidInput("WADO: the path holds an invalid UID", reason="BAD_UID")
+    query = (
+        select(
+            objects.c.storage_key,
+            objects.c.sha256,
+            objects.c.size,
+            objects.c.sop_instance_uid,
+            objects.c.series_instance_uid,
+            objects.c.transfer_syntax_uid,
+        )  # fmt: skip
+        .select_from(
+            dicom_studies.join(exams, exams.c.id == dicom_studies.c.exam_id).join(
+                objects,
+                and_(
+                    objects.c.site_id == dicom_studies.c.site_id,
+                    objects.c.study_instance_uid == dicom_studies.c.study_instance_uid,
+                ),
+            )  # fmt: skip
+        )
+        .where(_scope(p), dicom_studies.c.study_instance_uid == study, objects.c.role == "dicom")
+        .order_by(objects.c.series_instance_uid, objects.c.instance_number, objects.c.id)
+    )
+    if series:
+        query = query.where(objects.c.series_instance_uid == series)
+    if instance:
+        query = query.where(objects.c.sop_instance_uid == instance)
+    return list(conn.execute(query).all())

@@ -377,7 +377,7 @@ def create_dicomweb(hub: Hub) -> DicomwebServer | None:
     cfg = hub.settings.http
     if cfg.port < 0:
         return None
-    app = create_dicomweb_app(hub.engine, hub.authenticator.authenticate)
+    app = create_dicomweb_app(hub.engine, hub.authenticator.authenticate, hub.store)
     return DicomwebServer(app, host=cfg.host, port=cfg.port)
 
 
