@@ -203,3 +203,36 @@ def test_frames_come_uncompressed_or_as_stored_as_asked(
     with pytest.raises(requests.HTTPError) as err:
         _client(dicomweb, hub_stack.tokens["site_b"]).retrieve_instance_frames(*uids, frame_numbers=[1])
     assert err.value.response.status_code == 404
+
+
+def test_a_rendered_frame_is_the_window_asked_for_as_ps3_3_computes_it(
+    hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.pixels import apply_modality_lut
+
+    study = _study(hub_stack, tmp_path, "site_a", date="20261203", name="Roe^Richard", accession="ACC-7", slices=1)
+    source = pydicom.dcmread(next((tmp_path / "ACC-7").glob("*.dcm")))
+    site = _client(dicomweb, hub_stack.tokens["site_a"])
+    [series] = site.search_for_series(study)
+    [instance] = site.search_for_instances(study, _value(series, "0020000E"))
+    url = f"{dicomweb.url}/studies/{study}/series/{_value(series, '0020000E')}/instances/{_value(instance, '00080018')}"
+    auth = {"Authorization": f"Bearer {hub_stack.tokens['site_a']}", "Accept": "image/png"}
+    hu = apply_modality_lut(source.pixel_array, source).astype(float)
+
+    def expected(center: float, width: float) -> np.ndarray:  # PS3.3 C.11.2.1.2.1, linear, to 0..255
+        return np.clip(np.rint((((hu - (center - 0.5)) / (width - 1)) + 0.5) * 255), 0, 255).astype(np.uint8)
+
+    shown = {}
+    for center, width in ((40, 400), (-600, 1500)):  # mediastinum, lung
+        answer = httpx.get(f"{url}/frames/1/rendered", params={"window": f"{center},{width},linear"}, headers=auth)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        shown[center] = np.asarray(Image.open(io.BytesIO(answer.content)))
+        assert shown[center].shape == (source.Rows, source.Columns)
+        assert np.array_equal(shown[center], expected(center, width))
+    assert not np.array_equal(shown[40], shown[-600])  # the window changes what is drawn
+    bad = httpx.get(f"{url}/rendered", params={"window": "40"}, headers=auth)
+    assert (bad.status_code, bad.json()["reason"]) == (400, "WADO_BAD_WINDOW")

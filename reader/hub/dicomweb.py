@@ -12,6 +12,7 @@ it carried, never a query's values (they may name a patient).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import socket
@@ -22,6 +23,7 @@ from typing import Any, BinaryIO, Callable
 
 import pydicom
 import pydicom.dataset
+import pydicom.multival
 from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
 
@@ -119,6 +121,60 @@ def _frames(raw: BinaryIO, numbers_text: str, *, stored: bool) -> tuple[list[byt
     return [a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in decoded], "application/octet-stream"
 
 
+def _window(text: str) -> tuple[float, float] | None:
+    """``window=center,width[,function]`` (PS3.18 8.3.5.1.3; only LINEAR), or None when not given."""
+    if not text:
+        return None
+    parts = text.split(",")
+    try:
+        center, width = float(parts[0]), float(parts[1])
+    except (ValueError, IndexError):
+        raise InvalidInput("WADO: window is center,width[,linear]", reason="WADO_BAD_WINDOW") from None
+    if width < 1 or (len(parts) > 2 and parts[2].strip().lower() not in ("linear", "")):
+        raise InvalidInput("WADO: window is center,width[,linear] with a width of 1 or more", reason="WADO_BAD_WINDOW")
+    return center, width
+
+
+def render(ds: Any, index: int, window: tuple[float, float] | None) -> Any:
+    """One frame as 8-bit display values (a numpy array): the modality LUT (rescale), then the
+    window asked for, or the file's first one, or the frame's own range (PS3.3 C.11.2.1.2, linear);
+    MONOCHROME1 inverted; colour frames as they are (RGB)."""
+    import numpy as np
+    from pydicom.pixels import apply_modality_lut
+
+    values = pixel_array(ds, index=index)
+    if int(ds.get("SamplesPerPixel") or 1) > 1:
+        return values.astype(np.uint8) if values.dtype != np.uint8 else values
+    values = apply_modality_lut(values, ds).astype(np.float64)
+    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = ds.WindowCenter, ds.WindowWidth
+        window = (float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center),
+                  float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width))  # fmt: skip
+    if window is None:
+        low, high = float(values.min()), float(values.max())
+        window = ((low + high + 1) / 2, max(1.0, high - low + 1))
+    center, width = window
+    scaled = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255.0 if width > 1 else (values >= center) * 255.0
+    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _rendered(raw: BinaryIO, frame: int, request: Request) -> Response:
+    from PIL import Image
+
+    ds = pydicom.dcmread(raw)
+    count = int(ds.get("NumberOfFrames") or 1)
+    [number] = _frame_numbers(str(frame), count)
+    pixels = render(ds, number - 1, _window(request.query_params.get("window", "")))
+    accept = request.headers.get("accept", "")
+    png = "image/png" in accept or "image/jpeg" not in accept  # PNG unless JPEG is asked for: exact values
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG" if png else "JPEG", quality=90)
+    return Response(buffer.getvalue(), media_type="image/png" if png else "image/jpeg")
+
+
 def create_app(engine: Any, authenticate: Callable[[str | None], Principal], store: Any = None) -> Starlette:
     """The DICOMweb routes over ``engine``'s index (and ``store``'s objects for WADO-RS), callers
     resolved by ``authenticate``."""
@@ -141,6 +197,8 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal], sto
                     if what == "metadata":
                         url = f"{base}/series/{row.series_instance_uid}/instances/{row.sop_instance_uid}"
                         parts.append(_metadata(raw, url))
+                    elif what == "rendered":
+                        return _rendered(raw, int(request.path_params.get("frames") or 1), request)
                     elif what == "frames":
                         frames, media = _frames(raw, request.path_params["frames"], stored=_wants_stored(request))
                         return _multipart(frames, media)
@@ -218,6 +276,8 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal], sto
             Route(f"{study}{series}/metadata", wado("metadata")),
             Route(f"{study}{series}{instance}/metadata", wado("metadata")),
             Route(f"{study}{series}{instance}/frames/{{frames}}", wado("frames")),
+            Route(f"{study}{series}{instance}/rendered", wado("rendered")),
+            Route(f"{study}{series}{instance}/frames/{{frames:int}}/rendered", wado("rendered")),
             Route(study, wado("instances")),
             Route(f"{study}{series}", wado("instances")),
             Route(f"{study}{series}{instance}", wado("instances")),
