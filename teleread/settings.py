@@ -165,6 +165,7 @@ class StationSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     hub: str = "127.0.0.1:50051"  # the hub's gRPC address; the station calls it as the signed-in reader
+    hub_http: str = "http://127.0.0.1:8081"  # the hub's HTTP port: /dicomweb is passed through to it
     idle_minutes: float = Field(default=15.0, gt=0)  # no key or click for this long: signed out
     # TLS for the browser (the hub's certificates from `teleread tls init` will do); cookies are Secure then
     tls_cert: Path | None = None

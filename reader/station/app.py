@@ -34,7 +34,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from teleread.logs import log_context
-from teleread.reader.station import ecg, statements
+from teleread.reader.station import dicomweb, ecg, statements
+from teleread.reader.station.dicomweb import DicomwebProxy
 from teleread.reader.station.hubclient import HubClient, HubError, as_dict
 from teleread.reader.station.sessions import COOKIE, LOGIN_COOKIE, BrowserSession, BrowserSessions
 from teleread.settings import StationSettings
@@ -76,6 +77,7 @@ class Station:
         self.templates = load_templates()
         self.sweep_seconds = SWEEP_SECONDS  # how often idle sessions are looked for
         self._sweeper: asyncio.Task[None] | None = None
+        self.dicomweb = DicomwebProxy(settings.hub_http)
 
     # ---- sessions ----------------------------------------------------------------------------
     def session_of(self, request: Request) -> BrowserSession | None:
@@ -111,6 +113,7 @@ class Station:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.hub.close()
+        await self.dicomweb.close()
 
 
 # ---- middleware ---------------------------------------------------------------------------------
@@ -491,6 +494,7 @@ def create_app(station: Station) -> Starlette:
         Route("/api/exams/{exam_id}/sign", sign, methods=["POST"]),
         Route("/api/exams/{exam_id}/amend", amend, methods=["POST"]),
         Route("/api/exams/{exam_id}/report.pdf", report_pdf),
+        Route("/dicomweb/{path:path}", signed_in(state_changing=False)(dicomweb.forward)),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
         Route("/login", lambda request: RedirectResponse("/")),
     ]
