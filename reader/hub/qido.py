@@ -12,6 +12,7 @@ does not index is refused (``QIDO_UNKNOWN_ATTRIBUTE``), naming it.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -253,7 +254,7 @@ def _counts(conn: Connection, rows: Sequence[Any], level: str) -> dict[tuple[int
     if not rows:
         return out
     if level == "studies":
-        keys = {(r.site_id, r.StudyInstanceUID) for r in rows}
+        keys = {(int(r.site_id), str(r.StudyInstanceUID)) for r in rows}
         uids = sorted({k[1] for k in keys})
         series = conn.execute(
             select(dicom_series.c.site_id, dicom_series.c.study_instance_uid, dicom_series.c.modality).where(
@@ -265,12 +266,17 @@ def _counts(conn: Connection, rows: Sequence[Any], level: str) -> dict[tuple[int
             .where(objects.c.study_instance_uid.in_(uids))
             .group_by(objects.c.site_id, objects.c.study_instance_uid)
         ).all()
+        mods: dict[tuple[int, str], set[str]] = {}
+        n_series: Counter[tuple[int, str]] = Counter()
+        for s in series:
+            key = (int(s.site_id), str(s.study_instance_uid))
+            n_series[key] += 1
+            if s.modality:
+                mods.setdefault(key, set()).add(str(s.modality))
+        n_instances = {(int(site), str(uid)): int(c) for site, uid, c in instances}
         for key in keys:
-            mods = sorted({s.modality for s in series if (s.site_id, s.study_instance_uid) == key and s.modality})
-            n_series = sum(1 for s in series if (s.site_id, s.study_instance_uid) == key)
-            n = next((int(c) for site, uid, c in instances if (site, uid) == key), 0)
-            out[key] = {"ModalitiesInStudy": mods, "NumberOfStudyRelatedSeries": n_series,
-                        "NumberOfStudyRelatedInstances": n}  # fmt: skip
+            out[key] = {"ModalitiesInStudy": sorted(mods.get(key, ())), "NumberOfStudyRelatedSeries": n_series[key],
+                        "NumberOfStudyRelatedInstances": n_instances.get(key, 0)}  # fmt: skip
     elif level == "series":
         uids = sorted({r.SeriesInstanceUID for r in rows})
         counted = conn.execute(
