@@ -310,15 +310,10 @@ def test_a_site_never_receives_the_patient_fields(hub_stack: HubStack, tmp_path:
     )  # fmt: skip
 
 
-def test_of_two_first_instances_stored_at_once_the_first_to_commit_gives_the_patient(hub_stack: HubStack) -> None:
-    """PostgreSQL, read committed: two store transactions of an exam's first instances overlap; the
-    second waits on the exam's row and then sees the first's stored upload, so it leaves the
-    first's values (the rule does not depend on which arrives first at the database)."""
-    import threading
-
+def _receiving_exam_with_two_uploads(hub_stack: HubStack) -> tuple[Any, str, int]:
+    """PostgreSQL only (SQLite serialises write transactions: no overlap to test): an exam still
+    receiving, with two partial uploads (ids 1 and 2); (engine, exam id, site id)."""
     from teleread.db.schema import uploads
-    from teleread.gateway.hub.patient_context import record_first_instance
-    from teleread.patient import PatientContext
 
     if hub_stack.name != "postgres_s3":
         pytest.skip("SQLite serialises write transactions: no overlap to test")
@@ -334,6 +329,20 @@ def test_of_two_first_instances_stored_at_once_the_first_to_commit_gives_the_pat
                     state="partial", created_at=now, updated_at=now,
                 )
             )  # fmt: skip
+    return engine, exam_id, int(site_id)
+
+
+def test_of_two_first_instances_stored_at_once_the_first_to_commit_gives_the_patient(hub_stack: HubStack) -> None:
+    """PostgreSQL, read committed: two store transactions of an exam's first instances overlap; the
+    second waits on the exam's row and then sees the first's stored upload, so it leaves the
+    first's values (the rule does not depend on which arrives first at the database)."""
+    import threading
+
+    from teleread.db.schema import uploads
+    from teleread.gateway.hub.patient_context import record_first_instance
+    from teleread.patient import PatientContext
+
+    engine, exam_id, site_id = _receiving_exam_with_two_uploads(hub_stack)
     first, second = PatientContext(id="FIRST", name="First^One"), PatientContext(id="SECOND", sex="M")
     outcome: dict[str, bool] = {}
     with engine.connect() as one:
@@ -371,26 +380,13 @@ def test_an_objects_store_never_waits_on_another_stream_of_its_exam(hub_stack: H
     from teleread.gateway.hub.patient_context import record_first_instance
     from teleread.patient import PatientContext
 
-    if hub_stack.name != "postgres_s3":
-        pytest.skip("SQLite serialises write transactions: no overlap to test")
-    engine = hub_stack.hub.engine
-    exam_id = _exam_row(hub_stack, patient_id="", received=utcnow(), state="receiving")
-    now = utcnow()
-    with engine.begin() as conn:
-        site_id = conn.execute(select(exams.c.site_id).where(exams.c.id == exam_id)).scalar_one()
-        for n in (1, 2):
-            conn.execute(
-                insert(uploads).values(
-                    id=f"{n:032x}", exam_id=exam_id, site_id=site_id, sha256=f"{n:064x}", size=1, role="dicom",
-                    state="partial", created_at=now, updated_at=now,
-                )
-            )  # fmt: skip
+    engine, exam_id, site_id = _receiving_exam_with_two_uploads(hub_stack)
 
     def object_row(n: int) -> dict[str, object]:
         return {
             "id": f"{n:032x}", "exam_id": exam_id, "site_id": site_id, "role": "dicom", "sha256": f"{n:064x}",
             "size": 1, "storage_key": f"k{n}", "sop_instance_uid": f"1.2.3.{n}", "series_instance_uid": "1.2.3",
-            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "modality": "CT", "created_at": now,
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "modality": "CT", "created_at": utcnow(),
         }  # fmt: skip
 
     first = PatientContext(id="FIRST", name="First^One")

@@ -11,12 +11,9 @@ it carried, never a query's values (they may name a patient).
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
-import socket
-import threading
 import time
 import uuid
 from typing import Any, BinaryIO, Callable
@@ -38,6 +35,7 @@ from teleread.auth import Principal
 from teleread.db.engine import reading
 from teleread.errors import InvalidInput, NotFound, TelereadError
 from teleread.reader.hub import qido
+from teleread.webserver import BackgroundServer, bound_socket
 
 log = logging.getLogger("teleread.dicomweb")
 PREFIX = "/dicomweb"
@@ -179,89 +177,77 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal], sto
     """The DICOMweb routes over ``engine``'s index (and ``store``'s objects for WADO-RS), callers
     resolved by ``authenticate``."""
 
-    def retrieve(request: Request, what: str) -> Response:
+    def guarded(request: Request, work: Callable[[Principal], Response]) -> Response:
+        """``work`` for the caller the request's token names; a typed refusal as its status."""
         principal: Principal | None = None
+        route = getattr(request.scope.get("route"), "path", "")
         try:
             principal = authenticate(request.headers.get("authorization"))
-            study = request.path_params["study"]
-            series = request.path_params.get("series", "")
-            instance = request.path_params.get("instance", "")
-            with reading(engine) as conn:
-                found = qido.stored_instances(conn, principal, study=study, series=series, instance=instance)
-            if not found:
-                raise NotFound("no such study, series or instance", reason="NO_INSTANCE")
-            base = f"{PREFIX}/studies/{study}"  # from the origin, as the retrieve URLs
-            parts: list[Any] = []
-            for row in found:
-                with store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as raw:
-                    if what == "metadata":
-                        url = f"{base}/series/{row.series_instance_uid}/instances/{row.sop_instance_uid}"
-                        parts.append(_metadata(raw, url))
-                    elif what == "rendered":
-                        return _rendered(raw, int(request.path_params.get("frames") or 1), request)
-                    elif what == "frames":
-                        frames, media = _frames(raw, request.path_params["frames"], stored=_wants_stored(request))
-                        return _multipart(frames, media)
-                    else:
-                        parts.append(raw.read())
-            route = request.scope.get("route")
-            log.info("dicomweb retrieve", extra={"user": principal.name, "route": getattr(route, "path", ""),
-                                                 "count": len(found)})  # fmt: skip
-            if what == "metadata":
-                return Response(json.dumps(parts), media_type=MEDIA)
-            return _multipart(parts, "application/dicom")
+            return work(principal)
         except TelereadError as exc:
-            route = request.scope.get("route")
-            log.info("dicomweb refused", extra={"user": principal.name if principal else "", "reason": exc.reason,
-                                                "route": getattr(route, "path", "")})  # fmt: skip
+            user = principal.name if principal else ""
+            log.info("dicomweb refused", extra={"user": user, "reason": exc.reason, "route": route})
             return _error(exc)
         except Exception as exc:  # noqa: BLE001 - answered 500; the type is logged, never a value
-            log.error("dicomweb failed", extra={"reason": type(exc).__name__})
+            log.error("dicomweb failed", extra={"reason": type(exc).__name__, "route": route})
             return Response(json.dumps({"reason": "INTERNAL", "message": "internal error"}), status_code=500,
                             media_type="application/json")  # fmt: skip
 
-    def answer(request: Request, level: str) -> Response:
+    def retrieve(request: Request, what: str, principal: Principal) -> Response:
+        study = request.path_params["study"]
+        series = request.path_params.get("series", "")
+        instance = request.path_params.get("instance", "")
+        with reading(engine) as conn:
+            found = qido.stored_instances(conn, principal, study=study, series=series, instance=instance)
+        if not found:
+            raise NotFound("no such study, series or instance", reason="NO_INSTANCE")
+        base = f"{PREFIX}/studies/{study}"  # from the origin, as the retrieve URLs
+        parts: list[Any] = []
+        for row in found:
+            with store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as raw:
+                if what == "metadata":
+                    url = f"{base}/series/{row.series_instance_uid}/instances/{row.sop_instance_uid}"
+                    parts.append(_metadata(raw, url))
+                elif what == "rendered":
+                    return _rendered(raw, int(request.path_params.get("frames") or 1), request)
+                elif what == "frames":
+                    frames, media = _frames(raw, request.path_params["frames"], stored=_wants_stored(request))
+                    return _multipart(frames, media)
+                else:
+                    parts.append(raw.read())
+        route = getattr(request.scope.get("route"), "path", "")
+        log.info("dicomweb retrieve", extra={"user": principal.name, "route": route, "count": len(found)})
+        if what == "metadata":
+            return Response(json.dumps(parts), media_type=MEDIA)
+        return _multipart(parts, "application/dicom")
+
+    def answer(request: Request, level: str, principal: Principal) -> Response:
         started = time.perf_counter()
-        principal: Principal | None = None
-        try:
-            if not _accepts(request):
-                return Response(status_code=406)
-            principal = authenticate(request.headers.get("authorization"))
-            study = request.path_params.get("study", "")
-            series = request.path_params.get("series", "")
-            q = qido.parse(level, list(request.query_params.multi_items()), study=study, series=series)
-            base = PREFIX  # URIs from the origin: they resolve wherever the browser reaches /dicomweb
-            with reading(engine) as conn:
-                if study and not qido.any_visible(conn, principal, study):
-                    raise NotFound("no such study", reason="NO_STUDY")
-                found = qido.search(conn, principal, q, base_url=base)
-            headers = {"Warning": '299 teleread "fuzzymatching is not supported"'} if q.fuzzy else {}
-            route = request.scope.get("route")
-            log.info(
-                "dicomweb query",
-                extra={"user": principal.name, "route": getattr(route, "path", ""), "count": len(found),
-                       "duration_ms": round((time.perf_counter() - started) * 1000, 1)},
-            )  # fmt: skip
-            return Response(json.dumps(found), media_type=MEDIA, headers=headers)
-        except TelereadError as exc:
-            route = request.scope.get("route")
-            log.info("dicomweb refused", extra={"user": principal.name if principal else "", "reason": exc.reason,
-                                                "route": getattr(route, "path", "")})  # fmt: skip
-            return _error(exc)
-        except Exception as exc:  # noqa: BLE001 - answered 500; the type is logged, never a value
-            log.error("dicomweb failed", extra={"reason": type(exc).__name__})
-            return Response(json.dumps({"reason": "INTERNAL", "message": "internal error"}), status_code=500,
-                            media_type="application/json")  # fmt: skip
+        study = request.path_params.get("study", "")
+        series = request.path_params.get("series", "")
+        q = qido.parse(level, list(request.query_params.multi_items()), study=study, series=series)
+        with reading(engine) as conn:
+            if study and not qido.any_visible(conn, principal, study):
+                raise NotFound("no such study", reason="NO_STUDY")
+            found = qido.search(conn, principal, q, base_url=PREFIX)  # URIs from the origin
+        headers = {"Warning": '299 teleread "fuzzymatching is not supported"'} if q.fuzzy else {}
+        route = getattr(request.scope.get("route"), "path", "")
+        took = round((time.perf_counter() - started) * 1000, 1)
+        log.info("dicomweb query", extra={"user": principal.name, "route": route, "count": len(found),
+                                          "duration_ms": took})  # fmt: skip
+        return Response(json.dumps(found), media_type=MEDIA, headers=headers)
 
     def route(level: str) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
-            return await run_in_threadpool(answer, request, level)
+            if not _accepts(request):
+                return Response(status_code=406)
+            return await run_in_threadpool(guarded, request, lambda p: answer(request, level, p))
 
         return endpoint
 
     def wado(what: str) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
-            return await run_in_threadpool(retrieve, request, what)
+            return await run_in_threadpool(guarded, request, lambda p: retrieve(request, what, p))
 
         return endpoint
 
@@ -289,46 +275,20 @@ class DicomwebServer:
     """The hub's HTTP port on a background thread, bound before :meth:`start` returns."""
 
     def __init__(self, app: Starlette, *, host: str, port: int) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        sock = bound_socket(host, port)
         self.host = host
-        self.port = int(self._sock.getsockname()[1])
-        self._app = app
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(app, access_log=False, log_config=None, lifespan="off", ws="none",
+                                timeout_graceful_shutdown=2)  # fmt: skip
+        self._background = BackgroundServer(sock, lambda: uvicorn.Server(config), name="dicomweb")
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}{PREFIX}"
 
     def start(self) -> DicomwebServer:
-        ready = threading.Event()
-        config = uvicorn.Config(
-            self._app, access_log=False, log_config=None, lifespan="off", ws="none", timeout_graceful_shutdown=2
-        )
-        self._server = uvicorn.Server(config)
-
-        def run() -> None:
-            async def main() -> None:
-                assert self._server is not None
-                task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-                while not self._server.started and not task.done():
-                    await asyncio.sleep(0.01)
-                ready.set()
-                await task
-
-            asyncio.run(main())
-
-        self._thread = threading.Thread(target=run, name="dicomweb", daemon=True)
-        self._thread.start()
-        if not ready.wait(20):
-            raise RuntimeError("the DICOMweb port did not start")
+        self._background.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self._sock.close()
+        self._background.stop()

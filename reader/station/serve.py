@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import socket
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +17,7 @@ import uvicorn
 from teleread.reader.station.app import Station, create_app
 from teleread.reader.station.hubclient import HubClient
 from teleread.settings import StationSettings
+from teleread.webserver import BackgroundServer, bound_socket
 
 log = logging.getLogger("teleread.station")
 
@@ -53,15 +52,16 @@ class StationServer:
     """The station on a background thread, bound before :meth:`start` returns."""
 
     def __init__(self, settings: StationSettings, *, clock: Callable[[], float] | None = None) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((settings.host, settings.port))
-        self.port = int(self._sock.getsockname()[1])
+        sock = bound_socket(settings.host, settings.port)
+        self.port = int(sock.getsockname()[1])
         self.settings = settings.model_copy(update={"port": self.port})
         self._clock = clock
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
         self.station: Station | None = None
+        self._background = BackgroundServer(sock, self._make, name="station")
+
+    def _make(self) -> uvicorn.Server:  # on the server's loop: the station's tasks live there
+        self.station = build_station(self.settings, clock=self._clock)
+        return uvicorn.Server(_config(self.settings, create_app(self.station)))
 
     @property
     def url(self) -> str:
@@ -69,32 +69,11 @@ class StationServer:
         return f"{scheme}://{self.settings.host}:{self.port}"
 
     def start(self) -> StationServer:
-        ready = threading.Event()
-
-        def run() -> None:
-            async def main() -> None:
-                self.station = build_station(self.settings, clock=self._clock)
-                self._server = uvicorn.Server(_config(self.settings, create_app(self.station)))
-                task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-                while not self._server.started and not task.done():
-                    await asyncio.sleep(0.01)
-                ready.set()
-                await task
-
-            asyncio.run(main())
-
-        self._thread = threading.Thread(target=run, name="station", daemon=True)
-        self._thread.start()
-        if not ready.wait(20):
-            raise RuntimeError("the station did not start")
+        self._background.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self._sock.close()
+        self._background.stop()
 
 
 def serve(settings: StationSettings) -> None:
