@@ -97,6 +97,34 @@ class HubStack:
         self.channels.append(ch)
         return ch
 
+    def close(self) -> None:
+        """Close its channels, stop the server, close the hub."""
+        for ch in self.channels:
+            ch.close()
+        self.server.stop(grace=None).wait(10)
+        self.hub.close()
+
+
+def running(stack: HubStack) -> Iterator[HubStack]:
+    """Yield a started stack, then close it (a fixture's body)."""
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+READER_PASSWORD = "correct horse battery"
+
+
+def signed_in_stack(folder: Path, users: tuple[str, ...]) -> HubStack:
+    """An embedded hub whose ``users`` (principal names) sign in with :data:`READER_PASSWORD`."""
+    from teleread.signin import set_password
+
+    stack = start_stack("embedded", make_settings(folder))
+    for name in users:
+        set_password(stack.hub.engine, name=name, password=READER_PASSWORD)
+    return stack
+
 
 def make_settings(
     tmp: Path, *, database_url: str = "", s3: Any = None, bucket: str = "teleread", cpu_workers: int = 0
@@ -151,14 +179,13 @@ def hub_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubSta
         s3 = request.getfixturevalue("s3_server")
         bucket = request.getfixturevalue("s3_bucket")
         settings = make_settings(tmp_path, database_url=pg_url, s3=s3, bucket=bucket, cpu_workers=1)
-    stack = start_stack(request.param, settings)
-    try:
-        yield stack
-    finally:
-        for ch in stack.channels:
-            ch.close()
-        stack.server.stop(grace=None)
-        stack.hub.close()
+    yield from running(start_stack(request.param, settings))
+
+
+@pytest.fixture
+def pg_stack(tmp_path: Path, pg_url: str) -> Iterator[HubStack]:
+    """The hub on PostgreSQL only: for what SQLite cannot show (write transactions that overlap)."""
+    yield from running(start_stack("postgres", make_settings(tmp_path, database_url=pg_url)))
 
 
 @pytest.fixture
@@ -180,14 +207,7 @@ def scp(tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def embedded_stack(tmp_path: Path) -> Iterator[HubStack]:
-    stack = start_stack("embedded", make_settings(tmp_path))
-    try:
-        yield stack
-    finally:
-        for ch in stack.channels:
-            ch.close()
-        stack.server.stop(grace=None)
-        stack.hub.close()
+    yield from running(start_stack("embedded", make_settings(tmp_path)))
 
 
 @pytest.fixture(autouse=True)

@@ -311,12 +311,9 @@ def test_a_site_never_receives_the_patient_fields(hub_stack: HubStack, tmp_path:
 
 
 def _receiving_exam_with_two_uploads(hub_stack: HubStack) -> tuple[Any, str, int]:
-    """PostgreSQL only (SQLite serialises write transactions: no overlap to test): an exam still
-    receiving, with two partial uploads (ids 1 and 2); (engine, exam id, site id)."""
+    """An exam still receiving, with two partial uploads (ids 1 and 2); (engine, exam id, site id)."""
     from teleread.db.schema import uploads
 
-    if hub_stack.name != "postgres_s3":
-        pytest.skip("SQLite serialises write transactions: no overlap to test")
     engine = hub_stack.hub.engine
     exam_id = _exam_row(hub_stack, patient_id="", received=utcnow(), state="receiving")
     now = utcnow()
@@ -332,17 +329,18 @@ def _receiving_exam_with_two_uploads(hub_stack: HubStack) -> tuple[Any, str, int
     return engine, exam_id, int(site_id)
 
 
-def test_of_two_first_instances_stored_at_once_the_first_to_commit_gives_the_patient(hub_stack: HubStack) -> None:
-    """PostgreSQL, read committed: two store transactions of an exam's first instances overlap; the
-    second waits on the exam's row and then sees the first's stored upload, so it leaves the
-    first's values (the rule does not depend on which arrives first at the database)."""
+def test_of_two_first_instances_stored_at_once_the_first_to_commit_gives_the_patient(pg_stack: HubStack) -> None:
+    """PostgreSQL (SQLite serialises write transactions: nothing overlaps there), read committed:
+    two store transactions of an exam's first instances overlap; the second waits on the exam's
+    row and then sees the first's stored upload, so it leaves the first's values (the rule does
+    not depend on which arrives first at the database)."""
     import threading
 
     from teleread.db.schema import uploads
     from teleread.gateway.hub.patient_context import record_first_instance
     from teleread.patient import PatientContext
 
-    engine, exam_id, site_id = _receiving_exam_with_two_uploads(hub_stack)
+    engine, exam_id, site_id = _receiving_exam_with_two_uploads(pg_stack)
     first, second = PatientContext(id="FIRST", name="First^One"), PatientContext(id="SECOND", sex="M")
     outcome: dict[str, bool] = {}
     with engine.connect() as one:
@@ -367,12 +365,12 @@ def test_of_two_first_instances_stored_at_once_the_first_to_commit_gives_the_pat
     assert PatientContext.from_row(dict(row._mapping)) == first
 
 
-def test_an_objects_store_never_waits_on_another_stream_of_its_exam(hub_stack: HubStack) -> None:
-    """PostgreSQL: every stored object's transaction references the exam's row (the object's foreign
-    key takes a KEY SHARE lock on it) and the possible first instance then locks that row. Locking it
-    FOR UPDATE waited on each other stream's open transaction, and two of them deadlocked (a 16-slice
-    CT over 4 streams took 13-15 s instead of 0.6 s); the store must lock only what the others' key
-    checks let through."""
+def test_an_objects_store_never_waits_on_another_stream_of_its_exam(pg_stack: HubStack) -> None:
+    """PostgreSQL (SQLite serialises write transactions: nothing overlaps there). Every stored object's
+    transaction references the exam's row (the object's foreign key takes a KEY SHARE lock on it)
+    and the possible first instance then locks that row. Locking it FOR UPDATE waited on each other
+    stream's open transaction, and two of them deadlocked (a 16-slice CT over 4 streams took 13-15 s
+    instead of 0.6 s); the store must lock only what the others' key checks let through."""
     import threading
 
     from teleread.db.schema import objects, uploads
@@ -380,7 +378,7 @@ def test_an_objects_store_never_waits_on_another_stream_of_its_exam(hub_stack: H
     from teleread.gateway.hub.patient_context import record_first_instance
     from teleread.patient import PatientContext
 
-    engine, exam_id, site_id = _receiving_exam_with_two_uploads(hub_stack)
+    engine, exam_id, site_id = _receiving_exam_with_two_uploads(pg_stack)
 
     def object_row(n: int) -> dict[str, object]:
         return {

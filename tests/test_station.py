@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import make_settings, start_stack
+from conftest import READER_PASSWORD, make_settings, running, signed_in_stack, start_stack
 from helpers import copy_testdata, wait_for, wait_for_state, write_synthetic_wfdb
 from teleread.app.cli import main
 from teleread.gateway.uploader.client import scan_paths, upload_exams
@@ -26,7 +26,7 @@ from teleread.signin import set_password
 from teleread.v1 import ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
-PASSWORD = "correct horse battery"
+PASSWORD = READER_PASSWORD
 
 
 class FakeMonotonic:
@@ -39,21 +39,13 @@ class FakeMonotonic:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    stack = start_stack("embedded", make_settings(tmp_path_factory.mktemp("station-hub")))
-    for name in ("dr-heart", "dr-city", "tech-a", "dr-lung"):
-        set_password(stack.hub.engine, name=name, password=PASSWORD)
+    stack = signed_in_stack(tmp_path_factory.mktemp("station-hub"), ("dr-heart", "dr-city", "tech-a", "dr-lung"))
     # A hub in service has its triage models loaded: one ECG through triage first.
     folder = tmp_path_factory.mktemp("warm-up")
     write_synthetic_wfdb(folder, rhythm="normal", name="ecg-warm-up", seed=9)
     warm = _upload(stack, folder, who="site_b")
     wait_for_state(ingest_pb2_grpc.IngestStub(stack.channel("site_b")), warm, "queued")
-    try:
-        yield stack
-    finally:
-        for ch in stack.channels:
-            ch.close()
-        stack.server.stop(grace=None)
-        stack.hub.close()
+    yield from running(stack)
 
 
 @pytest.fixture(scope="module")
@@ -384,8 +376,7 @@ def test_with_the_hubs_certificates_the_station_serves_https_and_talks_tls_to_th
             httpx.get(station.url.replace("https://", "http://") + "/api/session", timeout=5)
     finally:
         station.stop()
-        hub.server.stop(grace=None)
-        hub.hub.close()
+        hub.close()
 
 
 def test_the_patient_is_shown_to_the_reader_and_never_logged_by_the_station(

@@ -10,21 +10,18 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import make_settings, start_stack
+from conftest import READER_PASSWORD, signed_in_stack
 from teleread.reader.hub.dicomweb import DicomwebServer, create_app
 from teleread.reader.station.serve import StationServer
 from teleread.settings import StationSettings
-from teleread.signin import set_password
 from test_dicomweb_qido import _study, _value
 
-PASSWORD = "correct horse battery"
+PASSWORD = READER_PASSWORD
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, StationServer]]:
-    stack = start_stack("embedded", make_settings(tmp_path_factory.mktemp("dicomweb-hub")))
-    for name in ("dr-lung", "dr-heart"):
-        set_password(stack.hub.engine, name=name, password=PASSWORD)
+    stack = signed_in_stack(tmp_path_factory.mktemp("dicomweb-hub"), ("dr-lung", "dr-heart"))
     web = DicomwebServer(create_app(stack.hub.engine, stack.hub.authenticator.authenticate, stack.hub.store),
                          host="127.0.0.1", port=0).start()  # fmt: skip
     station = StationServer(StationSettings(port=0, hub=stack.address, hub_http=f"http://127.0.0.1:{web.port}")).start()
@@ -33,10 +30,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Stat
     finally:
         station.stop()
         web.stop()
-        for ch in stack.channels:
-            ch.close()
-        stack.server.stop(grace=None)
-        stack.hub.close()
+        stack.close()
 
 
 def _signed_in(station: StationServer, user: str) -> httpx.Client:

@@ -21,33 +21,23 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import make_settings, start_stack
+from conftest import READER_PASSWORD, running, signed_in_stack
 from helpers import copy_testdata, error_reason, wait_for, wait_for_state, write_synthetic_wfdb
 from teleread.gateway.uploader.client import scan_paths, upload_exams
 from teleread.models.inference.synthetic import synthetic_ecg, synthetic_r_peaks, write_wfdb_record
 from teleread.reader.station.serve import StationServer
 from teleread.settings import StationSettings
-from teleread.signin import set_password
 from teleread.v1 import ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
-PASSWORD = "correct horse battery"
+PASSWORD = READER_PASSWORD
 LABEL_PX = 16  # the lead's name at the top of each cell (at device scale 1)
 CALIBRATION = 4.0  # device px per mm set in the browser before the page loads
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    stack = start_stack("embedded", make_settings(tmp_path_factory.mktemp("ecg-hub")))
-    for name in ("dr-heart", "dr-city", "dr-lung"):
-        set_password(stack.hub.engine, name=name, password=PASSWORD)
-    try:
-        yield stack
-    finally:
-        for ch in stack.channels:
-            ch.close()
-        stack.server.stop(grace=None)
-        stack.hub.close()
+    yield from running(signed_in_stack(tmp_path_factory.mktemp("ecg-hub"), ("dr-heart", "dr-city", "dr-lung")))
 
 
 @pytest.fixture(scope="module")

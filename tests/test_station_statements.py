@@ -18,17 +18,16 @@ from typing import Any
 import grpc
 import pytest
 
-from conftest import make_settings, start_stack
+from conftest import READER_PASSWORD, running, signed_in_stack
 from helpers import error_reason, wait_for_state, write_synthetic_wfdb
 from teleread.app.cli import main
 from teleread.gateway.uploader.client import scan_paths, upload_exams
 from teleread.reader.station.serve import StationServer
 from teleread.settings import StationSettings
-from teleread.signin import set_password
 from teleread.v1 import common_pb2, ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
-PASSWORD = "correct horse battery"
+PASSWORD = READER_PASSWORD
 AF_LINE = "心房颤动伴快速心室率（Atrial fibrillation with rapid ventricular response）"
 ST_T_LINE = "非特异性ST-T改变（Nonspecific ST-T changes）"
 ABNORMAL_LINE = "异常心电图（Abnormal ECG）"
@@ -36,15 +35,7 @@ ABNORMAL_LINE = "异常心电图（Abnormal ECG）"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    stack = start_stack("embedded", make_settings(tmp_path_factory.mktemp("statements-hub")))
-    set_password(stack.hub.engine, name="dr-heart", password=PASSWORD)
-    try:
-        yield stack
-    finally:
-        for ch in stack.channels:
-            ch.close()
-        stack.server.stop(grace=None)
-        stack.hub.close()
+    yield from running(signed_in_stack(tmp_path_factory.mktemp("statements-hub"), ("dr-heart",)))
 
 
 @pytest.fixture(scope="module")

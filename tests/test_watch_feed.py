@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 from sqlalchemy import event, func, select
 
-from conftest import HubStack, make_settings, start_stack
+from conftest import HubStack, make_settings, running, start_stack
 from helpers import error_reason, run_coroutine, wait_for
 from teleread.db.engine import utcnow
 from teleread.db.schema import events, sites
@@ -106,21 +106,10 @@ def test_one_feed_reads_the_events_for_every_stream(embedded_stack: HubStack) ->
         call.cancel()
 
 
-def _running(stack: HubStack) -> Iterator[HubStack]:
-    """Yield a started stack, then close its channels, server and hub."""
-    try:
-        yield stack
-    finally:
-        for ch in stack.channels:
-            ch.close()
-        stack.server.stop(grace=None).wait(10)
-        stack.hub.close()
-
-
 @pytest.fixture
 def unpolled_stack(tmp_path: Path) -> Iterator[HubStack]:
     """An embedded hub whose feed does not poll during a test: only wake-ups make it read."""
-    yield from _running(start_stack("embedded", make_settings(tmp_path).updated(grpc__watch_poll_seconds=30.0)))
+    yield from running(start_stack("embedded", make_settings(tmp_path).updated(grpc__watch_poll_seconds=30.0)))
 
 
 def test_no_read_without_a_watcher_and_no_checkout_per_read(unpolled_stack: HubStack) -> None:
@@ -191,11 +180,6 @@ def test_results_watchers_get_their_sites_results_in_order_once(embedded_stack: 
     assert error_reason(denied.value) == "ROLE_DENIED"
     for call in (early, live, later):
         call.cancel()
-
-
-@pytest.fixture
-def pg_stack(tmp_path: Path, pg_url: str) -> Iterator[HubStack]:
-    yield from _running(start_stack("postgres", make_settings(tmp_path, database_url=pg_url)))
 
 
 def test_an_event_committed_after_a_later_one_is_delivered_once(pg_stack: HubStack) -> None:
