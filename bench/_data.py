@@ -77,7 +77,8 @@ def _set_uids(ds: Dataset, *, study: str, series: str) -> str:
 
 
 def _save(ds: Dataset, path: Path) -> None:
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if not ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian).is_compressed:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -163,3 +164,94 @@ def folder_bytes(paths: list[Path]) -> int:
         files = path.rglob("*") if path.is_dir() else [path]
         total += sum(f.stat().st_size for f in files if f.is_file())
     return total
+
+
+# ---- phantoms: images a person can look at (the viewer's tests and benchmark) -------------------
+def phantom_slice(number: int, side: int) -> np.ndarray:
+    """One int16 CT slice in HU: air, a body of soft tissue with a smooth gradient, two lungs, a
+    spine, and a marker disc whose position around the body tells the slice's number."""
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side - 0.5
+    hu = np.full((side, side), -1000.0, np.float32)
+    body = (x / 0.45) ** 2 + (y / 0.34) ** 2 <= 1
+    hu[body] = 20.0 + 60.0 * (x[body] + 0.5)  # soft tissue, 20..80 HU across the body
+    for cx in (-0.2, 0.2):
+        lung = ((x - cx) / 0.14) ** 2 + ((y + 0.02) / 0.2) ** 2 <= 1
+        hu[lung] = -870.0 + 120.0 * (y[lung] + 0.5)  # lungs, denser towards the back
+    hu[(x**2 + (y - 0.22) ** 2) <= 0.05**2] = 700.0  # the spine
+    angle = 2 * np.pi * (number % 36) / 36
+    hu[((x - 0.33 * np.cos(angle)) ** 2 + (y - 0.25 * np.sin(angle)) ** 2) <= 0.03**2] = 300.0
+    return np.round(hu).astype(np.int16)
+
+
+def write_phantom_ct(folder: Path, *, slices: int, side: int = CT_SIDE, patient: str = "PHANTOM-CT",
+                     study: str | None = None, date: str = "20261203", description: str = "CT CHEST") -> list[Path]:  # fmt: skip
+    """One CT study of ``slices`` phantom slices (one series, explicit VR little endian, HU stored
+    as signed 16-bit with an identity rescale); returns the files in slice order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = _ct_template()
+    ds.PatientID, ds.PatientName, ds.StudyDate, ds.SeriesDate = patient, "Phantom^CT", date, date
+    ds.StudyDescription, ds.SeriesDescription, ds.SeriesNumber = description, "Axial 5mm", 2
+    ds.Rows = ds.Columns = side
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    study, series = study or generate_uid(), generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PixelSpacing = [round(350.0 / side, 4)] * 2
+    paths = []
+    for number in range(1, slices + 1):
+        _set_uids(ds, study=study, series=series)
+        z = -number * SLICE_MM
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = [-175.0, -175.0, z]
+        ds.SliceLocation = z
+        ds.PixelData = phantom_slice(number, side).tobytes()
+        paths.append(folder / f"ct-{number:05d}.dcm")
+        _save(ds, paths[-1])
+    return paths
+
+
+def phantom_chest(rows: int, columns: int, *, noise: int = 0, seed: int = 7) -> np.ndarray:
+    """A uint16 (12-bit) frontal chest radiograph phantom: bright mediastinum and bone, dark lungs;
+    ``noise`` adds that much uniform noise (a realistic compressed size)."""
+    y, x = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    y, x = y / rows - 0.5, x / columns - 0.5
+    img = np.full((rows, columns), 3000.0, np.float32)
+    for cx in (-0.2, 0.2):
+        lung = ((x - cx) / 0.16) ** 2 + ((y + 0.02) / 0.33) ** 2 <= 1
+        img[lung] = 900.0 + 600.0 * (y[lung] + 0.5)
+    img[(np.abs(x) < 0.06) & (y > -0.35)] = 3600.0
+    for rib in np.linspace(-0.3, 0.25, 7):
+        img[np.abs(y - rib - 0.05 * np.abs(x)) < 0.008] += 500.0
+    if noise:
+        img += np.random.default_rng(seed).integers(0, noise, size=img.shape).astype(np.float32)
+    return np.clip(img, 0, 4095).astype(np.uint16)
+
+
+def write_phantom_dx(path: Path, *, rows: int, columns: int, syntax: str | None = None, noise: int = 0,
+                     patient: str = "PHANTOM-DX", monochrome1: bool = False) -> Path:  # fmt: skip
+    """One DX study with one phantom chest image, stored in ``syntax`` (a compressed transfer
+    syntax pydicom can encode: JPEG 2000 or JPEG-LS lossless, RLE) or uncompressed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = _ct_template()
+    ds.PatientID, ds.PatientName = patient, "Phantom^DX"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DX_SOP_CLASS
+    ds.Modality, ds.ImageType, ds.BodyPartExamined = "DX", ["ORIGINAL", "PRIMARY"], "CHEST"
+    ds.StudyDescription, ds.SeriesDescription, ds.SeriesNumber = "CHEST PA", "PA", 1
+    for keyword in ("RescaleIntercept", "RescaleSlope", "PixelPaddingValue", "SliceLocation", "ImagePositionPatient",
+                    "ImageOrientationPatient", "SliceThickness", "SpacingBetweenSlices", "FrameOfReferenceUID"):  # fmt: skip
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    pixels = phantom_chest(rows, columns, noise=noise)
+    if monochrome1:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        pixels = (4095 - pixels).astype(np.uint16)
+    _set_uids(ds, study=generate_uid(), series=generate_uid())
+    ds.InstanceNumber = 1
+    ds.PixelData = pixels.tobytes()
+    if syntax:
+        ds.compress(syntax, pixels, encoding_plugin="pylibjpeg" if syntax.startswith("1.2.840.10008.1.2.4.9") else "")
+    _save(ds, path)
+    return path

@@ -176,6 +176,7 @@ class StationSettings(BaseModel):
     hub_key: Path | None = None
     hub_server_name: str = ""
     lease_renew_seconds: float = Field(default=120.0, gt=0)  # an open exam's claim is renewed this often
+    viewer_dist: Path | None = None  # OHIF's built viewer; default: reader/viewer/node_modules/@ohif/app/dist
 
 
 class Settings(BaseSettings):

@@ -36,6 +36,7 @@ from starlette.staticfiles import StaticFiles
 from teleread.logs import log_context
 from teleread.reader.station import dicomweb, ecg, statements
 from teleread.reader.station.dicomweb import DicomwebProxy
+from teleread.reader.station.viewer import Viewer
 from teleread.reader.station.hubclient import HubClient, HubError, as_dict
 from teleread.reader.station.sessions import COOKIE, LOGIN_COOKIE, BrowserSession, BrowserSessions
 from teleread.settings import StationSettings
@@ -78,6 +79,7 @@ class Station:
         self.sweep_seconds = SWEEP_SECONDS  # how often idle sessions are looked for
         self._sweeper: asyncio.Task[None] | None = None
         self.dicomweb = DicomwebProxy(settings.hub_http)
+        self.viewer = Viewer(settings.viewer_dist)
 
     # ---- sessions ----------------------------------------------------------------------------
     def session_of(self, request: Request) -> BrowserSession | None:
@@ -127,7 +129,7 @@ class Guard(BaseHTTPMiddleware):
             response: Response = _error(403, "CROSS_ORIGIN", "requests must come from the station's own pages")
         else:
             response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
+        response.headers.setdefault("Content-Security-Policy", CSP)  # the viewer's page sets its own
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "no-referrer"
@@ -497,6 +499,11 @@ def create_app(station: Station) -> Starlette:
         Route("/dicomweb/{path:path}", signed_in(state_changing=False)(dicomweb.forward)),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
         Route("/login", lambda request: RedirectResponse("/")),
+        Route("/viewer", station.viewer.index),
+        Route("/viewer/{rest:path}", station.viewer.index),  # the viewer's own routes: one page
+        Route("/app-config.js", station.viewer.config),
+        Route("/init-service-worker.js", station.viewer.no_service_worker),
+        Route("/{path:path}", station.viewer.asset),  # OHIF's build, from the root; last
     ]
     app = Starlette(routes=routes, middleware=[Middleware(Guard)], lifespan=lifespan)
     app.state.station = station
