@@ -25,6 +25,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
 
 import uvicorn
+from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -33,7 +34,9 @@ from starlette.routing import Route
 
 from teleread.auth import Principal
 from teleread.db.engine import reading
-from teleread.errors import InvalidInput, NotFound, TelereadError
+from teleread.db.schema import dicom_studies
+from teleread.errors import InvalidInput, PermissionDenied, NotFound, TelereadError
+from teleread.events import record_event
 from teleread.reader.hub import qido
 from teleread.webserver import BackgroundServer, bound_socket
 
@@ -173,6 +176,21 @@ def _rendered(raw: BinaryIO, frame: int, request: Request) -> Response:
     return Response(buffer.getvalue(), media_type="image/png" if png else "image/jpeg")
 
 
+def _audit_refusal(engine: Any, principal: Principal, request: Request, route: str, reason: str) -> None:
+    """An authenticated caller was refused a study (or a part of it): one ``access_refused`` row in
+    the audit trail, naming the caller, the route, the study UID and whether that study exists at
+    the hub at all (a refused study that exists is another site's or another specialty's)."""
+    study = request.path_params["study"]
+    with engine.begin() as conn:
+        exists = conn.execute(select(dicom_studies.c.study_instance_uid)
+                              .where(dicom_studies.c.study_instance_uid == study)).first() is not None  # fmt: skip
+        record_event(
+            conn, type="access_refused", site_id=principal.site_id, hospital=principal.hospital or "",
+            specialty=principal.specialty or "", actor_id=principal.id,
+            detail={"via": "dicomweb", "route": route, "reason": reason, "study": study, "exists": exists},
+        )  # fmt: skip
+
+
 def create_app(engine: Any, authenticate: Callable[[str | None], Principal], store: Any = None) -> Starlette:
     """The DICOMweb routes over ``engine``'s index (and ``store``'s objects for WADO-RS), callers
     resolved by ``authenticate``."""
@@ -187,6 +205,8 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal], sto
         except TelereadError as exc:
             user = principal.name if principal else ""
             log.info("dicomweb refused", extra={"user": user, "reason": exc.reason, "route": route})
+            if principal is not None and isinstance(exc, NotFound | PermissionDenied) and "study" in request.path_params:
+                _audit_refusal(engine, principal, request, route, exc.reason)
             return _error(exc)
         except Exception as exc:  # noqa: BLE001 - answered 500; the type is logged, never a value
             log.error("dicomweb failed", extra={"reason": type(exc).__name__, "route": route})

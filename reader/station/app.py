@@ -131,7 +131,7 @@ class Guard(BaseHTTPMiddleware):
             response = await call_next(request)
         response.headers.setdefault("Content-Security-Policy", CSP)  # the viewer's page sets its own
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
+        response.headers.setdefault("X-Frame-Options", "DENY")  # the viewer may be framed by the station
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
         if request.url.path.startswith("/api"):

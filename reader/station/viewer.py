@@ -14,7 +14,9 @@ already has.
 
 The viewer has a Content-Security-Policy of its own: OHIF needs WebAssembly (its codecs), web
 workers and inline styles; its two inline scripts are allowed by their hashes, nothing else
-inline, and it still connects to nothing but this origin.
+inline, and it still connects to nothing but this origin. OHIF's files carry a policy that also
+allows evaluating strings, which applies only where one of them runs as a web worker (the codecs'
+glue code needs it there); the page itself never may.
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ NO_SERVICE_WORKER = b"// the station's viewer runs without a service worker\n"
 HASHED = re.compile(r"\.[0-9a-f]{16}\.(js|wasm)$|^[0-9a-f]{16}\.(wasm|woff2)$")
 
 
-def _csp(inline_hashes: list[str]) -> str:
+def _csp(inline_hashes: list[str], *, worker: bool = False) -> str:
+    """The page's policy; ``worker``: the policy a web worker started from one of OHIF's files runs
+    under (its codec glue evaluates strings; a worker has no page to reach)."""
     scripts = " ".join(f"'sha256-{h}'" for h in inline_hashes)
+    evaluate = "'unsafe-eval' " if worker else ""
     return (
-        f"default-src 'self'; script-src 'self' 'wasm-unsafe-eval' {scripts}; worker-src 'self' blob:; "
+        f"default-src 'self'; script-src 'self' {evaluate}'wasm-unsafe-eval' {scripts}; worker-src 'self' blob:; "
         "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' data:; "
         "connect-src 'self' data: blob:; media-src 'self' data: blob:; object-src 'none'; frame-src 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        "frame-ancestors 'self'; base-uri 'none'; form-action 'self'"  # framed by the exam page
     )
 
 
@@ -53,11 +58,12 @@ class Viewer:
         self.dist = (dist or DIST).resolve()
         self.installed = (self.dist / "index.html").is_file()
         self.page = b""
-        self.csp = ""
+        self.csp = self.worker_csp = ""
         if self.installed:
             html = (self.dist / "index.html").read_text("utf-8")
             inline = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
-            self.csp = _csp([base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() for s in inline])
+            hashes = [base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() for s in inline]
+            self.csp, self.worker_csp = _csp(hashes), _csp(hashes, worker=True)
             self.page = html.replace("</head>", f"{SHELL}</head>", 1).encode()
 
     def _missing(self) -> Response:
@@ -73,7 +79,8 @@ class Viewer:
             return RedirectResponse("/", status_code=303)
         if not self.installed:
             return self._missing()
-        return HTMLResponse(self.page, headers={"Cache-Control": "no-store", "Content-Security-Policy": self.csp})
+        return HTMLResponse(self.page, headers={"Cache-Control": "no-store", "Content-Security-Policy": self.csp,
+                                                     "X-Frame-Options": "SAMEORIGIN"})
 
     async def config(self, request: Request) -> Response:
         return FileResponse(str(CONFIG), media_type="text/javascript", headers={"Cache-Control": "no-cache"})
@@ -95,4 +102,6 @@ class Viewer:
             return Response(status_code=404)
         cache = "public, max-age=31536000, immutable" if HASHED.search(target.name) else "no-cache"
         media = "application/wasm" if target.suffix == ".wasm" else None
-        return FileResponse(str(target), media_type=media, headers={"Cache-Control": cache})
+        # a web worker runs under its own script's policy: OHIF's workers compile its codecs
+        return FileResponse(str(target), media_type=media, headers={"Cache-Control": cache,
+                                                                    "Content-Security-Policy": self.worker_csp})

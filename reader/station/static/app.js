@@ -131,6 +131,32 @@ $("signout").addEventListener("click", async () => {
   signedOut("signed_out");
 });
 
+// ---- images: OHIF's viewer on this origin (/viewer), reading the hub's DICOMweb through /dicomweb
+function viewerUrl(exam, prior) {
+  const studies = [exam.study_instance_uid, ...(prior ? [prior.study_instance_uid] : [])].map(encodeURIComponent);
+  return `/viewer?StudyInstanceUIDs=${studies.join(",")}&exam=${encodeURIComponent(exam.exam_id)}`
+    + (prior ? "&hangingProtocolId=@ohif/hpCompare" : "");
+}
+function showImages(exam, priors) {
+  // the latest earlier imaging study of the patient at this site, for a side-by-side comparison
+  const prior = priors.find((p) => p.study_instance_uid && p.kind !== "EXAM_KIND_ECG" && p.study_instance_uid !== exam.study_instance_uid);
+  const frame = el("iframe", { class: "images", dataset: { testid: "images" }, title: "images",
+    src: viewerUrl(exam, null), allow: "fullscreen" });
+  const bar = el("p", { class: "images-bar" },
+    el("a", { href: viewerUrl(exam, null), target: "_blank", rel: "noopener", dataset: { testid: "open-images" } }, "Open images in a window"));
+  if (prior) {
+    const compare = el("button", { type: "button", dataset: { testid: "compare-prior" },
+      title: "current and prior side by side" }, `Compare with ${prior.received_at ? new Date(prior.received_at).toLocaleDateString() : "prior"}`);
+    compare.addEventListener("click", () => {
+      const on = compare.getAttribute("aria-pressed") !== "true";
+      compare.setAttribute("aria-pressed", String(on));
+      frame.src = viewerUrl(exam, on ? prior : null);
+    });
+    bar.append(" · ", compare);
+  }
+  $("viewer").replaceChildren(bar, frame);
+}
+
 // The person's keys and clicks restart the station's idle clock (at most one call a minute).
 function activity() {
   if (!state.identity) return;
@@ -484,8 +510,10 @@ function renderExam(details, claim, samples = null) {
   const objects = details.objects || [];
   const ecg = exam.kind === "EXAM_KIND_ECG" && objects.length > 0;
   $("view-exam").querySelector(".exam").classList.toggle("ecg", ecg);
+  $("view-exam").querySelector(".exam").classList.toggle("images", !ecg && Boolean(exam.study_instance_uid) && objects.length > 0);
   if (state.viewer) { state.viewer.destroy(); state.viewer = null; }
   if (ecg) state.viewer = new EcgViewer($("viewer"), { exam, priors: details.priors, samples: samples || fetchEcg(exam.exam_id) });
+  else if (exam.study_instance_uid && objects.length > 0) showImages(exam, details.priors || []);
   else {
     $("viewer").replaceChildren(el("p", { class: "note" }, objects.length
       ? `${objects.length} object(s): ${[...new Set(objects.map((o) => o.role))].join(", ")}`

@@ -40,7 +40,7 @@
     if (!answer.ok) return;
     const details = await answer.json();
     const weights = new Map();
-    for (const finding of details.findings || []) {
+    for (const finding of ((details.exam || {}).triage || {}).findings || []) {
       for (const ev of finding.evidence || []) {
         if (ev.name && ev.name.startsWith("weight ")) weights.set(ev.name.slice(7), Number(ev.value));
       }
