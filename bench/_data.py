@@ -183,8 +183,16 @@ def phantom_slice(number: int, side: int) -> np.ndarray:
     return np.round(hu).astype(np.int16)
 
 
-def write_phantom_ct(folder: Path, *, slices: int, side: int = CT_SIDE, patient: str = "PHANTOM-CT",
-                     study: str | None = None, date: str = "20261203", description: str = "CT CHEST") -> list[Path]:  # fmt: skip
+def write_phantom_ct(
+    folder: Path,
+    *,
+    slices: int,
+    side: int = CT_SIDE,
+    patient: str = "PHANTOM-CT",
+    study: str | None = None,
+    date: str = "20261203",
+    description: str = "CT CHEST",
+) -> list[Path]:
     """One CT study of ``slices`` phantom slices (one series, explicit VR little endian, HU stored
     as signed 16-bit with an identity rescale); returns the files in slice order."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,8 +245,9 @@ def write_phantom_dx(path: Path, *, rows: int, columns: int, syntax: str | None 
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DX_SOP_CLASS
     ds.Modality, ds.ImageType, ds.BodyPartExamined = "DX", ["ORIGINAL", "PRIMARY"], "CHEST"
     ds.StudyDescription, ds.SeriesDescription, ds.SeriesNumber = "CHEST PA", "PA", 1
-    for keyword in ("RescaleIntercept", "RescaleSlope", "PixelPaddingValue", "SliceLocation", "ImagePositionPatient",
-                    "ImageOrientationPatient", "SliceThickness", "SpacingBetweenSlices", "FrameOfReferenceUID"):  # fmt: skip
+    dropped = ("RescaleIntercept", "RescaleSlope", "PixelPaddingValue", "SliceLocation", "ImagePositionPatient",
+               "ImageOrientationPatient", "SliceThickness", "SpacingBetweenSlices", "FrameOfReferenceUID")  # fmt: skip
+    for keyword in dropped:
         if keyword in ds:
             delattr(ds, keyword)
     ds.Rows, ds.Columns = rows, columns

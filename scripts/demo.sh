@@ -13,4 +13,5 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e .
+bash scripts/viewer.sh  # the reading station's image viewer (npm, locked)
 exec .venv/bin/teleread demo "$@"

@@ -33,15 +33,40 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+def playwright() -> Iterator[Any]:
+    """One Playwright driver per test process (a second sync driver in one thread is refused)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+        yield pw
+
+
+@pytest.fixture(scope="session")
+def browser(playwright: Any) -> Iterator[Any]:
+    chromium = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS)
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+
+
+# WebGL for the image viewer (OHIF's cornerstone renders with it): software GL, SwiftShader through
+# ANGLE, since the test machine has no GPU (Chromium refuses WebGL under --disable-gpu).
+GL_FLAGS = [f for f in CHROMIUM_FLAGS if f != "--disable-gpu"] + [
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--ignore-gpu-blocklist",
+]
+
+
+@pytest.fixture(scope="session")
+def gl_browser(playwright: Any) -> Iterator[Any]:
+    """A second headless Chromium with software WebGL, for the image viewer's tests."""
+    chromium = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=GL_FLAGS)
+    try:
+        yield chromium
+    finally:
+        chromium.close()
 
 
 @pytest.fixture(scope="session")

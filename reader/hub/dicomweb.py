@@ -205,7 +205,11 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal], sto
         except TelereadError as exc:
             user = principal.name if principal else ""
             log.info("dicomweb refused", extra={"user": user, "reason": exc.reason, "route": route})
-            if principal is not None and isinstance(exc, NotFound | PermissionDenied) and "study" in request.path_params:
+            if (
+                principal is not None
+                and isinstance(exc, NotFound | PermissionDenied)
+                and "study" in request.path_params
+            ):
                 _audit_refusal(engine, principal, request, route, exc.reason)
             return _error(exc)
         except Exception as exc:  # noqa: BLE001 - answered 500; the type is logged, never a value

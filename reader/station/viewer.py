@@ -69,7 +69,7 @@ class Viewer:
     def _missing(self) -> Response:
         return JSONResponse(
             {"error": {"reason": "VIEWER_NOT_INSTALLED",
-                       "message": "the image viewer is not installed: run `npm ci` in reader/viewer (scripts/demo.sh does)"}},
+                       "message": "the image viewer is not installed: run scripts/viewer.sh (scripts/demo.sh does)"}},
             status_code=503,
         )  # fmt: skip
 
@@ -79,8 +79,10 @@ class Viewer:
             return RedirectResponse("/", status_code=303)
         if not self.installed:
             return self._missing()
-        return HTMLResponse(self.page, headers={"Cache-Control": "no-store", "Content-Security-Policy": self.csp,
-                                                     "X-Frame-Options": "SAMEORIGIN"})
+        return HTMLResponse(
+            self.page,
+            headers={"Cache-Control": "no-store", "Content-Security-Policy": self.csp, "X-Frame-Options": "SAMEORIGIN"},
+        )
 
     async def config(self, request: Request) -> Response:
         return FileResponse(str(CONFIG), media_type="text/javascript", headers={"Cache-Control": "no-cache"})
@@ -103,5 +105,6 @@ class Viewer:
         cache = "public, max-age=31536000, immutable" if HASHED.search(target.name) else "no-cache"
         media = "application/wasm" if target.suffix == ".wasm" else None
         # a web worker runs under its own script's policy: OHIF's workers compile its codecs
-        return FileResponse(str(target), media_type=media, headers={"Cache-Control": cache,
-                                                                    "Content-Security-Policy": self.worker_csp})
+        return FileResponse(
+            str(target), media_type=media, headers={"Cache-Control": cache, "Content-Security-Policy": self.worker_csp}
+        )

@@ -10,7 +10,24 @@ window.config = {
   extensions: [],
   modes: [],
   // no first-run tour over the reader's images
-  customizationService: [{ 'ohif.tours': { $set: [] } }],
+  customizationService: [
+    {
+      'ohif.tours': { $set: [] },
+      // the radiologist's presets, in the viewport's W/L menu
+      'cornerstone.windowLevelPresets': {
+        $set: {
+          CT: [
+            { id: 'ct-lung', description: 'Lung', window: '1500', level: '-600' },
+            { id: 'ct-mediastinum', description: 'Mediastinum', window: '350', level: '50' },
+            { id: 'ct-bone', description: 'Bone', window: '2000', level: '500' },
+            { id: 'ct-brain', description: 'Brain', window: '80', level: '40' },
+            { id: 'ct-soft-tissue', description: 'Soft tissue', window: '400', level: '40' },
+            { id: 'ct-liver', description: 'Liver', window: '150', level: '90' },
+          ],
+        },
+      },
+    },
+  ],
   showStudyList: false,
   investigationalUseDialog: { option: 'never' },
   maxNumberOfWebWorkers: 2,

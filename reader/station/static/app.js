@@ -526,7 +526,16 @@ function renderExam(details, claim, samples = null) {
       el("td", {}, `${Number(e.value ?? 0).toFixed(3).replace(/\.?0+$/, "")} ${e.unit || ""}`),
       el("td", { class: "note" }, e.threshold !== undefined ? `threshold ${e.threshold}` : ""))),
   ]));
-  $("objects").replaceChildren(...(details.objects || []).map((o) => el("li", {}, `${o.role} · ${o.modality || ""} · ${Math.round(Number(o.size || 0) / 1024)} KiB`)));
+  // one line per kind of object (a CT's 300 slices are one line, not 300)
+  const kinds = new Map();
+  for (const o of details.objects || []) {
+    const key = `${o.role} · ${o.modality || ""}`;
+    const k = kinds.get(key) || { count: 0, bytes: 0 };
+    k.count += 1; k.bytes += Number(o.size || 0);
+    kinds.set(key, k);
+  }
+  $("objects").replaceChildren(...[...kinds].map(([key, k]) => el("li", { dataset: { testid: "object-kind" } },
+    `${k.count > 1 ? `${k.count} × ` : ""}${key} · ${k.bytes >= 1 << 20 ? `${(k.bytes / (1 << 20)).toFixed(1)} MiB` : `${Math.round(k.bytes / 1024)} KiB`}`)));
   $("priors").replaceChildren(...(details.priors || []).map((e) => {
     const li = el("li", {}, el("a", { href: `/exam/${encodeURIComponent(e.exam_id)}`, dataset: { testid: "prior" } },
       `${e.received_at ? new Date(e.received_at).toLocaleDateString() : ""} · ${e.modality || ""} · ${e.state}`));
