@@ -84,19 +84,26 @@ def _wait_for_sigterm() -> None:
 
 
 def serve_hub(args: argparse.Namespace) -> None:
-    from teleread.app.hub import build_hub, create_server
+    from teleread.app.hub import build_hub, create_dicomweb, create_server
     from teleread.logs import configure_logging
     from teleread.settings import Settings
 
-    settings = Settings.model_validate(json.loads(Path(args.settings_json).read_text()))
+    raw = json.loads(Path(args.settings_json).read_text())
+    settings = Settings.model_validate(raw)
     configure_logging(settings.log_level)
     profiles = _install_thread_profiler() if args.profile else []
     hub = build_hub(settings)
     site_id, tokens = _register(hub.engine, readers=args.readers)
     server, port = create_server(hub, host=HOST, port=0)
     server.start()
-    print(json.dumps({"port": port, "site_id": site_id, "tokens": tokens}), flush=True)
+    web = create_dicomweb(hub) if "http" in raw else None  # the HTTP port only when the settings ask for it
+    if web is not None:
+        web.start()
+    info = {"port": port, "site_id": site_id, "tokens": tokens, "http_port": web.port if web else None}
+    print(json.dumps(info), flush=True)
     _wait_for_sigterm()
+    if web is not None:
+        web.stop()
     server.stop(grace=2).wait()
     hub.close()
     if args.profile:

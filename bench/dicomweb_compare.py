@@ -48,13 +48,13 @@ def _free_port() -> int:
 
 
 class Orthanc:
-    def __init__(self, work: Path, binary: str) -> None:
+    def __init__(self, work: Path, binary: str, *, root: str = "/dicom-web/") -> None:
         self.http = _free_port()
         config = {
             "Name": "compare", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
             "HttpPort": self.http, "DicomPort": _free_port(), "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            "DicomWeb": {"Enable": True, "Root": root, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
         }  # fmt: skip
         (work / "orthanc.json").write_text(json.dumps(config))
         self.log = (work / "orthanc.log").open("wb")
