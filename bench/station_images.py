@@ -9,7 +9,7 @@ Set-up: a hub process (PostgreSQL in a private cluster, local object directory, 
 and Orthanc 1.10 with its DICOMweb plugin (``DicomWeb.Root`` ``/dicomweb/``, otherwise the
 plugin's defaults) get the same files: a 200-slice 512x512 int16 CT (phantom slices, explicit VR
 little endian, 100 MiB) and a JPEG 2000 lossless DX radiograph of about 15 MB (a 12-bit phantom
-chest with noise, 3000 x 3000 or so). Two reading stations run in this process, signed in at the
+chest with noise, 3300 x 3300). Two reading stations run in this process, signed in at the
 same hub: one passes ``/dicomweb`` through to the hub, the other to Orthanc, so OHIF (the station's
 own build and configuration, served the same way) sees one origin in both cases and the two paths
 differ only in the server behind ``/dicomweb``.
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run (40 slices, a 1500 x 1400 DX)")
     args = parser.parse_args(argv)
     info = machine()
-    slices, dx_side = (40, (1500, 1400)) if args.quick else (200, (3000, 3000))
+    slices, dx_side = (40, (1500, 1400)) if args.quick else (200, (3300, 3300))
     with tempfile.TemporaryDirectory(prefix="teleread-bench-images-") as tmp:
         found = run(Path(tmp), runs=args.runs, slices=slices, dx_side=dx_side)
     info["load_after"] = os.getloadavg()[0]
