@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -95,18 +96,29 @@ def write_ct_study(folder: Path, *, slices: int, rng: np.random.Generator) -> Pa
     """One CT study of ``slices`` 512x512 int16 slices (one series) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     ds = _ct_template()
-    study, series = generate_uid(), generate_uid()
+    ds.ImagePositionPatient = [-160.0, -180.0, 0.0]
+    _write_slices(ds, folder, generate_uid(), slices,
+                  lambda _: rng.integers(-1024, 3072, size=(CT_SIDE, CT_SIDE), dtype=np.int16))  # fmt: skip
+    return folder
+
+
+def _write_slices(ds: Dataset, folder: Path, study: str, slices: int, pixels: Any) -> list[Path]:
+    """``slices`` files of one new series from ``ds``, slice ``n`` (from 1) holding ``pixels(n)``,
+    stacked down the z axis from ``ds``'s position; the files in slice order."""
+    series = generate_uid()
     ds.FrameOfReferenceUID = generate_uid()
+    x, y = float(ds.ImagePositionPatient[0]), float(ds.ImagePositionPatient[1])
+    paths = []
     for number in range(1, slices + 1):
         _set_uids(ds, study=study, series=series)
         z = -number * SLICE_MM
         ds.InstanceNumber = number
-        ds.ImagePositionPatient = [-160.0, -180.0, z]
+        ds.ImagePositionPatient = [x, y, z]
         ds.SliceLocation = z
-        pixels = rng.integers(-1024, 3072, size=(CT_SIDE, CT_SIDE), dtype=np.int16)
-        ds.PixelData = pixels.tobytes()
-        _save(ds, folder / f"ct-{number:05d}.dcm")
-    return folder
+        ds.PixelData = pixels(number).tobytes()
+        paths.append(folder / f"ct-{number:05d}.dcm")
+        _save(ds, paths[-1])
+    return paths
 
 
 def write_dx_image(folder: Path, *, rows: int, columns: int, rng: np.random.Generator) -> Path:
@@ -202,20 +214,9 @@ def write_phantom_ct(
     ds.Rows = ds.Columns = side
     ds.RescaleIntercept, ds.RescaleSlope = 0, 1
     ds.WindowCenter, ds.WindowWidth = 40, 400
-    study, series = study or generate_uid(), generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
     ds.PixelSpacing = [round(350.0 / side, 4)] * 2
-    paths = []
-    for number in range(1, slices + 1):
-        _set_uids(ds, study=study, series=series)
-        z = -number * SLICE_MM
-        ds.InstanceNumber = number
-        ds.ImagePositionPatient = [-175.0, -175.0, z]
-        ds.SliceLocation = z
-        ds.PixelData = phantom_slice(number, side).tobytes()
-        paths.append(folder / f"ct-{number:05d}.dcm")
-        _save(ds, paths[-1])
-    return paths
+    ds.ImagePositionPatient = [-175.0, -175.0, 0.0]
+    return _write_slices(ds, folder, study or generate_uid(), slices, lambda n: phantom_slice(n, side))
 
 
 def phantom_chest(rows: int, columns: int, *, noise: int = 0, seed: int = 7) -> np.ndarray:

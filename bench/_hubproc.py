@@ -265,6 +265,22 @@ def start_hub(
     return _spawn(args, log_path=run_dir / "hub.log")
 
 
+def upload_folders(address: str, token: str, folders: list[Path]) -> list[str]:
+    """Upload every exam found in ``folders`` with the real upload client (4 streams); their exam
+    IDs, or RuntimeError naming the exams that did not commit."""
+    from teleread.client import open_channel
+    from teleread.gateway.uploader.client import scan_paths, upload_exams
+    from teleread.v1 import ingest_pb2_grpc
+
+    with open_channel(address, token=token) as channel:
+        stub = ingest_pb2_grpc.IngestStub(channel)
+        outcomes = upload_exams(stub, scan_paths(folders).exams, parallel=4)
+    missing = [o.errors for o in outcomes if not o.exam_id]
+    if missing:
+        raise RuntimeError(f"exams did not commit: {missing}")
+    return [o.exam_id for o in outcomes]
+
+
 def start_sink(run_dir: Path) -> ServerProcess:
     run_dir.mkdir(parents=True, exist_ok=True)
     return _spawn(["sink"], log_path=run_dir / "sink.log")

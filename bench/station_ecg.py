@@ -98,20 +98,6 @@ def _records(folder: Path, fs: int, count: int) -> list[Path]:
     return out
 
 
-def _upload(address: str, token: str, folders: list[Path]) -> list[str]:
-    from teleread.client import open_channel
-    from teleread.gateway.uploader.client import scan_paths, upload_exams
-    from teleread.v1 import ingest_pb2_grpc
-
-    with open_channel(address, token=token) as channel:
-        stub = ingest_pb2_grpc.IngestStub(channel)
-        outcomes = upload_exams(stub, scan_paths(folders).exams, parallel=4)
-    missing = [o.errors for o in outcomes if not o.exam_id]
-    if missing:
-        raise RuntimeError(f"exams did not commit: {missing}")
-    return [o.exam_id for o in outcomes]
-
-
 def run(plan: Plan, work: Path) -> tuple[list[Figure], dict[str, Any]]:
     from playwright.sync_api import sync_playwright
 
@@ -131,7 +117,7 @@ def run(plan: Plan, work: Path) -> tuple[list[Figure], dict[str, Any]]:
             set_password(engine, name=READER, password=PASSWORD)
             engine.dispose()
             exams = {
-                fs: _upload(hub.address, hub.tokens["site"], _records(work / "ecg", fs, plan.per_rate))
+                fs: _hubproc.upload_folders(hub.address, hub.tokens["site"], _records(work / "ecg", fs, plan.per_rate))
                 for fs in (500, 1000)
             }
             console.log(f"uploaded {sum(len(v) for v in exams.values())} ECGs")

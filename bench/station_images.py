@@ -157,17 +157,6 @@ def _open(browser: Any, url: str, study: str, *, warm: str, rows: int, columns: 
         context.close()
 
 
-def _upload_hub(address: str, token: str, paths: list[Path]) -> None:
-    from teleread.client import open_channel
-    from teleread.gateway.uploader.client import scan_paths, upload_exams
-    from teleread.v1 import ingest_pb2_grpc
-
-    with open_channel(address, token=token) as channel:
-        outcomes = upload_exams(ingest_pb2_grpc.IngestStub(channel), scan_paths(paths).exams, parallel=4)
-    if any(not o.exam_id for o in outcomes):
-        raise RuntimeError(f"exams did not commit: {[o.errors for o in outcomes if not o.exam_id]}")
-
-
 def run(work: Path, *, runs: int, slices: int, dx_side: tuple[int, int]) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
@@ -204,7 +193,7 @@ def run(work: Path, *, runs: int, slices: int, dx_side: tuple[int, int]) -> dict
             engine = make_engine(url)
             set_password(engine, name=READER, password=PASSWORD)
             engine.dispose()
-            _upload_hub(hub.address, hub.tokens["site"], [work / "ct", work / "dx", work / "warm"])
+            _hubproc.upload_folders(hub.address, hub.tokens["site"], [work / "ct", work / "dx", work / "warm"])
             for path in [*ct, dx, *small]:
                 orthanc.store(path.read_bytes())
             console.log("stored the studies at the hub and at Orthanc")

@@ -41,13 +41,17 @@ def playwright() -> Iterator[Any]:
         yield pw
 
 
-@pytest.fixture(scope="session")
-def browser(playwright: Any) -> Iterator[Any]:
-    chromium = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_FLAGS)
+def _launched(playwright: Any, flags: list[str]) -> Iterator[Any]:
+    chromium = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=flags)
     try:
         yield chromium
     finally:
         chromium.close()
+
+
+@pytest.fixture(scope="session")
+def browser(playwright: Any) -> Iterator[Any]:
+    yield from _launched(playwright, CHROMIUM_FLAGS)
 
 
 # WebGL for the image viewer (OHIF's cornerstone renders with it): software GL, SwiftShader through
@@ -62,11 +66,7 @@ GL_FLAGS = [f for f in CHROMIUM_FLAGS if f != "--disable-gpu"] + [
 @pytest.fixture(scope="session")
 def gl_browser(playwright: Any) -> Iterator[Any]:
     """A second headless Chromium with software WebGL, for the image viewer's tests."""
-    chromium = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=GL_FLAGS)
-    try:
-        yield chromium
-    finally:
-        chromium.close()
+    yield from _launched(playwright, GL_FLAGS)
 
 
 @pytest.fixture(scope="session")

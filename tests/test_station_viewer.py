@@ -329,7 +329,7 @@ def test_another_alliances_study_is_not_reachable_and_the_refusal_is_audited(pag
     assert {r.actor_id for r in rows if json.loads(r.detail)["study"] == elsewhere.uid} == {radiologist.id}
     # the viewer opened on it shows nothing of it
     page.goto(f"/viewer?StudyInstanceUIDs={elsewhere.uid}")
-    page.wait_for_timeout(1500)
+    page.get_by_text("not available").wait_for()  # OHIF's own words for a study it was refused
     assert page.evaluate(SHOWN) is None
 
 
