@@ -15,6 +15,7 @@ a patient value never refuses a file, an invalid one is dropped.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from teleread import ecgio
-from teleread.dicom_index import DicomIndex, index_of
+from teleread.dicom_index import BULK_BYTES, DicomIndex, index_of, instance_url, metadata_json
 from teleread.pixels import ensure_decoders
 from teleread.errors import InvalidInput
 from teleread.patient import PatientContext, cleaned, from_wfdb_comments
@@ -112,6 +113,7 @@ class DicomInfo:
     patient: PatientContext = field(default=PatientContext(), repr=False)
     patient_dropped: tuple[str, ...] = ()  # the patient fields whose value was invalid (names only)
     index: DicomIndex = field(default=DicomIndex(), repr=False)  # study and series values for DICOMweb
+    metadata: str = field(default="", repr=False)  # its DICOM JSON for WADO-RS ('' if it could not be built)
 
 
 class _ClampedReader(io.BufferedReader):
@@ -161,13 +163,17 @@ def _preamble_flag(preamble: bytes) -> str | None:
 
 
 def inspect_dicom(
-    path: Path, *, max_pixel_bytes: int = 4 * 1024**3, max_inflated_bytes: int = 128 * 1024**2
-) -> DicomInfo:
-    """Check an arriving DICOM file and return its identity; raises InvalidInput when unfit."""
+    path: Path, *, max_pixel_bytes: int = 4 * 1024**3, max_inflated_bytes: int = 128 * 1024**2,
+    metadata: bool = False,
+) -> DicomInfo:  # fmt: skip
+    """Check an arriving DICOM file and return its identity; raises InvalidInput when unfit.
+    ``metadata``: also build its DICOM JSON (the hub keeps it for WADO-RS)."""
     preamble, file_size = _read_head(path)
     with _strict_reading():
         try:
-            top_level, info = _parse_dicom(path, file_size=file_size, max_inflated_bytes=max_inflated_bytes)
+            top_level, info = _parse_dicom(
+                path, file_size=file_size, max_inflated_bytes=max_inflated_bytes, metadata=metadata
+            )
         except InvalidInput:
             raise
         except Exception as exc:  # untrusted input: pydicom, struct, zlib, Memory/RecursionError
@@ -191,12 +197,15 @@ def inspect_dicom(
 
 
 def check_dicom_instance(
-    path: Path, *, max_pixel_bytes: int = 4 * 1024**3, max_inflated_bytes: int = 128 * 1024**2
-) -> DicomInfo:
+    path: Path, *, max_pixel_bytes: int = 4 * 1024**3, max_inflated_bytes: int = 128 * 1024**2,
+    metadata: bool = False,
+) -> DicomInfo:  # fmt: skip
     """The check every door applies to a DICOM instance before it says "stored": the hub's ingest,
     the gateway's DICOM receiver and its watch folder. :func:`inspect_dicom`, and an executable
     preamble is refused."""
-    info = inspect_dicom(path, max_pixel_bytes=max_pixel_bytes, max_inflated_bytes=max_inflated_bytes)
+    info = inspect_dicom(
+        path, max_pixel_bytes=max_pixel_bytes, max_inflated_bytes=max_inflated_bytes, metadata=metadata
+    )
     if info.preamble_flag:
         raise InvalidInput("DICOM preamble holds an executable header", reason="DICOM_EXECUTABLE_PREAMBLE")
     return info
@@ -210,7 +219,9 @@ def _open_for_parse(path: Path, *, file_size: int) -> BinaryIO:
     return _ClampedReader(io.FileIO(path, "r"), size=file_size)
 
 
-def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> tuple[set[int] | None, DicomInfo]:
+def _parse_dicom(
+    path: Path, *, file_size: int, max_inflated_bytes: int, metadata: bool
+) -> tuple[set[int] | None, DicomInfo]:
     """The dataset's top-level tags (None for a deflated one) and what the hub needs to know."""
     with _open_for_parse(path, file_size=file_size) as fp:
         deflated = _check_inflated_size(fp, limit=max_inflated_bytes)
@@ -221,6 +232,7 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> tupl
         budget = [_MAX_ELEMENTS]
         _walk(ds.file_meta, file_size=file_size, budget=budget, depth=0)
         _walk(ds, file_size=file_size, budget=budget, depth=0)
+        kept = _metadata(fp, uids) if metadata else ""
     rows, columns = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
     frames = _optional_int(ds, "NumberOfFrames")
     if frames is not None and frames < 1:
@@ -249,7 +261,22 @@ def _parse_dicom(path: Path, *, file_size: int, max_inflated_bytes: int) -> tupl
         patient=patient,
         patient_dropped=tuple(dropped),
         index=index_of(ds),
+        metadata=kept,
     )
+
+
+def _metadata(fp: BinaryIO, uids: dict[str, str]) -> str:
+    """The instance's DICOM JSON (``dicom_index.metadata_json``), read again whole now that its
+    structure is known to be sound; '' when a value cannot be put into JSON (WADO-RS then builds it
+    from the stored file, and says why if it cannot either): the metadata never refuses a file."""
+    url = instance_url(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
+    try:
+        fp.seek(0)
+        full = pydicom.dcmread(fp, force=False, defer_size=BULK_BYTES)
+        return json.dumps(metadata_json(full, url), separators=(",", ":"))
+    except Exception as exc:  # noqa: BLE001 - untrusted input: the type is logged, never a value
+        log.warning("instance metadata not kept", extra={"reason": type(exc).__name__})
+        return ""
 
 
 def dicom_patient(ds: Dataset) -> tuple[PatientContext, list[str]]:

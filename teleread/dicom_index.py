@@ -5,6 +5,10 @@ header, and ingest keeps them: on the object's row (instance number, size, frame
 syntax) and, from a study's or series' first stored instance, on its ``dicom_studies`` and
 ``dicom_series`` row. A value that cannot be read, or is not of its VR's form, is '' (or None for a
 number): the index never refuses a file. Text is kept on one line, cut to its VR's length.
+
+The instance's DICOM JSON for WADO-RS metadata (:func:`metadata_json`) is written by the same check,
+so a series' metadata is read from the database; the hub's DICOMweb builds the same JSON from the
+file for an instance stored before it was kept.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import pydicom.dataset
+
 _DA = re.compile(r"^\d{8}$")
 _TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\u202a-\u202e\u2066-\u2069]+")
 INT32 = 2**31 - 1
+DICOMWEB_PREFIX = "/dicomweb"  # where the hub (and the station, passing it through) serves DICOMweb
+BULK_BYTES = 1024  # a binary value larger than this is bulk data in metadata
 
 
 @dataclass(frozen=True)
@@ -107,3 +115,42 @@ def index_of(ds: Any) -> DicomIndex:
         series_time=time_value(_first(ds, "SeriesTime")),
         instance_number=int_value(_first(ds, "InstanceNumber")),
     )
+
+
+def instance_url(study: str, series: str, instance: str) -> str:
+    """An instance's WADO-RS URL from the origin that serves DICOMweb."""
+    return f"{DICOMWEB_PREFIX}/studies/{study}/series/{series}/instances/{instance}"
+
+
+def bulk_paths(ds: Any) -> dict[int, str]:
+    """Where each data element of ``ds`` sits, as the path of a bulk data URI: ``TTTTTTTT`` at the top
+    level, ``SSSSSSSS/i/TTTTTTTT`` inside item ``i`` (from 0) of sequence ``SSSSSSSS``, and so on
+    (keyed by the element object, so an icon's pixel data is told from the image's)."""
+    paths: dict[int, str] = {}
+
+    def walk(dataset: Any, prefix: str) -> None:
+        for element in dataset:
+            path = f"{prefix}{element.tag:08X}"
+            paths[id(element)] = path
+            if element.VR == "SQ":
+                for i, item in enumerate(element.value):
+                    walk(item, f"{path}/{i}/")
+
+    walk(ds, "")
+    return paths
+
+
+def metadata_json(ds: Any, url: str) -> dict[str, Any]:
+    """An instance's DICOM JSON without its bulk data (``ds`` read with its pixel data, or deferred
+    values still readable): pixel data becomes the instance's first frame's URL, as viewers ask
+    for it, and any other binary value over :data:`BULK_BYTES` a ``bulkdata/`` URI under ``url``."""
+    ds.file_meta = pydicom.dataset.FileMetaDataset()  # the file meta group is not part of the dataset
+    paths = bulk_paths(ds)
+
+    def bulk(element: Any) -> str:
+        return f"{url}/bulkdata/{paths.get(id(element), f'{element.tag:08X}')}"
+
+    out: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=BULK_BYTES, bulk_data_element_handler=bulk)
+    if "7FE00010" in out:
+        out["7FE00010"] = {"vr": out["7FE00010"].get("vr", "OW"), "BulkDataURI": f"{url}/frames/1"}
+    return out

@@ -236,3 +236,63 @@ def test_a_rendered_frame_is_the_window_asked_for_as_ps3_3_computes_it(
     assert not np.array_equal(shown[40], shown[-600])  # the window changes what is drawn
     bad = httpx.get(f"{url}/rendered", params={"window": "40"}, headers=auth)
     assert (bad.status_code, bad.json()["reason"]) == (400, "WADO_BAD_WINDOW")
+
+
+def test_metadata_is_kept_at_ingest_and_bulk_data_resolves_at_its_uri(
+    hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
+) -> None:
+    """Ingest keeps each instance's DICOM JSON; it is what the file gives (an instance stored before
+    it was kept is read from its file), and every BulkDataURI in it, nested ones too, answers the
+    value it stands for."""
+    from sqlalchemy import delete, select
+
+    from teleread.db.schema import dicom_metadata, objects
+
+    ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    private = bytes(range(256)) * 12  # 3 KiB: bulk data
+    ds.add_new(0x00090010, "LO", "TELEREAD TEST")  # the private creator of block 0x10
+    ds.add_new(0x00091001, "OB", private)
+    icon = pydicom.Dataset()
+    icon.Rows, icon.Columns, icon.BitsAllocated, icon.BitsStored, icon.HighBit = 64, 64, 8, 8, 7
+    icon.SamplesPerPixel, icon.PhotometricInterpretation, icon.PixelRepresentation = 1, "MONOCHROME2", 0
+    icon.PixelData = bytes(range(64)) * 64  # 4 KiB: the icon's own pixel data, not the image's
+    ds.IconImageSequence = pydicom.Sequence([icon])
+    path = tmp_path / "with-bulk.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
+    exam = upload(ingest, [(path, "dicom")], kind=common_pb2.EXAM_KIND_IMAGING, study=str(ds.StudyInstanceUID))
+    wait_for_state(ingest, exam.exam_id, "queued")
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    site = _client(dicomweb, hub_stack.tokens["site_a"])
+
+    engine = hub_stack.hub.engine
+    with engine.connect() as conn:
+        object_id = conn.execute(select(objects.c.id).where(objects.c.sop_instance_uid == uids[2])).scalar_one()
+        assert conn.execute(select(dicom_metadata.c.json).where(dicom_metadata.c.object_id == object_id)).scalar()
+    kept = site.retrieve_instance_metadata(*uids)
+    with engine.begin() as conn:  # as for an instance stored before ingest kept its metadata
+        conn.execute(delete(dicom_metadata).where(dicom_metadata.c.object_id == object_id))
+    from_file = site.retrieve_instance_metadata(*uids)
+    assert kept == from_file
+    assert _value(kept, "00100010") == {"Alphabetic": str(ds.PatientName)}
+
+    base = f"/dicomweb/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}"
+    assert kept["7FE00010"]["BulkDataURI"] == f"{base}/frames/1"
+    assert kept["00091001"]["BulkDataURI"] == f"{base}/bulkdata/00091001"
+    icon_pixels = kept["00880200"]["Value"][0]["7FE00010"]["BulkDataURI"]
+    assert icon_pixels == f"{base}/bulkdata/00880200/0/7FE00010"
+    origin = f"http://127.0.0.1:{dicomweb.port}"
+    assert site.retrieve_bulkdata(origin + kept["00091001"]["BulkDataURI"]) == [private]
+    assert site.retrieve_bulkdata(origin + icon_pixels) == [icon.PixelData]
+
+    auth = {"Authorization": f"Bearer {hub_stack.tokens['site_a']}"}
+    for bad, status, reason in ((f"{base}/bulkdata/00091002", 404, "NO_BULKDATA"),
+                                (f"{base}/bulkdata/00880200/3/7FE00010", 404, "NO_BULKDATA"),
+                                (f"{base}/bulkdata/zz", 400, "WADO_BAD_BULKDATA")):  # fmt: skip
+        answer = httpx.get(origin + bad, headers=auth)
+        assert (answer.status_code, answer.json()["reason"]) == (status, reason), bad
+    theirs = httpx.get(origin + kept["00091001"]["BulkDataURI"],
+                       headers={"Authorization": f"Bearer {hub_stack.tokens['site_b']}"})  # fmt: skip
+    assert theirs.status_code == 404

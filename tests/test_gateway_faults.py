@@ -404,12 +404,13 @@ class Chaos:
         valid = Instance(original.study, str(valid_ds.SOPInstanceUID), self.work / f"hub-refused-{n}" / "valid.dcm",
                          original.key)  # fmt: skip
         valid_ds.save_as(valid.path, enforce_file_format=True)
-        if not self.direct(original.path):  # a technician uploaded it straight to the hub before
-            return
-        if self._bad_instance_sent(valid_ds, 0x0000) and self._bad_instance_sent(offered_ds, 0x0000):
-            self.hub_refused.append(HubRefused(original, offered, valid))
-            self.injected["instance refused by the hub"] += 1
-            self._restart_after_bad()
+        assert self.direct(original.path)  # a technician uploaded it straight to the hub before
+        # once the original is at the hub the two must reach the gateway, or the hub's count is off
+        assert self._bad_instance_sent(valid_ds, 0x0000), "the gateway did not take the valid instance"
+        assert self._bad_instance_sent(offered_ds, 0x0000), "the gateway did not take the conflicting instance"
+        self.hub_refused.append(HubRefused(original, offered, valid))
+        self.injected["instance refused by the hub"] += 1
+        self._restart_after_bad()
 
     def total(self) -> int:
         return sum(self.injected.values())
@@ -633,8 +634,15 @@ def _direct_upload(port: int, token: str, pki: Path) -> Any:
         )  # fmt: skip
         try:
             retry = RetryPolicy(max_attempts=3, initial_backoff=0.2, max_backoff=1.0)
-            (outcome,) = upload_exams(ingest_pb2_grpc.IngestStub(channel), scan_paths([path]).exams, retry=retry)
-            return outcome.ok
+            errors: list[str] = []
+            for _ in range(10):  # the exam's key is its study: each attempt resumes the same hub exam
+                (outcome,) = upload_exams(ingest_pb2_grpc.IngestStub(channel), scan_paths([path]).exams, retry=retry)
+                if outcome.ok:
+                    return True
+                errors = outcome.errors
+                time.sleep(0.5)
+            # a hub that is up must take one valid file; an exam left open here would be counted nowhere
+            raise AssertionError(f"the direct upload did not commit: {errors}")
         finally:
             channel.close()
 
@@ -667,7 +675,10 @@ def _check_hub(hub_dir: Path, outbox: Path, acknowledged: list[Instance], late: 
         refused = chaos.hub_refused
         # the modality's instances, and per refusal the original (uploaded directly) and the valid one
         assert len(rows) == len(acknowledged) + 2 * len(refused) == len(by_sop), "lost or duplicated instances"
-        assert len(hub_exams) == outbox_exams + len(refused)  # one per outbox exam, and the direct uploads
+        # one per outbox exam, and the direct uploads
+        assert len(hub_exams) == outbox_exams + len(refused), (
+            f"hub exams by state {dict(Counter(e['state'] for e in hub_exams))}, outbox exams {outbox_exams}"
+        )
         assert not chaos.refused_sops & set(by_sop)  # nothing the receiver refused reached the hub
         aside = outbox / "set-aside"
         offered_sops = {r.offered.sop for r in refused}

@@ -4,18 +4,20 @@ first stored instance says (``teleread/dicom_index.py`` reads the values from it
 In the transaction that stores an instance: its study's and its series' rows are inserted when the
 site has none yet, and left as they are otherwise (``ON CONFLICT DO NOTHING``), so of the streams of
 one upload storing a study's first instances at once, one row is written and none waits or fails.
+The instance's DICOM JSON goes into ``dicom_metadata`` in the same transaction, and leaves with its
+object row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, Table, delete, insert
 from sqlalchemy.dialects import postgresql, sqlite
 
 from teleread.db.engine import utcnow
-from teleread.db.schema import dicom_series, dicom_studies
+from teleread.db.schema import dicom_metadata, dicom_series, dicom_studies
 from teleread.dicom_index import DicomIndex
 
 
@@ -25,9 +27,12 @@ def _insert_new(conn: Connection, table: Table, values: Mapping[str, Any], keys:
     conn.execute(dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
 
 
-def record(conn: Connection, *, row: Mapping[str, Any], index: DicomIndex) -> None:
-    """The study and series rows of a stored instance's object ``row`` (in the caller's transaction)."""
+def record(conn: Connection, *, row: Mapping[str, Any], index: DicomIndex, metadata: str = "") -> None:
+    """The study and series rows of a stored instance's object ``row``, and its DICOM JSON
+    ``metadata`` when there is one (in the caller's transaction)."""
     now = utcnow()
+    if metadata:
+        conn.execute(insert(dicom_metadata).values(object_id=row["id"], json=metadata))
     site_id, study = row["site_id"], str(row.get("study_instance_uid") or "")
     if study:
         values = {"site_id": site_id, "study_instance_uid": study, "exam_id": row["exam_id"], "created_at": now}
@@ -37,3 +42,8 @@ def record(conn: Connection, *, row: Mapping[str, Any], index: DicomIndex) -> No
         "modality": row.get("modality") or "", "created_at": now, **index.series_columns(),
     }  # fmt: skip
     _insert_new(conn, dicom_series, series, ["site_id", "series_instance_uid"])
+
+
+def forget(conn: Connection, object_ids: Sequence[str]) -> None:
+    """The kept DICOM JSON of objects whose rows go (in the caller's transaction, before they go)."""
+    conn.execute(delete(dicom_metadata).where(dicom_metadata.c.object_id.in_(list(object_ids))))

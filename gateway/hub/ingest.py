@@ -528,7 +528,7 @@ class IngestService:
 
     def _validate(self, role: str, part: Path, *, exam_id: str, site_id: int, upload_id: str) -> dict[str, object]:
         if role == "dicom":
-            info = self._cpu.run(validate.check_dicom_instance, part)  # the check every door applies
+            info = self._cpu.run(validate.check_dicom_instance, part, metadata=True)  # the check every door applies
             with reading(self._engine) as conn:  # one read: the exam's study, an earlier copy, its first instance
                 exam = self._site_exam(conn, site_id=site_id, exam_id=exam_id)
                 existing = conn.execute(
@@ -551,6 +551,7 @@ class IngestService:
                 "study_instance_uid": info.study_instance_uid,
                 "patient": info.patient if first else None,  # only a possible first instance records it
                 "index": info.index,
+                "metadata": info.metadata,
                 "object": {
                     "study_instance_uid": info.study_instance_uid,
                     "instance_number": info.index.instance_number,
@@ -680,7 +681,7 @@ class IngestService:
         cls._touch_exam(conn, exam_id=str(row["exam_id"]), meta=meta)
         index = meta.get("index")
         if isinstance(index, DicomIndex) and row.get("series_instance_uid"):
-            dicom_index.record(conn, row=row, index=index)
+            dicom_index.record(conn, row=row, index=index, metadata=str(meta.get("metadata") or ""))
         if first is not None:
             patient_context.record_first_instance(conn, exam_id=str(row["exam_id"]), upload_id=upload_id, patient=first)
 
@@ -838,6 +839,7 @@ class IngestService:
                 self._mark_upload(conn, upload_id=r.upload_id, state=UploadStatus.REFUSED, object_id=None)
             mine = [r.id for r in stored]
             if mine:  # a duplicate's row belongs to the exam that stored it first
+                dicom_index.forget(conn, mine)
                 conn.execute(delete(objects).where(objects.c.id.in_(mine), objects.c.exam_id == exam_id))
             lifecycle.move_exam(
                 conn,

@@ -44,6 +44,7 @@ from sqlalchemy import ColumnElement, Engine, delete, exists, select
 from teleread.db.engine import as_utc, reading, utcnow
 from teleread.db.schema import exams, objects, sites, uploads
 from teleread import lifecycle
+from teleread.gateway.hub import dicom_index
 from teleread.gateway.hub.staging import PART_SUFFIX
 from teleread.storage import ObjectStore
 from teleread.vocab import ExamState, UploadStatus
@@ -256,6 +257,7 @@ class Janitor:
                         conn, batch, UploadStatus.EXPIRED, values={"object_id": None, "updated_at": now}
                     )
                 for batch in _batches([o.id for o in gone]):
+                    dicom_index.forget(conn, batch)
                     conn.execute(delete(objects).where(objects.c.id.in_(batch), objects.c.exam_id == exam_id))
         except Exception as exc:
             report.errors += 1

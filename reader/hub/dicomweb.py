@@ -14,12 +14,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any, BinaryIO, Callable
 
 import pydicom
-import pydicom.dataset
 import pydicom.multival
 from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
@@ -35,17 +35,17 @@ from starlette.routing import Route
 from teleread.auth import Principal
 from teleread.db.engine import reading
 from teleread.db.schema import dicom_studies
+from teleread.dicom_index import BULK_BYTES, DICOMWEB_PREFIX, instance_url, metadata_json
 from teleread.errors import InvalidInput, PermissionDenied, NotFound, TelereadError
 from teleread.events import record_event
 from teleread.reader.hub import qido
 from teleread.webserver import BackgroundServer, bound_socket
 
 log = logging.getLogger("teleread.dicomweb")
-PREFIX = "/dicomweb"
+PREFIX = DICOMWEB_PREFIX
 MEDIA = "application/dicom+json"
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404}
 ACCEPTED = ("application/dicom+json", "application/json", "*/*", "application/*")
-BULK_BYTES = 1024  # a binary value larger than this is bulk data in metadata
 
 
 def _error(exc: TelereadError) -> Response:
@@ -60,19 +60,31 @@ def _accepts(request: Request) -> bool:
     return any(part.split(";")[0].strip() in ACCEPTED for part in header.split(","))
 
 
-def _metadata(raw: BinaryIO, url: str) -> dict[str, Any]:
-    """An instance's DICOM JSON without its bulk data: pixel data (and any value over 1 KiB that
-    is bytes) becomes a BulkDataURI under the instance's URL."""
+def _metadata(raw: BinaryIO, url: str) -> str:
+    """An instance's DICOM JSON built from its file (one stored before ingest kept it)."""
     ds = pydicom.dcmread(raw, stop_before_pixels=False, defer_size=BULK_BYTES)
-    ds.file_meta = pydicom.dataset.FileMetaDataset()  # the file meta group is not part of the dataset
+    return json.dumps(metadata_json(ds, url), separators=(",", ":"))
 
-    def bulk(element: Any) -> str:
-        return f"{url}/bulkdata/{element.tag:08X}"
 
-    out: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=BULK_BYTES, bulk_data_element_handler=bulk)
-    if "7FE00010" in out:  # a frame is retrieved by its number, as viewers ask for it
-        out["7FE00010"] = {"vr": out["7FE00010"].get("vr", "OW"), "BulkDataURI": f"{url}/frames/1"}
-    return out
+_BULK_PATH = re.compile(r"^[0-9A-Fa-f]{8}(/\d{1,6}/[0-9A-Fa-f]{8}){0,8}$")
+
+
+def _bulkdata(raw: BinaryIO, path: str) -> bytes:
+    """The value of the data element at ``path`` (as ``dicom_index.bulk_paths`` writes it)."""
+    if not _BULK_PATH.match(path):
+        raise InvalidInput("WADO: not a bulk data path", reason="WADO_BAD_BULKDATA")
+    ds: Any = pydicom.dcmread(raw)
+    steps = path.split("/")
+    try:
+        for seq, item in zip(steps[:-1:2], steps[1:-1:2]):
+            ds = ds[int(seq, 16)].value[int(item)]
+        element = ds[int(steps[-1], 16)]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise NotFound("WADO: the instance has no such data element", reason="NO_BULKDATA") from None
+    value = element.value
+    if not isinstance(value, bytes):
+        raise NotFound("WADO: that data element is not bulk data", reason="NO_BULKDATA")
+    return value
 
 
 def _multipart(parts: list[bytes], media: str) -> Response:
@@ -225,25 +237,36 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal], sto
             found = qido.stored_instances(conn, principal, study=study, series=series, instance=instance)
         if not found:
             raise NotFound("no such study, series or instance", reason="NO_INSTANCE")
-        base = f"{PREFIX}/studies/{study}"  # from the origin, as the retrieve URLs
-        parts: list[Any] = []
-        for row in found:
-            with store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as raw:
-                if what == "metadata":
-                    url = f"{base}/series/{row.series_instance_uid}/instances/{row.sop_instance_uid}"
-                    parts.append(_metadata(raw, url))
-                elif what == "rendered":
-                    return _rendered(raw, int(request.path_params.get("frames") or 1), request)
-                elif what == "frames":
-                    frames, media = _frames(raw, request.path_params["frames"], stored=_wants_stored(request))
-                    return _multipart(frames, media)
-                else:
-                    parts.append(raw.read())
         route = getattr(request.scope.get("route"), "path", "")
         log.info("dicomweb retrieve", extra={"user": principal.name, "route": route, "count": len(found)})
         if what == "metadata":
-            return Response(json.dumps(parts), media_type=MEDIA)
+            return Response(_metadata_of(found, study).encode(), media_type=MEDIA)
+        parts: list[bytes] = []
+        for row in found:
+            with store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as raw:
+                if what == "rendered":
+                    return _rendered(raw, int(request.path_params.get("frames") or 1), request)
+                if what == "frames":
+                    frames, media = _frames(raw, request.path_params["frames"], stored=_wants_stored(request))
+                    return _multipart(frames, media)
+                if what == "bulkdata":
+                    return _multipart([_bulkdata(raw, request.path_params["path"])], "application/octet-stream")
+                parts.append(raw.read())
         return _multipart(parts, "application/dicom")
+
+    def _metadata_of(found: list[Any], study: str) -> str:
+        """The instances' DICOM JSON as one array: as ingest kept it, or built from the file."""
+        with reading(engine) as conn:
+            kept = qido.kept_metadata(conn, [row.id for row in found])
+        parts = []
+        for row in found:
+            text = kept.get(row.id)
+            if text is None:
+                url = instance_url(study, row.series_instance_uid, row.sop_instance_uid)
+                with store.open_verified(row.storage_key, sha256=row.sha256, size=row.size) as raw:
+                    text = _metadata(raw, url)
+            parts.append(text)
+        return "[" + ",".join(parts) + "]"
 
     def answer(request: Request, level: str, principal: Principal) -> Response:
         started = time.perf_counter()
@@ -287,6 +310,7 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal], sto
             Route(f"{study}{series}{instance}/metadata", wado("metadata")),
             Route(f"{study}{series}{instance}/frames/{{frames}}", wado("frames")),
             Route(f"{study}{series}{instance}/rendered", wado("rendered")),
+            Route(f"{study}{series}{instance}/bulkdata/{{path:path}}", wado("bulkdata")),
             Route(f"{study}{series}{instance}/frames/{{frames:int}}/rendered", wado("rendered")),
             Route(study, wado("instances")),
             Route(f"{study}{series}", wado("instances")),

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Select, and_, func, select
 
 from teleread.auth import Principal, require_reader
-from teleread.db.schema import dicom_series, dicom_studies, exams, objects
+from teleread.db.schema import dicom_metadata, dicom_series, dicom_studies, exams, objects
 from teleread.errors import InvalidInput, PermissionDenied
 from teleread.lifecycle import READABLE
 from teleread.vocab import Role
@@ -351,6 +351,8 @@ def stored_instances(conn: Connection, p: Principal, *, study: str, series: str 
             raise InvalidInput("WADO: the path holds an invalid UID", reason="BAD_UID")
     query = (
         select(
+            objects.c.id,
+            objects.c.study_instance_uid,
             objects.c.storage_key,
             objects.c.sha256,
             objects.c.size,
@@ -375,3 +377,14 @@ def stored_instances(conn: Connection, p: Principal, *, study: str, series: str 
     if instance:
         query = query.where(objects.c.sop_instance_uid == instance)
     return list(conn.execute(query).all())
+
+
+def kept_metadata(conn: Connection, object_ids: Sequence[str]) -> dict[str, str]:
+    """The DICOM JSON ingest kept for these objects, by object id (an object stored before it was
+    kept has none)."""
+    kept: dict[str, str] = {}
+    for start in range(0, len(object_ids), 500):
+        batch = list(object_ids[start : start + 500])
+        query = select(dicom_metadata.c.object_id, dicom_metadata.c.json).where(dicom_metadata.c.object_id.in_(batch))
+        kept.update({str(r.object_id): str(r.json) for r in conn.execute(query)})
+    return kept

@@ -186,6 +186,15 @@ objects = Table(
     Index("ix_objects_site_study", "site_id", "study_instance_uid"),
 )
 
+# A stored DICOM instance's DICOM JSON (PS3.18 F.2) without its bulk data, written at ingest so that
+# WADO-RS metadata is answered from the database, not by parsing every file of a series again.
+dicom_metadata = Table(
+    "dicom_metadata",
+    metadata,
+    Column("object_id", String(32), ForeignKey("objects.id"), primary_key=True),
+    Column("json", Text, nullable=False),
+)
+
 # The DICOM study and series a site's instances belong to, as their first stored instance says
 # (the DICOMweb query index; a study may span several exams of the site: its follow-ups).
 dicom_studies = Table(
