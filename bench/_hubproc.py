@@ -54,10 +54,17 @@ def _install_thread_profiler() -> list[cProfile.Profile]:
 def _dump_profiles(profiles: list[cProfile.Profile], path: Path) -> None:
     import pstats
 
-    if profiles:
-        stats = pstats.Stats(profiles[0])
-        for profile in profiles[1:]:
+    stats: pstats.Stats | None = None
+    for profile in profiles:
+        profile.disable()
+        profile.create_stats()
+        if not getattr(profile, "stats", None):  # a thread that ran no Python code: nothing to add
+            continue
+        if stats is None:
+            stats = pstats.Stats(profile)
+        else:
             stats.add(profile)
+    if stats is not None:
         stats.dump_stats(str(path))
 
 

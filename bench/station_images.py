@@ -104,6 +104,25 @@ SCROLL = """async () => {
 }"""
 
 
+REQUESTS = """() => {
+  const kinds = {};
+  for (const e of performance.getEntriesByType('resource')) {
+    if (!e.name.includes('/dicomweb/')) continue;
+    const path = new URL(e.name).pathname;
+    const kind = path.includes('/frames/') ? 'frames' : path.endsWith('/metadata') ? 'metadata' : 'query';
+    (kinds[kind] = kinds[kind] || []).push({ start: e.startTime, wait: e.responseStart - e.requestStart,
+                                             end: e.responseEnd });
+  }
+  const out = {};
+  for (const [kind, list] of Object.entries(kinds)) {
+    const waits = list.map((r) => r.wait).sort((a, b) => a - b);
+    out[kind] = { count: list.length, wait_median_ms: waits[Math.floor(waits.length / 2)],
+                  first_ms: Math.min(...list.map((r) => r.start)), last_end_ms: Math.max(...list.map((r) => r.end)) };
+  }
+  return out;
+}"""
+
+
 def _first_dicomweb_ms(page: Any) -> float:
     return float(
         page.evaluate("""() => Math.min(...performance.getEntriesByType('resource')
@@ -149,6 +168,7 @@ def _open(browser: Any, url: str, study: str, *, warm: str, rows: int, columns: 
         _until(page, f"() => {{ const b = window.__bench; return b.first !== null && {done}; }}", timeout_s=timeout_s)
         found = dict(page.evaluate("() => window.__bench"))
         found["first_request"] = _first_dicomweb_ms(page)
+        found["requests"] = page.evaluate(REQUESTS)  # per kind: count, median server wait, first start, last end
         if series:
             found["scroll"] = page.evaluate(SCROLL)
         page.close()
@@ -157,7 +177,7 @@ def _open(browser: Any, url: str, study: str, *, warm: str, rows: int, columns: 
         context.close()
 
 
-def run(work: Path, *, runs: int, slices: int, dx_side: tuple[int, int]) -> dict[str, Any]:
+def run(work: Path, *, runs: int, slices: int, dx_side: tuple[int, int], profile: Path | None = None) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     from teleread.db.engine import make_engine
@@ -188,7 +208,7 @@ def run(work: Path, *, runs: int, slices: int, dx_side: tuple[int, int]) -> dict
     try:
         url = pg.new_database()
         hub = _hubproc.start_hub({"data_dir": str(work / "data"), "database_url": url, "http": {"port": 0}},
-                                 run_dir=work, readers=0)  # fmt: skip
+                                 run_dir=work, readers=0, profile=profile)  # fmt: skip
         try:
             engine = make_engine(url)
             set_password(engine, name=READER, password=PASSWORD)
@@ -288,11 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small smoke run (40 slices, a 1500 x 1400 DX)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="PATH",
+                        help="write the hub process's CPU profile (pstats) here")  # fmt: skip
     args = parser.parse_args(argv)
     info = machine()
     slices, dx_side = (40, (1500, 1400)) if args.quick else (200, (3300, 3300))
     with tempfile.TemporaryDirectory(prefix="teleread-bench-images-") as tmp:
-        found = run(Path(tmp), runs=args.runs, slices=slices, dx_side=dx_side)
+        found = run(Path(tmp), runs=args.runs, slices=slices, dx_side=dx_side, profile=args.profile)
     info["load_after"] = os.getloadavg()[0]
     rows = report(found, info)
     if args.json:

@@ -14,6 +14,7 @@ a patient value never refuses a file, an invalid one is dropped.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -57,6 +58,7 @@ _LONG_LENGTH_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _EXECUTABLE_MAGIC = ((b"MZ", "pe"), (b"\x7fELF", "elf"))
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SPECIFIC_CHARACTER_SET = 0x00080005
+_NATIVE_LITTLE_ENDIAN = (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian)
 _DEFER_BYTES = 64 * 1024  # values above this stay on disk until their extent is checked
 _IN_MEMORY_BYTES = 4 * 1024**2  # files up to this size are parsed from memory
 _MAX_LOADED_VALUE_BYTES = 64 * 1024**2  # larger deferred values are checked, never loaded
@@ -114,6 +116,7 @@ class DicomInfo:
     patient_dropped: tuple[str, ...] = ()  # the patient fields whose value was invalid (names only)
     index: DicomIndex = field(default=DicomIndex(), repr=False)  # study and series values for DICOMweb
     metadata: str = field(default="", repr=False)  # its DICOM JSON for WADO-RS ('' if it could not be built)
+    pixel_range: tuple[int, int, str] | None = None  # native pixel data: offset, length and SHA-256 in the file
 
 
 class _ClampedReader(io.BufferedReader):
@@ -232,7 +235,7 @@ def _parse_dicom(
         budget = [_MAX_ELEMENTS]
         _walk(ds.file_meta, file_size=file_size, budget=budget, depth=0)
         _walk(ds, file_size=file_size, budget=budget, depth=0)
-        kept = _metadata(fp, uids) if metadata else ""
+        kept, pixel_range = _metadata(fp, uids) if metadata else ("", None)
     rows, columns = _optional_int(ds, "Rows"), _optional_int(ds, "Columns")
     frames = _optional_int(ds, "NumberOfFrames")
     if frames is not None and frames < 1:
@@ -262,21 +265,40 @@ def _parse_dicom(
         patient_dropped=tuple(dropped),
         index=index_of(ds),
         metadata=kept,
+        pixel_range=pixel_range,
     )
 
 
-def _metadata(fp: BinaryIO, uids: dict[str, str]) -> str:
+def _metadata(fp: BinaryIO, uids: dict[str, str]) -> tuple[str, tuple[int, int, str] | None]:
     """The instance's DICOM JSON (``dicom_index.metadata_json``), read again whole now that its
-    structure is known to be sound; '' when a value cannot be put into JSON (WADO-RS then builds it
-    from the stored file, and says why if it cannot either): the metadata never refuses a file."""
+    structure is known to be sound, and where its native pixel data lies in the file (so WADO-RS
+    reads a frame's bytes alone, verified by their own digest). ('', None) when a value cannot be put
+    into JSON (WADO-RS then builds it from the stored file, and says why if it cannot either): the
+    metadata never refuses a file."""
     url = instance_url(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
     try:
         fp.seek(0)
         full = pydicom.dcmread(fp, force=False, defer_size=BULK_BYTES)
-        return json.dumps(metadata_json(full, url), separators=(",", ":"))
+        pixel_range = _native_pixel_range(full, fp)
+        return json.dumps(metadata_json(full, url), separators=(",", ":")), pixel_range
     except Exception as exc:  # noqa: BLE001 - untrusted input: the type is logged, never a value
         log.warning("instance metadata not kept", extra={"reason": type(exc).__name__})
-        return ""
+        return "", None
+
+
+def _native_pixel_range(ds: Dataset, fp: BinaryIO) -> tuple[int, int, str] | None:
+    """Offset, length and SHA-256 of the top-level pixel data's value when it is stored natively in
+    little endian (encapsulated, deflated or big-endian pixel data is read through pydicom)."""
+    if ds.file_meta.get("TransferSyntaxUID") not in _NATIVE_LITTLE_ENDIAN or 0x7FE00010 not in ds:
+        return None
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF or raw.value_tell is None:
+        return None
+    fp.seek(raw.value_tell)
+    value = fp.read(raw.length)
+    if len(value) != raw.length:
+        return None
+    return raw.value_tell, raw.length, hashlib.sha256(value).hexdigest()
 
 
 def dicom_patient(ds: Dataset) -> tuple[PatientContext, list[str]]:

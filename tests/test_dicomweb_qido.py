@@ -296,3 +296,62 @@ def test_metadata_is_kept_at_ingest_and_bulk_data_resolves_at_its_uri(
     theirs = httpx.get(origin + kept["00091001"]["BulkDataURI"],
                        headers={"Authorization": f"Bearer {hub_stack.tokens['site_b']}"})  # fmt: skip
     assert theirs.status_code == 404
+
+
+def test_native_frames_are_read_by_range_and_verified_by_their_own_digest(
+    hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
+) -> None:
+    """A native multi-frame instance: each frame is the slice of the stored pixel data, read alone
+    (a changed byte of the header does not stop it) and never served once its bytes changed."""
+    from sqlalchemy import select
+
+    from teleread.db.schema import dicom_metadata, objects
+    from teleread.storage.local import LocalObjectStore
+
+    ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    frame_bytes = len(ds.PixelData)
+    frames = [bytes((b + k) % 256 for b in ds.PixelData) for k in range(3)]
+    ds.NumberOfFrames, ds.PixelData = 3, b"".join(frames)
+    path = tmp_path / "multi.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
+    exam = upload(ingest, [(path, "dicom")], kind=common_pb2.EXAM_KIND_IMAGING, study=str(ds.StudyInstanceUID))
+    wait_for_state(ingest, exam.exam_id, "queued")
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    site = _client(dicomweb, hub_stack.tokens["site_a"])
+
+    with hub_stack.hub.engine.connect() as conn:
+        row = conn.execute(
+            select(objects.c.storage_key, dicom_metadata.c.pixel_offset, dicom_metadata.c.pixel_length)
+            .join(dicom_metadata, dicom_metadata.c.object_id == objects.c.id)
+            .where(objects.c.sop_instance_uid == uids[2])
+        ).one()
+    assert row.pixel_length == 3 * frame_bytes
+    assert path.read_bytes()[row.pixel_offset : row.pixel_offset + row.pixel_length] == ds.PixelData
+    assert site.retrieve_instance_frames(*uids, frame_numbers=[2]) == [frames[1]]
+    assert site.retrieve_instance_frames(*uids, frame_numbers=[3, 1]) == [frames[2], frames[0]]
+    with pytest.raises(requests.HTTPError) as err:
+        site.retrieve_instance_frames(*uids, frame_numbers=[4])
+    assert err.value.response.status_code == 404 and err.value.response.json()["reason"] == "NO_FRAME"
+
+    store = hub_stack.hub.store
+    if not isinstance(store, LocalObjectStore):
+        return  # the S3 store's files are the server's own; the store contract test flips them there
+    stored = store._path_for(row.storage_key)
+    with open(stored, "r+b") as f:  # a byte of the header: the frames stand, the instance does not
+        f.seek(200)
+        header_byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([header_byte[0] ^ 1]))
+    assert site.retrieve_instance_frames(*uids, frame_numbers=[1]) == [frames[0]]
+    with open(stored, "r+b") as f:  # a byte of the second frame: no frame of it is served
+        f.seek(row.pixel_offset + frame_bytes + 5)
+        pixel_byte = f.read(1)
+        f.seek(row.pixel_offset + frame_bytes + 5)
+        f.write(bytes([pixel_byte[0] ^ 1]))
+    auth = {"Authorization": f"Bearer {hub_stack.tokens['site_a']}"}
+    base = f"http://127.0.0.1:{dicomweb.port}/dicomweb/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}"
+    answer = httpx.get(f"{base}/frames/1", headers=auth)
+    assert answer.status_code == 500 and answer.json()["reason"] == "CHECKSUM_MISMATCH"

@@ -616,3 +616,32 @@ def test_factory_builds_a_working_s3_store(s3_server: NanioServer, s3_bucket: st
     store.put_file(_key(data), _source(tmp_path, data), sha256=_sha(data), size=len(data))
     with store.open_verified(_key(data), sha256=_sha(data), size=len(data)) as handle:
         assert handle.read() == data
+
+
+def test_a_range_is_served_only_as_its_digest_says(case: StoreCase, tmp_path: Path) -> None:
+    """A part of an object (a DICOM instance's pixel data) is read alone and verified by the digest
+    recorded for that part: a flip inside it is never served, one outside it does not concern it."""
+    data = _random_bytes(2 * MIB + 7)
+    key = _key(data)
+    case.store.put_file(key, _source(tmp_path, data), sha256=_sha(data), size=len(data))
+    offset, length = 1000, MIB
+    part = data[offset : offset + length]
+    assert case.store.read_range(key, offset=offset, length=length, sha256=_sha(part)) == part
+    assert case.store.read_range(key, offset=len(data), length=0, sha256=_sha(b"")) == b""
+
+    with pytest.raises(IntegrityError) as raised:  # past the end: shorter than asked
+        case.store.read_range(key, offset=len(data) - 10, length=20, sha256=_sha(data[-10:]))
+    assert raised.value.reason == "SIZE_MISMATCH"
+    with pytest.raises(InvalidInput):
+        case.store.read_range(key, offset=-1, length=10, sha256=_sha(part))
+    with pytest.raises(InvalidInput):
+        case.store.read_range(key, offset=0, length=10, sha256="not a digest")
+    with pytest.raises(ObjectNotFound):
+        case.store.read_range(_key(b"never stored"), offset=0, length=12, sha256=_sha(b"never stored"))
+
+    _flip_byte(case.stored_file(key), 10)  # outside the part
+    assert case.store.read_range(key, offset=offset, length=length, sha256=_sha(part)) == part
+    _flip_byte(case.stored_file(key), offset + length // 2)  # inside it
+    with pytest.raises(IntegrityError) as raised:
+        case.store.read_range(key, offset=offset, length=length, sha256=_sha(part))
+    assert raised.value.reason == "CHECKSUM_MISMATCH"

@@ -27,12 +27,18 @@ def _insert_new(conn: Connection, table: Table, values: Mapping[str, Any], keys:
     conn.execute(dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
 
 
-def record(conn: Connection, *, row: Mapping[str, Any], index: DicomIndex, metadata: str = "") -> None:
+def record(
+    conn: Connection, *, row: Mapping[str, Any], index: DicomIndex, metadata: str = "",
+    pixel_range: tuple[int, int, str] | None = None,
+) -> None:  # fmt: skip
     """The study and series rows of a stored instance's object ``row``, and its DICOM JSON
-    ``metadata`` when there is one (in the caller's transaction)."""
+    ``metadata`` and native pixel data's place (offset, length, SHA-256) when there are (in the
+    caller's transaction)."""
     now = utcnow()
     if metadata:
-        conn.execute(insert(dicom_metadata).values(object_id=row["id"], json=metadata))
+        offset, length, sha256 = pixel_range or (None, None, None)
+        conn.execute(insert(dicom_metadata).values(object_id=row["id"], json=metadata, pixel_offset=offset,
+                                                   pixel_length=length, pixel_sha256=sha256))  # fmt: skip
     site_id, study = row["site_id"], str(row.get("study_instance_uid") or "")
     if study:
         values = {"site_id": site_id, "study_instance_uid": study, "exam_id": row["exam_id"], "created_at": now}

@@ -552,6 +552,7 @@ class IngestService:
                 "patient": info.patient if first else None,  # only a possible first instance records it
                 "index": info.index,
                 "metadata": info.metadata,
+                "pixel_range": info.pixel_range,
                 "object": {
                     "study_instance_uid": info.study_instance_uid,
                     "instance_number": info.index.instance_number,
@@ -681,7 +682,8 @@ class IngestService:
         cls._touch_exam(conn, exam_id=str(row["exam_id"]), meta=meta)
         index = meta.get("index")
         if isinstance(index, DicomIndex) and row.get("series_instance_uid"):
-            dicom_index.record(conn, row=row, index=index, metadata=str(meta.get("metadata") or ""))
+            dicom_index.record(conn, row=row, index=index, metadata=str(meta.get("metadata") or ""),
+                               pixel_range=meta.get("pixel_range"))  # type: ignore[arg-type]  # fmt: skip
         if first is not None:
             patient_context.record_first_instance(conn, exam_id=str(row["exam_id"]), upload_id=upload_id, patient=first)
 

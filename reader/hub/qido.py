@@ -11,13 +11,14 @@ does not index is refused (``QIDO_UNKNOWN_ATTRIBUTE``), naming it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, func, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, bindparam, func, select
 
 from teleread.auth import Principal, require_reader
 from teleread.db.schema import dicom_metadata, dicom_series, dicom_studies, exams, objects
@@ -345,10 +346,31 @@ __all__ = ["Query", "parse", "search", "any_visible"]
 
 def stored_instances(conn: Connection, p: Principal, *, study: str, series: str = "", instance: str = "") -> list[Any]:
     """The stored DICOM objects of a study (a series, an instance) that ``p`` may see, in series
-    and instance order: their storage key, digest, size and UIDs, for WADO-RS."""
+    and instance order: their storage key, digest, size, UIDs, frames and (when ingest kept it) the
+    place of their native pixel data, for WADO-RS."""
     for uid in (study, series, instance):
         if uid and not _UID.match(uid):
             raise InvalidInput("WADO: the path holds an invalid UID", reason="BAD_UID")
+    if p.role is Role.SITE and p.site_id is not None:
+        params: dict[str, Any] = {"site_id": p.site_id}
+    elif p.is_reader:
+        hospital, specialty = require_reader(p)
+        params = {"hospital": hospital, "specialty": specialty}
+    else:
+        raise PermissionDenied("DICOMweb answers sites and readers", reason="ROLE_DENIED")
+    statement = _instances_statement(reader="hospital" in params, series=bool(series), instance=bool(instance))
+    return list(conn.execute(statement, {**params, "study": study, "series": series, "instance": instance}).all())
+
+
+@functools.cache
+def _instances_statement(*, reader: bool, series: bool, instance: bool) -> Select[Any]:
+    """The query of :func:`stored_instances`, built once per shape (a frame request per image of a
+    series runs it: building it each time cost more than running it)."""
+    if reader:  # as _scope says, with the reader's values bound
+        scope = and_(exams.c.hospital == bindparam("hospital"), exams.c.specialty == bindparam("specialty"),
+                     exams.c.state.in_(READABLE))  # fmt: skip
+    else:
+        scope = dicom_studies.c.site_id == bindparam("site_id")
     query = (
         select(
             objects.c.id,
@@ -359,24 +381,30 @@ def stored_instances(conn: Connection, p: Principal, *, study: str, series: str 
             objects.c.sop_instance_uid,
             objects.c.series_instance_uid,
             objects.c.transfer_syntax_uid,
+            objects.c.number_of_frames,
+            dicom_metadata.c.pixel_offset,
+            dicom_metadata.c.pixel_length,
+            dicom_metadata.c.pixel_sha256,
         )  # fmt: skip
         .select_from(
-            dicom_studies.join(exams, exams.c.id == dicom_studies.c.exam_id).join(
+            dicom_studies.join(exams, exams.c.id == dicom_studies.c.exam_id)
+            .join(
                 objects,
                 and_(
                     objects.c.site_id == dicom_studies.c.site_id,
                     objects.c.study_instance_uid == dicom_studies.c.study_instance_uid,
                 ),
-            )  # fmt: skip
+            )
+            .outerjoin(dicom_metadata, dicom_metadata.c.object_id == objects.c.id)
         )
-        .where(_scope(p), dicom_studies.c.study_instance_uid == study, objects.c.role == "dicom")
+        .where(scope, dicom_studies.c.study_instance_uid == bindparam("study"), objects.c.role == "dicom")
         .order_by(objects.c.series_instance_uid, objects.c.instance_number, objects.c.id)
     )
     if series:
-        query = query.where(objects.c.series_instance_uid == series)
+        query = query.where(objects.c.series_instance_uid == bindparam("series"))
     if instance:
-        query = query.where(objects.c.sop_instance_uid == instance)
-    return list(conn.execute(query).all())
+        query = query.where(objects.c.sop_instance_uid == bindparam("instance"))
+    return query
 
 
 def kept_metadata(conn: Connection, object_ids: Sequence[str]) -> dict[str, str]:

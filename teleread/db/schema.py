@@ -187,12 +187,17 @@ objects = Table(
 )
 
 # A stored DICOM instance's DICOM JSON (PS3.18 F.2) without its bulk data, written at ingest so that
-# WADO-RS metadata is answered from the database, not by parsing every file of a series again.
+# WADO-RS metadata is answered from the database, not by parsing every file of a series again, and
+# its native frames are read by range.
 dicom_metadata = Table(
     "dicom_metadata",
     metadata,
     Column("object_id", String(32), ForeignKey("objects.id"), primary_key=True),
     Column("json", Text, nullable=False),
+    # where native (little-endian, unencapsulated) pixel data lies in the stored file, and its digest
+    Column("pixel_offset", BigInteger, nullable=True),
+    Column("pixel_length", BigInteger, nullable=True),
+    Column("pixel_sha256", String(64), nullable=True),
 )
 
 # The DICOM study and series a site's instances belong to, as their first stored instance says

@@ -60,6 +60,12 @@ class ObjectStore(Protocol):
         against the expected values before it is handed out (IntegrityError otherwise)."""
         ...
 
+    def read_range(self, key: str, *, offset: int, length: int, sha256: str) -> bytes:
+        """``length`` bytes of the object from ``offset``, returned only if they hash to ``sha256``
+        (a part whose digest was recorded at ingest, such as a DICOM instance's pixel data);
+        IntegrityError if they do not or the object is shorter."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove an object (used only by reconciliation of orphans); absent is fine."""
         ...

@@ -12,6 +12,7 @@ Folders are created 0700 and object files 0600: only the hub's own user reads th
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -87,6 +88,23 @@ def read_verified(stream: BinaryIO, *, sha256: str, size: int, what: str, out: B
     except SizeLimitExceeded:
         _raise_size_mismatch(what)
     check_content(actual_sha256=actual.sha256, actual_size=actual.size, sha256=sha256, size=size, what=what)
+
+
+def validate_range(*, offset: int, length: int, sha256: str) -> None:
+    """Reject a malformed range or digest before any I/O."""
+    validate_expected(sha256=sha256, size=length)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidInput("a range's offset must be a non-negative integer", reason="INVALID_RANGE")
+
+
+def check_range(data: bytes, *, key: str, length: int, sha256: str) -> None:
+    """IntegrityError (logged with the key) unless ``data`` is ``length`` bytes hashing to ``sha256``."""
+    try:
+        check_content(actual_sha256=hashlib.sha256(data).hexdigest(), actual_size=len(data), sha256=sha256,
+                      size=length, what="stored object's range")  # fmt: skip
+    except IntegrityError as exc:
+        logger.error("stored object failed verification", extra={"object_id": key, "reason": exc.reason})
+        raise
 
 
 def check_content(*, actual_sha256: str, actual_size: int, sha256: str, size: int, what: str) -> None:
@@ -252,6 +270,20 @@ class LocalObjectStore:
         handle = self._open_and_verify(key, sha256=sha256, size=size)
         with handle:
             yield handle
+
+    def read_range(self, key: str, *, offset: int, length: int, sha256: str) -> bytes:
+        validate_key(key)
+        validate_range(offset=offset, length=length, sha256=sha256)
+        try:
+            with open(self._path_for(key), "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFound("object not found in the object store") from None
+        except OSError as exc:
+            raise storage_error_from_os(exc, action="read an object") from None
+        check_range(data, key=key, length=length, sha256=sha256)
+        return data
 
     def check(self) -> None:
         """Raise StorageError (or ResourceExhausted) unless a file can be created under root."""

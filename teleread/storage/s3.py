@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, TypeVar, cast
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar, cast
 
 import certifi
 import urllib3
@@ -30,8 +30,10 @@ from teleread.files import HashingReader, HashingWriter, SizeLimitExceeded, hash
 from teleread.storage.local import (
     CHUNK_SIZE,
     check_content,
+    check_range,
     validate_expected,
     validate_key,
+    validate_range,
 )
 
 logger = logging.getLogger("teleread.storage.s3")
@@ -227,6 +229,35 @@ class S3ObjectStore:
                 raise
             spool.seek(0)
             yield cast(BinaryIO, spool)
+
+    def read_range(self, key: str, *, offset: int, length: int, sha256: str) -> bytes:
+        """A ranged GET of the part, verified against its own digest."""
+        validate_key(key)
+        validate_range(offset=offset, length=length, sha256=sha256)
+        if length == 0:
+            data = b""
+        else:
+
+            def get() -> Any:
+                try:
+                    return self._client.get_object(self.bucket, key, offset=offset, length=length)
+                except S3Error as exc:
+                    if exc.code in ("InvalidRange", "InvalidArgument"):  # the object ends before the range does
+                        raise IntegrityError(
+                            "stored object's range size does not match", reason="SIZE_MISMATCH"
+                        ) from None
+                    raise
+
+            response = _call(get)
+            try:
+                data = response.read(length + 1)  # one more byte than asked: a server ignoring the range is caught
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise _storage_error(exc) from None
+            finally:
+                response.close()
+                response.release_conn()
+        check_range(data, key=key, length=length, sha256=sha256)
+        return data
 
     def check(self) -> None:
         """Raise StorageError unless the server answers and the bucket exists (or was created)."""

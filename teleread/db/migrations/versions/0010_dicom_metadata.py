@@ -1,5 +1,6 @@
 """each stored DICOM instance's DICOM JSON without its bulk data, kept at ingest for WADO-RS
-metadata (instances stored before this revision are parsed from their files when asked)
+metadata, and where its native pixel data lies in the file with its digest, for frames read by
+range (instances stored before this revision are parsed from their files when asked)
 
 Revision ID: 0010
 Revises: 0009
@@ -20,6 +21,9 @@ def upgrade() -> None:
         "dicom_metadata",
         sa.Column("object_id", sa.String(32), sa.ForeignKey("objects.id"), primary_key=True),
         sa.Column("json", sa.Text, nullable=False),
+        sa.Column("pixel_offset", sa.BigInteger, nullable=True),
+        sa.Column("pixel_length", sa.BigInteger, nullable=True),
+        sa.Column("pixel_sha256", sa.String(64), nullable=True),
     )
 
 
