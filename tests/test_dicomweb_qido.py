@@ -355,3 +355,68 @@ def test_native_frames_are_read_by_range_and_verified_by_their_own_digest(
     base = f"http://127.0.0.1:{dicomweb.port}/dicomweb/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}"
     answer = httpx.get(f"{base}/frames/1", headers=auth)
     assert answer.status_code == 500 and answer.json()["reason"] == "CHECKSUM_MISMATCH"
+
+
+def test_a_large_jpeg_2000_image_is_given_to_viewers_as_htj2k_of_the_same_pixels(
+    hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
+) -> None:
+    """After the exam is committed the hub makes an HTJ2K lossless copy of a large JPEG 2000 frame;
+    a viewer that takes any syntax gets it (labelled so), with exactly the stored values; anyone
+    asking for uncompressed frames gets those; a damaged copy is never served, and the clean-up pass
+    makes a missing one."""
+    import imagecodecs
+    import numpy as np
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import JPEG2000Lossless
+    from sqlalchemy import select, update
+
+    from bench._data import write_phantom_dx
+    from teleread.db.schema import dicom_metadata, objects
+
+    dx = write_phantom_dx(tmp_path / "dx.dcm", rows=1100, columns=1000, syntax=JPEG2000Lossless, noise=64)
+    ds = pydicom.dcmread(dx)
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
+    exam = upload(ingest, [(dx, "dicom")], kind=common_pb2.EXAM_KIND_IMAGING, study=uids[0])
+    wait_for_state(ingest, exam.exam_id, "queued")
+    hub = hub_stack.hub
+    assert hub.renditions.flush()
+    with hub.engine.connect() as conn:
+        object_id, site_id = conn.execute(
+            select(objects.c.id, objects.c.site_id).where(objects.c.sop_instance_uid == uids[2])
+        ).one()
+        key = conn.execute(select(dicom_metadata.c.rendition_key).where(dicom_metadata.c.object_id == object_id))
+        key = key.scalar_one()
+    assert key.startswith(f"t{site_id}/renditions/")
+
+    stored = pixel_array(ds, raw=True)
+    auth = {"Authorization": f"Bearer {hub_stack.tokens['site_a']}"}
+    base = f"http://127.0.0.1:{dicomweb.port}/dicomweb/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}"
+    site = _client(dicomweb, hub_stack.tokens["site_a"])
+
+    def any_syntax() -> tuple[str, bytes]:
+        answer = httpx.get(f"{base}/frames/1", headers={
+            **auth, "Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'})  # fmt: skip
+        assert answer.status_code == 200
+        boundary = answer.headers["content-type"].split("boundary=")[1].strip('"').encode()
+        [part] = [p for p in answer.content.split(b"--" + boundary)[1:-1]]
+        head, body = part.split(b"\r\n\r\n", 1)
+        return head.decode(), body[: -len(b"\r\n")]
+
+    head, copy = any_syntax()
+    assert "transfer-syntax=1.2.840.10008.1.2.4.201" in head
+    assert np.array_equal(imagecodecs.htj2k_decode(copy), stored)  # lossless: the stored values
+    [plain] = site.retrieve_instance_frames(*uids, frame_numbers=[1])  # uncompressed, as asked
+    assert plain == stored.astype("<u2").tobytes()
+
+    if hasattr(hub.store, "_path_for"):  # the local store: damage the copy's bytes
+        path = hub.store._path_for(key)
+        path.write_bytes(b"x" + path.read_bytes()[1:])
+        head, served = any_syntax()  # never the damaged copy: the stored JPEG 2000 frame
+        assert "transfer-syntax=1.2.840.10008.1.2.4.90" in head and served != copy
+    with hub.engine.begin() as conn:  # as if the hub had stopped before making it
+        conn.execute(update(dicom_metadata).where(dicom_metadata.c.object_id == object_id)
+                     .values(rendition_key=None, rendition_sha256=None, rendition_size=None))  # fmt: skip
+    assert hub.janitor.run_once().renditions_made == 1
+    head, again = any_syntax()
+    assert "transfer-syntax=1.2.840.10008.1.2.4.201" in head and again == copy

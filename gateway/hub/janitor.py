@@ -19,6 +19,9 @@ Each pass, in this order:
    hub's ``ReportPdfService.render_missing``): the hub stopped between the signature and the
    rendering, or had no font then. Printed reports live under ``t<site>/reports/``, which step 3
    never looks at.
+5. Large JPEG 2000 images of committed exams with no viewer's copy get it made (``renditions``, the
+   hub's ``RenditionService.build_missing``); the copies live under ``t<site>/renditions/``, which
+   step 3 never looks at either.
 
 Before any stored bytes are deleted the database is asked again, in this order, whether a partial
 upload of the same site and content is under way (its row may be on its way) and whether a row
@@ -71,6 +74,7 @@ class JanitorReport:
     staging_files_deleted: int = 0  # staged files and left-behind temporary folders
     orphans_deleted: int = 0  # stored objects no row named
     pdfs_rendered: int = 0  # signed report versions that had no printed report
+    renditions_made: int = 0  # viewer's copies of large JPEG 2000 images that were missing
     errors: int = 0  # steps or exams that failed (tried again next pass)
 
     def summary(self) -> str:
@@ -94,6 +98,7 @@ class Janitor:
         first_seconds: float = 60.0,
         clock: Callable[[], datetime] = utcnow,
         report_pdfs: Callable[[], int] | None = None,
+        renditions: Callable[[], int] | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -104,6 +109,7 @@ class Janitor:
         self._first = first_seconds
         self._clock = clock
         self._report_pdfs = report_pdfs
+        self._renditions = renditions
         self._stop = threading.Event()
         self._pass_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -143,7 +149,9 @@ class Janitor:
         at = _utc(now if now is not None else self._clock())
         report = JanitorReport()
         with self._pass_lock:
-            for step in (self._expire_abandoned, self._sweep_staging, self._sweep_orphans, self._render_pdfs):
+            steps = (self._expire_abandoned, self._sweep_staging, self._sweep_orphans, self._render_pdfs,
+                     self._make_renditions)  # fmt: skip
+            for step in steps:
                 try:
                     step(at, report)
                 except _Stopped:
@@ -337,6 +345,12 @@ class Janitor:
         if self._report_pdfs is not None:
             self._check_stop()
             report.pdfs_rendered += self._report_pdfs()
+
+    # ---- 5. viewer's copies ----------------------------------------------------------------------
+    def _make_renditions(self, now: datetime, report: JanitorReport) -> None:
+        if self._renditions is not None:
+            self._check_stop()
+            report.renditions_made += self._renditions()
 
     def _site_contents(self, site_id: int) -> set[bytes]:
         """The SHA-256 of every object row of the site (32 bytes each: a site's set stays small)."""

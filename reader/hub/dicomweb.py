@@ -36,8 +36,9 @@ from teleread.auth import Principal
 from teleread.db.engine import reading
 from teleread.db.schema import dicom_studies
 from teleread.dicom_index import BULK_BYTES, DICOMWEB_PREFIX, instance_url, metadata_json
-from teleread.errors import InvalidInput, PermissionDenied, NotFound, TelereadError
+from teleread.errors import IntegrityError, InvalidInput, NotFound, ObjectNotFound, PermissionDenied, TelereadError
 from teleread.events import record_event
+from teleread.pixels import HTJ2K_LOSSLESS
 from teleread.reader.hub import qido
 from teleread.webserver import BackgroundServer, bound_socket
 
@@ -132,6 +133,17 @@ def _frames(raw: BinaryIO, numbers_text: str, *, stored: bool) -> tuple[list[byt
         return [bytes(ds.PixelData[(n - 1) * size : n * size]) for n in numbers], "application/octet-stream"
     decoded = [pixel_array(ds, index=n - 1, raw=True) for n in numbers]  # the stored values, not rescaled
     return [a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in decoded], "application/octet-stream"
+
+
+def _viewer_copy(store: Any, row: Any) -> bytes | None:
+    """The instance's HTJ2K copy, verified; None (logged) when it is missing or damaged: the frame is
+    then answered from the stored instance."""
+    try:
+        with store.open_verified(row.rendition_key, sha256=row.rendition_sha256, size=row.rendition_size) as raw:
+            return bytes(raw.read())
+    except (IntegrityError, ObjectNotFound) as exc:
+        log.warning("viewer copy unusable: answered from the instance", extra={"reason": exc.reason})
+        return None
 
 
 def _native_frames(store: Any, row: Any, numbers_text: str) -> list[bytes]:
@@ -252,6 +264,11 @@ def create_app(engine: Any, authenticate: Callable[[str | None], Principal], sto
         log.info("dicomweb retrieve", extra={"user": principal.name, "route": route, "count": len(found)})
         if what == "metadata":
             return Response(_metadata_of(found, study).encode(), media_type=MEDIA)
+        if what == "frames" and found[0].rendition_sha256 and _wants_stored(request):
+            if request.path_params["frames"].strip() == "1":  # any syntax will do: the viewer's copy
+                copy = _viewer_copy(store, found[0])
+                if copy is not None:
+                    return _multipart([copy], f"application/octet-stream; transfer-syntax={HTJ2K_LOSSLESS}")
         if what == "frames" and found[0].pixel_sha256:  # native pixel data: its bytes alone, by range
             frames = _native_frames(store, found[0], request.path_params["frames"])
             return _multipart(frames, "application/octet-stream")

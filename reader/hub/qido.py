@@ -346,8 +346,8 @@ __all__ = ["Query", "parse", "search", "any_visible"]
 
 def stored_instances(conn: Connection, p: Principal, *, study: str, series: str = "", instance: str = "") -> list[Any]:
     """The stored DICOM objects of a study (a series, an instance) that ``p`` may see, in series
-    and instance order: their storage key, digest, size, UIDs, frames and (when ingest kept it) the
-    place of their native pixel data, for WADO-RS."""
+    and instance order: their storage key, digest, size, UIDs, frames, (when ingest kept it) the
+    place of their native pixel data and (once made) the viewer's copy, for WADO-RS."""
     for uid in (study, series, instance):
         if uid and not _UID.match(uid):
             raise InvalidInput("WADO: the path holds an invalid UID", reason="BAD_UID")
@@ -385,6 +385,9 @@ def _instances_statement(*, reader: bool, series: bool, instance: bool) -> Selec
             dicom_metadata.c.pixel_offset,
             dicom_metadata.c.pixel_length,
             dicom_metadata.c.pixel_sha256,
+            dicom_metadata.c.rendition_key,
+            dicom_metadata.c.rendition_sha256,
+            dicom_metadata.c.rendition_size,
         )  # fmt: skip
         .select_from(
             dicom_studies.join(exams, exams.c.id == dicom_studies.c.exam_id)

@@ -45,6 +45,7 @@ from teleread.reader.hub.feed import WatchFeed
 from teleread.reader.hub.queue import QueueService
 from teleread.reader.hub.dicomweb import DicomwebServer
 from teleread.reader.hub.dicomweb import create_app as create_dicomweb_app
+from teleread.reader.hub.renditions import RenditionService
 from teleread.reader.hub.report_pdfs import ReportPdfService
 from teleread.reader.hub.reports import ReportService
 from teleread.reader.hub.results import ResultsService
@@ -101,10 +102,12 @@ class Hub:
     measure_cpu: CpuPool
     janitor: Janitor
     pdfs: ReportPdfService
+    renditions: RenditionService
 
     def close(self) -> None:
         self.janitor.stop()
         self.pdfs.close()
+        self.renditions.close()
         self.feed.close()
         self.bus.close()
         self.triage.shutdown()
@@ -158,6 +161,13 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         rules_path=settings.queue.rules_file,
         policy_path=settings.queue.fusion_policy,
     )
+    # the viewer's copies of large JPEG 2000 images, on the niced pool: triage comes first
+    renditions = RenditionService(engine=engine, store=store, spool_dir=settings.staging_dir(), cpu=cpu)
+
+    def committed(exam_id: str) -> None:
+        triage.submit(exam_id)
+        renditions.submit(exam_id)
+
     ingest = IngestService(
         engine=engine,
         clock=clock,
@@ -165,7 +175,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         staging_dir=settings.staging_dir(),
         routing=routing,
         bus=bus,
-        on_committed=triage.submit,
+        on_committed=committed,
         max_object_bytes=settings.max_object_bytes,
         cpu=cpu,
     )
@@ -199,6 +209,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         interval_seconds=settings.ingest.janitor_interval_seconds,
         first_seconds=settings.ingest.janitor_first_seconds,
         report_pdfs=pdfs.render_missing,
+        renditions=renditions.build_missing,
     )
     sessions = Sessions(
         engine,
@@ -225,6 +236,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         measure_cpu=measure_cpu,
         janitor=janitor,
         pdfs=pdfs,
+        renditions=renditions,
     )
     pdfs.warm()
     recovered = triage.recover()

@@ -198,6 +198,10 @@ dicom_metadata = Table(
     Column("pixel_offset", BigInteger, nullable=True),
     Column("pixel_length", BigInteger, nullable=True),
     Column("pixel_sha256", String(64), nullable=True),
+    # the viewer's copy of a large JPEG 2000 frame as HTJ2K lossless (teleread/pixels.py), once made
+    Column("rendition_key", String(128), nullable=True),
+    Column("rendition_sha256", String(64), nullable=True),
+    Column("rendition_size", BigInteger, nullable=True),
 )
 
 # The DICOM study and series a site's instances belong to, as their first stored instance says

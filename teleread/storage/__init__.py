@@ -27,6 +27,12 @@ def object_key(*, tenant_id: int, sha256: str) -> str:
     return f"t{tenant_id}/objects/{sha256[:2]}/{sha256}"
 
 
+def rendition_key(*, tenant_id: int, sha256: str) -> str:
+    """The storage key of a viewer's copy of an instance's pixels (an HTJ2K codestream the hub made):
+    tenant prefix + its content hash, outside ``objects/``, which holds uploaded objects only."""
+    return object_key(tenant_id=tenant_id, sha256=sha256).replace("/objects/", "/renditions/", 1)
+
+
 def report_pdf_key(*, tenant_id: int, exam_id: str, version: int) -> str:
     """The storage key of a report version's printed PDF: tenant prefix, the exam's server-made id
     and the version (outside ``objects/``, which holds uploaded objects only)."""
