@@ -214,6 +214,9 @@ def run(work: Path, *, runs: int, slices: int, dx_side: tuple[int, int], profile
             set_password(engine, name=READER, password=PASSWORD)
             engine.dispose()
             _hubproc.upload_folders(hub.address, hub.tokens["site"], [work / "ct", work / "dx", work / "warm"])
+            uploaded = time.monotonic()
+            copy_s = _viewer_copy_made(url, dx_uid, since=uploaded)
+            console.log(f"the hub's HTJ2K copy of the DX was there {copy_s:.1f} s after the upload ended")
             for path in [*ct, dx, *small]:
                 orthanc.store(path.read_bytes())
             console.log("stored the studies at the hub and at Orthanc")
@@ -253,6 +256,31 @@ def run(work: Path, *, runs: int, slices: int, dx_side: tuple[int, int], profile
         orthanc.stop()
     return {"results": results, "ct_mib": sum(p.stat().st_size for p in ct) / 2**20, "dx_mb": dx.stat().st_size / 1e6,
             "slices": slices, "dx_side": dx_side}  # fmt: skip
+
+
+def _viewer_copy_made(url: str, study: str, *, since: float, timeout_s: float = 120) -> float:
+    """Seconds from ``since`` until the hub recorded its HTJ2K copy of the study's radiograph (made
+    after the exam is committed, as a reader's queue shows it a little later too)."""
+    from sqlalchemy import select
+
+    from teleread.db.engine import make_engine
+    from teleread.db.schema import dicom_metadata, objects
+
+    engine = make_engine(url)
+    try:
+        query = (
+            select(dicom_metadata.c.rendition_key)
+            .join(objects, objects.c.id == dicom_metadata.c.object_id)
+            .where(objects.c.study_instance_uid == study)
+        )
+        while time.monotonic() - since < timeout_s:
+            with engine.connect() as conn:
+                if conn.execute(query).scalar():
+                    return time.monotonic() - since
+            time.sleep(0.1)
+        raise RuntimeError("the hub made no HTJ2K copy of the radiograph")
+    finally:
+        engine.dispose()
 
 
 def _median(values: list[float]) -> float:

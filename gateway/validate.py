@@ -219,7 +219,7 @@ def _open_for_parse(path: Path, *, file_size: int) -> BinaryIO:
     much cheaper there); larger ones through a reader that never over-allocates."""
     if file_size <= _IN_MEMORY_BYTES:
         return io.BytesIO(path.read_bytes())
-    return _ClampedReader(io.FileIO(path, "r"), size=file_size)
+    return _ClampedReader(io.FileIO(str(path), "r"), size=file_size)  # by name: pydicom reopens deferred values
 
 
 def _parse_dicom(

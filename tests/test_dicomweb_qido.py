@@ -301,8 +301,9 @@ def test_metadata_is_kept_at_ingest_and_bulk_data_resolves_at_its_uri(
 def test_native_frames_are_read_by_range_and_verified_by_their_own_digest(
     hub_stack: HubStack, dicomweb: DicomwebServer, tmp_path: Path
 ) -> None:
-    """A native multi-frame instance: each frame is the slice of the stored pixel data, read alone
-    (a changed byte of the header does not stop it) and never served once its bytes changed."""
+    """A native multi-frame instance (over 4 MiB: the check reads it from disk, not from memory):
+    each frame is the slice of the stored pixel data, read alone (a changed byte of the header does
+    not stop it) and never served once its bytes changed."""
     from sqlalchemy import select
 
     from teleread.db.schema import dicom_metadata, objects
@@ -312,8 +313,11 @@ def test_native_frames_are_read_by_range_and_verified_by_their_own_digest(
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     frame_bytes = len(ds.PixelData)
-    frames = [bytes((b + k) % 256 for b in ds.PixelData) for k in range(3)]
-    ds.NumberOfFrames, ds.PixelData = 3, b"".join(frames)
+    import numpy as np
+
+    first = np.frombuffer(ds.PixelData, dtype=np.uint8)
+    frames = [((first.astype(np.uint16) + k) % 256).astype(np.uint8).tobytes() for k in range(130)]
+    ds.NumberOfFrames, ds.PixelData = len(frames), b"".join(frames)
     path = tmp_path / "multi.dcm"
     ds.save_as(path, enforce_file_format=True)
     ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
@@ -328,13 +332,15 @@ def test_native_frames_are_read_by_range_and_verified_by_their_own_digest(
             .join(dicom_metadata, dicom_metadata.c.object_id == objects.c.id)
             .where(objects.c.sop_instance_uid == uids[2])
         ).one()
-    assert row.pixel_length == 3 * frame_bytes
+    assert row.pixel_length == 130 * frame_bytes > 4 * 1024**2
     assert path.read_bytes()[row.pixel_offset : row.pixel_offset + row.pixel_length] == ds.PixelData
     assert site.retrieve_instance_frames(*uids, frame_numbers=[2]) == [frames[1]]
     assert site.retrieve_instance_frames(*uids, frame_numbers=[3, 1]) == [frames[2], frames[0]]
     with pytest.raises(requests.HTTPError) as err:
-        site.retrieve_instance_frames(*uids, frame_numbers=[4])
+        site.retrieve_instance_frames(*uids, frame_numbers=[131])
     assert err.value.response.status_code == 404 and err.value.response.json()["reason"] == "NO_FRAME"
+    metadata = site.retrieve_instance_metadata(*uids)  # kept at ingest too
+    assert _value(metadata, "00280008") == 130 and metadata["7FE00010"]["BulkDataURI"].endswith("/frames/1")
 
     store = hub_stack.hub.store
     if not isinstance(store, LocalObjectStore):

@@ -77,8 +77,10 @@ def upload(
             ),
             timeout=10,
         )
-        chunk = ingest_pb2.UploadChunk(upload_id=begun.upload_id, offset=0, data=data)
-        ingest.Upload(iter([chunk]), timeout=30)
+        step = 1 << 20  # messages under gRPC's 4 MiB cap, whatever the file's size
+        chunks = [ingest_pb2.UploadChunk(upload_id=begun.upload_id, offset=at, data=data[at : at + step])
+                  for at in range(0, max(len(data), 1), step)]  # fmt: skip
+        ingest.Upload(iter(chunks), timeout=30)
     committed = ingest.CommitExam(
         ingest_pb2.CommitExamRequest(exam_id=opened.exam_id, expected_objects=len(files)), timeout=10
     )
