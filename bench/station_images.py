@@ -12,7 +12,9 @@ little endian, 100 MiB) and a JPEG 2000 lossless DX radiograph of about 15 MB (a
 chest with noise, 3300 x 3300). Two reading stations run in this process, signed in at the
 same hub: one passes ``/dicomweb`` through to the hub, the other to Orthanc, so OHIF (the station's
 own build and configuration, served the same way) sees one origin in both cases and the two paths
-differ only in the server behind ``/dicomweb``.
+differ only in the server behind ``/dicomweb``. The hub makes its HTJ2K copy of the radiograph after
+the exam is committed (``reader/hub/renditions.py``); the runs start once it is recorded, and the
+log says how long after the upload that was.
 
 Each run opens a fresh browser context (no cached DICOM answers), loads OHIF once on an empty
 study so its scripts are in the browser's cache as a reader's are, then opens the study. Measured
