@@ -97,7 +97,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield Served(
             stack, station, prior=prior,
             ct=_upload(stack, "site_a", write_phantom_ct(folder / "ct", slices=CT_SLICES, side=256, patient="P-7")),
-            j2k=_upload(stack, "site_a", [write_phantom_dx(folder / "j2k.dcm", rows=1024, columns=900,
+            j2k=_upload(stack, "site_a", [write_phantom_dx(folder / "j2k.dcm", rows=1024, columns=1000,
                                                            syntax=JPEG2000Lossless, patient="P-8")]),
             jls=_upload(stack, "site_a", [write_phantom_dx(folder / "jls.dcm", rows=700, columns=800,
                                                            syntax=JPEGLSLossless, monochrome1=True, patient="P-9")]),
@@ -284,11 +284,16 @@ def test_jpeg_2000_and_jpeg_ls_monochrome1_radiographs_are_decoded_and_shown(
     study: Study = getattr(served, which)
     ds = pydicom.dcmread(study.files[0], stop_before_pixels=True)
     assert ds.file_meta.TransferSyntaxUID == (JPEG2000Lossless if which == "j2k" else JPEGLSLossless)
+    assert served.stack.hub.renditions.flush()
+    frames: list[str] = []  # the media type of each frame answer
+    page.on("response", lambda r: frames.append(r.headers.get("content-type", "")) if "/frames/" in r.url else None)
     shown = _open(page, study)
     page.evaluate(ONE_TO_ONE)
     expected = _hub_render(page, shown)
     assert expected.shape == (ds.Rows, ds.Columns)  # full resolution
     _matches(page, expected, step=8)
+    # a megapixel JPEG 2000 frame reaches OHIF as the hub's HTJ2K copy, decoded to the same pixels
+    assert frames and all(("1.2.840.10008.1.2.4.201" in f) == (which == "j2k") for f in frames), frames
     if which == "jls":  # MONOCHROME1: the lungs are stored high and drawn dark, as the hub draws them
         assert ds.PhotometricInterpretation == "MONOCHROME1"
         stored = pydicom.dcmread(study.files[0]).pixel_array
