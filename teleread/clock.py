@@ -1,7 +1,9 @@
 """Time, passed in: services ask a clock instead of the machine.
 
 ``DatabaseClock`` reads PostgreSQL's ``clock_timestamp()``, so several hub processes on several
-machines agree on when a lease lapses or a deadline passes, whatever their own clocks say. On the
+machines agree on when a lease lapses or a deadline passes, whatever their own clocks say; plus the
+simulation clock's offset when one is set (``set_simulation_offset``: drills, replays and tests move
+the time of every hub on the database at once). On the
 embedded SQLite database there is one hub process, and ``SystemClock`` is that process's clock.
 ``FakeClock`` is for tests: it moves only when told.
 """
@@ -43,10 +45,14 @@ class DatabaseClock:
         self._base: tuple[float, datetime] | None = None  # (monotonic, server time) of the last reading
 
     def _read(self) -> datetime:
+        from teleread.db.schema import clock_offset
+
+        offset = select(func.coalesce(func.max(clock_offset.c.seconds), 0.0)).scalar_subquery()
         with self._engine.connect() as conn:
-            value = as_utc(conn.execute(select(func.clock_timestamp())).scalar_one())
+            server, seconds = conn.execute(select(func.clock_timestamp(), offset)).one()
+        value = as_utc(server)
         assert value is not None
-        return value.astimezone(timezone.utc)
+        return value.astimezone(timezone.utc) + timedelta(seconds=float(seconds))
 
     def now(self) -> datetime:
         tick = time.monotonic()
@@ -74,6 +80,20 @@ class FakeClock:
         return self._now
 
 
-def clock_for(engine: Engine) -> Clock:
+def clock_for(engine: Engine, *, refresh_seconds: float = 30.0) -> Clock:
     """The production clock for a hub on ``engine``."""
-    return DatabaseClock(engine) if is_postgres(engine) else SystemClock()
+    return DatabaseClock(engine, refresh_seconds=refresh_seconds) if is_postgres(engine) else SystemClock()
+
+
+def set_simulation_offset(engine: Engine, seconds: float) -> None:
+    """Move the time of every hub process on this PostgreSQL database by ``seconds`` from the
+    database's own (``0`` puts it back): for drills, replays and tests. Each process sees it at its
+    clock's next reading."""
+    from sqlalchemy import delete, insert
+
+    from teleread.db.schema import clock_offset
+
+    with engine.begin() as conn:
+        conn.execute(delete(clock_offset))
+        if seconds:
+            conn.execute(insert(clock_offset).values(id=1, seconds=float(seconds)))

@@ -1,5 +1,5 @@
-"""The hub's life-cycle mover: every state change of an exam, a report, a critical result and an
-upload in the hub's database goes through this module, by the tables of :mod:`teleread.tracks`
+"""The hub's life-cycle mover: every state change of an exam, a report, a critical result, an
+upload and a timer in the hub's database goes through this module, by the tables of :mod:`teleread.tracks`
 (which it re-exports). ``open_exam`` and ``move_exam`` write the exam's new state and its event in
 the caller's transaction, so the event table (the audit trail and the feed of the live streams)
 never disagrees with the rows. A move the table does not allow raises :class:`InvalidTransition`,
@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Table, insert, select, update
 
 from teleread.db.engine import utcnow
-from teleread.db.schema import exams, reports, results, uploads
+from teleread.db.schema import exams, reports, results, timers, uploads
 from teleread.errors import NotFound
 from teleread.events import record_event
 from teleread.tracks import (  # noqa: F401  (the tables, re-exported for the hub's services)
@@ -36,6 +36,7 @@ from teleread.tracks import (  # noqa: F401  (the tables, re-exported for the hu
     REFUSED_UPLOADS,
     REPORT,
     SIGNED,
+    TIMER,
     TRACKS,
     UPLOAD,
     Edge,
@@ -44,9 +45,9 @@ from teleread.tracks import (  # noqa: F401  (the tables, re-exported for the hu
     diagrams,
     mermaid,
 )
-from teleread.vocab import CriticalState, ExamState, ReportStatus, UploadStatus
+from teleread.vocab import CriticalState, ExamState, ReportStatus, TimerStatus, UploadStatus
 
-S, R, C, U = ExamState, ReportStatus, CriticalState, UploadStatus
+S, R, C, U, T = ExamState, ReportStatus, CriticalState, UploadStatus, TimerStatus
 
 
 def open_exam(
@@ -153,6 +154,21 @@ def move_uploads(
     sources = UPLOAD.sources(target, None)
     stmt = update(uploads).where(uploads.c.id.in_(ids), uploads.c.state.in_(sources))
     return int(conn.execute(stmt.values(**values, state=target)).rowcount)
+
+
+def open_timer(conn: Connection, *, values: Mapping[str, Any]) -> None:
+    """A pending timer, unless one of the same kind, subject and step exists (then nothing)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    TIMER.initial(T.PENDING, None)
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(timers).values(**values, status=T.PENDING)
+    conn.execute(statement.on_conflict_do_nothing(index_elements=["kind", "subject", "step"]))
+
+
+def move_timer(conn: Connection, timer_id: str, target: TimerStatus, *, values: Mapping[str, Any]) -> None:
+    """Move a pending timer to ``target`` (fired, failed, or pending again after a failed attempt)."""
+    _move_row(conn, TIMER, timers, "status", timers.c.id == timer_id, target, None, values, source=T.PENDING)
 
 
 def _exam_event(conn: Connection, exam: Mapping[str, Any], event: str, actor_id: int | None, detail: Any) -> None:

@@ -79,6 +79,9 @@ class QueueSettings(BaseModel):
     rules_file: Path | None = None  # default: the packaged models/rules/default.toml
     # default: the packaged models/rules/fusion.json (sensitive); fusion-balanced.json flags fewer
     fusion_policy: Path | None = None
+    # how often a hub on PostgreSQL reads the database's time (and the simulation clock's offset)
+    clock_refresh_seconds: float = 30.0
+    timer_interval_seconds: float = 1.0  # between passes of the deadline sweeper; 0: no sweeper
 
 
 class IngestSettings(BaseModel):

@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 from teleread.errors import Conflict, NotFound
-from teleread.vocab import CriticalState, ExamState, OutboxState, ReportStatus, UploadStatus
+from teleread.vocab import CriticalState, ExamState, OutboxState, ReportStatus, TimerStatus, UploadStatus
 
 
 class InvalidTransition(Conflict):
@@ -87,6 +87,7 @@ class Track:
 
 S, R, C, U = ExamState, ReportStatus, CriticalState, UploadStatus
 B = OutboxState  # a clinic outbox's exam
+T = TimerStatus
 
 EXAM = Track(
     "exam",
@@ -166,6 +167,18 @@ UPLOAD = Track(
     note="no event per object: the exam's events say what happened to its objects",
 )
 
+TIMER = Track(
+    "timer",
+    TimerStatus,
+    (
+        Edge(None, T.PENDING, None, "scheduled"),
+        Edge(T.PENDING, T.FIRED, None, "due: its handler ran"),
+        Edge(T.PENDING, T.PENDING, None, "its handler failed: tried again"),
+        Edge(T.PENDING, T.FAILED, None, "its handler failed every attempt"),
+    ),
+    note="no event of its own: what a firing records is its handler's",
+)
+
 OUTBOX = Track(
     "outbox exam",
     OutboxState,
@@ -184,7 +197,7 @@ OUTBOX = Track(
     note="a clinic gateway's own SQLite ledger, in another process and database than the hub's; no event rows",
 )
 
-TRACKS = (EXAM, REPORT, CRITICAL, UPLOAD, OUTBOX)
+TRACKS = (EXAM, REPORT, CRITICAL, UPLOAD, TIMER, OUTBOX)
 
 # Exam states grouped by what they mean to the services.
 READABLE = (S.QUEUED, S.IN_READING, S.REPORTED, S.DELIVERED, S.ACKNOWLEDGED)  # a reader may open it

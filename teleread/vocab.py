@@ -114,6 +114,14 @@ class CriticalState(StrEnum):
     ESCALATED = "escalated"
 
 
+class TimerStatus(StrEnum):
+    """A durable deadline (``reader/hub/timers.py``)."""
+
+    PENDING = "pending"
+    FIRED = "fired"
+    FAILED = "failed"  # its handler failed every attempt: logged, left for a person
+
+
 class UploadStatus(StrEnum):
     """One object's upload into an exam."""
 

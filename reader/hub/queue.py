@@ -36,6 +36,7 @@ from teleread.reader.hub.repository import (
     queue_order,
 )
 from teleread.reader.hub.routing import Routing
+from teleread.reader.hub import sla
 from teleread.triage_result import EcgSummary, TriageResult
 from teleread.vocab import ExamKind, ExamState, Level
 
@@ -107,8 +108,8 @@ class QueueService:
     def enqueue_triaged(self, exam: Any, result: TriageResult) -> dict[str, Any]:
         """Record the triage of a received exam and queue it with its deadline (the SLA clock from
         its arrival): ``received`` -> ``triaged`` -> ``queued`` in one transaction, with a
-        ``critical`` event for a critical exam. An exam already triaged (another worker, a retry)
-        is left as it is."""
+        ``critical`` event for a critical exam and the deadline's timers (``reader/hub/sla.py``).
+        An exam already triaged (another worker, a retry) is left as it is."""
         assert self._routing is not None, "a queue that takes triaged exams needs the routing"
         level = result.level
         arrived = as_utc(exam.received_at) or self._clock.now()
@@ -138,6 +139,7 @@ class QueueService:
                     detail={"level": level},
                     also=[("critical", {"level": level})] if level == Level.CRITICAL else [],
                 )
+                sla.schedule_reading(conn, exam_id=exam.id, arrived=arrived, deadline=deadline)
         self._bus.publish()
         log.info("exam queued", extra={"exam_id": exam.id, "level": level})
         return {"level": level, "deadline": deadline}

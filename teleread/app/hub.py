@@ -45,7 +45,9 @@ from teleread.reader.hub.feed import WatchFeed
 from teleread.reader.hub.queue import QueueService
 from teleread.reader.hub.dicomweb import DicomwebServer
 from teleread.reader.hub.dicomweb import create_app as create_dicomweb_app
+from teleread.reader.hub import sla
 from teleread.reader.hub.renditions import RenditionService
+from teleread.reader.hub.timers import TimerSweeper
 from teleread.reader.hub.report_pdfs import ReportPdfService
 from teleread.reader.hub.reports import ReportService
 from teleread.reader.hub.results import ResultsService
@@ -103,8 +105,10 @@ class Hub:
     janitor: Janitor
     pdfs: ReportPdfService
     renditions: RenditionService
+    timers: TimerSweeper
 
     def close(self) -> None:
+        self.timers.stop()
         self.janitor.stop()
         self.pdfs.close()
         self.renditions.close()
@@ -140,7 +144,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     # an upload's parsing (sharing the ingest pool cut ECG ingest by a third to a half).
     # Started on its first ECG (not warmed: a hub start does not wait for neurokit2's import).
     measure_cpu = CpuPool(min(1, ingest_workers), log_level=settings.log_level, nice=MEASURE_NICE)
-    clock = clock_for(engine)  # leases and deadlines on the database's time: several hubs agree
+    # leases and deadlines on the database's time: several hubs agree
+    clock = clock_for(engine, refresh_seconds=settings.queue.clock_refresh_seconds)
     queue = QueueService(
         engine=engine,
         store=store,
@@ -237,6 +242,9 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         janitor=janitor,
         pdfs=pdfs,
         renditions=renditions,
+        timers=TimerSweeper(
+            engine=engine, clock=clock, handlers=sla.HANDLERS, interval_seconds=settings.queue.timer_interval_seconds
+        ),  # fmt: skip
     )
     pdfs.warm()
     recovered = triage.recover()
@@ -244,6 +252,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         log.info("re-queued committed exams for triage", extra={"count": recovered})
     feed.start()
     janitor.start()
+    hub.timers.start()
     return hub
 
 

@@ -204,6 +204,34 @@ dicom_metadata = Table(
     Column("rendition_size", BigInteger, nullable=True),
 )
 
+# Durable deadlines (reader/hub/timers.py): one row per deadline, on the database's time; each
+# fires once, whichever hub process sweeps it.
+timers = Table(
+    "timers",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("subject", String(64), nullable=False),  # an exam id
+    Column("step", Integer, nullable=False, default=0),  # the escalation step it stands for
+    Column("due_at", UtcDateTime, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | fired | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", String(64), nullable=True),
+    Column("detail", Text, nullable=False, default=""),
+    Column("fired_at", UtcDateTime, nullable=True),
+    UniqueConstraint("kind", "subject", "step", name="uq_timers_kind_subject_step"),
+    Index("ix_timers_due", "status", "due_at"),
+)
+
+# The simulation clock: an offset in seconds added to the database's time by every hub process on
+# the database (teleread/clock.py); no row is no offset. For drills, replays and tests.
+clock_offset = Table(
+    "clock_offset",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seconds", Float, nullable=False),
+)
+
 # The DICOM study and series a site's instances belong to, as their first stored instance says
 # (the DICOMweb query index; a study may span several exams of the site: its follow-ups).
 dicom_studies = Table(

@@ -1,0 +1,157 @@
+"""Durable deadlines: every deadline is a row of ``timers``, on the database's time, fired once.
+
+A timer names what it is for (``kind``: an exam's reading-deadline warning, its breach, ...), its
+subject (an exam id), the step of an escalation it stands for, and when it is due. It is written
+in the transaction that makes it necessary (``schedule``: a second write of the same kind, subject
+and step is a no-op), so a deadline exists exactly when the state that needs it does.
+
+Every hub process runs a :class:`TimerSweeper`. A pass takes the due timers one at a time, each in
+a transaction of its own: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` hands each row to one process
+only, and the row's status is checked again under that lock, so with several hubs on one database
+every timer fires exactly once (a timer being fired by another process is skipped, not waited
+for). On the embedded SQLite database there is one hub process and one sweeper. The handler of the
+timer's kind runs in that transaction: what it records (an event, the next step's timer) commits
+with the timer's ``fired`` status or not at all, so a hub that stops between a deadline and its
+escalation fires it after the restart, once. A handler that raises leaves the timer pending for the
+next pass, and is logged by its kind and the error's type (a timer whose handler failed
+``MAX_ATTEMPTS`` times is set ``failed`` and logged at ERROR, so one bad row cannot hold up the
+rest for ever).
+
+Time is the hub's clock (``teleread/clock.py``: the database's time on PostgreSQL), passed in, so
+tests move it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, select
+
+from teleread import lifecycle
+from teleread.clock import Clock
+from teleread.db.engine import as_utc, is_postgres
+from teleread.db.schema import timers
+from teleread.vocab import TimerStatus
+
+log = logging.getLogger("teleread.timers")
+MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Timer:
+    id: str
+    kind: str
+    subject: str
+    step: int
+    due_at: datetime
+    detail: dict[str, Any]
+
+
+# A handler runs in the firing transaction: (connection, the timer, the time it fired at).
+Handler = Callable[[Connection, Timer, datetime], None]
+
+
+def schedule(
+    conn: Connection, *, kind: str, subject: str, due_at: datetime, step: int = 0,
+    detail: Mapping[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """A timer, in the caller's transaction; nothing if one of the same kind, subject and step exists."""
+    values = {
+        "id": uuid.uuid4().hex, "kind": kind, "subject": subject, "step": step, "due_at": due_at, "attempts": 0,
+        "detail": json.dumps(dict(detail or {}), sort_keys=True),
+    }  # fmt: skip
+    lifecycle.open_timer(conn, values=values)
+
+
+class TimerSweeper:
+    def __init__(
+        self, *, engine: Engine, clock: Clock, handlers: Mapping[str, Handler], interval_seconds: float = 1.0
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._handlers = dict(handlers)
+        self._interval = interval_seconds
+        self._skip_locked = is_postgres(engine)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fired = 0
+
+    def start(self) -> None:
+        if self._thread is None and self._interval > 0:
+            self._thread = threading.Thread(target=self._loop, name="timers", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the thread must live; the type only
+                log.error("timer pass failed", extra={"reason": type(exc).__name__})
+
+    def run_once(self, now: datetime | None = None) -> int:
+        """Fire every timer due at ``now`` (the clock's time by default); how many fired."""
+        at = now if now is not None else self._clock.now()
+        fired, passed_over = 0, set[str]()
+        while not self._stop.is_set():
+            outcome = self._fire_one(at, passed_over)
+            if outcome is None:
+                return fired
+            fired += outcome
+        return fired
+
+    def _fire_one(self, at: datetime, passed_over: set[str]) -> int | None:
+        """Fire the earliest due timer: 1 if it fired, 0 if its handler failed (it stays pending, and
+        this pass goes on with the others), None when none is due."""
+        query = (
+            select(timers)
+            .where(timers.c.status == TimerStatus.PENDING, timers.c.due_at <= at, timers.c.id.not_in(passed_over))
+            .order_by(timers.c.due_at, timers.c.id)
+            .limit(1)
+        )
+        if self._skip_locked:
+            query = query.with_for_update(skip_locked=True)
+        with self._engine.begin() as conn:
+            row = conn.execute(query).mappings().first()
+            if row is None:
+                return None
+            timer = _timer(row)
+            handler = self._handlers.get(timer.kind)
+            try:
+                with conn.begin_nested():
+                    if handler is None:
+                        raise LookupError(f"no handler for timer kind {timer.kind}")
+                    handler(conn, timer, at)
+            except Exception as exc:  # noqa: BLE001 - recorded on the row; the type only in the log
+                attempts = int(row["attempts"]) + 1
+                state = TimerStatus.FAILED if attempts >= MAX_ATTEMPTS else TimerStatus.PENDING
+                lifecycle.move_timer(conn, timer.id, state, values={"attempts": attempts,
+                                                                    "last_error": type(exc).__name__})  # fmt: skip
+                level = logging.ERROR if state == TimerStatus.FAILED else logging.WARNING
+                log.log(level, "timer handler failed", extra={"kind": timer.kind, "reason": type(exc).__name__})
+                passed_over.add(timer.id)
+                return 0
+            lifecycle.move_timer(conn, timer.id, TimerStatus.FIRED, values={"fired_at": at})
+        self.fired += 1
+        return 1
+
+
+def _timer(row: Any) -> Timer:
+    due = as_utc(row["due_at"])
+    assert due is not None
+    return Timer(
+        id=str(row["id"]), kind=str(row["kind"]), subject=str(row["subject"]), step=int(row["step"]), due_at=due,
+        detail=json.loads(row["detail"] or "{}"),
+    )  # fmt: skip
