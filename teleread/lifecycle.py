@@ -1,18 +1,18 @@
-"""The hub's life-cycle mover: every state change of an exam, a report, a critical result, an
-upload and a timer in the hub's database goes through this module, by the tables of :mod:`teleread.tracks`
-(which it re-exports). ``open_exam`` and ``move_exam`` write the exam's new state and its event in
-the caller's transaction, so the event table (the audit trail and the feed of the live streams)
-never disagrees with the rows. A move the table does not allow raises :class:`InvalidTransition`,
-naming both states. ``tests/test_lifecycle.py`` checks that no module but this one and
-:mod:`teleread.tracks` (whose SQLite mover serves the clinic outbox) assigns ``state``, ``status``
-or ``critical_state``, and ``ARCHITECTURE.md`` shows the diagrams drawn from the tables
-(``python -m teleread.lifecycle``; ``tests/test_lifecycle.py`` fails when they drift).
+"""The hub's life-cycle mover: every state change of an exam, a report, a critical result, an upload,
+a timer and a notification in the hub's database goes through this module, by the tables of
+:mod:`teleread.tracks` (which it re-exports). ``open_exam`` and ``move_exam`` write the exam's new
+state and its event in the caller's transaction, so the event table (the audit trail and the feed
+of the live streams) never disagrees with the rows. A move the table does not allow raises
+:class:`InvalidTransition`, naming both states. ``tests/test_lifecycle.py`` checks that no module
+but this one and :mod:`teleread.tracks` (whose SQLite mover serves the clinic outbox) assigns
+``state``, ``status`` or ``critical_state``, and ``ARCHITECTURE.md`` shows the diagrams drawn from
+the tables (``python -m teleread.lifecycle``; ``tests/test_lifecycle.py`` fails when they drift).
 
 A move is made by one conditional ``UPDATE ... WHERE state IN (allowed sources) RETURNING``, so two
 hub processes racing for the same exam cannot both move it: the loser sees no row. With ``expect``
-the caller says which states it is moving from and gets ``None`` when the row has moved on (a triage
-worker finding the exam already triaged, the janitor finding an upload arrived); without it a row in
-a state the move does not start from is an :class:`InvalidTransition`.
+the caller says which states it is moving from and gets ``None`` when the row has moved on (a
+triage worker finding the exam already triaged, the janitor finding an upload arrived); without it
+a row in a state the move does not start from is an :class:`InvalidTransition`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Table, insert, select, update
 
 from teleread.db.engine import utcnow
-from teleread.db.schema import exams, reports, results, timers, uploads
+from teleread.db.schema import exams, notifications, reports, results, timers, uploads
 from teleread.errors import NotFound
 from teleread.events import record_event
 from teleread.tracks import (  # noqa: F401  (the tables, re-exported for the hub's services)
@@ -34,6 +34,7 @@ from teleread.tracks import (  # noqa: F401  (the tables, re-exported for the hu
     OUTBOX,
     READABLE,
     REFUSED_UPLOADS,
+    NOTIFICATION,
     REPORT,
     SIGNED,
     TIMER,
@@ -45,9 +46,9 @@ from teleread.tracks import (  # noqa: F401  (the tables, re-exported for the hu
     diagrams,
     mermaid,
 )
-from teleread.vocab import CriticalState, ExamState, ReportStatus, TimerStatus, UploadStatus
+from teleread.vocab import CriticalState, ExamState, NotificationStatus, ReportStatus, TimerStatus, UploadStatus
 
-S, R, C, U, T = ExamState, ReportStatus, CriticalState, UploadStatus, TimerStatus
+S, R, C, U, T, N = ExamState, ReportStatus, CriticalState, UploadStatus, TimerStatus, NotificationStatus
 
 
 def open_exam(
@@ -169,6 +170,24 @@ def open_timer(conn: Connection, *, values: Mapping[str, Any]) -> None:
 def move_timer(conn: Connection, timer_id: str, target: TimerStatus, *, values: Mapping[str, Any]) -> None:
     """Move a pending timer to ``target`` (fired, failed, or pending again after a failed attempt)."""
     _move_row(conn, TIMER, timers, "status", timers.c.id == timer_id, target, None, values, source=T.PENDING)
+
+
+def open_notification(conn: Connection, *, values: Mapping[str, Any]) -> None:
+    """A pending notification, unless one of the same kind, exam and step exists (then nothing)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    NOTIFICATION.initial(N.PENDING, None)
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(notifications).values(**values, status=N.PENDING)
+    conn.execute(statement.on_conflict_do_nothing(index_elements=["kind", "exam_id", "step"]))
+
+
+def move_notification(
+    conn: Connection, notification_id: str, target: NotificationStatus, *, values: Mapping[str, Any]
+) -> None:
+    """Move a pending notification to ``target`` (sent, failed, or pending again to retry)."""
+    _move_row(conn, NOTIFICATION, notifications, "status", notifications.c.id == notification_id, target, None,
+              values, source=N.PENDING)  # fmt: skip
 
 
 def _exam_event(conn: Connection, exam: Mapping[str, Any], event: str, actor_id: int | None, detail: Any) -> None:

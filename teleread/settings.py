@@ -84,6 +84,21 @@ class QueueSettings(BaseModel):
     timer_interval_seconds: float = 1.0  # between passes of the deadline sweeper; 0: no sweeper
 
 
+class NotifySettings(BaseModel):
+    """Where the hub's notifications (a critical exam's alert, its escalations) go besides the
+    station and ``read watch`` (``reader/hub/notify.py``): an HTTP webhook (JSON POSTed, with an
+    ``Idempotency-Key``) and/or a command (the JSON on its standard input), for SMS, a pager or an
+    enterprise chat. Neither set: notifications are recorded and marked undeliverable."""
+
+    model_config = ConfigDict(frozen=True)
+
+    webhook_url: str = ""
+    command: list[str] = Field(default_factory=list)
+    timeout_seconds: float = 5.0
+    interval_seconds: float = 1.0  # between the notifier's passes; 0: no notifier thread
+    max_attempts: int = 8
+
+
 class IngestSettings(BaseModel):
     """The hub's clean-up of what uploads leave behind (``gateway/hub/janitor.py``)."""
 
@@ -194,6 +209,7 @@ class Settings(BaseSettings):
     grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -20,7 +20,15 @@ from enum import StrEnum
 from typing import Any
 
 from teleread.errors import Conflict, NotFound
-from teleread.vocab import CriticalState, ExamState, OutboxState, ReportStatus, TimerStatus, UploadStatus
+from teleread.vocab import (
+    CriticalState,
+    ExamState,
+    NotificationStatus,
+    OutboxState,
+    ReportStatus,
+    TimerStatus,
+    UploadStatus,
+)
 
 
 class InvalidTransition(Conflict):
@@ -88,6 +96,7 @@ class Track:
 S, R, C, U = ExamState, ReportStatus, CriticalState, UploadStatus
 B = OutboxState  # a clinic outbox's exam
 T = TimerStatus
+N = NotificationStatus
 
 EXAM = Track(
     "exam",
@@ -179,6 +188,18 @@ TIMER = Track(
     note="no event of its own: what a firing records is its handler's",
 )
 
+NOTIFICATION = Track(
+    "notification",
+    NotificationStatus,
+    (
+        Edge(None, N.PENDING, None, "written with what made it necessary"),
+        Edge(N.PENDING, N.SENT, None, "the hooks took it"),
+        Edge(N.PENDING, N.PENDING, None, "a hook failed: tried again later"),
+        Edge(N.PENDING, N.FAILED, None, "every attempt failed, or no hook is set"),
+    ),
+    note="no event of its own: the alert or escalation it carries is the exam's event",
+)
+
 OUTBOX = Track(
     "outbox exam",
     OutboxState,
@@ -197,7 +218,7 @@ OUTBOX = Track(
     note="a clinic gateway's own SQLite ledger, in another process and database than the hub's; no event rows",
 )
 
-TRACKS = (EXAM, REPORT, CRITICAL, UPLOAD, TIMER, OUTBOX)
+TRACKS = (EXAM, REPORT, CRITICAL, UPLOAD, TIMER, NOTIFICATION, OUTBOX)
 
 # Exam states grouped by what they mean to the services.
 READABLE = (S.QUEUED, S.IN_READING, S.REPORTED, S.DELIVERED, S.ACKNOWLEDGED)  # a reader may open it

@@ -122,6 +122,14 @@ class TimerStatus(StrEnum):
     FAILED = "failed"  # its handler failed every attempt: logged, left for a person
 
 
+class NotificationStatus(StrEnum):
+    """A notification to a hook (``reader/hub/notify.py``)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"  # every attempt failed, or no hook is configured: logged
+
+
 class UploadStatus(StrEnum):
     """One object's upload into an exam."""
 

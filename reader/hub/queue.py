@@ -140,6 +140,9 @@ class QueueService:
                     also=[("critical", {"level": level})] if level == Level.CRITICAL else [],
                 )
                 sla.schedule_reading(conn, exam_id=exam.id, arrived=arrived, deadline=deadline)
+                if level == Level.CRITICAL:
+                    sla.critical_arrived(conn, exam=triaged, arrived=arrived, at=self._clock.now(),
+                                         steps=self._routing.critical_unclaimed)  # fmt: skip
         self._bus.publish()
         log.info("exam queued", extra={"exam_id": exam.id, "level": level})
         return {"level": level, "deadline": deadline}

@@ -23,6 +23,8 @@ class Routing:
     use_site_lead_hospital: bool
     lead_hospital_by_site: dict[str, str] = field(default_factory=dict)
     sla_minutes: dict[str, int] = field(default_factory=dict)
+    # a critical exam still unclaimed this many minutes after arrival: who is notified, step by step
+    critical_unclaimed: tuple[tuple[int, str], ...] = ((10, "on-call"), (20, "department-head"))
 
     def specialty_for(self, modality: str) -> str:
         return self.specialty_by_modality.get(modality.upper(), self.default_specialty)
@@ -45,6 +47,11 @@ def load_routing(path: Path | None = None) -> Routing:
     if missing:
         raise InvalidInput("routing file lacks sla_minutes for a level", reason="BAD_ROUTING")
     routing = data.get("routing", {})
+    steps = data.get("critical_unclaimed", {}).get("steps")
+    try:
+        unclaimed = tuple((int(step["after_minutes"]), str(step["notify"])) for step in steps) if steps else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput("critical_unclaimed steps need after_minutes and notify", reason="BAD_ROUTING") from exc
     return Routing(
         version=str(data.get("version", "unversioned")),
         specialty_by_modality={k.upper(): v for k, v in data.get("specialty_by_modality", {}).items()},
@@ -52,6 +59,7 @@ def load_routing(path: Path | None = None) -> Routing:
         use_site_lead_hospital=bool(routing.get("use_site_lead_hospital", True)),
         lead_hospital_by_site=dict(data.get("lead_hospital_by_site", {})),
         sla_minutes=sla,
+        **({"critical_unclaimed": unclaimed} if unclaimed else {}),
     )
 
 

@@ -1,4 +1,5 @@
-"""The SLA clock of reading: a warning at 80 % of an exam's reading time, a breach at its deadline.
+"""The SLA clock of reading: a warning at 80 % of an exam's reading time, a breach at its deadline;
+and a critical exam's alert and its escalation while nobody claims it.
 
 When an exam is queued with its deadline (``QueueService.enqueue_triaged``), two durable timers are
 written in the same transaction (``reader/hub/timers.py``): ``reading_warning`` at 80 % of the time
@@ -7,11 +8,17 @@ still waiting for its report (queued, or in reading), an ``sla_warning`` or ``sl
 recorded for the exam's hospital and specialty (who holds it, whether their lease has lapsed, the
 level and the deadline); an exam reported in time makes its timers fire with nothing to say. A
 claim whose lease has lapsed is claimable by the next eligible reader already (the queue's leases).
+
+A critical exam is also announced to the hooks at once (a ``critical_alert`` notification to the
+readers, ``reader/hub/notify.py``), and gets one ``critical_unclaimed`` timer per step of the
+routing file's ``[critical_unclaimed]`` (by default the on-call list at 10 minutes, the department
+head at 20): a step that fires while the exam is still unclaimed records an ``escalated`` event and
+notifies that step's audience; once someone has claimed it, the remaining steps say nothing.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -19,11 +26,12 @@ from sqlalchemy import Connection, select
 from teleread.db.engine import as_utc
 from teleread.db.schema import exams
 from teleread.events import record_event
+from teleread.reader.hub.notify import notify
 from teleread.reader.hub.timers import Handler, Timer, schedule
 from teleread.vocab import ExamState
 
 WARNING_SHARE = 0.8
-WARNING, DEADLINE = "reading_warning", "reading_deadline"
+WARNING, DEADLINE, UNCLAIMED = "reading_warning", "reading_deadline", "critical_unclaimed"
 WAITING = (ExamState.QUEUED, ExamState.IN_READING)
 
 
@@ -33,6 +41,37 @@ def schedule_reading(conn: Connection, *, exam_id: str, arrived: datetime, deadl
     detail = {"deadline": deadline.isoformat()}
     schedule(conn, kind=WARNING, subject=exam_id, due_at=warning, detail=detail)
     schedule(conn, kind=DEADLINE, subject=exam_id, due_at=deadline, detail=detail)
+
+
+def critical_arrived(
+    conn: Connection, *, exam: Any, arrived: datetime, at: datetime, steps: tuple[tuple[int, str], ...]
+) -> None:
+    """The alert of a critical exam just queued, and its escalation timers (in that transaction)."""
+    exam_id = str(exam["id"])
+    notify(conn, kind="critical_alert", exam_id=exam_id, audience="readers", at=at, payload=_about(exam))
+    for step, (minutes, audience) in enumerate(steps):
+        schedule(conn, kind=UNCLAIMED, subject=exam_id, step=step, due_at=arrived + timedelta(minutes=minutes),
+                 detail={"notify": audience, "after_minutes": minutes})  # fmt: skip
+
+
+def _about(exam: Any) -> dict[str, Any]:
+    """What a notification says of an exam (a row's mapping): never the patient."""
+    return {"site_id": exam["site_id"], "hospital": exam["hospital"] or "", "specialty": exam["specialty"] or "",
+            "modality": exam["modality"] or "", "level": "critical"}  # fmt: skip
+
+
+def _unclaimed(conn: Connection, timer: Timer, at: datetime) -> None:
+    row = conn.execute(select(exams).where(exams.c.id == timer.subject)).first()
+    if row is None or row.state != ExamState.QUEUED:
+        return  # claimed (or read) in time: this step says nothing
+    audience = str(timer.detail.get("notify", ""))
+    detail = {"why": "critical unclaimed", "step": timer.step, "to": audience,
+              "after_minutes": timer.detail.get("after_minutes")}  # fmt: skip
+    record_event(conn, type="escalated", exam_id=row.id, site_id=row.site_id, hospital=row.hospital,
+                 specialty=row.specialty, detail=detail)  # fmt: skip
+    notify(conn, kind="escalation", exam_id=row.id, audience=audience, at=at, step=timer.step + 1,
+           payload={**_about(row._mapping), "why": "critical unclaimed",
+                    "after_minutes": timer.detail.get("after_minutes")})  # fmt: skip
 
 
 def _fired(event: str) -> Handler:
@@ -56,4 +95,6 @@ def _fired(event: str) -> Handler:
     return handle
 
 
-HANDLERS: dict[str, Handler] = {WARNING: _fired("sla_warning"), DEADLINE: _fired("sla_breached")}
+HANDLERS: dict[str, Handler] = {
+    WARNING: _fired("sla_warning"), DEADLINE: _fired("sla_breached"), UNCLAIMED: _unclaimed,
+}  # fmt: skip

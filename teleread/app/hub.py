@@ -47,6 +47,7 @@ from teleread.reader.hub.dicomweb import DicomwebServer
 from teleread.reader.hub.dicomweb import create_app as create_dicomweb_app
 from teleread.reader.hub import sla
 from teleread.reader.hub.renditions import RenditionService
+from teleread.reader.hub.notify import Notifier
 from teleread.reader.hub.timers import TimerSweeper
 from teleread.reader.hub.report_pdfs import ReportPdfService
 from teleread.reader.hub.reports import ReportService
@@ -106,9 +107,11 @@ class Hub:
     pdfs: ReportPdfService
     renditions: RenditionService
     timers: TimerSweeper
+    notifier: Notifier
 
     def close(self) -> None:
         self.timers.stop()
+        self.notifier.stop()
         self.janitor.stop()
         self.pdfs.close()
         self.renditions.close()
@@ -244,7 +247,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         renditions=renditions,
         timers=TimerSweeper(
             engine=engine, clock=clock, handlers=sla.HANDLERS, interval_seconds=settings.queue.timer_interval_seconds
-        ),  # fmt: skip
+        ),
+        notifier=Notifier(engine=engine, clock=clock, settings=settings.notify),
     )
     pdfs.warm()
     recovered = triage.recover()
@@ -253,6 +257,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     feed.start()
     janitor.start()
     hub.timers.start()
+    hub.notifier.start()
     return hub
 
 

@@ -223,6 +223,28 @@ timers = Table(
     Index("ix_timers_due", "status", "due_at"),
 )
 
+# Notifications to the hooks (reader/hub/notify.py): written in the transaction of what makes them
+# necessary, delivered by whichever hub process takes them, each once (at least once if a hub stops
+# mid-delivery: the hook gets the same Idempotency-Key again).
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("kind", String(32), nullable=False),  # critical_alert | escalation
+    Column("exam_id", String(32), nullable=False),
+    Column("step", Integer, nullable=False, default=0),
+    Column("audience", String(32), nullable=False),  # readers | on-call | department-head ...
+    Column("payload", Text, nullable=False),  # JSON, never patient data
+    Column("status", String(16), nullable=False),  # pending | sent | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UtcDateTime, nullable=False),
+    Column("last_error", String(64), nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("sent_at", UtcDateTime, nullable=True),
+    UniqueConstraint("kind", "exam_id", "step", name="uq_notifications_kind_exam_id_step"),
+    Index("ix_notifications_due", "status", "next_attempt_at"),
+)
+
 # The simulation clock: an offset in seconds added to the database's time by every hub process on
 # the database (teleread/clock.py); no row is no offset. For drills, replays and tests.
 clock_offset = Table(
