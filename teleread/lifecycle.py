@@ -179,7 +179,7 @@ def open_notification(conn: Connection, *, values: Mapping[str, Any]) -> None:
     NOTIFICATION.initial(N.PENDING, None)
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     statement = dialect.insert(notifications).values(**values, status=N.PENDING)
-    conn.execute(statement.on_conflict_do_nothing(index_elements=["kind", "exam_id", "step"]))
+    conn.execute(statement.on_conflict_do_nothing(index_elements=["kind", "exam_id", "step", "ref"]))
 
 
 def move_notification(
@@ -190,7 +190,7 @@ def move_notification(
               values, source=N.PENDING)  # fmt: skip
 
 
-def _exam_event(conn: Connection, exam: Mapping[str, Any], event: str, actor_id: int | None, detail: Any) -> None:
+def _exam_event(conn: Connection, exam: Mapping[Any, Any], event: str, actor_id: int | None, detail: Any) -> None:
     record_event(
         conn, type=event, exam_id=str(exam["id"]), site_id=int(exam["site_id"]), hospital=exam["hospital"] or "",
         specialty=exam["specialty"] or "", actor_id=actor_id, detail=detail,
@@ -253,6 +253,15 @@ def new_result(conn: Connection, *, values: Mapping[str, Any], critical: bool) -
     if critical:
         CRITICAL.initial(C.NOTIFIED, "critical_result")
     conn.execute(insert(results).values(**values, critical=critical, critical_state=C.NOTIFIED if critical else ""))
+
+
+def move_critical(
+    conn: Connection, result_id: int, target: CriticalState, *, event: str, exam: Mapping[Any, Any],
+    values: Mapping[str, Any] | None = None, actor_id: int | None = None, detail: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """Move a critical result's communication to ``target`` and record ``event`` for its exam."""
+    _move_row(conn, CRITICAL, results, "critical_state", results.c.id == result_id, target, event, values or {})
+    _exam_event(conn, exam, event, actor_id, detail)
 
 
 if __name__ == "__main__":  # python -m teleread.lifecycle: the ARCHITECTURE.md block

@@ -155,3 +155,81 @@ class running_stack:  # noqa: N801 - a context manager named as what it gives
 
     def __exit__(self, *exc: Any) -> None:
         next(self._gen, None)
+
+
+def test_a_critical_result_is_escalated_until_a_named_person_reads_it_back(
+    stack: Any, hook: Hook, tmp_path: Path
+) -> None:
+    """Signed critical -> published to the site -> nobody acknowledges -> the second contact is
+    notified at 15 min, the result escalated -> the site acknowledges with name, role, method and
+    read-back -> the result says so, the next steps say nothing."""
+    import grpc
+
+    from teleread.db.schema import results
+    from teleread.v1 import results_pb2, results_pb2_grpc
+
+    hub = stack.hub
+    write_synthetic_wfdb(tmp_path / "ecg", rhythm="pause")
+    ingest = ingest_pb2_grpc.IngestStub(stack.channel("site_a"))
+    [outcome] = upload_exams(ingest, scan_paths([tmp_path / "ecg"]).exams)
+    wait_for_state(ingest, outcome.exam_id, "queued")
+    cardio = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))
+    claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
+    draft = {
+        "exam_id": claim.exam.exam_id,
+        "fence": claim.fence,
+        "text": "Sinus arrest, 3.5 s pause.",
+        "critical": True,
+    }
+    cardio.SaveReport(worklist_pb2.SaveReportRequest(**draft), timeout=10)
+    cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10)
+    site = results_pb2_grpc.ResultsStub(stack.channel("site_a"))
+    result = site.GetResult(results_pb2.GetResultRequest(exam_id=claim.exam.exam_id), timeout=10)
+    assert result.critical and result.critical_state == "notified" and not result.HasField("acknowledgement")
+    published = result.published_at.ToDatetime().replace(tzinfo=as_utc(utcnow()).tzinfo)
+
+    clock = FakeClock(published + timedelta(minutes=15, seconds=1))
+    timers = TimerSweeper(engine=hub.engine, clock=clock, handlers=sla.HANDLERS, interval_seconds=0)
+    notifier = Notifier(engine=hub.engine, clock=clock, settings=hub.settings.notify)
+    timers.run_once()
+    notifier.run_once()
+    escalations = [c[1] for c in hook.calls if c[1]["kind"] == "critical_unacknowledged"]
+    assert [(e["audience"], e["step"], e["cursor"]) for e in escalations] == [("second-contact", 1, result.cursor)]
+    assert site.GetResult(results_pb2.GetResultRequest(exam_id=claim.exam.exam_id)).critical_state == "escalated"
+
+    def acknowledge(**fields: Any) -> Any:
+        request = {"cursor": result.cursor, "name": "Dr Wang Li", "role": "attending physician", "method": "phone",
+                   "read_back": "Sinus arrest with a 3.5 s pause, patient to be monitored", **fields}  # fmt: skip
+        return site.AcknowledgeCritical(results_pb2.AcknowledgeCriticalRequest(**request), timeout=10)
+
+    for bad in ({"method": "fax"}, {"name": " "}, {"read_back": "x" * 2001}, {"role": "nurse\x00"}):
+        with pytest.raises(grpc.RpcError) as err:
+            acknowledge(**bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    other = results_pb2_grpc.ResultsStub(stack.channel("site_b"))
+    with pytest.raises(grpc.RpcError) as err:  # another site's result looks missing
+        other.AcknowledgeCritical(results_pb2.AcknowledgeCriticalRequest(
+            cursor=result.cursor, name="x", role="y", method="phone", read_back="z"), timeout=10)  # fmt: skip
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    acked = acknowledge()
+    assert acked.critical_state == "acknowledged"
+    ack = acked.acknowledgement
+    assert (ack.name, ack.role, ack.method) == ("Dr Wang Li", "attending physician", "phone")
+    assert ack.read_back.startswith("Sinus arrest") and ack.acknowledged_at.seconds > 0
+    with pytest.raises(grpc.RpcError) as err:
+        acknowledge()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    clock.advance(by=timedelta(hours=1))  # the supervisor's and the duty office's steps: acknowledged, so nothing
+    timers.run_once()
+    notifier.run_once()
+    assert len([c for c in hook.calls if c[1]["kind"] == "critical_unacknowledged"]) == 1
+    with hub.engine.connect() as conn:
+        mine = events.c.exam_id == claim.exam.exam_id
+        query = select(events.c.type, events.c.detail).where(mine, events.c.type.like("critical_%"))
+        trail = conn.execute(query.order_by(events.c.id)).all()
+        columns = (results.c.ack_name, results.c.ack_method, results.c.acknowledged_by)
+        row = conn.execute(select(*columns).where(results.c.exam_id == claim.exam.exam_id)).one()
+    assert [t for t, _ in trail] == ["critical_result", "critical_escalated", "critical_acknowledged"]
+    assert json.loads(trail[1][1])["to"] == "second-contact"
+    assert row.ack_name == "Dr Wang Li" and row.ack_method == "phone" and row.acknowledged_by is not None

@@ -41,13 +41,15 @@ FIRST_RETRY_S, MAX_RETRY_S = 5.0, 300.0
 
 def notify(
     conn: Connection, *, kind: str, exam_id: str, audience: str, at: datetime, step: int = 0,
-    payload: Mapping[str, Any] | None = None,
+    payload: Mapping[str, Any] | None = None, ref: str = "",
 ) -> None:  # fmt: skip
-    """A notification, in the caller's transaction (once per kind, exam and step)."""
+    """A notification, in the caller's transaction (once per kind, exam, step and ``ref``: what of
+    the exam it is about, such as a result's id)."""
     body = {"kind": kind, "exam_id": exam_id, "audience": audience, "step": step, **dict(payload or {})}
     values = {
         "id": uuid.uuid4().hex, "kind": kind, "exam_id": exam_id, "step": step, "audience": audience,
         "payload": json.dumps(body, sort_keys=True), "attempts": 0, "next_attempt_at": at, "created_at": at,
+        "ref": ref,
     }  # fmt: skip
     lifecycle.open_notification(conn, values=values)
 

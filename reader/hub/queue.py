@@ -92,6 +92,11 @@ class QueueService:
         return self._clock
 
     @property
+    def escalation(self) -> tuple[tuple[int, str], ...]:
+        """A critical result's escalation steps while the site has not acknowledged it."""
+        return self._routing.critical_unacknowledged if self._routing is not None else ()
+
+    @property
     def uow(self) -> UnitOfWork:
         return self._uow
 

@@ -173,7 +173,9 @@ class ReportService:
                 exam, latest.id, ReportStatus.FINAL, event="signed", source=ReportStatus.DRAFT,
                 values=signed, actor_id=p.id, record=False,
             )  # fmt: skip
-            seq = tx.results.publish(exam, report_id=report.id, critical=report.critical, now=now)
+            seq = tx.results.publish(
+                exam, report_id=report.id, critical=report.critical, now=now, unacknowledged=self._queue.escalation
+            )
             tx.exams.drop(
                 exam_id,
                 ExamState.REPORTED,
@@ -262,7 +264,9 @@ class ReportService:
                 actor_id=p.id,
                 record=False,  # the exam's "amended" below is the record
             )
-            seq = tx.results.publish(exam, report_id=report.id, critical=critical, now=now)
+            seq = tx.results.publish(
+                exam, report_id=report.id, critical=critical, now=now, unacknowledged=self._queue.escalation
+            )
             tx.exams.drop(  # the claim for amendment, if any, ends with the amendment
                 exam_id,
                 ExamState.REPORTED,

@@ -20,7 +20,7 @@ import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, Select, or_, select, update
@@ -28,9 +28,11 @@ from sqlalchemy import Connection, Engine, Select, or_, select, update
 from teleread import lifecycle
 from teleread.db.engine import as_utc, is_postgres, locked_for_change, reading
 from teleread.db.schema import exams, principals, reports, results, sites
-from teleread.errors import NotFound
+from teleread.errors import Conflict, NotFound
 from teleread.lifecycle import InvalidTransition
 from teleread.reader.hub.claims import CLAIMABLE, ExamRecord, claim_event, claimable
+from teleread.reader.hub.sla import UNACKNOWLEDGED
+from teleread.reader.hub.timers import schedule
 from teleread.vocab import CriticalState, ExamState, ReportStatus
 
 SIGNED = (ReportStatus.FINAL, ReportStatus.AMENDED)  # versions that are published and printed
@@ -104,6 +106,8 @@ class ResultRecord:
     report: ReportRecord
     signer_name: str
     exam: Mapping[str, Any] = field(repr=False, compare=False)
+    # a critical result's acknowledgement (name, role, method, read_back, at), once given
+    acknowledgement: Mapping[str, Any] | None = field(default=None, repr=False)
 
 
 _R, _X = "report__", "result__"  # column label prefixes of the result query
@@ -140,6 +144,17 @@ def result_of(row: Mapping[Any, Any]) -> ResultRecord:
         report=ReportRecord.of({c.name: row[_R + c.name] for c in reports.c}),
         signer_name=row["signer_name"] or "",
         exam={c.name: row[c.name] for c in exams.c},
+        acknowledgement=(
+            {
+                "name": row[_X + "ack_name"],
+                "role": row[_X + "ack_role"],
+                "method": row[_X + "ack_method"],
+                "read_back": row[_X + "ack_read_back"],
+                "at": as_utc(row[_X + "acknowledged_at"]),
+            }
+            if row[_X + "acknowledged_at"] is not None
+            else None
+        ),  # fmt: skip
     )
 
 
@@ -202,8 +217,16 @@ class ReportRepository(Protocol):
 
 
 class ResultRepository(Protocol):
-    def publish(self, exam: ExamRecord, *, report_id: int, critical: bool, now: datetime) -> int:
-        """Publish a report version as the site's next result; returns its cursor (gapless per site)."""
+    def publish(
+        self, exam: ExamRecord, *, report_id: int, critical: bool, now: datetime,
+        unacknowledged: tuple[tuple[int, str], ...] = (),
+    ) -> int:  # fmt: skip
+        """Publish a report version as the site's next result; returns its cursor (gapless per site).
+        A critical one gets a timer per step of ``unacknowledged`` (minutes, audience)."""
+        ...
+
+    def acknowledge(self, site_id: int, *, seq: int, values: Mapping[str, Any], actor_id: int) -> ResultRecord:
+        """A named person's acknowledgement of the site's critical result ``seq``."""
         ...
 
     def after(self, site_id: int, *, after: int, limit: int) -> list[ResultRecord]: ...
@@ -350,7 +373,10 @@ class SqlResultRepository:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def publish(self, exam: ExamRecord, *, report_id: int, critical: bool, now: datetime) -> int:
+    def publish(
+        self, exam: ExamRecord, *, report_id: int, critical: bool, now: datetime,
+        unacknowledged: tuple[tuple[int, str], ...] = (),
+    ) -> int:  # fmt: skip
         seq = self.conn.execute(
             update(sites)
             .where(sites.c.id == exam.site_id)
@@ -359,7 +385,35 @@ class SqlResultRepository:
         ).scalar_one()
         values = {"site_id": exam.site_id, "seq": seq, "exam_id": exam.id, "report_id": report_id, "published_at": now}
         lifecycle.new_result(self.conn, values=values, critical=critical)
+        if critical:
+            result_id = self.conn.execute(
+                select(results.c.id).where(results.c.site_id == exam.site_id, results.c.seq == seq)
+            ).scalar_one()
+            for step, (minutes, audience) in enumerate(unacknowledged):
+                detail = {"notify": audience, "after_minutes": minutes}
+                schedule(self.conn, kind=UNACKNOWLEDGED, subject=str(result_id), step=step,
+                         due_at=now + timedelta(minutes=minutes), detail=detail)  # fmt: skip
         return int(seq)
+
+    def acknowledge(self, site_id: int, *, seq: int, values: Mapping[str, Any], actor_id: int) -> ResultRecord:
+        row = self.conn.execute(
+            locked_for_change(select(results).where(results.c.site_id == site_id, results.c.seq == seq))
+        ).first()
+        if row is None:
+            raise NotFound("no result with that cursor at this site", reason="RESULT_NOT_FOUND")
+        if not row.critical:
+            raise Conflict("that result is not critical", reason="NOT_CRITICAL")
+        if row.critical_state == CriticalState.ACKNOWLEDGED:
+            raise Conflict("that critical result was acknowledged already", reason="CRITICAL_ALREADY_ACKNOWLEDGED")
+        exam = self.conn.execute(select(exams).where(exams.c.id == row.exam_id)).mappings().one()
+        lifecycle.move_critical(
+            self.conn, row.id, CriticalState.ACKNOWLEDGED, event="critical_acknowledged", exam=exam,
+            values={**values, "acknowledged_by": actor_id}, actor_id=actor_id,
+            detail={"cursor": seq, "method": values["ack_method"]},
+        )  # fmt: skip
+        found = self.conn.execute(result_query(site_id).where(results.c.seq == seq)).first()
+        assert found is not None
+        return result_of(found._mapping)
 
     def after(self, site_id: int, *, after: int, limit: int) -> list[ResultRecord]:
         query = result_query(site_id).where(results.c.seq > after).order_by(results.c.seq).limit(limit)

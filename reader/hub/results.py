@@ -1,10 +1,14 @@
 """Results for requesting sites: list after a cursor, get one exam's latest result, and wait for new
-ones. Each site sees only its own results; the cursor is the site's gapless result sequence."""
+ones; acknowledge a critical result by a named person. Each site sees only its own results; the
+cursor is the site's gapless result sequence."""
 
 from __future__ import annotations
 
+import re
+
 from teleread.auth import Principal, require_result_reader
 from teleread.errors import InvalidInput, NotFound
+from teleread.db.engine import utcnow
 from teleread.events import EventBus
 from teleread.reader.hub.repository import ResultRecord, UnitOfWork
 
@@ -32,3 +36,35 @@ class ResultsService:
         if found is None:
             raise NotFound("no result for that exam at this site", reason="RESULT_NOT_FOUND")
         return found
+
+    def acknowledge(
+        self, p: Principal, *, cursor: int, name: str, role: str, method: str, read_back: str
+    ) -> ResultRecord:
+        """A named person at the caller's site received critical result ``cursor`` and read it back."""
+        site_id = require_result_reader(p)
+        values = {
+            "ack_name": _text(name, "name", 100), "ack_role": _text(role, "role", 50),
+            "ack_method": _method(method), "ack_read_back": _text(read_back, "read_back", 2000),
+            "acknowledged_at": utcnow(),
+        }  # fmt: skip
+        with self._uow() as tx:
+            found = tx.results.acknowledge(site_id, seq=cursor, values=values, actor_id=p.id)
+        self._bus.publish()
+        return found
+
+
+METHODS = ("phone", "in_person", "system")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _text(value: str, field: str, limit: int) -> str:
+    value = value.strip()
+    if not value or len(value) > limit or _CONTROL.search(value):
+        raise InvalidInput(f"{field} must be 1-{limit} characters of text", reason="BAD_ACKNOWLEDGEMENT")
+    return value
+
+
+def _method(value: str) -> str:
+    if value not in METHODS:
+        raise InvalidInput(f"method must be one of {', '.join(METHODS)}", reason="BAD_ACKNOWLEDGEMENT")
+    return value

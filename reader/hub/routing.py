@@ -7,6 +7,7 @@ from importlib import resources
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from teleread.errors import InvalidInput
 from teleread.vocab import Level
@@ -25,6 +26,10 @@ class Routing:
     sla_minutes: dict[str, int] = field(default_factory=dict)
     # a critical exam still unclaimed this many minutes after arrival: who is notified, step by step
     critical_unclaimed: tuple[tuple[int, str], ...] = ((10, "on-call"), (20, "department-head"))
+    # a critical result not acknowledged by the site this many minutes after it was published
+    critical_unacknowledged: tuple[tuple[int, str], ...] = (
+        (15, "second-contact"), (30, "site-supervisor"), (45, "duty-office"),
+    )  # fmt: skip
 
     def specialty_for(self, modality: str) -> str:
         return self.specialty_by_modality.get(modality.upper(), self.default_specialty)
@@ -47,11 +52,7 @@ def load_routing(path: Path | None = None) -> Routing:
     if missing:
         raise InvalidInput("routing file lacks sla_minutes for a level", reason="BAD_ROUTING")
     routing = data.get("routing", {})
-    steps = data.get("critical_unclaimed", {}).get("steps")
-    try:
-        unclaimed = tuple((int(step["after_minutes"]), str(step["notify"])) for step in steps) if steps else None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidInput("critical_unclaimed steps need after_minutes and notify", reason="BAD_ROUTING") from exc
+    escalations = {name: _steps(data, name) for name in ("critical_unclaimed", "critical_unacknowledged")}
     return Routing(
         version=str(data.get("version", "unversioned")),
         specialty_by_modality={k.upper(): v for k, v in data.get("specialty_by_modality", {}).items()},
@@ -59,8 +60,17 @@ def load_routing(path: Path | None = None) -> Routing:
         use_site_lead_hospital=bool(routing.get("use_site_lead_hospital", True)),
         lead_hospital_by_site=dict(data.get("lead_hospital_by_site", {})),
         sla_minutes=sla,
-        **({"critical_unclaimed": unclaimed} if unclaimed else {}),
+        **{name: steps for name, steps in escalations.items() if steps},
     )
+
+
+def _steps(data: dict[str, Any], name: str) -> tuple[tuple[int, str], ...] | None:
+    """An escalation's steps, ``[[name]] steps = [{after_minutes, notify}, ...]``; None when not given."""
+    steps = data.get(name, {}).get("steps")
+    try:
+        return tuple((int(step["after_minutes"]), str(step["notify"])) for step in steps) if steps else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"{name} steps need after_minutes and notify", reason="BAD_ROUTING") from exc
 
 
 def _packaged_default() -> Path:

@@ -321,6 +321,14 @@ def result_message(result: ResultRecord, *, site_code: str) -> results_pb2.Resul
         msg.published_at.CopyFrom(stamp)
     if result.report.pdf_sha256:
         msg.pdf.CopyFrom(common_pb2.ReportPdf(sha256=result.report.pdf_sha256, size=result.report.pdf_size))
+    msg.critical_state = result.critical_state
+    ack = result.acknowledgement
+    if ack is not None:
+        msg.acknowledgement.CopyFrom(results_pb2.CriticalAcknowledgement(
+            name=ack["name"], role=ack["role"], method=ack["method"], read_back=ack["read_back"]))  # fmt: skip
+        at = ts(ack["at"])
+        if at is not None:
+            msg.acknowledgement.acknowledged_at.CopyFrom(at)
     return msg
 
 
@@ -355,6 +363,14 @@ class ResultsServicer(results_pb2_grpc.ResultsServicer):
     def GetResult(self, request: results_pb2.GetResultRequest, context: grpc.ServicerContext) -> results_pb2.Result:
         p = current_principal()
         return result_message(self._svc.get(p, exam_id=request.exam_id), site_code=p.site_code or "")
+
+    def AcknowledgeCritical(
+        self, request: results_pb2.AcknowledgeCriticalRequest, context: grpc.ServicerContext
+    ) -> results_pb2.Result:
+        p = current_principal()
+        found = self._svc.acknowledge(p, cursor=request.cursor, name=request.name, role=request.role,
+                                      method=request.method, read_back=request.read_back)  # fmt: skip
+        return result_message(found, site_code=p.site_code or "")
 
     async def GetReportPdf(
         self, request: common_pb2.GetReportPdfRequest, context: grpc.aio.ServicerContext

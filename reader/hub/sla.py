@@ -14,6 +14,12 @@ readers, ``reader/hub/notify.py``), and gets one ``critical_unclaimed`` timer pe
 routing file's ``[critical_unclaimed]`` (by default the on-call list at 10 minutes, the department
 head at 20): a step that fires while the exam is still unclaimed records an ``escalated`` event and
 notifies that step's audience; once someone has claimed it, the remaining steps say nothing.
+
+A critical result, once published to the site, gets one ``critical_unacknowledged`` timer per step
+of ``[critical_unacknowledged]`` (by default a second contact at 15 minutes, the site's supervisor
+at 30, the lead hospital's duty office at 45): a step that fires before a named person has
+acknowledged it (``Results.AcknowledgeCritical``) moves the result to ``escalated``, records a
+``critical_escalated`` event and notifies that step's audience.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from teleread.vocab import ExamState
 
 WARNING_SHARE = 0.8
 WARNING, DEADLINE, UNCLAIMED = "reading_warning", "reading_deadline", "critical_unclaimed"
+UNACKNOWLEDGED = "critical_unacknowledged"  # a critical result the site has not acknowledged
 WAITING = (ExamState.QUEUED, ExamState.IN_READING)
 
 
@@ -74,6 +81,27 @@ def _unclaimed(conn: Connection, timer: Timer, at: datetime) -> None:
                     "after_minutes": timer.detail.get("after_minutes")})  # fmt: skip
 
 
+def _unacknowledged(conn: Connection, timer: Timer, at: datetime) -> None:
+    """A step of a critical result's escalation: while nobody at the site has acknowledged it, the
+    result moves to (or stays) ``escalated``, the step is recorded and its audience notified."""
+    from teleread import lifecycle
+    from teleread.db.schema import results
+    from teleread.vocab import CriticalState
+
+    result = conn.execute(select(results).where(results.c.id == int(timer.subject))).first()
+    if result is None or result.critical_state not in (CriticalState.NOTIFIED, CriticalState.ESCALATED):
+        return  # acknowledged in time: this step says nothing
+    exam = conn.execute(select(exams).where(exams.c.id == result.exam_id)).mappings().one()
+    audience = str(timer.detail.get("notify", ""))
+    minutes = timer.detail.get("after_minutes")
+    detail = {"cursor": result.seq, "step": timer.step, "to": audience, "after_minutes": minutes}
+    lifecycle.move_critical(conn, result.id, CriticalState.ESCALATED, event="critical_escalated", exam=exam,
+                            detail=detail)  # fmt: skip
+    notify(conn, kind="critical_unacknowledged", exam_id=exam["id"], audience=audience, at=at, step=timer.step + 1,
+           ref=str(result.id), payload={**_about(exam), "cursor": result.seq, "why": "critical result unacknowledged",
+                                        "after_minutes": timer.detail.get("after_minutes")})  # fmt: skip
+
+
 def _fired(event: str) -> Handler:
     def handle(conn: Connection, timer: Timer, at: datetime) -> None:
         row = conn.execute(
@@ -97,4 +125,5 @@ def _fired(event: str) -> Handler:
 
 HANDLERS: dict[str, Handler] = {
     WARNING: _fired("sla_warning"), DEADLINE: _fired("sla_breached"), UNCLAIMED: _unclaimed,
+    UNACKNOWLEDGED: _unacknowledged,
 }  # fmt: skip

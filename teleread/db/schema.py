@@ -241,7 +241,8 @@ notifications = Table(
     Column("last_error", String(64), nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("sent_at", UtcDateTime, nullable=True),
-    UniqueConstraint("kind", "exam_id", "step", name="uq_notifications_kind_exam_id_step"),
+    Column("ref", String(32), nullable=False, default="", server_default=text("''")),  # e.g. a result's id
+    UniqueConstraint("kind", "exam_id", "step", "ref", name="uq_notifications_kind_exam_id_step_ref"),
     Index("ix_notifications_due", "status", "next_attempt_at"),
 )
 
@@ -366,6 +367,13 @@ results = Table(
     Column("critical", Boolean, nullable=False, default=False),
     Column("critical_state", String(16), nullable=False, default="", server_default=text("''")),  # lifecycle.CRITICAL
     Column("published_at", UtcDateTime, nullable=False),
+    # a critical result's acknowledgement by a named person at the site (migration 0013)
+    Column("ack_name", String(100), nullable=False, default="", server_default=text("''")),
+    Column("ack_role", String(50), nullable=False, default="", server_default=text("''")),
+    Column("ack_method", String(16), nullable=False, default="", server_default=text("''")),
+    Column("ack_read_back", Text, nullable=False, default="", server_default=text("''")),
+    Column("acknowledged_at", UtcDateTime, nullable=True),
+    Column("acknowledged_by", Integer, ForeignKey("principals.id"), nullable=True),  # the site identity that sent it
     UniqueConstraint("site_id", "seq", name="uq_results_site_seq"),
 )
 

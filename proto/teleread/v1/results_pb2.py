@@ -26,23 +26,27 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from teleread.v1 import common_pb2 as teleread_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19teleread/v1/results.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"\xc7\x01\n\x06Result\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12#\n\x06report\x18\x03 \x01(\x0b\x32\x13.teleread.v1.Report\x12\x10\n\x08\x63ritical\x18\x04 \x01(\x08\x12\x30\n\x0cpublished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x03pdf\x18\x06 \x01(\x0b\x32\x16.teleread.v1.ReportPdf\"9\n\x12ListResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x05\"P\n\x13ListResultsResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.teleread.v1.Result\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x03\"+\n\x13WatchResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\"#\n\x10GetResultRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t2\xb6\x02\n\x07Results\x12P\n\x0bListResults\x12\x1f.teleread.v1.ListResultsRequest\x1a .teleread.v1.ListResultsResponse\x12G\n\x0cWatchResults\x12 .teleread.v1.WatchResultsRequest\x1a\x13.teleread.v1.Result0\x01\x12?\n\tGetResult\x12\x1d.teleread.v1.GetResultRequest\x1a\x13.teleread.v1.Result\x12O\n\x0cGetReportPdf\x12 .teleread.v1.GetReportPdfRequest\x1a\x1b.teleread.v1.ReportPdfChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19teleread/v1/results.proto\x12\x0bteleread.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18teleread/v1/common.proto\"\x8d\x01\n\x17\x43riticalAcknowledgement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x11\n\tread_back\x18\x04 \x01(\t\x12\x33\n\x0f\x61\x63knowledged_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x1a\x41\x63knowledgeCriticalRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x11\n\tread_back\x18\x05 \x01(\t\"\x9e\x02\n\x06Result\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x1f\n\x04\x65xam\x18\x02 \x01(\x0b\x32\x11.teleread.v1.Exam\x12#\n\x06report\x18\x03 \x01(\x0b\x32\x13.teleread.v1.Report\x12\x10\n\x08\x63ritical\x18\x04 \x01(\x08\x12\x30\n\x0cpublished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x03pdf\x18\x06 \x01(\x0b\x32\x16.teleread.v1.ReportPdf\x12\x16\n\x0e\x63ritical_state\x18\x07 \x01(\t\x12=\n\x0f\x61\x63knowledgement\x18\x08 \x01(\x0b\x32$.teleread.v1.CriticalAcknowledgement\"9\n\x12ListResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x05\"P\n\x13ListResultsResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.teleread.v1.Result\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x03\"+\n\x13WatchResultsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\"#\n\x10GetResultRequest\x12\x0f\n\x07\x65xam_id\x18\x01 \x01(\t2\x8b\x03\n\x07Results\x12P\n\x0bListResults\x12\x1f.teleread.v1.ListResultsRequest\x1a .teleread.v1.ListResultsResponse\x12G\n\x0cWatchResults\x12 .teleread.v1.WatchResultsRequest\x1a\x13.teleread.v1.Result0\x01\x12?\n\tGetResult\x12\x1d.teleread.v1.GetResultRequest\x1a\x13.teleread.v1.Result\x12O\n\x0cGetReportPdf\x12 .teleread.v1.GetReportPdfRequest\x1a\x1b.teleread.v1.ReportPdfChunk0\x01\x12S\n\x13\x41\x63knowledgeCritical\x12\'.teleread.v1.AcknowledgeCriticalRequest\x1a\x13.teleread.v1.Resultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'teleread.v1.results_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULT']._serialized_start=102
-  _globals['_RESULT']._serialized_end=301
-  _globals['_LISTRESULTSREQUEST']._serialized_start=303
-  _globals['_LISTRESULTSREQUEST']._serialized_end=360
-  _globals['_LISTRESULTSRESPONSE']._serialized_start=362
-  _globals['_LISTRESULTSRESPONSE']._serialized_end=442
-  _globals['_WATCHRESULTSREQUEST']._serialized_start=444
-  _globals['_WATCHRESULTSREQUEST']._serialized_end=487
-  _globals['_GETRESULTREQUEST']._serialized_start=489
-  _globals['_GETRESULTREQUEST']._serialized_end=524
-  _globals['_RESULTS']._serialized_start=527
-  _globals['_RESULTS']._serialized_end=837
+  _globals['_CRITICALACKNOWLEDGEMENT']._serialized_start=102
+  _globals['_CRITICALACKNOWLEDGEMENT']._serialized_end=243
+  _globals['_ACKNOWLEDGECRITICALREQUEST']._serialized_start=245
+  _globals['_ACKNOWLEDGECRITICALREQUEST']._serialized_end=352
+  _globals['_RESULT']._serialized_start=355
+  _globals['_RESULT']._serialized_end=641
+  _globals['_LISTRESULTSREQUEST']._serialized_start=643
+  _globals['_LISTRESULTSREQUEST']._serialized_end=700
+  _globals['_LISTRESULTSRESPONSE']._serialized_start=702
+  _globals['_LISTRESULTSRESPONSE']._serialized_end=782
+  _globals['_WATCHRESULTSREQUEST']._serialized_start=784
+  _globals['_WATCHRESULTSREQUEST']._serialized_end=827
+  _globals['_GETRESULTREQUEST']._serialized_start=829
+  _globals['_GETRESULTREQUEST']._serialized_end=864
+  _globals['_RESULTS']._serialized_start=867
+  _globals['_RESULTS']._serialized_end=1262
 # @@protoc_insertion_point(module_scope)

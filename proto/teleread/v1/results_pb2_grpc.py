@@ -55,6 +55,11 @@ class ResultsStub:
                 request_serializer=teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.SerializeToString,
                 response_deserializer=teleread_dot_v1_dot_common__pb2.ReportPdfChunk.FromString,
                 _registered_method=True)
+        self.AcknowledgeCritical = channel.unary_unary(
+                '/teleread.v1.Results/AcknowledgeCritical',
+                request_serializer=teleread_dot_v1_dot_results__pb2.AcknowledgeCriticalRequest.SerializeToString,
+                response_deserializer=teleread_dot_v1_dot_results__pb2.Result.FromString,
+                _registered_method=True)
 
 
 class ResultsServicer:
@@ -88,6 +93,15 @@ class ResultsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcknowledgeCritical(self, request, context):
+        """A named person at the site has received a critical result and read it back: who, in what
+        role, how it reached them, what they read back. Once per critical result; the reader sees it,
+        and its escalation stops. FAILED_PRECONDITION CRITICAL_ALREADY_ACKNOWLEDGED the second time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResultsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_ResultsServicer_to_server(servicer, server):
                     servicer.GetReportPdf,
                     request_deserializer=teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.FromString,
                     response_serializer=teleread_dot_v1_dot_common__pb2.ReportPdfChunk.SerializeToString,
+            ),
+            'AcknowledgeCritical': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeCritical,
+                    request_deserializer=teleread_dot_v1_dot_results__pb2.AcknowledgeCriticalRequest.FromString,
+                    response_serializer=teleread_dot_v1_dot_results__pb2.Result.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +239,33 @@ class Results:
             '/teleread.v1.Results/GetReportPdf',
             teleread_dot_v1_dot_common__pb2.GetReportPdfRequest.SerializeToString,
             teleread_dot_v1_dot_common__pb2.ReportPdfChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeCritical(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/teleread.v1.Results/AcknowledgeCritical',
+            teleread_dot_v1_dot_results__pb2.AcknowledgeCriticalRequest.SerializeToString,
+            teleread_dot_v1_dot_results__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,
