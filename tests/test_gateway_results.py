@@ -27,6 +27,7 @@ from teleread.gateway.uploader.client import scan_paths, upload_exams
 from teleread.v1 import (
     ingest_pb2,
     ingest_pb2_grpc,
+    results_pb2,
     results_pb2_grpc,
     worklist_pb2,
     worklist_pb2_grpc,
@@ -210,3 +211,43 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(
     with pytest.raises(OSError):
         atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["report.pdf"]
+
+
+def test_a_critical_result_waits_in_gateway_status_until_a_named_person_acknowledges_it(
+    embedded_stack: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from teleread.app.cli import main
+
+    write_synthetic_wfdb(tmp_path / "in", rhythm="pause")
+    site = embedded_stack.channel("site_a")
+    ingest = ingest_pb2_grpc.IngestStub(site)
+    (outcome,) = upload_exams(ingest, scan_paths([tmp_path / "in"]).exams)
+    wait_for(lambda: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=outcome.exam_id), timeout=10).state == "queued")
+    cardio = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("cardio"))
+    claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=120), timeout=10)
+    cardio.SaveReport(worklist_pb2.SaveReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence,
+                                                     text="VF.", critical=True), timeout=10)  # fmt: skip
+    cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10)
+    results = tmp_path / "results"
+    assert ResultsInbox(results).poll(results_pb2_grpc.ResultsStub(site)) == 1
+    (json_file,) = sorted(results.glob("*.json"))
+    cursor = json.loads(json_file.read_text())["cursor"]
+    monkeypatch.setenv("TELEREAD_GATEWAY__RESULTS_DIR", str(results))
+    status = ["gateway", "status", "--outbox", str(tmp_path / "gateway"), "--watch-dir", str(tmp_path / "w")]
+
+    assert main(status) == 1
+    shown = capsys.readouterr().out
+    assert f"CRITICAL RESULT {cursor} (exam {outcome.exam_id}" in shown and "not acknowledged" in shown
+    hub = ["--hub", embedded_stack.address, "--token", embedded_stack.tokens["site_a"]]
+    ack = ["gateway", "ack", str(cursor), "--name", "Dr Wang Li", "--role", "attending physician",
+           "--method", "phone", "--read-back", "VF, defibrillated, transferred", *hub]  # fmt: skip
+    with pytest.raises(SystemExit):  # only phone, in person or system
+        main([*ack[:7], "--method", "fax", *ack[9:]])
+    assert main(ack) == 0
+    record = json.loads(json_file.with_name(json_file.stem + ".ack.json").read_text())
+    assert record["name"] == "Dr Wang Li" and record["method"] == "phone" and record["readBack"].startswith("VF")
+    capsys.readouterr()
+    assert main(status) == 0 and "CRITICAL RESULT" not in capsys.readouterr().out
+    assert main(ack) == 2  # nothing left to acknowledge here
+    got = results_pb2_grpc.ResultsStub(site).GetResult(results_pb2.GetResultRequest(exam_id=outcome.exam_id))
+    assert got.critical_state == "acknowledged" and got.acknowledgement.role == "attending physician"

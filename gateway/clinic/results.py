@@ -13,14 +13,26 @@ next poll fetches it again.
 A critical result is logged at ERROR and, when configured, passed to a hook command (e.g. a pager
 or a printer script): ``HOOK <report.txt> [<report.pdf>]``, the text report first, then the PDF
 when it was written. The hook's failure is logged and never blocks the next result.
+
+A critical result waits for a named person at the clinic: until then ``gateway status`` lists it
+and exits non-zero (:func:`pending_critical`), and ``teleread gateway ack CURSOR --name ... --role
+... --method phone --read-back ...`` sends the acknowledgement to the hub (``AcknowledgeCritical``)
+and writes ``<cursor>-<exam>.ack.json`` beside the result (:func:`acknowledge`): the hub's answer,
+so the record of who read it back stays at the clinic too. A result the hub says was acknowledged
+already (by another door) gets its file from the hub's copy.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import grpc
+from google.protobuf import json_format
 
 from teleread.client import atomic_write_text
 from teleread.reader.clients.results_client import pull_results, read_cursor
@@ -79,3 +91,55 @@ class ResultsInbox:
             pdf=True,
         )
         return written
+
+
+ACK_SUFFIX = ".ack.json"
+
+
+@dataclass(frozen=True)
+class PendingCritical:
+    cursor: int
+    exam_id: str
+    published_at: str
+    path: Path
+
+
+def pending_critical(folder: Path) -> list[PendingCritical]:
+    """The critical results in ``folder`` that no one at the clinic has acknowledged, oldest first."""
+    pending = []
+    for path in sorted(Path(folder).glob("*.json")):
+        if path.name.endswith(ACK_SUFFIX) or path.with_name(path.stem + ACK_SUFFIX).exists():
+            continue
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not a result file
+        if document.get("critical"):
+            exam_id = str(document.get("exam", {}).get("examId", ""))
+            cursor, published = int(document.get("cursor", 0)), str(document.get("publishedAt", ""))
+            pending.append(PendingCritical(cursor, exam_id, published, path))
+    return sorted(pending, key=lambda p: p.cursor)
+
+
+def acknowledge(stub: Any, folder: Path, *, cursor: int, name: str, role: str, method: str, read_back: str) -> Path:
+    """Send a named person's acknowledgement of critical result ``cursor`` to the hub and keep the
+    hub's answer beside the result; the path of that record."""
+    from teleread.v1 import results_pb2
+
+    result_file = next((p for p in pending_critical(folder) if p.cursor == cursor), None)
+    if result_file is None:
+        raise LookupError(f"no unacknowledged critical result with cursor {cursor} in {folder}")
+    request = results_pb2.AcknowledgeCriticalRequest(cursor=cursor, name=name, role=role, method=method,
+                                                     read_back=read_back)  # fmt: skip
+    try:
+        answer = stub.AcknowledgeCritical(request, timeout=30)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        answer = stub.GetResult(results_pb2.GetResultRequest(exam_id=result_file.exam_id), timeout=30)
+        if answer.cursor != cursor or not answer.HasField("acknowledgement"):
+            raise
+    record = result_file.path.with_name(result_file.path.stem + ACK_SUFFIX)
+    atomic_write_text(record, json.dumps(json_format.MessageToDict(answer.acknowledgement), indent=2))
+    log.info("critical result acknowledged", extra={"exam_id": result_file.exam_id})
+    return record

@@ -23,7 +23,7 @@ from teleread.errors import InvalidInput, ResourceExhausted
 from teleread.gateway.clinic.forward import Forwarder, SpreadStub
 from teleread.backoff import Backoff
 from teleread.gateway.clinic.outbox import REASON_SUFFIX, REFUSALS_SHOWN_HOURS, SET_ASIDE_DIR, Outbox, OutboxStatus
-from teleread.gateway.clinic.results import ResultsInbox
+from teleread.gateway.clinic.results import ResultsInbox, acknowledge, pending_critical
 from teleread.gateway.uploader.schedule import COMPRESSION_MODES, TokenBucket, limit_rate, parse_windows
 from teleread.gateway.clinic.scp import ScpConfig, StoreScp, identify
 from teleread.gateway.clinic.scp_pool import ReceiverPool
@@ -88,7 +88,7 @@ class Gateway:
             results = results_pb2_grpc.ResultsStub(self._channels[0])
         self.results_stub = results
         self.inbox = ResultsInbox(
-            self.config.results_dir or (settings.data_dir / "results"),
+            results_dir(settings),
             hook=self.config.critical_hook,
         )
         self._next_results = 0.0
@@ -284,9 +284,43 @@ def cmd_gateway_status(args: argparse.Namespace) -> int:
     last = f" (last: {status.last_refusal})" if status.refused_recent else ""
     print(f"refused by the receiver: {status.refused_recent} in the last {REFUSALS_SHOWN_HOURS} h{last}")
     reasons = needs_a_person(status, refused=refused)
+    critical = pending_critical(results_dir(settings))
+    for item in critical:
+        print(f"CRITICAL RESULT {item.cursor} (exam {item.exam_id}, published {item.published_at or '-'}) "
+              f"not acknowledged: teleread gateway ack {item.cursor} --name ... --role ... --method phone "
+              "--read-back ...")  # fmt: skip
+    if critical:
+        reasons.append(f"{len(critical)} critical result(s) waiting for a named person's acknowledgement")
     for reason in reasons:
         print(f"NEEDS ATTENTION: {reason}")
     return 1 if reasons else 0
+
+
+def results_dir(settings: Settings) -> Path:
+    return settings.gateway.results_dir or (settings.data_dir / "results")
+
+
+def cmd_gateway_ack(args: argparse.Namespace) -> int:
+    """``teleread gateway ack CURSOR``: a named person at the clinic acknowledges a critical result."""
+    from teleread.client import open_channel
+    from teleread.v1 import results_pb2_grpc
+
+    settings = build(gateway__hub=args.hub, gateway__token=args.token)
+    config = settings.gateway
+    channel = open_channel(config.hub, token=config.token.get_secret_value(), **uplink_security(config))
+    try:
+        record = acknowledge(results_pb2_grpc.ResultsStub(channel), results_dir(settings), cursor=args.cursor,
+                             name=args.name, role=args.role, method=args.method, read_back=args.read_back)  # fmt: skip
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        print(f"error: the hub refused the acknowledgement: {rpc_code(err)}: {err.details()}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+    print(f"acknowledged critical result {args.cursor}; the hub's record is in {record}")
+    return 0
 
 
 def cmd_gateway_run(args: argparse.Namespace) -> int:
@@ -337,3 +371,12 @@ def add_gateway_parser(sub: Any) -> None:
     a.add_argument("--outbox", help="outbox folder (default <data dir>/gateway)")
     a.add_argument("--watch-dir", dest="watch_dir", help="watch folder (default <data dir>/watch)")
     a.set_defaults(func=cmd_gateway_status)
+    a = s.add_parser("ack", help="a named person acknowledges a critical result (name, role, method, read-back)")
+    a.add_argument("cursor", type=int, help="the critical result's cursor (gateway status lists them)")
+    a.add_argument("--name", required=True, help="who received it")
+    a.add_argument("--role", required=True, help="their role, e.g. attending physician")
+    a.add_argument("--method", required=True, choices=["phone", "in_person", "system"], help="how it reached them")
+    a.add_argument("--read-back", dest="read_back", required=True, help="what they read back")
+    a.add_argument("--hub", help="hub address host:port")
+    a.add_argument("--token", help="the site's token (or TELEREAD_GATEWAY__TOKEN)")
+    a.set_defaults(func=cmd_gateway_ack)
