@@ -96,9 +96,16 @@ def test_an_unclaimed_critical_ecg_is_escalated_once_and_a_claim_stops_the_next_
     assert alert["specialty"] == "cardiology" and alert["level"] == "critical"
     assert not any(name in json.dumps(alert).lower() for name in ("patient", "name", "birth"))  # no patient data
 
-    clock.advance(by=arrived + timedelta(minutes=10, seconds=-1) - clock.now())  # just before 10 min: nothing yet
-    timers.run_once()
-    assert notifier.run_once() == 0 and len(hook.calls) == 1
+    clock.advance(by=arrived + timedelta(minutes=10, seconds=-1) - clock.now())  # just before 10 min
+    assert timers.run_once() == 5  # the alert again at 2, 4, 6 and 8 min; the reading warning at 8 (80 % of 10)
+    assert notifier.run_once() == 4
+    assert sorted((c[1]["kind"], c[1]["audience"], c[1].get("repeat")) for c in hook.calls[1:]) == [
+        ("critical_alert", "readers", k) for k in (1, 2, 3, 4)
+    ]
+    with hub.engine.connect() as conn:  # the stations and watches rang again each time
+        rings = conn.execute(select(events.c.id).where(events.c.exam_id == exam.exam_id, events.c.type == "critical"))
+        assert len(rings.all()) == 5
+    del hook.calls[1:]
     clock.advance(2)
     timers.run_once()
     hook.status = 503  # the first delivery fails: tried again after 5 s, once delivered
@@ -117,7 +124,7 @@ def test_an_unclaimed_critical_ecg_is_escalated_once_and_a_claim_stops_the_next_
         sent = conn.execute(select(notifications.c.status, notifications.c.attempts)
                             .where(notifications.c.exam_id == exam.exam_id)).all()  # fmt: skip
     assert [json.loads(d)["to"] for d in escalated] == ["on-call"]
-    assert sorted(sent) == [("sent", 1), ("sent", 2)]
+    assert sorted(sent) == [("sent", 1)] * 5 + [("sent", 2)]
 
     cardio = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))
     claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)

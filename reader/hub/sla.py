@@ -10,7 +10,9 @@ level and the deadline); an exam reported in time makes its timers fire with not
 claim whose lease has lapsed is claimable by the next eligible reader already (the queue's leases).
 
 A critical exam is also announced to the hooks at once (a ``critical_alert`` notification to the
-readers, ``reader/hub/notify.py``), and gets one ``critical_unclaimed`` timer per step of the
+readers, ``reader/hub/notify.py``), announced again every 2 minutes while nobody claims it until
+its first escalation step (a ``critical`` event, so stations and watches ring again, and the
+notification again), and gets one ``critical_unclaimed`` timer per step of the
 routing file's ``[critical_unclaimed]`` (by default the on-call list at 10 minutes, the department
 head at 20): a step that fires while the exam is still unclaimed records an ``escalated`` event and
 notifies that step's audience; once someone has claimed it, the remaining steps say nothing.
@@ -39,6 +41,8 @@ from teleread.vocab import ExamState
 WARNING_SHARE = 0.8
 WARNING, DEADLINE, UNCLAIMED = "reading_warning", "reading_deadline", "critical_unclaimed"
 UNACKNOWLEDGED = "critical_unacknowledged"  # a critical result the site has not acknowledged
+REALERT = "critical_realert"  # the critical alert again, while nobody claims
+REPEAT_MINUTES = 2
 WAITING = (ExamState.QUEUED, ExamState.IN_READING)
 
 
@@ -56,6 +60,10 @@ def critical_arrived(
     """The alert of a critical exam just queued, and its escalation timers (in that transaction)."""
     exam_id = str(exam["id"])
     notify(conn, kind="critical_alert", exam_id=exam_id, audience="readers", at=at, payload=_about(exam))
+    first = steps[0][0] if steps else 0
+    for repeat in range(1, max(0, (first - 1) // REPEAT_MINUTES) + 1):  # again and again until the first step
+        schedule(conn, kind=REALERT, subject=exam_id, step=repeat,
+                 due_at=arrived + timedelta(minutes=repeat * REPEAT_MINUTES))  # fmt: skip
     for step, (minutes, audience) in enumerate(steps):
         schedule(conn, kind=UNCLAIMED, subject=exam_id, step=step, due_at=arrived + timedelta(minutes=minutes),
                  detail={"notify": audience, "after_minutes": minutes})  # fmt: skip
@@ -65,6 +73,18 @@ def _about(exam: Any) -> dict[str, Any]:
     """What a notification says of an exam (a row's mapping): never the patient."""
     return {"site_id": exam["site_id"], "hospital": exam["hospital"] or "", "specialty": exam["specialty"] or "",
             "modality": exam["modality"] or "", "level": "critical"}  # fmt: skip
+
+
+def _realert(conn: Connection, timer: Timer, at: datetime) -> None:
+    """The critical alert again while nobody has claimed the exam: the readers' stations and
+    watches ring again (a ``critical`` event) and the hooks are notified again."""
+    row = conn.execute(select(exams).where(exams.c.id == timer.subject)).first()
+    if row is None or row.state != ExamState.QUEUED:
+        return
+    record_event(conn, type="critical", exam_id=row.id, site_id=row.site_id, hospital=row.hospital,
+                 specialty=row.specialty, detail={"level": "critical", "repeat": timer.step})  # fmt: skip
+    notify(conn, kind="critical_alert", exam_id=row.id, audience="readers", at=at, step=timer.step,
+           payload={**_about(row._mapping), "repeat": timer.step})  # fmt: skip
 
 
 def _unclaimed(conn: Connection, timer: Timer, at: datetime) -> None:
@@ -125,5 +145,5 @@ def _fired(event: str) -> Handler:
 
 HANDLERS: dict[str, Handler] = {
     WARNING: _fired("sla_warning"), DEADLINE: _fired("sla_breached"), UNCLAIMED: _unclaimed,
-    UNACKNOWLEDGED: _unacknowledged,
+    UNACKNOWLEDGED: _unacknowledged, REALERT: _realert,
 }  # fmt: skip
