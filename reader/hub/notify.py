@@ -4,7 +4,7 @@ pager or an enterprise chat, by an HTTP webhook and/or a command (``NotifySettin
 A notification is a row of ``notifications``, written in the transaction of what makes it necessary
 (``notify``: the exam queued critical, an escalation step fired), with a payload that names the
 exam, the site, the level, the audience and the step, never the patient. Every hub process runs a
-:class:`Notifier`: it takes the earliest due notification with ``FOR UPDATE SKIP LOCKED`` on
+:class:`Notifier`: it takes the earliest due notification with a row lock that skips locked rows on
 PostgreSQL (one process per row), delivers it while it holds the row (the webhook gets the JSON as
 a POST with an ``Idempotency-Key`` header of the notification's id; the command gets it on its
 standard input and must exit 0), and marks it sent in the same transaction. A failed delivery is
@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, select
 
 from teleread import lifecycle
 from teleread.clock import Clock
-from teleread.db.engine import is_postgres
+from teleread.db.engine import locked_for_change
 from teleread.db.schema import notifications
 from teleread.settings import NotifySettings
 from teleread.vocab import NotificationStatus
@@ -59,7 +59,6 @@ class Notifier:
         self._engine = engine
         self._clock = clock
         self._settings = settings
-        self._skip_locked = is_postgres(engine)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._http = httpx.Client(timeout=settings.timeout_seconds) if settings.webhook_url else None
@@ -106,8 +105,7 @@ class Notifier:
             .order_by(notifications.c.next_attempt_at, notifications.c.id)
             .limit(1)
         )
-        if self._skip_locked:
-            query = query.with_for_update(skip_locked=True)
+        query = locked_for_change(query, skip_locked=True)  # PostgreSQL: one process per row; SQLite: one process
         with self._engine.begin() as conn:
             row = conn.execute(query).mappings().first()
             if row is None:

@@ -8,15 +8,16 @@ import re
 
 from teleread.auth import Principal, require_result_reader
 from teleread.errors import InvalidInput, NotFound
-from teleread.db.engine import utcnow
+from teleread.clock import Clock, SystemClock
 from teleread.events import EventBus
 from teleread.reader.hub.repository import ResultRecord, UnitOfWork
 
 
 class ResultsService:
-    def __init__(self, *, uow: UnitOfWork, bus: EventBus) -> None:
+    def __init__(self, *, uow: UnitOfWork, bus: EventBus, clock: Clock | None = None) -> None:
         self._uow = uow
         self._bus = bus
+        self._clock = clock or SystemClock()
 
     @property
     def bus(self) -> EventBus:
@@ -45,7 +46,7 @@ class ResultsService:
         values = {
             "ack_name": _text(name, "name", 100), "ack_role": _text(role, "role", 50),
             "ack_method": _method(method), "ack_read_back": _text(read_back, "read_back", 2000),
-            "acknowledged_at": utcnow(),
+            "acknowledged_at": self._clock.now(),
         }  # fmt: skip
         with self._uow() as tx:
             found = tx.results.acknowledge(site_id, seq=cursor, values=values, actor_id=p.id)

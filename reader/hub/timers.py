@@ -1,21 +1,21 @@
 """Durable deadlines: every deadline is a row of ``timers``, on the database's time, fired once.
 
 A timer names what it is for (``kind``: an exam's reading-deadline warning, its breach, ...), its
-subject (an exam id), the step of an escalation it stands for, and when it is due. It is written
-in the transaction that makes it necessary (``schedule``: a second write of the same kind, subject
-and step is a no-op), so a deadline exists exactly when the state that needs it does.
+subject (an exam id), the step of an escalation it stands for, and when it is due. It is written in
+the transaction that makes it necessary (``schedule``: a second write of the same kind, subject and
+step is a no-op), so a deadline exists exactly when the state that needs it does.
 
 Every hub process runs a :class:`TimerSweeper`. A pass takes the due timers one at a time, each in
-a transaction of its own: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` hands each row to one process
-only, and the row's status is checked again under that lock, so with several hubs on one database
-every timer fires exactly once (a timer being fired by another process is skipped, not waited
-for). On the embedded SQLite database there is one hub process and one sweeper. The handler of the
-timer's kind runs in that transaction: what it records (an event, the next step's timer) commits
-with the timer's ``fired`` status or not at all, so a hub that stops between a deadline and its
-escalation fires it after the restart, once. A handler that raises leaves the timer pending for the
-next pass, and is logged by its kind and the error's type (a timer whose handler failed
-``MAX_ATTEMPTS`` times is set ``failed`` and logged at ERROR, so one bad row cannot hold up the
-rest for ever).
+a transaction of its own: on PostgreSQL a row lock that skips locked rows (``locked_for_change``,
+``FOR NO KEY UPDATE SKIP LOCKED``) hands each row to one process only, and the row's status is
+checked again under that lock, so with several hubs on one database every timer fires exactly once
+(a timer being fired by another process is skipped, not waited for). On the embedded SQLite
+database there is one hub process and one sweeper. The handler of the timer's kind runs in that
+transaction: what it records (an event, the next step's timer) commits with the timer's ``fired``
+status or not at all, so a hub that stops between a deadline and its escalation fires it after the
+restart, once. A handler that raises leaves the timer pending for the next pass, and is logged by
+its kind and the error's type (a timer whose handler failed ``MAX_ATTEMPTS`` times is set
+``failed`` and logged at ERROR, so one bad row cannot hold up the rest for ever).
 
 Time is the hub's clock (``teleread/clock.py``: the database's time on PostgreSQL), passed in, so
 tests move it.
@@ -36,7 +36,7 @@ from sqlalchemy import Connection, Engine, select
 
 from teleread import lifecycle
 from teleread.clock import Clock
-from teleread.db.engine import as_utc, is_postgres
+from teleread.db.engine import as_utc, locked_for_change
 from teleread.db.schema import timers
 from teleread.vocab import TimerStatus
 
@@ -78,7 +78,6 @@ class TimerSweeper:
         self._clock = clock
         self._handlers = dict(handlers)
         self._interval = interval_seconds
-        self._skip_locked = is_postgres(engine)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.fired = 0
@@ -121,8 +120,7 @@ class TimerSweeper:
             .order_by(timers.c.due_at, timers.c.id)
             .limit(1)
         )
-        if self._skip_locked:
-            query = query.with_for_update(skip_locked=True)
+        query = locked_for_change(query, skip_locked=True)  # PostgreSQL: one process per row; SQLite: one process
         with self._engine.begin() as conn:
             row = conn.execute(query).mappings().first()
             if row is None:

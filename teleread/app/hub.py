@@ -199,7 +199,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         ecg_objects=queue.stored_objects,
     )
     reports = ReportService(queue=queue, bus=bus, on_signed=pdfs.submit)
-    results = ResultsService(uow=queue.uow, bus=bus)
+    results = ResultsService(uow=queue.uow, bus=bus, clock=clock)
     feed = WatchFeed(
         engine=engine,
         bus=bus,
