@@ -177,3 +177,14 @@ def _has_table(engine) -> bool:  # type: ignore[no-untyped-def]
     from sqlalchemy import inspect
 
     return "timers" in inspect(engine).get_table_names() and "sites" in inspect(engine).get_table_names()
+
+
+def test_read_sla_lists_nothing_breached_for_a_fresh_exam(embedded_stack, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from teleread.app.cli import main
+
+    exam_id = _queued_ecg(embedded_stack, tmp_path)
+    hub = ["--hub", embedded_stack.address, "--token", embedded_stack.tokens["cardio"]]
+    assert main(["read", "sla", *hub]) == 0
+    shown = capsys.readouterr().out
+    assert "Past the reading deadline (0)" in shown and "Past 80 % of the reading time (0)" in shown
+    assert exam_id not in shown

@@ -151,6 +151,42 @@ def worklist_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
     return 0
 
 
+NEAR_SHARE = 0.8  # the hub's warning: 80 % of an exam's reading time gone (reader/hub/sla.py)
+
+
+def sla_status(
+    exams: Iterable[common_pb2.Exam], *, now: datetime
+) -> tuple[list[common_pb2.Exam], list[common_pb2.Exam]]:
+    """The exams past their reading deadline, and those past 80 % of their reading time, each most
+    overdue (or nearest) first."""
+    breached, near = [], []
+    for exam in exams:
+        if not exam.deadline.seconds or not exam.received_at.seconds:
+            continue
+        deadline = exam.deadline.ToDatetime(tzinfo=timezone.utc)
+        arrived = exam.received_at.ToDatetime(tzinfo=timezone.utc)
+        if now >= deadline:
+            breached.append(exam)
+        elif now >= arrived + (deadline - arrived) * NEAR_SHARE:
+            near.append(exam)
+
+    def by_deadline(e: common_pb2.Exam) -> int:
+        return int(e.deadline.seconds)
+
+    return sorted(breached, key=by_deadline), sorted(near, key=by_deadline)
+
+
+@rpc_command
+def sla_command(args: argparse.Namespace, channel: grpc.Channel) -> int:
+    request = worklist_pb2.ListWorklistRequest(limit=args.limit, include_claimed=True)
+    response = _stub(channel).ListWorklist(request, timeout=args.timeout)
+    breached, near = sla_status(response.exams, now=datetime.now(timezone.utc))
+    console = Console()
+    console.print(exam_table(breached, title=f"Past the reading deadline ({len(breached)})"))
+    console.print(exam_table(near, title=f"Past 80 % of the reading time ({len(near)})"))
+    return 1 if breached else 0
+
+
 def _print_claim(args: argparse.Namespace, claim: worklist_pb2.Claim) -> int:
     _claims(args).remember(claim.exam.exam_id, claim.fence)
     console = Console()
@@ -419,13 +455,17 @@ def _add_claim_commands(sub: Any) -> None:
 
 
 def add_read_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``teleread read <worklist|next|claim|show|report|sign|amend|release|fetch|watch>``."""
+    """Register ``teleread read <worklist|sla|next|claim|show|report|sign|amend|release|fetch|watch>``."""
     parser: argparse.ArgumentParser = subparsers.add_parser("read", help="the reading queue")
     sub = parser.add_subparsers(dest="read_command", required=True, metavar="COMMAND")
     worklist = _add(sub, "worklist", worklist_command, help_text="your queue, most urgent first")
     worklist.add_argument("--limit", type=int, default=50)
     worklist.add_argument("--all", action="store_true", help="include claimed exams")
     _add_claim_commands(sub)
+    sla = _add(
+        sub, "sla", sla_command, help_text="breaches and near-breaches of the reading deadline; exit 1 on a breach"
+    )
+    sla.add_argument("--limit", type=int, default=1000, help="the most urgent exams looked at")
     show = _add(sub, "show", show_command, help_text="exam details, triage evidence, reports")
     show.add_argument("exam_id", metavar="EXAM_ID")
     fetch = _add(sub, "fetch", fetch_command, help_text="download an object, SHA-256 verified")
