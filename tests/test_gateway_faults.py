@@ -330,8 +330,10 @@ class Chaos:
         self.hub_refused: list[HubRefused] = []
         self.restarts_after_bad = 0
 
-    def _bad_instance_sent(self, ds: pydicom.Dataset, want: int, *, chunked_file: Path | None = None) -> bool:
-        for _ in range(20):  # the gateway may be restarting or its disk full: try until it answers
+    def _bad_instance_sent(
+        self, ds: pydicom.Dataset, want: int, *, chunked_file: Path | None = None, attempts: int = 20
+    ) -> bool:
+        for _ in range(attempts):  # the gateway may be restarting or its disk full: try until it answers
             status = _store_once(self.gateway.dicom_port, ds, chunked_file=chunked_file)
             if status == want:
                 return True
@@ -405,9 +407,14 @@ class Chaos:
                          original.key)  # fmt: skip
         valid_ds.save_as(valid.path, enforce_file_format=True)
         assert self.direct(original.path)  # a technician uploaded it straight to the hub before
-        # once the original is at the hub the two must reach the gateway, or the hub's count is off
-        assert self._bad_instance_sent(valid_ds, 0x0000), "the gateway did not take the valid instance"
-        assert self._bad_instance_sent(offered_ds, 0x0000), "the gateway did not take the conflicting instance"
+        # once the original is at the hub the two must reach the gateway, or the hub's count is off:
+        # a minute for a gateway that is busy (a full disk, a restart under a loaded machine)
+        for what, sent in (("valid", valid_ds), ("conflicting", offered_ds)):
+            if not self._bad_instance_sent(sent, 0x0000, attempts=200):
+                alive = self.gateway.proc is not None and self.gateway.proc.poll() is None
+                tail = self.gateway.log.read_text(errors="replace").splitlines()[-15:]
+                raise AssertionError(f"the gateway did not take the {what} instance in 60 s (running: {alive}); "
+                                     "its log ends:\n" + "\n".join(tail))  # fmt: skip
         self.hub_refused.append(HubRefused(original, offered, valid))
         self.injected["instance refused by the hub"] += 1
         self._restart_after_bad()

@@ -463,6 +463,7 @@ class MemoryStore:
     result_seq: dict[int, int] = field(default_factory=dict)  # site id -> last cursor
     names: dict[int, str] = field(default_factory=dict)  # principal id -> name
     events: list[dict[str, Any]] = field(default_factory=list)
+    timers: list[dict[str, Any]] = field(default_factory=list)  # what the database's timers would hold
 
     def add(self, **row: Any) -> None:
         base = {"claimed_by": None, "lease_expires_at": None, "fence": 0, "deadline": None, "received_at": None}
@@ -576,9 +577,15 @@ class MemoryResultRepository:
     def __init__(self, store: MemoryStore) -> None:
         self._s = store
 
-    def publish(self, exam: ExamRecord, *, report_id: int, critical: bool, now: datetime) -> int:
+    def publish(
+        self, exam: ExamRecord, *, report_id: int, critical: bool, now: datetime,
+        unacknowledged: tuple[tuple[int, str], ...] = (),
+    ) -> int:  # fmt: skip
         if critical:
             lifecycle.CRITICAL.initial(CriticalState.NOTIFIED, "critical_result")
+            for step, (minutes, audience) in enumerate(unacknowledged):
+                self._s.timers.append({"kind": UNACKNOWLEDGED, "exam_id": exam.id, "step": step, "notify": audience,
+                                       "due_at": now + timedelta(minutes=minutes)})  # fmt: skip
         seq = self._s.result_seq.get(exam.site_id, 0) + 1
         self._s.result_seq[exam.site_id] = seq
         self._s.results.append(
@@ -591,11 +598,27 @@ class MemoryResultRepository:
 
     def _record(self, row: Mapping[str, Any]) -> ResultRecord:
         report = ReportRecord.of(self._s.reports[row["report_id"]])
+        ack = row.get("ack")
         return ResultRecord(
             seq=row["seq"], site_id=row["site_id"], critical=row["critical"], critical_state=row["critical_state"],
             published_at=row["published_at"], report=report, signer_name=self._s.names.get(report.signed_by or 0, ""),
-            exam=dict(self._s.exams[row["exam_id"]]),
+            exam=dict(self._s.exams[row["exam_id"]]), acknowledgement=dict(ack) if ack else None,
         )  # fmt: skip
+
+    def acknowledge(self, site_id: int, *, seq: int, values: Mapping[str, Any], actor_id: int) -> ResultRecord:
+        row = next((r for r in self._s.results if r["site_id"] == site_id and r["seq"] == seq), None)
+        if row is None:
+            raise NotFound("no result with that cursor at this site", reason="RESULT_NOT_FOUND")
+        if not row["critical"]:
+            raise Conflict("that result is not critical", reason="NOT_CRITICAL")
+        if row["critical_state"] == CriticalState.ACKNOWLEDGED:
+            raise Conflict("that critical result was acknowledged already", reason="CRITICAL_ALREADY_ACKNOWLEDGED")
+        lifecycle.CRITICAL.edge(row["critical_state"], CriticalState.ACKNOWLEDGED, "critical_acknowledged")
+        row["critical_state"] = CriticalState.ACKNOWLEDGED
+        row["ack"] = {"name": values["ack_name"], "role": values["ack_role"], "method": values["ack_method"],
+                      "read_back": values["ack_read_back"], "at": values["acknowledged_at"]}  # fmt: skip
+        self._s.event("critical_acknowledged", row["exam_id"], actor_id, {"cursor": seq})
+        return self._record(row)
 
     def after(self, site_id: int, *, after: int, limit: int) -> list[ResultRecord]:
         rows = [r for r in self._s.results if r["site_id"] == site_id and r["seq"] > after]

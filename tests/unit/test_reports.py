@@ -124,6 +124,31 @@ def test_a_critical_result_starts_its_track_at_notified(rig: Rig) -> None:
     assert rig.results.get(CLINIC_A, exam_id="e1").critical_state == CriticalState.NOTIFIED
 
 
+def test_a_critical_result_is_acknowledged_once_by_a_named_person_with_a_read_back(rig: Rig) -> None:
+    rig.exam("e1")
+    rig.signed("e1", critical=True)
+    rig.exam("e2")
+    rig.signed("e2")
+    [critical, plain] = rig.results.list_after(CLINIC_A, after=0)
+    ack = {"name": "Dr Wang Li", "role": "attending physician", "method": "in_person", "read_back": "3.5 s pause"}
+    for bad in ({"method": "fax"}, {"name": ""}, {"role": "x" * 51}, {"read_back": "a\x07b"}):
+        with pytest.raises(InvalidInput) as refused:
+            rig.results.acknowledge(CLINIC_A, cursor=critical.seq, **{**ack, **bad})
+        assert refused.value.reason == "BAD_ACKNOWLEDGEMENT", bad
+    with pytest.raises(Conflict) as not_critical:
+        rig.results.acknowledge(CLINIC_A, cursor=plain.seq, **ack)
+    assert not_critical.value.reason == "NOT_CRITICAL"
+    with pytest.raises(NotFound):
+        rig.results.acknowledge(CLINIC_A, cursor=99, **ack)
+    done = rig.results.acknowledge(CLINIC_A, cursor=critical.seq, **ack)
+    assert done.critical_state == CriticalState.ACKNOWLEDGED and done.acknowledgement is not None
+    assert done.acknowledgement["name"] == "Dr Wang Li" and done.acknowledgement["method"] == "in_person"
+    with pytest.raises(Conflict) as twice:
+        rig.results.acknowledge(CLINIC_A, cursor=critical.seq, **ack)
+    assert twice.value.reason == "CRITICAL_ALREADY_ACKNOWLEDGED"
+    assert rig.types()[-1] == "critical_acknowledged"
+
+
 def test_amendments_are_new_versions_by_the_signer_or_an_amendment_claim(rig: Rig) -> None:
     rig.exam("e1")
     rig.signed("e1")
