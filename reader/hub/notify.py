@@ -19,19 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import threading
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 
 from teleread import lifecycle
 from teleread.clock import Clock
-from teleread.db.engine import locked_for_change
 from teleread.db.schema import notifications
+from teleread.reader.hub.due_rows import RowPass, earliest_due
 from teleread.settings import NotifySettings
 from teleread.vocab import NotificationStatus
 
@@ -54,58 +53,22 @@ def notify(
     lifecycle.open_notification(conn, values=values)
 
 
-class Notifier:
+class Notifier(RowPass):
+    name = "notifier"
+
     def __init__(self, *, engine: Engine, clock: Clock, settings: NotifySettings) -> None:
+        super().__init__(clock=clock, interval_seconds=settings.interval_seconds)
         self._engine = engine
-        self._clock = clock
         self._settings = settings
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._http = httpx.Client(timeout=settings.timeout_seconds) if settings.webhook_url else None
 
-    def start(self) -> None:
-        if self._thread is None and self._settings.interval_seconds > 0:
-            self._thread = threading.Thread(target=self._loop, name="notifier", daemon=True)
-            self._thread.start()
-
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        super().stop(timeout)
         if self._http is not None:
             self._http.close()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self._settings.interval_seconds):
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the thread must live; the type only
-                log.error("notifier pass failed", extra={"reason": type(exc).__name__})
-
-    def run_once(self, now: datetime | None = None) -> int:
-        """Deliver every notification due at ``now``; how many were sent."""
-        at = now if now is not None else self._clock.now()
-        sent, seen = 0, set[str]()
-        while not self._stop.is_set():
-            outcome = self._deliver_one(at, seen)
-            if outcome is None:
-                return sent
-            sent += outcome
-        return sent
-
-    def _deliver_one(self, at: datetime, seen: set[str]) -> int | None:
-        query = (
-            select(notifications)
-            .where(
-                notifications.c.status == NotificationStatus.PENDING,
-                notifications.c.next_attempt_at <= at,
-                notifications.c.id.not_in(seen),
-            )  # fmt: skip
-            .order_by(notifications.c.next_attempt_at, notifications.c.id)
-            .limit(1)
-        )
-        query = locked_for_change(query, skip_locked=True)  # PostgreSQL: one process per row; SQLite: one process
+    def _one(self, at: datetime, seen: set[str]) -> int | None:
+        query = earliest_due(notifications, notifications.c.next_attempt_at, at=at, passed_over=seen)
         with self._engine.begin() as conn:
             row = conn.execute(query).mappings().first()
             if row is None:

@@ -25,19 +25,19 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine
 
 from teleread import lifecycle
 from teleread.clock import Clock
-from teleread.db.engine import as_utc, locked_for_change
+from teleread.db.engine import as_utc
 from teleread.db.schema import timers
+from teleread.reader.hub.due_rows import RowPass, earliest_due
 from teleread.vocab import TimerStatus
 
 log = logging.getLogger("teleread.timers")
@@ -70,57 +70,21 @@ def schedule(
     lifecycle.open_timer(conn, values=values)
 
 
-class TimerSweeper:
+class TimerSweeper(RowPass):
+    name = "timers"
+
     def __init__(
         self, *, engine: Engine, clock: Clock, handlers: Mapping[str, Handler], interval_seconds: float = 1.0
     ) -> None:
+        super().__init__(clock=clock, interval_seconds=interval_seconds)
         self._engine = engine
-        self._clock = clock
         self._handlers = dict(handlers)
-        self._interval = interval_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.fired = 0
 
-    def start(self) -> None:
-        if self._thread is None and self._interval > 0:
-            self._thread = threading.Thread(target=self._loop, name="timers", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the thread must live; the type only
-                log.error("timer pass failed", extra={"reason": type(exc).__name__})
-
-    def run_once(self, now: datetime | None = None) -> int:
-        """Fire every timer due at ``now`` (the clock's time by default); how many fired."""
-        at = now if now is not None else self._clock.now()
-        fired, passed_over = 0, set[str]()
-        while not self._stop.is_set():
-            outcome = self._fire_one(at, passed_over)
-            if outcome is None:
-                return fired
-            fired += outcome
-        return fired
-
-    def _fire_one(self, at: datetime, passed_over: set[str]) -> int | None:
+    def _one(self, at: datetime, passed_over: set[str]) -> int | None:
         """Fire the earliest due timer: 1 if it fired, 0 if its handler failed (it stays pending, and
         this pass goes on with the others), None when none is due."""
-        query = (
-            select(timers)
-            .where(timers.c.status == TimerStatus.PENDING, timers.c.due_at <= at, timers.c.id.not_in(passed_over))
-            .order_by(timers.c.due_at, timers.c.id)
-            .limit(1)
-        )
-        query = locked_for_change(query, skip_locked=True)  # PostgreSQL: one process per row; SQLite: one process
+        query = earliest_due(timers, timers.c.due_at, at=at, passed_over=passed_over)
         with self._engine.begin() as conn:
             row = conn.execute(query).mappings().first()
             if row is None:
