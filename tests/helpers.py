@@ -142,3 +142,22 @@ def run_coroutine(coro: Any) -> Any:
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def signed_critical_ecg(stack: Any, folder: Path, *, text: str = "Sinus arrest, 3.5 s pause.") -> str:
+    """A synthetic ECG with a >= 3 s pause uploaded by site A (critical on triage), claimed by the
+    cardiologist and signed with a critical report; its exam id."""
+    from teleread.gateway.uploader.client import scan_paths, upload_exams
+    from teleread.v1 import ingest_pb2_grpc, worklist_pb2, worklist_pb2_grpc
+
+    write_synthetic_wfdb(folder, rhythm="pause")
+    ingest = ingest_pb2_grpc.IngestStub(stack.channel("site_a"))
+    (outcome,) = upload_exams(ingest, scan_paths([folder]).exams)
+    wait_for_state(ingest, outcome.exam_id, "queued")
+    cardio = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))
+    claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=120), timeout=10)
+    assert claim.exam.exam_id == outcome.exam_id
+    draft = worklist_pb2.SaveReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence, text=text, critical=True)
+    cardio.SaveReport(draft, timeout=10)
+    cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10)
+    return str(outcome.exam_id)

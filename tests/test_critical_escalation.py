@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from conftest import make_settings, running, start_stack
-from helpers import write_synthetic_wfdb, wait_for_state
+from helpers import signed_critical_ecg, wait_for_state, write_synthetic_wfdb
 from teleread.clock import FakeClock
 from teleread.db.engine import as_utc, utcnow
 from teleread.db.schema import events, exams, notifications
@@ -176,22 +176,9 @@ def test_a_critical_result_is_escalated_until_a_named_person_reads_it_back(
     from teleread.v1 import results_pb2, results_pb2_grpc
 
     hub = stack.hub
-    write_synthetic_wfdb(tmp_path / "ecg", rhythm="pause")
-    ingest = ingest_pb2_grpc.IngestStub(stack.channel("site_a"))
-    [outcome] = upload_exams(ingest, scan_paths([tmp_path / "ecg"]).exams)
-    wait_for_state(ingest, outcome.exam_id, "queued")
-    cardio = worklist_pb2_grpc.WorklistStub(stack.channel("cardio"))
-    claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(), timeout=10)
-    draft = {
-        "exam_id": claim.exam.exam_id,
-        "fence": claim.fence,
-        "text": "Sinus arrest, 3.5 s pause.",
-        "critical": True,
-    }
-    cardio.SaveReport(worklist_pb2.SaveReportRequest(**draft), timeout=10)
-    cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10)
+    exam_id = signed_critical_ecg(stack, tmp_path / "ecg")
     site = results_pb2_grpc.ResultsStub(stack.channel("site_a"))
-    result = site.GetResult(results_pb2.GetResultRequest(exam_id=claim.exam.exam_id), timeout=10)
+    result = site.GetResult(results_pb2.GetResultRequest(exam_id=exam_id), timeout=10)
     assert result.critical and result.critical_state == "notified" and not result.HasField("acknowledgement")
     published = result.published_at.ToDatetime().replace(tzinfo=as_utc(utcnow()).tzinfo)
 
@@ -202,7 +189,7 @@ def test_a_critical_result_is_escalated_until_a_named_person_reads_it_back(
     notifier.run_once()
     escalations = [c[1] for c in hook.calls if c[1]["kind"] == "critical_unacknowledged"]
     assert [(e["audience"], e["step"], e["cursor"]) for e in escalations] == [("second-contact", 1, result.cursor)]
-    assert site.GetResult(results_pb2.GetResultRequest(exam_id=claim.exam.exam_id)).critical_state == "escalated"
+    assert site.GetResult(results_pb2.GetResultRequest(exam_id=exam_id)).critical_state == "escalated"
 
     def acknowledge(**fields: Any) -> Any:
         request = {"cursor": result.cursor, "name": "Dr Wang Li", "role": "attending physician", "method": "phone",
@@ -232,11 +219,11 @@ def test_a_critical_result_is_escalated_until_a_named_person_reads_it_back(
     notifier.run_once()
     assert len([c for c in hook.calls if c[1]["kind"] == "critical_unacknowledged"]) == 1
     with hub.engine.connect() as conn:
-        mine = events.c.exam_id == claim.exam.exam_id
+        mine = events.c.exam_id == exam_id
         query = select(events.c.type, events.c.detail).where(mine, events.c.type.like("critical_%"))
         trail = conn.execute(query.order_by(events.c.id)).all()
         columns = (results.c.ack_name, results.c.ack_method, results.c.acknowledged_by)
-        row = conn.execute(select(*columns).where(results.c.exam_id == claim.exam.exam_id)).one()
+        row = conn.execute(select(*columns).where(results.c.exam_id == exam_id)).one()
     assert [t for t, _ in trail] == ["critical_result", "critical_escalated", "critical_acknowledged"]
     assert json.loads(trail[1][1])["to"] == "second-contact"
     assert row.ack_name == "Dr Wang Li" and row.ack_method == "phone" and row.acknowledged_by is not None

@@ -52,6 +52,16 @@ def _study(stack: HubStack, folder: Path, site: str, *, date: str, name: str, ac
     return study
 
 
+def _stored(stack: HubStack, path: Path) -> tuple[str, str, str]:
+    """Upload one DICOM file as site A's imaging exam, wait until it is queued; its study, series and
+    instance UIDs."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ingest = ingest_pb2_grpc.IngestStub(stack.channel("site_a"))
+    exam = upload(ingest, [(path, "dicom")], kind=common_pb2.EXAM_KIND_IMAGING, study=str(ds.StudyInstanceUID))
+    wait_for_state(ingest, exam.exam_id, "queued")
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
 def _value(dataset: dict[str, Any], tag: str) -> Any:
     values = dataset.get(tag, {}).get("Value") or [None]
     return values[0]
@@ -261,10 +271,7 @@ def test_metadata_is_kept_at_ingest_and_bulk_data_resolves_at_its_uri(
     ds.IconImageSequence = pydicom.Sequence([icon])
     path = tmp_path / "with-bulk.dcm"
     ds.save_as(path, enforce_file_format=True)
-    ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
-    exam = upload(ingest, [(path, "dicom")], kind=common_pb2.EXAM_KIND_IMAGING, study=str(ds.StudyInstanceUID))
-    wait_for_state(ingest, exam.exam_id, "queued")
-    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    uids = _stored(hub_stack, path)
     site = _client(dicomweb, hub_stack.tokens["site_a"])
 
     engine = hub_stack.hub.engine
@@ -320,10 +327,7 @@ def test_native_frames_are_read_by_range_and_verified_by_their_own_digest(
     ds.NumberOfFrames, ds.PixelData = len(frames), b"".join(frames)
     path = tmp_path / "multi.dcm"
     ds.save_as(path, enforce_file_format=True)
-    ingest = ingest_pb2_grpc.IngestStub(hub_stack.channel("site_a"))
-    exam = upload(ingest, [(path, "dicom")], kind=common_pb2.EXAM_KIND_IMAGING, study=str(ds.StudyInstanceUID))
-    wait_for_state(ingest, exam.exam_id, "queued")
-    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    uids = _stored(hub_stack, path)
     site = _client(dicomweb, hub_stack.tokens["site_a"])
 
     with hub_stack.hub.engine.connect() as conn:

@@ -19,7 +19,7 @@ import grpc
 import pypdf
 import pytest
 
-from helpers import wait_for, write_synthetic_wfdb
+from helpers import signed_critical_ecg, wait_for, write_synthetic_wfdb
 from teleread.client import atomic_write_bytes
 from teleread.errors import IntegrityError
 from teleread.gateway.clinic.results import ResultsInbox
@@ -218,16 +218,8 @@ def test_a_critical_result_waits_in_gateway_status_until_a_named_person_acknowle
 ) -> None:
     from teleread.app.cli import main
 
-    write_synthetic_wfdb(tmp_path / "in", rhythm="pause")
+    exam_id = signed_critical_ecg(embedded_stack, tmp_path / "in", text="VF.")
     site = embedded_stack.channel("site_a")
-    ingest = ingest_pb2_grpc.IngestStub(site)
-    (outcome,) = upload_exams(ingest, scan_paths([tmp_path / "in"]).exams)
-    wait_for(lambda: ingest.GetExam(ingest_pb2.GetExamRequest(exam_id=outcome.exam_id), timeout=10).state == "queued")
-    cardio = worklist_pb2_grpc.WorklistStub(embedded_stack.channel("cardio"))
-    claim = cardio.ClaimNext(worklist_pb2.ClaimNextRequest(lease_seconds=120), timeout=10)
-    cardio.SaveReport(worklist_pb2.SaveReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence,
-                                                     text="VF.", critical=True), timeout=10)  # fmt: skip
-    cardio.SignReport(worklist_pb2.SignReportRequest(exam_id=claim.exam.exam_id, fence=claim.fence), timeout=10)
     results = tmp_path / "results"
     assert ResultsInbox(results).poll(results_pb2_grpc.ResultsStub(site)) == 1
     (json_file,) = sorted(results.glob("*.json"))
@@ -237,7 +229,7 @@ def test_a_critical_result_waits_in_gateway_status_until_a_named_person_acknowle
 
     assert main(status) == 1
     shown = capsys.readouterr().out
-    assert f"CRITICAL RESULT {cursor} (exam {outcome.exam_id}" in shown and "not acknowledged" in shown
+    assert f"CRITICAL RESULT {cursor} (exam {exam_id}" in shown and "not acknowledged" in shown
     hub = ["--hub", embedded_stack.address, "--token", embedded_stack.tokens["site_a"]]
     ack = ["gateway", "ack", str(cursor), "--name", "Dr Wang Li", "--role", "attending physician",
            "--method", "phone", "--read-back", "VF, defibrillated, transferred", *hub]  # fmt: skip
@@ -249,5 +241,5 @@ def test_a_critical_result_waits_in_gateway_status_until_a_named_person_acknowle
     capsys.readouterr()
     assert main(status) == 0 and "CRITICAL RESULT" not in capsys.readouterr().out
     assert main(ack) == 2  # nothing left to acknowledge here
-    got = results_pb2_grpc.ResultsStub(site).GetResult(results_pb2.GetResultRequest(exam_id=outcome.exam_id))
+    got = results_pb2_grpc.ResultsStub(site).GetResult(results_pb2.GetResultRequest(exam_id=exam_id))
     assert got.critical_state == "acknowledged" and got.acknowledgement.role == "attending physician"
