@@ -157,6 +157,15 @@ def _shown(page: Any, *, index: int | None = None, timeout: float = 60_000) -> d
     return dict(page.evaluate(SHOWN))
 
 
+def _wheel(page: Any, *, notches: int, start: int) -> dict[str, Any]:
+    """Turn the wheel one notch at a time, each moving the stack one image on (waited for, so a
+    loaded machine cannot merge or drop a burst of wheel events); what is shown at the end."""
+    for step in range(1, notches + 1):
+        page.mouse.wheel(0, 120)
+        shown = _shown(page, index=start + step)
+    return shown
+
+
 def _open(page: Any, *studies: Study, extra: str = "") -> dict[str, Any]:
     page.goto(f"/viewer?StudyInstanceUIDs={','.join(s.uid for s in studies)}{extra}")
     return _shown(page)
@@ -228,9 +237,7 @@ def test_slice_n_after_scrolling_has_the_hubs_rendered_pixels_at_one_to_one(page
     assert first["count"] == CT_SLICES and first["index"] == 0
     x, y = _viewport_centre(page)
     page.mouse.move(x, y)
-    for _ in range(9):  # the wheel scrolls the stack, one slice a notch
-        page.mouse.wheel(0, 120)
-    shown = _shown(page, index=9)
+    shown = _wheel(page, notches=9, start=0)  # the wheel scrolls the stack, one slice a notch
     tenth = served.ct.instance(9)
     assert tenth.SOPInstanceUID in shown["imageId"] and tenth.InstanceNumber == 10
     page.keyboard.press("ArrowDown")  # and the keys, one slice a press
@@ -308,9 +315,7 @@ def test_a_multi_frame_image_scrolls_frame_by_frame(page: Any, served: Served) -
     assert first["count"] == 10 and "/frames/1" in first["imageId"]
     x, y = _viewport_centre(page)
     page.mouse.move(x, y)
-    for _ in range(4):
-        page.mouse.wheel(0, 120)
-    shown = _shown(page, index=4)
+    shown = _wheel(page, notches=4, start=0)
     assert shown["imageId"].endswith("/frames/5")
     page.evaluate(ONE_TO_ONE)
     _matches(page, _hub_render(page, shown, frame=5), step=2)
