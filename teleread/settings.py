@@ -82,6 +82,8 @@ class QueueSettings(BaseModel):
     # how often a hub on PostgreSQL reads the database's time (and the simulation clock's offset)
     clock_refresh_seconds: float = 30.0
     timer_interval_seconds: float = 1.0  # between passes of the deadline sweeper; 0: no sweeper
+    calendar_file: Path | None = None  # the working-hours calendar; default: the packaged defaults/calendar.toml
+    offer_seconds: int = 120  # a new exam is its first offer's reader's alone this long (0: no first offer)
 
 
 class NotifySettings(BaseModel):

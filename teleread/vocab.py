@@ -151,6 +151,22 @@ class OutboxState(StrEnum):
     REJECTED = "rejected"  # the hub refused it for good; kept for a person to look at
 
 
+class Grade(StrEnum):
+    """A reader's grade on the roster: a trainee's report needs an attending's countersignature; a
+    department head also sees the department's whole queue, its breaches and its register."""
+
+    ATTENDING = "attending"
+    TRAINEE = "trainee"
+    DEPARTMENT_HEAD = "department_head"
+
+
+class ShiftKind(StrEnum):
+    """A roster shift: on duty (offered exams, alerted) or on call (reached by escalations)."""
+
+    DUTY = "duty"
+    ON_CALL = "on_call"
+
+
 class Role(StrEnum):
     """What a person or a machine identity may do."""
 

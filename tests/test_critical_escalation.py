@@ -87,7 +87,7 @@ def test_an_unclaimed_critical_ecg_is_escalated_once_and_a_claim_stops_the_next_
     with hub.engine.connect() as conn:
         arrived = as_utc(conn.execute(select(exams.c.received_at).where(exams.c.id == exam.exam_id)).scalar_one())
     clock = FakeClock(max(utcnow(), arrived) + timedelta(seconds=1))  # the alert was written at the hub's now
-    timers = TimerSweeper(engine=hub.engine, clock=clock, handlers=sla.HANDLERS, interval_seconds=0)
+    timers = TimerSweeper(engine=hub.engine, clock=clock, handlers=sla.handlers(hub.queue.roster), interval_seconds=0)
     notifier = Notifier(engine=hub.engine, clock=clock, settings=hub.settings.notify)
 
     assert notifier.run_once() == 1 and notifier.run_once() == 0  # the readers' alert, at once, once
@@ -183,7 +183,7 @@ def test_a_critical_result_is_escalated_until_a_named_person_reads_it_back(
     published = result.published_at.ToDatetime().replace(tzinfo=as_utc(utcnow()).tzinfo)
 
     clock = FakeClock(published + timedelta(minutes=15, seconds=1))
-    timers = TimerSweeper(engine=hub.engine, clock=clock, handlers=sla.HANDLERS, interval_seconds=0)
+    timers = TimerSweeper(engine=hub.engine, clock=clock, handlers=sla.handlers(hub.queue.roster), interval_seconds=0)
     notifier = Notifier(engine=hub.engine, clock=clock, settings=hub.settings.notify)
     timers.run_once()
     notifier.run_once()

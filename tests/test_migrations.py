@@ -30,5 +30,5 @@ def test_head_matches_declared_schema_and_round_trips(db_url: str) -> None:
     command.downgrade(alembic_config(db_url), "0001")
     upgrade(db_url)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0013"
+        assert MigrationContext.configure(conn).get_current_revision() == "0014"
     engine.dispose()

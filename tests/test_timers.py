@@ -43,7 +43,7 @@ def test_a_queued_exam_warns_at_80_percent_and_breaches_at_its_deadline_once(hub
     arrived, deadline = as_utc(row.received_at), as_utc(row.deadline)
     assert due == {"reading_warning": arrived + (deadline - arrived) * 0.8, "reading_deadline": deadline}
     clock = FakeClock(arrived)
-    sweeper = TimerSweeper(engine=hub.engine, clock=clock, handlers=sla.HANDLERS, interval_seconds=0)
+    sweeper = TimerSweeper(engine=hub.engine, clock=clock, handlers=sla.handlers(hub.queue.roster), interval_seconds=0)
 
     clock.advance(by=(deadline - arrived) * 0.8 - timedelta(seconds=1))
     assert sweeper.run_once() == 0 and _events(hub.engine, exam_id) == []
@@ -78,7 +78,9 @@ def test_a_timer_due_while_the_hub_was_down_fires_once_after_the_restart(tmp_pat
     clock.advance(700)  # both timers passed while no hub ran
     hub = build_hub(settings, migrate=False)
     try:
-        sweeper = TimerSweeper(engine=hub.engine, clock=clock, handlers=sla.HANDLERS, interval_seconds=0)
+        sweeper = TimerSweeper(
+            engine=hub.engine, clock=clock, handlers=sla.handlers(hub.queue.roster), interval_seconds=0
+        )
         assert sweeper.run_once() == 2 and sweeper.run_once() == 0
         assert sorted(e["type"] for e in _events(hub.engine, exam_id)) == ["sla_breached", "sla_warning"]
     finally:

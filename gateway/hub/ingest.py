@@ -32,7 +32,7 @@ from teleread.backoff import Backoff
 from teleread.clock import Clock, SystemClock
 from teleread.cpu import CpuPool
 from teleread.db.engine import reading, utcnow
-from teleread.db.schema import conflicts, exams, objects, refusals, sites, uploads
+from teleread.db.schema import conflicts, dicom_series, exams, objects, refusals, sites, uploads
 from teleread.errors import (
     AlreadyExists,
     Conflict,
@@ -807,6 +807,9 @@ class IngestService:
         now = utcnow()
         hospital = self._routing.hospital_for(site_code=site.code, site_lead_hospital=site.lead_hospital)
         specialty = self._routing.specialty_for(modality)
+        subspecialty = self._routing.subspecialty_for(
+            modality, self._body_parts(conn, site_id=site_id, exam_id=exam_id)
+        )
         lifecycle.move_exam(
             conn,
             exam_id,
@@ -820,6 +823,7 @@ class IngestService:
                 received_at=now,
                 updated_at=now,
                 specialty=specialty,
+                subspecialty=subspecialty,
                 hospital=hospital,
                 object_count=len(done),
                 total_bytes=sum(int(r.size) for r in done),
@@ -828,6 +832,15 @@ class IngestService:
                 **patient,
             ),
         )
+
+    @staticmethod
+    def _body_parts(conn: Connection, *, site_id: int, exam_id: str) -> frozenset[str]:
+        """The BodyPartExamined of the exam's DICOM series (routing's subspecialty rules)."""
+        series = select(objects.c.series_instance_uid).where(objects.c.exam_id == exam_id).distinct()
+        query = select(dicom_series.c.body_part_examined).where(
+            dicom_series.c.site_id == site_id, dicom_series.c.series_instance_uid.in_(series)
+        )
+        return frozenset(str(b).upper() for (b,) in conn.execute(query) if b)
 
     def _reject_exam(self, *, site_id: int, exam_id: str, error: InvalidInput, stored: Sequence[Any]) -> None:
         """The exam is refused as a whole: each stored object gets a refusal record, its row goes and

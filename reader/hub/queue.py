@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, Iterator, NamedTuple
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 
 from teleread.auth import Principal, require_reader
+from teleread.errors import PermissionDenied
 from teleread.db.engine import as_utc, locked_for_change, reading
 from teleread.db.schema import exams, objects, principals
 from teleread.errors import Conflict, InvalidInput, LeaseLost, NotFound
@@ -35,10 +36,11 @@ from teleread.reader.hub.repository import (
     UnitOfWork,
     queue_order,
 )
+from teleread.reader.hub.roster import Decision, ReaderProfile, Roster, credential_gaps
 from teleread.reader.hub.routing import Routing
 from teleread.reader.hub import sla
 from teleread.triage_result import EcgSummary, TriageResult
-from teleread.vocab import ExamKind, ExamState, Level
+from teleread.vocab import ExamKind, ExamState, Grade, Level
 
 log = logging.getLogger("teleread.queue")
 
@@ -56,6 +58,16 @@ class ExamDetails(NamedTuple):
     priors: list[dict[str, Any]]  # the same patient's earlier exams (see QueueService.details)
 
 
+class Explanation(NamedTuple):
+    """Why an exam went where it went (``teleread read why``)."""
+
+    exam: dict[str, Any]
+    rules: list[str]  # the routing rules that matched, in the order they were applied
+    decisions: list[Decision]  # each reader of the exam's hospital and specialty
+    open_claims: dict[int, int]  # reader id -> exams they hold now
+    offered_to: str  # the reader the exam was first offered to ('' none)
+
+
 class QueueService:
     def __init__(
         self,
@@ -68,6 +80,8 @@ class QueueService:
         clock: Clock | None = None,
         uow: UnitOfWork | None = None,
         routing: Routing | None = None,
+        roster: Roster | None = None,
+        offer_seconds: int = 120,
     ) -> None:
         self._engine = engine  # None only with an in-memory unit of work (claims alone)
         self._routing = routing
@@ -76,9 +90,11 @@ class QueueService:
         self._lease = lease_seconds
         self._max_lease = max_lease_seconds
         self._clock = clock or SystemClock()
+        self._roster = roster or Roster.default()
+        self._offer = timedelta(seconds=max(0, offer_seconds))
         if uow is None:
             assert engine is not None
-            uow = SqlUnitOfWork(engine)
+            uow = SqlUnitOfWork(engine, roster=self._roster)
         self._uow = uow
 
     @property
@@ -95,6 +111,10 @@ class QueueService:
     def escalation(self) -> tuple[tuple[int, str], ...]:
         """A critical result's escalation steps while the site has not acknowledged it."""
         return self._routing.critical_unacknowledged if self._routing is not None else ()
+
+    @property
+    def roster(self) -> Roster:
+        return self._roster
 
     @property
     def uow(self) -> UnitOfWork:
@@ -118,7 +138,10 @@ class QueueService:
         assert self._routing is not None, "a queue that takes triaged exams needs the routing"
         level = result.level
         arrived = as_utc(exam.received_at) or self._clock.now()
-        deadline = self._routing.deadline(level=level, arrived=arrived)
+        deadline, rule = self._routing.deadline_for(
+            level=level, arrived=arrived, calendar=self._roster.calendar, modality=exam.modality or "",
+            subspecialty=getattr(exam, "subspecialty", "") or "", patient_class=exam.patient_class or "",
+        )  # fmt: skip
         with self._db.begin() as conn:
             triaged = lifecycle.move_exam(
                 conn,
@@ -135,22 +158,40 @@ class QueueService:
                 detail={"rules": result.rules_version},
             )
             if triaged is not None:
-                lifecycle.move_exam(
+                now = self._clock.now()
+                queued = lifecycle.move_exam(
                     conn,
                     exam.id,
                     ExamState.QUEUED,
                     event="queued",
                     values={"deadline": deadline},
-                    detail={"level": level},
+                    detail={"level": level, "sla": rule.describe()},
                     also=[("critical", {"level": level})] if level == Level.CRITICAL else [],
                 )
+                assert queued is not None
                 sla.schedule_reading(conn, exam_id=exam.id, arrived=arrived, deadline=deadline)
                 if level == Level.CRITICAL:
-                    sla.critical_arrived(conn, exam=triaged, arrived=arrived, at=self._clock.now(),
-                                         steps=self._routing.critical_unclaimed)  # fmt: skip
+                    readers = self._roster.audience(conn, queued, "readers", now)
+                    sla.critical_arrived(conn, exam=queued, arrived=arrived, at=now,
+                                         steps=self._routing.critical_unclaimed, readers=readers)  # fmt: skip
+                else:
+                    self._offer_first(conn, queued, now)
         self._bus.publish()
         log.info("exam queued", extra={"exam_id": exam.id, "level": level})
         return {"level": level, "deadline": deadline}
+
+    def _offer_first(self, conn: Connection, exam: dict[str, Any], now: Any) -> None:
+        """Offer a new exam first to the reader on duty who may read it with the fewest open claims:
+        for ``offer_seconds`` claim-next gives it to nobody else (an ``offered`` event says to whom).
+        A critical exam is not offered to one reader: every reader it is offered to is alerted."""
+        reader, _ = self._roster.first_offer(conn, exam, now)
+        if reader is None or not self._offer:
+            return
+        until = now + self._offer
+        conn.execute(update(exams).where(exams.c.id == exam["id"]).values(offered_to=reader.id, offer_until=until))
+        record_event(conn, type="offered", exam_id=str(exam["id"]), site_id=int(exam["site_id"]),
+                     hospital=exam["hospital"], specialty=exam["specialty"],
+                     detail={"to": reader.name, "reader_id": reader.id, "until": until.isoformat()})  # fmt: skip
 
     def record_ecg_measurements(self, exam_id: str, summary: dict[str, Any]) -> bool:
         """Keep an ECG's full measurements (triage's second pass: PR, QT, QTc, axes) in its triage
@@ -178,7 +219,45 @@ class QueueService:
             .limit(max(1, limit))
         )
         with reading(self._db) as conn:
+            me = self._roster.profile(conn, p.id)
+            if me is not None and me.grade != Grade.DEPARTMENT_HEAD:  # a head sees the department's queue
+                query = query.where(*self._credentialed(conn, me))
             return [dict(r._mapping) for r in conn.execute(query)]
+
+    @staticmethod
+    def _credentialed(conn: Connection, me: ReaderProfile) -> list[Any]:
+        """The exams a reader is credentialed for (their sites and modalities)."""
+        from teleread.db.schema import sites
+
+        clauses: list[Any] = []
+        if me.sites:
+            clauses.append(exams.c.site_id.in_(select(sites.c.id).where(sites.c.code.in_(sorted(me.sites)))))
+        if me.modalities:
+            clauses.append(exams.c.modality.in_(sorted(me.modalities)))
+        return clauses
+
+    def explain(self, p: Principal, *, exam_id: str) -> Explanation:
+        """Which routing rules matched the exam, who may read it and is on duty, who not and why."""
+        hospital, specialty = require_reader(p)
+        assert self._routing is not None, "explaining routing needs the routing"
+        with reading(self._db) as conn:
+            exam = self._reader_exam(conn, hospital=hospital, specialty=specialty, exam_id=exam_id)
+            now = self._clock.now()
+            decisions = self._roster.decisions(conn, exam, now)
+            load = self._roster.open_claims(conn, hospital=hospital, specialty=specialty, at=now)
+            offered = conn.execute(select(principals.c.name).where(principals.c.id == exam["offered_to"])).scalar()
+        routing, modality = self._routing, exam["modality"] or ""
+        rules = [
+            f"routing {routing.version}; calendar {self._roster.calendar.version}",
+            f"modality {modality or '(none)'} -> specialty {exam['specialty']}",
+            f"site -> lead hospital {exam['hospital']}",
+            f"subspecialty: {exam['subspecialty'] or '(none)'}",
+        ]
+        if exam["level"]:
+            rule = routing.sla_rule(level=exam["level"], modality=modality, subspecialty=exam["subspecialty"] or "",
+                                    patient_class=exam["patient_class"] or "")  # fmt: skip
+            rules.append(f"deadline rule {rule.describe()} -> {as_utc(exam['deadline']):%Y-%m-%d %H:%M} UTC")
+        return Explanation(exam, rules, decisions, load, str(offered or ""))
 
     # ---- claims ------------------------------------------------------------------------------
     @staticmethod
@@ -192,7 +271,11 @@ class QueueService:
         lease = self._lease_for(lease_seconds)
         with self._uow() as tx:
             now = self._clock.now()
-            pick = tx.exams.next_claimable(hospital=hospital, specialty=specialty, now=now)
+            scope = tx.roster.scope(p.id, now)
+            if scope is None:
+                log.info("claim-next: reader not on duty")
+                return None
+            pick = tx.exams.next_claimable(hospital=hospital, specialty=specialty, now=now, scope=scope)
             if pick is None:
                 return None
             taken = tx.exams.take(pick.id, ExamState.IN_READING, reader_id=p.id, until=now + lease, now=now)
@@ -211,6 +294,7 @@ class QueueService:
         with self._uow() as tx:
             now = self._clock.now()
             exam = readable(tx.exams.get(exam_id, lock=True), hospital=hospital, specialty=specialty)
+            self.check_credentials(tx, p, exam)
             own = ExamState.REPORTED if for_amendment else ExamState.IN_READING
             if exam.claimed_by == p.id and exam.state == own and live_claim(exam, now):
                 return self._claimed(tx.exams.extend(exam_id, until=now + lease, now=now), p)
@@ -228,6 +312,16 @@ class QueueService:
         log.info("claimed", extra={"exam_id": exam_id})
         self._bus.publish()
         return self._claimed(taken, p)
+
+    @staticmethod
+    def check_credentials(tx: Any, p: Principal, exam: ExamRecord) -> ReaderProfile:
+        """The reader's roster entry; PermissionDenied ``NOT_CREDENTIALED`` when they may not read the
+        exam (its site or modality is not among theirs)."""
+        me = tx.roster.profile(p.id)
+        gaps = credential_gaps(me, tx.roster.facts(exam)) if me is not None and me.hospital else []
+        if me is None or gaps:
+            raise PermissionDenied("not credentialed for this exam: " + "; ".join(gaps), reason="NOT_CREDENTIALED")
+        return me
 
     def held(
         self, exams: ExamRepository, p: Principal, *, exam_id: str, fence: int, states: tuple[str, ...] = CLAIMED

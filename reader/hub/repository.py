@@ -31,6 +31,7 @@ from teleread.db.schema import exams, principals, reports, results, sites
 from teleread.errors import Conflict, NotFound
 from teleread.lifecycle import InvalidTransition
 from teleread.reader.hub.claims import CLAIMABLE, ExamRecord, claim_event, claimable
+from teleread.reader.hub.roster import ClaimScope, Decision, ExamFacts, ReaderProfile, Roster
 from teleread.reader.hub.sla import UNACKNOWLEDGED
 from teleread.reader.hub.timers import schedule
 from teleread.vocab import CriticalState, ExamState, ReportStatus
@@ -163,6 +164,31 @@ def queue_order() -> list[Any]:
     return [exams.c.level_rank, exams.c.deadline, exams.c.received_at, exams.c.id]
 
 
+def scope_clauses(scope: ClaimScope, now: datetime) -> list[Any]:
+    """The database's side of the roster's rule for one reader (``roster.decide``)."""
+    clauses: list[Any] = [
+        or_(exams.c.offered_to.is_(None), exams.c.offered_to == scope.reader_id, exams.c.offer_until <= now)
+    ]
+    if scope.site_ids is not None:
+        clauses.append(exams.c.site_id.in_(sorted(scope.site_ids)))
+    if scope.modalities is not None:
+        clauses.append(exams.c.modality.in_(sorted(scope.modalities)))
+    if scope.reserved:
+        clauses.append(exams.c.subspecialty.not_in(sorted(scope.reserved)))
+    return clauses
+
+
+def in_scope(row: Mapping[str, Any], scope: ClaimScope, now: datetime) -> bool:
+    """:func:`scope_clauses` on a row (the in-memory repository)."""
+    offer = as_utc(row.get("offer_until"))
+    return (
+        (row.get("offered_to") in (None, scope.reader_id) or (offer is not None and offer <= now))
+        and (scope.site_ids is None or row["site_id"] in scope.site_ids)
+        and (scope.modalities is None or row["modality"] in scope.modalities)
+        and (row.get("subspecialty") or "") not in scope.reserved
+    )
+
+
 def _order_key(row: Mapping[str, Any]) -> Any:
     return (row["level_rank"], as_utc(row["deadline"]), as_utc(row["received_at"]), row["id"])
 
@@ -171,8 +197,12 @@ def _order_key(row: Mapping[str, Any]) -> Any:
 class ExamRepository(Protocol):
     def get(self, exam_id: str, *, lock: bool = False) -> ExamRecord | None: ...
 
-    def next_claimable(self, *, hospital: str, specialty: str, now: datetime) -> ExamRecord | None:
-        """The most urgent claimable exam of the hospital and specialty (locked, skipping locked rows)."""
+    def next_claimable(
+        self, *, hospital: str, specialty: str, now: datetime, scope: ClaimScope | None = None
+    ) -> ExamRecord | None:
+        """The most urgent claimable exam of the hospital and specialty (locked, skipping locked rows)
+        within ``scope``: the reader's sites, modalities and subspecialties, and not an exam first
+        offered to another reader while that offer stands."""
         ...
 
     def take(self, exam_id: str, state: ExamState, *, reader_id: int, until: datetime, now: datetime) -> ExamRecord:
@@ -234,10 +264,25 @@ class ResultRepository(Protocol):
     def latest_for(self, site_id: int, exam_id: str) -> ResultRecord | None: ...
 
 
+class RosterView(Protocol):
+    """The roster in a transaction (``reader/hub/roster.py``)."""
+
+    def profile(self, reader_id: int) -> ReaderProfile | None: ...
+
+    def scope(self, reader_id: int, at: datetime) -> ClaimScope | None:
+        """What claim-next may give the reader now; None when they are not on duty."""
+        ...
+
+    def facts(self, exam: ExamRecord) -> ExamFacts: ...
+
+    def decisions(self, exam: ExamRecord, at: datetime) -> list[Decision]: ...
+
+
 class Tx(Protocol):
     exams: ExamRepository
     reports: ReportRepository
     results: ResultRepository
+    roster: RosterView
 
 
 class UnitOfWork(Protocol):
@@ -263,7 +308,9 @@ class SqlExamRepository:
         row = self.conn.execute(query).first()
         return None if row is None else ExamRecord.of(dict(row._mapping))
 
-    def next_claimable(self, *, hospital: str, specialty: str, now: datetime) -> ExamRecord | None:
+    def next_claimable(
+        self, *, hospital: str, specialty: str, now: datetime, scope: ClaimScope | None = None
+    ) -> ExamRecord | None:
         pick = (
             select(exams)
             .where(
@@ -275,6 +322,8 @@ class SqlExamRepository:
             .order_by(*queue_order())
             .limit(1)
         )
+        if scope is not None:
+            pick = pick.where(*scope_clauses(scope, now))
         if self._pg:
             pick = locked_for_change(pick, skip_locked=True)
         row = self.conn.execute(pick).first()
@@ -286,7 +335,14 @@ class SqlExamRepository:
             exam_id,
             state,
             event=claim_event(state),
-            values={"claimed_by": reader_id, "lease_expires_at": until, "fence": exams.c.fence + 1, "updated_at": now},
+            values={
+                "claimed_by": reader_id,
+                "lease_expires_at": until,
+                "fence": exams.c.fence + 1,
+                "updated_at": now,
+                "offered_to": None,
+                "offer_until": None,
+            },  # a claim ends the offer  # fmt: skip
             actor_id=reader_id,
             detail=lambda after: {"fence": after["fence"]},
         )
@@ -425,31 +481,52 @@ class SqlResultRepository:
         return None if row is None else result_of(row._mapping)
 
 
+class SqlRosterView:
+    def __init__(self, conn: Connection, roster: Roster) -> None:
+        self.conn = conn
+        self._roster = roster
+
+    def profile(self, reader_id: int) -> ReaderProfile | None:
+        return self._roster.profile(self.conn, reader_id)
+
+    def scope(self, reader_id: int, at: datetime) -> ClaimScope | None:
+        return self._roster.scope(self.conn, reader_id, at)
+
+    def facts(self, exam: ExamRecord) -> ExamFacts:
+        return self._roster.facts(self.conn, exam.row)
+
+    def decisions(self, exam: ExamRecord, at: datetime) -> list[Decision]:
+        return self._roster.decisions(self.conn, exam.row, at)
+
+
 @dataclass
 class SqlTx:
     exams: SqlExamRepository
     reports: SqlReportRepository
     results: SqlResultRepository
+    roster: SqlRosterView
 
     @classmethod
-    def on(cls, conn: Connection, *, postgres: bool) -> SqlTx:
-        return cls(SqlExamRepository(conn, postgres=postgres), SqlReportRepository(conn), SqlResultRepository(conn))
+    def on(cls, conn: Connection, *, postgres: bool, roster: Roster) -> SqlTx:
+        return cls(SqlExamRepository(conn, postgres=postgres), SqlReportRepository(conn), SqlResultRepository(conn),
+                   SqlRosterView(conn, roster))  # fmt: skip
 
 
 class SqlUnitOfWork:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, roster: Roster | None = None) -> None:
         self._engine = engine
         self._pg = is_postgres(engine)
+        self.roster = roster or Roster.default()
 
     @contextmanager
     def __call__(self) -> Iterator[SqlTx]:
         with self._engine.begin() as conn:
-            yield SqlTx.on(conn, postgres=self._pg)
+            yield SqlTx.on(conn, postgres=self._pg, roster=self.roster)
 
     @contextmanager
     def read(self) -> Iterator[SqlTx]:
         with reading(self._engine) as conn:
-            yield SqlTx.on(conn, postgres=False)  # no row locks in a read
+            yield SqlTx.on(conn, postgres=False, roster=self.roster)  # no row locks in a read
 
 
 # ---- in memory, for unit tests -------------------------------------------------------------------
@@ -462,6 +539,7 @@ class MemoryStore:
     results: list[dict[str, Any]] = field(default_factory=list)
     result_seq: dict[int, int] = field(default_factory=dict)  # site id -> last cursor
     names: dict[int, str] = field(default_factory=dict)  # principal id -> name
+    profiles: dict[int, ReaderProfile] = field(default_factory=dict)  # principal id -> roster entry
     events: list[dict[str, Any]] = field(default_factory=list)
     timers: list[dict[str, Any]] = field(default_factory=list)  # what the database's timers would hold
 
@@ -481,12 +559,15 @@ class MemoryExamRepository:
         row = self._s.exams.get(exam_id)
         return None if row is None else ExamRecord.of(dict(row))
 
-    def next_claimable(self, *, hospital: str, specialty: str, now: datetime) -> ExamRecord | None:
+    def next_claimable(
+        self, *, hospital: str, specialty: str, now: datetime, scope: ClaimScope | None = None
+    ) -> ExamRecord | None:
         rows = [
             r
             for r in self._s.exams.values()
             if r["hospital"] == hospital and r["specialty"] == specialty and claimable(ExamRecord.of(r), now)
-        ]
+            and (scope is None or in_scope(r, scope, now))
+        ]  # fmt: skip
         rows.sort(key=_order_key)
         return ExamRecord.of(dict(rows[0])) if rows else None
 
@@ -506,7 +587,8 @@ class MemoryExamRepository:
 
     def take(self, exam_id: str, state: ExamState, *, reader_id: int, until: datetime, now: datetime) -> ExamRecord:
         fence = int(self._s.exams[exam_id]["fence"]) + 1
-        values = {"claimed_by": reader_id, "lease_expires_at": until, "fence": fence, "updated_at": now}
+        values = {"claimed_by": reader_id, "lease_expires_at": until, "fence": fence, "updated_at": now,
+                  "offered_to": None, "offer_until": None}  # fmt: skip
         return self._move(exam_id, state, claim_event(state), values, reader_id, {"fence": fence})
 
     def extend(self, exam_id: str, *, until: datetime, now: datetime) -> ExamRecord:
@@ -630,15 +712,40 @@ class MemoryResultRepository:
         return self._record(max(rows, key=lambda r: r["seq"])) if rows else None
 
 
+class MemoryRosterView:
+    """Without a roster: every reader an attending credentialed for everything, always on duty;
+    the profiles the store holds (``MemoryStore.profiles``) when a test sets them."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._s = store
+
+    def profile(self, reader_id: int) -> ReaderProfile | None:
+        found = self._s.profiles.get(reader_id)
+        return found or ReaderProfile(id=reader_id, name=self._s.names.get(reader_id, ""), hospital="", specialty="")
+
+    def scope(self, reader_id: int, at: datetime) -> ClaimScope | None:
+        return ClaimScope(reader_id, None, None)
+
+    def facts(self, exam: ExamRecord) -> ExamFacts:
+        return ExamFacts(id=exam.id, hospital=exam.hospital, specialty=exam.specialty,
+                         subspecialty=str(exam.row.get("subspecialty") or ""), site_code=str(exam.site_id),
+                         modality=str(exam.row.get("modality") or "").upper())  # fmt: skip
+
+    def decisions(self, exam: ExamRecord, at: datetime) -> list[Decision]:
+        return []
+
+
 @dataclass
 class MemoryTx:
     exams: MemoryExamRepository
     reports: MemoryReportRepository
     results: MemoryResultRepository
+    roster: MemoryRosterView
 
     @classmethod
     def on(cls, store: MemoryStore) -> MemoryTx:
-        return cls(MemoryExamRepository(store), MemoryReportRepository(store), MemoryResultRepository(store))
+        return cls(MemoryExamRepository(store), MemoryReportRepository(store), MemoryResultRepository(store),
+                   MemoryRosterView(store))  # fmt: skip
 
 
 class MemoryUnitOfWork:

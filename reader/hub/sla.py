@@ -26,17 +26,21 @@ acknowledged it (``Results.AcknowledgeCritical``) moves the result to ``escalate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 
 from teleread.db.engine import as_utc
 from teleread.db.schema import exams
 from teleread.events import record_event
 from teleread.reader.hub.notify import notify
 from teleread.reader.hub.timers import Handler, Timer, schedule
-from teleread.vocab import ExamState
+from teleread.vocab import ExamState, Level
+
+if TYPE_CHECKING:
+    from teleread.reader.hub.roster import Roster
 
 WARNING_SHARE = 0.8
 WARNING, DEADLINE, UNCLAIMED = "reading_warning", "reading_deadline", "critical_unclaimed"
@@ -44,6 +48,7 @@ UNACKNOWLEDGED = "critical_unacknowledged"  # a critical result the site has not
 REALERT = "critical_realert"  # the critical alert again, while nobody claims
 REPEAT_MINUTES = 2
 WAITING = (ExamState.QUEUED, ExamState.IN_READING)
+OFFER_SECONDS = 120  # an exam re-offered at its deadline is that reader's alone this long
 
 
 def schedule_reading(conn: Connection, *, exam_id: str, arrived: datetime, deadline: datetime) -> None:
@@ -55,11 +60,14 @@ def schedule_reading(conn: Connection, *, exam_id: str, arrived: datetime, deadl
 
 
 def critical_arrived(
-    conn: Connection, *, exam: Any, arrived: datetime, at: datetime, steps: tuple[tuple[int, str], ...]
-) -> None:
-    """The alert of a critical exam just queued, and its escalation timers (in that transaction)."""
+    conn: Connection, *, exam: Any, arrived: datetime, at: datetime, steps: tuple[tuple[int, str], ...],
+    readers: Sequence[str] = (),
+) -> None:  # fmt: skip
+    """The alert of a critical exam just queued (to ``readers``, those on duty who may read it), and
+    its escalation timers (in that transaction)."""
     exam_id = str(exam["id"])
-    notify(conn, kind="critical_alert", exam_id=exam_id, audience="readers", at=at, payload=_about(exam))
+    notify(conn, kind="critical_alert", exam_id=exam_id, audience="readers", at=at,
+           payload={**_about(exam), "readers": list(readers)})  # fmt: skip
     first = steps[0][0] if steps else 0
     for repeat in range(1, max(0, (first - 1) // REPEAT_MINUTES) + 1):  # again and again until the first step
         schedule(conn, kind=REALERT, subject=exam_id, step=repeat,
@@ -75,30 +83,66 @@ def _about(exam: Any) -> dict[str, Any]:
             "modality": exam["modality"] or "", "level": "critical"}  # fmt: skip
 
 
-def _realert(conn: Connection, timer: Timer, at: datetime) -> None:
-    """The critical alert again while nobody has claimed the exam: the readers' stations and
-    watches ring again (a ``critical`` event) and the hooks are notified again."""
-    row = conn.execute(select(exams).where(exams.c.id == timer.subject)).first()
-    if row is None or row.state != ExamState.QUEUED:
-        return
-    record_event(conn, type="critical", exam_id=row.id, site_id=row.site_id, hospital=row.hospital,
-                 specialty=row.specialty, detail={"level": "critical", "repeat": timer.step})  # fmt: skip
-    notify(conn, kind="critical_alert", exam_id=row.id, audience="readers", at=at, step=timer.step,
-           payload={**_about(row._mapping), "repeat": timer.step})  # fmt: skip
+def handlers(roster: Roster) -> dict[str, Handler]:
+    """The deadline sweeper's handlers, naming the readers each notification is for from ``roster``."""
 
+    def _realert(conn: Connection, timer: Timer, at: datetime) -> None:
+        """The critical alert again while nobody has claimed the exam: the readers' stations and
+        watches ring again (a ``critical`` event) and the hooks are notified again."""
+        row = conn.execute(select(exams).where(exams.c.id == timer.subject)).mappings().first()
+        if row is None or row["state"] != ExamState.QUEUED:
+            return
+        record_event(conn, type="critical", exam_id=row["id"], site_id=row["site_id"], hospital=row["hospital"],
+                     specialty=row["specialty"], detail={"level": "critical", "repeat": timer.step})  # fmt: skip
+        notify(conn, kind="critical_alert", exam_id=row["id"], audience="readers", at=at, step=timer.step,
+               payload={**_about(row), "repeat": timer.step,
+                        "readers": roster.audience(conn, row, "readers", at)})  # fmt: skip
 
-def _unclaimed(conn: Connection, timer: Timer, at: datetime) -> None:
-    row = conn.execute(select(exams).where(exams.c.id == timer.subject)).first()
-    if row is None or row.state != ExamState.QUEUED:
-        return  # claimed (or read) in time: this step says nothing
-    audience = str(timer.detail.get("notify", ""))
-    detail = {"why": "critical unclaimed", "step": timer.step, "to": audience,
-              "after_minutes": timer.detail.get("after_minutes")}  # fmt: skip
-    record_event(conn, type="escalated", exam_id=row.id, site_id=row.site_id, hospital=row.hospital,
-                 specialty=row.specialty, detail=detail)  # fmt: skip
-    notify(conn, kind="escalation", exam_id=row.id, audience=audience, at=at, step=timer.step + 1,
-           payload={**_about(row._mapping), "why": "critical unclaimed",
-                    "after_minutes": timer.detail.get("after_minutes")})  # fmt: skip
+    def _unclaimed(conn: Connection, timer: Timer, at: datetime) -> None:
+        row = conn.execute(select(exams).where(exams.c.id == timer.subject)).mappings().first()
+        if row is None or row["state"] != ExamState.QUEUED:
+            return  # claimed (or read) in time: this step says nothing
+        audience = str(timer.detail.get("notify", ""))
+        names = roster.audience(conn, row, audience, at)
+        detail = {"why": "critical unclaimed", "step": timer.step, "to": audience, "readers": names,
+                  "after_minutes": timer.detail.get("after_minutes")}  # fmt: skip
+        record_event(conn, type="escalated", exam_id=row["id"], site_id=row["site_id"], hospital=row["hospital"],
+                     specialty=row["specialty"], detail=detail)  # fmt: skip
+        notify(conn, kind="escalation", exam_id=row["id"], audience=audience, at=at, step=timer.step + 1,
+               payload={**_about(row), "why": "critical unclaimed", "readers": names,
+                        "after_minutes": timer.detail.get("after_minutes")})  # fmt: skip
+
+    def _breached(conn: Connection, timer: Timer, at: datetime) -> None:
+        """At the deadline: the breach is recorded (by ``_fired``), the department head notified (but
+        of a critical exam, whose own steps run), and an exam nobody holds any more (a lapsed lease)
+        offered to another reader who may read it."""
+        row = conn.execute(select(exams).where(exams.c.id == timer.subject)).mappings().first()
+        if row is None or row["state"] not in WAITING:
+            return
+        lease = as_utc(row["lease_expires_at"])
+        held = row["claimed_by"] is not None and lease is not None and lease > at
+        if row["level"] != Level.CRITICAL:  # a critical exam has its own steps (``critical_unclaimed``)
+            notify(conn, kind="sla_breached", exam_id=row["id"], audience="department-head", at=at,
+                   payload={**_about(row), "level": row["level"], "held": held,
+                            "readers": roster.audience(conn, row, "department-head", at)})  # fmt: skip
+        if held:
+            return
+        reader, _ = roster.first_offer(conn, row, at, besides={row["claimed_by"]} if row["claimed_by"] else set())
+        if reader is not None:
+            until = at + timedelta(seconds=OFFER_SECONDS)
+            conn.execute(update(exams).where(exams.c.id == row["id"]).values(offered_to=reader.id, offer_until=until))
+            detail = {"to": reader.name, "reader_id": reader.id, "until": until.isoformat(), "why": "deadline"}
+            record_event(conn, type="offered", exam_id=row["id"], site_id=row["site_id"], hospital=row["hospital"],
+                         specialty=row["specialty"], detail=detail)  # fmt: skip
+
+    warning, deadline = _fired("sla_warning"), _fired("sla_breached")
+
+    def _deadline(conn: Connection, timer: Timer, at: datetime) -> None:
+        deadline(conn, timer, at)
+        _breached(conn, timer, at)
+
+    return {WARNING: warning, DEADLINE: _deadline, UNCLAIMED: _unclaimed, UNACKNOWLEDGED: _unacknowledged,
+            REALERT: _realert}  # fmt: skip
 
 
 def _unacknowledged(conn: Connection, timer: Timer, at: datetime) -> None:
@@ -141,9 +185,3 @@ def _fired(event: str) -> Handler:
                      specialty=row["specialty"], detail=detail)  # fmt: skip
 
     return handle
-
-
-HANDLERS: dict[str, Handler] = {
-    WARNING: _fired("sla_warning"), DEADLINE: _fired("sla_breached"), UNCLAIMED: _unclaimed,
-    UNACKNOWLEDGED: _unacknowledged, REALERT: _realert,
-}  # fmt: skip

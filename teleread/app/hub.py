@@ -52,7 +52,9 @@ from teleread.reader.hub.timers import TimerSweeper
 from teleread.reader.hub.report_pdfs import ReportPdfService
 from teleread.reader.hub.reports import ReportService
 from teleread.reader.hub.results import ResultsService
+from teleread.reader.hub.roster import Roster
 from teleread.reader.hub.routing import load_routing
+from teleread.reader.hub.workdays import load_calendar
 from teleread.reader.hub.servicers import ResultsServicer, WorklistServicer
 from teleread.rpc import ServerInterceptor, StreamSlots
 from teleread.settings import Settings
@@ -131,6 +133,7 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
     engine = make_engine(url)
     store = store or build_object_store(settings)
     routing = load_routing(settings.queue.routing_file)
+    roster = Roster(load_calendar(settings.queue.calendar_file))
     bus = EventBus()
     # Two pools: triage (commit -> queued latency is the clinical clock) runs at normal priority,
     # ingest parsing at a lower one, so a flood of uploads cannot delay a STEMI alert.
@@ -157,6 +160,8 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         max_lease_seconds=settings.queue.max_lease_seconds,
         clock=clock,
         routing=routing,
+        roster=roster,
+        offer_seconds=settings.queue.offer_seconds,
     )
     triage = TriageWorker(
         engine=engine,
@@ -246,7 +251,10 @@ def build_hub(settings: Settings, *, store: ObjectStore | None = None, migrate: 
         pdfs=pdfs,
         renditions=renditions,
         timers=TimerSweeper(
-            engine=engine, clock=clock, handlers=sla.HANDLERS, interval_seconds=settings.queue.timer_interval_seconds
+            engine=engine,
+            clock=clock,
+            handlers=sla.handlers(queue.roster),
+            interval_seconds=settings.queue.timer_interval_seconds,
         ),
         notifier=Notifier(engine=engine, clock=clock, settings=settings.notify),
     )

@@ -63,6 +63,34 @@ principals = Table(
     Column("password_hash", String(200), nullable=True),
 )
 
+# A reader's place on the roster: grade, subspecialties, and what they are credentialed for
+# (comma-separated site codes and modalities; empty: every site of their hospital, every modality
+# of their specialty). A reader with no row is an attending credentialed for everything, always on duty.
+reader_profiles = Table(
+    "reader_profiles",
+    metadata,
+    Column("principal_id", Integer, ForeignKey("principals.id"), primary_key=True),
+    Column("grade", String(24), nullable=False, default="attending"),
+    Column("subspecialties", Text, nullable=False, default=""),
+    Column("sites", Text, nullable=False, default=""),
+    Column("modalities", Text, nullable=False, default=""),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# A reader's recurring shifts: days by the working-hours calendar (workdays, restdays, daily, mon..sun
+# or a date, comma-separated), local times HH:MM (an end before the start runs past midnight).
+shifts = Table(
+    "shifts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("principal_id", Integer, ForeignKey("principals.id"), nullable=False),
+    Column("days", String(200), nullable=False),
+    Column("starts", String(5), nullable=False),
+    Column("ends", String(5), nullable=False),
+    Column("kind", String(16), nullable=False, default="duty"),
+    Index("ix_shifts_principal", "principal_id"),
+)
+
 # A signed-in person's session: a short-lived bearer token (only its SHA-256 kept), renewed while it
 # is used, ended by sign-out or by lapsing.
 sessions = Table(
@@ -118,6 +146,10 @@ exams = Table(
     Column("patient_age", String(4), nullable=False, default="", server_default=text("''")),  # DICOM AS: 045Y
     Column("referring_physician", String(200), nullable=False, default="", server_default=text("''")),
     Column("patient_class", String(16), nullable=False, default="", server_default=text("''")),  # vocab
+    # routing: the subspecialty that reads it ('' none), and the first offer (a reader, until when)
+    Column("subspecialty", String(32), nullable=False, default="", server_default=text("''")),
+    Column("offered_to", Integer, nullable=True),
+    Column("offer_until", UtcDateTime, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     UniqueConstraint("site_id", "client_exam_key", name="uq_exams_site_key"),
@@ -342,6 +374,9 @@ reports = Table(
     Column("author_id", Integer, ForeignKey("principals.id"), nullable=False),
     Column("signed_by", Integer, ForeignKey("principals.id"), nullable=True),
     Column("signed_at", UtcDateTime, nullable=True),
+    # a critical version's second reader, or a trainee's version's countersigner (then signed_by)
+    Column("checked_by", Integer, ForeignKey("principals.id"), nullable=True),
+    Column("checked_at", UtcDateTime, nullable=True),
     Column("amends_reason", Text, nullable=False, default=""),
     Column("sha256", String(64), nullable=False, default=""),
     Column("created_at", UtcDateTime, nullable=False),
